@@ -1,0 +1,1 @@
+"""JSON Schemas of the WKVQuant artifact (package data: ``artifact.schema.json``)."""
