@@ -16,6 +16,10 @@ from torch import nn
 
 from . import quant
 
+# The cache stores each token's step and minimum in float16; quantization rounds them to it first,
+# so the fake-quantization (simulation, calibration) and the cache read back the same values.
+STATS_DTYPE = torch.float16
+
 
 @dataclass(frozen=True)
 class KVQuantConfig:
@@ -71,15 +75,16 @@ class KVQuantizer(nn.Module):
         raise ValueError(f"which must be 'k' or 'v', got {which!r}")
 
     def quantize(self, which: str, x: torch.Tensor):
-        """``x [B, H, T, D] -> (codes uint8 [B,H,T,D], step [B,H,T,G], minimum [B,H,T,G])``."""
-        return quant.kv_quantize(x, *self.params(which), self.config.bits, self.group_size)
+        """``x [B, H, T, D] -> (codes uint8 [B,H,T,D], step [B,H,T,G], minimum [B,H,T,G])``;
+        step and minimum are float32 holding float16 values (:data:`STATS_DTYPE`)."""
+        return quant.kv_quantize(x, *self.params(which), self.config.bits, self.group_size, STATS_DTYPE)
 
     def dequantize(self, which: str, codes, step, minimum, dtype) -> torch.Tensor:
         return quant.kv_dequantize(codes, step, minimum, *self.params(which), self.group_size, dtype)
 
     def fake(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize with straight-through rounding (same values as the cache reads)."""
-        return quant.kv_fake_quantize(x, *self.params(which), self.config.bits, self.group_size)
+        return quant.kv_fake_quantize(x, *self.params(which), self.config.bits, self.group_size, STATS_DTYPE)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_kv_heads}, head_dim={self.head_dim}, {self.config}"

@@ -185,21 +185,36 @@ def kv_unsmooth(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     return x * scale[:, None, :] + shift[:, None, :]
 
 
+def round_kv_stats(step: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype | None):
+    """Round per-token ``step``/``minimum`` to the precision a cache stores them in (``dtype``,
+    e.g. float16), kept in their own dtype; clamped into ``dtype``'s range so that the step stays
+    positive and finite. ``dtype=None`` returns them unchanged."""
+    if dtype is None:
+        return step, minimum
+    info = torch.finfo(dtype)
+    step = step.clamp(info.tiny, info.max).to(dtype).to(step.dtype)
+    minimum = minimum.clamp(-info.max, info.max).to(dtype).to(minimum.dtype)
+    return step, minimum
+
+
 def kv_quantize(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int = 4, group_size: int | None = None
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int = 4, group_size: int | None = None,
+    stats_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-wise quantization of keys or values.
 
     ``x: [B, H, T, D]``; ``scale, shift: [H, D]`` (static smoothing and shift).
     Returns ``codes uint8 [B, H, T, D]``, ``step [B, H, T, G]`` and ``minimum [B, H, T, G]``
     (float32), with ``G = ceil(D / group_size)``; ``group_size`` defaults to ``D``.
+    ``stats_dtype`` (e.g. float16): step and minimum are first rounded to that precision
+    (:func:`round_kv_stats`) and the codes computed with the rounded values.
     """
     qmax = 2 ** check_bits(bits) - 1
     d = x.shape[-1]
     g = group_size or d
     xs = kv_smooth(x.float(), scale.float(), shift.float())
     lo, hi = group_minmax(xs, g)
-    step = ((hi - lo) / qmax).clamp(min=1e-8)
+    step, lo = round_kv_stats(((hi - lo) / qmax).clamp(min=1e-8), lo, stats_dtype)
     codes = torch.round((xs - expand_groups(lo, g, d)) / expand_groups(step, g, d))
     return codes.clamp(0, qmax).to(torch.uint8), step, lo
 
@@ -214,7 +229,8 @@ def kv_dequantize(
     return kv_unsmooth(xs, scale.float(), shift.float()).to(dtype)
 
 
-def kv_fake_quantize(x, scale, shift, bits: int = 4, group_size: int | None = None) -> torch.Tensor:
+def kv_fake_quantize(x, scale, shift, bits: int = 4, group_size: int | None = None,
+                     stats_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quantize-dequantize keys or values token-wise with straight-through rounding.
 
     Differentiable in ``x``, ``scale`` and ``shift``; numerically equal to
@@ -225,7 +241,7 @@ def kv_fake_quantize(x, scale, shift, bits: int = 4, group_size: int | None = No
     g = group_size or d
     xs = kv_smooth(x.float(), scale.float(), shift.float())
     lo, hi = group_minmax(xs, g)
-    step = ((hi - lo) / qmax).clamp(min=1e-8)
+    step, lo = round_kv_stats(((hi - lo) / qmax).clamp(min=1e-8), lo, stats_dtype)
     lo_c, step_c = expand_groups(lo, g, d), expand_groups(step, g, d)
     q = torch.clamp(round_ste((xs - lo_c) / step_c), 0, qmax)
     return kv_unsmooth(q * step_c + lo_c, scale.float(), shift.float()).to(x.dtype)
