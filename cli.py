@@ -8,10 +8,14 @@ traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
+
+# transformers' own warnings and progress bars would break the one-line error contract; -v brings logs back
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, OSError)
 
@@ -101,8 +105,10 @@ def convert_options(f):
 
 @main.command("convert")
 @convert_options
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
+              help="Then push the artifact to this new Hub repo (token: HF_TOKEN or `hf auth login`).")
 def convert_cmd(model, out, method, wbits, group_size, kv_bits, kv_group_size, dtype, device, seed, overwrite,
-                debug):
+                debug, push_to_hub=None):
     """Quantize MODEL (Hub id, HF folder or .gguf; default: SmolLM2-135M-Instruct) into --out."""
     from converter.convert import ConvertConfig, convert
     from converter.export import WeightQuantConfig
@@ -111,10 +117,18 @@ def convert_cmd(model, out, method, wbits, group_size, kv_bits, kv_group_size, d
     cfg = ConvertConfig(out=out, model=model, method=method, weight=WeightQuantConfig(wbits, group_size),
                         kv=KVQuantConfig(kv_bits, kv_group_size), device=device, seed=seed, dtype=dtype,
                         overwrite=overwrite)
+    if push_to_hub:  # token, id and a free repo name are checked before the long conversion
+        from converter.hub import preflight
+
+        preflight(push_to_hub)
     path = convert(cfg)
     from runtime.artifact import verify
 
     click.echo(f"{path}: {verify(path).line()}")
+    if push_to_hub:
+        from converter.hub import PushConfig
+
+        _push_and_report(PushConfig(directory=path, repo_id=push_to_hub))
 
 
 @main.command("validate")
@@ -125,6 +139,44 @@ def validate_cmd(directory, debug):
     from runtime.artifact import verify
 
     click.echo(verify(directory).line())
+
+
+def _push_and_report(cfg) -> None:
+    from converter.card import format_bytes
+    from converter.hub import push
+
+    result = push(cfg)
+    for name, size in result.files:
+        click.echo(f"  {name}  ({format_bytes(size)})")
+    total = format_bytes(sum(size for _, size in result.files))
+    if result.dry_run:
+        click.echo(f"dry run: wrote {result.card}; would upload {len(result.files)} files ({total}) "
+                   f"to {result.repo_id}@{result.branch}")
+    else:
+        click.echo(f"pushed {len(result.files)} files ({total}) to {result.repo_id}@{result.branch}: "
+                   f"{result.commit_url}")
+
+
+@main.command("push")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to push to, created from main if missing [default: main].")
+@click.option("--commit-message", default=None, help="[default: 'Upload W4KV4 <method> artifact ...']")
+@click.option("--exist-ok", is_flag=True, help="Add a commit to main of a repo that already exists.")
+@click.option("--base-model", default=None, help="Hub id of the source model for the card [default: from metadata].")
+@click.option("--dry-run", is_flag=True, help="Write the model card into DIRECTORY and list the files; no network.")
+@debug_option
+def push_cmd(directory, repo_id, private, revision, commit_message, exist_ok, base_model, dry_run, debug):
+    """Verify DIRECTORY, write its model card (README.md) and upload it to the Hub repo REPO_ID.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+    """
+    from converter.hub import PushConfig
+
+    _push_and_report(PushConfig(directory=directory, repo_id=repo_id, private=private, revision=revision,
+                                commit_message=commit_message, exist_ok=exist_ok, dry_run=dry_run,
+                                base_model=base_model))
 
 
 def convert_main() -> None:

@@ -1,0 +1,116 @@
+"""The pure primitives: weight quantization with ragged groups, packing, token-wise KV quantization."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from runtime import quant
+
+BITS = st.integers(2, 8)
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.load_profile("ci")
+
+
+def _seeded(seed, *shape):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+@given(bits=BITS, rows=st.integers(1, 5), n=st.integers(1, 300), seed=st.integers(0, 10**6))
+def test_pack_unpack_round_trip_is_exact(bits, rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (rows, n), generator=g, dtype=torch.uint8)
+    p = quant.pack(q, bits)
+    assert p.dtype == torch.uint8
+    assert p.shape == (rows, quant.packed_length(n, bits))
+    assert torch.equal(quant.unpack(p, bits, n), q)
+
+
+def test_int4_packing_layout_is_low_nibble_first():
+    q = torch.tensor([[1, 2, 3, 4, 5]], dtype=torch.uint8)
+    assert quant.pack(q, 4).tolist() == [[0x21, 0x43, 0x05]]
+    assert quant.pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+
+
+@given(bits=BITS, out=st.integers(1, 6), n=st.integers(1, 400), group=st.sampled_from([16, 32, 64, 128, 100]),
+       seed=st.integers(0, 10**6))
+def test_weight_dequantized_within_half_step(bits, out, n, group, seed):
+    w = _seeded(seed, out, n)
+    scale, zero = quant.weight_qparams(w, bits, group)
+    assert scale.shape == zero.shape == (out, math.ceil(n / group))
+    q = quant.quantize_weight(w, scale, zero, bits, group)
+    assert int(q.max()) <= 2**bits - 1
+    deq = quant.dequantize_weight(q, scale, zero, group)
+    step = quant.expand_groups(scale, group, n)
+    assert torch.all((deq - w).abs() <= step / 2 + 1e-6)
+    # the fake-quant (STE) path gives the same values
+    assert torch.allclose(quant.fake_quantize_weight(w, bits, group), deq, atol=1e-6)
+
+
+def test_ragged_last_group_uses_only_its_own_channels():
+    w = torch.zeros(1, 576)
+    w[0, 512:] = torch.linspace(-1, 1, 64)  # the ragged group (576 = 4 x 128 + 64)
+    w[0, :512] = 100.0
+    scale, zero = quant.weight_qparams(w, 4, 128)
+    assert scale.shape == (1, 5)
+    assert scale[0, 4].item() == pytest.approx(2 / 15, rel=1e-6)
+    deq = quant.dequantize_weight(quant.quantize_weight(w, scale, zero, 4, 128), scale, zero, 128)
+    assert (deq[0, 512:] - w[0, 512:]).abs().max() <= scale[0, 4] / 2 + 1e-6
+
+
+def test_clipping_factors_shrink_the_range():
+    w = _seeded(0, 8, 256)
+    s_full, _ = quant.weight_qparams(w, 4, 128)
+    half = torch.full((8, 2), 0.5)
+    s_clip, _ = quant.weight_qparams(w, 4, 128, half, half)
+    assert torch.allclose(s_clip, s_full * 0.5, rtol=1e-5)
+
+
+def test_lwc_gradient_reaches_clipping_factors():
+    w = _seeded(1, 4, 128)
+    hi = torch.full((4, 1), 0.9, requires_grad=True)
+    lo = torch.full((4, 1), 0.9, requires_grad=True)
+    loss = (quant.fake_quantize_weight(w, 4, 128, hi, lo) - w).abs().sum()
+    loss.backward()
+    assert hi.grad is not None and hi.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0
+
+
+@given(bits=BITS, heads=st.integers(1, 3), t=st.integers(1, 9), d=st.sampled_from([8, 16, 64]),
+       groups=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10**6))
+def test_kv_quantization_within_half_step_after_smoothing(bits, heads, t, d, groups, seed):
+    x = _seeded(seed, 2, heads, t, d) * 3 + 1
+    scale = _seeded(seed + 1, heads, d).abs() + 0.5
+    shift = _seeded(seed + 2, heads, d)
+    g = d // groups
+    codes, step, minimum = quant.kv_quantize(x, scale, shift, bits, g)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8 and step.shape == (2, heads, t, groups)
+    deq = quant.kv_dequantize(codes, step, minimum, scale, shift, g)
+    # half a step in the smoothed domain, mapped back through s
+    bound = quant.expand_groups(step, g, d) / 2 * scale[:, None, :] + 1e-5
+    assert torch.all((deq - x).abs() <= bound)
+    assert torch.allclose(quant.kv_fake_quantize(x, scale, shift, bits, g), deq, atol=1e-5)
+
+
+def test_kv_smoothing_changes_the_error():
+    """A channel-wise outlier inflates every token's step; smoothing it away reduces the error."""
+    x = _seeded(3, 1, 1, 64, 64)
+    x[..., 5] += 40.0
+    ones, zeros = torch.ones(1, 64), torch.zeros(1, 64)
+    err_plain = (quant.kv_fake_quantize(x, ones, zeros) - x).abs().mean()
+    shift = zeros.clone()
+    shift[0, 5] = 40.0
+    err_shift = (quant.kv_fake_quantize(x, ones, shift) - x).abs().mean()
+    assert err_shift < err_plain / 3
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 4.0])
+def test_bits_outside_range_are_refused(bad):
+    with pytest.raises(ValueError, match="bits must be"):
+        quant.check_bits(bad)
+
+
+def test_group_size_must_be_positive():
+    with pytest.raises(ValueError, match="group size"):
+        quant.weight_qparams(torch.ones(2, 8), 4, 0)
