@@ -1,0 +1,262 @@
+"""A static-shape decode path for W4KV4 LLaMA models: fused INT4 projections, a preallocated 4-bit
+POQ cache (:mod:`runtime.static_cache`) and a CUDA-graph-captured decode step.
+
+``FastLlama.from_hf(model)`` takes a model from :func:`runtime.load` (QuantLinear projections, a
+``kv_quant`` per attention) and shares its tensors: q/k/v and gate/up are fused into one packed
+weight each, and the model's QuantLinears are re-pointed to row slices of the fused tensors, so no
+weight is held twice. ``forward`` is the eager path (any device, any number of new tokens: prefill,
+and decode on CPU). On CUDA, ``decode_step`` runs one token per sequence through the Triton kernels
+(:mod:`runtime.kernels`) with static shapes, and :class:`DecodeGraph` captures it in a CUDA graph.
+Batches are of equal-length sequences (no padding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels, quant
+from .static_cache import StaticPOQCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """Shapes of the decoder (LLaMA family)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    eps: float
+    kv_bits: int = 4
+    kv_group_size: int | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.head_dim ** -0.5
+
+
+@dataclass
+class W4Weight:
+    """A packed INT4 weight ``[out, in]`` (layout of :class:`runtime.qlinear.QuantLinear`)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    in_features: int
+    group_size: int
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, use_kernels: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if use_kernels:
+            from .kernels.w4 import w4_linear
+
+            return w4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias, residual)
+        codes = quant.unpack(self.qweight, 4, self.in_features)
+        w = quant.dequantize_weight(codes, self.scales, self.zeros, self.group_size, x.dtype)
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y if residual is None else y + residual
+
+
+def fuse_quant_linears(linears) -> W4Weight:
+    """Concatenate QuantLinears of one input along the output dim; re-point them to views of the result."""
+    first = linears[0]
+    if any(m.in_features != first.in_features or m.group_size != first.group_size or m.bits != 4
+           for m in linears):
+        raise ValueError("fused projections must be 4-bit with one input size and group size")
+    parts = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("qweight", "scales", "zeros")}
+    biases = [m.bias for m in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(m.out_features, device=first.qweight.device, dtype=first.scales.dtype)
+         for b, m in zip(biases, linears)])
+    start = 0
+    for m in linears:
+        for name, fused in parts.items():
+            setattr(m, name, fused[start:start + m.out_features])
+        start += m.out_features
+    return W4Weight(parts["qweight"], parts["scales"], parts["zeros"], first.in_features, first.group_size, bias)
+
+
+@dataclass
+class FastLayer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: W4Weight
+    o: W4Weight
+    gate_up: W4Weight
+    down: W4Weight
+    kv_quant: torch.nn.Module  # runtime.kvquant.KVQuantizer
+
+    def kv_params(self) -> tuple[torch.Tensor, ...]:
+        kq = self.kv_quant
+        return (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+
+
+def _rmsnorm_ref(x, weight, eps):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FastLlama:
+    """Decoder weights (shared with the source model), rope tables and the two forward paths."""
+
+    def __init__(self, config: FastConfig, embed, layers, norm, lm_head, cos, sin, use_kernels: bool | None = None):
+        self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
+        self.cos, self.sin = cos, sin  # float32 [max_positions, head_dim]
+        self.device = embed.device
+        self.use_kernels = kernels.available(self.device) if use_kernels is None else use_kernels
+        if self.use_kernels and not kernels.available(self.device):
+            raise ValueError(f"Triton kernels are not available on {self.device}")
+
+    @classmethod
+    def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None) -> "FastLlama":
+        """Wrap a loaded W4KV4 ``LlamaForCausalLM`` (see the module docstring)."""
+        cfg, dec = model.config, model.model
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kq = dec.layers[0].self_attn.kv_quant
+        fc = FastConfig(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                        cfg.num_hidden_layers, cfg.rms_norm_eps, kq.config.bits, kq.config.group_size)
+        layers = []
+        for layer in dec.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            layers.append(FastLayer(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                fuse_quant_linears([at.q_proj, at.k_proj, at.v_proj]), fuse_quant_linears([at.o_proj]),
+                fuse_quant_linears([mlp.gate_proj, mlp.up_proj]), fuse_quant_linears([mlp.down_proj]),
+                at.kv_quant))
+        probe = torch.zeros(1, device=dec.embed_tokens.weight.device)
+        cos, sin = dec.rotary_emb(probe, torch.arange(max_positions, device=probe.device)[None])
+        return cls(fc, dec.embed_tokens.weight, layers, dec.norm.weight, model.lm_head.weight,
+                   cos[0].float().contiguous(), sin[0].float().contiguous(), use_kernels)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> StaticPOQCache:
+        c = self.config
+        max_len = max_len or self.cos.shape[0]
+        if max_len > self.cos.shape[0]:
+            raise ValueError(f"max_len {max_len} exceeds the rope table of {self.cos.shape[0]} positions")
+        return StaticPOQCache(c.layers, batch, max_len, c.kv_heads, c.head_dim, c.kv_group_size, c.kv_bits,
+                              self.device)
+
+    # ------------------------------------------------------------------ eager path (reference)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:
+        """``ids [B, T]`` new tokens -> logits of the last one ``[B, vocab]`` (float32); stores them."""
+        c = self.config
+        b, t = ids.shape
+        start = cache.length
+        if start + t > cache.max_len:
+            raise ValueError(f"{t} new tokens after {start} overflow the cache of {cache.max_len}")
+        cos, sin = self.cos[start:start + t].to(self.embed.dtype), self.sin[start:start + t].to(self.embed.dtype)
+        x = self.embed[ids]
+        for i, layer in enumerate(self.layers):
+            h = _rmsnorm_ref(x, layer.ln1, c.eps)
+            qkv = layer.qkv(h, self.use_kernels).view(b, t, c.heads + 2 * c.kv_heads, c.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([c.heads, c.kv_heads, c.kv_heads], dim=1)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            a = cache.attend(i, layer.kv_quant, q, k, v, c.scaling)
+            x = layer.o(a.transpose(1, 2).reshape(b, t, -1), self.use_kernels, residual=x)
+            h = _rmsnorm_ref(x, layer.ln2, c.eps)
+            g, u = layer.gate_up(h, self.use_kernels).chunk(2, dim=-1)
+            x = layer.down(F.silu(g) * u, self.use_kernels, residual=x)
+        cache.advance(t)
+        x = _rmsnorm_ref(x[:, -1], self.norm, c.eps)
+        return F.linear(x, self.lm_head).float()
+
+    # ------------------------------------------------------------------ kernel path (static shapes)
+
+    def _decode_body(self, ids: torch.Tensor, cache: StaticPOQCache, splits: int) -> torch.Tensor:
+        """One token per sequence through the kernels; advances ``cache.pos`` (not ``cache.length``)."""
+        from .kernels import kv4, misc
+
+        c = self.config
+        x = self.embed[ids]
+        for i, layer in enumerate(self.layers):
+            store, params = cache.layers[i], layer.kv_params()
+            h = misc.rmsnorm(x, layer.ln1, c.eps)
+            qkv = layer.qkv(h, True)
+            q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits)
+            a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, x.dtype, splits)
+            x = layer.o(a.view(x.shape[0], -1), True, residual=x)
+            h = misc.rmsnorm(x, layer.ln2, c.eps)
+            x = layer.down(misc.silu_mul(layer.gate_up(h, True)), True, residual=x)
+        cache.pos.add_(1)
+        return F.linear(misc.rmsnorm(x, self.norm, c.eps), self.lm_head)
+
+    def splits_for(self, cache: StaticPOQCache) -> int:
+        from .kernels.kv4 import num_splits
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+        return num_splits(cache.layers[0].k_codes.shape[0], self.config.kv_heads, cache.max_len, sms)
+
+    @torch.no_grad()
+    def decode_step(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:
+        """``ids [B]`` -> logits ``[B, vocab]``: kernels when available, else the eager path."""
+        if not self.use_kernels:
+            return self.forward(ids[:, None], cache)
+        if cache.length >= cache.max_len:
+            raise ValueError(f"the cache of {cache.max_len} tokens is full")
+        logits = self._decode_body(ids, cache, self.splits_for(cache))
+        cache.length += 1
+        return logits.float()
+
+
+class DecodeGraph:
+    """The kernel decode step of ``model`` for ``cache`` captured in a CUDA graph (static buffers)."""
+
+    def __init__(self, model: FastLlama, cache: StaticPOQCache, warmup: int = 2):
+        if model.device.type != "cuda" or not model.use_kernels:
+            raise ValueError(f"CUDA graphs need the kernel path on a CUDA device, got {model.device}")
+        self.model, self.cache = model, cache
+        batch = cache.layers[0].k_codes.shape[0]
+        self.ids = torch.zeros(batch, dtype=torch.long, device=model.device)
+        splits = model.splits_for(cache)
+        saved = cache.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(warmup):  # compiles and autotunes the kernels; writes slot `pos`, rewritten later
+                model._decode_body(self.ids, cache, splits)
+                cache.pos.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = model._decode_body(self.ids, cache, splits)
+        cache.pos.copy_(saved)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Replay for ``ids [B]``; returns the (reused) logits buffer ``[B, vocab]``."""
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"the cache of {self.cache.max_len} tokens is full")
+        self.ids.copy_(ids)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model: FastLlama, ids: torch.Tensor, max_new_tokens: int, use_graph: bool = True) -> torch.Tensor:
+    """Greedy decoding of ``ids [B, T]`` (equal-length prompts): ``[B, max_new_tokens]`` new tokens."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    logits = model.forward(ids, cache)
+    step = DecodeGraph(model, cache).step if use_graph and model.device.type == "cuda" else None
+    out = []
+    for _ in range(max_new_tokens):
+        tok = logits.argmax(-1)
+        out.append(tok)
+        if len(out) == max_new_tokens:
+            break
+        logits = step(tok) if step else model.decode_step(tok, cache)
+    return torch.stack(out, dim=1)

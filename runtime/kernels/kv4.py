@@ -1,0 +1,237 @@
+"""4-bit POQ KV cache kernels: fused rope + quantize-and-append, and split-K decode attention.
+
+Cache layout (see :mod:`runtime.static_cache`): codes ``uint8 [B, Hkv, S, D/2]`` packed with
+:func:`runtime.quant.pack` (channel ``2j`` in the low nibble), ``step`` and ``minimum``
+``float16 [B, Hkv, S, G]`` over ``G`` groups of ``D / G`` channels of the smoothed vector
+``x~ = (x - delta) / s``. The decode step's own key/value stay in full precision (POQ).
+
+The static smoothing is folded into the query and the output instead of dequantizing the cache:
+``q . (s * k~ + delta) = (q * s) . k~ + q . delta`` and
+``sum_j p_j (s * v~_j + delta) = s * sum_j p_j v~_j + delta * sum_j p_j``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(x):
+    r = tl.floor(x + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+
+@triton.jit
+def _rope(base, d, cos_row, sin_row, HALF: tl.constexpr, D: tl.constexpr):
+    """HF rotate-half rope of channels ``d`` of the head vector at ``base``, in float32."""
+    x = tl.load(base + d).to(tl.float32)
+    partner = tl.load(base + (d + HALF) % D).to(tl.float32)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    return x * tl.load(cos_row + d) + sign * partner * tl.load(sin_row + d)
+
+
+@triton.jit
+def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr, G: tl.constexpr,
+                 QMAX: tl.constexpr):
+    """Token-wise asymmetric quantization of one head (even/odd channels ``[G, GSH]``), stored packed."""
+    ye = (xe - tl.load(shift_ptr + 2 * jj)) / tl.load(scale_ptr + 2 * jj)
+    yo = (xo - tl.load(shift_ptr + 2 * jj + 1)) / tl.load(scale_ptr + 2 * jj + 1)
+    lo = tl.minimum(tl.min(ye, 1), tl.min(yo, 1))
+    hi = tl.maximum(tl.max(ye, 1), tl.max(yo, 1))
+    # step and minimum are rounded to the float16 the cache stores (as KVQuantizer.quantize does)
+    step = tl.minimum(tl.maximum(tl.maximum((hi - lo) / QMAX, 1e-8), 6.103515625e-05), 65504.0)
+    step = step.to(tl.float16).to(tl.float32)
+    lo = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
+    ce = tl.minimum(tl.maximum(_round_half_even((ye - lo[:, None]) / step[:, None]), 0.0), QMAX)
+    co = tl.minimum(tl.maximum(_round_half_even((yo - lo[:, None]) / step[:, None]), 0.0), QMAX)
+    tl.store(codes_ptr + jj, (ce.to(tl.uint8) | (co.to(tl.uint8) << 4)))
+    g = tl.arange(0, G)
+    tl.store(step_ptr + g, step.to(tl.float16))
+    tl.store(min_ptr + g, lo.to(tl.float16))
+
+
+@triton.jit
+def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcur_ptr,
+                        kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,
+                        kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, stride_qkv, S,
+                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                        QMAX: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    GSH: tl.constexpr = HALF // G
+    b, h = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    jj = tl.arange(0, G)[:, None] * GSH + tl.arange(0, GSH)[None, :]  # packed byte index [G, GSH]
+    cos_row, sin_row = cos_ptr + pos * D, sin_ptr + pos * D
+    row = qkv_ptr + b * stride_qkv
+    if h < HQ:
+        out = q_ptr + (b * HQ + h) * D
+        tl.store(out + 2 * jj, _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D))
+        tl.store(out + 2 * jj + 1, _rope(row + h * D, 2 * jj + 1, cos_row, sin_row, HALF, D))
+    else:
+        kh = h - HQ
+        ke = _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D)
+        ko = _rope(row + h * D, 2 * jj + 1, cos_row, sin_row, HALF, D)
+        vrow = row + (HQ + HKV + kh) * D
+        ve = tl.load(vrow + 2 * jj).to(tl.float32)
+        vo = tl.load(vrow + 2 * jj + 1).to(tl.float32)
+        cur = (b * HKV + kh) * D
+        tl.store(kcur_ptr + cur + 2 * jj, ke)
+        tl.store(kcur_ptr + cur + 2 * jj + 1, ko)
+        tl.store(vcur_ptr + cur + 2 * jj, ve)
+        tl.store(vcur_ptr + cur + 2 * jj + 1, vo)
+        slot = (b * HKV + kh) * S + pos
+        _quant_store(ke, ko, jj, kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF,
+                     ks_ptr + slot * G, km_ptr + slot * G, G, QMAX)
+        _quant_store(ve, vo, jj, vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF,
+                     vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
+
+
+def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4):
+    """Rope the decode token's q/k, append its quantized k/v to ``store`` at slot ``pos``.
+
+    ``qkv [B, (Hq + 2 Hkv) * D]`` (fused projection output), ``cos, sin float32 [S, D]``,
+    ``pos int32 [1]`` (device tensor: the token's position = number of cached tokens),
+    ``store``: a :class:`runtime.static_cache.LayerStore`; ``kv_params``: the four
+    ``[Hkv, D]`` float32 tensors ``(k_scale, k_shift, v_scale, v_shift)``.
+    Returns ``q float32 [B, Hq, D]``, ``k_cur, v_cur float32 [B, Hkv, D]`` (full precision).
+    """
+    b, hkv, s, half = store.k_codes.shape
+    d, g = 2 * half, store.k_step.shape[-1]
+    if bits != 4:
+        raise ValueError(f"the KV kernels store 4-bit codes, got kv bits {bits}")
+    q = torch.empty(b, num_heads, d, dtype=torch.float32, device=qkv.device)
+    k_cur = torch.empty(b, hkv, d, dtype=torch.float32, device=qkv.device)
+    v_cur = torch.empty_like(k_cur)
+    _rope_append_kernel[(b, num_heads + hkv)](
+        qkv, cos, sin, pos, q, k_cur, v_cur, store.k_codes, store.k_step, store.k_min,
+        store.v_codes, store.v_step, store.v_min, *kv_params, qkv.stride(0), s,
+        HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15)
+    return q, k_cur, v_cur
+
+
+@triton.jit
+def _dequant_tile(c_ptr, st_ptr, mn_ptr, rs, smask, j, BLOCK_S: tl.constexpr, HALF: tl.constexpr,
+                  G: tl.constexpr):
+    """Smoothed-space even/odd channels ``[BLOCK_S, HALF]`` of tokens ``rs`` of one head."""
+    GSH: tl.constexpr = HALF // G
+    c = tl.load(c_ptr + rs[:, None] * HALF + j[None, :], mask=smask[:, None], other=0)
+    gi = tl.arange(0, G)
+    st = tl.load(st_ptr + rs[:, None] * G + gi[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+    mn = tl.load(mn_ptr + rs[:, None] * G + gi[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
+    lo = tl.reshape((c & 15).to(tl.float32), (BLOCK_S, G, GSH))
+    hi = tl.reshape((c >> 4).to(tl.float32), (BLOCK_S, G, GSH))
+    xe = tl.reshape(lo * st[:, :, None] + mn[:, :, None], (BLOCK_S, HALF))
+    xo = tl.reshape(hi * st[:, :, None] + mn[:, :, None], (BLOCK_S, HALF))
+    return xe, xo
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+                       len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                       QG: tl.constexpr, QGP: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
+    HALF: tl.constexpr = D // 2
+    bh, sp = tl.program_id(0), tl.program_id(1)
+    b, kh = bh // HKV, bh % HKV
+    length = tl.load(len_ptr)
+    chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
+    start = sp * chunk
+    end = tl.minimum(start + chunk, length)
+    qi = tl.arange(0, QGP)
+    hmask = qi < QG
+    heads = kh * QG + qi
+    j = tl.arange(0, HALF)
+    q_rows = q_ptr + (b * HQ + heads[:, None]) * D
+    qe = tl.load(q_rows + 2 * j[None, :], mask=hmask[:, None], other=0.0)
+    qo = tl.load(q_rows + 2 * j[None, :] + 1, mask=hmask[:, None], other=0.0)
+    qse = qe * tl.load(kscale_ptr + kh * D + 2 * j)[None, :] * sm_scale
+    qso = qo * tl.load(kscale_ptr + kh * D + 2 * j + 1)[None, :] * sm_scale
+    const = (tl.sum(qe * tl.load(kshift_ptr + kh * D + 2 * j)[None, :], 1)
+             + tl.sum(qo * tl.load(kshift_ptr + kh * D + 2 * j + 1)[None, :], 1)) * sm_scale
+    m_i = tl.full((QGP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((QGP,), tl.float32)
+    acc_e = tl.zeros((QGP, HALF), tl.float32)
+    acc_o = tl.zeros((QGP, HALF), tl.float32)
+    head = (b * HKV + kh) * S
+    for s0 in range(start, end, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)
+        smask = rs < end
+        ke, ko = _dequant_tile(kc_ptr + head * HALF, ks_ptr + head * G, km_ptr + head * G, rs, smask, j,
+                               BLOCK_S, HALF, G)
+        sc = tl.sum(qse[:, None, :] * ke[None, :, :], 2) + tl.sum(qso[:, None, :] * ko[None, :, :], 2)
+        sc = tl.where(smask[None, :], sc + const[:, None], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        ve, vo = _dequant_tile(vc_ptr + head * HALF, vs_ptr + head * G, vm_ptr + head * G, rs, smask, j,
+                               BLOCK_S, HALF, G)
+        acc_e = acc_e * alpha[:, None] + tl.sum(p[:, :, None] * ve[None, :, :], 1)
+        acc_o = acc_o * alpha[:, None] + tl.sum(p[:, :, None] * vo[None, :, :], 1)
+        m_i = m_new
+    part = (b * HQ + heads) * NSPLIT + sp
+    tl.store(m_ptr + part, m_i, mask=hmask)
+    tl.store(l_ptr + part, l_i, mask=hmask)
+    tl.store(acc_ptr + part[:, None] * D + 2 * j[None, :], acc_e, mask=hmask[:, None])
+    tl.store(acc_ptr + part[:, None] * D + 2 * j[None, :] + 1, acc_o, mask=hmask[:, None])
+
+
+@triton.jit
+def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
+                         sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr,
+                         NSPLIT: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    kh = h // QG
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * HQ + h) * D + d)
+    k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
+    v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
+    s_cur = tl.sum(q * k_cur, 0) * sm_scale
+    part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
+    ms = tl.load(m_ptr + part)
+    big = tl.maximum(tl.max(ms, 0), s_cur)
+    w = tl.exp(ms - big) * tl.load(l_ptr + part)  # weight of each split's probability mass
+    w_cur = tl.exp(s_cur - big)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :])
+    scale = tl.exp(ms - big)
+    past = tl.sum(scale[:, None] * acc, 0)
+    mass = tl.sum(w, 0)
+    num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
+    tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
+
+
+def num_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
+    """Power-of-two number of sequence splits that gives the GPU a few programs per multiprocessor."""
+    n = 1
+    while n < 64 and batch * kv_heads * n < 4 * sms and n * 256 < max_len:
+        n *= 2
+    return n
+
+
+def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
+                     splits: int, block_s: int = 64):
+    """POQ decode attention of ``q float32 [B, Hq, D]`` over the quantized past of ``store``
+    (``length int32 [1]`` tokens, a device tensor) and the full-precision ``k_cur, v_cur [B, Hkv, D]``.
+
+    Returns ``[B, Hq, D]`` in ``out_dtype``. ``splits`` must be a power of two.
+    """
+    b, hq, d = q.shape
+    hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
+    if splits & (splits - 1):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+    qg = hq // hkv
+    m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    k_scale, k_shift, v_scale, v_shift = kv_params
+    _attn_split_kernel[(b * hkv, splits)](
+        q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
+        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, QGP=triton.next_power_of_2(qg),
+        BLOCK_S=block_s, NSPLIT=splits)
+    out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
+    _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
+                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits)
+    return out

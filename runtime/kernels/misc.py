@@ -1,0 +1,50 @@
+"""Small fused elementwise kernels of the decode step: RMSNorm and SiLU-gated product."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, 0) / N
+    y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(y_ptr + row * stride_y + cols, w * y, mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA RMSNorm of ``x [..., N]`` (float32 statistics, result in ``x.dtype``)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    y = torch.empty_like(x2)
+    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0),
+                                    BLOCK=triton.next_power_of_2(n))
+    return y.reshape(x.shape)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr):
+    row, blk = tl.program_id(0), tl.program_id(1)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused ``gate_up [M, 2I]`` (gate first) -> ``[M, I]``."""
+    m, n2 = gate_up.shape
+    n = n2 // 2
+    y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, y, n, gate_up.stride(0), y.stride(0), BLOCK=block)
+    return y

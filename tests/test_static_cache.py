@@ -1,0 +1,79 @@
+"""Static POQ cache and the eager FastLlama path against the dynamic cache and "wkvq_sim" (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import runtime
+from runtime.cache import CACHE_KWARG, new_cache
+from runtime.fast import FastLlama
+from runtime.kvquant import KVQuantizer
+from runtime.static_cache import StaticPOQCache
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_rtn_artifact):
+    model, _ = runtime.load(tiny_rtn_artifact, device="cpu")
+    return model, FastLlama.from_hf(model, 64, use_kernels=False)
+
+
+def _random_quantizer(h, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kq = KVQuantizer(h, d)
+    for name in ("k_scale", "v_scale"):
+        getattr(kq, name).copy_(torch.rand(h, d, generator=g) + 0.5)
+    for name in ("k_shift", "v_shift"):
+        getattr(kq, name).copy_(torch.randn(h, d, generator=g))
+    return kq
+
+
+def test_write_read_equals_quantizer_roundtrip():
+    kq = _random_quantizer(2, 40)
+    cache = StaticPOQCache(1, 3, 16, 2, 40)
+    k, v = torch.randn(3, 2, 5, 40), torch.randn(3, 2, 5, 40) * 3
+    cache.write(0, kq, k, v, 4)
+    rk, rv = cache.read(0, kq, 9, torch.float32)
+    for which, x, r in (("k", k, rk), ("v", v, rv)):
+        ref = kq.dequantize(which, *kq.quantize(which, x), torch.float32)
+        assert torch.equal(r[:, :, 4:9], ref)
+    assert cache.layers[0].k_step.dtype == torch.float16
+
+
+def test_overflow_is_refused():
+    cache = StaticPOQCache(1, 1, 4, 1, 8)
+    with pytest.raises(ValueError, match="overflows"):
+        cache.write(0, KVQuantizer(1, 8), torch.zeros(1, 1, 5, 8), torch.zeros(1, 1, 5, 8), 0)
+    cache.advance(4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        cache.advance(1)
+
+
+def test_token_by_token_equals_wkvq_sim(tiny):
+    model, fast = tiny
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.set_attn_implementation("wkvq_sim")
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    model.set_attn_implementation("sdpa")
+    cache = fast.new_cache(2, 16)
+    got = torch.stack([fast.decode_step(ids[:, i], cache) for i in range(10)], dim=1)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert cache.length == 10 and int(cache.pos) == 10
+
+
+def test_static_equals_dynamic_cache(tiny):
+    model, fast = tiny
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    dyn = new_cache(model)
+    static = fast.new_cache(2, 32)
+    with torch.no_grad():
+        ref = [model(ids[:, :6], use_cache=True, **{CACHE_KWARG: dyn}).logits[:, -1]]
+        for i in range(6, 9):
+            ref.append(model(ids[:, i:i + 1], use_cache=True, **{CACHE_KWARG: dyn}).logits[:, -1])
+    got = [fast.forward(ids[:, :6], static)] + [fast.decode_step(ids[:, i], static) for i in range(6, 9)]
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), atol=1e-4, rtol=1e-4)
+    for layer, store in zip(dyn.layers, static.layers):
+        assert torch.equal(layer.k.codes, store.k_codes[:, :, :9])
+        assert torch.equal(layer.v.step, store.v_step[:, :, :9])
+        assert torch.equal(layer.k.minimum, store.k_min[:, :, :9])
