@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +43,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
               "F32": torch.float32, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_SIZES = {k: torch.tensor([], dtype=v).element_size() for k, v in _ST_DTYPES.items()}
 
 
 class ArtifactError(ValueError):
@@ -139,19 +141,33 @@ class ArtifactSummary:
                 f"{self.num_layers} layers, {self.num_tensors} tensors, {self.bytes / 2**20:.1f} MiB")
 
 
+def _header_metadata(raw: object) -> object:
+    """The metadata copy in the safetensors header, or None when absent or unreadable."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("wkvq"), str):
+        return None
+    try:
+        return json.loads(raw["wkvq"])
+    except json.JSONDecodeError:
+        return None
+
+
 def _check_entry(name: str, entry: object, expected: dict | None, data_start: int, size: int) -> tuple[int, int]:
     if expected is None:
         raise ArtifactError(f"tensor {name} is in {WEIGHTS_FILE} but not in the metadata; re-create the artifact")
-    if not isinstance(entry, dict) or "dtype" not in entry or "shape" not in entry or "data_offsets" not in entry:
-        raise ArtifactError(f"tensor {name} has a corrupted header entry; re-create the artifact")
-    if entry["dtype"] != expected["dtype"] or list(entry["shape"]) != list(expected["shape"]):
+    corrupted = ArtifactError(f"{WEIGHTS_FILE} is truncated or corrupted at tensor {name}; re-create the artifact")
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) \
+            or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
+        raise corrupted
+    if entry.get("dtype") != expected["dtype"] or entry["shape"] != list(expected["shape"]):
         raise ArtifactError(
-            f"tensor {name} is {entry['dtype']}{list(entry['shape'])}, metadata says "
+            f"tensor {name} is {entry.get('dtype')}{entry['shape']}, metadata says "
             f"{expected['dtype']}{list(expected['shape'])}; re-create the artifact"
         )
     begin, end = entry["data_offsets"]
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and data_start + end <= size):
-        raise ArtifactError(f"{WEIGHTS_FILE} is truncated or corrupted at tensor {name}; re-create the artifact")
+    nbytes = _DTYPE_SIZES[expected["dtype"]] * math.prod(expected["shape"])
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end - begin == nbytes
+            and data_start + end <= size):
+        raise corrupted
     return begin, end
 
 
@@ -168,8 +184,7 @@ def verify(directory: str | Path, checksums: bool = True) -> ArtifactSummary:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; re-create the artifact")
     header, data_start = read_safetensors_header(path)
-    header_meta = header.pop("__metadata__", None) or {}
-    if json.loads(header_meta.get("wkvq", "null")) != meta:
+    if _header_metadata(header.pop("__metadata__", None)) != meta:
         raise ArtifactError(f"{META_FILE} and the metadata in {WEIGHTS_FILE} differ; re-create the artifact")
     expected = meta["tensors"]
     for name in expected:
