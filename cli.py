@@ -39,6 +39,22 @@ class WkvqCommand(click.Command):
 class WkvqGroup(click.Group):
     command_class = WkvqCommand
 
+    def main(self, args=None, prog_name=None, **kwargs):
+        """Bad flags also get one line (``error: ...``, exit 2) instead of click's usage block."""
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **kwargs)
+            sys.exit(rv if isinstance(rv, int) else 0)  # ctx.exit(n) comes back as n
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            path = e.ctx.command_path.replace("wkvq-convert convert", "wkvq-convert") if e.ctx else ""
+            hint = f" (see {path} --help)" if path else ""
+            click.echo(f"error: {_one_line(Exception(e.format_message()))}{hint}", err=True)
+            sys.exit(e.exit_code)
+
 
 def _debug(ctx) -> bool:
     while ctx is not None:
@@ -85,7 +101,8 @@ def convert_options(f):
     opts = [
         click.argument("model", required=False),
         click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifact directory to create."),
-        click.option("--method", type=click.Choice(["wkvquant", "rtn"]), default="rtn", show_default=True),
+        click.option("--method", type=click.Choice(["wkvquant", "rtn"]), default="wkvquant", show_default=True,
+                     help="wkvquant: calibrated (LWC, K/V smoothing, CRR); rtn: round-to-nearest."),
         click.option("--wbits", type=int, default=4, show_default=True, callback=_bits),
         click.option("--group-size", type=int, default=128, show_default=True, callback=_positive),
         click.option("--kv-bits", type=int, default=4, show_default=True, callback=_bits),
@@ -103,12 +120,52 @@ def convert_options(f):
     return f
 
 
+def _non_negative(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
+def calibration_options(f):
+    """Flags of the wkvquant calibration (ignored by --method rtn); defaults are the paper's recipe."""
+    opts = [
+        click.option("--calib-data", default="enwiki-sample:calib", show_default=True,
+                     help="enwiki-sample:calib, wikitext2 or a text file."),
+        click.option("--nsamples", type=int, default=128, show_default=True, callback=_positive),
+        click.option("--seqlen", type=int, default=2048, show_default=True, callback=_positive),
+        click.option("--epochs", type=int, default=5, show_default=True, callback=_positive),
+        click.option("--crr-k", type=int, default=5, show_default=True, callback=_non_negative,
+                     help="Blocks after the calibrated one in the CRR loss (0: single-block reconstruction)."),
+        click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive),
+        click.option("--lwc-lr", type=float, default=1e-2, show_default=True),
+        click.option("--smooth-lr", type=float, default=5e-3, show_default=True),
+        click.option("--no-lwc", is_flag=True, help="Ablation: min-max weight clipping instead of LWC."),
+        click.option("--no-smooth", is_flag=True, help="Ablation: no K/V smoothing/shift (s = 1, delta = 0)."),
+        click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
+                     show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _calib_config(method: str, calib: dict):
+    if method != "wkvquant":
+        return None
+    from converter.calibrate import CalibConfig
+
+    no_lwc, no_smooth, calib_dtype = calib.pop("no_lwc"), calib.pop("no_smooth"), calib.pop("calib_dtype")
+    return CalibConfig(lwc=not no_lwc, smooth=not no_smooth, compute_dtype=calib_dtype, **calib)
+
+
 @main.command("convert")
 @convert_options
+@calibration_options
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
               help="Then push the artifact to this new Hub repo (token: HF_TOKEN or `hf auth login`).")
 def convert_cmd(model, out, method, wbits, group_size, kv_bits, kv_group_size, dtype, device, seed, overwrite,
-                debug, push_to_hub=None):
+                debug, push_to_hub=None, **calib):
     """Quantize MODEL (Hub id, HF folder or .gguf; default: SmolLM2-135M-Instruct) into --out."""
     from converter.convert import ConvertConfig, convert
     from converter.export import WeightQuantConfig
@@ -116,7 +173,7 @@ def convert_cmd(model, out, method, wbits, group_size, kv_bits, kv_group_size, d
 
     cfg = ConvertConfig(out=out, model=model, method=method, weight=WeightQuantConfig(wbits, group_size),
                         kv=KVQuantConfig(kv_bits, kv_group_size), device=device, seed=seed, dtype=dtype,
-                        overwrite=overwrite)
+                        overwrite=overwrite, calibration=_calib_config(method, calib))
     if push_to_hub:  # token, id and a free repo name are checked before the long conversion
         from converter.hub import preflight
 
@@ -177,6 +234,112 @@ def push_cmd(directory, repo_id, private, revision, commit_message, exist_ok, ba
     _push_and_report(PushConfig(directory=directory, repo_id=repo_id, private=private, revision=revision,
                                 commit_message=commit_message, exist_ok=exist_ok, dry_run=dry_run,
                                 base_model=base_model))
+
+
+def _artifact_pairs(ctx, param, values):
+    pairs = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=DIR (e.g. wkvquant=out/wkvq), got {v!r}")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
+def _row_list(ctx, param, value):
+    return None if value is None else tuple(r.strip() for r in value.split(",") if r.strip())
+
+
+@main.command("eval")
+@click.argument("target")
+@click.option("--data", default="enwiki-sample:eval", show_default=True,
+              help="enwiki-sample:eval, enwiki-sample:eval-long (long articles), wikitext2:test or a text file.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, callback=_positive)
+@click.option("--max-windows", type=int, default=None, callback=_positive, help="Only the first N windows [all].")
+@click.option("--kv-mode", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True,
+              help="decode: decode-simulated (quantized past K/V); prefill: the cache is never read quantized.")
+@click.option("--no-poq", is_flag=True, help="Past-Only Quantization off: the current token's K/V quantized too.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Compute dtype [default: float16 on CUDA, float32 on CPU].")
+@click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive)
+@click.option("--table", is_flag=True, help="TARGET is the dense model: evaluate every configuration of the table.")
+@click.option("--artifact", "artifacts", multiple=True, callback=_artifact_pairs, metavar="NAME=DIR",
+              help="With --table: a calibrated artifact row (wkvquant, no-crr, no-lwc, no-smooth or any name).")
+@click.option("--rows", default=None, callback=_row_list, help="With --table: only these rows (comma-separated).")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
+              help="With --table: also write the Markdown table here.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="With --table: write PNG plots into this directory (needs matplotlib).")
+@click.option("--long-seqlen", type=int, default=None, callback=_positive,
+              help="With --table: decode-simulated perplexity on long windows of this length too (e.g. 8192).")
+@click.option("--long-data", default="enwiki-sample:eval-long", show_default=True)
+@click.option("--long-max-windows", type=int, default=None, callback=_positive)
+@click.option("--peer-backend", type=click.Choice(["hqq", "quanto"]), default="hqq", show_default=True,
+              help="With --table: the transformers QuantizedCache backend.")
+@click.option("--peer-windows", type=int, default=2, show_default=True, callback=_positive,
+              help="With --table: windows of the QuantizedCache row (token-by-token decoding).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@debug_option
+def eval_cmd(target, data, seqlen, max_windows, kv_mode, no_poq, json_path, device, dtype, batch_size, table,
+             artifacts, rows, markdown_path, plots_dir, long_seqlen, long_data, long_max_windows, peer_backend,
+             peer_windows, no_progress, debug):
+    """Perplexity of TARGET (artifact dir or Hub id; or a plain model: Hub id, HF folder, .gguf)."""
+    from converter.evaluate import EvalConfig
+
+    ev = EvalConfig(data=data, seqlen=seqlen, max_windows=max_windows, kv_mode=kv_mode, poq=not no_poq,
+                    device=device, dtype=dtype, batch_size=batch_size, progress=not no_progress)
+    if not table:
+        if artifacts or rows or markdown_path or plots_dir or long_seqlen:
+            raise click.UsageError("--artifact, --rows, --markdown, --plots and --long-seqlen need --table")
+        from converter.evaluate import evaluate, summary_line, write_json
+
+        result = evaluate(target, ev)
+        if json_path:
+            write_json(result, json_path)
+        click.echo(summary_line(result))
+        return
+    from converter.baselines import PeerConfig
+    from converter.table import TableConfig, markdown, run_table, write_outputs
+
+    cfg = TableConfig(eval=ev, artifacts=artifacts, rows=rows, long_seqlen=long_seqlen, long_data=long_data,
+                      long_max_windows=long_max_windows, peer=PeerConfig(backend=peer_backend, windows=peer_windows))
+    if plots_dir:
+        from converter.plots import require_matplotlib
+
+        require_matplotlib()  # before the long run, not after it
+    result = run_table(target, cfg)
+    write_outputs(result, json_path=json_path, markdown_path=markdown_path, plots_dir=plots_dir)
+    click.echo(markdown(result), nl=False)
+
+
+def _int_list(ctx, param, value):
+    try:
+        vals = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {value!r}")
+    if not vals or min(vals) <= 0:
+        raise click.BadParameter(f"must be positive integers, got {value!r}")
+    return vals
+
+
+@main.command("bench")
+@click.option("--shapes", default="7b,13b", show_default=True, callback=_row_list, help="7b, 13b, tiny.")
+@click.option("--batches", default="1,8", show_default=True, callback=_int_list)
+@click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
+@click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,
+              callback=_row_list)
+@click.option("--steps", type=int, default=20, show_default=True, callback=_positive)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"),
+              show_default=True, help="Write the results here (updated after every row).")
+@debug_option
+def bench_cmd(shapes, batches, prompts, paths, steps, json_path, debug):
+    """Decode ms/token and peak memory of W4KV4 vs fp16 / compiled / tinygemm int4 on random LLaMA shapes (CUDA)."""
+    from converter.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(shapes=shapes, batches=batches, prompts=prompts, paths=paths, steps=steps, out=json_path)
+    click.echo(format_table(run_bench(cfg)))
 
 
 def convert_main() -> None:
