@@ -1,0 +1,141 @@
+"""``wkvq bench``: decode speed and peak memory of W4KV4 against fp16 and int4 baselines (CUDA).
+
+Random models of real LLaMA shapes are built directly on the GPU (speed and memory do not depend
+on weight values). Paths:
+
+* ``fp16_eager``: transformers, DynamicCache, fp16, eager.
+* ``fp16_compiled``: transformers StaticCache + ``torch.compile(mode="reduce-overhead")``, fp16.
+* ``int4_tinygemm``: decoder Linears as ``aten._weight_int4pack_mm`` (int4 g128), bf16 StaticCache, compiled.
+* ``wkvq``: :class:`runtime.fast.FastLlama` (Triton INT4 + 4-bit POQ cache) in a CUDA graph.
+
+The baselines prefill the prompt for real; ``wkvq`` fills its 4-bit cache with random codes
+(the decode step reads the same bytes either way). ms/token is the median step time over
+``steps`` decode steps after warm-up (one step advances every sequence of the batch by one token).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
+    "7b": (4096, 32, 32, 32, 11008, 32000),
+    "13b": (5120, 40, 40, 40, 13824, 32000),
+    "tiny": (256, 2, 4, 2, 512, 1000),
+}
+PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shapes: tuple[str, ...] = ("7b", "13b")
+    batches: tuple[int, ...] = (1, 8)
+    prompts: tuple[int, ...] = (2048, 32768)
+    paths: tuple[str, ...] = PATHS
+    steps: int = 20
+    out: Path | None = None
+
+    def __post_init__(self):
+        for name, given, allowed in (("shape", self.shapes, SHAPES), ("path", self.paths, PATHS)):
+            bad = [g for g in given if g not in allowed]
+            if bad:
+                raise ValueError(f"unknown {name} {bad}; allowed: {', '.join(allowed)}")
+        if self.steps < 2 or min(self.batches + self.prompts) < 1:
+            raise ValueError(f"steps must be >= 2 and batches/prompts positive, got {self}")
+
+
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    h, n, heads, kv, inter, vocab = SHAPES[shape]
+    return LlamaConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
+                       intermediate_size=inter, vocab_size=vocab, max_position_embeddings=65536)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * nbytes / (_time_ms(lambda: b.copy_(a), 10) / 1e3)
+
+
+def _time_ms(fn, steps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``steps`` calls, timed with CUDA events."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Every (shape, path, batch, prompt) of ``cfg``: a dict with ``rows`` and the copy bandwidth."""
+    from . import bench_paths
+
+    if not torch.cuda.is_available():
+        raise ValueError("wkvq bench needs a CUDA GPU; none is visible")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "copy_bandwidth_GBps": copy_bandwidth() / 1e9, "rows": []}
+    for shape in cfg.shapes:
+        for path in cfg.paths:
+            runner = bench_paths.RUNNERS[path]
+            for batch in cfg.batches:
+                for prompt in cfg.prompts:
+                    row = dict(shape=shape, path=path, batch=batch, prompt=prompt)
+                    row.update(_measure(runner, llama_config(shape), batch, prompt, cfg.steps))
+                    if "bytes_per_step" in row and row.get("ms_per_token"):
+                        row["bandwidth_fraction"] = (row["bytes_per_step"] / (row["ms_per_token"] / 1e3)
+                                                     / (result["copy_bandwidth_GBps"] * 1e9))
+                    log.info("%s", row)
+                    result["rows"].append(row)
+                    if cfg.out:
+                        write_json(result, cfg.out)
+    return result
+
+
+def _measure(runner, config, batch: int, prompt: int, steps: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        out = runner(config, batch, prompt, steps)
+        out["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        out["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        out = {"status": "oom", "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+    except Exception as e:  # a baseline that fails is reported in its row, the others still run
+        log.warning("%s failed: %s", runner.__name__, e)
+        out = {"status": f"error: {type(e).__name__}: {str(e)[:200]}"}
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def write_json(result: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def format_table(result: dict) -> str:
+    head = f"{'shape':5} {'path':14} {'batch':>5} {'prompt':>6} {'ms/token':>9} {'peak GB':>8} {'BW frac':>7}  status"
+    lines = [f"{result['device']}  copy {result['copy_bandwidth_GBps']:.0f} GB/s  {result['date']}", head]
+    for r in result["rows"]:
+        ms = f"{r['ms_per_token']:.3f}" if r.get("ms_per_token") else "-"
+        peak = f"{r['peak_GB']:.2f}" if r.get("peak_GB") is not None else "-"
+        frac = f"{r['bandwidth_fraction']:.2f}" if r.get("bandwidth_fraction") else "-"
+        lines.append(f"{r['shape']:5} {r['path']:14} {r['batch']:>5} {r['prompt']:>6} {ms:>9} {peak:>8} {frac:>7}  "
+                     f"{r['status']}")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The four decode paths timed by :mod:`converter.bench`, each ``runner(config, batch, prompt, steps) -> dict``."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from runtime.fast import DecodeGraph, FastConfig, FastLayer, FastLlama, W4Weight
+from runtime.kvquant import KVQuantizer
+
+DEV = "cuda"
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ----------------------------------------------------------------------------- wkvq
+
+
+def random_w4(out_f: int, in_f: int, group: int = 128) -> W4Weight:
+    g = -(-in_f // group)
+    return W4Weight(torch.randint(0, 256, (out_f, (in_f + 1) // 2), dtype=torch.uint8, device=DEV),
+                    (torch.rand(out_f, g, device=DEV) * 2e-3 + 1e-3).half(),
+                    torch.randint(0, 16, (out_f, g), dtype=torch.uint8, device=DEV), in_f, group)
+
+
+def random_fast_llama(config, max_positions: int) -> FastLlama:
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d, inter = h // heads, config.intermediate_size
+    fc = FastConfig(h, heads, kv, d, config.num_hidden_layers, config.rms_norm_eps)
+    layers = []
+    for _ in range(config.num_hidden_layers):
+        kq = KVQuantizer(kv, d, device=DEV)
+        kq.k_scale.uniform_(0.5, 1.5), kq.v_scale.uniform_(0.5, 1.5), kq.k_shift.normal_(), kq.v_shift.normal_()
+        layers.append(FastLayer(torch.ones(h, dtype=torch.float16, device=DEV),
+                                torch.ones(h, dtype=torch.float16, device=DEV),
+                                random_w4((heads + 2 * kv) * d, h), random_w4(h, heads * d), random_w4(2 * inter, h),
+                                random_w4(h, inter), kq))
+    embed = torch.randn(config.vocab_size, h, dtype=torch.float16, device=DEV) * 0.02
+    pos = torch.arange(max_positions, device=DEV, dtype=torch.float32)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d)
+    freqs = torch.cat([pos * inv, pos * inv], dim=-1)
+    return FastLlama(fc, embed, layers, torch.ones(h, dtype=torch.float16, device=DEV),
+                     torch.randn(config.vocab_size, h, dtype=torch.float16, device=DEV) * 0.02,
+                     freqs.cos(), freqs.sin(), use_kernels=True)
+
+
+def _fill_random(cache, length: int) -> None:
+    for store in cache.layers:
+        for t in store.tensors():
+            if t.dtype == torch.uint8:
+                t.random_(0, 256)
+            else:
+                t.uniform_(0.01, 0.1)
+    cache.length = length
+    cache.pos.fill_(length)
+
+
+def _weight_bytes(model: FastLlama) -> int:
+    n = model.lm_head.numel() * 2
+    for layer in model.layers:
+        for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            n += sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros))
+    return n
+
+
+def run_wkvq(config, batch: int, prompt: int, steps: int) -> dict:
+    max_len = prompt + steps + 8
+    model = random_fast_llama(config, max_len)
+    cache = model.new_cache(batch, max_len)
+    _fill_random(cache, prompt)
+    graph = DecodeGraph(model, cache)
+    ids = torch.randint(0, config.vocab_size, (batch,), device=DEV)
+    start = cache.length
+    ms = _median_steps(lambda: graph.step(ids), steps)
+    kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len
+    return {"ms_per_token": ms, "bytes_per_step": _weight_bytes(model) + kv_bytes,
+            "weights_GB": _weight_bytes(model) / 1e9, "cache_GB": cache.nbytes() / 1e9}
+
+
+def _median_steps(fn, steps: int) -> float:
+    from .bench import _time_ms
+
+    fn()
+    return _time_ms(fn, steps)
+
+
+# ----------------------------------------------------------------------------- transformers baselines
+
+
+class TinyGemmLinear(nn.Module):
+    """int4 g128 weight-only Linear through ``aten._weight_int4pack_mm`` (random weights, bf16)."""
+
+    def __init__(self, in_features: int, out_features: int, group: int = 128, inner_k_tiles: int = 8):
+        super().__init__()
+        self.in_features, self.out_features, self.group, self.tiles = in_features, out_features, group, inner_k_tiles
+
+    def materialize(self) -> None:
+        packed = torch.randint(0, 256, (self.out_features, self.in_features // 2), dtype=torch.uint8, device=DEV)
+        self.register_buffer("w", torch.ops.aten._convert_weight_to_int4pack(packed, self.tiles))
+        sz = torch.rand(self.in_features // self.group, self.out_features, 2, device=DEV) * 2e-3
+        self.register_buffer("sz", sz.to(torch.bfloat16))
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.w, self.group, self.sz)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def random_hf(config, dtype, int4: bool = False):
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with _default_dtype(dtype), torch.device("meta"):
+        model = LlamaForCausalLM(config)
+        if int4:
+            for layer in model.model.layers:
+                for parent in (layer.self_attn, layer.mlp):
+                    for name, child in list(parent.named_children()):
+                        if isinstance(child, nn.Linear):
+                            setattr(parent, name, TinyGemmLinear(child.in_features, child.out_features))
+    model = model.to_empty(device=DEV)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    for m in model.modules():
+        if isinstance(m, TinyGemmLinear):
+            m.materialize()
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config, device=DEV)
+    return model.eval()
+
+
+def _prefill(model, cache, batch, prompt, vocab):
+    from runtime.cache import CACHE_KWARG
+
+    ids = torch.randint(0, vocab, (batch, prompt), device=DEV)
+    with torch.no_grad():
+        for s in range(0, prompt, 4096):  # chunks bound the activation memory of long prompts
+            model(ids[:, s:s + 4096], use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+
+
+def _hf_decode(model, cache, batch, prompt, steps, vocab, compiled: bool) -> float:
+    from runtime.cache import CACHE_KWARG
+
+    fwd = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
+    tok = torch.randint(0, vocab, (batch, 1), device=DEV)
+    state = {"pos": prompt}
+
+    def step():
+        pos = torch.tensor([state["pos"]], device=DEV)
+        with torch.no_grad():
+            out = fwd(tok, use_cache=True, cache_position=pos, position_ids=pos[None].expand(batch, 1),
+                      **{CACHE_KWARG: cache})
+        state["pos"] += 1
+        return out.logits
+
+    for _ in range(3 if compiled else 1):
+        step()
+    return _median_steps(step, steps)
+
+
+def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
+    from transformers import DynamicCache, StaticCache
+
+    model = random_hf(config, dtype, int4)
+    n = steps + 8
+    cache = StaticCache(config=config, max_cache_len=prompt + n) if static else DynamicCache(config=config)
+    _prefill(model, cache, batch, prompt, config.vocab_size)
+    return {"ms_per_token": _hf_decode(model, cache, batch, prompt, steps, config.vocab_size, static)}
+
+
+def run_fp16_eager(config, batch, prompt, steps):
+    return _run_hf(config, batch, prompt, min(steps, 5), torch.float16, static=False)
+
+
+def run_fp16_compiled(config, batch, prompt, steps):
+    return _run_hf(config, batch, prompt, steps, torch.float16)
+
+
+def run_int4_tinygemm(config, batch, prompt, steps):
+    return _run_hf(config, batch, prompt, steps, torch.bfloat16, int4=True)
+
+
+RUNNERS = {"fp16_eager": run_fp16_eager, "fp16_compiled": run_fp16_compiled, "int4_tinygemm": run_int4_tinygemm,
+           "wkvq": run_wkvq}
