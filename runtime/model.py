@@ -1,4 +1,8 @@
-"""Build a transformers LLaMA from an artifact: packed INT4 Linears, KV quantizers, no fp16 copy."""
+"""Build a transformers LLaMA from an artifact: packed INT4 Linears, KV quantizers, no fp16 copy.
+
+The model is a :class:`WkvqLlamaForCausalLM`: the usual ``LlamaForCausalLM`` module tree whose
+``generate()`` uses the Past-Only Quantization cache (:mod:`runtime.cache`) unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from . import artifact
 from .artifact import ArtifactError, DECODER_LINEARS, WEIGHTS_FILE
+from .cache import CACHE_KWARG, new_cache
 from .kvquant import KVQuantConfig, KVQuantizer
 from .qlinear import QuantLinear
 
@@ -32,16 +37,53 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device) -> torch.device:
+    """``None`` (cuda if available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but no CUDA GPU is available; use cpu")
+    return dev
+
+
+class WkvqLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` whose ``generate()`` brings a fresh POQ cache when the caller gives none.
+
+    No injection when the caller passes a cache, ``use_cache=False`` or a ``cache_implementation``
+    (their choice wins).
+    """
+
+    def generate(self, *args, **kwargs):
+        if _wants_default_cache(self, kwargs):
+            kwargs[CACHE_KWARG] = new_cache(self)
+        return super().generate(*args, **kwargs)
+
+
+def _wants_default_cache(model, kwargs: dict) -> bool:
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return False
+    gen = kwargs.get("generation_config") or model.generation_config
+    use_cache = kwargs.get("use_cache", getattr(gen, "use_cache", True))
+    implementation = kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
+    return use_cache is not False and implementation is None
+
+
 def kv_config(meta: dict, poq: bool = True) -> KVQuantConfig:
     kv = meta["kv_quant"]
     return KVQuantConfig(bits=kv["bits"], group_size=kv["group_size"], poq=poq)
 
 
-def skeleton(config: LlamaConfig, meta: dict, poq: bool = True) -> LlamaForCausalLM:
+def skeleton(config: LlamaConfig, meta: dict, poq: bool = True) -> WkvqLlamaForCausalLM:
     """A LLaMA on the meta device with QuantLinear decoder projections and KV quantizers."""
     wq = meta["weight_quant"]
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = WkvqLlamaForCausalLM(config)
         for entry in meta["layers"]:
             layer = model.model.layers[entry["index"]]
             for name, spec in entry["linears"].items():
@@ -78,7 +120,7 @@ def build(directory: str | Path, device=None, dtype=None, poq: bool = True, veri
     directory = Path(directory)
     summary_or_meta = artifact.verify(directory) if verify else None
     meta = artifact.read_metadata(directory)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device)
     dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else _DTYPES[meta["dtype"]])
     config = LlamaConfig.from_pretrained(directory)
     model = skeleton(config, meta, poq)
@@ -87,6 +129,32 @@ def build(directory: str | Path, device=None, dtype=None, poq: bool = True, veri
         model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     model.eval()
     model.wkvq_metadata = meta
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     log.info("loaded %s (%s)", directory, summary_or_meta.line() if summary_or_meta else meta["method"])
     return model, tokenizer
+
+
+def prompt_inputs(tokenizer, prompt: str, chat: bool = False, device=None) -> dict:
+    """``input_ids`` and ``attention_mask [1, T]`` of ``prompt`` on ``device``; with ``chat``, the
+    prompt is a user turn of the tokenizer's chat template followed by the assistant's header."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat formatting needs a tokenizer with a chat template; this tokenizer has none")
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def sampling_kwargs(temperature: float, max_new_tokens: int) -> dict:
+    """``generate()`` arguments: greedy for ``temperature == 0``, else sampling at that temperature."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    if temperature == 0:
+        return {"do_sample": False, "max_new_tokens": max_new_tokens}
+    return {"do_sample": True, "temperature": temperature, "max_new_tokens": max_new_tokens}
