@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +69,17 @@ def calibrate(model, tokenizer, cfg: ConvertConfig, device: torch.device) -> Cal
     return run_calibration(model, tokenizer, cfg, device)
 
 
+def resolved_recipe(cfg: ConvertConfig) -> ConvertConfig:
+    """``cfg`` with the default calibration recipe filled in for method "wkvquant"."""
+    if cfg.method != "wkvquant" or cfg.calibration is not None:
+        return cfg
+    from .calibrate import CalibConfig
+
+    return replace(cfg, calibration=CalibConfig())
+
+
 def convert(cfg: ConvertConfig) -> Path:
+    cfg = resolved_recipe(cfg)
     out = Path(cfg.out)
     export.check_out_dir(out.resolve(), cfg.overwrite)
     device = resolve_device(cfg.device)
@@ -80,4 +90,9 @@ def convert(cfg: ConvertConfig) -> Path:
     dtype = parse_dtype(cfg.dtype)
     tensors = export.model_tensors(model, cfg.weight, calib, dtype)
     meta = export.build_metadata(model, tensors, cfg.method, cfg.recipe(), cfg.weight, cfg.kv, info, dtype, calib)
-    return export.write_artifact(out, tensors, meta, model, tokenizer, overwrite=cfg.overwrite)
+    path = export.write_artifact(out, tensors, meta, model, tokenizer, overwrite=cfg.overwrite)
+    if cfg.method == "wkvquant":
+        from .calibrate import finish
+
+        finish(out)  # the artifact is complete: drop the per-block resume state
+    return path

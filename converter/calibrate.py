@@ -1,0 +1,351 @@
+"""WKVQuant calibration: blocks in order, LWC + K/V smoothing/shift, CRR loss, POQ fake-quant K/V.
+
+For block ``i`` (see :func:`calibrate_blocks`):
+
+1. ``X_fp`` (full-precision input of block ``i``) -> target ``T = F_{i+k}(...F_i(X_fp))``, the
+   full-precision output of the CRR window ``i..i+k`` (shortened at the last blocks).
+2. A float32 copy of block ``i`` with :class:`~converter.lwc.LWCLinear` projections; its K/V
+   ranges on the quantized input ``X_q`` initialise ``s`` (half-range) and ``delta`` (mid-point).
+3. AdamW minimises ``mean |W(Q_i(X_q)) - T|`` where ``Q_i`` is the quantized block (weights
+   fake-quantized, K/V fake-quantized per token with POQ by the ``wkvq_sim`` attention) and
+   ``W`` the full-precision blocks ``i+1..i+k``.
+4. The parameters are folded (:class:`~converter.lwc.BlockParams`), saved to the work dir, and
+   ``X_q`` moves on through block ``i`` exactly as the artifact will compute it.
+
+Only the window's blocks and the samples' activations (``X_fp``, ``X_q``, ``T``) live on the
+device; the model stays on CPU. On CUDA the frozen parts run under bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from runtime.kvquant import KVQuantConfig
+
+from . import data, lwc
+from .calib_state import WorkDir, tensor_digest, work_dir_for
+from .export import Calibration, WeightQuantConfig
+from .lwc import BlockParams
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EVAL_SPLITS = ("enwiki-sample:eval", "wikitext2:test")
+CHECK_EVERY = 32  # steps between loss syncs (finiteness check, progress bar)
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot go on (e.g. a non-finite loss); the message names the block."""
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """The WKVQuant recipe. Defaults: 128 x 2048 tokens, 5 epochs, CRR window k = 5, batch 1,
+    AdamW with lr 1e-2 for LWC (OmniQuant's lwc_lr) and 5e-3 for smoothing/shift, no weight decay."""
+
+    nsamples: int = 128
+    seqlen: int = 2048
+    epochs: int = 5
+    crr_k: int = 5
+    batch_size: int = 1
+    lwc: bool = True
+    smooth: bool = True
+    lwc_lr: float = 1e-2
+    smooth_lr: float = 5e-3
+    weight_decay: float = 0.0
+    calib_data: str = "enwiki-sample:calib"
+    compute_dtype: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.crr_k, int) or self.crr_k < 0:
+            raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
+        if self.batch_size > self.nsamples:
+            raise ValueError(f"batch size {self.batch_size} is larger than nsamples {self.nsamples}")
+        for name in ("lwc_lr", "smooth_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.calib_data in EVAL_SPLITS:
+            raise ValueError(f"{self.calib_data} is an evaluation split and is never used for calibration; "
+                             "use enwiki-sample:calib, wikitext2:train or a text file")
+
+    def to_dict(self) -> dict:
+        """The recipe as recorded in the artifact (without run controls such as resume)."""
+        d = asdict(self)
+        d.pop("resume")
+        d.pop("progress")
+        return d
+
+
+@dataclass(frozen=True)
+class BlockSetup:
+    """What every block's calibration needs besides data."""
+
+    weight: WeightQuantConfig
+    kv: KVQuantConfig
+    calib: CalibConfig
+    device: torch.device
+    dtype: torch.dtype  # activations and frozen blocks on the device
+    seed: int = 0
+
+    @property
+    def chunk(self) -> int:
+        """Samples per no-grad forward pass (propagation, targets, statistics)."""
+        return max(self.calib.batch_size, 4)
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    dtype = COMPUTE_DTYPES[name]
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype
+
+
+def autocast(setup: BlockSetup):
+    if setup.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(setup.device.type, dtype=setup.dtype)
+
+
+def rope(rotary, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[1, T, D]`` float32 on ``device`` from the model's rotary embedding (on CPU)."""
+    pos = torch.arange(seqlen)[None]
+    dummy = torch.zeros(1, seqlen, 1, dtype=torch.float32)
+    cos, sin = rotary(dummy, pos)
+    return cos.float().to(device), sin.float().to(device)
+
+
+@torch.no_grad()
+def run_blocks(blocks, x: torch.Tensor, pe, setup: BlockSetup, inplace: bool = False) -> torch.Tensor:
+    """``x [N, T, H]`` through ``blocks`` in chunks of samples; in place if ``inplace``."""
+    out = x if inplace else x.clone()
+    for s in range(0, x.shape[0], setup.chunk):
+        h = out[s:s + setup.chunk]
+        with autocast(setup):
+            for blk in blocks:
+                h = blk(h, position_embeddings=pe)
+        out[s:s + setup.chunk] = h.to(out.dtype)
+    return out
+
+
+@torch.no_grad()
+def observe(block, x: torch.Tensor, pe, setup: BlockSetup) -> None:
+    """Run ``block`` over every sample for its side effects (K/V range statistics), keeping no output."""
+    for s in range(0, x.shape[0], setup.chunk):
+        with autocast(setup):
+            block(x[s:s + setup.chunk], position_embeddings=pe)
+
+
+def window_forward(qblock, window, x: torch.Tensor, pe) -> torch.Tensor:
+    h = qblock(x, position_embeddings=pe)
+    for blk in window:
+        h = blk(h, position_embeddings=pe)
+    return h
+
+
+def crr_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error (float32) between the window's quantized and full-precision outputs."""
+    return (out.float() - target.float()).abs().mean()
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The per-block RNG seed: a resumed block shuffles its samples exactly as an uninterrupted run."""
+    return seed * 1_000_003 + index
+
+
+def _check_finite(total: torch.Tensor, index: int, epoch: int, step: int) -> float:
+    value = float(total)
+    if not math.isfinite(value):
+        raise CalibrationError(
+            f"block {index}: the calibration loss is not finite ({value}) at epoch {epoch + 1}, step {step + 1}; "
+            "lower --lwc-lr/--smooth-lr, use --calib-dtype float32, or check the model's weights")
+    return value
+
+
+def make_optimizer(qblock, ccfg: CalibConfig) -> torch.optim.Optimizer | None:
+    groups = [{"params": ps, "lr": lr} for ps, lr in ((lwc.lwc_parameters(qblock), ccfg.lwc_lr),
+                                                     (lwc.smooth_parameters(qblock), ccfg.smooth_lr)) if ps]
+    if not groups:
+        return None
+    return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay)
+
+
+def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) -> list[float]:
+    """AdamW on the CRR loss for ``epochs`` passes over the samples; returns each epoch's mean loss."""
+    ccfg = setup.calib
+    opt = make_optimizer(qblock, ccfg)
+    if opt is None:  # nothing to learn (--no-lwc --no-smooth): report the loss of the fixed block
+        return [eval_loss(qblock, window, x_q, target, pe, setup, index)]
+    gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
+    n, bs = x_q.shape[0], ccfg.batch_size
+    steps = math.ceil(n / bs)
+    epoch_losses = []
+    with tqdm(total=ccfg.epochs * steps, desc=f"block {index}", unit="step", disable=not ccfg.progress,
+              dynamic_ncols=True) as bar:
+        for epoch in range(ccfg.epochs):
+            perm = torch.randperm(n, generator=gen).to(setup.device)
+            total = torch.zeros((), device=setup.device)
+            for step in range(steps):
+                idx = perm[step * bs:(step + 1) * bs]
+                with autocast(setup):
+                    loss = crr_loss(window_forward(qblock, window, x_q[idx], pe), target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                    bar.set_postfix(loss=f"{_check_finite(total, index, epoch, step) / (step + 1):.5f}")
+                bar.update()
+            epoch_losses.append(float(total) / steps)
+    return epoch_losses
+
+
+@torch.no_grad()
+def eval_loss(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) -> float:
+    total = torch.zeros((), device=setup.device)
+    for s in range(0, x_q.shape[0], setup.chunk):
+        with autocast(setup):
+            out = window_forward(qblock, window, x_q[s:s + setup.chunk], pe)
+        total += crr_loss(out, target[s:s + setup.chunk]) * out.shape[0]
+    return _check_finite(total, index, 0, 0) / x_q.shape[0]
+
+
+def calibrate_block(layer, config, index: int, window, x_q, target, pe, setup: BlockSetup) -> BlockParams:
+    """Train block ``index`` against ``target`` (the window's full-precision output) and fold it."""
+    start = time.perf_counter()
+    qblock = lwc.quant_block(layer, config, index, setup.weight, setup.calib.lwc, setup.device)
+    observe(qblock, x_q, pe, setup)  # K/V statistics for the smoothing/shift init
+    lwc.set_kv_quantizer(qblock, setup.kv, setup.calib.smooth)
+    qblock.train()
+    losses = train_block(qblock, window, x_q, target, pe, setup, index)
+    params = lwc.fold_block(qblock)
+    params.loss, params.epoch_losses = losses[-1], losses
+    params.seconds = time.perf_counter() - start
+    log.info("block %d: loss %.6f (%.1f s)", index, params.loss, params.seconds)
+    return params
+
+
+class FullPrecisionWindow:
+    """Device copies (in the compute dtype) of the full-precision blocks ``i..i+k``, built lazily."""
+
+    def __init__(self, layers, config, setup: BlockSetup):
+        self.layers, self.config, self.setup = layers, config, setup
+        self.blocks: dict[int, torch.nn.Module] = {}
+
+    def get(self, first: int, last: int) -> list:
+        for j in [j for j in self.blocks if j < first]:
+            del self.blocks[j]
+        for j in range(first, last + 1):
+            if j not in self.blocks:
+                self.blocks[j] = lwc.clone_layer(self.layers[j], self.config, j, self.setup.device, self.setup.dtype)
+        return [self.blocks[j] for j in range(first, last + 1)]
+
+
+def calibrate_blocks(layers, config, rotary, x0: torch.Tensor, setup: BlockSetup,
+                     work: WorkDir | None = None, num_blocks: int | None = None) -> list[BlockParams]:
+    """Calibrate ``layers[:num_blocks]`` in order (CPU modules); ``x0 [N, T, H]`` are the embedded samples.
+
+    ``config``: the HF config with the ``wkvq_sim`` attention (:func:`converter.lwc.calib_model_config`).
+    Finished blocks found in ``work`` are loaded instead of trained; the activations are recomputed
+    with exactly the same operations, so a resumed run gives the same tensors as an uninterrupted one.
+    """
+    num_layers, num_blocks = len(layers), num_blocks or len(layers)
+    pe = rope(rotary, x0.shape[1], setup.device)
+    x_fp = x0.to(setup.device, setup.dtype)
+    x_q = x_fp.clone()
+    fp = FullPrecisionWindow(layers, config, setup)
+    results = []
+    for i in range(num_blocks):
+        blocks = fp.get(i, min(i + setup.calib.crr_k, num_layers - 1))
+        params = work.load(i) if work is not None else None
+        run_blocks(blocks[:1], x_fp, pe, setup, inplace=True)  # X_fp <- F_i(X_fp)
+        if params is None:
+            target = run_blocks(blocks[1:], x_fp, pe, setup) if len(blocks) > 1 else x_fp
+            params = calibrate_block(layers[i], config, i, blocks[1:], x_q, target, pe, setup)
+            del target
+            if work is not None:
+                work.save(i, params)
+        applied = lwc.applied_block(layers[i], config, i, params, setup.weight, setup.kv, setup.device, setup.dtype)
+        run_blocks([applied], x_q, pe, setup, inplace=True)  # X_q <- Q_i(X_q), as the artifact computes it
+        results.append(params)
+    return results
+
+
+# ----------------------------------------------------------------------------- the converter's entry point
+
+
+def calibration_tokens(tokenizer, ccfg: CalibConfig, seed: int) -> torch.Tensor:
+    """``int64 [nsamples, seqlen]`` windows of ``--calib-data`` (never an evaluation split)."""
+    tokens = data.tokenize(tokenizer, data.load_text(ccfg.calib_data))
+    return data.calibration_samples(tokens, ccfg.nsamples, ccfg.seqlen, seed)
+
+
+@torch.no_grad()
+def embed(model, samples: torch.Tensor, device, dtype, chunk: int = 8) -> torch.Tensor:
+    """The embedded samples ``[N, T, H]`` on ``device`` (the embedding runs where it lives, on CPU)."""
+    emb = model.get_input_embeddings()
+    x = torch.empty(*samples.shape, model.config.hidden_size, device=device, dtype=dtype)
+    for s in range(0, samples.shape[0], chunk):
+        x[s:s + chunk] = emb(samples[s:s + chunk].to(emb.weight.device)).to(device, dtype)
+    return x
+
+
+def resume_recipe(model, cfg, samples: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Everything a block's result depends on; a work dir is only resumed for the same recipe."""
+    first = model.model.layers[0].self_attn.q_proj.weight
+    return {"recipe": cfg.recipe(), "model": cfg.model, "config": model.config.to_dict(),
+            "weights": tensor_digest(first), "samples": tensor_digest(samples), "compute_dtype": str(dtype)}
+
+
+def to_calibration(results: list[BlockParams], info: dict) -> Calibration:
+    calib = Calibration(losses=[r.loss for r in results], info=info)
+    for i, r in enumerate(results):
+        for name, clips in r.clips.items():
+            calib.clips[f"model.layers.{i}.{name}"] = clips
+        if r.kv is not None:
+            calib.kv[i] = r.kv
+    calib.info["block_seconds"] = [round(r.seconds, 3) for r in results]
+    calib.info["epoch_losses"] = [r.epoch_losses for r in results]
+    return calib
+
+
+def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
+    """Calibrate every block of ``model`` (float32, on CPU) for ``cfg`` (a ConvertConfig)."""
+    ccfg = cfg.calibration or CalibConfig()
+    dtype = resolve_compute_dtype(ccfg.compute_dtype, device)
+    setup = BlockSetup(cfg.weight, cfg.kv, ccfg, device, dtype, cfg.seed)
+    samples = calibration_tokens(tokenizer, ccfg, cfg.seed)
+    work = WorkDir.open(work_dir_for(cfg.out), resume_recipe(model, cfg, samples, dtype), ccfg.resume)
+    resumed = len(work.done())
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    x0 = embed(model, samples, device, dtype)
+    config = lwc.calib_model_config(model.config)
+    results = calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x0, setup, work)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    info = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak, "device": str(device),
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "resumed_blocks": resumed}
+    return to_calibration(results, info)
+
+
+def finish(out) -> None:
+    """Remove the work dir once the artifact is written."""
+    WorkDir(work_dir_for(out)).remove()

@@ -1,0 +1,223 @@
+"""Calibration-only modules and the blocks built from them.
+
+* :class:`LWCLinear` — a frozen Linear whose weight is fake-quantized group-wise with learnable
+  clipping (OmniQuant LWC): ``clip_hi = sigmoid(gamma)``, ``clip_lo = sigmoid(beta)``, ``[out, G]``.
+* :class:`SmoothedKV` — a :class:`runtime.kvquant.KVQuantizer` whose static smoothing ``s`` and
+  shift ``delta`` are learned relative to their statistics-based initial values:
+  ``s = s0 * exp(a)`` (always positive), ``delta = delta0 + s0 * b`` with ``a, b`` zero-initialised,
+  so one learning rate fits channels of any range.
+* :class:`KVRangeObserver` — stands in for the quantizer to record per-channel K/V ranges
+  (it returns K/V unchanged).
+
+Blocks are copies of a decoder layer (built on the meta device, weights assigned), so the live
+model is never modified. After training, :func:`fold_block` turns the parameters into plain
+tensors (:class:`BlockParams`); :func:`applied_block` rebuilds the block exactly as the artifact
+will compute it (export-quantized weights, folded ``s``/``delta``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime import attention, quant
+from runtime.artifact import DECODER_LINEARS, KV_TENSORS
+from runtime.kvquant import KVQuantConfig, KVQuantizer
+
+from . import export
+from .export import WeightQuantConfig
+
+LWC_INIT = 4.0  # sigmoid(4) ~ 0.982: clipping starts near the full range (as OmniQuant)
+MIN_RANGE = 1e-5
+
+
+@dataclass
+class BlockParams:
+    """What calibration learned for one block, as plain CPU float32 tensors.
+
+    ``clips[name] = (clip_hi, clip_lo)`` ``[out, G]`` per Linear name (e.g. ``"mlp.up_proj"``),
+    empty without LWC; ``kv`` = ``{k_scale, k_shift, v_scale, v_shift}`` ``[H_kv, D]`` or None.
+    """
+
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[str, torch.Tensor] | None = None
+    loss: float | None = None
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class LWCLinear(nn.Module):
+    """``y = x @ fq(W)^T + b``; ``W`` frozen, ``gamma``/``beta`` learnable when ``lwc``."""
+
+    def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT):
+        super().__init__()
+        self.wcfg = wcfg
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)
+        if lwc:
+            g = quant.num_groups(self.in_features, wcfg.group_size)
+            self.register_buffer("weight", w)
+            self.gamma = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
+            self.beta = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
+        else:  # min-max clipping: the fake-quantized weight is fixed, compute it once
+            self.register_buffer("weight", quant.fake_quantize_weight(w, wcfg.bits, wcfg.group_size))
+            self.gamma = self.beta = None
+
+    def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.gamma is None:
+            return None, None
+        return torch.sigmoid(self.gamma), torch.sigmoid(self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.gamma is not None:
+            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips())
+        return F.linear(x, w, self.bias)
+
+
+class SmoothedKV(KVQuantizer):
+    """Learnable ``s = s0 * exp(a)``, ``delta = delta0 + s0 * b`` for K and V (``a, b: [H, D]``)."""
+
+    def __init__(self, init: dict[str, torch.Tensor], config: KVQuantConfig):
+        h, d = init["k_scale"].shape
+        super().__init__(h, d, config, learnable=False, device=init["k_scale"].device)
+        for name in KV_TENSORS:  # the buffers hold s0 / delta0
+            getattr(self, name).copy_(init[name])
+        for which in ("k", "v"):
+            self.register_parameter(f"{which}_log_scale", nn.Parameter(torch.zeros_like(self.k_scale)))
+            self.register_parameter(f"{which}_offset", nn.Parameter(torch.zeros_like(self.k_scale)))
+
+    def params(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s0, d0 = super().params(which)
+        a, b = getattr(self, f"{which}_log_scale"), getattr(self, f"{which}_offset")
+        return s0 * torch.exp(a), d0 + s0 * b
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for which in ("k", "v"):
+            s, d = self.params(which)
+            out[f"{which}_scale"], out[f"{which}_shift"] = s.detach().float().cpu(), d.detach().float().cpu()
+        return out
+
+
+class KVRangeObserver(nn.Module):
+    """Records per-channel min/max of K and V (``[H, D]``) over every call; returns them unchanged."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, device=None):
+        super().__init__()
+        self.config = KVQuantConfig(poq=False)  # exact causal attention over the unchanged K/V
+        for which in ("k", "v"):
+            self.register_buffer(f"{which}_min", torch.full((num_kv_heads, head_dim), float("inf"), device=device))
+            self.register_buffer(f"{which}_max", torch.full((num_kv_heads, head_dim), float("-inf"), device=device))
+
+    def fake(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = getattr(self, f"{which}_min"), getattr(self, f"{which}_max")
+        xf = x.detach().float()
+        torch.minimum(lo, xf.amin(dim=(0, 2)), out=lo)
+        torch.maximum(hi, xf.amax(dim=(0, 2)), out=hi)
+        return x
+
+    def smoothing_init(self) -> dict[str, torch.Tensor]:
+        """``delta0`` = channel mid-point, ``s0`` = channel half-range (clamped positive)."""
+        out = {}
+        for which in ("k", "v"):
+            lo, hi = getattr(self, f"{which}_min"), getattr(self, f"{which}_max")
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise ValueError("K/V statistics are not finite; the block's inputs contain inf or NaN")
+            out[f"{which}_scale"] = ((hi - lo) / 2).clamp(min=MIN_RANGE)
+            out[f"{which}_shift"] = (hi + lo) / 2
+        return out
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def calib_model_config(config):
+    """A copy of the HF config whose attention is the decode-simulated ``wkvq_sim``."""
+    cfg = copy.deepcopy(config)
+    cfg._attn_implementation = attention.NAME
+    return cfg
+
+
+def clone_layer(layer: nn.Module, config, index: int, device, dtype, state: dict | None = None) -> nn.Module:
+    """A frozen copy of a decoder layer on ``device`` in ``dtype`` (``state`` overrides tensors)."""
+    with torch.device("meta"):
+        blk = type(layer)(config, index)
+    src = {**layer.state_dict(), **(state or {})}
+    blk.load_state_dict({k: v.detach().to(device=device, dtype=dtype) for k, v in src.items()}, assign=True)
+    return blk.requires_grad_(False).eval()
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_key_value_heads, head_dim
+
+
+def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, device) -> nn.Module:
+    """A float32 copy of ``layer`` with :class:`LWCLinear` projections and a K/V range observer."""
+    blk = clone_layer(layer, config, index, device, torch.float32)
+    for name in DECODER_LINEARS:
+        parent, child = name.rsplit(".", 1)
+        blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc))
+    blk.self_attn.register_module("kv_quant", KVRangeObserver(*_kv_shape(config), device=device))
+    return blk
+
+
+def set_kv_quantizer(blk: nn.Module, kvcfg: KVQuantConfig, smooth: bool) -> None:
+    """Replace the block's observer by the learnable :class:`SmoothedKV` (or a fixed RTN quantizer)."""
+    observer = blk.self_attn.kv_quant
+    if smooth:
+        kvq = SmoothedKV(observer.smoothing_init(), kvcfg)
+    else:
+        kvq = KVQuantizer(*observer.k_min.shape, kvcfg, device=observer.k_min.device)
+    blk.self_attn.register_module("kv_quant", kvq)
+
+
+def lwc_parameters(blk: nn.Module) -> list[nn.Parameter]:
+    return [p for m in blk.modules() if isinstance(m, LWCLinear) and m.gamma is not None for p in (m.gamma, m.beta)]
+
+
+def smooth_parameters(blk: nn.Module) -> list[nn.Parameter]:
+    kvq = blk.self_attn.kv_quant
+    return list(kvq.parameters()) if isinstance(kvq, SmoothedKV) else []
+
+
+def fold_block(blk: nn.Module) -> BlockParams:
+    """The learned parameters as plain tensors; clipping factors rounded to float16 as the artifact stores them."""
+    clips = {}
+    for name in DECODER_LINEARS:
+        hi, lo = blk.get_submodule(name).clips()
+        if hi is not None:
+            clips[name] = (hi.detach().half().float().cpu(), lo.detach().half().float().cpu())
+    kvq = blk.self_attn.kv_quant
+    return BlockParams(clips=clips, kv=kvq.folded() if isinstance(kvq, SmoothedKV) else None)
+
+
+def exported_weight(weight: torch.Tensor, wcfg: WeightQuantConfig, clip_hi=None, clip_lo=None) -> torch.Tensor:
+    """The float32 weight the artifact will hold: export's codes, scales and zeros, dequantized."""
+    t = export.linear_tensors("w", weight, wcfg, clip_hi, clip_lo)
+    q = quant.unpack(t["w.qweight"], wcfg.bits, weight.shape[1])
+    return quant.dequantize_weight(q, t["w.scales"], t["w.zeros"], wcfg.group_size)
+
+
+def applied_block(layer, config, index: int, params: BlockParams, wcfg: WeightQuantConfig,
+                  kvcfg: KVQuantConfig, device, dtype) -> nn.Module:
+    """The block as the artifact computes it: quantized weights and the folded K/V quantizer."""
+    state = {}
+    for name in DECODER_LINEARS:
+        w = layer.get_submodule(name).weight.detach().to(device=device, dtype=torch.float32)
+        hi, lo = params.clips.get(name, (None, None))
+        hi, lo = (None, None) if hi is None else (hi.to(device), lo.to(device))
+        state[f"{name}.weight"] = exported_weight(w, wcfg, hi, lo)
+    blk = clone_layer(layer, config, index, device, dtype, state)
+    kvq = KVQuantizer(*_kv_shape(config), kvcfg, device=device)
+    for name, t in (params.kv or {}).items():
+        getattr(kvq, name).copy_(t)
+    blk.self_attn.register_module("kv_quant", kvq)
+    return blk

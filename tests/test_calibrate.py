@@ -1,0 +1,264 @@
+"""WKVQuant calibration (converter/calibrate.py, converter/lwc.py, converter/calib_state.py).
+
+Logic on tiny random LLaMAs; one end-to-end check on SmolLM2 (marked slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from converter import calibrate as C
+from converter import lwc
+from converter.calib_state import WorkDir, work_dir_for
+from converter.convert import ConvertConfig, convert
+from converter.export import WeightQuantConfig
+from runtime import quant
+from runtime.artifact import WEIGHTS_FILE
+from runtime.kvquant import KVQuantConfig
+from tests.helpers import CORPUS, make_tiny_llama
+
+TINY = dict(nsamples=8, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny3_dir(tmp_path_factory):
+    """A 3-layer tiny LLaMA (so CRR windows shorten at the end) and a calibration text file."""
+    d = tmp_path_factory.mktemp("tiny3")
+    (d / "calib.txt").write_text(" ".join(CORPUS) * 4)
+    return make_tiny_llama(d / "model", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def calib_text(tiny3_dir):
+    return str(tiny3_dir.parent / "calib.txt")
+
+
+def _cfg(out, model, calib_text, **kw):
+    cc = C.CalibConfig(**{**TINY, "calib_data": calib_text, **kw})
+    return ConvertConfig(out=out, model=str(model), method="wkvquant", device="cpu", dtype="float32",
+                         calibration=cc)
+
+
+def _tensors(path):
+    return load_file(str(path / WEIGHTS_FILE))
+
+
+def _setup(**kw):
+    cc = C.CalibConfig(**{**TINY, **kw})
+    return C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), cc, torch.device("cpu"), torch.float32, 0)
+
+
+def _tiny_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(calib_data="enwiki-sample:eval"), "evaluation split"),
+    (dict(crr_k=-1), "crr_k"),
+    (dict(nsamples=2, batch_size=4), "batch size"),
+    (dict(lwc_lr=0.0), "lwc_lr"),
+    (dict(compute_dtype="float16"), "compute dtype"),
+])
+def test_calib_config_rejects(kw, match):
+    with pytest.raises(ValueError, match=match):
+        C.CalibConfig(**kw)
+
+
+def test_recipe_records_calibration(tmp_path):
+    cfg = ConvertConfig(out=tmp_path, method="wkvquant", calibration=C.CalibConfig())
+    rec = cfg.recipe()["calibration"]
+    assert rec["crr_k"] == 5 and rec["epochs"] == 5 and rec["nsamples"] == 128 and "resume" not in rec
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def test_lwc_linear_is_fake_quant_and_exported_weight_matches():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(160, 24, bias=True)
+    wcfg = WeightQuantConfig()
+    m = lwc.LWCLinear(lin, wcfg, lwc=True)
+    x = torch.randn(3, 160)
+    hi, lo = m.clips()
+    ref = torch.nn.functional.linear(x, quant.fake_quantize_weight(lin.weight, 4, 128, hi, lo), lin.bias)
+    assert torch.equal(m(x), ref)
+    # the exported weight (float16 scales and clips) is the fake-quantized one up to float16 rounding
+    w = lwc.exported_weight(lin.weight.detach(), wcfg, hi.detach().half().float(), lo.detach().half().float())
+    fq = quant.fake_quantize_weight(lin.weight.detach(), 4, 128, hi.detach().half().float(), lo.detach().half().float())
+    snr = 20 * math.log10(fq.norm() / (w - fq).norm())
+    assert snr > 40, snr  # a few codes flip where the float16 scale moves a value across a rounding edge
+    rtn = lwc.LWCLinear(lin, wcfg, lwc=False)
+    assert rtn.gamma is None and torch.equal(rtn.weight, quant.fake_quantize_weight(lin.weight.detach(), 4, 128))
+
+
+def test_smoothed_kv_init_and_positive_fold():
+    init = {"k_scale": torch.rand(2, 8) + 0.1, "k_shift": torch.randn(2, 8),
+            "v_scale": torch.rand(2, 8) + 0.1, "v_shift": torch.randn(2, 8)}
+    kvq = lwc.SmoothedKV(init, KVQuantConfig())
+    for name, t in kvq.folded().items():
+        assert torch.equal(t, init[name])
+    with torch.no_grad():
+        kvq.k_log_scale.fill_(-50.0)  # however far the log-scale goes, s stays positive
+    assert (kvq.folded()["k_scale"] > 0).all()
+
+
+def test_observer_records_ranges_and_inits_midpoint():
+    obs = lwc.KVRangeObserver(2, 4)
+    x = torch.randn(3, 2, 5, 4)
+    assert obs.fake("k", x) is x
+    obs.fake("v", x * 2)
+    init = obs.smoothing_init()
+    lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
+    assert torch.allclose(init["k_shift"], (hi + lo) / 2) and torch.allclose(init["k_scale"], (hi - lo) / 2)
+    assert torch.allclose(init["v_scale"], hi - lo)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_block_setup(tiny3_dir):
+    """Block 0 of the tiny model with its CRR window (k = 1), inputs and targets."""
+    model = _tiny_model(tiny3_dir)
+    setup = _setup(epochs=4)
+    config = lwc.calib_model_config(model.config)
+    torch.manual_seed(1)
+    x = model.get_input_embeddings()(torch.randint(0, 300, (8, 32))).detach()
+    pe = C.rope(model.model.rotary_emb, 32, setup.device)
+    fp = [lwc.clone_layer(model.model.layers[j], config, j, "cpu", torch.float32) for j in (0, 1)]
+    target = C.run_blocks(fp, x, pe, setup)
+    return model, setup, config, x, pe, fp[1:], target
+
+
+def test_training_lowers_loss_and_moves_parameters(tiny_block_setup):
+    model, setup, config, x, pe, window, target = tiny_block_setup
+    qblock = lwc.quant_block(model.model.layers[0], config, 0, setup.weight, True, setup.device)
+    C.observe(qblock, x, pe, setup)
+    lwc.set_kv_quantizer(qblock, setup.kv, smooth=True)
+    init = {n: p.detach().clone() for n, p in qblock.named_parameters()}
+    before = C.eval_loss(qblock, window, x, target, pe, setup, 0)
+    epoch_losses = C.train_block(qblock, window, x, target, pe, setup, 0)
+    after = C.eval_loss(qblock, window, x, target, pe, setup, 0)
+    assert len(epoch_losses) == 4 and all(math.isfinite(v) for v in epoch_losses)
+    assert after < before, (before, after)
+    moved = {n for n, p in qblock.named_parameters() if not torch.equal(p, init[n])}
+    assert any(n.endswith("gamma") for n in moved) and any(n.endswith("beta") for n in moved)
+    assert {"self_attn.kv_quant.k_log_scale", "self_attn.kv_quant.v_offset"} <= moved
+    params = lwc.fold_block(qblock)
+    assert set(params.clips) == set(lwc.DECODER_LINEARS) and set(params.kv) == {"k_scale", "k_shift", "v_scale", "v_shift"}
+    hi, lo = params.clips["mlp.up_proj"]
+    assert hi.shape == (192, 2) and torch.equal(hi, hi.half().float()) and ((lo > 0) & (lo <= 1)).all()
+
+
+def test_smoothing_init_beats_rtn_kv(tiny_block_setup):
+    """The statistics-based s/delta alone (no training) reconstruct better than s = 1, delta = 0."""
+    model, setup, config, x, pe, window, target = tiny_block_setup
+    losses = {}
+    for smooth in (False, True):
+        qblock = lwc.quant_block(model.model.layers[0], config, 0, setup.weight, False, setup.device)
+        C.observe(qblock, x, pe, setup)
+        lwc.set_kv_quantizer(qblock, setup.kv, smooth)
+        losses[smooth] = C.eval_loss(qblock, window, x, target, pe, setup, 0)
+    assert losses[True] < losses[False], losses
+
+
+def test_non_finite_loss_names_the_block(tmp_path, calib_text):
+    model = make_tiny_llama(tmp_path / "nan", num_hidden_layers=3)
+    m = _tiny_model(model)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    m.save_pretrained(model)
+    with pytest.raises(C.CalibrationError, match="block 1: the calibration loss is not finite"):
+        convert(_cfg(tmp_path / "out", model, calib_text, crr_k=0))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- end to end, resume, ablations
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny3_dir, calib_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibrated") / "q"
+    return convert(_cfg(out, tiny3_dir, calib_text))
+
+
+def test_artifact_records_calibration(tiny_artifact):
+    meta = json.loads((tiny_artifact / "wkvq.json").read_text())
+    cal = meta["calibration"]
+    assert meta["method"] == "wkvquant" and meta["weight_quant"]["clipping"] == "lwc" and meta["kv_quant"]["smoothing"]
+    assert len(cal["losses"]) == 3 and all(v > 0 for v in cal["losses"])
+    assert cal["device"] == "cpu" and cal["seconds"] > 0 and len(cal["epoch_losses"]) == 3
+    assert [entry["calibration_loss"] for entry in meta["layers"]] == cal["losses"]
+    assert meta["recipe"]["calibration"]["crr_k"] == 1
+    t = _tensors(tiny_artifact)
+    assert not torch.equal(t["model.layers.0.self_attn.kv_quant.k_scale"], torch.ones(2, 40))
+    assert (t["model.layers.2.self_attn.kv_quant.v_scale"] > 0).all()
+    assert not work_dir_for(tiny_artifact).exists()  # the resume state is gone once the artifact is written
+
+
+def test_resume_after_interruption_gives_identical_tensors(tiny3_dir, calib_text, tiny_artifact, tmp_path,
+                                                           monkeypatch):
+    out = tmp_path / "q"
+    save = WorkDir.save
+
+    def save_then_interrupt(self, index, params):
+        save(self, index, params)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkDir, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert(_cfg(out, tiny3_dir, calib_text))
+    monkeypatch.setattr(WorkDir, "save", save)
+    assert not out.exists() and WorkDir(work_dir_for(out)).done() == [0, 1]
+    with pytest.raises(ValueError, match="pass --resume"):
+        convert(_cfg(out, tiny3_dir, calib_text))
+    with pytest.raises(ValueError, match="different model, data or recipe"):
+        convert(_cfg(out, tiny3_dir, calib_text, epochs=3, resume=True))
+    resumed = convert(_cfg(out, tiny3_dir, calib_text, resume=True))
+    a, b = _tensors(tiny_artifact), _tensors(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert json.loads((resumed / "wkvq.json").read_text())["calibration"]["resumed_blocks"] == 2
+
+
+def test_cli_ablations(tiny3_dir, calib_text, tmp_path):
+    from cli import main
+
+    out = tmp_path / "q"
+    args = ["convert", str(tiny3_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+            "--calib-data", calib_text, "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--batch-size", "2",
+            "--crr-k", "0", "--no-lwc", "--no-smooth"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "wkvq.json").read_text())
+    assert meta["weight_quant"]["clipping"] == "minmax" and not meta["kv_quant"]["smoothing"]
+    rec = meta["recipe"]["calibration"]
+    assert rec["crr_k"] == 0 and not rec["lwc"] and not rec["smooth"]
+    t = _tensors(out)
+    assert torch.equal(t["model.layers.0.mlp.up_proj.clip_hi"], torch.ones_like(t["model.layers.0.mlp.up_proj.clip_hi"]))
+    assert torch.equal(t["model.layers.1.self_attn.kv_quant.k_shift"], torch.zeros(2, 40))
+    # --no-smooth alone keeps LWC
+    out2 = tmp_path / "q2"
+    result = CliRunner().invoke(main, [a if a != str(out) else str(out2) for a in args if a != "--no-lwc"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out2 / "wkvq.json").read_text())
+    assert meta["weight_quant"]["clipping"] == "lwc" and not meta["kv_quant"]["smoothing"]
+
+
+def test_cli_rejects_eval_split(tiny3_dir, tmp_path):
+    from cli import main
+
+    result = CliRunner().invoke(main, ["convert", str(tiny3_dir), "--out", str(tmp_path / "q"),
+                                       "--calib-data", "enwiki-sample:eval"])
+    assert result.exit_code == 1 and "never used for calibration" in result.output
