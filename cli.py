@@ -280,11 +280,13 @@ def _row_list(ctx, param, value):
               help="With --table: the transformers QuantizedCache backend.")
 @click.option("--peer-windows", type=int, default=2, show_default=True, callback=_positive,
               help="With --table: windows of the QuantizedCache row (token-by-token decoding).")
+@click.option("--peer-residual", type=int, default=128, show_default=True, callback=_positive,
+              help="With --table: QuantizedCache's full-precision residual length (transformers' default 128).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @debug_option
 def eval_cmd(target, data, seqlen, max_windows, kv_mode, no_poq, json_path, device, dtype, batch_size, table,
              artifacts, rows, markdown_path, plots_dir, long_seqlen, long_data, long_max_windows, peer_backend,
-             peer_windows, no_progress, debug):
+             peer_windows, peer_residual, no_progress, debug):
     """Perplexity of TARGET (artifact dir or Hub id; or a plain model: Hub id, HF folder, .gguf)."""
     from converter.evaluate import EvalConfig
 
@@ -304,7 +306,8 @@ def eval_cmd(target, data, seqlen, max_windows, kv_mode, no_poq, json_path, devi
     from converter.table import TableConfig, markdown, run_table, write_outputs
 
     cfg = TableConfig(eval=ev, artifacts=artifacts, rows=rows, long_seqlen=long_seqlen, long_data=long_data,
-                      long_max_windows=long_max_windows, peer=PeerConfig(backend=peer_backend, windows=peer_windows))
+                      long_max_windows=long_max_windows, peer=PeerConfig(backend=peer_backend, windows=peer_windows,
+                                                            residual_length=peer_residual))
     if plots_dir:
         from converter.plots import require_matplotlib
 

@@ -13,7 +13,6 @@ The backends are optional packages (``pip install wkvquant[eval]``), imported on
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from runtime import CACHE_KWARG
 
 from .evaluate import PPLResult, result_from_nll
 
@@ -84,19 +85,12 @@ def quantized_cache_factory(model, cfg: PeerConfig):
     return make
 
 
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a cache: ``cache`` (newer transformers) or ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 @torch.inference_mode()
 def token_by_token_nll(model, ids: torch.Tensor, cache) -> float:
     """Summed NLL of tokens ``1..T-1`` of ``ids [B, T]``, feeding one token per step through ``cache``."""
     total = torch.zeros((), dtype=torch.float64, device=ids.device)
-    kwarg = cache_kwarg(model)
     for t in range(ids.shape[1] - 1):
-        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{kwarg: cache})
+        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{CACHE_KWARG: cache})
         logits = out.logits[:, -1].float()  # [B, V]
         total += F.cross_entropy(logits, ids[:, t + 1], reduction="sum").double()
     return float(total)

@@ -167,7 +167,10 @@ def run_row(spec: RowSpec, base, cfg: TableConfig, paths: dict, windows, long_wi
             log.warning("%s failed: %s", spec.label, e)
             _free(model)
             return {**row, "setup": setup, "note": f"failed: {type(e).__name__}: {e}"[:300], "details": details}
-        row.update(kv_mode="token-by-token decode", note=f"first {res.windows} windows only, token by token")
+        ref = evaluate.perplexity(model, windows[: res.windows], "prefill", ev.batch_size, progress=False)
+        row.update(kv_mode="token-by-token decode", same_windows_fp_kv_ppl=ref.ppl,
+                   note=f"first {res.windows} windows only, token by token; the same weights with a "
+                        f"full-precision KV cache on those windows: {ref.ppl:.3f}")
     else:
         res = evaluate.perplexity(model, windows, ev.kv_mode, ev.batch_size, spec.label, ev.progress)
         row["kv_mode"] = ev.kv_mode
