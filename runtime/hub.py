@@ -88,9 +88,11 @@ def describe_hub_error(e: BaseException, repo_id: str, revision: str | None, end
         return f"HF_HUB_OFFLINE is set and {repo_id}{rev} is not in the local Hugging Face cache"
     if isinstance(e, hf.HfHubHTTPError) and e.response is not None:
         return _describe_status(e, repo_id, where)
-    if isinstance(e, hf.LocalEntryNotFoundError) or isinstance(e, _network_errors()):
-        return (f"cannot reach the Hub at {where} for {repo_id}{rev} and it is not in the local cache "
-                f"({type(e.__cause__ or e).__name__}); check the network or HF_ENDPOINT")
+    if isinstance(e, hf.LocalEntryNotFoundError):
+        return (f"cannot reach the Hub at {where} ({type(e.__cause__ or e).__name__}) and {repo_id}{rev} is not "
+                f"in the local cache; check the network or HF_ENDPOINT")
+    if isinstance(e, _network_errors()):
+        return f"cannot reach the Hub at {where} ({type(e).__name__}) for {repo_id}; check the network or HF_ENDPOINT"
     return None
 
 
@@ -134,7 +136,8 @@ def resolve_artifact(repo_id: str, revision: str | None = None, *, token: str | 
                      cache_dir: str | Path | None = None) -> Path:
     """Download the artifact ``repo_id`` at ``revision`` (branch, tag or commit; default main), verify it,
     and return its local folder. A cached copy that fails verification is downloaded once more."""
-    check_repo_id(repo_id)
+    if not is_repo_id(str(repo_id)):
+        raise HubError(f"{repo_id} is neither a local artifact directory nor a Hub repo id ('namespace/name')")
     path = _snapshot(repo_id, revision, token, cache_dir, force=False)
     if not (path / META_FILE).is_file():
         raise HubError(f"{repo_id}{f' at {revision}' if revision else ''} is not a WKVQuant artifact: "
