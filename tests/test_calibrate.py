@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -262,3 +263,28 @@ def test_cli_rejects_eval_split(tiny3_dir, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(tiny3_dir), "--out", str(tmp_path / "q"),
                                        "--calib-data", "enwiki-sample:eval"])
     assert result.exit_code == 1 and "never used for calibration" in result.output
+
+
+def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/calibration.py: lazy random blocks, the full per-block recipe, a table and JSON."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py"
+    spec = importlib.util.spec_from_file_location("bench_calibration", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    layers = bench.LazyLayers(bench.shape_config("tiny"), keep=2)
+    assert len(layers) == 4 and torch.equal(layers[0].mlp.up_proj.weight, layers[0].mlp.up_proj.weight)
+    first = layers[0].self_attn.q_proj.weight.clone()
+    layers[1], layers[2], layers[3]
+    assert len(layers.cache) == 2 and torch.equal(layers[0].self_attn.q_proj.weight, first)  # rebuilt, same seed
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--blocks", "2", "--nsamples", "2", "--seqlen", "16",
+                                             "--epochs", "1", "--crr-k", "5", "--device", "cpu", "--no-progress",
+                                             "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.read_text())
+    assert rec["blocks_measured"] == 2 and rec["num_layers"] == 4 and len(rec["block_train_seconds"]) == 2
+    assert rec["extrapolated_total_seconds"] > 0 and "EXTRAPOLATED" in result.output

@@ -1,0 +1,170 @@
+"""Calibration time and peak GPU memory of the full WKVQuant per-block recipe on a random model of a named shape.
+
+Builds the decoder blocks of a random LLaMA lazily (never the whole model), calibrates the first
+``--blocks`` of them with the real per-block recipe (CRR window of ``--crr-k`` following blocks,
+``--nsamples`` x ``--seqlen`` random embeddings, ``--epochs``), measures seconds per block and the
+peak GPU memory, and extrapolates the time to all blocks (labelled as an extrapolation). Prints a
+table and writes JSON::
+
+    python benchmarks/calibration.py --shape llama2-7b --blocks 2 --json calib-7b.json
+    python benchmarks/calibration.py --shape tiny --blocks 2 --nsamples 4 --seqlen 32 --epochs 1 --device cpu
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from converter import calibrate as C
+from converter import lwc
+from converter.export import WeightQuantConfig
+from runtime.kvquant import KVQuantConfig
+
+log = logging.getLogger("benchmarks.calibration")
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
+    "tiny": dict(hidden_size=160, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320),
+}
+
+
+def shape_config(shape: str) -> LlamaConfig:
+    if shape not in SHAPES:
+        raise click.BadParameter(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    return LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+
+
+class LazyLayers:
+    """``len()`` = the model's layers; ``[i]`` builds random block ``i`` on CPU (seeded by ``i``),
+    keeping only the ``keep`` most recently built blocks in memory."""
+
+    def __init__(self, config: LlamaConfig, seed: int = 0, keep: int = 8, std: float = 0.02):
+        self.config, self.seed, self.keep, self.std = config, seed, keep, std
+        self.cache: OrderedDict[int, torch.nn.Module] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.config.num_hidden_layers
+
+    def __getitem__(self, i: int) -> torch.nn.Module:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i not in self.cache:
+            self.cache[i] = self._build(i)
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(i)
+        return self.cache[i]
+
+    def _build(self, i: int) -> torch.nn.Module:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + i)
+        with torch.device("meta"):
+            layer = LlamaDecoderLayer(self.config, i)
+        state = {}
+        for name, p in layer.state_dict().items():
+            if name.endswith("norm.weight"):
+                state[name] = torch.ones(p.shape)
+            else:
+                state[name] = torch.randn(p.shape, generator=gen) * self.std
+        layer.load_state_dict(state, assign=True)
+        return layer.eval()
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    shape: str
+    device: str
+    blocks_measured: int
+    num_layers: int
+    recipe: dict
+    block_train_seconds: list
+    wall_seconds: float
+    seconds_per_block: float
+    extrapolated_total_seconds: float
+    peak_gpu_memory_bytes: int | None
+
+
+def run(shape: str, blocks: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> BenchResult:
+    config = shape_config(shape)
+    layers = LazyLayers(config, seed, keep=calib.crr_k + 3)
+    blocks = min(blocks, len(layers))
+    dtype = C.resolve_compute_dtype(calib.compute_dtype, device)
+    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), calib, device, dtype, seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, device=device, dtype=dtype)
+    x0.mul_(0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    results = C.calibrate_blocks(layers, lwc.calib_model_config(config), LlamaRotaryEmbedding(config), x0, setup,
+                                 num_blocks=blocks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    per_block = wall / blocks
+    return BenchResult(shape, str(device), blocks, len(layers), calib.to_dict(),
+                       [round(r.seconds, 3) for r in results], round(wall, 3), round(per_block, 3),
+                       round(per_block * len(layers), 1), peak)
+
+
+def table(r: BenchResult) -> str:
+    peak = "n/a (CPU)" if r.peak_gpu_memory_bytes is None else f"{r.peak_gpu_memory_bytes / 2**30:.2f} GiB"
+    rows = [
+        ("shape", r.shape), ("device", r.device),
+        ("recipe", f"{r.recipe['nsamples']} x {r.recipe['seqlen']} tokens, {r.recipe['epochs']} epochs, "
+                   f"k={r.recipe['crr_k']}, batch {r.recipe['batch_size']}, {r.recipe['compute_dtype']}"),
+        ("blocks measured", f"{r.blocks_measured} of {r.num_layers}"),
+        ("training s per block", ", ".join(f"{s:.1f}" for s in r.block_train_seconds)),
+        ("wall s per block (incl. targets, propagation)", f"{r.seconds_per_block:.1f}"),
+        (f"EXTRAPOLATED total for {r.num_layers} blocks", f"{r.extrapolated_total_seconds / 60:.1f} min"),
+        ("peak GPU memory (measured)", peak),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@click.command()
+@click.option("--shape", type=click.Choice(list(SHAPES)), default="llama2-7b", show_default=True)
+@click.option("--blocks", type=int, default=2, show_default=True, help="Blocks to calibrate and time.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--crr-k", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--calib-dtype", type=click.Choice(list(C.COMPUTE_DTYPES)), default="auto", show_default=True)
+@click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if available].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, device, progress, json_path):
+    """Time the full per-block calibration recipe on a random model of SHAPE."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if blocks <= 0:
+        raise click.BadParameter(f"--blocks must be positive, got {blocks}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    calib = C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=crr_k, batch_size=batch_size,
+                          compute_dtype=calib_dtype, progress=progress)
+    result = run(shape, blocks, calib, dev)
+    click.echo(table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.__dict__, indent=1))
+        click.echo(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
