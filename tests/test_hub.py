@@ -21,7 +21,6 @@ from safetensors import safe_open
 
 from converter import card as card_mod
 from converter.hub import PushConfig, push
-from runtime import quant
 from runtime.artifact import ArtifactError, read_metadata
 from runtime.hub import HubError, resolve_artifact
 from tests.hub_server import HubServer
@@ -139,7 +138,7 @@ def test_evaluation_shapes(evaluation, titles, settings):
     assert all(rows and all("name" in r for r in rows) for _, rows in tables)
 
 
-def test_memory_figures_against_the_tensors_and_the_kv_quantizer(tiny_rtn_artifact, tiny_llama_dir):
+def test_memory_figures_against_the_tensors_and_the_runtime_cache(tiny_rtn_artifact, tiny_llama_dir):
     meta = read_metadata(tiny_rtn_artifact)
     fig = card_mod.memory_figures(meta)
     with safe_open(str(tiny_rtn_artifact / "model.safetensors"), "pt") as f:
@@ -148,13 +147,15 @@ def test_memory_figures_against_the_tensors_and_the_kv_quantizer(tiny_rtn_artifa
     with safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as f:  # the dense source, tied lm_head
         dense = sum(f.get_tensor(k).numel() * 2 for k in f.keys() if k != "lm_head.weight")
     assert fig["weights_fp16"] == dense
-    m, kv = meta["model"], meta["kv_quant"]
-    x = torch.randn(1, m["num_kv_heads"], 1, m["head_dim"])  # one token of K for one layer
-    ones, zeros = torch.ones(m["num_kv_heads"], m["head_dim"]), torch.zeros(m["num_kv_heads"], m["head_dim"])
-    codes, step, lo = quant.kv_quantize(x, ones, zeros, kv["bits"], kv["group_size"])
-    per_layer_k = quant.pack(codes, kv["bits"]).numel() + 2 * step.numel() + 2 * lo.numel()  # fp16 step/min
-    assert fig["kv_quant_per_token"] == 2 * m["num_layers"] * per_layer_k
-    assert fig["kv_fp16_per_token"] == 2 * m["num_layers"] * x.numel() * 2
+    from runtime import CACHE_KWARG, load, new_cache
+
+    model, _ = load(str(tiny_rtn_artifact), device="cpu")
+    cache, tokens = new_cache(model), 7
+    with torch.no_grad():  # the runtime's POQ cache holds every token of the prompt quantized afterwards
+        model(torch.arange(1, tokens + 1)[None], **{CACHE_KWARG: cache}, use_cache=True)
+    assert cache.nbytes == tokens * fig["kv_quant_per_token"]
+    m = meta["model"]
+    assert fig["kv_fp16_per_token"] == 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 2
 
 
 # -- push -----------------------------------------------------------------------------------------
