@@ -16,7 +16,9 @@ from __future__ import annotations
 import bz2
 import hashlib
 import html
+import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 GENSIM_PACKAGE = "gensim==4.4.0"
 ENWIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 EVAL_EVERY = 5
+CLEAN_VERSION = 1  # bump when clean_wikitext changes, to refresh the cache
 SPLITS = ("enwiki-sample:calib", "enwiki-sample:eval", "wikitext2:train", "wikitext2:test")
 
 
@@ -81,17 +84,21 @@ _PATTERNS = [
 
 
 def _strip_nested(text: str, open_: str, close: str) -> str:
-    """Remove balanced ``open_ ... close`` spans (templates ``{{ }}``, tables ``{| |}``)."""
-    out, depth, i = [], 0, 0
-    while i < len(text):
-        if text.startswith(open_, i):
-            depth, i = depth + 1, i + len(open_)
-        elif depth and text.startswith(close, i):
-            depth, i = depth - 1, i + len(close)
-        else:
-            if not depth:
-                out.append(text[i])
-            i += 1
+    """Remove balanced ``open_ ... close`` spans (templates ``{{ }}``, tables ``{| |}``); an
+    unbalanced opening drops the rest of the text, a stray closing is kept."""
+    token = re.compile(re.escape(open_) + "|" + re.escape(close))
+    out, depth, last = [], 0, 0
+    for m in token.finditer(text):
+        if m.group() == open_:
+            if depth == 0:
+                out.append(text[last:m.start()])
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                last = m.end()
+    if depth == 0:
+        out.append(text[last:])
     return "".join(out)
 
 
@@ -108,10 +115,22 @@ def clean_wikitext(text: str) -> str:
 
 
 def enwiki_articles() -> list[tuple[str, str]]:
-    """``[(title, cleaned text)]`` of the sample's main-namespace, non-redirect articles, in file order."""
+    """``[(title, cleaned text)]`` of the sample's main-namespace, non-redirect articles, in file order
+    (cleaned once, then read from a JSON cache beside the dump)."""
+    cached = cache_dir() / f"enwiki-sample.clean-v{CLEAN_VERSION}.json"
+    if cached.is_file():
+        return [tuple(a) for a in json.loads(cached.read_text())]
+    articles = _parse_enwiki(_enwiki_bz2())
+    tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(articles))
+    os.replace(tmp, cached)
+    return articles
+
+
+def _parse_enwiki(path: Path) -> list[tuple[str, str]]:
     ns = "{http://www.mediawiki.org/xml/export-0.10/}"
     articles = []
-    with bz2.open(_enwiki_bz2()) as f:
+    with bz2.open(path) as f:
         for _, el in ET.iterparse(f):
             if el.tag != ns + "page":
                 continue

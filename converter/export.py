@@ -152,7 +152,8 @@ def write_artifact(out: str | Path, tensors: dict, metadata: dict, model, tokeni
     out = Path(out).resolve()
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(_hf_config_dict(model.config), indent=2))
         if getattr(model, "generation_config", None) is not None:
@@ -168,6 +169,25 @@ def write_artifact(out: str | Path, tensors: dict, metadata: dict, model, tokeni
         raise
     log.info("wrote %s", out)
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete half-written siblings ``.<out>.partial-<pid>-*`` left by killed conversions."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.removeprefix(f".{out.name}.partial-").split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.info("removing %s, left by an interrupted conversion", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _apply_umask(directory: Path) -> None:
