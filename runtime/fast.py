@@ -199,7 +199,7 @@ class FastLlama:
         from .kernels.kv4 import num_splits
 
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
-        return num_splits(cache.layers[0].k_codes.shape[0], self.config.kv_heads, cache.max_len, sms)
+        return num_splits(cache.layers[0].k_codes.shape[0], self.config.heads, cache.max_len, sms)
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:

@@ -14,7 +14,8 @@ class QuantLinear(nn.Module):
 
     Buffers: ``qweight uint8 [out, packed_length(in)]``, ``scales float16 [out, G]``,
     ``zeros uint8 [out, G]``, optional ``bias``. ``forward`` dequantizes the weight for the
-    duration of the call only (fused kernels may replace it).
+    duration of the call only on CPU; on CUDA with Triton, 4-bit weights go through the fused
+    kernel of :mod:`runtime.kernels.w4` (read straight from the packed layout).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -49,7 +50,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda and self._fused_ok(x):
+            from .kernels.w4 import w4_linear
+
+            return w4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """Whether the Triton INT4 kernel (:mod:`runtime.kernels.w4`) serves this call (CUDA only)."""
+        from . import kernels
+
+        return (self.bits == 4 and x.dtype in (torch.float16, torch.bfloat16) and kernels.available(x.device)
+                and self.group_size in (32, 64, 128, 256))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

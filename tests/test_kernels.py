@@ -24,7 +24,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (5, 40, 576), (33, 64, 256), (70, 24, 128)])
+@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128)])
 def test_w4_linear(m, n, k):
     from runtime.kernels.w4 import w4_linear
 
@@ -125,3 +125,15 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path):
         graph = DecodeGraph(fast, cf)
         ref = eager.forward(ids[:, 7:8], ce)
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
+def test_quantlinear_cuda_dispatch_matches_dequantized():
+    from runtime.qlinear import QuantLinear
+
+    w = torch.randn(96, 576)
+    scale, zero = quant.weight_qparams(w, 4, 128)
+    m = QuantLinear.from_codes(quant.quantize_weight(w, scale, zero, 4, 128), scale, zero, 4, 128).to(DEV)
+    x = torch.randn(3, 1, 576, device=DEV, dtype=torch.float16)
+    ref = x.double() @ m.dequantized_weight(torch.float64).T
+    assert m._fused_ok(x) and _rel(m(x), ref) < TOL

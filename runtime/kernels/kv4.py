@@ -113,70 +113,68 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
 
 
 @triton.jit
-def _dequant_tile(c_ptr, st_ptr, mn_ptr, rs, smask, j, BLOCK_S: tl.constexpr, HALF: tl.constexpr,
-                  G: tl.constexpr):
-    """Smoothed-space even/odd channels ``[BLOCK_S, HALF]`` of tokens ``rs`` of one head."""
-    GSH: tl.constexpr = HALF // G
-    c = tl.load(c_ptr + rs[:, None] * HALF + j[None, :], mask=smask[:, None], other=0)
-    gi = tl.arange(0, G)
-    st = tl.load(st_ptr + rs[:, None] * G + gi[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-    mn = tl.load(mn_ptr + rs[:, None] * G + gi[None, :], mask=smask[:, None], other=0.0).to(tl.float32)
-    lo = tl.reshape((c & 15).to(tl.float32), (BLOCK_S, G, GSH))
-    hi = tl.reshape((c >> 4).to(tl.float32), (BLOCK_S, G, GSH))
-    xe = tl.reshape(lo * st[:, :, None] + mn[:, :, None], (BLOCK_S, HALF))
-    xo = tl.reshape(hi * st[:, :, None] + mn[:, :, None], (BLOCK_S, HALF))
-    return xe, xo
+def _codes(words, shifts):
+    """``int32 [BS, NW]`` words -> float codes ``[BS, NW, 8]`` (exponent trick: ``0x4B000000 | q = 2**23 + q``)."""
+    q = ((words[:, :, None] >> shifts) & 15) | 0x4B000000
+    return q.to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                       QG: tl.constexpr, QGP: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
-    HALF: tl.constexpr = D // 2
+                       QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
+    """One query head and one slice of the past per program (query heads of a KV head are adjacent
+    programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
+    ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) and never dequantized per channel:
+    ``score = step . sum_i (q s)_i c_i + minimum . sum_i (q s)_i`` per group; values accumulate
+    ``p * step * c`` and ``p * minimum`` separately. Online softmax in float32."""
+    NW: tl.constexpr = D // 8
+    GS: tl.constexpr = D // G
     bh, sp = tl.program_id(0), tl.program_id(1)
-    b, kh = bh // HKV, bh % HKV
+    b, h = bh // HQ, bh % HQ
+    kh = h // QG
     length = tl.load(len_ptr)
     chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
     start = sp * chunk
     end = tl.minimum(start + chunk, length)
-    qi = tl.arange(0, QGP)
-    hmask = qi < QG
-    heads = kh * QG + qi
-    j = tl.arange(0, HALF)
-    q_rows = q_ptr + (b * HQ + heads[:, None]) * D
-    qe = tl.load(q_rows + 2 * j[None, :], mask=hmask[:, None], other=0.0)
-    qo = tl.load(q_rows + 2 * j[None, :] + 1, mask=hmask[:, None], other=0.0)
-    qse = qe * tl.load(kscale_ptr + kh * D + 2 * j)[None, :] * sm_scale
-    qso = qo * tl.load(kscale_ptr + kh * D + 2 * j + 1)[None, :] * sm_scale
-    const = (tl.sum(qe * tl.load(kshift_ptr + kh * D + 2 * j)[None, :], 1)
-             + tl.sum(qo * tl.load(kshift_ptr + kh * D + 2 * j + 1)[None, :], 1)) * sm_scale
-    m_i = tl.full((QGP,), float("-inf"), tl.float32)
-    l_i = tl.zeros((QGP,), tl.float32)
-    acc_e = tl.zeros((QGP, HALF), tl.float32)
-    acc_o = tl.zeros((QGP, HALF), tl.float32)
+    wi = tl.arange(0, NW)
+    lane = tl.arange(0, 8)
+    shifts = (lane * 4)[None, None, :]
+    ch = wi[:, None] * 8 + lane[None, :]  # channel [NW, 8]
+    gw = (wi * 8) // GS  # group of each word
+    q = tl.load(q_ptr + bh * D + ch)
+    qs = q * tl.load(kscale_ptr + kh * D + ch) * sm_scale
+    qsum = tl.sum(qs, 1)
+    const = tl.sum(tl.sum(q * tl.load(kshift_ptr + kh * D + ch), 1), 0) * sm_scale
+    m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
+    acc = tl.zeros((BLOCK_S, NW, 8), tl.float32)
+    acc_min = tl.zeros((BLOCK_S, NW), tl.float32)
     head = (b * HKV + kh) * S
     for s0 in range(start, end, BLOCK_S):
-        rs = s0 + tl.arange(0, BLOCK_S)
-        smask = rs < end
-        ke, ko = _dequant_tile(kc_ptr + head * HALF, ks_ptr + head * G, km_ptr + head * G, rs, smask, j,
-                               BLOCK_S, HALF, G)
-        sc = tl.sum(qse[:, None, :] * ke[None, :, :], 2) + tl.sum(qso[:, None, :] * ko[None, :, :], 2)
-        sc = tl.where(smask[None, :], sc + const[:, None], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        rows = head + s0 + tl.arange(0, BLOCK_S)
+        smask = (s0 + tl.arange(0, BLOCK_S)) < end
+        m2 = smask[:, None]
+        kst = tl.load(ks_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
+        kmn = tl.load(km_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
+        kc = _codes(tl.load(kc_ptr + rows[:, None] * NW + wi[None, :], mask=m2, other=0), shifts)
+        sc = tl.sum(kst * tl.sum(kc * qs[None, :, :], 2) + kmn * qsum[None, :], 1)
+        sc = tl.where(smask, sc + const, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 0))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        ve, vo = _dequant_tile(vc_ptr + head * HALF, vs_ptr + head * G, vm_ptr + head * G, rs, smask, j,
-                               BLOCK_S, HALF, G)
-        acc_e = acc_e * alpha[:, None] + tl.sum(p[:, :, None] * ve[None, :, :], 1)
-        acc_o = acc_o * alpha[:, None] + tl.sum(p[:, :, None] * vo[None, :, :], 1)
+        p = tl.exp(sc - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        vst = tl.load(vs_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
+        vmn = tl.load(vm_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
+        vc = _codes(tl.load(vc_ptr + rows[:, None] * NW + wi[None, :], mask=m2, other=0), shifts)
+        acc = acc * alpha + (p[:, None] * vst)[:, :, None] * vc
+        acc_min = acc_min * alpha + p[:, None] * vmn
         m_i = m_new
-    part = (b * HQ + heads) * NSPLIT + sp
-    tl.store(m_ptr + part, m_i, mask=hmask)
-    tl.store(l_ptr + part, l_i, mask=hmask)
-    tl.store(acc_ptr + part[:, None] * D + 2 * j[None, :], acc_e, mask=hmask[:, None])
-    tl.store(acc_ptr + part[:, None] * D + 2 * j[None, :] + 1, acc_o, mask=hmask[:, None])
+    part = bh * NSPLIT + sp
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+    tl.store(acc_ptr + part * D + ch, tl.sum(acc, 0) + tl.sum(acc_min, 0)[:, None])
 
 
 @triton.jit
@@ -203,16 +201,16 @@ def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscal
     tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
 
 
-def num_splits(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
+def num_splits(batch: int, heads: int, max_len: int, sms: int = 132) -> int:
     """Power-of-two number of sequence splits that gives the GPU a few programs per multiprocessor."""
     n = 1
-    while n < 64 and batch * kv_heads * n < 4 * sms and n * 256 < max_len:
+    while n < 64 and batch * heads * n < 8 * sms and n * 256 < max_len:
         n *= 2
     return n
 
 
 def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
-                     splits: int, block_s: int = 64):
+                     splits: int, block_s: int = 32):
     """POQ decode attention of ``q float32 [B, Hq, D]`` over the quantized past of ``store``
     (``length int32 [1]`` tokens, a device tensor) and the full-precision ``k_cur, v_cur [B, Hkv, D]``.
 
@@ -227,10 +225,11 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
     l_ = torch.empty_like(m)
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    _attn_split_kernel[(b * hkv, splits)](
-        q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, QGP=triton.next_power_of_2(qg),
-        BLOCK_S=block_s, NSPLIT=splits)
+    if d % 8 or store.k_codes.shape[-1] * 2 != d:
+        raise ValueError(f"the attention kernel needs head_dim a multiple of 8, got {d}")
+    _attn_split_kernel[(b * hq, splits)](
+        q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32), store.v_step, store.v_min, k_scale, k_shift,
+        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
                                   HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits)
