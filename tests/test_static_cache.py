@@ -77,3 +77,18 @@ def test_static_equals_dynamic_cache(tiny):
         assert torch.equal(layer.k.codes, store.k_codes[:, :, :9])
         assert torch.equal(layer.v.step, store.v_step[:, :, :9])
         assert torch.equal(layer.k.minimum, store.k_min[:, :, :9])
+
+
+def test_bench_config_and_table():
+    from converter.bench import BenchConfig, format_table
+
+    with pytest.raises(ValueError, match="unknown shape"):
+        BenchConfig(shapes=("70b",))
+    with pytest.raises(ValueError, match="unknown path"):
+        BenchConfig(paths=("fp8",))
+    result = {"device": "GPU", "copy_bandwidth_GBps": 4200.0, "date": "today", "rows": [
+        dict(shape="7b", path="wkvq", batch=1, prompt=2048, ms_per_token=2.5, peak_GB=4.5, bandwidth_fraction=0.4,
+             status="ok"),
+        dict(shape="7b", path="fp16_eager", batch=8, prompt=32768, status="oom", peak_GB=140.0)]}
+    lines = format_table(result).splitlines()
+    assert "2.500" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
