@@ -48,19 +48,25 @@ def _pyplot():
 
 
 def ppl_chart(table: dict, path: Path) -> Path:
-    """Horizontal bars: perplexity per configuration (rows without a number are left out)."""
+    """Perplexity per configuration as a dot plot (the axis need not start at 0, so small gaps show);
+    the first row (full precision) is drawn as a dashed reference line. Rows without a number are left out."""
     plt = _pyplot()
     rows = [r for r in table["rows"] if r["ppl"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
-    labels = [r["label"] + (" *" if r["kind"] == "peer" else "") for r in rows]
-    values = [r["ppl"] for r in rows]
-    bars = ax.barh(labels[::-1], values[::-1], color="#4c72b0")
-    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
-    ax.set_xlabel(f"perplexity ({table['data']}, {table['windows']} x {table['seqlen']} tokens, {table['kv_mode']})")
-    ax.set_xlim(0, max(values) * 1.15)
-    ax.set_title(f"{table['source']}: perplexity per configuration" + (" (* token-by-token, fewer windows)"
-                                                                        if any(r["kind"] == "peer" for r in rows) else ""),
-                 fontsize=9)
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.6))
+    labels = [r["label"] + (" *" if r["kind"] == "peer" else "") for r in rows][::-1]
+    values = [r["ppl"] for r in rows][::-1]
+    ax.hlines(labels, min(values), values, color="#c8d3e6", linewidth=2)
+    ax.plot(values, labels, "o", color="#4c72b0")
+    for v, lab in zip(values, labels):
+        ax.annotate(f"{v:.3f}", (v, lab), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.axvline(rows[0]["ppl"], color="gray", linestyle="--", linewidth=1)
+    span = max(values) - min(values) or max(values) * 0.05
+    ax.set_xlim(min(values) - 0.1 * span, max(values) + 0.25 * span)
+    ax.set_xlabel(f"perplexity ({table['data']}, {table['windows']} x {table['seqlen']} tokens, "
+                  f"{table['kv_mode_label']})", fontsize=8)
+    peer = " (* token by token, first windows only)" if any(r["kind"] == "peer" for r in rows) else ""
+    ax.set_title(f"{table['source']}: perplexity per configuration{peer}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -78,7 +84,9 @@ def kv_bytes_chart(shape: dict, path: Path, bits: int = 4, max_context: int | No
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("KV cache (MiB, batch 1)")
-    ax.set_title("KV-cache size vs context length", fontsize=9)
+    ratio = kv_cache_bytes(shape, contexts[-1], bits) / kv_cache_bytes(shape, contexts[-1])
+    ax.set_title(f"KV-cache size vs context length (KV{bits} = {ratio:.1%} of fp16 at {contexts[-1]} tokens)",
+                 fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

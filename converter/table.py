@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import runtime
+from runtime.kvquant import KVQuantConfig
 
 from . import evaluate, source
 from .baselines import PeerConfig, backend_missing, peer_perplexity
 from .evaluate import EvalConfig
 from .export import WeightQuantConfig
 from .variants import VariantConfig, build_variant
-from runtime.kvquant import KVQuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def run_table(target: str, cfg: TableConfig) -> dict:
     if cfg.long_seqlen is not None:
         long_windows = evaluate.load_windows(tok, cfg.long_data, cfg.long_seqlen, cfg.long_max_windows)
     specs = row_specs(cfg, fp_label(dtype))
-    rows = [run_row(spec, base, cfg, paths, windows, long_windows) for spec in specs]
+    rows = [run_row(spec, base, cfg, paths, windows, long_windows)
+            for spec in tqdm(specs, desc="table", unit="row", disable=not ev.progress)]
     w, t = windows.shape
     long = None if long_windows is None else {"data": cfg.long_data, "seqlen": cfg.long_seqlen,
                                               "windows": long_windows.shape[0]}
