@@ -84,7 +84,7 @@ class WorkDir:
             tensors[f"{name}.clip_hi"], tensors[f"{name}.clip_lo"] = hi.contiguous(), lo.contiguous()
         for name, t in (params.kv or {}).items():
             tensors[f"kv.{name}"] = t.contiguous()
-        meta = {"loss": params.loss, "epoch_losses": params.epoch_losses, "seconds": params.seconds,
+        meta = {"loss": params.loss, "initial_loss": params.initial_loss, "epoch_losses": params.epoch_losses, "seconds": params.seconds,
                 "clips": sorted(params.clips), "kv": params.kv is not None}
         target = self.block_file(index)
         tmp = target.with_name(target.name + ".tmp")
@@ -100,7 +100,8 @@ class WorkDir:
             meta = json.loads(f.metadata()["wkvq_block"])
             clips = {n: (f.get_tensor(f"{n}.clip_hi"), f.get_tensor(f"{n}.clip_lo")) for n in meta["clips"]}
             kv = {n: f.get_tensor(f"kv.{n}") for n in KV_TENSORS} if meta["kv"] else None
-        return BlockParams(clips=clips, kv=kv, loss=meta["loss"], epoch_losses=meta["epoch_losses"],
+        return BlockParams(clips=clips, kv=kv, loss=meta["loss"], initial_loss=meta["initial_loss"],
+                           epoch_losses=meta["epoch_losses"],
                            seconds=meta["seconds"])
 
     def remove(self) -> None:

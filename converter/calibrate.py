@@ -190,8 +190,8 @@ def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) 
     """AdamW on the CRR loss for ``epochs`` passes over the samples; returns each epoch's mean loss."""
     ccfg = setup.calib
     opt = make_optimizer(qblock, ccfg)
-    if opt is None:  # nothing to learn (--no-lwc --no-smooth): report the loss of the fixed block
-        return [eval_loss(qblock, window, x_q, target, pe, setup, index)]
+    if opt is None:  # nothing to learn (--no-lwc --no-smooth)
+        return []
     gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
     n, bs = x_q.shape[0], ccfg.batch_size
     steps = math.ceil(n / bs)
@@ -232,12 +232,13 @@ def calibrate_block(layer, config, index: int, window, x_q, target, pe, setup: B
     qblock = lwc.quant_block(layer, config, index, setup.weight, setup.calib.lwc, setup.device)
     observe(qblock, x_q, pe, setup)  # K/V statistics for the smoothing/shift init
     lwc.set_kv_quantizer(qblock, setup.kv, setup.calib.smooth)
+    initial = eval_loss(qblock, window, x_q, target, pe, setup, index)
     qblock.train()
     losses = train_block(qblock, window, x_q, target, pe, setup, index)
     params = lwc.fold_block(qblock)
-    params.loss, params.epoch_losses = losses[-1], losses
+    params.loss, params.initial_loss, params.epoch_losses = (losses or [initial])[-1], initial, losses
     params.seconds = time.perf_counter() - start
-    log.info("block %d: loss %.6f (%.1f s)", index, params.loss, params.seconds)
+    log.info("block %d: loss %.6f -> %.6f (%.1f s)", index, initial, params.loss, params.seconds)
     return params
 
 
@@ -321,6 +322,7 @@ def to_calibration(results: list[BlockParams], info: dict) -> Calibration:
         if r.kv is not None:
             calib.kv[i] = r.kv
     calib.info["block_seconds"] = [round(r.seconds, 3) for r in results]
+    calib.info["initial_losses"] = [r.initial_loss for r in results]
     calib.info["epoch_losses"] = [r.epoch_losses for r in results]
     return calib
 

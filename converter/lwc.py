@@ -46,6 +46,7 @@ class BlockParams:
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kv: dict[str, torch.Tensor] | None = None
     loss: float | None = None
+    initial_loss: float | None = None  # the CRR loss before training (LWC and s/delta at their init)
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 

@@ -288,3 +288,29 @@ def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     rec = json.loads(out.read_text())
     assert rec["blocks_measured"] == 2 and rec["num_layers"] == 4 and len(rec["block_train_seconds"]) == 2
     assert rec["extrapolated_total_seconds"] > 0 and "EXTRAPOLATED" in result.output
+
+
+def _sim_perplexity(artifact, windows) -> float:
+    """Decode-simulated perplexity (``wkvq_sim``: past K/V quantized, POQ) of an artifact on CPU."""
+    import runtime
+
+    model, _ = runtime.load(artifact, device="cpu", dtype=torch.float32)
+    model.set_attn_implementation("wkvq_sim")
+    with torch.no_grad():
+        nll = [model(w[None], labels=w[None], use_cache=False).loss.item() for w in windows]
+    return math.exp(sum(nll) / len(nll))
+
+
+@pytest.mark.slow
+def test_smollm2_calibration_beats_rtn(smollm2_dir, smollm2_rtn_artifact, tmp_path):
+    """Every block of SmolLM2 with a very small recipe already beats RTN on held-back articles."""
+    from converter import data
+    from transformers import AutoTokenizer
+
+    cc = C.CalibConfig(nsamples=2, seqlen=64, epochs=1, crr_k=0, batch_size=2, progress=False)
+    out = convert(ConvertConfig(out=tmp_path / "q", model=str(smollm2_dir), method="wkvquant", device="cpu",
+                                calibration=cc))
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    windows = data.eval_windows(data.tokenize(tok, data.load_text("enwiki-sample:eval")), 256, 2)
+    rtn, calibrated = _sim_perplexity(smollm2_rtn_artifact, windows), _sim_perplexity(out, windows)
+    assert calibrated < 0.97 * rtn, (rtn, calibrated)
