@@ -198,6 +198,43 @@ def validate_cmd(directory, debug):
     click.echo(verify(directory).line())
 
 
+def _non_negative_float(ctx, param, value):
+    if value is not None and value < 0:
+        raise click.BadParameter(f"must be >= 0 (0 = greedy), got {value}")
+    return value
+
+
+@main.command("generate")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, callback=_positive)
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user turn of the tokenizer's chat template.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, callback=_non_negative_float,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Compute dtype [default: the artifact's on CUDA, float32 on CPU].")
+@click.option("--no-poq", is_flag=True, help="Past-Only Quantization off: the current token's K/V quantized too.")
+@click.option("--revision", default=None, help="Branch, tag or commit when MODEL is a Hub id.")
+@debug_option
+def generate_cmd(model, prompt, max_new_tokens, chat, temperature, seed, device, dtype, no_poq, revision, debug):
+    """Stream a completion of PROMPT by the artifact MODEL (directory or Hub id), 4-bit KV cache."""
+    import torch
+    from transformers import TextStreamer
+
+    from runtime import load
+    from runtime.model import prompt_inputs, sampling_kwargs
+
+    gen = sampling_kwargs(temperature, max_new_tokens)
+    lm, tokenizer = load(model, device=device, dtype=dtype, poq=not no_poq, revision=revision)
+    inputs = prompt_inputs(tokenizer, prompt, chat=chat, device=lm.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    lm.generate(**inputs, **gen, streamer=streamer)
+
+
 def _push_and_report(cfg) -> None:
     from converter.card import format_bytes
     from converter.hub import push
@@ -308,112 +345,6 @@ def eval_cmd(target, data, seqlen, max_windows, kv_mode, no_poq, json_path, devi
     cfg = TableConfig(eval=ev, artifacts=artifacts, rows=rows, long_seqlen=long_seqlen, long_data=long_data,
                       long_max_windows=long_max_windows, peer=PeerConfig(backend=peer_backend, windows=peer_windows,
                                                             residual_length=peer_residual))
-    if plots_dir:
-        from converter.plots import require_matplotlib
-
-        require_matplotlib()  # before the long run, not after it
-    result = run_table(target, cfg)
-    write_outputs(result, json_path=json_path, markdown_path=markdown_path, plots_dir=plots_dir)
-    click.echo(markdown(result), nl=False)
-
-
-def _int_list(ctx, param, value):
-    try:
-        vals = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"must be comma-separated integers, got {value!r}")
-    if not vals or min(vals) <= 0:
-        raise click.BadParameter(f"must be positive integers, got {value!r}")
-    return vals
-
-
-@main.command("bench")
-@click.option("--shapes", default="7b,13b", show_default=True, callback=_row_list, help="7b, 13b, tiny.")
-@click.option("--batches", default="1,8", show_default=True, callback=_int_list)
-@click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
-@click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,
-              callback=_row_list)
-@click.option("--steps", type=int, default=20, show_default=True, callback=_positive)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"),
-              show_default=True, help="Write the results here (updated after every row).")
-@debug_option
-def bench_cmd(shapes, batches, prompts, paths, steps, json_path, debug):
-    """Decode ms/token and peak memory of W4KV4 vs fp16 / compiled / tinygemm int4 on random LLaMA shapes (CUDA)."""
-    from converter.bench import BenchConfig, format_table, run_bench
-
-    cfg = BenchConfig(shapes=shapes, batches=batches, prompts=prompts, paths=paths, steps=steps, out=json_path)
-    click.echo(format_table(run_bench(cfg)))
-
-
-def _artifact_pairs(ctx, param, values):
-    pairs = []
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=DIR (e.g. wkvquant=out/wkvq), got {v!r}")
-        pairs.append((name, path))
-    return tuple(pairs)
-
-
-def _row_list(ctx, param, value):
-    return None if value is None else tuple(r.strip() for r in value.split(",") if r.strip())
-
-
-@main.command("eval")
-@click.argument("target")
-@click.option("--data", default="enwiki-sample:eval", show_default=True,
-              help="enwiki-sample:eval, enwiki-sample:eval-long (long articles), wikitext2:test or a text file.")
-@click.option("--seqlen", type=int, default=2048, show_default=True, callback=_positive)
-@click.option("--max-windows", type=int, default=None, callback=_positive, help="Only the first N windows [all].")
-@click.option("--kv-mode", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True,
-              help="decode: decode-simulated (quantized past K/V); prefill: the cache is never read quantized.")
-@click.option("--no-poq", is_flag=True, help="Past-Only Quantization off: the current token's K/V quantized too.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: cuda if available].")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Compute dtype [default: float16 on CUDA, float32 on CPU].")
-@click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive)
-@click.option("--table", is_flag=True, help="TARGET is the dense model: evaluate every configuration of the table.")
-@click.option("--artifact", "artifacts", multiple=True, callback=_artifact_pairs, metavar="NAME=DIR",
-              help="With --table: a calibrated artifact row (wkvquant, no-crr, no-lwc, no-smooth or any name).")
-@click.option("--rows", default=None, callback=_row_list, help="With --table: only these rows (comma-separated).")
-@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
-              help="With --table: also write the Markdown table here.")
-@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
-              help="With --table: write PNG plots into this directory (needs matplotlib).")
-@click.option("--long-seqlen", type=int, default=None, callback=_positive,
-              help="With --table: decode-simulated perplexity on long windows of this length too (e.g. 8192).")
-@click.option("--long-data", default="enwiki-sample:eval-long", show_default=True)
-@click.option("--long-max-windows", type=int, default=None, callback=_positive)
-@click.option("--peer-backend", type=click.Choice(["hqq", "quanto"]), default="hqq", show_default=True,
-              help="With --table: the transformers QuantizedCache backend.")
-@click.option("--peer-windows", type=int, default=2, show_default=True, callback=_positive,
-              help="With --table: windows of the QuantizedCache row (token-by-token decoding).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-@debug_option
-def eval_cmd(target, data, seqlen, max_windows, kv_mode, no_poq, json_path, device, dtype, batch_size, table,
-             artifacts, rows, markdown_path, plots_dir, long_seqlen, long_data, long_max_windows, peer_backend,
-             peer_windows, no_progress, debug):
-    """Perplexity of TARGET (artifact dir or Hub id; or a plain model: Hub id, HF folder, .gguf)."""
-    from converter.evaluate import EvalConfig
-
-    ev = EvalConfig(data=data, seqlen=seqlen, max_windows=max_windows, kv_mode=kv_mode, poq=not no_poq,
-                    device=device, dtype=dtype, batch_size=batch_size, progress=not no_progress)
-    if not table:
-        if artifacts or rows or markdown_path or plots_dir or long_seqlen:
-            raise click.UsageError("--artifact, --rows, --markdown, --plots and --long-seqlen need --table")
-        from converter.evaluate import evaluate, summary_line, write_json
-
-        result = evaluate(target, ev)
-        if json_path:
-            write_json(result, json_path)
-        click.echo(summary_line(result))
-        return
-    from converter.baselines import PeerConfig
-    from converter.table import TableConfig, markdown, run_table, write_outputs
-
-    cfg = TableConfig(eval=ev, artifacts=artifacts, rows=rows, long_seqlen=long_seqlen, long_data=long_data,
-                      long_max_windows=long_max_windows, peer=PeerConfig(backend=peer_backend, windows=peer_windows))
     if plots_dir:
         from converter.plots import require_matplotlib
 

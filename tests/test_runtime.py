@@ -1,0 +1,369 @@
+"""The runtime: packed INT4 linears, the Past-Only Quantization cache, generate() and `wkvq generate`.
+
+Cached decoding is checked against an independent one-pass reference that recomputes attention
+from the same quantized values (``KVQuantizer.fake``): query ``i`` sees key ``j <= i`` in full
+precision when ``j`` came in the same forward as ``i`` (POQ) and quantized when it came earlier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AttentionInterface, DynamicCache
+
+import runtime
+from runtime import CACHE_KWARG, PoqCache, new_cache
+from runtime.artifact import ArtifactError
+from runtime.cache import PackedKV, PoqLayer
+from runtime.qlinear import QuantLinear
+from runtime.quant import dequantize_weight
+from tests.helpers import tiny_config
+
+REF_ATTENTION = "poq_segment_reference"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _segment_attention(segments: torch.Tensor):
+    """Reference attention for a teacher-forced pass; ``segments[j]``: the forward that brought token j."""
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        kvq = module.kv_quant
+        rep = query.shape[1] // key.shape[1]
+        q = query.float()
+        k, v = key.float().repeat_interleave(rep, 1), value.float().repeat_interleave(rep, 1)
+        kq = kvq.fake("k", key).float().repeat_interleave(rep, 1)
+        vq = kvq.fake("v", value).float().repeat_interleave(rep, 1)
+        seg = segments.to(query.device)
+        t = q.shape[-2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        full = (seg[:, None] == seg[None, :]) & causal & kvq.config.poq  # [T, T]: read in full precision
+        scores = torch.where(full, q @ k.transpose(-1, -2), q @ kq.transpose(-1, -2)) * scaling
+        p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out = (p * full) @ v + (p * ~full) @ vq
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+def reference_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of one pass where the tokens come in forwards of ``chunks`` tokens."""
+    segments = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(chunks))
+    AttentionInterface.register(REF_ATTENTION, _segment_attention(segments))
+    model.set_attn_implementation(REF_ATTENTION)
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits.float()
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def cached_logits(model, ids: torch.Tensor, chunks: list[int], cache=None) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of running ``model`` forward by forward with a POQ cache."""
+    cache = new_cache(model) if cache is None else cache
+    out, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(ids[:, start:start + n], use_cache=True, **{CACHE_KWARG: cache}).logits.float())
+            start += n
+    return torch.cat(out, dim=1)
+
+
+def held_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor the cache's layer objects hold (independent of ``nbytes``)."""
+    found = []
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, PackedKV):
+                found += [value.codes, value.step, value.minimum]
+    return found
+
+
+def randomize_smoothing(model, seed: int = 0) -> None:
+    """Give every layer a non-trivial static smoothing s > 0 and shift delta (RTN has s=1, delta=0)."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        kvq = layer.self_attn.kv_quant
+        for name in ("k_scale", "v_scale"):
+            getattr(kvq, name).copy_(torch.rand(getattr(kvq, name).shape, generator=g) + 0.5)
+        for name in ("k_shift", "v_shift"):
+            getattr(kvq, name).copy_(torch.randn(getattr(kvq, name).shape, generator=g) * 0.3)
+
+
+def decoder_weight_bytes(model) -> tuple[int, int]:
+    """(bytes held by the decoder Linears, bytes of their weights in fp16)."""
+    held = fp16 = 0
+    for module in model.model.layers.modules():
+        if isinstance(module, QuantLinear):
+            held += sum(b.numel() * b.element_size() for b in module.buffers())
+            fp16 += module.in_features * module.out_features * 2
+    return held, fp16
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_rtn_artifact):
+    model, tok = runtime.load(tiny_rtn_artifact, device="cpu", dtype="float32")
+    randomize_smoothing(model)
+    return model, tok
+
+
+def _ids(vocab: int, n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- packed linear
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_dequantized_reference(bias):
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, group = 24, 160, 128  # ragged last group of 32
+    q = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scales = torch.rand(out_f, 2, generator=g) * 0.1 + 0.01
+    zeros = torch.randint(0, 16, (out_f, 2), generator=g).float()
+    b = torch.randn(out_f, generator=g) if bias else None
+    lin = QuantLinear.from_codes(q, scales, zeros, 4, group, bias=b)
+    assert lin.qweight.dtype == torch.uint8 and lin.qweight.shape == (out_f, in_f // 2)
+    idx = torch.arange(in_f) // group  # reference: element by element, no grouping helpers
+    w_ref = (q.float() - zeros[:, idx]) * scales.half().float()[:, idx]
+    assert torch.equal(lin.dequantized_weight(), w_ref)
+    x = torch.randn(3, 5, in_f, generator=g)
+    y_ref = x @ w_ref.T + (b if bias else 0)
+    torch.testing.assert_close(lin(x), y_ref, rtol=1e-5, atol=1e-5)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert lin(x.to(dtype)).dtype == dtype
+
+
+def test_loaded_linears_keep_int4_and_match_the_source(tiny, tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    model, _ = tiny
+    dense = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, QuantLinear):
+            w = dense.model.layers.get_submodule(name).weight
+            step = module.scales.float().repeat_interleave(module.group_size, 1)[:, :module.in_features]
+            # half a step inside the range; up to one at its ends (integer zero point, clamping)
+            assert ((module.dequantized_weight() - w).abs() <= step + 1e-6).all(), name
+    # no floating-point [out, in] weight anywhere in the decoder: only packed codes
+    for name, t in list(model.model.layers.named_parameters()) + list(model.model.layers.named_buffers()):
+        assert not (t.is_floating_point() and t.dim() == 2 and min(t.shape) > 8), name
+    held, fp16 = decoder_weight_bytes(model)
+    assert held / fp16 <= 0.30
+
+
+# ----------------------------------------------------------------------------- cache numerics
+
+
+@pytest.mark.parametrize("poq", [True, False])
+def test_cached_decoding_matches_reference(tiny_rtn_artifact, poq):
+    model, _ = runtime.load(tiny_rtn_artifact, device="cpu", dtype="float32", poq=poq)
+    randomize_smoothing(model, seed=1)
+    ids = _ids(model.config.vocab_size, 15, batch=2)
+    chunks = [7, 1, 1, 3, 1, 1, 1]  # a prompt, decode steps, and a multi-token step
+    got = cached_logits(model, ids, chunks)
+    want = reference_logits(model, ids, chunks)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the quantization matters: a full-precision cache gives other logits
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits.float()
+    assert (dense[:, 7:] - got[:, 7:]).abs().max() > 1e-2
+
+
+def test_poq_reads_the_current_tokens_in_full_precision(tiny):
+    model, _ = tiny
+    kvq = model.model.layers[0].self_attn.kv_quant
+    layer = PoqLayer(kvq)
+    g = torch.Generator().manual_seed(0)
+    k1, v1 = torch.randn(1, 2, 4, 40, generator=g), torch.randn(1, 2, 4, 40, generator=g)
+    keys, values = layer.update(k1, v1)
+    assert torch.equal(keys, k1) and torch.equal(values, v1)  # the prompt attends in full precision
+    k2, v2 = torch.randn(1, 2, 1, 40, generator=g), torch.randn(1, 2, 1, 40, generator=g)
+    keys, values = layer.update(k2, v2)
+    assert torch.equal(keys[:, :, :4], kvq.fake("k", k1)) and torch.equal(values[:, :, :4], kvq.fake("v", v1))
+    assert torch.equal(keys[:, :, 4:], k2) and torch.equal(values[:, :, 4:], v2)
+    assert layer.get_seq_length() == 5
+    assert layer.k.codes.dtype == torch.uint8 and layer.k.step.dtype == torch.float16
+
+
+def test_cache_holds_under_32_percent_of_fp16_after_1024_tokens(tiny):
+    model, _ = tiny
+    ids = _ids(model.config.vocab_size, 1024)
+    cache = new_cache(model)
+    cached_logits(model, ids, [1000] + [1] * 24, cache)
+    dense = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, use_cache=True, **{CACHE_KWARG: dense})
+    fp16_bytes = sum(t.numel() * 2 for t in held_tensors(dense))
+    held = held_tensors(cache)
+    held_bytes = sum(t.numel() * t.element_size() for t in held)
+    assert cache.get_seq_length() == 1024 and fp16_bytes > 0
+    assert held_bytes == cache.nbytes
+    assert {t.dtype for t in held} == {torch.uint8, torch.float16}
+    assert held_bytes / fp16_bytes <= 0.32, held_bytes / fp16_bytes
+
+
+def test_crop_and_beam_reorder_are_exact(tiny):
+    model, _ = tiny
+    ids = _ids(model.config.vocab_size, 12, seed=3, batch=3)
+    cache = new_cache(model)
+    first = cached_logits(model, ids[:, :12], [8, 1, 1, 1, 1], cache)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 9
+    again = cached_logits(model, ids[:, 9:12], [1, 1, 1], cache)
+    assert torch.equal(again, first[:, 9:12])
+    layer = cache.layers[0]
+    before = layer._dequantize("k", layer.k, torch.float32)
+    beam_idx = torch.tensor([2, 0, 0])
+    cache.reorder_cache(beam_idx)
+    assert torch.equal(layer._dequantize("k", layer.k, torch.float32), before[beam_idx])
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(4)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+
+
+@pytest.mark.parametrize("dtype, floor", [("float16", 0.02), ("bfloat16", 0.05)])
+def test_half_precision_decoding(tiny_rtn_artifact, dtype, floor):
+    """Error floor: ``floor`` x max|logit| (measured: 1.2% fp16, 3.1% bf16 on CPU), and well below
+    the difference that quantizing the cache makes."""
+    model, _ = runtime.load(tiny_rtn_artifact, device="cpu", dtype=dtype)
+    randomize_smoothing(model, seed=2)
+    ids = _ids(model.config.vocab_size, 10)
+    chunks = [6, 1, 1, 1, 1]
+    got = cached_logits(model, ids, chunks)[:, 6:]
+    want = reference_logits(model, ids, chunks)[:, 6:]
+    with torch.no_grad():
+        dense = model(ids, use_cache=False).logits.float()[:, 6:]
+    err = (got - want).abs().max()
+    assert err <= floor * want.abs().max()
+    assert err <= 0.25 * (dense - want).abs().max()
+    layer = new_cache(model).layers[0]
+    keys, _ = layer.update(*(torch.randn(1, 2, 3, 40, dtype=getattr(torch, dtype)),) * 2)
+    assert keys.dtype == getattr(torch, dtype) and layer.k.step.dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_generate_uses_poq_cache_and_greedy_matches_a_manual_loop(tiny):
+    model, _ = tiny
+    ids = _ids(model.config.vocab_size, 6, seed=5)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                         eos_token_id=None, pad_token_id=0)
+    assert isinstance(getattr(out, CACHE_KWARG), PoqCache)
+    seq, cache = ids, new_cache(model)
+    with torch.no_grad():
+        step = ids
+        for _ in range(8):
+            nxt = model(step, use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            seq, step = torch.cat([seq, nxt], dim=1), nxt
+    assert torch.equal(out.sequences, seq)
+    # the caller's choice wins: an explicit cache, or none
+    dense = DynamicCache(config=model.config)
+    model.generate(ids, max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0,
+                   **{CACHE_KWARG: dense})
+    assert dense.get_seq_length() > 0
+
+
+def test_sampled_generation(tiny):
+    model, _ = tiny
+    ids = _ids(model.config.vocab_size, 5, seed=6, batch=2)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    a = model.generate(ids, **kw)
+    torch.manual_seed(0)
+    b = model.generate(ids, **kw)
+    assert torch.equal(a, b) and a.shape == (2, 15) and int(a.max()) < model.config.vocab_size
+    greedy = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    top1 = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=1, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(top1, greedy)
+
+
+def test_beam_search_runs_on_the_poq_cache(tiny):
+    model, _ = tiny
+    ids = _ids(model.config.vocab_size, 5, seed=7)
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], ids)
+
+
+# ----------------------------------------------------------------------------- loading and CLI
+
+
+def test_new_cache_needs_a_wkvq_model():
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="kv_quant"):
+        new_cache(LlamaForCausalLM(tiny_config()))
+
+
+def test_load_errors(tiny_rtn_artifact, tmp_path):
+    with pytest.raises(ArtifactError, match="not a directory"):
+        runtime.load(tiny_rtn_artifact / "wkvq.json")
+    with pytest.raises(ValueError, match="Hub ids only"):
+        runtime.load(tiny_rtn_artifact, revision="main")
+    with pytest.raises(ValueError, match="device must be"):
+        runtime.load(tiny_rtn_artifact, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            runtime.load(tiny_rtn_artifact, device="cuda")
+
+
+def test_cli_generate_streams_the_greedy_completion(tiny_rtn_artifact):
+    from cli import main
+
+    model, tok = runtime.load(tiny_rtn_artifact, device="cpu")
+    enc = tok("The quick brown fox", return_tensors="pt")
+    ids = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    want = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    res = CliRunner().invoke(main, ["generate", str(tiny_rtn_artifact), "The quick brown fox",
+                                    "--max-new-tokens", "12", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == want.strip() and want.strip()
+    res = CliRunner().invoke(main, ["generate", str(tiny_rtn_artifact), "x", "--temperature", "0.7", "--seed", "1",
+                                    "--max-new-tokens", "4", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["generate", str(tiny_rtn_artifact), "x", "--chat", "--device", "cpu"])
+    assert res.exit_code == 1 and "chat template" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["generate", str(tiny_rtn_artifact), "x", "--temperature", "-1"])
+    assert res.exit_code == 2
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+def test_smollm2_end_to_end(smollm2_rtn_artifact):
+    """The real model: INT4 weights and a 4-bit cache in memory, token-by-token cached decoding
+    equals the decode-simulated attention, and a chat answer is right.
+
+    The equality is checked in float64: in float32, rounding noise of ~1e-7 between a one-pass and
+    an incremental computation flips a few 4-bit codes, and 30 layers amplify the flips (two one-pass
+    implementations differ just as much); in float64 the same values quantize identically.
+    """
+    from runtime.model import prompt_inputs
+
+    model, tok = runtime.load(smollm2_rtn_artifact, device="cpu")
+    held, fp16 = decoder_weight_bytes(model)
+    assert held / fp16 <= 0.30
+    enc = prompt_inputs(tok, "What is the capital of France?", chat=True)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+    model.double()
+    ids = tok("The Eiffel Tower is a wrought-iron lattice tower in Paris.", return_tensors="pt")["input_ids"][:, :6]
+    cache = new_cache(model)
+    got = cached_logits(model, ids, [1] * ids.shape[1], cache)  # token by token: what wkvq_sim simulates
+    model.set_attn_implementation(runtime.attention.NAME)
+    try:
+        with torch.no_grad():
+            sim = model(ids, use_cache=False).logits.float()
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, sim, rtol=0, atol=1e-6)
+    c = model.config
+    fp16_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * ids.shape[1] * c.head_dim * 2
+    assert cache.nbytes / fp16_cache <= 0.32  # (32 B of codes + 4 B of stats) / 128 B per token and head
