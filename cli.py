@@ -72,6 +72,10 @@ def _one_line(e: BaseException) -> str:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # transformers' own loading bars; our calibration/evaluation bars stay
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 debug_option = click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")

@@ -84,6 +84,8 @@ def convert(cfg: ConvertConfig) -> Path:
     export.check_out_dir(out.resolve(), cfg.overwrite)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    if cfg.calibration is not None and cfg.method == "wkvquant":
+        source.check_seqlen(source.load_config(cfg.model)[0], cfg.calibration.seqlen)
     load_dtype = torch.float32 if cfg.method == "wkvquant" else parse_dtype(cfg.dtype)
     model, tokenizer, info = source.load_model(cfg.model, dtype=load_dtype)
     calib = calibrate(model, tokenizer, cfg, device)

@@ -202,6 +202,7 @@ def evaluate(target: str, cfg: EvalConfig) -> dict:
     """``wkvq eval TARGET``: load, tokenize, measure; the JSON-ready result."""
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     model, tok, info = load_target(target, device, dtype, cfg.poq)
+    source.check_seqlen(model.config, cfg.seqlen)
     windows = load_windows(tok, cfg.data, cfg.seqlen, cfg.max_windows)
     res = perplexity(model, windows, cfg.kv_mode, cfg.batch_size, desc=Path(target).name or target,
                      progress=cfg.progress)

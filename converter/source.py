@@ -109,6 +109,14 @@ def resolve(model: str | None) -> tuple[str, dict, SourceInfo]:
     return path, kwargs, SourceInfo(model, None if local else "main", sha, None)
 
 
+def check_seqlen(config, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse sequences longer than the model's position range (one line, with the fix)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"{flag} {seqlen} is beyond the model's maximum of {limit} positions; "
+                         f"use {flag} {limit} or less")
+
+
 def load_config(model: str | None):
     path, kwargs, info = resolve(model)
     try:

@@ -206,6 +206,9 @@ def run_table(target: str, cfg: TableConfig) -> dict:
     ev = cfg.eval
     device, dtype = ev.torch_device(), ev.torch_dtype()
     base, tok, src = source.load_model(target, dtype=dtype)
+    source.check_seqlen(base.config, ev.seqlen)
+    if cfg.long_seqlen is not None:
+        source.check_seqlen(base.config, cfg.long_seqlen, "--long-seqlen")
     base = base.to(device)
     windows = evaluate.load_windows(tok, ev.data, ev.seqlen, ev.max_windows)
     long_windows = None

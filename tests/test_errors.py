@@ -141,3 +141,22 @@ def test_loading_never_executes_code_from_the_artifact(tiny_rtn_artifact, tmp_pa
     except (ValueError, OSError):
         pass  # refusing is fine too; executing is not
     assert not sentinel.exists()
+
+
+def test_eval_seqlen_beyond_the_model_maximum(tiny_rtn_artifact):
+    assert_one_line(*run("eval", tiny_rtn_artifact, "--seqlen", "100000", "--device", "cpu"),
+                    contains=["--seqlen 100000", "maximum of 2048"])
+
+
+def test_calibration_seqlen_beyond_the_model_maximum(tiny_llama_dir, tmp_path):
+    assert_one_line(*run("convert", tiny_llama_dir, "--out", tmp_path / "q", "--seqlen", "4096", "--device", "cpu"),
+                    contains=["--seqlen 4096", "maximum of 2048"])
+    assert not (tmp_path / "q").exists()
+
+
+def test_calibration_text_too_short(tiny_llama_dir, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("too short")
+    assert_one_line(*run("convert", tiny_llama_dir, "--out", tmp_path / "q", "--calib-data", text, "--device", "cpu"),
+                    contains=["too few", "--nsamples"])
+    assert not (tmp_path / "q").exists()
