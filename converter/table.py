@@ -25,7 +25,7 @@ from . import evaluate, source
 from .baselines import PeerConfig, backend_missing, peer_perplexity
 from .evaluate import EvalConfig
 from .export import WeightQuantConfig
-from .variants import VariantConfig, build_variant
+from .variants import VariantConfig, build_variant, materialize_weights
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def row_model(spec: RowSpec, base, cfg: TableConfig, paths: dict[str, str]):
         if reason is not None:
             raise RowUnavailable(f"not run: {reason}")
         setup = f"{spec.variant.describe()}; {cfg.peer.describe(model_shape(base.config)['head_dim'])}"
-        return build_variant(base, spec.variant), setup, {"variant": spec.variant.describe(),
-                                                          "peer": cfg.peer.to_dict()}
+        model = materialize_weights(build_variant(base, spec.variant))  # same values, no per-step unpack
+        return model, setup, {"variant": spec.variant.describe(), "peer": cfg.peer.to_dict()}
     return build_variant(base, spec.variant), spec.variant.describe(), {"variant": spec.variant.describe()}
 
 

@@ -115,3 +115,25 @@ def build_variant(base: nn.Module, cfg: VariantConfig) -> nn.Module:
             kvq = KVQuantizer(config.num_key_value_heads, _head_dim(config), cfg.kv, device=device)
             layer.self_attn.register_module("kv_quant", kvq)
     return model.eval()
+
+
+def dense_linear(q: QuantLinear, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` holding ``q``'s dequantized weight: the same ``F.linear`` as ``q.forward``
+    computes, without unpacking the codes at every call (token-by-token decoding calls it T times)."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(q.dequantized_weight(dtype))
+        if q.bias is not None:
+            lin.bias.copy_(q.bias.to(dtype))
+    return lin
+
+
+def materialize_weights(model: nn.Module) -> nn.Module:
+    """Replace every :class:`QuantLinear` of ``model`` (in place) by :func:`dense_linear` in the model dtype."""
+    dtype = model.dtype
+    for layer in model.model.layers:
+        for name in DECODER_LINEARS:
+            q = layer.get_submodule(name)
+            if isinstance(q, QuantLinear):
+                _replace(layer, name, dense_linear(q, dtype))
+    return model

@@ -146,6 +146,16 @@ def test_activation_quantization_matches_reference():
     assert torch.allclose(wrapped(x), lin(reference_token_quant(x, 4)), atol=1e-5)
 
 
+def test_materialized_weights_compute_the_same(dense):
+    w = ids()
+    q = variants.build_variant(dense, variants.VariantConfig(weight=W4, kv=KV4))
+    with torch.no_grad():
+        ref = q(w, use_cache=False).logits
+        m = variants.materialize_weights(q)
+        assert type(m.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+        assert torch.equal(m(w, use_cache=False).logits, ref)
+
+
 def test_w4a4_is_w4kv4_plus_activation_quantization(dense):
     w = ids()
     w4kv4 = variants.build_variant(dense, variants.VariantConfig(weight=W4, kv=KV4))
