@@ -104,9 +104,8 @@ def run(shape: str, blocks: int, calib: C.CalibConfig, device: torch.device, see
     blocks = min(blocks, len(layers))
     dtype = C.resolve_compute_dtype(calib.compute_dtype, device)
     setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), calib, device, dtype, seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x0 = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, device=device, dtype=dtype)
-    x0.mul_(0.5)
+    gen = torch.Generator().manual_seed(seed)  # the embedded samples stay on CPU; the calibration copies them
+    x0 = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype).mul_(0.5)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

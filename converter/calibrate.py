@@ -270,7 +270,7 @@ def calibrate_blocks(layers, config, rotary, x0: torch.Tensor, setup: BlockSetup
     """
     num_layers, num_blocks = len(layers), num_blocks or len(layers)
     pe = rope(rotary, x0.shape[1], setup.device)
-    x_fp = x0.to(setup.device, setup.dtype)
+    x_fp = x0.to(setup.device, setup.dtype, copy=True)  # updated in place; the caller's x0 stays as it is
     x_q = x_fp.clone()
     fp = FullPrecisionWindow(layers, config, setup)
     results = []
@@ -340,7 +340,7 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    x0 = embed(model, samples, device, dtype)
+    x0 = embed(model, samples, "cpu", dtype)  # calibrate_blocks copies it to the device
     config = lwc.calib_model_config(model.config)
     results = calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x0, setup, work)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

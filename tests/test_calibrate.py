@@ -173,6 +173,18 @@ def test_smoothing_init_beats_rtn_kv(tiny_block_setup):
     assert losses[True] < losses[False], losses
 
 
+def test_bfloat16_autocast_path(tiny_block_setup):
+    """The CUDA path (bfloat16 activations and frozen blocks under autocast), exercised on CPU."""
+    model, _, config, x, _, _, _ = tiny_block_setup
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), C.CalibConfig(**TINY), torch.device("cpu"), dtype)
+        res = C.calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x[:4], setup, num_blocks=2)
+        losses[dtype] = [r.loss for r in res]
+    assert all(math.isfinite(v) for v in losses[torch.bfloat16])
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.1), losses
+
+
 def test_non_finite_loss_names_the_block(tmp_path, calib_text):
     model = make_tiny_llama(tmp_path / "nan", num_hidden_layers=3)
     m = _tiny_model(model)
