@@ -10,12 +10,12 @@ Callers running ``model(...)`` themselves get a fresh cache from :func:`new_cach
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from . import attention  # noqa: F401  (registers the "wkvq_sim" attention implementation)
 from .artifact import ArtifactError, verify
 from .cache import CACHE_KWARG, PoqCache, new_cache
+from .hub import resolve_artifact
 from .model import build
 
 __all__ = ["ArtifactError", "CACHE_KWARG", "PoqCache", "load", "new_cache", "verify"]
@@ -41,9 +41,4 @@ def _local_directory(path_or_id, revision: str | None) -> Path:
         return path
     if path.exists():
         raise ArtifactError(f"{path} is not a directory; give an artifact directory or a Hub id")
-    if importlib.util.find_spec(f"{__name__}.hub") is None:
-        raise ArtifactError(f"{path_or_id} is not a local artifact directory (and Hub ids are not supported "
-                            f"by this installation)")
-    from .hub import resolve_artifact
-
     return Path(resolve_artifact(str(path_or_id), revision=revision))
