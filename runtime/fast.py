@@ -63,6 +63,14 @@ class W4Weight:
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y if residual is None else y + residual
 
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out [M, N] (float32) += x [M, K] @ W^T (+ bias)`` with the kernels (CUDA decode step)."""
+        from .kernels import w4
+
+        if w4.splitk_ok(x, self.qweight):
+            return w4.w4_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, self.bias)
+        return out.add_(w4.w4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias))
+
 
 def fuse_quant_linears(linears) -> W4Weight:
     """Concatenate QuantLinears of one input along the output dim; re-point them to views of the result."""
@@ -178,22 +186,28 @@ class FastLlama:
     # ------------------------------------------------------------------ kernel path (static shapes)
 
     def _decode_body(self, ids: torch.Tensor, cache: StaticPOQCache, splits: int) -> torch.Tensor:
-        """One token per sequence through the kernels; advances ``cache.pos`` (not ``cache.length``)."""
+        """One token per sequence through the kernels; advances ``cache.pos`` (not ``cache.length``).
+
+        The residual stream ``x`` is float32; the projections add into it (o, down) or into zeroed
+        float32 buffers (qkv, gate_up) that their reader zeroes again after use."""
         from .kernels import kv4, misc
 
-        c = self.config
-        x = self.embed[ids]
+        c, dt = self.config, self.embed.dtype
+        x = self.embed[ids].float()
+        first = self.layers[0]
+        qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
+        gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
             store, params = cache.layers[i], layer.kv_params()
-            h = misc.rmsnorm(x, layer.ln1, c.eps)
-            qkv = layer.qkv(h, True)
-            q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits)
-            a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, x.dtype, splits)
-            x = layer.o(a.view(x.shape[0], -1), True, residual=x)
-            h = misc.rmsnorm(x, layer.ln2, c.eps)
-            x = layer.down(misc.silu_mul(layer.gate_up(h, True)), True, residual=x)
+            layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt), qkv)
+            q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits,
+                                              clear=True)
+            a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
+            layer.o.accumulate(a.view(x.shape[0], -1), x)
+            layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up)
+            layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
         cache.pos.add_(1)
-        return F.linear(misc.rmsnorm(x, self.norm, c.eps), self.lm_head)
+        return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         from .kernels.kv4 import num_splits

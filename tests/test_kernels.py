@@ -38,6 +38,23 @@ def test_w4_linear(m, n, k):
     assert _rel(w4_linear(x, qw, s, z, 128, bias, res), ref) < TOL
 
 
+@pytest.mark.parametrize("config", [(16, 2, 4), (16, 4, 4), (32, 1, 4)])
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 1024)])
+def test_w4_accumulate_configs_and_ragged_groups(config, m, k):
+    """Every program shape of the split-K kernel (groups per program 1/2/4, groups past K masked)."""
+    from runtime.kernels.w4 import w4_accumulate
+
+    n = 40
+    w = torch.randn(n, k, device=DEV)
+    scale, zero = quant.weight_qparams(w, 4, 128)
+    q = quant.quantize_weight(w, scale, zero, 4, 128)
+    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
+    x, base = torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(m, n, device=DEV)
+    ref = base.double() + x.double() @ quant.dequantize_weight(q, s, z, 128).double().T
+    out = w4_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+    assert out.dtype == torch.float32 and _rel(out, ref) < TOL
+
+
 def _quantizer(h, d, group=None):
     kq = KVQuantizer(h, d, KVQuantConfig(group_size=group)).to(DEV)
     kq.k_scale.uniform_(0.5, 1.5), kq.v_scale.uniform_(0.5, 1.5), kq.k_shift.normal_(), kq.v_shift.normal_()

@@ -54,11 +54,20 @@ def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr,
 
 
 @triton.jit
+def _clear(base, jj, like):
+    """Zero the head vector at ``base`` after every thread of the program has read it."""
+    tl.debug_barrier()
+    zero = tl.zeros_like(like).to(base.dtype.element_ty)
+    tl.store(base + 2 * jj, zero)
+    tl.store(base + 2 * jj + 1, zero)
+
+
+@triton.jit
 def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcur_ptr,
                         kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,
                         kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, stride_qkv, S,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                        QMAX: tl.constexpr):
+                        QMAX: tl.constexpr, CLEAR: tl.constexpr):
     HALF: tl.constexpr = D // 2
     GSH: tl.constexpr = HALF // G
     b, h = tl.program_id(0), tl.program_id(1)
@@ -68,8 +77,12 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
     row = qkv_ptr + b * stride_qkv
     if h < HQ:
         out = q_ptr + (b * HQ + h) * D
-        tl.store(out + 2 * jj, _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D))
-        tl.store(out + 2 * jj + 1, _rope(row + h * D, 2 * jj + 1, cos_row, sin_row, HALF, D))
+        qe = _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D)
+        qo = _rope(row + h * D, 2 * jj + 1, cos_row, sin_row, HALF, D)
+        tl.store(out + 2 * jj, qe)
+        tl.store(out + 2 * jj + 1, qo)
+        if CLEAR:
+            _clear(row + h * D, jj, qe)
     else:
         kh = h - HQ
         ke = _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D)
@@ -82,6 +95,9 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
         tl.store(kcur_ptr + cur + 2 * jj + 1, ko)
         tl.store(vcur_ptr + cur + 2 * jj, ve)
         tl.store(vcur_ptr + cur + 2 * jj + 1, vo)
+        if CLEAR:
+            _clear(row + h * D, jj, ke)
+            _clear(vrow, jj, ve)
         slot = (b * HKV + kh) * S + pos
         _quant_store(ke, ko, jj, kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF,
                      ks_ptr + slot * G, km_ptr + slot * G, G, QMAX)
@@ -89,7 +105,7 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
                      vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
 
 
-def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4):
+def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4, clear: bool = False):
     """Rope the decode token's q/k, append its quantized k/v to ``store`` at slot ``pos``.
 
     ``qkv [B, (Hq + 2 Hkv) * D]`` (fused projection output), ``cos, sin float32 [S, D]``,
@@ -97,6 +113,7 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
     ``store``: a :class:`runtime.static_cache.LayerStore`; ``kv_params``: the four
     ``[Hkv, D]`` float32 tensors ``(k_scale, k_shift, v_scale, v_shift)``.
     Returns ``q float32 [B, Hq, D]``, ``k_cur, v_cur float32 [B, Hkv, D]`` (full precision).
+    ``clear``: zero ``qkv`` after reading it (an accumulation buffer of the split-K projection).
     """
     b, hkv, s, half = store.k_codes.shape
     d, g = 2 * half, store.k_step.shape[-1]
@@ -108,7 +125,7 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
     _rope_append_kernel[(b, num_heads + hkv)](
         qkv, cos, sin, pos, q, k_cur, v_cur, store.k_codes, store.k_step, store.k_min,
         store.v_codes, store.v_step, store.v_min, *kv_params, qkv.stride(0), s,
-        HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15)
+        HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15, CLEAR=clear)
     return q, k_cur, v_cur
 
 
@@ -209,8 +226,11 @@ def num_splits(batch: int, heads: int, max_len: int, sms: int = 132) -> int:
     return n
 
 
+BLOCK_S = 32  # tokens per step of the split kernel (NOTES.md)
+
+
 def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
-                     splits: int, block_s: int = 32):
+                     splits: int, block_s: int | None = None, num_warps: int = 4):
     """POQ decode attention of ``q float32 [B, Hq, D]`` over the quantized past of ``store``
     (``length int32 [1]`` tokens, a device tensor) and the full-precision ``k_cur, v_cur [B, Hkv, D]``.
 
@@ -218,6 +238,7 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
     """
     b, hq, d = q.shape
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
+    block_s = block_s or BLOCK_S
     if splits & (splits - 1):
         raise ValueError(f"splits must be a power of two, got {splits}")
     qg = hq // hkv
@@ -229,7 +250,8 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
         raise ValueError(f"the attention kernel needs head_dim a multiple of 8, got {d}")
     _attn_split_kernel[(b * hq, splits)](
         q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32), store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits)
+        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits,
+        num_warps=num_warps)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
                                   HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits)

@@ -19,18 +19,18 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.c
     tl.store(y_ptr + row * stride_y + cols, w * y, mask=mask)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LLaMA RMSNorm of ``x [..., N]`` (float32 statistics, result in ``x.dtype``)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None) -> torch.Tensor:
+    """LLaMA RMSNorm of ``x [..., N]`` (float32 statistics, result in ``out_dtype``, default ``x.dtype``)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
-    y = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0),
                                     BLOCK=triton.next_power_of_2(n))
     return y.reshape(x.shape)
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr, CLEAR: tl.constexpr):
     row, blk = tl.program_id(0), tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -38,13 +38,18 @@ def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr)
     u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=mask, other=0.0).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=mask)
+    if CLEAR:  # each element is zeroed by the thread that read it
+        tl.store(gu_ptr + row * stride_gu + cols, tl.zeros_like(g).to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu_ptr + row * stride_gu + N + cols, tl.zeros_like(u).to(gu_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of the fused ``gate_up [M, 2I]`` (gate first) -> ``[M, I]``."""
+def silu_mul(gate_up: torch.Tensor, out_dtype=None, clear: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused ``gate_up [M, 2I]`` (gate first) -> ``[M, I]`` in ``out_dtype``
+    (default ``gate_up.dtype``). ``clear``: zero ``gate_up`` after reading it (an accumulation buffer)."""
     m, n2 = gate_up.shape
     n = n2 // 2
-    y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
+    y = torch.empty(m, n, dtype=out_dtype or gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, y, n, gate_up.stride(0), y.stride(0), BLOCK=block)
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, y, n, gate_up.stride(0), y.stride(0), BLOCK=block,
+                                                 CLEAR=clear)
     return y

@@ -8,9 +8,17 @@ and ``zeros uint8 [N, G]``. ``K`` may end in a ragged group. Three kernels:
 * one row (decode at batch 1), ``K % 8 == 0``: :func:`_w4_gemv32_kernel`, the packed bytes read as
   int32 words, float32 FMA;
 * one row otherwise: :func:`_w4_gemv_kernel` (bytes);
-* several rows (batched decode, prefill): :func:`_w4_kernel`, a ``BLOCK_M x BLOCK_N`` tile per
+* up to 16 rows, ``K % 8 == 0`` (the decode step): :func:`_w4_splitk_kernel`, split over ``N`` and
+  ``K``, one tensor-core dot per group on codes unpacked by byte permutes (no per-element
+  arithmetic, see :func:`_codes_asm`), results added atomically into a float32 output
+  (:func:`w4_accumulate`);
+* one row otherwise: :func:`_w4_gemv_kernel` (bytes);
+* several rows (prefill): :func:`_w4_kernel`, a ``BLOCK_M x BLOCK_N`` tile per
   program walking ``K`` one group at a time, dequantized in registers and multiplied on the
   tensor cores.
+
+The CUDA path reads the artifact's layout as it is (no repacking): a row's bytes are read as int32
+words, word ``w`` holding input channels ``8w .. 8w+7`` at bits ``4i``.
 """
 
 from __future__ import annotations
@@ -129,6 +137,140 @@ def _w4_gemv32_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+def _codes_asm_text(magic: int) -> str:
+    """PTX for one int32 word ``$8`` -> its eight codes as 16-bit floats ``OFFSET + code`` in ``$0..$7``
+    (``magic``: the bit pattern of ``OFFSET`` twice). For each byte ``i`` (channels ``2i``, ``2i+1``), ``prmt``
+    moves byte ``i`` of the word and of the word shifted right by 4 into the low bytes of the two halves;
+    ``lop3`` keeps the nibbles and ors in the exponent: 9 instructions per word."""
+    lines = ["{", ".reg .b32 w0, w4, t;", "mov.b32 w0, $8;", "shr.u32 w4, w0, 4;"]
+    for i in range(4):
+        lines += [f"prmt.b32 t, w0, w4, {hex(0x0400 | (i << 8) | i)};",
+                  f"lop3.b32 t, t, 0x000F000F, {hex(magic)}, 0xEA;", f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM_F16: tl.constexpr = tl.constexpr(_codes_asm_text(0x64006400))  # 1024.0 in float16
+_ASM_BF16: tl.constexpr = tl.constexpr(_codes_asm_text(0x43004300))  # 128.0 in bfloat16
+
+
+@triton.jit
+def _codes_asm(words, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(
+            asm=_ASM_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[words], is_pure=True, pack=1,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16))
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_ASM_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[words], is_pure=True, pack=1,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16))
+
+
+@triton.jit
+def _codes_plain(words, OFFSET: tl.constexpr, dt: tl.constexpr):
+    """Reference of :func:`_codes_asm` in plain Triton (the interpreter cannot run PTX)."""
+    return ((((words >> 0) & 15) + OFFSET).to(dt), (((words >> 4) & 15) + OFFSET).to(dt),
+            (((words >> 8) & 15) + OFFSET).to(dt), (((words >> 12) & 15) + OFFSET).to(dt),
+            (((words >> 16) & 15) + OFFSET).to(dt), (((words >> 20) & 15) + OFFSET).to(dt),
+            (((words >> 24) & 15) + OFFSET).to(dt), (((words >> 28) & 15) + OFFSET).to(dt))
+
+
+@triton.jit
+def _offset_codes(words, OFFSET: tl.constexpr, dt: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """``int32 [R, W]`` words -> ``[R, 8 W]`` of ``OFFSET + code`` in channel order (exact in ``dt``)."""
+    if USE_ASM:
+        e0, e1, e2, e3, e4, e5, e6, e7 = _codes_asm(words, BF16)
+    else:
+        e0, e1, e2, e3, e4, e5, e6, e7 = _codes_plain(words, OFFSET, dt)
+    # join appends a minor axis: flat index 4a + 2b + c of [R, W, a, b, c] is channel 4a + 2b + c
+    w = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+    return tl.reshape(w, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """Code words ``int32 [BLOCK_N, GROUP/8]`` of group ``g`` (zeros past ``K``)."""
+    NW: tl.constexpr = GROUP // 8
+    rw = tl.arange(0, NW)
+    gmask = mask_n & (tl.full(rn.shape, g, tl.int32) < G)
+    if EVEN_K:
+        wmask = gmask[:, None]
+    else:
+        wmask = gmask[:, None] & ((g * NW + rw) < K // 8)[None, :]
+    return tl.load(qw_ptr + rn[:, None] * stride_qn + g * NW + rw[None, :], mask=wmask, other=0)
+
+
+@triton.jit
+def _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_xm, stride_sn, stride_zn,
+                  GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+    """``x [16, GROUP]`` (rows past ``M`` zero), scales and zero points ``float32 [BLOCK_N]`` of group ``g``."""
+    rk = tl.arange(0, GROUP)
+    gmask = mask_n & (tl.full(rn.shape, g, tl.int32) < G)
+    if EVEN_K:
+        xmask = mask_m[:, None] & (tl.full((1, GROUP), g, tl.int32) < G)
+    else:
+        xmask = mask_m[:, None] & ((g * GROUP + rk) < K)[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + g * GROUP + rk[None, :], mask=xmask, other=0.0)
+    s = tl.load(s_ptr + rn * stride_sn + g, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rn * stride_zn + g, mask=gmask, other=0).to(tl.float32)
+    return x, s, z
+
+
+@triton.jit
+def _group_product(words, x, s, z, OFFSET: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """``[16, BLOCK_N]`` float32: ``scale * (x . (OFFSET + q) - (OFFSET + zero) * sum(x))`` of one group."""
+    dt: tl.constexpr = x.dtype
+    d = tl.dot(x, tl.trans(_offset_codes(words, OFFSET, dt, USE_ASM, BF16)), input_precision="ieee")
+    e = tl.dot(x, tl.full((x.shape[1], words.shape[0]), 1.0, dt), input_precision="ieee")
+    return s[None, :] * (d - e * (z + OFFSET)[None, :])
+
+
+@triton.jit
+def _w4_splitk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
+                      stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPP: tl.constexpr, EVEN_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """``y [M, N] (float32) += x @ W^T`` for ``M <= 16``: ``BLOCK_N`` rows x ``GPP`` (1, 2 or 4) groups per program.
+
+    Per group, on the tensor cores (``x`` padded to 16 rows): ``d = x . (OFFSET + q)`` and ``sum(x)`` (a dot
+    with ones, so it lands in the accumulator's layout); ``y += scale * (d - (OFFSET + zero) * sum(x))`` in
+    float32. ``qw_ptr``: int32 words (module docstring), ``K % 8 == 0``; ``EVEN_K``: ``K % GROUP == 0``.
+    All loads of the program are issued before any arithmetic (the shared-memory barriers of the dots
+    would otherwise serialise them group by group)."""
+    OFFSET: tl.constexpr = (128 if BF16 else 1024) if USE_ASM else 0  # the plain path needs no offset
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, 16)
+    mask_n, mask_m = rn < N, rm < M
+    g = pid_k * GPP
+    w0 = _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, GROUP, EVEN_K)
+    if GPP > 1:
+        w1 = _group_words(qw_ptr, rn, mask_n, g + 1, K, G, stride_qn, GROUP, EVEN_K)
+    if GPP > 2:
+        w2 = _group_words(qw_ptr, rn, mask_n, g + 2, K, G, stride_qn, GROUP, EVEN_K)
+        w3 = _group_words(qw_ptr, rn, mask_n, g + 3, K, G, stride_qn, GROUP, EVEN_K)
+    x0, s0, z0 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_xm, stride_sn,
+                               stride_zn, GROUP, EVEN_K)
+    if GPP > 1:
+        x1, s1, z1 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 1, K, G, stride_xm, stride_sn,
+                                   stride_zn, GROUP, EVEN_K)
+    if GPP > 2:
+        x2, s2, z2 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 2, K, G, stride_xm, stride_sn,
+                                   stride_zn, GROUP, EVEN_K)
+        x3, s3, z3 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 3, K, G, stride_xm, stride_sn,
+                                   stride_zn, GROUP, EVEN_K)
+    acc = _group_product(w0, x0, s0, z0, OFFSET, USE_ASM, BF16)
+    if GPP > 1:
+        acc += _group_product(w1, x1, s1, z1, OFFSET, USE_ASM, BF16)
+    if GPP > 2:
+        acc += _group_product(w2, x2, s2, z2, OFFSET, USE_ASM, BF16)
+        acc += _group_product(w3, x3, s3, z3, OFFSET, USE_ASM, BF16)
+    if HAS_BIAS:
+        first = tl.full((BLOCK_N,), pid_k, tl.int32) == 0  # the first K split adds the bias
+        acc += tl.load(b_ptr + rn, mask=mask_n & first, other=0.0).to(tl.float32)[None, :]
+    tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :],
+                  sem="relaxed")
+
 _GEMV32_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=st)
     for bn, bw, w, st in ((4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (2, 128, 4, 3), (8, 32, 4, 4),
@@ -171,6 +313,47 @@ def _no_block_m(flags: dict) -> dict:
     return {k: v for k, v in flags.items() if k != "BLOCK_M"}
 
 
+SPLITK_MAX_ROWS = 16
+# (N, K) -> (BLOCK_N, groups per program, warps), chosen by CUDA-graph-timed sweeps (NOTES.md)
+SPLITK_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {}
+SPLITK_DEFAULT = (128, 2, 4)
+
+
+def splitk_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether :func:`w4_accumulate` can take ``x2 [M, K]`` (int32 view of the codes, <= 16 rows)."""
+    k = x2.shape[-1]
+    dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if interpreting() else ())
+    return (x2.shape[0] <= SPLITK_MAX_ROWS and k % 8 == 0 and x2.dtype in dtypes
+            and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1)
+
+
+def w4_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, out: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``out [M, N] (float32) += x2 [M, K] @ W^T (+ bias)`` by :func:`_w4_splitk_kernel` (see :func:`splitk_ok`).
+
+    Partial sums of the ``K`` splits are added atomically, so ``out`` must hold what the products are
+    added to (zeros, or the residual stream). ``config``: ``(BLOCK_N, groups per program, warps)``."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if not splitk_ok(x2, qweight) or out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"w4_accumulate needs <= {SPLITK_MAX_ROWS} fp16/bf16 rows with K % 8 == 0 and a float32 "
+                         f"out [{m}, {n}]; got x {x2.dtype} {list(x2.shape)}, out {out.dtype} {list(out.shape)}")
+    check_w4(qweight, scales, zeros, k, group_size)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    g = scales.shape[1]
+    bn, gpp, warps = config or ((16, 1, 4) if interpreting() else SPLITK_TABLE.get((n, k), SPLITK_DEFAULT))
+    words = qweight.view(torch.int32)
+    _w4_splitk_kernel[(triton.cdiv(n, bn), triton.cdiv(g, gpp))](
+        x2, words, scales, zeros, bias if bias is not None else out, out, m, n, k, g,
+        x2.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_N=bn, GPP=gpp, EVEN_K=k % group_size == 0, HAS_BIAS=bias is not None,
+        USE_ASM=not interpreting(),
+        BF16=x2.dtype == torch.bfloat16, num_warps=warps)
+    return out
+
+
 def w4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               group_size: int = 128, bias: torch.Tensor | None = None,
               residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,21 +363,17 @@ def w4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     n = qweight.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
+    if splitk_ok(x2, qweight):
+        out = (residual.reshape(m, n).to(torch.float32, copy=True) if residual is not None
+               else torch.zeros(m, n, dtype=torch.float32, device=x.device))
+        return w4_accumulate(x2, qweight, scales, zeros, group_size, out, bias).to(x.dtype).reshape(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n).contiguous() if residual is not None else y
     bm = _block_m(m)
     args = (x2, qweight, scales, zeros, bias if bias is not None else y, res, y, m, n, k,
             x2.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), y.stride(0))
     flags = dict(GROUP=group_size, BLOCK_M=bm, HAS_BIAS=bias is not None, HAS_RES=residual is not None)
-    if m <= GEMV_MAX_ROWS and k % 8 == 0 and qweight.storage_offset() % 4 == 0:
-        words = qweight.view(torch.int32)
-        args = (x2, words, *args[2:11], words.stride(0), *args[12:])
-        if interpreting():
-            _w4_gemv32_kernel[(m, triton.cdiv(n, 4))](*args, BLOCK_N=4, BLOCK_W=16, **_no_block_m(flags))
-        else:
-            grid = lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-            _w4_gemv32_tuned[grid](*args, **_no_block_m(flags))
-    elif m <= GEMV_MAX_ROWS:
+    if m <= GEMV_MAX_ROWS:
         if interpreting():
             _w4_gemv_kernel[(m, triton.cdiv(n, 8))](*args, BLOCK_N=8, KG=2, **_no_block_m(flags))
         else:
