@@ -314,8 +314,10 @@ def _no_block_m(flags: dict) -> dict:
 
 
 SPLITK_MAX_ROWS = 16
-# (N, K) -> (BLOCK_N, groups per program, warps), chosen by CUDA-graph-timed sweeps (NOTES.md)
-SPLITK_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {}
+# (N, K) -> (BLOCK_N, groups per program, warps): fastest of a CUDA-graph-timed sweep on the H200 (NOTES.md);
+# other shapes take the default, within 5% of the best at every 7B shape
+SPLITK_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
+    (12288, 4096): (256, 1, 4), (4096, 4096): (256, 2, 4), (22016, 4096): (128, 2, 4), (4096, 11008): (128, 2, 4)}
 SPLITK_DEFAULT = (128, 2, 4)
 
 
