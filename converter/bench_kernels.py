@@ -1,7 +1,7 @@
 """Per-kernel timings of the decode kernels at LLaMA-2-7B shapes (CUDA), timed by CUDA-graph replay.
 
 ``python -m converter.bench_kernels [--sweep] [--out FILE]`` prints a table (and writes JSON): achieved GB/s
-of the INT4 projections (split-K kernel per config, the previous int32-word GEMV, torch's tinygemm), of the
+of the INT4 projections (split-K kernel per config, torch's tinygemm), of the
 4-bit attention per split count and tile, and the launch cost of one small kernel inside a graph.
 Used to choose :data:`runtime.kernels.w4.SPLITK_TABLE` and the attention tiles (NOTES.md).
 """
@@ -71,27 +71,17 @@ def splitk_rows(shapes=SHAPES_7B, ms=(1, 8), configs=None) -> list[dict]:
 
 
 def baseline_rows(shapes=SHAPES_7B, ms=(1, 8)) -> list[dict]:
-    """The previous int32-word GEMV (M=1, its launch-timed autotuner) and torch's tinygemm int4 kernel."""
-    from runtime.kernels import w4
-
+    """torch's tinygemm int4 kernel (``aten._weight_int4pack_mm``, bf16) at the same shapes."""
     rows = []
     for n, k in shapes:
         qw, sc, zr = random_weight(n, k)
-        nbytes = _nbytes(qw, sc, zr)
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        y = torch.empty(1, n, device="cuda", dtype=torch.float16)
-        words = qw.view(torch.int32)
-        args = (x, words, sc, zr, y, y, y, 1, n, k, x.stride(0), words.stride(0), sc.stride(0), zr.stride(0), 0, n)
-        grid = lambda meta: (1, -(-n // meta["BLOCK_N"]))  # noqa: E731
-        t = graph_ms(lambda: w4._w4_gemv32_tuned[grid](*args, GROUP=128, HAS_BIAS=False, HAS_RES=False))
-        rows.append(dict(kernel="w4_gemv32_v3", n=n, k=k, m=1, us=t * 1e3, GBps=nbytes / t / 1e6))
         packed = torch.ops.aten._convert_weight_to_int4pack(qw, 8)
         sz = torch.rand(k // 128, n, 2, device="cuda").to(torch.bfloat16)
         for m in ms:
             xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(xb, packed, 128, sz))
             rows.append(dict(kernel="tinygemm", n=n, k=k, m=m, us=t * 1e3, GBps=_nbytes(packed, sz) / t / 1e6))
-        log.info("%s", rows[-3:])
+        log.info("%s", rows[-2:])
     return rows
 
 

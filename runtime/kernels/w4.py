@@ -5,14 +5,11 @@
 nibble and ``2j + 1`` in the high nibble (:func:`runtime.quant.pack`), ``scales [N, G]`` (float16)
 and ``zeros uint8 [N, G]``. ``K`` may end in a ragged group. Three kernels:
 
-* one row (decode at batch 1), ``K % 8 == 0``: :func:`_w4_gemv32_kernel`, the packed bytes read as
-  int32 words, float32 FMA;
-* one row otherwise: :func:`_w4_gemv_kernel` (bytes);
 * up to 16 rows, ``K % 8 == 0`` (the decode step): :func:`_w4_splitk_kernel`, split over ``N`` and
-  ``K``, one tensor-core dot per group on codes unpacked by byte permutes (no per-element
+  ``K``, one tensor-core dot per group on codes unpacked by byte permutes (no per-code float
   arithmetic, see :func:`_codes_asm`), results added atomically into a float32 output
   (:func:`w4_accumulate`);
-* one row otherwise: :func:`_w4_gemv_kernel` (bytes);
+* one row otherwise (``K % 8 != 0``): :func:`_w4_gemv_kernel` (bytes, float32 FMA);
 * several rows (prefill): :func:`_w4_kernel`, a ``BLOCK_M x BLOCK_N`` tile per
   program walking ``K`` one group at a time, dequantized in registers and multiplied on the
   tensor cores.
@@ -93,42 +90,6 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
         lo = (qb & 15).to(tl.float32) - z[:, :, None]
         hi = (qb >> 4).to(tl.float32) - z[:, :, None]
         acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
-    y = tl.sum(tl.sum(acc, 2), 1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(r_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _w4_gemv32_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
-                      stride_xm, stride_qn, stride_sn, stride_zn, stride_rm, stride_ym,
-                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """GEMV reading the packed bytes as int32 words (``qw_ptr``: ``int32 [N, K/8]``, word ``w`` holds
-    input channels ``8w .. 8w+7`` at bits ``4i``; needs ``K % 8 == 0``). Codes become floats by the
-    exponent trick (``0x4B000000 | q`` is ``2**23 + q``), not by int-to-float conversions."""
-    m = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = rn < N
-    rw = tl.arange(0, BLOCK_W)
-    lane = tl.arange(0, 8)
-    shifts = (lane * 4)[None, None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_W, 8), dtype=tl.float32)
-    kw = K // 8
-    for w0 in range(0, kw, BLOCK_W):
-        wi = w0 + rw
-        wmask = mask_n[:, None] & (wi < kw)[None, :]
-        words = tl.load(qw_ptr + rn[:, None] * stride_qn + wi[None, :], mask=wmask, other=0)
-        g = (wi * 8) // GROUP
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=wmask, other=0).to(tl.float32)
-        x = tl.load(x_ptr + m * stride_xm + wi[:, None] * 8 + lane[None, :], mask=(wi < kw)[:, None],
-                    other=0.0).to(tl.float32)
-        q = ((words[:, :, None] >> shifts) & 15) | 0x4B000000
-        qz = q.to(tl.float32, bitcast=True) - (z + 8388608.0)[:, :, None]
-        acc += qz * (s[:, :, None] * x[None, :, :])
     y = tl.sum(tl.sum(acc, 2), 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
@@ -270,14 +231,6 @@ def _w4_splitk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
         acc += tl.load(b_ptr + rn, mask=mask_n & first, other=0.0).to(tl.float32)[None, :]
     tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :],
                   sem="relaxed")
-
-_GEMV32_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w, num_stages=st)
-    for bn, bw, w, st in ((4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 2), (2, 128, 4, 3), (8, 32, 4, 4),
-                          (16, 32, 4, 3), (4, 32, 2, 4))
-]
-_w4_gemv32_tuned = triton.autotune(configs=_GEMV32_CONFIGS, key=["M", "N", "K"])(_w4_gemv32_kernel)
-
 
 GEMV_MAX_ROWS = 1
 _GEMV_CONFIGS = [
