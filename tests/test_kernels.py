@@ -87,16 +87,18 @@ def test_rope_append_matches_cache_write(group):
         assert torch.equal(a[:, :, pos], r[:, :, pos])
 
 
-@pytest.mark.parametrize("hq,hkv,group,length", [(6, 2, None, 37), (4, 4, 16, 130), (8, 2, None, 0)])
-def test_decode_attention_matches_reference(hq, hkv, group, length):
+@pytest.mark.parametrize("hq,hkv,group,length,key_scale", [(6, 2, None, 37, 2), (4, 4, 16, 130, 2), (8, 2, None, 0, 2),
+                                                         (4, 2, None, 150, 40)])  # scores spread: rescales
+def test_decode_attention_matches_reference(hq, hkv, group, length, key_scale):
     from runtime.kernels.kv4 import decode_attention
 
     b, d, s = 2, 32, 160
     kq = _quantizer(hkv, d, group)
     cache = StaticPOQCache(1, b, s, hkv, d, group, device=DEV)
     if length:
-        cache.write(0, kq, torch.randn(b, hkv, length, d, device=DEV) * 2, torch.randn(b, hkv, length, d, device=DEV),
-                    0)
+        ramp = torch.linspace(0.1, 1, length, device=DEV)[:, None]  # the running maximum keeps growing
+        keys = torch.randn(b, hkv, length, d, device=DEV) * key_scale * ramp
+        cache.write(0, kq, keys, torch.randn(b, hkv, length, d, device=DEV), 0)
     cache.advance(length)
     q = torch.randn(b, hq, d, device=DEV)
     k_cur, v_cur = torch.randn(b, hkv, d, device=DEV), torch.randn(b, hkv, d, device=DEV)

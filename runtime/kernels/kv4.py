@@ -195,6 +195,112 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 
 @triton.jit
+def _slot(words, i: tl.constexpr):
+    """Code ``i`` of each int32 word as the float32 ``1 + code / 16`` (the nibble moved to mantissa bits
+    19..22 under the exponent of 1.0): a shift and one ``lop3``, no conversion or subtraction."""
+    if i <= 4:
+        t = words << (19 - 4 * i)
+    else:
+        t = words >> (4 * i - 19)
+    return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_stats(ptr, rows, gw, mask, G: tl.constexpr):
+    """``[BLOCK_S, NW]`` float32 step (or minimum) of each token and word (one load per token when G == 1)."""
+    if G == 1:
+        return tl.load(ptr + rows, mask=mask, other=0.0).to(tl.float32)[:, None]
+    else:
+        return tl.load(ptr + rows[:, None] * G + gw[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _attn_slots_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+                       len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                       QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
+    """Same contract as :func:`_attn_split_kernel`, with 2-D ``[BLOCK_S, NW]`` word tiles walked slot by slot.
+
+    With ``f = 1 + c / 16`` (:func:`_slot`): ``sum_i a_i c_i = 16 (sum_i a_i f_i - sum_i a_i)``, so a code costs
+    a shift, a ``lop3`` and one FMA, for the scores and for the values. Per word and token the scores take
+    ``16 step (part - qs_w) + minimum qs_w``; the value sums stay per token and word until the end of the
+    slice. The accumulators are rescaled only when the running maximum grows by more than 8 (exp(8) bounds
+    the unscaled weights)."""
+    NW: tl.constexpr = D // 8
+    GS: tl.constexpr = D // G
+    bh, sp = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HQ, bh % HQ
+    kh = h // QG
+    length = tl.load(len_ptr)
+    chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
+    start = sp * chunk
+    end = tl.minimum(start + chunk, length)
+    wi = tl.arange(0, NW)
+    gw = (wi * 8) // GS  # group of each word
+    q_row, sc_row, sh_row = q_ptr + bh * D + wi * 8, kscale_ptr + kh * D + wi * 8, kshift_ptr + kh * D + wi * 8
+    qs0 = tl.load(q_row) * tl.load(sc_row) * sm_scale
+    qs1 = tl.load(q_row + 1) * tl.load(sc_row + 1) * sm_scale
+    qs2 = tl.load(q_row + 2) * tl.load(sc_row + 2) * sm_scale
+    qs3 = tl.load(q_row + 3) * tl.load(sc_row + 3) * sm_scale
+    qs4 = tl.load(q_row + 4) * tl.load(sc_row + 4) * sm_scale
+    qs5 = tl.load(q_row + 5) * tl.load(sc_row + 5) * sm_scale
+    qs6 = tl.load(q_row + 6) * tl.load(sc_row + 6) * sm_scale
+    qs7 = tl.load(q_row + 7) * tl.load(sc_row + 7) * sm_scale
+    qsw = qs0 + qs1 + qs2 + qs3 + qs4 + qs5 + qs6 + qs7  # [NW]
+    d8 = tl.arange(0, 8)
+    const = tl.sum(tl.sum(tl.load(q_row[:, None] + d8[None, :]) * tl.load(sh_row[:, None] + d8[None, :]), 1), 0)
+    const = const * sm_scale
+    m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
+    zero = tl.zeros((BLOCK_S, NW), tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, spv, smin = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    head = (b * HKV + kh) * S
+    for s0 in range(start, end, BLOCK_S):
+        rows = head + s0 + tl.arange(0, BLOCK_S)
+        smask = (s0 + tl.arange(0, BLOCK_S)) < end
+        kw = tl.load(kc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
+        vw = tl.load(vc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
+        part = _slot(kw, 0) * qs0[None, :] + _slot(kw, 1) * qs1[None, :]
+        part += _slot(kw, 2) * qs2[None, :] + _slot(kw, 3) * qs3[None, :]
+        part += _slot(kw, 4) * qs4[None, :] + _slot(kw, 5) * qs5[None, :]
+        part += _slot(kw, 6) * qs6[None, :] + _slot(kw, 7) * qs7[None, :]
+        kst, kmn = _group_stats(ks_ptr, rows, gw, smask, G), _group_stats(km_ptr, rows, gw, smask, G)
+        sc = tl.sum(16.0 * kst * (part - qsw[None, :]) + kmn * qsw[None, :], 1) + const
+        sc = tl.where(smask, sc, float("-inf"))
+        m_blk = tl.max(sc, 0)
+        if m_blk > m_i + 8.0:  # lazy rescale
+            alpha = tl.exp(m_i - m_blk)
+            a0, a1, a2, a3, a4, a5, a6, a7 = a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
+            spv, smin, l_i, m_i = spv * alpha, smin * alpha, l_i * alpha, m_blk
+        p = tl.exp(sc - m_i)
+        l_i += tl.sum(p, 0)
+        pv = p[:, None] * _group_stats(vs_ptr, rows, gw, smask, G)
+        smin += p[:, None] * _group_stats(vm_ptr, rows, gw, smask, G)
+        spv += pv
+        a0 += pv * _slot(vw, 0)
+        a1 += pv * _slot(vw, 1)
+        a2 += pv * _slot(vw, 2)
+        a3 += pv * _slot(vw, 3)
+        a4 += pv * _slot(vw, 4)
+        a5 += pv * _slot(vw, 5)
+        a6 += pv * _slot(vw, 6)
+        a7 += pv * _slot(vw, 7)
+    part_id = bh * NSPLIT + sp
+    tl.store(m_ptr + part_id, m_i)
+    tl.store(l_ptr + part_id, l_i)
+    base = tl.sum(smin, 0) - 16.0 * tl.sum(spv, 0)  # [NW]
+    out = acc_ptr + part_id * D + wi * 8
+    tl.store(out, 16.0 * tl.sum(a0, 0) + base)
+    tl.store(out + 1, 16.0 * tl.sum(a1, 0) + base)
+    tl.store(out + 2, 16.0 * tl.sum(a2, 0) + base)
+    tl.store(out + 3, 16.0 * tl.sum(a3, 0) + base)
+    tl.store(out + 4, 16.0 * tl.sum(a4, 0) + base)
+    tl.store(out + 5, 16.0 * tl.sum(a5, 0) + base)
+    tl.store(out + 6, 16.0 * tl.sum(a6, 0) + base)
+    tl.store(out + 7, 16.0 * tl.sum(a7, 0) + base)
+
+
+@triton.jit
 def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                          sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr,
                          NSPLIT: tl.constexpr):
@@ -227,6 +333,7 @@ def num_splits(batch: int, heads: int, max_len: int, sms: int = 132) -> int:
 
 
 BLOCK_S = 32  # tokens per step of the split kernel (NOTES.md)
+SPLIT_KERNEL = "slots"  # or "v3": the split kernel of round 1, kept for comparison
 
 
 def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
@@ -248,7 +355,8 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
     k_scale, k_shift, v_scale, v_shift = kv_params
     if d % 8 or store.k_codes.shape[-1] * 2 != d:
         raise ValueError(f"the attention kernel needs head_dim a multiple of 8, got {d}")
-    _attn_split_kernel[(b * hq, splits)](
+    kernel = _attn_slots_kernel if SPLIT_KERNEL == "slots" else _attn_split_kernel
+    kernel[(b * hq, splits)](
         q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32), store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits,
         num_warps=num_warps)
