@@ -130,71 +130,6 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
 
 
 @triton.jit
-def _codes(words, shifts):
-    """``int32 [BS, NW]`` words -> float codes ``[BS, NW, 8]`` (exponent trick: ``0x4B000000 | q = 2**23 + q``)."""
-    q = ((words[:, :, None] >> shifts) & 15) | 0x4B000000
-    return q.to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
-                       len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
-                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                       QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
-    """One query head and one slice of the past per program (query heads of a KV head are adjacent
-    programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
-    ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) and never dequantized per channel:
-    ``score = step . sum_i (q s)_i c_i + minimum . sum_i (q s)_i`` per group; values accumulate
-    ``p * step * c`` and ``p * minimum`` separately. Online softmax in float32."""
-    NW: tl.constexpr = D // 8
-    GS: tl.constexpr = D // G
-    bh, sp = tl.program_id(0), tl.program_id(1)
-    b, h = bh // HQ, bh % HQ
-    kh = h // QG
-    length = tl.load(len_ptr)
-    chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
-    start = sp * chunk
-    end = tl.minimum(start + chunk, length)
-    wi = tl.arange(0, NW)
-    lane = tl.arange(0, 8)
-    shifts = (lane * 4)[None, None, :]
-    ch = wi[:, None] * 8 + lane[None, :]  # channel [NW, 8]
-    gw = (wi * 8) // GS  # group of each word
-    q = tl.load(q_ptr + bh * D + ch)
-    qs = q * tl.load(kscale_ptr + kh * D + ch) * sm_scale
-    qsum = tl.sum(qs, 1)
-    const = tl.sum(tl.sum(q * tl.load(kshift_ptr + kh * D + ch), 1), 0) * sm_scale
-    m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
-    acc = tl.zeros((BLOCK_S, NW, 8), tl.float32)
-    acc_min = tl.zeros((BLOCK_S, NW), tl.float32)
-    head = (b * HKV + kh) * S
-    for s0 in range(start, end, BLOCK_S):
-        rows = head + s0 + tl.arange(0, BLOCK_S)
-        smask = (s0 + tl.arange(0, BLOCK_S)) < end
-        m2 = smask[:, None]
-        kst = tl.load(ks_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
-        kmn = tl.load(km_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
-        kc = _codes(tl.load(kc_ptr + rows[:, None] * NW + wi[None, :], mask=m2, other=0), shifts)
-        sc = tl.sum(kst * tl.sum(kc * qs[None, :, :], 2) + kmn * qsum[None, :], 1)
-        sc = tl.where(smask, sc + const, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        vst = tl.load(vs_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
-        vmn = tl.load(vm_ptr + rows[:, None] * G + gw[None, :], mask=m2, other=0.0).to(tl.float32)
-        vc = _codes(tl.load(vc_ptr + rows[:, None] * NW + wi[None, :], mask=m2, other=0), shifts)
-        acc = acc * alpha + (p[:, None] * vst)[:, :, None] * vc
-        acc_min = acc_min * alpha + p[:, None] * vmn
-        m_i = m_new
-    part = bh * NSPLIT + sp
-    tl.store(m_ptr + part, m_i)
-    tl.store(l_ptr + part, l_i)
-    tl.store(acc_ptr + part * D + ch, tl.sum(acc, 0) + tl.sum(acc_min, 0)[:, None])
-
-
-@triton.jit
 def _slot(words, i: tl.constexpr):
     """Code ``i`` of each int32 word as the float32 ``1 + code / 16`` (the nibble moved to mantissa bits
     19..22 under the exponent of 1.0): a shift and one ``lop3``, no conversion or subtraction."""
@@ -215,11 +150,15 @@ def _group_stats(ptr, rows, gw, mask, G: tl.constexpr):
 
 
 @triton.jit
-def _attn_slots_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
-    """Same contract as :func:`_attn_split_kernel`, with 2-D ``[BLOCK_S, NW]`` word tiles walked slot by slot.
+    """One query head and one slice of the past per program (query heads of a KV head are adjacent
+    programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
+    ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
+    slot, never dequantized per channel: ``score = step . (qs . c) + minimum . sum(qs)`` per group, values
+    accumulate ``p * step * c`` and ``p * minimum`` separately. Online softmax in float32.
 
     With ``f = 1 + c / 16`` (:func:`_slot`): ``sum_i a_i c_i = 16 (sum_i a_i f_i - sum_i a_i)``, so a code costs
     a shift, a ``lop3`` and one FMA, for the scores and for the values. Per word and token the scores take
@@ -270,7 +209,8 @@ def _attn_slots_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         m_blk = tl.max(sc, 0)
         if m_blk > m_i + 8.0:  # lazy rescale
             alpha = tl.exp(m_i - m_blk)
-            a0, a1, a2, a3, a4, a5, a6, a7 = a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
+            a0, a1, a2, a3 = a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha
+            a4, a5, a6, a7 = a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
             spv, smin, l_i, m_i = spv * alpha, smin * alpha, l_i * alpha, m_blk
         p = tl.exp(sc - m_i)
         l_i += tl.sum(p, 0)
@@ -333,7 +273,6 @@ def num_splits(batch: int, heads: int, max_len: int, sms: int = 132) -> int:
 
 
 BLOCK_S = 32  # tokens per step of the split kernel (NOTES.md)
-SPLIT_KERNEL = "slots"  # or "v3": the split kernel of round 1, kept for comparison
 
 
 def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
@@ -353,11 +292,12 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
     l_ = torch.empty_like(m)
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    if d % 8 or store.k_codes.shape[-1] * 2 != d:
-        raise ValueError(f"the attention kernel needs head_dim a multiple of 8, got {d}")
-    kernel = _attn_slots_kernel if SPLIT_KERNEL == "slots" else _attn_split_kernel
-    kernel[(b * hq, splits)](
-        q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32), store.v_step, store.v_min, k_scale, k_shift,
+    if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
+        raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
+                         f"head_dim {d}, group size {d // g}")
+    k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
+    _attn_split_kernel[(b * hq, splits)](
+        q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits,
         num_warps=num_warps)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
