@@ -145,6 +145,15 @@ def calibration_options(f):
         click.option("--smooth-lr", type=float, default=5e-3, show_default=True),
         click.option("--no-lwc", is_flag=True, help="Ablation: min-max weight clipping instead of LWC."),
         click.option("--no-smooth", is_flag=True, help="Ablation: no K/V smoothing/shift (s = 1, delta = 0)."),
+        click.option("--rounding", type=click.Choice(["nearest", "learned", "gptq"]), default="nearest",
+                     show_default=True, help="How weights are rounded on the learned grid: nearest (the paper); "
+                     "experimental: learned (per-weight offsets trained with the CRR loss), gptq (inverse-Hessian "
+                     "error feedback; measured worse on SmolLM2, see BENCHMARKS.md)."),
+        click.option("--round-lr", type=float, default=5e-3, show_default=True,
+                     help="Learning rate of the --rounding learned offsets."),
+        click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
+                     help="Experimental: also tune each block's RMSNorm weights (kept in full precision)."),
+        click.option("--norm-lr", type=float, default=1e-4, show_default=True),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),

@@ -147,17 +147,20 @@ def table(r: BenchResult) -> str:
 @click.option("--crr-k", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--calib-dtype", type=click.Choice(list(C.COMPUTE_DTYPES)), default="auto", show_default=True)
+@click.option("--rounding", type=click.Choice(C.ROUNDINGS), default=C.CalibConfig.rounding, show_default=True)
+@click.option("--tune-norms/--no-tune-norms", default=C.CalibConfig.tune_norms, show_default=True)
 @click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if available].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
-def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, device, progress, json_path):
+def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, device, progress,
+         json_path):
     """Time the full per-block calibration recipe on a random model of SHAPE."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if blocks <= 0:
         raise click.BadParameter(f"--blocks must be positive, got {blocks}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     calib = C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=crr_k, batch_size=batch_size,
-                          compute_dtype=calib_dtype, progress=progress)
+                          compute_dtype=calib_dtype, rounding=rounding, tune_norms=tune_norms, progress=progress)
     result = run(shape, blocks, calib, dev)
     click.echo(table(result))
     if json_path is not None:

@@ -82,10 +82,15 @@ class WorkDir:
         tensors = {}
         for name, (hi, lo) in params.clips.items():
             tensors[f"{name}.clip_hi"], tensors[f"{name}.clip_lo"] = hi.contiguous(), lo.contiguous()
+        for name, t in params.rounding.items():
+            tensors[f"{name}.rounding"] = t.contiguous()
+        for name, t in params.norms.items():
+            tensors[f"norm.{name}"] = t.contiguous()
         for name, t in (params.kv or {}).items():
             tensors[f"kv.{name}"] = t.contiguous()
-        meta = {"loss": params.loss, "initial_loss": params.initial_loss, "epoch_losses": params.epoch_losses, "seconds": params.seconds,
-                "clips": sorted(params.clips), "kv": params.kv is not None}
+        meta = {"loss": params.loss, "initial_loss": params.initial_loss, "epoch_losses": params.epoch_losses,
+                "seconds": params.seconds, "clips": sorted(params.clips), "rounding": sorted(params.rounding),
+                "norms": sorted(params.norms), "kv": params.kv is not None}
         target = self.block_file(index)
         tmp = target.with_name(target.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"wkvq_block": json.dumps(meta)})
@@ -99,9 +104,11 @@ class WorkDir:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = json.loads(f.metadata()["wkvq_block"])
             clips = {n: (f.get_tensor(f"{n}.clip_hi"), f.get_tensor(f"{n}.clip_lo")) for n in meta["clips"]}
+            rounding = {n: f.get_tensor(f"{n}.rounding") for n in meta.get("rounding", [])}
+            norms = {n: f.get_tensor(f"norm.{n}") for n in meta.get("norms", [])}
             kv = {n: f.get_tensor(f"kv.{n}") for n in KV_TENSORS} if meta["kv"] else None
-        return BlockParams(clips=clips, kv=kv, loss=meta["loss"], initial_loss=meta["initial_loss"],
-                           epoch_losses=meta["epoch_losses"],
+        return BlockParams(clips=clips, rounding=rounding, norms=norms, kv=kv, loss=meta["loss"],
+                           initial_loss=meta["initial_loss"], epoch_losses=meta["epoch_losses"],
                            seconds=meta["seconds"])
 
     def remove(self) -> None:

@@ -29,13 +29,16 @@ from tqdm.auto import tqdm
 
 from runtime.kvquant import KVQuantConfig
 
-from . import data, lwc
+from runtime.artifact import DECODER_LINEARS
+
+from . import data, gptq, lwc
 from .calib_state import WorkDir, tensor_digest, work_dir_for
-from .export import Calibration, WeightQuantConfig
+from .export import Calibration, WeightQuantConfig, export_qparams
 from .lwc import BlockParams
 
 log = logging.getLogger(__name__)
 
+ROUNDINGS = ("nearest", "learned", "gptq")  # how the weights' codes are rounded on the (learned) grid
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EVAL_SPLITS = ("enwiki-sample:eval", "wikitext2:test")
 CHECK_EVERY = 32  # steps between loss syncs (finiteness check, progress bar)
@@ -50,7 +53,16 @@ class CalibConfig:
     """The WKVQuant recipe. Defaults: 128 x 2048 tokens, 5 epochs, CRR window k = 5, batch 1 (as the
     paper / OmniQuant), AdamW without weight decay, lr 5e-3 for the smoothing/shift parameters and
     2e-2 for LWC: OmniQuant's lwc_lr 1e-2 is tuned for 20 epochs; with 5 it leaves LWC unconverged
-    (SmolLM2 block 0, 256 steps: MAE 0.146 -> 0.119 at 1e-2, -> 0.115 (plateau) at 2e-2)."""
+    (SmolLM2 block 0, 256 steps: MAE 0.146 -> 0.119 at 1e-2, -> 0.115 (plateau) at 2e-2).
+
+    Beyond the paper (experimental, off by default): ``rounding`` says how the codes are rounded on
+    the learned grid: ``nearest`` (the paper, default), ``gptq`` (inverse-Hessian error feedback on
+    the block's quantized inputs once the block is trained, :mod:`converter.gptq`) or ``learned``
+    (per-weight offsets trained with the CRR loss, ``round_lr``); ``tune_norms`` also trains the
+    block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
+    nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
+    recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
+    (the error grows from block 4 on): see BENCHMARKS.md."""
 
     nsamples: int = 128
     seqlen: int = 2048
@@ -61,6 +73,10 @@ class CalibConfig:
     smooth: bool = True
     lwc_lr: float = 2e-2
     smooth_lr: float = 5e-3
+    rounding: str = "nearest"
+    round_lr: float = 5e-3
+    tune_norms: bool = False
+    norm_lr: float = 1e-4
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
@@ -76,11 +92,13 @@ class CalibConfig:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:
             raise ValueError(f"batch size {self.batch_size} is larger than nsamples {self.nsamples}")
-        for name in ("lwc_lr", "smooth_lr"):
+        for name in ("lwc_lr", "smooth_lr", "round_lr", "norm_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.calib_data in EVAL_SPLITS:
@@ -148,7 +166,7 @@ def run_blocks(blocks, x: torch.Tensor, pe, setup: BlockSetup, inplace: bool = F
 
 @torch.no_grad()
 def observe(block, x: torch.Tensor, pe, setup: BlockSetup) -> None:
-    """Run ``block`` over every sample for its side effects (K/V range statistics), keeping no output."""
+    """Run ``block`` over every sample for its side effects (K/V range statistics, Hessians), keeping no output."""
     for s in range(0, x.shape[0], setup.chunk):
         with autocast(setup):
             block(x[s:s + setup.chunk], position_embeddings=pe)
@@ -182,7 +200,9 @@ def _check_finite(total: torch.Tensor, index: int, epoch: int, step: int) -> flo
 
 def make_optimizer(qblock, ccfg: CalibConfig) -> torch.optim.Optimizer | None:
     groups = [{"params": ps, "lr": lr} for ps, lr in ((lwc.lwc_parameters(qblock), ccfg.lwc_lr),
-                                                     (lwc.smooth_parameters(qblock), ccfg.smooth_lr)) if ps]
+                                                     (lwc.smooth_parameters(qblock), ccfg.smooth_lr),
+                                                     (lwc.rounding_parameters(qblock), ccfg.round_lr),
+                                                     (lwc.norm_parameters(qblock), ccfg.norm_lr)) if ps]
     if not groups:
         return None
     return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay)
@@ -231,17 +251,47 @@ def eval_loss(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) ->
 def calibrate_block(layer, config, index: int, window, x_q, target, pe, setup: BlockSetup) -> BlockParams:
     """Train block ``index`` against ``target`` (the window's full-precision output) and fold it."""
     start = time.perf_counter()
-    qblock = lwc.quant_block(layer, config, index, setup.weight, setup.calib.lwc, setup.device)
+    ccfg = setup.calib
+    qblock = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device,
+                             rounding=ccfg.rounding == "learned", tune_norms=ccfg.tune_norms)
     observe(qblock, x_q, pe, setup)  # K/V statistics for the smoothing/shift init
     lwc.set_kv_quantizer(qblock, setup.kv, setup.calib.smooth)
     initial = eval_loss(qblock, window, x_q, target, pe, setup, index)
     qblock.train()
     losses = train_block(qblock, window, x_q, target, pe, setup, index)
     params = lwc.fold_block(qblock)
+    if ccfg.rounding == "gptq":
+        params.rounding = gptq_rounding(layer, config, index, params, x_q, pe, setup)
     params.loss, params.initial_loss, params.epoch_losses = (losses or [initial])[-1], initial, losses
     params.seconds = time.perf_counter() - start
     log.info("block %d: loss %.6f -> %.6f (%.1f s)", index, initial, params.loss, params.seconds)
     return params
+
+
+@torch.no_grad()
+def gptq_rounding(layer, config, index: int, params: BlockParams, x_q, pe, setup: BlockSetup) -> dict:
+    """GPTQ rounding decisions for each Linear of block ``index`` on its learned grid, with the
+    Hessians of the Linears' inputs when the block runs as the artifact computes it (nearest
+    rounding) on the quantized inputs ``x_q``."""
+    blk = lwc.applied_block(layer, config, index, params, setup.weight, setup.kv, setup.device, setup.dtype)
+    acc, hooks = {}, []
+    for name in DECODER_LINEARS:
+        lin = blk.get_submodule(name)
+        acc[name] = gptq.HessianAccumulator(lin.in_features, setup.device)
+        hooks.append(lin.register_forward_pre_hook(lambda m, args, a=acc[name]: a.add(args[0])))
+    try:
+        observe(blk, x_q, pe, setup)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name in DECODER_LINEARS:
+        w = layer.get_submodule(name).weight.detach().to(setup.device, torch.float32)
+        hi, lo = params.clips.get(name, (None, None))
+        hi, lo = (None, None) if hi is None else (hi.to(setup.device), lo.to(setup.device))
+        _, _, scale, zero = export_qparams(w, setup.weight, hi, lo)
+        out[name] = gptq.gptq_decisions(w, acc[name].h, scale, zero, setup.weight.bits, setup.weight.group_size).cpu()
+    return out
 
 
 class FullPrecisionWindow:
@@ -321,6 +371,10 @@ def to_calibration(results: list[BlockParams], info: dict) -> Calibration:
     for i, r in enumerate(results):
         for name, clips in r.clips.items():
             calib.clips[f"model.layers.{i}.{name}"] = clips
+        for name, decisions in r.rounding.items():
+            calib.rounding[f"model.layers.{i}.{name}"] = decisions
+        for name, t in r.norms.items():
+            calib.tensors[f"model.layers.{i}.{name}"] = t
         if r.kv is not None:
             calib.kv[i] = r.kv
     calib.info["block_seconds"] = [round(r.seconds, 3) for r in results]

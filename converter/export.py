@@ -37,25 +37,37 @@ class WeightQuantConfig:
 
 @dataclass
 class Calibration:
-    """What the converter learned: LWC factors per Linear prefix, s/delta per layer, losses."""
+    """What the converter learned: LWC factors and learned rounding decisions per Linear prefix,
+    s/delta per layer, tuned full-precision tensors (e.g. RMSNorm weights) by name, losses."""
 
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rounding: dict[str, torch.Tensor] = field(default_factory=dict)
     kv: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: list[float | None] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
 
-def linear_tensors(prefix: str, weight: torch.Tensor, cfg: WeightQuantConfig,
-                   clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None) -> dict:
-    """The artifact tensors of one Linear: packed codes, scales, zeros and clipping factors."""
+def export_qparams(weight: torch.Tensor, cfg: WeightQuantConfig, clip_hi=None, clip_lo=None):
+    """``(clip_hi, clip_lo, scale, zero)`` exactly as the artifact stores them: float16 factors
+    (all ones without LWC), the float16 scale computed from them, integer zero points."""
     w = weight.detach().float()
     g = quant.num_groups(w.shape[1], cfg.group_size)
     hi = torch.ones(w.shape[0], g, device=w.device) if clip_hi is None else clip_hi.detach().float()
     lo = torch.ones(w.shape[0], g, device=w.device) if clip_lo is None else clip_lo.detach().float()
     hi, lo = hi.to(torch.float16), lo.to(torch.float16)  # quantize with exactly the stored factors
     scale, zero = quant.weight_qparams(w, cfg.bits, cfg.group_size, hi, lo)
-    scale = scale.to(torch.float16)  # codes are computed with the scale exactly as stored
-    q = quant.quantize_weight(w, scale.float(), zero, cfg.bits, cfg.group_size)
+    return hi, lo, scale.to(torch.float16), zero  # codes are computed with the scale exactly as stored
+
+
+def linear_tensors(prefix: str, weight: torch.Tensor, cfg: WeightQuantConfig,
+                   clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None,
+                   rounding: torch.Tensor | None = None) -> dict:
+    """The artifact tensors of one Linear: packed codes, scales, zeros and clipping factors.
+    ``rounding``: learned rounding decisions (int8 -1/0/+1 per weight) added to nearest rounding."""
+    hi, lo, scale, zero = export_qparams(weight, cfg, clip_hi, clip_lo)
+    q = quant.quantize_weight(weight, scale.float(), zero, cfg.bits, cfg.group_size,
+                              None if rounding is None else rounding.to(weight.device))
     names = artifact.linear_tensor_names(prefix)
     return {names["qweight"]: quant.pack(q, cfg.bits), names["scales"]: scale,
             names["zeros"]: zero.to(torch.uint8), names["clip_hi"]: hi, names["clip_lo"]: lo}
@@ -71,7 +83,8 @@ def model_tensors(model, wcfg: WeightQuantConfig, calib: Calibration, dtype: tor
         for name in DECODER_LINEARS:
             prefix = f"{artifact.layer_prefix(i)}.{name}"
             lin = layer.get_submodule(name)
-            tensors.update(linear_tensors(prefix, lin.weight, wcfg, *calib.clips.get(prefix, (None, None))))
+            tensors.update(linear_tensors(prefix, lin.weight, wcfg, *calib.clips.get(prefix, (None, None)),
+                                          rounding=calib.rounding.get(prefix)))
             if lin.bias is not None:
                 tensors[f"{prefix}.bias"] = lin.bias.detach().to(dtype)
             quantized.add(f"{prefix}.weight")
@@ -81,10 +94,14 @@ def model_tensors(model, wcfg: WeightQuantConfig, calib: Calibration, dtype: tor
             default = torch.ones if kind.endswith("scale") else torch.zeros
             t = kv.get(kind)
             tensors[name] = (default(cfg.num_key_value_heads, head_dim) if t is None else t.detach()).float()
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    unknown = sorted(set(calib.tensors) - set(state))
+    if unknown:
+        raise ValueError(f"calibrated tensors {unknown[:3]} are not in the model; they would be lost")
+    for name, t in state.items():
         if name in quantized or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
-        tensors[name] = t.detach().to(dtype)
+        tensors[name] = calib.tensors.get(name, t).detach().to(dtype)
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 

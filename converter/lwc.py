@@ -40,10 +40,13 @@ class BlockParams:
     """What calibration learned for one block, as plain CPU float32 tensors.
 
     ``clips[name] = (clip_hi, clip_lo)`` ``[out, G]`` per Linear name (e.g. ``"mlp.up_proj"``),
-    empty without LWC; ``kv`` = ``{k_scale, k_shift, v_scale, v_shift}`` ``[H_kv, D]`` or None.
+    empty without LWC; ``rounding[name]`` the learned rounding decisions (empty without learned
+    rounding); ``norms`` the tuned RMSNorm weights (empty without norm tuning); ``kv`` = ``{k_scale, k_shift, v_scale, v_shift}`` ``[H_kv, D]`` or None.
     """
 
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rounding: dict[str, torch.Tensor] = field(default_factory=dict)  # int8 [out, in] per Linear name
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned RMSNorm weights, e.g. "input_layernorm.weight"
     kv: dict[str, torch.Tensor] | None = None
     loss: float | None = None
     initial_loss: float | None = None  # the CRR loss before training (LWC and s/delta at their init)
@@ -52,23 +55,32 @@ class BlockParams:
 
 
 class LWCLinear(nn.Module):
-    """``y = x @ fq(W)^T + b``; ``W`` frozen, ``gamma``/``beta`` learnable when ``lwc``."""
+    """``y = x @ fq(W)^T + b``; ``W`` frozen, ``gamma``/``beta`` learnable when ``lwc``, per-weight
+    rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable when ``rounding``."""
 
-    def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT):
+    def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT,
+                 rounding: bool = False):
         super().__init__()
         self.wcfg = wcfg
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
+        self.gamma = self.beta = self.offset = None
+        if lwc or rounding:
+            self.register_buffer("weight", w)
+        else:  # min-max clipping, nearest rounding: the fake-quantized weight is fixed, compute it once
+            self.register_buffer("weight", quant.fake_quantize_weight(w, wcfg.bits, wcfg.group_size))
         if lwc:
             g = quant.num_groups(self.in_features, wcfg.group_size)
-            self.register_buffer("weight", w)
             self.gamma = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
             self.beta = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
-        else:  # min-max clipping: the fake-quantized weight is fixed, compute it once
-            self.register_buffer("weight", quant.fake_quantize_weight(w, wcfg.bits, wcfg.group_size))
-            self.gamma = self.beta = None
+        if rounding:
+            self.offset = nn.Parameter(torch.zeros_like(w))
+
+    @property
+    def fixed(self) -> bool:
+        return self.gamma is None and self.offset is None
 
     def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.gamma is None:
@@ -77,9 +89,18 @@ class LWCLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.gamma is not None:
-            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips())
+        if not self.fixed:
+            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset)
         return F.linear(x, w, self.bias)
+
+    def rounding_decisions(self) -> torch.Tensor | None:
+        """The learned rounding as int8 offsets to nearest rounding, for the export's exact scales."""
+        if self.offset is None:
+            return None
+        hi, lo = self.clips()
+        hi, lo = (None, None) if hi is None else (hi.detach().half().float(), lo.detach().half().float())
+        _, _, scale, _ = export.export_qparams(self.weight, self.wcfg, hi, lo)
+        return quant.rounding_decisions(self.weight, scale, self.offset.detach(), self.wcfg.group_size).cpu()
 
 
 class SmoothedKV(KVQuantizer):
@@ -160,13 +181,23 @@ def _kv_shape(config) -> tuple[int, int]:
     return config.num_key_value_heads, head_dim
 
 
-def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, device) -> nn.Module:
-    """A float32 copy of ``layer`` with :class:`LWCLinear` projections and a K/V range observer."""
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, device,
+                rounding: bool = False, tune_norms: bool = False) -> nn.Module:
+    """A float32 copy of ``layer`` with :class:`LWCLinear` projections and a K/V range observer;
+    its RMSNorm weights are trainable with ``tune_norms``."""
     blk = clone_layer(layer, config, index, device, torch.float32)
     for name in DECODER_LINEARS:
         parent, child = name.rsplit(".", 1)
-        blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc))
+        blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc,
+                                                                   rounding=rounding))
     blk.self_attn.register_module("kv_quant", KVRangeObserver(*_kv_shape(config), device=device))
+    if tune_norms:  # a copy: clone_layer's tensors may share storage with the source model's
+        for name in NORMS:
+            norm = blk.get_submodule(name)
+            norm.weight = nn.Parameter(norm.weight.detach().clone())
     return blk
 
 
@@ -184,6 +215,14 @@ def lwc_parameters(blk: nn.Module) -> list[nn.Parameter]:
     return [p for m in blk.modules() if isinstance(m, LWCLinear) and m.gamma is not None for p in (m.gamma, m.beta)]
 
 
+def rounding_parameters(blk: nn.Module) -> list[nn.Parameter]:
+    return [m.offset for m in blk.modules() if isinstance(m, LWCLinear) and m.offset is not None]
+
+
+def norm_parameters(blk: nn.Module) -> list[nn.Parameter]:
+    return [w for w in (blk.get_submodule(n).weight for n in NORMS) if w.requires_grad]
+
+
 def smooth_parameters(blk: nn.Module) -> list[nn.Parameter]:
     kvq = blk.self_attn.kv_quant
     return list(kvq.parameters()) if isinstance(kvq, SmoothedKV) else []
@@ -191,18 +230,24 @@ def smooth_parameters(blk: nn.Module) -> list[nn.Parameter]:
 
 def fold_block(blk: nn.Module) -> BlockParams:
     """The learned parameters as plain tensors; clipping factors rounded to float16 as the artifact stores them."""
-    clips = {}
+    clips, rounding = {}, {}
     for name in DECODER_LINEARS:
-        hi, lo = blk.get_submodule(name).clips()
+        lin = blk.get_submodule(name)
+        hi, lo = lin.clips()
         if hi is not None:
             clips[name] = (hi.detach().half().float().cpu(), lo.detach().half().float().cpu())
+        if lin.offset is not None:
+            rounding[name] = lin.rounding_decisions()
+    norms = {f"{n}.weight": blk.get_submodule(n).weight.detach().float().cpu().clone()
+             for n in NORMS if blk.get_submodule(n).weight.requires_grad}
     kvq = blk.self_attn.kv_quant
-    return BlockParams(clips=clips, kv=kvq.folded() if isinstance(kvq, SmoothedKV) else None)
+    return BlockParams(clips=clips, rounding=rounding, norms=norms, kv=kvq.folded() if isinstance(kvq, SmoothedKV) else None)
 
 
-def exported_weight(weight: torch.Tensor, wcfg: WeightQuantConfig, clip_hi=None, clip_lo=None) -> torch.Tensor:
+def exported_weight(weight: torch.Tensor, wcfg: WeightQuantConfig, clip_hi=None, clip_lo=None,
+                    rounding=None) -> torch.Tensor:
     """The float32 weight the artifact will hold: export's codes, scales and zeros, dequantized."""
-    t = export.linear_tensors("w", weight, wcfg, clip_hi, clip_lo)
+    t = export.linear_tensors("w", weight, wcfg, clip_hi, clip_lo, rounding)
     q = quant.unpack(t["w.qweight"], wcfg.bits, weight.shape[1])
     return quant.dequantize_weight(q, t["w.scales"], t["w.zeros"], wcfg.group_size)
 
@@ -215,7 +260,8 @@ def applied_block(layer, config, index: int, params: BlockParams, wcfg: WeightQu
         w = layer.get_submodule(name).weight.detach().to(device=device, dtype=torch.float32)
         hi, lo = params.clips.get(name, (None, None))
         hi, lo = (None, None) if hi is None else (hi.to(device), lo.to(device))
-        state[f"{name}.weight"] = exported_weight(w, wcfg, hi, lo)
+        state[f"{name}.weight"] = exported_weight(w, wcfg, hi, lo, params.rounding.get(name))
+    state.update(params.norms)
     blk = clone_layer(layer, config, index, device, dtype, state)
     kvq = KVQuantizer(*_kv_shape(config), kvcfg, device=device)
     for name, t in (params.kv or {}).items():

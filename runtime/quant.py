@@ -105,13 +105,28 @@ def weight_qparams(
     return scale, zero
 
 
-def quantize_weight(w, scale, zero, bits: int = 4, group_size: int = 128) -> torch.Tensor:
-    """Integer codes ``uint8 [out, in]`` of ``w`` for the given per-group parameters."""
+def quantize_weight(w, scale, zero, bits: int = 4, group_size: int = 128, rounding=None) -> torch.Tensor:
+    """Integer codes ``uint8 [out, in]`` of ``w`` for the given per-group parameters.
+
+    ``rounding``: optional integer offsets ``[out, in]`` (learned rounding decisions, -1/0/+1)
+    added to the nearest code before clamping.
+    """
     qmax = 2 ** check_bits(bits) - 1
     n = w.shape[-1]
     s = expand_groups(scale, group_size, n)
     z = expand_groups(zero, group_size, n)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, qmax).to(torch.uint8)
+    q = torch.round(w.float() / s)
+    if rounding is not None:
+        q = q + rounding.float()
+    return torch.clamp(q + z, 0, qmax).to(torch.uint8)
+
+
+def rounding_decisions(w, scale, offset, group_size: int = 128) -> torch.Tensor:
+    """``int8 [out, in]``: ``round(w / s + offset) - round(w / s)`` (each -1, 0 or +1 for
+    ``offset`` in [-0.5, 0.5]): learned rounding as integer offsets to round-to-nearest."""
+    s = expand_groups(scale.float(), group_size, w.shape[-1])
+    x = w.float() / s
+    return (torch.round(x + offset.float().clamp(-0.5, 0.5)) - torch.round(x)).to(torch.int8)
 
 
 def dequantize_weight(q, scale, zero, group_size: int = 128, dtype=torch.float32) -> torch.Tensor:
@@ -123,16 +138,22 @@ def dequantize_weight(q, scale, zero, group_size: int = 128, dtype=torch.float32
 
 
 def fake_quantize_weight(
-    w, bits: int = 4, group_size: int = 128, clip_hi=None, clip_lo=None
+    w, bits: int = 4, group_size: int = 128, clip_hi=None, clip_lo=None, offset=None
 ) -> torch.Tensor:
-    """Quantize-dequantize ``w`` with straight-through rounding (differentiable in ``w`` and
-    the clipping factors); numerically equal to ``dequantize_weight(quantize_weight(...))``."""
+    """Quantize-dequantize ``w`` with straight-through rounding (differentiable in ``w``, the
+    clipping factors and ``offset``); numerically equal to ``dequantize_weight(quantize_weight(...))``.
+
+    ``offset``: optional learnable rounding offsets ``[out, in]``, clamped to [-0.5, 0.5] and added
+    before rounding (AdaRound/AutoRound-style learned rounding; :func:`rounding_decisions`)."""
     qmax = 2 ** check_bits(bits) - 1
     scale, zero = weight_qparams(w, bits, group_size, clip_hi, clip_lo, ste=True)
     n = w.shape[-1]
     s = expand_groups(scale, group_size, n)
     z = expand_groups(zero, group_size, n)
-    q = torch.clamp(round_ste(w.float() / s) + z, 0, qmax)
+    x = w.float() / s
+    if offset is not None:
+        x = x + offset.float().clamp(-0.5, 0.5)
+    q = torch.clamp(round_ste(x) + z, 0, qmax)
     return ((q - z) * s).to(w.dtype)
 
 

@@ -161,6 +161,72 @@ def test_training_lowers_loss_and_moves_parameters(tiny_block_setup):
     assert hi.shape == (192, 2) and torch.equal(hi, hi.half().float()) and ((lo > 0) & (lo <= 1)).all()
 
 
+def test_learned_rounding_and_norm_tuning_train_fold_and_export(tiny_block_setup):
+    """With --rounding learned and --tune-norms the offsets and RMSNorm weights train, fold into int8
+    decisions and tuned norms, and the applied block (the artifact's computation) matches the
+    trained block up to float16 rounding of the scales."""
+    model, setup, config, x, pe, window, target = tiny_block_setup
+    qblock = lwc.quant_block(model.model.layers[0], config, 0, setup.weight, True, setup.device,
+                             rounding=True, tune_norms=True)
+    C.observe(qblock, x, pe, setup)
+    lwc.set_kv_quantizer(qblock, setup.kv, smooth=True)
+    setup = C.BlockSetup(setup.weight, setup.kv, C.CalibConfig(**{**TINY, "epochs": 4, "round_lr": 5e-3, "rounding": "learned",
+                                                                   "norm_lr": 1e-2}), setup.device, setup.dtype)
+    source_norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    before = C.eval_loss(qblock, window, x, target, pe, setup, 0)
+    C.train_block(qblock, window, x, target, pe, setup, 0)
+    after = C.eval_loss(qblock, window, x, target, pe, setup, 0)
+    assert after < before, (before, after)
+    params = lwc.fold_block(qblock)
+    assert set(params.rounding) == set(lwc.DECODER_LINEARS)
+    flips = sum(int((d != 0).sum()) for d in params.rounding.values())
+    assert flips > 0 and all(d.dtype == torch.int8 for d in params.rounding.values())
+    assert set(params.norms) == {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    orig = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(orig, source_norm)  # the source model is never modified
+    assert not torch.equal(params.norms["input_layernorm.weight"], source_norm)
+    applied = lwc.applied_block(model.model.layers[0], config, 0, params, setup.weight, setup.kv, "cpu", torch.float32)
+    assert torch.equal(applied.input_layernorm.weight, params.norms["input_layernorm.weight"])
+    for name in lwc.DECODER_LINEARS:  # the artifact's weights are the trained ones (float16 scales aside)
+        lin = qblock.get_submodule(name)
+        hi, lo = (c.detach().half().float() for c in lin.clips())
+        trained = quant.fake_quantize_weight(lin.weight, 4, 128, hi, lo, offset=lin.offset.detach())
+        nearest = quant.fake_quantize_weight(lin.weight, 4, 128, hi, lo)
+        exported = applied.get_submodule(name).weight
+        assert (exported - trained).norm() < 0.5 * (nearest - trained).norm(), name
+
+
+def test_gptq_rounding_lowers_the_applied_blocks_error(tiny_block_setup):
+    """--rounding gptq: after LWC training, GPTQ decisions on the learned grid make the block as the
+    artifact computes it reconstruct better than nearest rounding on the same grid."""
+    model, setup, config, x, pe, window, target = tiny_block_setup
+    layer = model.model.layers[0]
+    losses = {}
+    for rounding in ("nearest", "gptq"):
+        st = C.BlockSetup(setup.weight, setup.kv, C.CalibConfig(**{**TINY, "rounding": rounding}), setup.device,
+                          setup.dtype)
+        torch.manual_seed(0)
+        params = C.calibrate_block(layer, config, 0, window, x, target, pe, st)
+        assert bool(params.rounding) == (rounding == "gptq")
+        applied = lwc.applied_block(layer, config, 0, params, st.weight, st.kv, "cpu", torch.float32)
+        out = C.run_blocks([applied, *window], x, pe, st)
+        losses[rounding] = float(C.crr_loss(out, target))
+    assert losses["gptq"] < losses["nearest"], losses
+
+
+def test_work_dir_round_trips_rounding_and_norms(tmp_path):
+    params = lwc.BlockParams(clips={"mlp.up_proj": (torch.rand(4, 2), torch.rand(4, 2))},
+                             rounding={"mlp.up_proj": torch.randint(-1, 2, (4, 200), dtype=torch.int8)},
+                             norms={"input_layernorm.weight": torch.randn(16)}, kv=None, loss=0.5,
+                             initial_loss=0.7, epoch_losses=[0.6, 0.5], seconds=1.0)
+    work = WorkDir.open(tmp_path / "w", {"r": 1}, resume=False)
+    work.save(3, params)
+    back = work.load(3)
+    assert torch.equal(back.rounding["mlp.up_proj"], params.rounding["mlp.up_proj"])
+    assert torch.equal(back.norms["input_layernorm.weight"], params.norms["input_layernorm.weight"])
+    assert torch.equal(back.clips["mlp.up_proj"][0], params.clips["mlp.up_proj"][0]) and back.kv is None
+
+
 def test_smoothing_init_beats_rtn_kv(tiny_block_setup):
     """The statistics-based s/delta alone (no training) reconstruct better than s = 1, delta = 0."""
     model, setup, config, x, pe, window, target = tiny_block_setup

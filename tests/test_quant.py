@@ -114,3 +114,28 @@ def test_bits_outside_range_are_refused(bad):
 def test_group_size_must_be_positive():
     with pytest.raises(ValueError, match="group size"):
         quant.weight_qparams(torch.ones(2, 8), 4, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learned_rounding_decisions_reproduce_the_offset_fake_quant(seed):
+    """``quantize_weight(..., rounding=rounding_decisions(w, s, v))`` dequantizes to exactly the
+    weight that ``fake_quantize_weight(..., offset=v)`` trains with; offsets beyond +-0.5 are clamped."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 200, generator=g)
+    v = (torch.rand(12, 200, generator=g) - 0.5) * 1.6
+    scale, zero = quant.weight_qparams(w, 4, 64)
+    d = quant.rounding_decisions(w, scale, v, 64)
+    assert d.dtype == torch.int8 and set(d.unique().tolist()) <= {-1, 0, 1} and (d != 0).any()
+    q = quant.quantize_weight(w, scale, zero, 4, 64, rounding=d)
+    fq = quant.fake_quantize_weight(w, 4, 64, offset=v)
+    assert torch.allclose(quant.dequantize_weight(q, scale, zero, 64), fq, atol=1e-6)
+    assert torch.equal(quant.rounding_decisions(w, scale, torch.zeros_like(w), 64), torch.zeros_like(d))
+    assert torch.equal(quant.quantize_weight(w, scale, zero, 4, 64, rounding=torch.zeros_like(d)),
+                       quant.quantize_weight(w, scale, zero, 4, 64))
+
+
+def test_rounding_offset_gets_the_straight_through_gradient():
+    w = torch.randn(4, 128)
+    v = torch.zeros(4, 128, requires_grad=True)
+    quant.fake_quantize_weight(w, 4, 128, offset=v).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
