@@ -141,7 +141,7 @@ def calibration_options(f):
         click.option("--crr-k", type=int, default=5, show_default=True, callback=_non_negative,
                      help="Blocks after the calibrated one in the CRR loss (0: single-block reconstruction)."),
         click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive),
-        click.option("--lwc-lr", type=float, default=2e-2, show_default=True),
+        click.option("--lwc-lr", type=float, default=1e-2, show_default=True),
         click.option("--smooth-lr", type=float, default=5e-3, show_default=True),
         click.option("--no-lwc", is_flag=True, help="Ablation: min-max weight clipping instead of LWC."),
         click.option("--no-smooth", is_flag=True, help="Ablation: no K/V smoothing/shift (s = 1, delta = 0)."),
