@@ -17,6 +17,7 @@ from converter import calibrate as C
 from converter import lwc
 from converter.calib_state import WorkDir, work_dir_for
 from converter.convert import ConvertConfig, convert
+from converter import export
 from converter.export import WeightQuantConfig
 from runtime import quant
 from runtime.artifact import WEIGHTS_FILE
@@ -333,6 +334,32 @@ def test_cli_ablations(tiny3_dir, calib_text, tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads((out2 / "wkvq.json").read_text())
     assert meta["weight_quant"]["clipping"] == "lwc" and not meta["kv_quant"]["smoothing"]
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "learned"])
+def test_cli_experimental_rounding_and_norms_reach_the_artifact(tiny3_dir, calib_text, tmp_path, rounding):
+    """--rounding gptq|learned and --tune-norms: recorded in the recipe; the codes differ from
+    nearest rounding on the same clipping factors; the tuned norms are the artifact's norms."""
+    from cli import main
+
+    out = tmp_path / rounding
+    args = ["convert", str(tiny3_dir), "--out", str(out), "--device", "cpu", "--dtype", "float32",
+            "--calib-data", calib_text, "--nsamples", "4", "--seqlen", "32", "--epochs", "2", "--batch-size", "1",
+            "--crr-k", "1", "--rounding", rounding, "--round-lr", "5e-2", "--tune-norms", "--norm-lr", "1e-2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rec = json.loads((out / "wkvq.json").read_text())["recipe"]["calibration"]
+    assert rec["rounding"] == rounding and rec["tune_norms"]
+    t, wcfg = _tensors(out), WeightQuantConfig()
+    model = _tiny_model(tiny3_dir)
+    changed = 0
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}.mlp.down_proj"
+        hi, lo = t[f"{p}.clip_hi"].float(), t[f"{p}.clip_lo"].float()
+        nearest = export.linear_tensors(p, layer.mlp.down_proj.weight, wcfg, hi, lo)
+        changed += int((nearest[f"{p}.qweight"] != t[f"{p}.qweight"]).sum())
+        assert not torch.equal(t[f"model.layers.{i}.input_layernorm.weight"], layer.input_layernorm.weight.detach())
+    assert changed > 0
 
 
 def test_cli_rejects_eval_split(tiny3_dir, tmp_path):
