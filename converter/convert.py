@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from runtime.kvquant import KVQuantConfig
-from runtime.model import parse_dtype
+from runtime.model import parse_device, parse_dtype
 
 from . import export, source
 from .export import Calibration, WeightQuantConfig
@@ -47,12 +47,11 @@ class ConvertConfig:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    return dev
+    """:func:`runtime.model.parse_device` with the converter's flag names in its message."""
+    try:
+        return parse_device(device)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}".replace("use cpu", "use --device cpu")) from None
 
 
 def seed_everything(seed: int) -> None:
