@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from runtime.kvquant import KVQuantConfig
-
 from runtime.artifact import DECODER_LINEARS
+from runtime.kvquant import KVQuantConfig
 
 from . import data, gptq, lwc
 from .calib_state import WorkDir, tensor_digest, work_dir_for
@@ -288,9 +287,7 @@ def gptq_rounding(layer, config, index: int, params: BlockParams, x_q, pe, setup
     out = {}
     for name in DECODER_LINEARS:
         w = layer.get_submodule(name).weight.detach().to(setup.device, torch.float32)
-        hi, lo = params.clips.get(name, (None, None))
-        hi, lo = (None, None) if hi is None else (hi.to(setup.device), lo.to(setup.device))
-        _, _, scale, zero = export_qparams(w, setup.weight, hi, lo)
+        _, _, scale, zero = export_qparams(w, setup.weight, *lwc.clips_on(params, name, setup.device))
         out[name] = gptq.gptq_decisions(w, acc[name].h, scale, zero, setup.weight.bits, setup.weight.group_size).cpu()
     return out
 

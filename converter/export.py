@@ -64,7 +64,7 @@ def linear_tensors(prefix: str, weight: torch.Tensor, cfg: WeightQuantConfig,
                    clip_hi: torch.Tensor | None = None, clip_lo: torch.Tensor | None = None,
                    rounding: torch.Tensor | None = None) -> dict:
     """The artifact tensors of one Linear: packed codes, scales, zeros and clipping factors.
-    ``rounding``: learned rounding decisions (int8 -1/0/+1 per weight) added to nearest rounding."""
+    ``rounding``: int8 offsets per weight added to nearest rounding (learned rounding or GPTQ)."""
     hi, lo, scale, zero = export_qparams(weight, cfg, clip_hi, clip_lo)
     q = quant.quantize_weight(weight, scale.float(), zero, cfg.bits, cfg.group_size,
                               None if rounding is None else rounding.to(weight.device))

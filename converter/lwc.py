@@ -40,8 +40,9 @@ class BlockParams:
     """What calibration learned for one block, as plain CPU float32 tensors.
 
     ``clips[name] = (clip_hi, clip_lo)`` ``[out, G]`` per Linear name (e.g. ``"mlp.up_proj"``),
-    empty without LWC; ``rounding[name]`` the learned rounding decisions (empty without learned
-    rounding); ``norms`` the tuned RMSNorm weights (empty without norm tuning); ``kv`` = ``{k_scale, k_shift, v_scale, v_shift}`` ``[H_kv, D]`` or None.
+    empty without LWC; ``rounding[name]`` int8 offsets to nearest rounding (``--rounding learned``
+    or ``gptq``; empty with nearest rounding); ``norms`` the tuned RMSNorm weights (empty without
+    norm tuning); ``kv`` = ``{k_scale, k_shift, v_scale, v_shift}`` ``[H_kv, D]`` or None.
     """
 
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -244,6 +245,12 @@ def fold_block(blk: nn.Module) -> BlockParams:
     return BlockParams(clips=clips, rounding=rounding, norms=norms, kv=kvq.folded() if isinstance(kvq, SmoothedKV) else None)
 
 
+def clips_on(params: BlockParams, name: str, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The learned ``(clip_hi, clip_lo)`` of Linear ``name`` on ``device``, or ``(None, None)`` without LWC."""
+    hi, lo = params.clips.get(name, (None, None))
+    return (None, None) if hi is None else (hi.to(device), lo.to(device))
+
+
 def exported_weight(weight: torch.Tensor, wcfg: WeightQuantConfig, clip_hi=None, clip_lo=None,
                     rounding=None) -> torch.Tensor:
     """The float32 weight the artifact will hold: export's codes, scales and zeros, dequantized."""
@@ -258,9 +265,7 @@ def applied_block(layer, config, index: int, params: BlockParams, wcfg: WeightQu
     state = {}
     for name in DECODER_LINEARS:
         w = layer.get_submodule(name).weight.detach().to(device=device, dtype=torch.float32)
-        hi, lo = params.clips.get(name, (None, None))
-        hi, lo = (None, None) if hi is None else (hi.to(device), lo.to(device))
-        state[f"{name}.weight"] = exported_weight(w, wcfg, hi, lo, params.rounding.get(name))
+        state[f"{name}.weight"] = exported_weight(w, wcfg, *clips_on(params, name, device), params.rounding.get(name))
     state.update(params.norms)
     blk = clone_layer(layer, config, index, device, dtype, state)
     kvq = KVQuantizer(*_kv_shape(config), kvcfg, device=device)

@@ -108,8 +108,8 @@ def weight_qparams(
 def quantize_weight(w, scale, zero, bits: int = 4, group_size: int = 128, rounding=None) -> torch.Tensor:
     """Integer codes ``uint8 [out, in]`` of ``w`` for the given per-group parameters.
 
-    ``rounding``: optional integer offsets ``[out, in]`` (learned rounding decisions, -1/0/+1)
-    added to the nearest code before clamping.
+    ``rounding``: optional integer offsets ``[out, in]`` added to the nearest code before clamping
+    (learned rounding gives -1/0/+1, :func:`rounding_decisions`; GPTQ any small integer).
     """
     qmax = 2 ** check_bits(bits) - 1
     n = w.shape[-1]
