@@ -154,9 +154,16 @@ def calibration_options(f):
         click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
                      help="Experimental: also tune each block's RMSNorm weights (kept in full precision)."),
         click.option("--norm-lr", type=float, default=1e-4, show_default=True),
+        click.option("--e2e-epochs", type=int, default=0, show_default=True, callback=_non_negative,
+                     help="Experimental: after the blocks, tune all quantization parameters end to end "
+                     "(KL to the full-precision model's next-token distribution) for this many epochs."),
+        click.option("--e2e-lr", type=float, default=1e-3, show_default=True,
+                     help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),
+        click.option("--keep-work", is_flag=True, help="Keep the per-block results next to --out after the "
+                     "artifact is written (re-run later stages, e.g. other --e2e-* settings, with --resume)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -382,7 +389,7 @@ def _int_list(ctx, param, value):
 @click.option("--batches", default="1,8", show_default=True, callback=_int_list)
 @click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
 @click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,
-              callback=_row_list)
+              callback=_row_list, help="Also wkvq-gemlite (projections on GemLite, optional package).")
 @click.option("--steps", type=int, default=20, show_default=True, callback=_positive)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"),
               show_default=True, help="Write the results here (updated after every row).")

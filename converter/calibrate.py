@@ -62,7 +62,10 @@ class CalibConfig:
     block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
     nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
-    (the error grows from block 4 on): see BENCHMARKS.md."""
+    (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the
+    blocks that tunes every block's LWC and smoothing parameters at once against the full-precision
+    model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``); the block-wise results it
+    starts from do not depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
 
     nsamples: int = 128
     seqlen: int = 2048
@@ -77,10 +80,13 @@ class CalibConfig:
     round_lr: float = 5e-3
     tune_norms: bool = False
     norm_lr: float = 1e-4
+    e2e_epochs: int = 0
+    e2e_lr: float = 1e-3
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
     resume: bool = False
+    keep_work: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -88,11 +94,16 @@ class CalibConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.e2e_epochs, int) or self.e2e_epochs < 0:
+            raise ValueError(f"e2e_epochs must be an integer >= 0 (0: no end-to-end stage), got {self.e2e_epochs!r}")
+        if self.e2e_epochs and self.rounding != "nearest":
+            raise ValueError(f"the end-to-end stage (e2e_epochs > 0) tunes the grid of nearest rounding; "
+                             f"it cannot be combined with rounding {self.rounding!r}")
         if not isinstance(self.crr_k, int) or self.crr_k < 0:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:
             raise ValueError(f"batch size {self.batch_size} is larger than nsamples {self.nsamples}")
-        for name in ("lwc_lr", "smooth_lr", "round_lr", "norm_lr"):
+        for name in ("lwc_lr", "smooth_lr", "round_lr", "norm_lr", "e2e_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:
@@ -108,9 +119,13 @@ class CalibConfig:
     def to_dict(self) -> dict:
         """The recipe as recorded in the artifact (without run controls such as resume)."""
         d = asdict(self)
-        d.pop("resume")
-        d.pop("progress")
+        for name in ("resume", "keep_work", "progress"):
+            d.pop(name)
         return d
+
+    def blockwise(self) -> dict:
+        """The settings the block-wise results depend on (what ``--resume`` must match)."""
+        return {k: v for k, v in self.to_dict().items() if not k.startswith("e2e_")}
 
 
 @dataclass(frozen=True)
@@ -189,12 +204,13 @@ def block_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _check_finite(total: torch.Tensor, index: int, epoch: int, step: int) -> float:
+def check_finite(total: torch.Tensor, where: str, epoch: int, step: int) -> float:
+    """``float(total)``, or :class:`CalibrationError` naming ``where`` (e.g. "block 3") if not finite."""
     value = float(total)
     if not math.isfinite(value):
         raise CalibrationError(
-            f"block {index}: the calibration loss is not finite ({value}) at epoch {epoch + 1}, step {step + 1}; "
-            "lower --lwc-lr/--smooth-lr, use --calib-dtype float32, or check the model's weights")
+            f"{where}: the calibration loss is not finite ({value}) at epoch {epoch + 1}, step {step + 1}; "
+            "lower the learning rates (--lwc-lr/--smooth-lr/--e2e-lr), use --calib-dtype float32, or check the model's weights")
     return value
 
 
@@ -232,7 +248,7 @@ def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) 
                 opt.step()
                 total += loss.detach()
                 if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-                    bar.set_postfix(loss=f"{_check_finite(total, index, epoch, step) / (step + 1):.5f}")
+                    bar.set_postfix(loss=f"{check_finite(total, f'block {index}', epoch, step) / (step + 1):.5f}")
                 bar.update()
             epoch_losses.append(float(total) / steps)
     return epoch_losses
@@ -245,7 +261,7 @@ def eval_loss(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) ->
         with autocast(setup):
             out = window_forward(qblock, window, x_q[s:s + setup.chunk], pe)
         total += crr_loss(out, target[s:s + setup.chunk]) * out.shape[0]
-    return _check_finite(total, index, 0, 0) / x_q.shape[0]
+    return check_finite(total, f"block {index}", 0, 0) / x_q.shape[0]
 
 
 def calibrate_block(layer, config, index: int, window, x_q, target, pe, setup: BlockSetup) -> BlockParams:
@@ -309,8 +325,10 @@ class FullPrecisionWindow:
 
 
 def calibrate_blocks(layers, config, rotary, x0: torch.Tensor, setup: BlockSetup,
-                     work: WorkDir | None = None, num_blocks: int | None = None) -> list[BlockParams]:
+                     work: WorkDir | None = None, num_blocks: int | None = None, keep_fp: bool = False):
     """Calibrate ``layers[:num_blocks]`` in order (CPU modules); ``x0 [N, T, H]`` are the embedded samples.
+    Returns the :class:`BlockParams` per block, and with ``keep_fp`` also the full-precision output
+    of the last calibrated block (on the device).
 
     ``config``: the HF config with the ``wkvq_sim`` attention (:func:`converter.lwc.calib_model_config`).
     Finished blocks found in ``work`` are loaded instead of trained; the activations are recomputed
@@ -335,7 +353,7 @@ def calibrate_blocks(layers, config, rotary, x0: torch.Tensor, setup: BlockSetup
         applied = lwc.applied_block(layers[i], config, i, params, setup.weight, setup.kv, setup.device, setup.dtype)
         run_blocks([applied], x_q, pe, setup, inplace=True)  # X_q <- Q_i(X_q), as the artifact computes it
         results.append(params)
-    return results
+    return (results, x_fp) if keep_fp else results
 
 
 # ----------------------------------------------------------------------------- the converter's entry point
@@ -360,7 +378,8 @@ def embed(model, samples: torch.Tensor, device, dtype, chunk: int = 8) -> torch.
 def resume_recipe(model, cfg, samples: torch.Tensor, dtype: torch.dtype) -> dict:
     """Everything a block's result depends on; a work dir is only resumed for the same recipe."""
     first = model.model.layers[0].self_attn.q_proj.weight
-    return {"recipe": cfg.recipe(), "model": cfg.model, "config": model.config.to_dict(),
+    recipe = {**cfg.recipe(), "calibration": (cfg.calibration or CalibConfig()).blockwise()}
+    return {"recipe": recipe, "model": cfg.model, "config": model.config.to_dict(),
             "weights": tensor_digest(first), "samples": tensor_digest(samples), "compute_dtype": str(dtype)}
 
 
@@ -394,11 +413,21 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
         torch.cuda.reset_peak_memory_stats(device)
     x0 = embed(model, samples, "cpu", dtype)  # calibrate_blocks copies it to the device
     config = lwc.calib_model_config(model.config)
-    results = calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x0, setup, work)
+    results, fp_out = calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x0, setup, work,
+                                       keep_fp=True)
+    e2e_summary = None
+    if ccfg.e2e_epochs:
+        from . import e2e  # imports this module
+
+        pe = rope(model.model.rotary_emb, x0.shape[1], device)
+        results, e2e_summary = e2e.tune(model, config, x0, fp_out, pe, results, setup)
+    del fp_out
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     info = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak, "device": str(device),
             "compute_dtype": str(dtype).removeprefix("torch."),
             "resumed_blocks": resumed}
+    if e2e_summary:
+        info["end_to_end"] = e2e_summary
     return to_calibration(results, info)
 
 

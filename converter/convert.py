@@ -92,7 +92,7 @@ def convert(cfg: ConvertConfig) -> Path:
     tensors = export.model_tensors(model, cfg.weight, calib, dtype)
     meta = export.build_metadata(model, tensors, cfg.method, cfg.recipe(), cfg.weight, cfg.kv, info, dtype, calib)
     path = export.write_artifact(out, tensors, meta, model, tokenizer, overwrite=cfg.overwrite)
-    if cfg.method == "wkvquant":
+    if cfg.method == "wkvquant" and not cfg.calibration.keep_work:
         from .calibrate import finish
 
         finish(out)  # the artifact is complete: drop the per-block resume state

@@ -25,6 +25,9 @@ from .source import SourceInfo
 log = logging.getLogger(__name__)
 
 
+PARAMS_DTYPE = torch.float16  # clipping factors and scales as the artifact stores them
+
+
 @dataclass(frozen=True)
 class WeightQuantConfig:
     bits: int = 4
@@ -55,9 +58,9 @@ def export_qparams(weight: torch.Tensor, cfg: WeightQuantConfig, clip_hi=None, c
     g = quant.num_groups(w.shape[1], cfg.group_size)
     hi = torch.ones(w.shape[0], g, device=w.device) if clip_hi is None else clip_hi.detach().float()
     lo = torch.ones(w.shape[0], g, device=w.device) if clip_lo is None else clip_lo.detach().float()
-    hi, lo = hi.to(torch.float16), lo.to(torch.float16)  # quantize with exactly the stored factors
+    hi, lo = hi.to(PARAMS_DTYPE), lo.to(PARAMS_DTYPE)  # quantize with exactly the stored factors
     scale, zero = quant.weight_qparams(w, cfg.bits, cfg.group_size, hi, lo)
-    return hi, lo, scale.to(torch.float16), zero  # codes are computed with the scale exactly as stored
+    return hi, lo, scale.to(PARAMS_DTYPE), zero  # codes are computed with the scale exactly as stored
 
 
 def linear_tensors(prefix: str, weight: torch.Tensor, cfg: WeightQuantConfig,

@@ -91,7 +91,8 @@ class LWCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not self.fixed:
-            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset)
+            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset,
+                                           params_dtype=export.PARAMS_DTYPE)
         return F.linear(x, w, self.bias)
 
     def rounding_decisions(self) -> torch.Tensor | None:
@@ -177,7 +178,7 @@ def clone_layer(layer: nn.Module, config, index: int, device, dtype, state: dict
     return blk.requires_grad_(False).eval()
 
 
-def _kv_shape(config) -> tuple[int, int]:
+def kv_shape(config) -> tuple[int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return config.num_key_value_heads, head_dim
 
@@ -194,7 +195,7 @@ def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, d
         parent, child = name.rsplit(".", 1)
         blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc,
                                                                    rounding=rounding))
-    blk.self_attn.register_module("kv_quant", KVRangeObserver(*_kv_shape(config), device=device))
+    blk.self_attn.register_module("kv_quant", KVRangeObserver(*kv_shape(config), device=device))
     if tune_norms:  # a copy: clone_layer's tensors may share storage with the source model's
         for name in NORMS:
             norm = blk.get_submodule(name)
@@ -268,7 +269,7 @@ def applied_block(layer, config, index: int, params: BlockParams, wcfg: WeightQu
         state[f"{name}.weight"] = exported_weight(w, wcfg, *clips_on(params, name, device), params.rounding.get(name))
     state.update(params.norms)
     blk = clone_layer(layer, config, index, device, dtype, state)
-    kvq = KVQuantizer(*_kv_shape(config), kvcfg, device=device)
+    kvq = KVQuantizer(*kv_shape(config), kvcfg, device=device)
     for name, t in (params.kv or {}).items():
         getattr(kvq, name).copy_(t)
     blk.self_attn.register_module("kv_quant", kvq)

@@ -48,6 +48,14 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def cast_ste(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` rounded to the precision of ``dtype`` (kept in its own dtype), with a straight-through
+    gradient; ``dtype=None`` returns ``x``."""
+    if dtype is None:
+        return x
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
 def _grouped(x: torch.Tensor, group_size: int, fill: float = 0.0) -> torch.Tensor:
     """``[..., n] -> [..., G, group_size]``, padding the ragged last group with ``fill``."""
     n = x.shape[-1]
@@ -138,15 +146,21 @@ def dequantize_weight(q, scale, zero, group_size: int = 128, dtype=torch.float32
 
 
 def fake_quantize_weight(
-    w, bits: int = 4, group_size: int = 128, clip_hi=None, clip_lo=None, offset=None
+    w, bits: int = 4, group_size: int = 128, clip_hi=None, clip_lo=None, offset=None,
+    params_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize ``w`` with straight-through rounding (differentiable in ``w``, the
     clipping factors and ``offset``); numerically equal to ``dequantize_weight(quantize_weight(...))``.
 
     ``offset``: optional learnable rounding offsets ``[out, in]``, clamped to [-0.5, 0.5] and added
-    before rounding (AdaRound/AutoRound-style learned rounding; :func:`rounding_decisions`)."""
+    before rounding (AdaRound/AutoRound-style learned rounding; :func:`rounding_decisions`).
+    ``params_dtype``: the precision the clipping factors and the scale are stored in (float16 in
+    the artifact); they are rounded to it (straight-through) exactly where the export rounds them,
+    so the result is the exported weight."""
     qmax = 2 ** check_bits(bits) - 1
+    clip_hi, clip_lo = (None if c is None else cast_ste(c, params_dtype) for c in (clip_hi, clip_lo))
     scale, zero = weight_qparams(w, bits, group_size, clip_hi, clip_lo, ste=True)
+    scale = cast_ste(scale, params_dtype)  # after the zero point, as the export does
     n = w.shape[-1]
     s = expand_groups(scale, group_size, n)
     z = expand_groups(zero, group_size, n)

@@ -91,14 +91,17 @@ def test_lwc_linear_is_fake_quant_and_exported_weight_matches():
     wcfg = WeightQuantConfig()
     m = lwc.LWCLinear(lin, wcfg, lwc=True)
     x = torch.randn(3, 160)
+    with torch.no_grad():
+        m.gamma.uniform_(-1.0, 5.0)  # clipping factors that are not float16 values
+        m.beta.uniform_(-1.0, 5.0)
     hi, lo = m.clips()
-    ref = torch.nn.functional.linear(x, quant.fake_quantize_weight(lin.weight, 4, 128, hi, lo), lin.bias)
-    assert torch.equal(m(x), ref)
-    # the exported weight (float16 scales and clips) is the fake-quantized one up to float16 rounding
+    # training sees exactly the exported weight: clips and scales rounded to float16 where the export rounds them
     w = lwc.exported_weight(lin.weight.detach(), wcfg, hi.detach().half().float(), lo.detach().half().float())
-    fq = quant.fake_quantize_weight(lin.weight.detach(), 4, 128, hi.detach().half().float(), lo.detach().half().float())
-    snr = 20 * math.log10(fq.norm() / (w - fq).norm())
-    assert snr > 40, snr  # a few codes flip where the float16 scale moves a value across a rounding edge
+    assert torch.equal(m(x), torch.nn.functional.linear(x, w, lin.bias))
+    fq = quant.fake_quantize_weight(lin.weight.detach(), 4, 128, hi.detach(), lo.detach())  # float32 parameters
+    assert not torch.equal(fq, w) and 20 * math.log10(fq.norm() / (w - fq).norm()) > 30
+    m(x).sum().backward()  # the float16 rounding passes gradients straight through
+    assert m.gamma.grad.abs().sum() > 0 and m.beta.grad.abs().sum() > 0
     rtn = lwc.LWCLinear(lin, wcfg, lwc=False)
     assert rtn.gamma is None and torch.equal(rtn.weight, quant.fake_quantize_weight(lin.weight.detach(), 4, 128))
 

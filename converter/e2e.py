@@ -1,0 +1,169 @@
+"""End-to-end tuning of the quantization parameters after the block-wise calibration.
+
+Block-wise calibration (CRR) fits each block against a window of full-precision blocks; the error
+left over accumulates through the depth of the model. This stage (``--e2e-epochs N``; in the
+spirit of EfficientQAT's end-to-end training of quantization parameters) trains *only* the
+quantization parameters of every block at once — LWC factors (``gamma``, ``beta``), K/V smoothing
+``s`` and shift ``delta`` (and the RMSNorm weights with ``--tune-norms``) — with frozen weights,
+the same fake quantization (straight-through rounding, POQ K/V per token), and the
+full-precision model's next-token distribution as the target:
+
+    loss = KL(p_fp || p_quant), averaged over the samples' tokens.
+
+The teacher's distribution comes from the full-precision final hidden states that the block-wise
+stage computes anyway, so no second model is on the device. The quantized model is on the device
+during this stage; each block is recomputed in the backward pass (activation checkpointing), so
+activation memory is one block's plus the logits. Embeddings, final norm and LM head stay frozen
+in full precision, as in the artifact. The result folds into the same
+:class:`~converter.lwc.BlockParams`, so the artifact format is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from runtime.kvquant import KVQuantizer
+
+from . import lwc
+from .calibrate import CHECK_EVERY, BlockSetup, autocast, check_finite
+from .lwc import BlockParams
+
+log = logging.getLogger(__name__)
+
+CLIP_EPS = 2.0 ** -12  # the stored float16 clips may be exactly 1.0; keep their logit finite
+
+
+def logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.float().clamp(CLIP_EPS, 1 - CLIP_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def student_block(layer, config, index: int, params: BlockParams, setup: BlockSetup) -> nn.Module:
+    """A trainable block (as :func:`converter.lwc.quant_block`) starting from the block-wise result."""
+    ccfg = setup.calib
+    blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, tune_norms=ccfg.tune_norms)
+    with torch.no_grad():
+        for name, (hi, lo) in params.clips.items():
+            lin = blk.get_submodule(name)
+            lin.gamma.copy_(logit(hi))
+            lin.beta.copy_(logit(lo))
+        for name, t in params.norms.items():
+            blk.get_submodule(name.removesuffix(".weight")).weight.copy_(t)
+    if params.kv is not None:
+        kvq = lwc.SmoothedKV({k: v.to(setup.device) for k, v in params.kv.items()}, setup.kv)
+    else:
+        kvq = KVQuantizer(*lwc.kv_shape(config), setup.kv, device=setup.device)
+    blk.self_attn.register_module("kv_quant", kvq)
+    return blk
+
+
+def make_optimizer(blocks, ccfg) -> torch.optim.Optimizer | None:
+    """AdamW over the quantization parameters of all blocks: LWC and smoothing at ``e2e_lr``,
+    RMSNorm weights (``tune_norms``) at ``norm_lr``."""
+    quant = [p for b in blocks for p in (*lwc.lwc_parameters(b), *lwc.smooth_parameters(b))]
+    norms = [p for b in blocks for p in lwc.norm_parameters(b)]
+    groups = [{"params": ps, "lr": lr} for ps, lr in ((quant, ccfg.e2e_lr), (norms, ccfg.norm_lr)) if ps]
+    return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay) if groups else None
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_teacher || p_student)`` summed over the vocabulary, averaged over tokens (float32)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+class Head(nn.Module):
+    """Frozen device copies of the source model's final norm and LM head."""
+
+    def __init__(self, model, device, dtype):
+        super().__init__()
+        self.norm = copy.deepcopy(model.model.norm).to(device=device, dtype=dtype).requires_grad_(False)
+        self.lm_head = copy.deepcopy(model.get_output_embeddings()).to(device=device, dtype=dtype).requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+
+def student_logits(blocks, head: Head, x: torch.Tensor, pe, recompute: bool) -> torch.Tensor:
+    h = x
+    for blk in blocks:
+        if recompute:
+            h = checkpoint(blk, h, position_embeddings=pe, use_reentrant=False)
+        else:
+            h = blk(h, position_embeddings=pe)
+    return head(h)
+
+
+@torch.no_grad()
+def mean_kl(blocks, head, x0, fp_out, pe, setup: BlockSetup) -> float:
+    total = torch.zeros((), device=setup.device)
+    for s in range(x0.shape[0]):
+        with autocast(setup):
+            total += kl_loss(student_logits(blocks, head, x0[s:s + 1].to(setup.device), pe, False),
+                             head(fp_out[s:s + 1]))
+    return check_finite(total, "end-to-end", 0, 0) / x0.shape[0]
+
+
+def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: list[BlockParams],
+         setup: BlockSetup) -> tuple[list[BlockParams], dict]:
+    """Train every block's quantization parameters end to end; returns the refolded parameters
+    (block-wise losses kept) and a summary (KL before, per epoch, after; seconds).
+
+    ``x0 [N, T, H]``: the embedded samples; ``fp_out [N, T, H]``: the full-precision model's
+    final hidden states (before the final norm) on the device."""
+    start = time.perf_counter()
+    ccfg = setup.calib
+    layers = model.model.layers
+    blocks = nn.ModuleList(student_block(layers[i], config, i, p, setup) for i, p in enumerate(results))
+    head = Head(model, setup.device, setup.dtype)
+    opt = make_optimizer(blocks, ccfg)
+    if opt is None:
+        return results, {}
+    initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
+    gen = torch.Generator().manual_seed(setup.seed)
+    n, bs = x0.shape[0], ccfg.batch_size
+    steps = math.ceil(n / bs)
+    epoch_losses = []
+    blocks.train()
+    with tqdm(total=ccfg.e2e_epochs * steps, desc="end-to-end", unit="step", disable=not ccfg.progress,
+              dynamic_ncols=True) as bar:
+        for epoch in range(ccfg.e2e_epochs):
+            perm = torch.randperm(n, generator=gen)
+            total = torch.zeros((), device=setup.device)
+            for step in range(steps):
+                idx = perm[step * bs:(step + 1) * bs]
+                x = x0[idx].to(setup.device)
+                with autocast(setup):
+                    with torch.no_grad():
+                        target = head(fp_out[idx.to(fp_out.device)])
+                    loss = kl_loss(student_logits(blocks, head, x, pe, True), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                    bar.set_postfix(kl=f"{check_finite(total, 'end-to-end', epoch, step) / (step + 1):.5f}")
+                bar.update()
+            epoch_losses.append(float(total) / steps)
+    blocks.eval()
+    final = mean_kl(blocks, head, x0, fp_out, pe, setup)
+    tuned = []
+    for blk, before in zip(blocks, results):
+        p = lwc.fold_block(blk)
+        p.loss, p.initial_loss, p.epoch_losses, p.seconds = (before.loss, before.initial_loss,
+                                                             before.epoch_losses, before.seconds)
+        tuned.append(p)
+    summary = {"kl_initial": initial, "kl_epochs": epoch_losses, "kl_final": final,
+               "seconds": round(time.perf_counter() - start, 3)}
+    log.info("end-to-end: KL %.5f -> %.5f (%.1f s)", initial, final, summary["seconds"])
+    return tuned, summary

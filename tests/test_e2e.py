@@ -1,0 +1,146 @@
+"""The end-to-end stage of the calibration (converter/e2e.py, ``--e2e-epochs``) on tiny random LLaMAs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from converter import calibrate as C
+from converter import e2e, lwc
+from converter.calib_state import WorkDir, work_dir_for
+from converter.convert import ConvertConfig, convert
+from converter.export import WeightQuantConfig
+from runtime import quant
+from runtime.artifact import WEIGHTS_FILE
+from runtime.kvquant import KVQuantConfig
+from tests.helpers import CORPUS, make_tiny_llama
+
+TINY = dict(nsamples=8, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    (d / "calib.txt").write_text(" ".join(CORPUS) * 4)
+    return make_tiny_llama(d / "model", num_hidden_layers=3), str(d / "calib.txt")
+
+
+def _cfg(out, tiny3, **kw):
+    model, text = tiny3
+    return ConvertConfig(out=out, model=str(model), method="wkvquant", device="cpu", dtype="float32",
+                         calibration=C.CalibConfig(**{**TINY, "calib_data": text, **kw}))
+
+
+def _tensors(path):
+    return load_file(str(path / WEIGHTS_FILE))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(e2e_epochs=-1), "e2e_epochs"),
+    (dict(e2e_epochs=1, rounding="gptq"), "cannot be combined"),
+    (dict(e2e_lr=0.0), "e2e_lr"),
+])
+def test_config_rejects(kw, match):
+    with pytest.raises(ValueError, match=match):
+        C.CalibConfig(**kw)
+
+
+def test_kl_loss_is_the_token_mean_of_kl_divergence():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    ref = (p * (p.log() - q.log())).sum(-1).mean()
+    assert torch.allclose(e2e.kl_loss(s, t), ref, atol=1e-6)
+    assert float(e2e.kl_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logit_inverts_sigmoid_and_stays_finite_at_one():
+    x = torch.linspace(-6, 6, 13)
+    assert torch.allclose(e2e.logit(torch.sigmoid(x)), x, atol=1e-4)
+    assert torch.isfinite(e2e.logit(torch.tensor([0.0, 1.0]))).all()
+
+
+def test_student_starts_where_the_blockwise_result_is(tiny3):
+    """A student block built from folded parameters computes exactly the artifact's weights, and the
+    block's output (float32) up to summation order; folding it again gives the same parameters."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny3[0], dtype=torch.float32).eval()
+    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), C.CalibConfig(**TINY), torch.device("cpu"),
+                         torch.float32)
+    config = lwc.calib_model_config(model.config)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    params = lwc.BlockParams(
+        clips={n: ((torch.rand(o, g, generator=gen) * 0.5 + 0.5).half().float(),
+                   (torch.rand(o, g, generator=gen) * 0.5 + 0.5).half().float())
+               for n, o, g in [(n, model.model.layers[0].get_submodule(n).out_features,
+                                -(-model.model.layers[0].get_submodule(n).in_features // 128)) for n in lwc.DECODER_LINEARS]},
+        kv={"k_scale": torch.rand(2, 40) + 0.5, "k_shift": torch.randn(2, 40) * 0.1,
+            "v_scale": torch.rand(2, 40) + 0.5, "v_shift": torch.randn(2, 40) * 0.1})
+    student = e2e.student_block(model.model.layers[0], config, 0, params, setup)
+    applied = lwc.applied_block(model.model.layers[0], config, 0, params, setup.weight, setup.kv, "cpu", torch.float32)
+    x = model.get_input_embeddings()(torch.randint(0, 300, (2, 32))).detach()
+    pe = C.rope(model.model.rotary_emb, 32, "cpu")
+    for name in lwc.DECODER_LINEARS:
+        lin = student.get_submodule(name)
+        w = quant.fake_quantize_weight(lin.weight, 4, 128, *lin.clips(), params_dtype=torch.float16)
+        assert torch.equal(w, applied.get_submodule(name).weight), name
+    with torch.no_grad():
+        a, b = student(x, position_embeddings=pe), applied(x, position_embeddings=pe)
+    assert (a - b).norm() / (b - x).norm() < 1e-5
+    folded = lwc.fold_block(student)
+    for n, (hi, lo) in params.clips.items():
+        assert torch.allclose(folded.clips[n][0], hi, atol=1e-3) and torch.allclose(folded.clips[n][1], lo, atol=1e-3)
+    for k, v in params.kv.items():
+        assert torch.allclose(folded.kv[k], v, atol=1e-6)
+
+
+def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_path):
+    """--e2e-epochs: the KL to the full-precision model falls; LWC and s/delta move; --keep-work
+    keeps the block results, and --resume with other end-to-end settings reuses them (no block is
+    retrained: 0 epochs gives exactly the artifact of a run without the stage)."""
+    plain = convert(_cfg(tmp_path / "plain", tiny3))
+    tuned = convert(_cfg(tmp_path / "tuned", tiny3, e2e_epochs=3, e2e_lr=1e-2, keep_work=True))
+    info = json.loads((tuned / "wkvq.json").read_text())["calibration"]["end_to_end"]
+    assert info["kl_final"] < info["kl_initial"] and len(info["kl_epochs"]) == 3
+    a, b = _tensors(plain), _tensors(tuned)
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert any(k.endswith("clip_hi") for k in moved) and any(k.endswith("clip_lo") for k in moved)
+    assert any(k.endswith("k_scale") for k in moved) and any(k.endswith("v_shift") for k in moved)
+    assert not any("embed" in k or "norm" in k for k in moved)  # without --tune-norms only quantization params
+    work = work_dir_for(tuned)
+    assert WorkDir(work).done() == [0, 1, 2]
+    again = tmp_path / "again"
+    shutil.copytree(work, work_dir_for(again))
+    redo = convert(_cfg(again, tiny3, e2e_epochs=0, resume=True))
+    meta = json.loads((redo / "wkvq.json").read_text())
+    assert meta["calibration"]["resumed_blocks"] == 3 and "end_to_end" not in meta["calibration"]
+    c = _tensors(redo)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert not work_dir_for(redo).exists()
+
+
+def test_cli_flags_reach_the_recipe(tiny3, tmp_path):
+    from cli import main
+
+    model, text = tiny3
+    out = tmp_path / "q"
+    result = CliRunner().invoke(main, [
+        "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
+        "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--batch-size", "2", "--crr-k", "0",
+        "--e2e-epochs", "1", "--e2e-lr", "5e-3", "--tune-norms", "--norm-lr", "1e-2"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "wkvq.json").read_text())
+    rec = meta["recipe"]["calibration"]
+    assert rec["e2e_epochs"] == 1 and rec["e2e_lr"] == 5e-3 and "keep_work" not in rec
+    assert "end_to_end" in meta["calibration"]
+    result = CliRunner().invoke(main, ["convert", str(model), "--out", str(tmp_path / "r"), "--e2e-epochs", "1",
+                                       "--rounding", "gptq", "--calib-data", text])
+    assert result.exit_code == 1 and "cannot be combined" in result.output
