@@ -7,6 +7,7 @@ on weight values). Paths:
 * ``fp16_compiled``: transformers StaticCache + ``torch.compile(mode="reduce-overhead")``, fp16.
 * ``int4_tinygemm``: decoder Linears as ``aten._weight_int4pack_mm`` (int4 g128), bf16 StaticCache, compiled.
 * ``wkvq``: :class:`runtime.fast.FastLlama` (Triton INT4 + 4-bit POQ cache) in a CUDA graph.
+* ``wkvq-gemlite``: ``wkvq`` with the INT4 projections on GemLite (optional package, not a default path).
 
 The baselines prefill the prompt for real; ``wkvq`` fills its 4-bit cache with random codes
 (the decode step reads the same bytes either way). ms/token is the median step time over
@@ -31,7 +32,8 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "tiny": (256, 2, 4, 2, 512, 1000),
 }
-PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq")
+PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite")
+DEFAULT_PATHS = PATHS[:4]  # wkvq-gemlite needs the optional gemlite package
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class BenchConfig:
     shapes: tuple[str, ...] = ("7b", "13b")
     batches: tuple[int, ...] = (1, 8)
     prompts: tuple[int, ...] = (2048, 32768)
-    paths: tuple[str, ...] = PATHS
+    paths: tuple[str, ...] = DEFAULT_PATHS
     steps: int = 20
     out: Path | None = None
 

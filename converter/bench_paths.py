@@ -1,4 +1,4 @@
-"""The four decode paths timed by :mod:`converter.bench`, each ``runner(config, batch, prompt, steps) -> dict``."""
+"""The decode paths timed by :mod:`converter.bench`, each ``runner(config, batch, prompt, steps) -> dict``."""
 
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def _weight_bytes(model: FastLlama) -> int:
     return n
 
 
-def run_wkvq(config, batch: int, prompt: int, steps: int) -> dict:
+def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "triton") -> dict:
     max_len = prompt + steps + 8
-    model = random_fast_llama(config, max_len)
+    model = random_fast_llama(config, max_len).with_projections(projections)
     cache = model.new_cache(batch, max_len)
     _fill_random(cache, prompt)
     graph = DecodeGraph(model, cache)
@@ -85,6 +85,11 @@ def run_wkvq(config, batch: int, prompt: int, steps: int) -> dict:
     kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len
     return {"ms_per_token": ms, "bytes_per_step": _weight_bytes(model) + kv_bytes,
             "weights_GB": _weight_bytes(model) / 1e9, "cache_GB": cache.nbytes() / 1e9}
+
+
+def run_wkvq_gemlite(config, batch: int, prompt: int, steps: int) -> dict:
+    """``wkvq`` with the projections on GemLite (optional package; runtime.kernels.gemlite_backend)."""
+    return run_wkvq(config, batch, prompt, steps, projections="gemlite")
 
 
 def _median_steps(fn, steps: int) -> float:
@@ -190,4 +195,4 @@ def run_int4_tinygemm(config, batch, prompt, steps):
 
 
 RUNNERS = {"fp16_eager": run_fp16_eager, "fp16_compiled": run_fp16_compiled, "int4_tinygemm": run_int4_tinygemm,
-           "wkvq": run_wkvq}
+           "wkvq": run_wkvq, "wkvq-gemlite": run_wkvq_gemlite}

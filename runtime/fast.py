@@ -22,6 +22,7 @@ from . import kernels, quant
 from .static_cache import StaticPOQCache
 
 log = logging.getLogger(__name__)
+PROJECTIONS = ("triton", "gemlite")
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,10 @@ class FastLlama:
             raise ValueError(f"Triton kernels are not available on {self.device}")
 
     @classmethod
-    def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None) -> "FastLlama":
-        """Wrap a loaded W4KV4 ``LlamaForCausalLM`` (see the module docstring)."""
+    def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None,
+                projections: str = "triton") -> "FastLlama":
+        """Wrap a loaded W4KV4 ``LlamaForCausalLM`` (see the module docstring); ``projections``: see
+        :meth:`with_projections`."""
         cfg, dec = model.config, model.model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kq = dec.layers[0].self_attn.kv_quant
@@ -146,8 +149,29 @@ class FastLlama:
                 at.kv_quant))
         probe = torch.zeros(1, device=dec.embed_tokens.weight.device)
         cos, sin = dec.rotary_emb(probe, torch.arange(max_positions, device=probe.device)[None])
-        return cls(fc, dec.embed_tokens.weight, layers, dec.norm.weight, model.lm_head.weight,
+        fast = cls(fc, dec.embed_tokens.weight, layers, dec.norm.weight, model.lm_head.weight,
                    cos[0].float().contiguous(), sin[0].float().contiguous(), use_kernels)
+        return fast.with_projections(projections)
+
+    def with_projections(self, backend: str) -> "FastLlama":
+        """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, the
+        default) or "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
+        not take stay on "triton"). The eager path is unchanged. Returns ``self``."""
+        if backend not in PROJECTIONS:
+            raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
+        if backend == "gemlite":
+            from .kernels import gemlite_backend
+
+            if not (self.use_kernels and self.device.type == "cuda"):
+                raise ValueError(f"gemlite projections need the kernel path on CUDA, got {self.device} "
+                                 f"(use_kernels={self.use_kernels})")
+            gemlite_backend.require_gemlite()
+            wrap = lambda w: gemlite_backend.GemLiteW4.from_w4(w, self.embed.dtype)  # noqa: E731
+        else:
+            wrap = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731
+        for layer in self.layers:
+            layer.qkv, layer.o, layer.gate_up, layer.down = map(wrap, (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return self
 
     def new_cache(self, batch: int, max_len: int | None = None) -> StaticPOQCache:
         c = self.config
