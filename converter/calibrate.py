@@ -224,34 +224,46 @@ def make_optimizer(qblock, ccfg: CalibConfig) -> torch.optim.Optimizer | None:
     return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay)
 
 
-def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) -> list[float]:
-    """AdamW on the CRR loss for ``epochs`` passes over the samples; returns each epoch's mean loss."""
-    ccfg = setup.calib
-    opt = make_optimizer(qblock, ccfg)
-    if opt is None:  # nothing to learn (--no-lwc --no-smooth)
-        return []
-    gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
-    n, bs = x_q.shape[0], ccfg.batch_size
+def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: torch.Generator, desc: str,
+                 where: str) -> list[float]:
+    """``epochs`` shuffled passes over ``n`` samples in batches of ``batch_size``: ``step_loss(idx)``
+    (CPU int64 indices) gives the loss, then an optimizer step; returns each epoch's mean loss. A
+    non-finite running loss raises :class:`CalibrationError` naming ``where``."""
+    bs = setup.calib.batch_size
     steps = math.ceil(n / bs)
     epoch_losses = []
-    with tqdm(total=ccfg.epochs * steps, desc=f"block {index}", unit="step", disable=not ccfg.progress,
+    with tqdm(total=epochs * steps, desc=desc, unit="step", disable=not setup.calib.progress,
               dynamic_ncols=True) as bar:
-        for epoch in range(ccfg.epochs):
-            perm = torch.randperm(n, generator=gen).to(setup.device)
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen)
             total = torch.zeros((), device=setup.device)
             for step in range(steps):
-                idx = perm[step * bs:(step + 1) * bs]
-                with autocast(setup):
-                    loss = crr_loss(window_forward(qblock, window, x_q[idx], pe), target[idx])
+                loss = step_loss(perm[step * bs:(step + 1) * bs])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.detach()
                 if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-                    bar.set_postfix(loss=f"{check_finite(total, f'block {index}', epoch, step) / (step + 1):.5f}")
+                    bar.set_postfix(loss=f"{check_finite(total, where, epoch, step) / (step + 1):.5f}")
                 bar.update()
             epoch_losses.append(float(total) / steps)
     return epoch_losses
+
+
+def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) -> list[float]:
+    """AdamW on the CRR loss for ``epochs`` passes over the samples; returns each epoch's mean loss."""
+    opt = make_optimizer(qblock, setup.calib)
+    if opt is None:  # nothing to learn (--no-lwc --no-smooth)
+        return []
+
+    def step_loss(idx):
+        idx = idx.to(setup.device)
+        with autocast(setup):
+            return crr_loss(window_forward(qblock, window, x_q[idx], pe), target[idx])
+
+    gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
+    return train_epochs(opt, step_loss, x_q.shape[0], setup.calib.epochs, setup, gen, f"block {index}",
+                        f"block {index}")
 
 
 @torch.no_grad()

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from runtime.kvquant import KVQuantizer
 
 from . import lwc
-from .calibrate import CHECK_EVERY, BlockSetup, autocast, check_finite
+from .calibrate import BlockSetup, autocast, check_finite, train_epochs
 from .lwc import BlockParams
 
 log = logging.getLogger(__name__)
@@ -111,7 +109,7 @@ def mean_kl(blocks, head, x0, fp_out, pe, setup: BlockSetup) -> float:
         with autocast(setup):
             total += kl_loss(student_logits(blocks, head, x0[s:s + 1].to(setup.device), pe, False),
                              head(fp_out[s:s + 1]))
-    return check_finite(total, "end-to-end", 0, 0) / x0.shape[0]
+    return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]
 
 
 def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: list[BlockParams],
@@ -130,31 +128,17 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
     if opt is None:
         return results, {}
     initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
-    gen = torch.Generator().manual_seed(setup.seed)
-    n, bs = x0.shape[0], ccfg.batch_size
-    steps = math.ceil(n / bs)
-    epoch_losses = []
+
+    def step_loss(idx):
+        with autocast(setup):
+            with torch.no_grad():
+                target = head(fp_out[idx.to(fp_out.device)])
+            return kl_loss(student_logits(blocks, head, x0[idx].to(setup.device), pe, True), target)
+
     blocks.train()
-    with tqdm(total=ccfg.e2e_epochs * steps, desc="end-to-end", unit="step", disable=not ccfg.progress,
-              dynamic_ncols=True) as bar:
-        for epoch in range(ccfg.e2e_epochs):
-            perm = torch.randperm(n, generator=gen)
-            total = torch.zeros((), device=setup.device)
-            for step in range(steps):
-                idx = perm[step * bs:(step + 1) * bs]
-                x = x0[idx].to(setup.device)
-                with autocast(setup):
-                    with torch.no_grad():
-                        target = head(fp_out[idx.to(fp_out.device)])
-                    loss = kl_loss(student_logits(blocks, head, x, pe, True), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach()
-                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-                    bar.set_postfix(kl=f"{check_finite(total, 'end-to-end', epoch, step) / (step + 1):.5f}")
-                bar.update()
-            epoch_losses.append(float(total) / steps)
+    gen = torch.Generator().manual_seed(setup.seed)
+    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end",
+                                "end-to-end stage")
     blocks.eval()
     final = mean_kl(blocks, head, x0, fp_out, pe, setup)
     tuned = []

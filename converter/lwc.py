@@ -55,9 +55,17 @@ class BlockParams:
     seconds: float = 0.0
 
 
+def compact(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (float32) as float16 when that is exact — half the memory for float16 source models,
+    e.g. the whole model on the device in the end-to-end stage — else unchanged."""
+    h = w.half()
+    return h if torch.equal(h.float(), w) else w
+
+
 class LWCLinear(nn.Module):
-    """``y = x @ fq(W)^T + b``; ``W`` frozen, ``gamma``/``beta`` learnable when ``lwc``, per-weight
-    rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable when ``rounding``."""
+    """``y = x @ fq(W)^T + b``; ``W`` frozen (stored :func:`compact`), ``gamma``/``beta`` learnable when
+    ``lwc``, per-weight rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable
+    when ``rounding``."""
 
     def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT,
                  rounding: bool = False):
@@ -69,7 +77,7 @@ class LWCLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.gamma = self.beta = self.offset = None
         if lwc or rounding:
-            self.register_buffer("weight", w)
+            self.register_buffer("weight", compact(w))
         else:  # min-max clipping, nearest rounding: the fake-quantized weight is fixed, compute it once
             self.register_buffer("weight", quant.fake_quantize_weight(w, wcfg.bits, wcfg.group_size))
         if lwc:
@@ -77,7 +85,7 @@ class LWCLinear(nn.Module):
             self.gamma = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
             self.beta = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
         if rounding:
-            self.offset = nn.Parameter(torch.zeros_like(w))
+            self.offset = nn.Parameter(torch.zeros(w.shape, device=w.device))
 
     @property
     def fixed(self) -> bool:
@@ -91,7 +99,7 @@ class LWCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not self.fixed:
-            w = quant.fake_quantize_weight(w, self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset,
+            w = quant.fake_quantize_weight(w.float(), self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset,
                                            params_dtype=export.PARAMS_DTYPE)
         return F.linear(x, w, self.bias)
 

@@ -144,3 +144,22 @@ def test_cli_flags_reach_the_recipe(tiny3, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(model), "--out", str(tmp_path / "r"), "--e2e-epochs", "1",
                                        "--rounding", "gptq", "--calib-data", text])
     assert result.exit_code == 1 and "cannot be combined" in result.output
+
+
+def test_lwc_linear_keeps_float16_exact_weights_in_float16():
+    """The whole model sits on the device in the end-to-end stage: float16-exact weights (float16
+    source models) are stored in float16, with exactly the float32 path's output; others stay float32."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.half().float())
+    m = lwc.LWCLinear(lin, WeightQuantConfig())
+    assert m.weight.dtype == torch.float16
+    x = torch.randn(3, 256)
+    hi, lo = m.clips()
+    ref = F.linear(x, quant.fake_quantize_weight(lin.weight.detach(), 4, 128, hi, lo, params_dtype=torch.float16),
+                   lin.bias)
+    assert torch.equal(m(x), ref)
+    with torch.no_grad():
+        lin.weight[0, 0] += 1e-6
+    assert lwc.LWCLinear(lin, WeightQuantConfig()).weight.dtype == torch.float32
