@@ -159,6 +159,8 @@ def calibration_options(f):
                      "(KL to the full-precision model's next-token distribution) for this many epochs."),
         click.option("--e2e-lr", type=float, default=1e-3, show_default=True,
                      help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
+        click.option("--e2e-rounding", is_flag=True, help="Experimental: the end-to-end stage also learns "
+                     "per-weight rounding offsets (at --round-lr; one float32 per weight on the device)."),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),

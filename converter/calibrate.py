@@ -64,8 +64,9 @@ class CalibConfig:
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
     (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the
     blocks that tunes every block's LWC and smoothing parameters at once against the full-precision
-    model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``); the block-wise results it
-    starts from do not depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
+    model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``; with ``e2e_rounding`` also
+    per-weight rounding offsets at ``round_lr``); the block-wise results it starts from do not
+    depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
 
     nsamples: int = 128
     seqlen: int = 2048
@@ -82,6 +83,7 @@ class CalibConfig:
     norm_lr: float = 1e-4
     e2e_epochs: int = 0
     e2e_lr: float = 1e-3
+    e2e_rounding: bool = False
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
@@ -96,9 +98,11 @@ class CalibConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.e2e_epochs, int) or self.e2e_epochs < 0:
             raise ValueError(f"e2e_epochs must be an integer >= 0 (0: no end-to-end stage), got {self.e2e_epochs!r}")
-        if self.e2e_epochs and self.rounding != "nearest":
-            raise ValueError(f"the end-to-end stage (e2e_epochs > 0) tunes the grid of nearest rounding; "
-                             f"it cannot be combined with rounding {self.rounding!r}")
+        if self.e2e_epochs and self.rounding == "gptq":
+            raise ValueError("the end-to-end stage (e2e_epochs > 0) moves the grid GPTQ's decisions were made on; "
+                             "it cannot be combined with rounding 'gptq' (use nearest or learned)")
+        if self.e2e_rounding and not self.e2e_epochs:
+            raise ValueError("e2e_rounding trains rounding offsets in the end-to-end stage; it needs e2e_epochs > 0")
         if not isinstance(self.crr_k, int) or self.crr_k < 0:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:

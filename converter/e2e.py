@@ -4,7 +4,8 @@ Block-wise calibration (CRR) fits each block against a window of full-precision 
 left over accumulates through the depth of the model. This stage (``--e2e-epochs N``; in the
 spirit of EfficientQAT's end-to-end training of quantization parameters) trains *only* the
 quantization parameters of every block at once — LWC factors (``gamma``, ``beta``), K/V smoothing
-``s`` and shift ``delta`` (and the RMSNorm weights with ``--tune-norms``) — with frozen weights,
+``s`` and shift ``delta`` (and per-weight rounding offsets with ``--e2e-rounding``, the RMSNorm
+weights with ``--tune-norms``) — with frozen weights,
 the same fake quantization (straight-through rounding, POQ K/V per token), and the
 full-precision model's next-token distribution as the target:
 
@@ -46,14 +47,24 @@ def logit(p: torch.Tensor) -> torch.Tensor:
 
 
 def student_block(layer, config, index: int, params: BlockParams, setup: BlockSetup) -> nn.Module:
-    """A trainable block (as :func:`converter.lwc.quant_block`) starting from the block-wise result."""
+    """A trainable block (as :func:`converter.lwc.quant_block`) starting from the block-wise result.
+
+    Rounding offsets exist when the stage learns them (``e2e_rounding``) or the blocks learned
+    them (``--rounding learned``: decisions ``d`` in -1/0/+1 start as offsets ``d / 2``, which round
+    the same way up to exact ties); they are trainable only with ``e2e_rounding``."""
     ccfg = setup.calib
-    blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, tune_norms=ccfg.tune_norms)
+    rounding = ccfg.e2e_rounding or bool(params.rounding)
+    blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, rounding=rounding,
+                          tune_norms=ccfg.tune_norms)
     with torch.no_grad():
         for name, (hi, lo) in params.clips.items():
             lin = blk.get_submodule(name)
             lin.gamma.copy_(logit(hi))
             lin.beta.copy_(logit(lo))
+        for name, d in params.rounding.items():
+            blk.get_submodule(name).offset.copy_(d.float() / 2)
+    for p in lwc.rounding_parameters(blk):
+        p.requires_grad_(ccfg.e2e_rounding)
         for name, t in params.norms.items():
             blk.get_submodule(name.removesuffix(".weight")).weight.copy_(t)
     if params.kv is not None:
@@ -66,10 +77,12 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
 
 def make_optimizer(blocks, ccfg) -> torch.optim.Optimizer | None:
     """AdamW over the quantization parameters of all blocks: LWC and smoothing at ``e2e_lr``,
-    RMSNorm weights (``tune_norms``) at ``norm_lr``."""
+    rounding offsets (``e2e_rounding``) at ``round_lr``, RMSNorm weights (``tune_norms``) at ``norm_lr``."""
     quant = [p for b in blocks for p in (*lwc.lwc_parameters(b), *lwc.smooth_parameters(b))]
+    offsets = [p for b in blocks for p in lwc.rounding_parameters(b) if p.requires_grad]
     norms = [p for b in blocks for p in lwc.norm_parameters(b)]
-    groups = [{"params": ps, "lr": lr} for ps, lr in ((quant, ccfg.e2e_lr), (norms, ccfg.norm_lr)) if ps]
+    groups = [{"params": ps, "lr": lr} for ps, lr in ((quant, ccfg.e2e_lr), (offsets, ccfg.round_lr),
+                                                       (norms, ccfg.norm_lr)) if ps]
     return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay) if groups else None
 
 

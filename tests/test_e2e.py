@@ -45,6 +45,7 @@ def _tensors(path):
     (dict(e2e_epochs=-1), "e2e_epochs"),
     (dict(e2e_epochs=1, rounding="gptq"), "cannot be combined"),
     (dict(e2e_lr=0.0), "e2e_lr"),
+    (dict(e2e_rounding=True), "needs e2e_epochs"),
 ])
 def test_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -163,3 +164,46 @@ def test_lwc_linear_keeps_float16_exact_weights_in_float16():
     with torch.no_grad():
         lin.weight[0, 0] += 1e-6
     assert lwc.LWCLinear(lin, WeightQuantConfig()).weight.dtype == torch.float32
+
+
+def test_e2e_rounding_learns_offsets_and_keeps_blockwise_decisions(tiny3, tmp_path):
+    """--e2e-rounding: the stage learns rounding offsets (codes differ from nearest rounding on the
+    artifact's own clips); blocks calibrated with --rounding learned keep their decisions through a
+    stage without --e2e-rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from converter import export
+
+    out = convert(_cfg(tmp_path / "r", tiny3, e2e_epochs=3, e2e_lr=1e-2, e2e_rounding=True, round_lr=2e-3))
+    meta = json.loads((out / "wkvq.json").read_text())
+    assert meta["recipe"]["calibration"]["e2e_rounding"]
+    info = meta["calibration"]["end_to_end"]
+    assert info["kl_final"] < info["kl_initial"]
+    t, model = _tensors(out), AutoModelForCausalLM.from_pretrained(tiny3[0], dtype=torch.float32)
+    changed = 0
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}.mlp.down_proj"
+        nearest = export.linear_tensors(p, layer.mlp.down_proj.weight, WeightQuantConfig(),
+                                        t[f"{p}.clip_hi"].float(), t[f"{p}.clip_lo"].float())
+        changed += int((nearest[f"{p}.qweight"] != t[f"{p}.qweight"]).sum())
+    assert changed > 0
+    # learned block-wise decisions survive a stage that does not train offsets
+    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), C.CalibConfig(**TINY, e2e_epochs=1), torch.device("cpu"),
+                         torch.float32)
+    layer = model.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    decisions = {n: torch.randint(-1, 2, layer.get_submodule(n).weight.shape, generator=gen, dtype=torch.int8)
+                 for n in lwc.DECODER_LINEARS}
+    student = e2e.student_block(layer, lwc.calib_model_config(model.config), 0,
+                                lwc.BlockParams(clips={}, rounding=decisions), setup)
+    assert not any(p.requires_grad for p in lwc.rounding_parameters(student))
+    folded = lwc.fold_block(student)
+    for n, d in decisions.items():
+        # d = +1 needs a fractional part >= 0, d = -1 one < 0: compare where the decision is reachable
+        w = layer.get_submodule(n).weight.detach()
+        hi, lo = folded.clips[n]
+        _, _, scale, _ = export.export_qparams(w, WeightQuantConfig(), hi, lo)
+        x = w / quant.expand_groups(scale.float(), 128, w.shape[1])
+        frac = x - torch.round(x)
+        reachable = ((d == 1) & (frac > 0)) | ((d == -1) & (frac < 0)) | (d == 0)
+        assert torch.equal(folded.rounding[n][reachable], d[reachable]), n
