@@ -135,6 +135,10 @@ def _recipe_section(meta: dict) -> list[str]:
         losses = [x for x in calib.get("losses", []) if x is not None]
         if losses:
             facts.append(f"final block losses: first {losses[0]:.4g}, last {losses[-1]:.4g}")
+        e2e = calib.get("end_to_end")
+        if e2e:
+            facts.append(f"end-to-end stage: KL to the full-precision model {e2e['kl_initial']:.4g} -> "
+                         f"{e2e['kl_final']:.4g}")
         if facts:
             lines += ["Calibration: " + "; ".join(facts) + ".", ""]
     src = meta["source"]

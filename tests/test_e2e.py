@@ -109,8 +109,12 @@ def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_
     retrained: 0 epochs gives exactly the artifact of a run without the stage)."""
     plain = convert(_cfg(tmp_path / "plain", tiny3))
     tuned = convert(_cfg(tmp_path / "tuned", tiny3, e2e_epochs=3, e2e_lr=1e-2, keep_work=True))
-    info = json.loads((tuned / "wkvq.json").read_text())["calibration"]["end_to_end"]
+    meta = json.loads((tuned / "wkvq.json").read_text())
+    info = meta["calibration"]["end_to_end"]
     assert info["kl_final"] < info["kl_initial"] and len(info["kl_epochs"]) == 3
+    from converter.card import render_card
+
+    assert f"end-to-end stage: KL to the full-precision model {info['kl_initial']:.4g}" in render_card(meta, "me/x")
     a, b = _tensors(plain), _tensors(tuned)
     moved = [k for k in a if not torch.equal(a[k], b[k])]
     assert any(k.endswith("clip_hi") for k in moved) and any(k.endswith("clip_lo") for k in moved)
