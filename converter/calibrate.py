@@ -128,8 +128,11 @@ class CalibConfig:
         return d
 
     def blockwise(self) -> dict:
-        """The settings the block-wise results depend on (what ``--resume`` must match)."""
-        return {k: v for k, v in self.to_dict().items() if not k.startswith("e2e_")}
+        """The settings the block-wise results depend on (what ``--resume`` must match): not the
+        end-to-end stage's, nor a learning rate of parameters the blocks do not train."""
+        unused = {"round_lr"} if self.rounding != "learned" else set()
+        unused |= {"norm_lr"} if not self.tune_norms else set()
+        return {k: v for k, v in self.to_dict().items() if not k.startswith("e2e_") and k not in unused}
 
 
 @dataclass(frozen=True)
