@@ -63,10 +63,10 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
             lin.beta.copy_(logit(lo))
         for name, d in params.rounding.items():
             blk.get_submodule(name).offset.copy_(d.float() / 2)
-    for p in lwc.rounding_parameters(blk):
-        p.requires_grad_(ccfg.e2e_rounding)
         for name, t in params.norms.items():
             blk.get_submodule(name.removesuffix(".weight")).weight.copy_(t)
+    for p in lwc.rounding_parameters(blk):
+        p.requires_grad_(ccfg.e2e_rounding)
     if params.kv is not None:
         kvq = lwc.SmoothedKV({k: v.to(setup.device) for k, v in params.kv.items()}, setup.kv)
     else:

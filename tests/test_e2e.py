@@ -101,6 +101,13 @@ def test_student_starts_where_the_blockwise_result_is(tiny3):
         assert torch.allclose(folded.clips[n][0], hi, atol=1e-3) and torch.allclose(folded.clips[n][1], lo, atol=1e-3)
     for k, v in params.kv.items():
         assert torch.allclose(folded.kv[k], v, atol=1e-6)
+    # tuned RMSNorm weights (--tune-norms) are where the student starts, and fold back unchanged
+    norms = {f"{n}.weight": torch.rand(model.config.hidden_size, generator=gen) + 0.5 for n in lwc.NORMS}
+    tuned = lwc.BlockParams(clips=params.clips, norms=norms, kv=params.kv)
+    setup = C.BlockSetup(setup.weight, setup.kv, C.CalibConfig(**TINY, tune_norms=True), setup.device, setup.dtype)
+    student = e2e.student_block(model.model.layers[0], config, 0, tuned, setup)
+    assert all(torch.equal(student.get_submodule(n.removesuffix(".weight")).weight, t) for n, t in norms.items())
+    assert all(torch.equal(lwc.fold_block(student).norms[n], t) for n, t in norms.items())
 
 
 def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_path):
