@@ -221,25 +221,27 @@ def check_finite(total: torch.Tensor, where: str, epoch: int, step: int) -> floa
     return value
 
 
+def adamw(param_lrs, weight_decay: float) -> torch.optim.Optimizer | None:
+    """AdamW over ``(parameters, lr)`` groups, leaving out empty ones; None when all are empty."""
+    groups = [{"params": ps, "lr": lr} for ps, lr in param_lrs if ps]
+    return torch.optim.AdamW(groups, weight_decay=weight_decay) if groups else None
+
+
 def make_optimizer(qblock, ccfg: CalibConfig) -> torch.optim.Optimizer | None:
-    groups = [{"params": ps, "lr": lr} for ps, lr in ((lwc.lwc_parameters(qblock), ccfg.lwc_lr),
-                                                     (lwc.smooth_parameters(qblock), ccfg.smooth_lr),
-                                                     (lwc.rounding_parameters(qblock), ccfg.round_lr),
-                                                     (lwc.norm_parameters(qblock), ccfg.norm_lr)) if ps]
-    if not groups:
-        return None
-    return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay)
+    return adamw(((lwc.lwc_parameters(qblock), ccfg.lwc_lr), (lwc.smooth_parameters(qblock), ccfg.smooth_lr),
+                  (lwc.rounding_parameters(qblock), ccfg.round_lr), (lwc.norm_parameters(qblock), ccfg.norm_lr)),
+                 ccfg.weight_decay)
 
 
-def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: torch.Generator, desc: str,
+def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: torch.Generator,
                  where: str) -> list[float]:
     """``epochs`` shuffled passes over ``n`` samples in batches of ``batch_size``: ``step_loss(idx)``
-    (CPU int64 indices) gives the loss, then an optimizer step; returns each epoch's mean loss. A
-    non-finite running loss raises :class:`CalibrationError` naming ``where``."""
+    (CPU int64 indices) gives the loss, then an optimizer step; returns each epoch's mean loss. The
+    progress bar and a non-finite running loss's :class:`CalibrationError` name ``where``."""
     bs = setup.calib.batch_size
     steps = math.ceil(n / bs)
     epoch_losses = []
-    with tqdm(total=epochs * steps, desc=desc, unit="step", disable=not setup.calib.progress,
+    with tqdm(total=epochs * steps, desc=where, unit="step", disable=not setup.calib.progress,
               dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen)
@@ -269,8 +271,7 @@ def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) 
             return crr_loss(window_forward(qblock, window, x_q[idx], pe), target[idx])
 
     gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
-    return train_epochs(opt, step_loss, x_q.shape[0], setup.calib.epochs, setup, gen, f"block {index}",
-                        f"block {index}")
+    return train_epochs(opt, step_loss, x_q.shape[0], setup.calib.epochs, setup, gen, f"block {index}")
 
 
 @torch.no_grad()

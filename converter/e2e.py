@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from runtime.kvquant import KVQuantizer
 
 from . import lwc
-from .calibrate import BlockSetup, autocast, check_finite, train_epochs
+from .calibrate import BlockSetup, adamw, autocast, check_finite, train_epochs
 from .lwc import BlockParams
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ def make_optimizer(blocks, ccfg) -> torch.optim.Optimizer | None:
     quant = [p for b in blocks for p in (*lwc.lwc_parameters(b), *lwc.smooth_parameters(b))]
     offsets = [p for b in blocks for p in lwc.rounding_parameters(b) if p.requires_grad]
     norms = [p for b in blocks for p in lwc.norm_parameters(b)]
-    groups = [{"params": ps, "lr": lr} for ps, lr in ((quant, ccfg.e2e_lr), (offsets, ccfg.round_lr),
-                                                       (norms, ccfg.norm_lr)) if ps]
-    return torch.optim.AdamW(groups, weight_decay=ccfg.weight_decay) if groups else None
+    return adamw(((quant, ccfg.e2e_lr), (offsets, ccfg.round_lr), (norms, ccfg.norm_lr)), ccfg.weight_decay)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -150,8 +148,7 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
 
     blocks.train()
     gen = torch.Generator().manual_seed(setup.seed)
-    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end",
-                                "end-to-end stage")
+    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage")
     blocks.eval()
     final = mean_kl(blocks, head, x0, fp_out, pe, setup)
     tuned = []

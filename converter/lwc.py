@@ -107,9 +107,7 @@ class LWCLinear(nn.Module):
         """The learned rounding as int8 offsets to nearest rounding, for the export's exact scales."""
         if self.offset is None:
             return None
-        hi, lo = self.clips()
-        hi, lo = (None, None) if hi is None else (hi.detach().half().float(), lo.detach().half().float())
-        _, _, scale, _ = export.export_qparams(self.weight, self.wcfg, hi, lo)
+        _, _, scale, _ = export.export_qparams(self.weight, self.wcfg, *self.clips())  # rounds the clips as stored
         return quant.rounding_decisions(self.weight, scale, self.offset.detach(), self.wcfg.group_size).cpu()
 
 
