@@ -161,6 +161,8 @@ def calibration_options(f):
                      help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
         click.option("--e2e-rounding", is_flag=True, help="Experimental: the end-to-end stage also learns "
                      "per-weight rounding offsets (at --round-lr; one float32 per weight on the device)."),
+        click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+                     show_default=True, help="Learning-rate schedule of the end-to-end stage (cosine: decay to 0)."),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),

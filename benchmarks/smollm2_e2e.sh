@@ -3,10 +3,13 @@
 # results kept), then end-to-end variants resumed from those blocks (only the stage differs), and
 # learned rounding (full recipe) alongside; then one table on the held-back articles (2048 tokens).
 #
-#   bash benchmarks/smollm2_e2e.sh OUTDIR "EPOCHS:LR EPOCHS:LR ..." [extra convert flags...]
+#   bash benchmarks/smollm2_e2e.sh OUTDIR "EPOCHS:LR[:FLAGS] ..." [extra convert flags...]
 #
-# Variant NAME e2e-EPOCHS-LR. MODEL (env) is the table's source model (default: the embedded GGUF).
-# SKIP_LEARNED=1 leaves out the learned-rounding run. EVAL_FLAGS (env) goes to `wkvq eval --table`.
+# A variant's FLAGS are extra convert flags of that variant alone, comma-separated
+# (e.g. 2:1e-2:--e2e-rounding,--round-lr=2e-3); it is named e2e-EPOCHS-LR[-FLAGS, dashes and '=' dropped].
+# MODEL (env) is the table's source model (default: the embedded GGUF). SKIP_LEARNED=1 leaves out the
+# learned-rounding run. GPUS (env, e.g. "0 1") spreads the variants over those devices, round robin.
+# SKIP_BASE=1 reuses OUTDIR/wkvquant and its kept work dir. EVAL_FLAGS (env) goes to `wkvq eval --table`.
 set -euo pipefail
 out=${1:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
 variants=${2:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
@@ -14,22 +17,32 @@ shift 2
 model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$out/logs"
 work() { echo "$(dirname "$1")/.$(basename "$1").wkvq-work"; }
+read -r -a gpus <<< "${GPUS:-}"
+on_gpu() {  # on_gpu I CMD...: CMD on the I-th of GPUS (round robin), or as is without GPUS
+  if [ ${#gpus[@]} -gt 0 ]; then CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % ${#gpus[@]} ))]} "${@:2}"; else "${@:2}"; fi
+}
 learned_pid=
 if [ -z "${SKIP_LEARNED:-}" ]; then
-  python3 -m cli -v convert --out "$out/learned" --overwrite --rounding learned "$@" \
+  on_gpu 1 python3 -m cli -v convert --out "$out/learned" --overwrite --rounding learned "$@" \
     > "$out/logs/convert-learned.log" 2>&1 &
   learned_pid=$!
 fi
-python3 -m cli -v convert --out "$out/wkvquant" --overwrite --keep-work "$@" > "$out/logs/convert-wkvquant.log" 2>&1
+[ -n "${SKIP_BASE:-}" ] || on_gpu 0 python3 -m cli -v convert --out "$out/wkvquant" --overwrite --keep-work "$@" \
+  > "$out/logs/convert-wkvquant.log" 2>&1
 pids=()
 artifacts=(--artifact wkvquant="$out/wkvquant")
 rows=fp16,w4kv4-rtn,wkvquant
+i=0
 for v in $variants; do
-  name="e2e-${v%%:*}-${v##*:}"
+  IFS=: read -r epochs lr flags <<< "$v"
+  IFS=, read -r -a extra <<< "${flags:-}"
+  name="e2e-$epochs-$lr"
+  [ -z "${flags:-}" ] || name="$name-$(echo "$flags" | sed -e 's/--e2e-//g; s/--//g; s/[,=]/-/g')"
   rm -rf "$(work "$out/$name")"
   cp -r "$(work "$out/wkvquant")" "$(work "$out/$name")"
-  python3 -m cli -v convert --out "$out/$name" --overwrite --resume --e2e-epochs "${v%%:*}" --e2e-lr "${v##*:}" "$@" \
-    > "$out/logs/convert-$name.log" 2>&1 &
+  on_gpu $i python3 -m cli -v convert --out "$out/$name" --overwrite --resume --e2e-epochs "$epochs" --e2e-lr "$lr" \
+    "${extra[@]}" "$@" > "$out/logs/convert-$name.log" 2>&1 &
+  i=$((i + 1))
   pids+=($!)
   artifacts+=(--artifact "$name=$out/$name")
   rows="$rows,$name"

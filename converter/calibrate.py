@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ROUNDINGS = ("nearest", "learned", "gptq")  # how the weights' codes are rounded on the (learned) grid
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules of the end-to-end stage
 EVAL_SPLITS = ("enwiki-sample:eval", "wikitext2:test")
 CHECK_EVERY = 32  # steps between loss syncs (finiteness check, progress bar)
 
@@ -65,7 +66,8 @@ class CalibConfig:
     (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the
     blocks that tunes every block's LWC and smoothing parameters at once against the full-precision
     model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``; with ``e2e_rounding`` also
-    per-weight rounding offsets at ``round_lr``); the block-wise results it starts from do not
+    per-weight rounding offsets at ``round_lr``; ``e2e_schedule`` constant or cosine decay of its
+    learning rates to zero); the block-wise results it starts from do not
     depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
 
     nsamples: int = 128
@@ -84,6 +86,7 @@ class CalibConfig:
     e2e_epochs: int = 0
     e2e_lr: float = 1e-3
     e2e_rounding: bool = False
+    e2e_schedule: str = "constant"
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
@@ -103,6 +106,8 @@ class CalibConfig:
                              "it cannot be combined with rounding 'gptq' (use nearest or learned)")
         if self.e2e_rounding and not self.e2e_epochs:
             raise ValueError("e2e_rounding trains rounding offsets in the end-to-end stage; it needs e2e_epochs > 0")
+        if self.e2e_schedule not in SCHEDULES:
+            raise ValueError(f"e2e_schedule must be one of {', '.join(SCHEDULES)}, got {self.e2e_schedule!r}")
         if not isinstance(self.crr_k, int) or self.crr_k < 0:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:
@@ -233,13 +238,25 @@ def make_optimizer(qblock, ccfg: CalibConfig) -> torch.optim.Optimizer | None:
                  ccfg.weight_decay)
 
 
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) of ``total``: 1 for
+    ``constant``; for ``cosine`` a half cosine from 1 at the first step towards 0 after the last."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+
+
 def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: torch.Generator,
-                 where: str) -> list[float]:
+                 where: str, schedule: str = "constant") -> list[float]:
     """``epochs`` shuffled passes over ``n`` samples in batches of ``batch_size``: ``step_loss(idx)``
-    (CPU int64 indices) gives the loss, then an optimizer step; returns each epoch's mean loss. The
-    progress bar and a non-finite running loss's :class:`CalibrationError` name ``where``."""
+    (CPU int64 indices) gives the loss, then an optimizer step with each group's learning rate
+    scaled by :func:`lr_factor` (``schedule``); returns each epoch's mean loss. The progress bar and
+    a non-finite running loss's :class:`CalibrationError` name ``where``."""
     bs = setup.calib.batch_size
     steps = math.ceil(n / bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(schedule, i, epochs * steps))
     epoch_losses = []
     with tqdm(total=epochs * steps, desc=where, unit="step", disable=not setup.calib.progress,
               dynamic_ncols=True) as bar:
@@ -251,6 +268,7 @@ def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: to
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += loss.detach()
                 if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
                     bar.set_postfix(loss=f"{check_finite(total, where, epoch, step) / (step + 1):.5f}")

@@ -148,7 +148,8 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
 
     blocks.train()
     gen = torch.Generator().manual_seed(setup.seed)
-    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage")
+    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage",
+                                ccfg.e2e_schedule)
     blocks.eval()
     final = mean_kl(blocks, head, x0, fp_out, pe, setup)
     tuned = []

@@ -46,6 +46,7 @@ def _tensors(path):
     (dict(e2e_epochs=1, rounding="gptq"), "cannot be combined"),
     (dict(e2e_lr=0.0), "e2e_lr"),
     (dict(e2e_rounding=True), "needs e2e_epochs"),
+    (dict(e2e_schedule="linear"), "e2e_schedule"),
 ])
 def test_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -59,6 +60,32 @@ def test_kl_loss_is_the_token_mean_of_kl_divergence():
     ref = (p * (p.log() - q.log())).sum(-1).mean()
     assert torch.allclose(e2e.kl_loss(s, t), ref, atol=1e-6)
     assert float(e2e.kl_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lr_factor_schedules():
+    assert [C.lr_factor("constant", i, 4) for i in range(4)] == [1.0] * 4
+    cos = [C.lr_factor("cosine", i, 4) for i in range(5)]
+    assert cos[0] == 1.0 and cos[2] == pytest.approx(0.5) and cos[4] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(cos, cos[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        C.lr_factor("step", 0, 4)
+
+
+def test_train_epochs_follows_the_schedule():
+    """Every group's learning rate is the base rate times the schedule's factor at each step."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = C.adamw((([w], 0.1),), 0.0)
+    setup = C.BlockSetup(None, None, C.CalibConfig(nsamples=4, batch_size=2, progress=False), torch.device("cpu"),
+                         torch.float32)
+    seen = []
+
+    def step_loss(idx):
+        seen.append(opt.param_groups[0]["lr"])
+        return ((w - 1) ** 2).sum()
+
+    C.train_epochs(opt, step_loss, 4, 2, setup, torch.Generator().manual_seed(0), "t", "cosine")
+    assert seen == pytest.approx([0.1 * C.lr_factor("cosine", i, 4) for i in range(4)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_logit_inverts_sigmoid_and_stays_finite_at_one():
@@ -149,11 +176,13 @@ def test_cli_flags_reach_the_recipe(tiny3, tmp_path):
     result = CliRunner().invoke(main, [
         "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
         "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--batch-size", "2", "--crr-k", "0",
-        "--e2e-epochs", "1", "--e2e-lr", "5e-3", "--tune-norms", "--norm-lr", "1e-2"])
+        "--e2e-epochs", "1", "--e2e-lr", "5e-3", "--tune-norms", "--norm-lr", "1e-2",
+        "--e2e-schedule", "cosine"])
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "wkvq.json").read_text())
     rec = meta["recipe"]["calibration"]
-    assert rec["e2e_epochs"] == 1 and rec["e2e_lr"] == 5e-3 and "keep_work" not in rec
+    assert rec["e2e_epochs"] == 1 and rec["e2e_lr"] == 5e-3 and rec["e2e_schedule"] == "cosine"
+    assert "keep_work" not in rec
     assert "end_to_end" in meta["calibration"]
     result = CliRunner().invoke(main, ["convert", str(model), "--out", str(tmp_path / "r"), "--e2e-epochs", "1",
                                        "--rounding", "gptq", "--calib-data", text])
