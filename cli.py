@@ -157,11 +157,13 @@ def calibration_options(f):
         click.option("--e2e-epochs", type=int, default=0, show_default=True, callback=_non_negative,
                      help="Experimental: after the blocks, tune all quantization parameters end to end "
                      "(KL to the full-precision model's next-token distribution) for this many epochs."),
-        click.option("--e2e-lr", type=float, default=1e-3, show_default=True,
+        click.option("--e2e-lr", type=float, default=3e-2, show_default=True,
                      help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
         click.option("--e2e-rounding", is_flag=True, help="Experimental: the end-to-end stage also learns "
-                     "per-weight rounding offsets (at --round-lr; one float32 per weight on the device)."),
-        click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+                     "per-weight rounding offsets (at --e2e-round-lr; one float32 per weight, plus AdamW state, on the device)."),
+        click.option("--e2e-round-lr", type=float, default=2e-3, show_default=True,
+                     help="Learning rate of the --e2e-rounding offsets."),
+        click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="cosine",
                      show_default=True, help="Learning-rate schedule of the end-to-end stage (cosine: decay to 0)."),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),

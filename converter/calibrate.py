@@ -66,8 +66,8 @@ class CalibConfig:
     (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the
     blocks that tunes every block's LWC and smoothing parameters at once against the full-precision
     model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``; with ``e2e_rounding`` also
-    per-weight rounding offsets at ``round_lr``; ``e2e_schedule`` constant or cosine decay of its
-    learning rates to zero); the block-wise results it starts from do not
+    per-weight rounding offsets at ``e2e_round_lr``; ``e2e_schedule`` constant or cosine decay of its
+    learning rates to zero; the defaults are the best measured on SmolLM2, BENCHMARKS.md); the block-wise results it starts from do not
     depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
 
     nsamples: int = 128
@@ -84,9 +84,10 @@ class CalibConfig:
     tune_norms: bool = False
     norm_lr: float = 1e-4
     e2e_epochs: int = 0
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 3e-2
     e2e_rounding: bool = False
-    e2e_schedule: str = "constant"
+    e2e_round_lr: float = 2e-3
+    e2e_schedule: str = "cosine"
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
@@ -112,7 +113,7 @@ class CalibConfig:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:
             raise ValueError(f"batch size {self.batch_size} is larger than nsamples {self.nsamples}")
-        for name in ("lwc_lr", "smooth_lr", "round_lr", "norm_lr", "e2e_lr"):
+        for name in ("lwc_lr", "smooth_lr", "round_lr", "norm_lr", "e2e_lr", "e2e_round_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:

@@ -77,11 +77,11 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
 
 def make_optimizer(blocks, ccfg) -> torch.optim.Optimizer | None:
     """AdamW over the quantization parameters of all blocks: LWC and smoothing at ``e2e_lr``,
-    rounding offsets (``e2e_rounding``) at ``round_lr``, RMSNorm weights (``tune_norms``) at ``norm_lr``."""
+    rounding offsets (``e2e_rounding``) at ``e2e_round_lr``, RMSNorm weights (``tune_norms``) at ``norm_lr``."""
     quant = [p for b in blocks for p in (*lwc.lwc_parameters(b), *lwc.smooth_parameters(b))]
     offsets = [p for b in blocks for p in lwc.rounding_parameters(b) if p.requires_grad]
     norms = [p for b in blocks for p in lwc.norm_parameters(b)]
-    return adamw(((quant, ccfg.e2e_lr), (offsets, ccfg.round_lr), (norms, ccfg.norm_lr)), ccfg.weight_decay)
+    return adamw(((quant, ccfg.e2e_lr), (offsets, ccfg.e2e_round_lr), (norms, ccfg.norm_lr)), ccfg.weight_decay)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

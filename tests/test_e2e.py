@@ -47,6 +47,7 @@ def _tensors(path):
     (dict(e2e_lr=0.0), "e2e_lr"),
     (dict(e2e_rounding=True), "needs e2e_epochs"),
     (dict(e2e_schedule="linear"), "e2e_schedule"),
+    (dict(e2e_round_lr=0.0), "e2e_round_lr"),
 ])
 def test_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +136,16 @@ def test_student_starts_where_the_blockwise_result_is(tiny3):
     student = e2e.student_block(model.model.layers[0], config, 0, tuned, setup)
     assert all(torch.equal(student.get_submodule(n.removesuffix(".weight")).weight, t) for n, t in norms.items())
     assert all(torch.equal(lwc.fold_block(student).norms[n], t) for n, t in norms.items())
+    # the optimizer's groups: quantization parameters at e2e_lr, offsets at e2e_round_lr, norms at norm_lr
+    ccfg = C.CalibConfig(**TINY, tune_norms=True, e2e_epochs=1, e2e_rounding=True, e2e_lr=3e-2, e2e_round_lr=2e-3,
+                         round_lr=5e-1, norm_lr=1e-4)
+    setup = C.BlockSetup(setup.weight, setup.kv, ccfg, setup.device, setup.dtype)
+    student = e2e.student_block(model.model.layers[0], config, 0, tuned, setup)
+    groups = e2e.make_optimizer([student], ccfg).param_groups
+    assert [(g["lr"], sum(p.numel() for p in g["params"])) for g in groups] == [
+        (3e-2, sum(p.numel() for p in (*lwc.lwc_parameters(student), *lwc.smooth_parameters(student)))),
+        (2e-3, sum(m.weight.numel() for m in student.modules() if isinstance(m, lwc.LWCLinear))),
+        (1e-4, 2 * model.config.hidden_size)]
 
 
 def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_path):
@@ -216,7 +227,7 @@ def test_e2e_rounding_learns_offsets_and_keeps_blockwise_decisions(tiny3, tmp_pa
 
     from converter import export
 
-    out = convert(_cfg(tmp_path / "r", tiny3, e2e_epochs=3, e2e_lr=1e-2, e2e_rounding=True, round_lr=2e-3))
+    out = convert(_cfg(tmp_path / "r", tiny3, e2e_epochs=3, e2e_lr=1e-2, e2e_rounding=True, e2e_round_lr=2e-3))
     meta = json.loads((out / "wkvq.json").read_text())
     assert meta["recipe"]["calibration"]["e2e_rounding"]
     info = meta["calibration"]["end_to_end"]
