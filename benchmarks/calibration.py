@@ -91,6 +91,7 @@ class BenchResult:
     blocks_measured: int
     num_layers: int
     recipe: dict
+    compiled: bool
     block_train_seconds: list
     wall_seconds: float
     seconds_per_block: float
@@ -117,7 +118,7 @@ def run(shape: str, blocks: int, calib: C.CalibConfig, device: torch.device, see
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     per_block = wall / blocks
-    return BenchResult(shape, str(device), blocks, len(layers), calib.to_dict(),
+    return BenchResult(shape, str(device), blocks, len(layers), calib.to_dict(), calib.compile,
                        [round(r.seconds, 3) for r in results], round(wall, 3), round(per_block, 3),
                        round(per_block * len(layers), 1), peak)
 
@@ -127,7 +128,8 @@ def table(r: BenchResult) -> str:
     rows = [
         ("shape", r.shape), ("device", r.device),
         ("recipe", f"{r.recipe['nsamples']} x {r.recipe['seqlen']} tokens, {r.recipe['epochs']} epochs, "
-                   f"k={r.recipe['crr_k']}, batch {r.recipe['batch_size']}, {r.recipe['compute_dtype']}"),
+                   f"k={r.recipe['crr_k']}, batch {r.recipe['batch_size']}, {r.recipe['compute_dtype']}"
+                   + (", compiled fake quantization" if r.compiled else "")),
         ("blocks measured", f"{r.blocks_measured} of {r.num_layers}"),
         ("training s per block", ", ".join(f"{s:.1f}" for s in r.block_train_seconds)),
         ("wall s per block (incl. targets, propagation)", f"{r.seconds_per_block:.1f}"),
@@ -149,18 +151,20 @@ def table(r: BenchResult) -> str:
 @click.option("--calib-dtype", type=click.Choice(list(C.COMPUTE_DTYPES)), default="auto", show_default=True)
 @click.option("--rounding", type=click.Choice(C.ROUNDINGS), default=C.CalibConfig.rounding, show_default=True)
 @click.option("--tune-norms/--no-tune-norms", default=C.CalibConfig.tune_norms, show_default=True)
+@click.option("--compile", "compiled", is_flag=True, help="torch.compile the fake quantization (convert's --compile).")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if available].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
-def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, device, progress,
-         json_path):
+def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, compiled, device,
+         progress, json_path):
     """Time the full per-block calibration recipe on a random model of SHAPE."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if blocks <= 0:
         raise click.BadParameter(f"--blocks must be positive, got {blocks}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     calib = C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=crr_k, batch_size=batch_size,
-                          compute_dtype=calib_dtype, rounding=rounding, tune_norms=tune_norms, progress=progress)
+                          compute_dtype=calib_dtype, rounding=rounding, tune_norms=tune_norms, compile=compiled,
+                          progress=progress)
     result = run(shape, blocks, calib, dev)
     click.echo(table(result))
     if json_path is not None:

@@ -93,6 +93,7 @@ class CalibConfig:
     compute_dtype: str = "auto"
     resume: bool = False
     keep_work: bool = False
+    compile: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -129,7 +130,7 @@ class CalibConfig:
     def to_dict(self) -> dict:
         """The recipe as recorded in the artifact (without run controls such as resume)."""
         d = asdict(self)
-        for name in ("resume", "keep_work", "progress"):
+        for name in ("resume", "keep_work", "compile", "progress"):
             d.pop(name)
         return d
 
@@ -308,9 +309,9 @@ def calibrate_block(layer, config, index: int, window, x_q, target, pe, setup: B
     start = time.perf_counter()
     ccfg = setup.calib
     qblock = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device,
-                             rounding=ccfg.rounding == "learned", tune_norms=ccfg.tune_norms)
+                             rounding=ccfg.rounding == "learned", tune_norms=ccfg.tune_norms, compiled=ccfg.compile)
     observe(qblock, x_q, pe, setup)  # K/V statistics for the smoothing/shift init
-    lwc.set_kv_quantizer(qblock, setup.kv, setup.calib.smooth)
+    lwc.set_kv_quantizer(qblock, setup.kv, setup.calib.smooth, ccfg.compile)
     initial = eval_loss(qblock, window, x_q, target, pe, setup, index)
     qblock.train()
     losses = train_block(qblock, window, x_q, target, pe, setup, index)

@@ -55,7 +55,7 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
     ccfg = setup.calib
     rounding = ccfg.e2e_rounding or bool(params.rounding)
     blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, rounding=rounding,
-                          tune_norms=ccfg.tune_norms)
+                          tune_norms=ccfg.tune_norms, compiled=ccfg.compile)
     with torch.no_grad():
         for name, (hi, lo) in params.clips.items():
             lin = blk.get_submodule(name)
@@ -68,7 +68,7 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
     for p in lwc.rounding_parameters(blk):
         p.requires_grad_(ccfg.e2e_rounding)
     if params.kv is not None:
-        kvq = lwc.SmoothedKV({k: v.to(setup.device) for k, v in params.kv.items()}, setup.kv)
+        kvq = lwc.SmoothedKV({k: v.to(setup.device) for k, v in params.kv.items()}, setup.kv, ccfg.compile)
     else:
         kvq = KVQuantizer(*lwc.kv_shape(config), setup.kv, device=setup.device)
     blk.self_attn.register_module("kv_quant", kvq)

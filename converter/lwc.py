@@ -9,6 +9,11 @@
 * :class:`KVRangeObserver` — stands in for the quantizer to record per-channel K/V ranges
   (it returns K/V unchanged).
 
+Both trainable modules take ``compiled``: their fake quantization (:func:`lwc_weight`,
+:func:`runtime.quant.kv_fake_quantize`) then runs through ``torch.compile`` (:func:`fake_quant_fns`),
+which fuses its ~100 small operations per Linear (forward and backward) into a few kernels; the
+training step of these small-tensor graphs is otherwise bound by launch and dispatch overhead.
+
 Blocks are copies of a decoder layer (built on the meta device, weights assigned), so the live
 model is never modified. After training, :func:`fold_block` turns the parameters into plain
 tensors (:class:`BlockParams`); :func:`applied_block` rebuilds the block exactly as the artifact
@@ -18,6 +23,7 @@ will compute it (export-quantized weights, folded ``s``/``delta``).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +32,7 @@ from torch import nn
 
 from runtime import attention, quant
 from runtime.artifact import DECODER_LINEARS, KV_TENSORS
-from runtime.kvquant import KVQuantConfig, KVQuantizer
+from runtime.kvquant import STATS_DTYPE, KVQuantConfig, KVQuantizer
 
 from . import export
 from .export import WeightQuantConfig
@@ -62,15 +68,36 @@ def compact(w: torch.Tensor) -> torch.Tensor:
     return h if torch.equal(h.float(), w) else w
 
 
+def lwc_weight(w, gamma, beta, offset, bits: int, group_size: int, params_dtype) -> torch.Tensor:
+    """The fake-quantized weight of :class:`LWCLinear`: clips ``sigmoid(gamma)``/``sigmoid(beta)``
+    (none without LWC), rounding ``offset`` (or None), straight-through rounding."""
+    hi, lo = (None, None) if gamma is None else (torch.sigmoid(gamma), torch.sigmoid(beta))
+    return quant.fake_quantize_weight(w.float(), bits, group_size, hi, lo, offset=offset, params_dtype=params_dtype)
+
+
+@functools.cache
+def fake_quant_fns(compiled: bool):
+    """``(weight_fn, kv_fn)``: :func:`lwc_weight` and :func:`runtime.quant.kv_fake_quantize`, through
+    ``torch.compile`` (static shapes: one graph per weight shape) when ``compiled``."""
+    if not compiled:
+        return lwc_weight, quant.kv_fake_quantize
+    # emulate_precision_casts: keep the float16 round trips of cast_ste / round_kv_stats (Inductor
+    # otherwise drops them and the trained weight is no longer the exported one)
+    opts = {"emulate_precision_casts": True}
+    return (torch.compile(lwc_weight, dynamic=False, options=opts),
+            torch.compile(quant.kv_fake_quantize, dynamic=False, options=opts))
+
+
 class LWCLinear(nn.Module):
     """``y = x @ fq(W)^T + b``; ``W`` frozen (stored :func:`compact`), ``gamma``/``beta`` learnable when
     ``lwc``, per-weight rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable
     when ``rounding``."""
 
     def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT,
-                 rounding: bool = False):
+                 rounding: bool = False, compiled: bool = False):
         super().__init__()
         self.wcfg = wcfg
+        self.weight_fn = fake_quant_fns(compiled)[0]
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -99,8 +126,8 @@ class LWCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not self.fixed:
-            w = quant.fake_quantize_weight(w.float(), self.wcfg.bits, self.wcfg.group_size, *self.clips(), offset=self.offset,
-                                           params_dtype=export.PARAMS_DTYPE)
+            w = self.weight_fn(w, self.gamma, self.beta, self.offset, self.wcfg.bits, self.wcfg.group_size,
+                               export.PARAMS_DTYPE)
         return F.linear(x, w, self.bias)
 
     def rounding_decisions(self) -> torch.Tensor | None:
@@ -114,9 +141,10 @@ class LWCLinear(nn.Module):
 class SmoothedKV(KVQuantizer):
     """Learnable ``s = s0 * exp(a)``, ``delta = delta0 + s0 * b`` for K and V (``a, b: [H, D]``)."""
 
-    def __init__(self, init: dict[str, torch.Tensor], config: KVQuantConfig):
+    def __init__(self, init: dict[str, torch.Tensor], config: KVQuantConfig, compiled: bool = False):
         h, d = init["k_scale"].shape
         super().__init__(h, d, config, learnable=False, device=init["k_scale"].device)
+        self.kv_fn = fake_quant_fns(compiled)[1]
         for name in KV_TENSORS:  # the buffers hold s0 / delta0
             getattr(self, name).copy_(init[name])
         for which in ("k", "v"):
@@ -127,6 +155,9 @@ class SmoothedKV(KVQuantizer):
         s0, d0 = super().params(which)
         a, b = getattr(self, f"{which}_log_scale"), getattr(self, f"{which}_offset")
         return s0 * torch.exp(a), d0 + s0 * b
+
+    def fake(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        return self.kv_fn(x, *self.params(which), self.config.bits, self.group_size, STATS_DTYPE)
 
     def folded(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -193,14 +224,14 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, device,
-                rounding: bool = False, tune_norms: bool = False) -> nn.Module:
+                rounding: bool = False, tune_norms: bool = False, compiled: bool = False) -> nn.Module:
     """A float32 copy of ``layer`` with :class:`LWCLinear` projections and a K/V range observer;
-    its RMSNorm weights are trainable with ``tune_norms``."""
+    its RMSNorm weights are trainable with ``tune_norms``; ``compiled``: see :func:`fake_quant_fns`."""
     blk = clone_layer(layer, config, index, device, torch.float32)
     for name in DECODER_LINEARS:
         parent, child = name.rsplit(".", 1)
         blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc,
-                                                                   rounding=rounding))
+                                                                   rounding=rounding, compiled=compiled))
     blk.self_attn.register_module("kv_quant", KVRangeObserver(*kv_shape(config), device=device))
     if tune_norms:  # a copy: clone_layer's tensors may share storage with the source model's
         for name in NORMS:
@@ -209,11 +240,11 @@ def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, d
     return blk
 
 
-def set_kv_quantizer(blk: nn.Module, kvcfg: KVQuantConfig, smooth: bool) -> None:
+def set_kv_quantizer(blk: nn.Module, kvcfg: KVQuantConfig, smooth: bool, compiled: bool = False) -> None:
     """Replace the block's observer by the learnable :class:`SmoothedKV` (or a fixed RTN quantizer)."""
     observer = blk.self_attn.kv_quant
     if smooth:
-        kvq = SmoothedKV(observer.smoothing_init(), kvcfg)
+        kvq = SmoothedKV(observer.smoothing_init(), kvcfg, compiled)
     else:
         kvq = KVQuantizer(*observer.k_min.shape, kvcfg, device=observer.k_min.device)
     blk.self_attn.register_module("kv_quant", kvq)

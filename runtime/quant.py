@@ -161,14 +161,15 @@ def fake_quantize_weight(
     clip_hi, clip_lo = (None if c is None else cast_ste(c, params_dtype) for c in (clip_hi, clip_lo))
     scale, zero = weight_qparams(w, bits, group_size, clip_hi, clip_lo, ste=True)
     scale = cast_ste(scale, params_dtype)  # after the zero point, as the export does
-    n = w.shape[-1]
-    s = expand_groups(scale, group_size, n)
-    z = expand_groups(zero, group_size, n)
-    x = w.float() / s
+    # computed on the grouped (padded) layout [out, G, group_size] and sliced back: the same
+    # per-element arithmetic as with expand_groups, and a graph that torch.compile (Inductor, torch
+    # 2.13 CPU) compiles correctly for ragged groups, where a slice of the expanded scale is not
+    s, z = scale[..., None], zero[..., None]
+    x = _grouped(w.float(), group_size) / s
     if offset is not None:
-        x = x + offset.float().clamp(-0.5, 0.5)
+        x = x + _grouped(offset.float().clamp(-0.5, 0.5), group_size)
     q = torch.clamp(round_ste(x) + z, 0, qmax)
-    return ((q - z) * s).to(w.dtype)
+    return _ungrouped((q - z) * s, w.shape[-1]).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------- packing

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Next lease for issue #4 (nvidia-h200-x2, or one GPU with GPUS="0"), ~12 minutes, without the 11-minute
+# block-wise run: the default SmolLM2 block-wise results of the fourth session (the kept work dir,
+# carried as .gpu/work/smollm2-blockwise-r4.tgz) are unpacked, the base artifact re-exported from
+# them, then
+#   1. the compiled-vs-eager speed of one end-to-end variant (convert --compile),
+#   2. the end-to-end variants, all at once, spread over GPUS (the stage is launch-bound: several per
+#      GPU cost little more than one), with --compile,
+#   3. 7B block-wise cost with --compile (one block; the eager number is 80.6 s/block, BENCHMARKS.md),
+#   4. one perplexity table.
+# Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt.
+#
+#   bash benchmarks/h200x2_round5.sh "EPOCHS:LR[:FLAGS] ..."     (after the setup of BENCHMARKS.md;
+#   run with carry [".gpu/p2", ".gpu/whl", ".gpu/work"])
+set -uo pipefail
+variants=${1:?usage: h200x2_round5.sh "EPOCHS:LR[:FLAGS] ..."}
+r=${RESULTS:-/root/a}
+gpus=${GPUS:-0 1}
+mkdir -p "$r/e2e/logs" "$r/speed"
+t0=$(date +%s)
+mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
+
+tar xzf .gpu/work/smollm2-blockwise-r4.tgz -C "$r/e2e"
+python3 -m cli -v convert --out "$r/e2e/wkvquant" --overwrite --resume --keep-work \
+  > "$r/e2e/logs/convert-wkvquant.log" 2>&1
+mark "base re-exported rc=$?"
+
+last=${gpus##* }
+(
+  CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/calibration.py --shape llama2-7b --blocks 1 --compile \
+    --no-progress --json "$r/speed/calib_7b_compiled.json" > "$r/speed/calib_7b_compiled.log" 2>&1
+  mark "7B block-wise --compile done rc=$?"
+) &
+bench7b=$!
+# 1. the same variant eager and compiled, alone on the first GPU (steps/s in their logs)
+for mode in eager compiled; do
+  flag=; [ "$mode" = compiled ] && flag=--compile
+  rm -rf "$r/e2e/.speed-$mode.wkvq-work"; cp -r "$r/e2e/.wkvquant.wkvq-work" "$r/e2e/.speed-$mode.wkvq-work"
+  CUDA_VISIBLE_DEVICES=${gpus%% *} timeout 150 python3 -m cli -v convert --out "$r/e2e/speed-$mode" --overwrite --resume \
+    --e2e-epochs 1 $flag > "$r/e2e/logs/speed-$mode.log" 2>&1
+  mark "e2e speed $mode rc=$?"
+done
+wait "$bench7b"
+# 2. + 4.
+SKIP_BASE=1 SKIP_LEARNED=1 GPUS="$gpus" bash benchmarks/smollm2_e2e.sh "$r/e2e" "$variants" --compile > "$r/e2e.log" 2>&1
+mark "e2e variants and table done rc=$?"

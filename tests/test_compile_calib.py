@@ -1,0 +1,78 @@
+"""``--compile``: the training's fake quantization through torch.compile (converter/lwc.py
+``fake_quant_fns``) computes what the eager path computes — the same forward values (float16
+round trips kept, ragged groups), gradients up to summation order — and a compiled calibration
+lands where the eager one does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converter import calibrate as C
+from converter import lwc
+from converter.convert import ConvertConfig, convert
+from converter.export import WeightQuantConfig
+from runtime.kvquant import KVQuantConfig
+from tests.helpers import CORPUS, make_tiny_llama
+
+
+def _pair(make):
+    a, b = make(False), make(True)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.add_(torch.randn(pa.shape, generator=gen) * 0.3)
+            pb.copy_(pa)
+    return a, b
+
+
+def _grads_close(a, b):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * pa.grad.abs().max()), name  # summation order
+
+
+@pytest.mark.parametrize("in_features", [256, 300])  # 300: a ragged last group of 44
+@pytest.mark.parametrize("rounding", [False, True])
+def test_compiled_lwc_linear_matches_eager(in_features, rounding):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_features, 48)
+    a, b = _pair(lambda c: lwc.LWCLinear(lin, WeightQuantConfig(), True, rounding=rounding, compiled=c))
+    x = torch.randn(4, in_features)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    _grads_close(a, b)
+
+
+def test_compiled_smoothed_kv_matches_eager():
+    gen = torch.Generator().manual_seed(0)
+    init = {k: (torch.rand(2, 16, generator=gen) + 0.5 if "scale" in k else torch.randn(2, 16, generator=gen) * 0.1)
+            for k in ("k_scale", "k_shift", "v_scale", "v_shift")}
+    a, b = _pair(lambda c: lwc.SmoothedKV(init, KVQuantConfig(), compiled=c))
+    x = torch.randn(1, 2, 10, 16, generator=gen)
+    for which in ("k", "v"):
+        fa, fb = a.fake(which, x), b.fake(which, x)
+        assert torch.equal(fa, fb)
+        (fa * x).sum().backward()
+        (fb * x).sum().backward()
+    _grads_close(a, b)
+
+
+def test_compiled_calibration_lands_where_the_eager_one_does(tmp_path):
+    (tmp_path / "calib.txt").write_text(" ".join(CORPUS) * 4)
+    model = make_tiny_llama(tmp_path / "model")
+    metas = {}
+    for compiled in (False, True):
+        calib = C.CalibConfig(nsamples=4, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False,
+                              calib_data=str(tmp_path / "calib.txt"), e2e_epochs=1, compile=compiled)
+        out = convert(ConvertConfig(out=tmp_path / f"q{compiled}", model=str(model), method="wkvquant", device="cpu",
+                                    dtype="float32", calibration=calib))
+        metas[compiled] = json.loads((out / "wkvq.json").read_text())
+    eager, comp = (metas[c]["calibration"] for c in (False, True))
+    assert "compile" not in metas[True]["recipe"]["calibration"]  # a run control, not part of the recipe
+    assert comp["losses"] == pytest.approx(eager["losses"], rel=1e-2)  # Adam amplifies summation-order noise
+    assert comp["end_to_end"]["kl_initial"] == pytest.approx(eager["end_to_end"]["kl_initial"], rel=1e-2)
+    assert comp["end_to_end"]["kl_final"] < comp["end_to_end"]["kl_initial"]
