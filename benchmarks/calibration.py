@@ -3,10 +3,13 @@
 Builds the decoder blocks of a random LLaMA lazily (never the whole model), calibrates the first
 ``--blocks`` of them with the real per-block recipe (CRR window of ``--crr-k`` following blocks,
 ``--nsamples`` x ``--seqlen`` random embeddings, ``--epochs``), measures seconds per block and the
-peak GPU memory, and extrapolates the time to all blocks (labelled as an extrapolation). Prints a
-table and writes JSON::
+peak GPU memory, and extrapolates the time to all blocks (labelled as an extrapolation). With ``--e2e-samples N``
+it measures the end-to-end stage instead (``converter/e2e.py``: every block on the device, fp16
+weights as for a float16 checkpoint, the full ``--nsamples`` teacher states on the device) over N
+samples and extrapolates its time to ``--nsamples``. Prints a table and writes JSON::
 
     python benchmarks/calibration.py --shape llama2-7b --blocks 2 --json calib-7b.json
+    python benchmarks/calibration.py --shape llama2-7b --e2e-samples 8 --e2e-epochs 2 --json e2e-7b.json
     python benchmarks/calibration.py --shape tiny --blocks 2 --nsamples 4 --seqlen 32 --epochs 1 --device cpu
 """
 
@@ -22,11 +25,12 @@ from pathlib import Path
 import click
 import torch
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from converter import calibrate as C
-from converter import lwc
+from converter import e2e, lwc
 from converter.export import WeightQuantConfig
+from runtime import quant
 from runtime.kvquant import KVQuantConfig
 
 log = logging.getLogger("benchmarks.calibration")
@@ -53,8 +57,9 @@ class LazyLayers:
     """``len()`` = the model's layers; ``[i]`` builds random block ``i`` on CPU (seeded by ``i``),
     keeping only the ``keep`` most recently built blocks in memory."""
 
-    def __init__(self, config: LlamaConfig, seed: int = 0, keep: int = 8, std: float = 0.02):
-        self.config, self.seed, self.keep, self.std = config, seed, keep, std
+    def __init__(self, config: LlamaConfig, seed: int = 0, keep: int = 8, std: float = 0.02,
+                 dtype: torch.dtype = torch.float32):
+        self.config, self.seed, self.keep, self.std, self.dtype = config, seed, keep, std, dtype
         self.cache: OrderedDict[int, torch.nn.Module] = OrderedDict()
 
     def __len__(self) -> int:
@@ -80,6 +85,7 @@ class LazyLayers:
                 state[name] = torch.ones(p.shape)
             else:
                 state[name] = torch.randn(p.shape, generator=gen) * self.std
+        state = {k: v.to(self.dtype) for k, v in state.items()}
         layer.load_state_dict(state, assign=True)
         return layer.eval()
 
@@ -123,6 +129,96 @@ def run(shape: str, blocks: int, calib: C.CalibConfig, device: torch.device, see
                        round(per_block * len(layers), 1), peak)
 
 
+class RandomLM(torch.nn.Module):
+    """What the end-to-end stage reads of a causal LM: ``model.layers``, ``model.norm``, the LM head."""
+
+    def __init__(self, config: LlamaConfig, layers, dtype: torch.dtype, seed: int = 0):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(layers)
+        self.model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        gen = torch.Generator().manual_seed(seed)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(self.lm_head.weight.shape, generator=gen) * 0.02)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def initial_params(layer, config: LlamaConfig, wcfg: WeightQuantConfig) -> lwc.BlockParams:
+    """Block parameters as the block-wise stage starts them: LWC clips at ``sigmoid(LWC_INIT)``,
+    smoothing ``s = 1``, ``delta = 0``."""
+    clip = torch.sigmoid(torch.tensor(lwc.LWC_INIT)).item()
+    clips = {}
+    for name in lwc.DECODER_LINEARS:
+        lin = layer.get_submodule(name)
+        shape = (lin.out_features, quant.num_groups(lin.in_features, wcfg.group_size))
+        clips[name] = (torch.full(shape, clip), torch.full(shape, clip))
+    h, d = lwc.kv_shape(config)
+    kv = {"k_scale": torch.ones(h, d), "k_shift": torch.zeros(h, d), "v_scale": torch.ones(h, d),
+          "v_shift": torch.zeros(h, d)}
+    return lwc.BlockParams(clips=clips, kv=kv)
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    shape: str
+    device: str
+    recipe: dict
+    compiled: bool
+    samples_measured: int
+    seconds_measured: float
+    extrapolated_seconds: float
+    peak_gpu_memory_bytes: int | None
+
+
+def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> E2EResult:
+    """The end-to-end stage over ``samples`` of the recipe's ``nsamples`` (the teacher states of all
+    ``nsamples`` on the device, as in a real run); its time scaled by ``nsamples / samples``
+    (setup and the two KL passes included, so an upper bound)."""
+    config = shape_config(shape)
+    samples = min(samples, calib.nsamples)
+    dtype = C.resolve_compute_dtype(calib.compute_dtype, device)
+    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), calib, device, dtype, seed)
+    # float16 weights as in a float16 checkpoint (LWCLinear keeps them in float16 on the device)
+    layers = LazyLayers(config, seed, keep=config.num_hidden_layers, dtype=torch.float16)
+    model = RandomLM(config, [layers[i] for i in range(len(layers))], dtype, seed)
+    results = [initial_params(model.model.layers[i], config, setup.weight) for i in range(len(layers))]
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(samples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype).mul_(0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    fp_out = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype).to(device)
+    start = time.perf_counter()
+    e2e.tune(model, lwc.calib_model_config(config), x0, fp_out, C.rope(LlamaRotaryEmbedding(config), calib.seqlen, device),
+             results, setup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return E2EResult(shape, str(device), calib.to_dict(), calib.compile, samples, round(wall, 3),
+                     round(wall * calib.nsamples / samples, 1), peak)
+
+
+def e2e_table(r: E2EResult) -> str:
+    peak = "n/a (CPU)" if r.peak_gpu_memory_bytes is None else f"{r.peak_gpu_memory_bytes / 2**30:.2f} GiB"
+    rec = r.recipe
+    rows = [
+        ("shape", r.shape), ("device", r.device),
+        ("end-to-end stage", f"{rec['e2e_epochs']} epochs over {rec['nsamples']} x {rec['seqlen']} tokens, "
+                             f"rounding offsets {'on' if rec['e2e_rounding'] else 'off'}, {rec['compute_dtype']}"
+                             + (", compiled fake quantization" if r.compiled else "")),
+        ("samples measured", f"{r.samples_measured} of {rec['nsamples']}"),
+        ("seconds measured (setup and KL passes included)", f"{r.seconds_measured:.1f}"),
+        (f"EXTRAPOLATED to {rec['nsamples']} samples (upper bound)", f"{r.extrapolated_seconds / 60:.1f} min"),
+        ("peak GPU memory (measured)", peak),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def table(r: BenchResult) -> str:
     peak = "n/a (CPU)" if r.peak_gpu_memory_bytes is None else f"{r.peak_gpu_memory_bytes / 2**30:.2f} GiB"
     rows = [
@@ -151,22 +247,33 @@ def table(r: BenchResult) -> str:
 @click.option("--calib-dtype", type=click.Choice(list(C.COMPUTE_DTYPES)), default="auto", show_default=True)
 @click.option("--rounding", type=click.Choice(C.ROUNDINGS), default=C.CalibConfig.rounding, show_default=True)
 @click.option("--tune-norms/--no-tune-norms", default=C.CalibConfig.tune_norms, show_default=True)
+@click.option("--e2e-samples", type=int, default=0, show_default=True,
+              help="Measure the end-to-end stage over this many samples instead of the block-wise recipe.")
+@click.option("--e2e-epochs", type=int, default=2, show_default=True)
+@click.option("--e2e-rounding", is_flag=True, help="The end-to-end stage learns rounding offsets too.")
 @click.option("--compile", "compiled", is_flag=True, help="torch.compile the fake quantization (convert's --compile).")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if available].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
-def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, compiled, device,
-         progress, json_path):
+def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, e2e_samples,
+         e2e_epochs, e2e_rounding, compiled, device, progress, json_path):
     """Time the full per-block calibration recipe on a random model of SHAPE."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if blocks <= 0:
         raise click.BadParameter(f"--blocks must be positive, got {blocks}")
+    if e2e_samples < 0:
+        raise click.BadParameter(f"--e2e-samples must be >= 0 (0: the block-wise recipe), got {e2e_samples}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     calib = C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=crr_k, batch_size=batch_size,
                           compute_dtype=calib_dtype, rounding=rounding, tune_norms=tune_norms, compile=compiled,
-                          progress=progress)
-    result = run(shape, blocks, calib, dev)
-    click.echo(table(result))
+                          progress=progress, e2e_epochs=e2e_epochs if e2e_samples else 0,
+                          e2e_rounding=e2e_rounding and bool(e2e_samples))
+    if e2e_samples:
+        result = run_e2e(shape, e2e_samples, calib, dev)
+        click.echo(e2e_table(result))
+    else:
+        result = run(shape, blocks, calib, dev)
+        click.echo(table(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result.__dict__, indent=1))
         click.echo(f"wrote {json_path}")

@@ -6,7 +6,8 @@
 #   1. the compiled-vs-eager speed of one end-to-end variant (convert --compile),
 #   2. the end-to-end variants, all at once, spread over GPUS (the stage is launch-bound: several per
 #      GPU cost little more than one), with --compile,
-#   3. 7B block-wise cost with --compile (one block; the eager number is 80.6 s/block, BENCHMARKS.md),
+#   3. 7B cost with --compile: one block of the block-wise recipe (eager: 80.6 s/block, BENCHMARKS.md) and
+#      the end-to-end stage over 4 samples, extrapolated (benchmarks/calibration.py --e2e-samples),
 #   4. one perplexity table.
 # Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt.
 #
@@ -30,6 +31,9 @@ last=${gpus##* }
   CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/calibration.py --shape llama2-7b --blocks 1 --compile \
     --no-progress --json "$r/speed/calib_7b_compiled.json" > "$r/speed/calib_7b_compiled.log" 2>&1
   mark "7B block-wise --compile done rc=$?"
+  CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/calibration.py --shape llama2-7b --e2e-samples 4 \
+    --e2e-epochs 2 --compile --no-progress --json "$r/speed/e2e_7b_compiled.json" > "$r/speed/e2e_7b_compiled.log" 2>&1
+  mark "7B end-to-end stage --compile done rc=$?"
 ) &
 bench7b=$!
 # 1. the same variant eager and compiled, alone on the first GPU (steps/s in their logs)

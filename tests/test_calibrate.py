@@ -396,6 +396,15 @@ def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     rec = json.loads(out.read_text())
     assert rec["blocks_measured"] == 2 and rec["num_layers"] == 4 and len(rec["block_train_seconds"]) == 2
     assert rec["extrapolated_total_seconds"] > 0 and "EXTRAPOLATED" in result.output
+    # --e2e-samples: the end-to-end stage over 2 of 4 samples, extrapolated to 4
+    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--e2e-samples", "2", "--nsamples", "4", "--seqlen", "16",
+                                             "--e2e-epochs", "1", "--e2e-rounding", "--device", "cpu", "--no-progress",
+                                             "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.read_text())
+    assert rec["samples_measured"] == 2 and rec["recipe"]["e2e_epochs"] == 1 and rec["recipe"]["e2e_rounding"]
+    assert rec["extrapolated_seconds"] == pytest.approx(2 * rec["seconds_measured"], abs=0.1)
+    assert "EXTRAPOLATED to 4 samples" in result.output
 
 
 def _sim_perplexity(artifact, windows) -> float:
