@@ -202,10 +202,19 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
                      round(wall * calib.nsamples / samples, 1), peak)
 
 
+def peak_text(peak: int | None) -> str:
+    return "n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"
+
+
+def aligned(rows) -> str:
+    """``(key, value)`` rows as two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def e2e_table(r: E2EResult) -> str:
-    peak = "n/a (CPU)" if r.peak_gpu_memory_bytes is None else f"{r.peak_gpu_memory_bytes / 2**30:.2f} GiB"
     rec = r.recipe
-    rows = [
+    return aligned([
         ("shape", r.shape), ("device", r.device),
         ("end-to-end stage", f"{rec['e2e_epochs']} epochs over {rec['nsamples']} x {rec['seqlen']} tokens, "
                              f"rounding offsets {'on' if rec['e2e_rounding'] else 'off'}, {rec['compute_dtype']}"
@@ -213,15 +222,12 @@ def e2e_table(r: E2EResult) -> str:
         ("samples measured", f"{r.samples_measured} of {rec['nsamples']}"),
         ("seconds measured (setup and KL passes included)", f"{r.seconds_measured:.1f}"),
         (f"EXTRAPOLATED to {rec['nsamples']} samples (upper bound)", f"{r.extrapolated_seconds / 60:.1f} min"),
-        ("peak GPU memory (measured)", peak),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        ("peak GPU memory (measured)", peak_text(r.peak_gpu_memory_bytes)),
+    ])
 
 
 def table(r: BenchResult) -> str:
-    peak = "n/a (CPU)" if r.peak_gpu_memory_bytes is None else f"{r.peak_gpu_memory_bytes / 2**30:.2f} GiB"
-    rows = [
+    return aligned([
         ("shape", r.shape), ("device", r.device),
         ("recipe", f"{r.recipe['nsamples']} x {r.recipe['seqlen']} tokens, {r.recipe['epochs']} epochs, "
                    f"k={r.recipe['crr_k']}, batch {r.recipe['batch_size']}, {r.recipe['compute_dtype']}"
@@ -230,10 +236,8 @@ def table(r: BenchResult) -> str:
         ("training s per block", ", ".join(f"{s:.1f}" for s in r.block_train_seconds)),
         ("wall s per block (incl. targets, propagation)", f"{r.seconds_per_block:.1f}"),
         (f"EXTRAPOLATED total for {r.num_layers} blocks", f"{r.extrapolated_total_seconds / 60:.1f} min"),
-        ("peak GPU memory (measured)", peak),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        ("peak GPU memory (measured)", peak_text(r.peak_gpu_memory_bytes)),
+    ])
 
 
 @click.command()
