@@ -206,29 +206,28 @@ def peak_text(peak: int | None) -> str:
     return "n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"
 
 
-def aligned(rows) -> str:
-    """``(key, value)`` rows as two aligned columns."""
+def report(r, rows) -> str:
+    """Shape, device, ``rows`` and the peak memory of result ``r`` as two aligned columns."""
+    rows = [("shape", r.shape), ("device", r.device), *rows,
+            ("peak GPU memory (measured)", peak_text(r.peak_gpu_memory_bytes))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def e2e_table(r: E2EResult) -> str:
     rec = r.recipe
-    return aligned([
-        ("shape", r.shape), ("device", r.device),
+    return report(r, [
         ("end-to-end stage", f"{rec['e2e_epochs']} epochs over {rec['nsamples']} x {rec['seqlen']} tokens, "
                              f"rounding offsets {'on' if rec['e2e_rounding'] else 'off'}, {rec['compute_dtype']}"
                              + (", compiled fake quantization" if r.compiled else "")),
         ("samples measured", f"{r.samples_measured} of {rec['nsamples']}"),
         ("seconds measured (setup and KL passes included)", f"{r.seconds_measured:.1f}"),
         (f"EXTRAPOLATED to {rec['nsamples']} samples (upper bound)", f"{r.extrapolated_seconds / 60:.1f} min"),
-        ("peak GPU memory (measured)", peak_text(r.peak_gpu_memory_bytes)),
     ])
 
 
 def table(r: BenchResult) -> str:
-    return aligned([
-        ("shape", r.shape), ("device", r.device),
+    return report(r, [
         ("recipe", f"{r.recipe['nsamples']} x {r.recipe['seqlen']} tokens, {r.recipe['epochs']} epochs, "
                    f"k={r.recipe['crr_k']}, batch {r.recipe['batch_size']}, {r.recipe['compute_dtype']}"
                    + (", compiled fake quantization" if r.compiled else "")),
@@ -236,7 +235,6 @@ def table(r: BenchResult) -> str:
         ("training s per block", ", ".join(f"{s:.1f}" for s in r.block_train_seconds)),
         ("wall s per block (incl. targets, propagation)", f"{r.seconds_per_block:.1f}"),
         (f"EXTRAPOLATED total for {r.num_layers} blocks", f"{r.extrapolated_total_seconds / 60:.1f} min"),
-        ("peak GPU memory (measured)", peak_text(r.peak_gpu_memory_bytes)),
     ])
 
 
