@@ -9,25 +9,27 @@
 #   3. 7B cost with --compile: one block of the block-wise recipe (eager: 80.6 s/block, BENCHMARKS.md) and
 #      the end-to-end stage over 4 samples, extrapolated (benchmarks/calibration.py --e2e-samples),
 #   4. one perplexity table.
-# Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt.
+# Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt. Dry run on CPU: WORK_TGZ (a
+# tarred .wkvquant.wkvq-work), CONVERT_FLAGS (model and recipe it was made with), SKIP_7B=1, GPUS="".
 #
 #   bash benchmarks/h200x2_round5.sh "EPOCHS:LR[:FLAGS] ..."     (after the setup of BENCHMARKS.md;
 #   run with carry [".gpu/p2", ".gpu/whl", ".gpu/work"])
 set -uo pipefail
 variants=${1:?usage: h200x2_round5.sh "EPOCHS:LR[:FLAGS] ..."}
 r=${RESULTS:-/root/a}
-gpus=${GPUS:-0 1}
+gpus=${GPUS-0 1}
+read -r -a extra <<< "${CONVERT_FLAGS:-}"
 mkdir -p "$r/e2e/logs" "$r/speed"
 t0=$(date +%s)
 mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
 
-tar xzf .gpu/work/smollm2-blockwise-r4.tgz -C "$r/e2e"
-python3 -m cli -v convert --out "$r/e2e/wkvquant" --overwrite --resume --keep-work \
+tar xzf "${WORK_TGZ:-.gpu/work/smollm2-blockwise-r4.tgz}" -C "$r/e2e"
+python3 -m cli -v convert --out "$r/e2e/wkvquant" --overwrite --resume --keep-work "${extra[@]}" \
   > "$r/e2e/logs/convert-wkvquant.log" 2>&1
 mark "base re-exported rc=$?"
 
 last=${gpus##* }
-(
+[ -n "${SKIP_7B:-}" ] || (
   CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/calibration.py --shape llama2-7b --blocks 1 --compile \
     --no-progress --json "$r/speed/calib_7b_compiled.json" > "$r/speed/calib_7b_compiled.log" 2>&1
   mark "7B block-wise --compile done rc=$?"
@@ -36,15 +38,17 @@ last=${gpus##* }
   mark "7B end-to-end stage --compile done rc=$?"
 ) &
 bench7b=$!
+first=${gpus%% *}
+on_first() { if [ -n "$first" ]; then CUDA_VISIBLE_DEVICES=$first "$@"; else "$@"; fi; }
 # 1. the same variant eager and compiled, alone on the first GPU (steps/s in their logs)
 for mode in eager compiled; do
   flag=; [ "$mode" = compiled ] && flag=--compile
   rm -rf "$r/e2e/.speed-$mode.wkvq-work"; cp -r "$r/e2e/.wkvquant.wkvq-work" "$r/e2e/.speed-$mode.wkvq-work"
-  CUDA_VISIBLE_DEVICES=${gpus%% *} timeout 150 python3 -m cli -v convert --out "$r/e2e/speed-$mode" --overwrite --resume \
-    --e2e-epochs 1 $flag > "$r/e2e/logs/speed-$mode.log" 2>&1
+  on_first timeout 150 python3 -m cli -v convert --out "$r/e2e/speed-$mode" --overwrite --resume \
+    --e2e-epochs 1 $flag "${extra[@]}" > "$r/e2e/logs/speed-$mode.log" 2>&1
   mark "e2e speed $mode rc=$?"
 done
-wait "$bench7b"
+wait "$bench7b" 2>/dev/null
 # 2. + 4.
-SKIP_BASE=1 SKIP_LEARNED=1 GPUS="$gpus" bash benchmarks/smollm2_e2e.sh "$r/e2e" "$variants" --compile > "$r/e2e.log" 2>&1
+SKIP_BASE=1 SKIP_LEARNED=1 GPUS="$gpus" bash benchmarks/smollm2_e2e.sh "$r/e2e" "$variants" --compile "${extra[@]}" > "$r/e2e.log" 2>&1
 mark "e2e variants and table done rc=$?"
