@@ -3,7 +3,8 @@
 # block-wise run: the default SmolLM2 block-wise results of the fourth session (the kept work dir,
 # carried as .gpu/work/smollm2-blockwise-r4.tgz) are unpacked, the base artifact re-exported from
 # them, then
-#   1. the compiled-vs-eager speed of one end-to-end variant (convert --compile),
+#   1. the compiled-vs-eager speed of one block's training step (benchmarks/train_step.py) and of one
+#      end-to-end variant (convert --compile),
 #   2. the end-to-end variants, all at once, spread over GPUS (the stage is launch-bound: several per
 #      GPU cost little more than one), with --compile,
 #   3. 7B cost with --compile: one block of the block-wise recipe (eager: 80.6 s/block, BENCHMARKS.md) and
@@ -40,6 +41,8 @@ last=${gpus##* }
 bench7b=$!
 first=${gpus%% *}
 on_first() { if [ -n "$first" ]; then CUDA_VISIBLE_DEVICES=$first "$@"; else "$@"; fi; }
+on_first timeout 200 python3 benchmarks/train_step.py --json "$r/speed/train_step.json" > "$r/speed/train_step.log" 2>&1
+mark "one-block training step eager/compiled rc=$?"
 # 1. the same variant eager and compiled, alone on the first GPU (steps/s in their logs)
 for mode in eager compiled; do
   flag=; [ "$mode" = compiled ] && flag=--compile

@@ -76,3 +76,27 @@ def test_compiled_calibration_lands_where_the_eager_one_does(tmp_path):
     assert comp["losses"] == pytest.approx(eager["losses"], rel=1e-2)  # Adam amplifies summation-order noise
     assert comp["end_to_end"]["kl_initial"] == pytest.approx(eager["end_to_end"]["kl_initial"], rel=1e-2)
     assert comp["end_to_end"]["kl_final"] < comp["end_to_end"]["kl_initial"]
+
+
+def test_train_step_benchmark_counts_fewer_operations_compiled(tmp_path, monkeypatch):
+    """benchmarks/train_step.py: a table and JSON; the compiled step dispatches fewer operations."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_train_step", bench_dir / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "t.json"
+    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--tokens", "16", "--steps", "1", "--device", "cpu",
+                                             "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(r["rounding"], r["compiled"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 4 and all(r["ms_per_step"] > 0 for r in rows.values())
+    for rounding in (False, True):
+        assert rows[rounding, True]["top_level_ops"] < rows[rounding, False]["top_level_ops"] / 2
