@@ -37,6 +37,7 @@ from runtime.kvquant import STATS_DTYPE, KVQuantConfig, KVQuantizer
 from . import export
 from .export import WeightQuantConfig
 
+RECOMPILE_LIMIT = 64  # graphs per compiled fake-quantization function (fake_quant_fns)
 LWC_INIT = 4.0  # sigmoid(4) ~ 0.982: clipping starts near the full range (as OmniQuant)
 MIN_RANGE = 1e-5
 
@@ -84,6 +85,11 @@ def fake_quant_fns(compiled: bool):
     # emulate_precision_casts: keep the float16 round trips of cast_ste / round_kv_stats (Inductor
     # otherwise drops them and the trained weight is no longer the exported one)
     opts = {"emulate_precision_casts": True}
+    # one graph per weight shape, grad mode and offsets/no offsets: past Dynamo's default of 8 graphs per
+    # function it would silently run the rest eagerly
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, limit, max(getattr(cfg, limit), RECOMPILE_LIMIT))
     return (torch.compile(lwc_weight, dynamic=False, options=opts),
             torch.compile(quant.kv_fake_quantize, dynamic=False, options=opts))
 

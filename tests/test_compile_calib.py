@@ -100,3 +100,22 @@ def test_train_step_benchmark_counts_fewer_operations_compiled(tmp_path, monkeyp
     assert len(rows) == 4 and all(r["ms_per_step"] > 0 for r in rows.values())
     for rounding in (False, True):
         assert rows[rounding, True]["top_level_ops"] < rows[rounding, False]["top_level_ops"] / 2
+
+
+def test_compiled_fake_quantization_keeps_compiling_past_eight_shapes():
+    """Dynamo's default is 8 graphs per function, then eager without a word; a model has more
+    (shapes x grad mode x offsets), so fake_quant_fns raises the limit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    for i in range(10):
+        lin = lwc.LWCLinear(torch.nn.Linear(16 + i, 8), WeightQuantConfig(), True, compiled=True)
+        x = torch.randn(2, 16 + i)
+        lin(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lin(x)
+    compiled_ops = sum(1 for e in prof.events() if e.cpu_parent is None)
+    eager = lwc.LWCLinear(torch.nn.Linear(25, 8), WeightQuantConfig(), True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        eager(x)
+    assert compiled_ops < sum(1 for e in prof.events() if e.cpu_parent is None) / 2
