@@ -41,6 +41,8 @@ last=${gpus##* }
 bench7b=$!
 first=${gpus%% *}
 on_first() { if [ -n "$first" ]; then CUDA_VISIBLE_DEVICES=$first "$@"; else "$@"; fi; }
+on_first timeout 240 python3 -m pytest -q tests/test_compile_calib.py > "$r/speed/compile_tests.log" 2>&1
+mark "compile tests (CPU and CUDA) rc=$?"
 on_first timeout 200 python3 benchmarks/train_step.py --json "$r/speed/train_step.json" > "$r/speed/train_step.log" 2>&1
 mark "one-block training step eager/compiled rc=$?"
 # 1. the same variant eager and compiled, alone on the first GPU (steps/s in their logs)

@@ -18,12 +18,15 @@ from runtime.kvquant import KVQuantConfig
 from tests.helpers import CORPUS, make_tiny_llama
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
 def _pair(make):
     a, b = make(False), make(True)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for pa, pb in zip(a.parameters(), b.parameters()):
-            pa.add_(torch.randn(pa.shape, generator=gen) * 0.3)
+            pa.add_(torch.randn(pa.shape, generator=gen).to(pa.device) * 0.3)
             pb.copy_(pa)
     return a, b
 
@@ -33,13 +36,14 @@ def _grads_close(a, b):
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-5 * pa.grad.abs().max()), name  # summation order
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("in_features", [256, 300])  # 300: a ragged last group of 44
 @pytest.mark.parametrize("rounding", [False, True])
-def test_compiled_lwc_linear_matches_eager(in_features, rounding):
+def test_compiled_lwc_linear_matches_eager(in_features, rounding, device):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(in_features, 48)
+    lin = torch.nn.Linear(in_features, 48, device=device)
     a, b = _pair(lambda c: lwc.LWCLinear(lin, WeightQuantConfig(), True, rounding=rounding, compiled=c))
-    x = torch.randn(4, in_features)
+    x = torch.randn(4, in_features, device=device)
     ya, yb = a(x), b(x)
     assert torch.equal(ya, yb)
     ya.square().sum().backward()
@@ -47,12 +51,13 @@ def test_compiled_lwc_linear_matches_eager(in_features, rounding):
     _grads_close(a, b)
 
 
-def test_compiled_smoothed_kv_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_smoothed_kv_matches_eager(device):
     gen = torch.Generator().manual_seed(0)
-    init = {k: (torch.rand(2, 16, generator=gen) + 0.5 if "scale" in k else torch.randn(2, 16, generator=gen) * 0.1)
+    init = {k: (torch.rand(2, 16, generator=gen) + 0.5 if "scale" in k else torch.randn(2, 16, generator=gen) * 0.1).to(device)
             for k in ("k_scale", "k_shift", "v_scale", "v_shift")}
     a, b = _pair(lambda c: lwc.SmoothedKV(init, KVQuantConfig(), compiled=c))
-    x = torch.randn(1, 2, 10, 16, generator=gen)
+    x = torch.randn(1, 2, 10, 16, generator=gen).to(device)
     for which in ("k", "v"):
         fa, fb = a.fake(which, x), b.fake(which, x)
         assert torch.equal(fa, fb)
