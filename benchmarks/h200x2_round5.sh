@@ -9,7 +9,10 @@
 #      GPU cost little more than one), with --compile,
 #   3. 7B cost with --compile: one block of the block-wise recipe (eager: 80.6 s/block, BENCHMARKS.md) and
 #      the end-to-end stage over 4 samples, extrapolated (benchmarks/calibration.py --e2e-samples),
-#   4. one perplexity table.
+#   4. one perplexity table;
+#   LEARNED=1 adds, on the last GPU after the 7B runs, a fresh block-wise run with --rounding learned
+#   (decisions per block: no whole-model offsets, so it would fit 7B's memory) followed by the stage
+#   without offsets, and its own table row (~10-15 more minutes).
 # Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt. Dry run on CPU: WORK_TGZ (a
 # tarred .wkvquant.wkvq-work), CONVERT_FLAGS (model and recipe it was made with), SKIP_7B=1, GPUS="".
 #
@@ -53,7 +56,24 @@ for mode in eager compiled; do
     --e2e-epochs 1 $flag "${extra[@]}" > "$r/e2e/logs/speed-$mode.log" 2>&1
   mark "e2e speed $mode rc=$?"
 done
+learned=
+if [ -n "${LEARNED:-}" ]; then
+  (
+    wait "$bench7b" 2>/dev/null
+    CUDA_VISIBLE_DEVICES=$last python3 -m cli -v convert --out "$r/e2e/learned-e2e" --overwrite --rounding learned \
+      --e2e-epochs 2 --compile "${extra[@]}" > "$r/e2e/logs/convert-learned-e2e.log" 2>&1
+    mark "learned rounding + stage rc=$?"
+  ) &
+  learned=$!
+fi
 wait "$bench7b" 2>/dev/null
 # 2. + 4.
 SKIP_BASE=1 SKIP_LEARNED=1 GPUS="$gpus" bash benchmarks/smollm2_e2e.sh "$r/e2e" "$variants" --compile "${extra[@]}" > "$r/e2e.log" 2>&1
 mark "e2e variants and table done rc=$?"
+if [ -n "$learned" ]; then
+  wait "$learned"
+  python3 -m cli eval "${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}" --table --no-progress \
+    --rows learned-e2e --artifact learned-e2e="$r/e2e/learned-e2e" --json "$r/e2e/table-learned.json" ${EVAL_FLAGS:-} \
+    > "$r/e2e/logs/eval-learned.log" 2>&1
+  mark "learned table rc=$?"
+fi
