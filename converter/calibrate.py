@@ -67,8 +67,10 @@ class CalibConfig:
     blocks that tunes every block's LWC and smoothing parameters at once against the full-precision
     model's next-token distribution (:mod:`converter.e2e`, ``e2e_lr``; with ``e2e_rounding`` also
     per-weight rounding offsets at ``e2e_round_lr``; ``e2e_schedule`` constant or cosine decay of its
-    learning rates to zero; the defaults are the best measured on SmolLM2, BENCHMARKS.md); the block-wise results it starts from do not
-    depend on it, so ``keep_work`` + ``resume`` re-run it with other settings."""
+    learning rates to zero; the defaults are the best measured on SmolLM2, BENCHMARKS.md); the
+    block-wise results it starts from do not depend on it, so ``keep_work`` + ``resume`` re-run it
+    with other settings. ``compile`` (a run control, not recorded) runs the fake quantization of the
+    training through ``torch.compile`` (:func:`converter.lwc.fake_quant_fns`)."""
 
     nsamples: int = 128
     seqlen: int = 2048
