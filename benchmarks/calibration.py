@@ -31,7 +31,7 @@ from converter import calibrate as C
 from converter import e2e, lwc
 from converter.export import WeightQuantConfig
 from runtime import quant
-from runtime.kvquant import KVQuantConfig
+from runtime.kvquant import KVQuantConfig, KVQuantizer
 
 log = logging.getLogger("benchmarks.calibration")
 
@@ -155,9 +155,7 @@ def initial_params(layer, config: LlamaConfig, wcfg: WeightQuantConfig) -> lwc.B
         lin = layer.get_submodule(name)
         shape = (lin.out_features, quant.num_groups(lin.in_features, wcfg.group_size))
         clips[name] = (torch.full(shape, clip), torch.full(shape, clip))
-    h, d = lwc.kv_shape(config)
-    kv = {"k_scale": torch.ones(h, d), "k_shift": torch.zeros(h, d), "v_scale": torch.ones(h, d),
-          "v_shift": torch.zeros(h, d)}
+    kv = dict(KVQuantizer(*lwc.kv_shape(config)).named_buffers())  # the RTN values s = 1, delta = 0
     return lwc.BlockParams(clips=clips, kv=kv)
 
 

@@ -28,7 +28,7 @@ from calibration import SHAPES, LazyLayers, shape_config  # noqa: E402
 from converter import calibrate as C  # noqa: E402
 from converter import lwc  # noqa: E402
 from converter.export import WeightQuantConfig  # noqa: E402
-from runtime.kvquant import KVQuantConfig  # noqa: E402
+from runtime.kvquant import KVQuantConfig, KVQuantizer  # noqa: E402
 
 
 def block(shape: str, rounding: bool, compiled: bool, device: torch.device):
@@ -37,9 +37,8 @@ def block(shape: str, rounding: bool, compiled: bool, device: torch.device):
     blk = lwc.quant_block(LazyLayers(config, keep=1)[0], mc, 0, WeightQuantConfig(), True, device, rounding=rounding,
                           compiled=compiled)
     h, d = lwc.kv_shape(mc)
-    init = {k: (torch.ones if "scale" in k else torch.zeros)(h, d, device=device)
-            for k in ("k_scale", "k_shift", "v_scale", "v_shift")}
-    blk.self_attn.register_module("kv_quant", lwc.SmoothedKV(init, KVQuantConfig(), compiled))
+    rtn = dict(KVQuantizer(h, d, device=device).named_buffers())  # s = 1, delta = 0
+    blk.self_attn.register_module("kv_quant", lwc.SmoothedKV(rtn, KVQuantConfig(), compiled))
     return blk.train(), config
 
 

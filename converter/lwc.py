@@ -69,11 +69,16 @@ def compact(w: torch.Tensor) -> torch.Tensor:
     return h if torch.equal(h.float(), w) else w
 
 
+def lwc_clips(gamma, beta) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(clip_hi, clip_lo) = (sigmoid(gamma), sigmoid(beta))``; ``(None, None)`` without LWC."""
+    return (None, None) if gamma is None else (torch.sigmoid(gamma), torch.sigmoid(beta))
+
+
 def lwc_weight(w, gamma, beta, offset, bits: int, group_size: int, params_dtype) -> torch.Tensor:
-    """The fake-quantized weight of :class:`LWCLinear`: clips ``sigmoid(gamma)``/``sigmoid(beta)``
-    (none without LWC), rounding ``offset`` (or None), straight-through rounding."""
-    hi, lo = (None, None) if gamma is None else (torch.sigmoid(gamma), torch.sigmoid(beta))
-    return quant.fake_quantize_weight(w.float(), bits, group_size, hi, lo, offset=offset, params_dtype=params_dtype)
+    """The fake-quantized weight of :class:`LWCLinear`: :func:`lwc_clips`, rounding ``offset`` (or
+    None), straight-through rounding."""
+    return quant.fake_quantize_weight(w.float(), bits, group_size, *lwc_clips(gamma, beta), offset=offset,
+                                      params_dtype=params_dtype)
 
 
 @functools.cache
@@ -125,9 +130,7 @@ class LWCLinear(nn.Module):
         return self.gamma is None and self.offset is None
 
     def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.gamma is None:
-            return None, None
-        return torch.sigmoid(self.gamma), torch.sigmoid(self.beta)
+        return lwc_clips(self.gamma, self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
