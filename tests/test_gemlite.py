@@ -117,6 +117,35 @@ def test_accumulate_7b_shapes(n, k, m, direct):
     assert _rel(prod, x.double() @ _dequant(w, torch.float32).double().T) < FLOOR_F32W
 
 
+def test_tuned_table_matches_gpu_name_and_is_a_gemlite_table():
+    assert gb.tuned_table("NVIDIA A100-SXM4-80GB") is None
+    path = gb.tuned_table("NVIDIA H200")
+    if path is None:
+        pytest.skip("no tuned H200 table shipped")
+    import json
+
+    table = json.load(open(path))
+    assert set(table) == {gb.DIRECT_TYPE} and table[gb.DIRECT_TYPE]
+    for sig, cfg in table[gb.DIRECT_TYPE].items():
+        m, n, k, group, eps, type_id = gb.parse_signature(sig)
+        assert (m, eps, type_id) == (1, 8, 104) and cfg["BLOCK_SIZE_K"] * 2 <= group
+        assert {"BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages", "A_load_order"} <= set(cfg)
+
+
+@GPU
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 11008), (200, 1024)])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_SIZE_N=1024, BLOCK_SIZE_K=64, num_warps=8, num_stages=2, A_load_order=1),
+                                 dict(BLOCK_SIZE_N=128, BLOCK_SIZE_K=8, num_warps=1, num_stages=1, A_load_order=0)])
+def test_direct_launch_with_an_explicit_config(n, k, cfg):
+    """The tuner's launch (benchmarks/gemlite_tune.py): any block sizes, even or ragged N and K tiles."""
+    w = _w4(n, k, device="cuda")
+    lin = gb.to_gemlite(w, torch.float16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    out = torch.zeros(1, n, device="cuda")
+    gb._launch_direct(lin, x, out, dict(cfg, BLOCK_SIZE_M=1, dot_prod_mode=0))
+    assert _rel(out, x.double() @ _dequant(w, torch.float16).double().T) < FLOOR_F16W
+
+
 @GPU
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8])

@@ -51,6 +51,8 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 DIRECT_TYPE = "GEMV_REVSPLITK"
 PAD_K = 4096  # >= BLOCK_SIZE_K * SPLIT_K of any GemLite GEMM_SPLITK config (at most 256 * 16)
+# GPU-name substring -> GemLite config table next to this module, written by benchmarks/gemlite_tune.py
+TUNED_TABLES = {"h200": "gemlite_h200.json"}
 
 
 def installed() -> bool:
@@ -75,16 +77,30 @@ def require_gemlite():
     return gemlite
 
 
+def tuned_table(device_name: str) -> str | None:
+    """This project's graph-timed GemLite table for a GPU (:data:`TUNED_TABLES`), or ``None``."""
+    name = device_name.lower()
+    for tag, file in TUNED_TABLES.items():
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file)
+        if tag in name and os.path.exists(path):
+            return path
+    return None
+
+
 def _load_reference_configs(gemlite) -> None:
-    """GemLite loads the pre-tuned table whose name is in the GPU's name; Hopper GPUs without one get H100's."""
+    """GemLite loads the pre-tuned table whose name is in the GPU's name; Hopper GPUs without one get
+    H100's. This project's own tuned entries (:func:`tuned_table`) then replace those of their shapes."""
     core = gemlite.core
-    if getattr(core, "selected_tag", None) is not None or getattr(core, "_wkvq_loaded", False):
+    if getattr(core, "_wkvq_loaded", False):
         return
     core._wkvq_loaded = True
-    if torch.cuda.get_device_capability() == (9, 0):
+    if getattr(core, "selected_tag", None) is None and torch.cuda.get_device_capability() == (9, 0):
         path = os.path.join(os.path.dirname(core.__file__), "configs", "h100.json")
         if os.path.exists(path) and gemlite.load_config(path, print_error=False):
             log.info("gemlite: no pre-tuned table for %s, loaded %s", torch.cuda.get_device_name(), path)
+    path = tuned_table(torch.cuda.get_device_name())
+    if path and gemlite.load_config(path, print_error=False):
+        log.info("gemlite: loaded this project's tuned configs %s", path)
 
 
 # ----------------------------------------------------------------------------- shapes and configs
@@ -183,8 +199,11 @@ def to_gemlite(w: W4Weight, dtype: torch.dtype):
     return linear
 
 
-def _launch_direct(linear, x: torch.Tensor, out: torch.Tensor) -> None:
-    """GemLite's ``GEMV_REVSPLITK`` kernel (atomic adds) into ``out`` itself (gemlite 0.6.0.post2 arguments)."""
+def _launch_direct(linear, x: torch.Tensor, out: torch.Tensor, config: dict | None = None) -> None:
+    """GemLite's ``GEMV_REVSPLITK`` kernel (atomic adds) into ``out`` itself (gemlite 0.6.0.post2 arguments).
+
+    ``config`` (a config-table entry: block sizes, ``A_load_order``, ``dot_prod_mode``, ``num_warps``,
+    ``num_stages``) launches the kernel with exactly that config, bypassing GemLite's autotuner and table."""
     import triton
     from gemlite.dtypes import DTYPE_TO_TRITON, TORCH_DTYPE_TO_TRITON
     from gemlite.triton_kernels import gemv_revsplitK_kernels as kmod
@@ -195,7 +214,13 @@ def _launch_direct(linear, x: torch.Tensor, out: torch.Tensor) -> None:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_SIZE_M"]) * triton.cdiv(n, meta["BLOCK_SIZE_N"]),  # noqa: E731
                          triton.cdiv(k, meta["BLOCK_SIZE_K"] * 2))
     w_q, scales, zeros = linear.W_q, linear.scales, linear.zeros
-    kmod.gemv_INT_revsplitK_kernel[grid](
+    kernel, meta = kmod.gemv_INT_revsplitK_kernel, {}
+    if config is not None:
+        meta = {key: config[key] for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "A_load_order",
+                                             "dot_prod_mode", "num_warps", "num_stages")}
+        meta.update(EVEN_N=n % meta["BLOCK_SIZE_N"] == 0, EVEN_K=k % (meta["BLOCK_SIZE_K"] * 2) == 0)
+        kernel = kernel.fn  # the autotuner's jitted function
+    kernel[grid](
         x, w_q, out, scales, zeros, None,
         m, n, k, linear.W_nbits, linear.group_size, linear.unpack_mask, linear.elements_per_sample,
         in_dtype * 100 + linear.W_nbits, False,
@@ -204,7 +229,7 @@ def _launch_direct(linear, x: torch.Tensor, out: torch.Tensor) -> None:
         input_dtype=DTYPE_TO_TRITON[linear.input_dtype.value], output_dtype=TORCH_DTYPE_TO_TRITON[out.dtype],
         acc_dtype=DTYPE_TO_TRITON[linear.acc_dtype.value], meta_dtype=DTYPE_TO_TRITON[linear.meta_dtype.value],
         channel_scale_mode=linear.channel_scale_mode, W_group_mode=linear.W_group_mode,
-        zero_is_scalar=zeros.numel() == 1, data_contiguous=linear.data_contiguous, dump_b_val=0)
+        zero_is_scalar=zeros.numel() == 1, data_contiguous=linear.data_contiguous, dump_b_val=0, **meta)
 
 
 def direct_ok(linear, m: int) -> bool:
