@@ -169,7 +169,8 @@ def calibration_options(f):
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),
         click.option("--compile", "compile", is_flag=True, help="Run the training's fake quantization through "
-                     "torch.compile (fewer, fused kernels; the first steps pay the compilation)."),
+                     "torch.compile (fewer, fused kernels; the first steps pay the compilation; needs torch >= 2.13, where it "
+                     "is verified exact)."),
         click.option("--keep-work", is_flag=True, help="Keep the per-block results next to --out after the "
                      "artifact is written (re-run later stages, e.g. other --e2e-* settings, with --resume)."),
     ]

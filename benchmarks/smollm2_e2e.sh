@@ -10,10 +10,12 @@
 # MODEL (env) is the table's source model (default: the embedded GGUF). SKIP_LEARNED=1 leaves out the
 # learned-rounding run. GPUS (env, e.g. "0 1") spreads the variants over those devices, round robin.
 # SKIP_BASE=1 reuses OUTDIR/wkvquant and its kept work dir. EVAL_FLAGS (env) goes to `wkvq eval --table`.
+# BASE (env, default wkvquant): the base run's name under OUTDIR (made with the same extra convert flags).
 set -euo pipefail
 out=${1:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
 variants=${2:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
 shift 2
+base=${BASE:-wkvquant}
 model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$out/logs"
 work() { echo "$(dirname "$1")/.$(basename "$1").wkvq-work"; }
@@ -27,11 +29,11 @@ if [ -z "${SKIP_LEARNED:-}" ]; then
     > "$out/logs/convert-learned.log" 2>&1 &
   learned_pid=$!
 fi
-[ -n "${SKIP_BASE:-}" ] || on_gpu 0 python3 -m cli -v convert --out "$out/wkvquant" --overwrite --keep-work "$@" \
-  > "$out/logs/convert-wkvquant.log" 2>&1
+[ -n "${SKIP_BASE:-}" ] || on_gpu 0 python3 -m cli -v convert --out "$out/$base" --overwrite --keep-work "$@" \
+  > "$out/logs/convert-$base.log" 2>&1
 pids=()
-artifacts=(--artifact wkvquant="$out/wkvquant")
-rows=fp16,w4kv4-rtn,wkvquant
+artifacts=(--artifact "$base=$out/$base")
+rows=fp16,w4kv4-rtn,$base
 i=0
 for v in $variants; do
   IFS=: read -r epochs lr flags <<< "$v"
@@ -39,7 +41,7 @@ for v in $variants; do
   name="e2e-$epochs-$lr"
   [ -z "${flags:-}" ] || name="$name-$(echo "$flags" | sed -e 's/--e2e-//g; s/--//g; s/[,=]/-/g')"
   rm -rf "$(work "$out/$name")"
-  cp -r "$(work "$out/wkvquant")" "$(work "$out/$name")"
+  cp -r "$(work "$out/$base")" "$(work "$out/$name")"
   on_gpu $i python3 -m cli -v convert --out "$out/$name" --overwrite --resume --e2e-epochs "$epochs" --e2e-lr "$lr" \
     "${extra[@]}" "$@" > "$out/logs/convert-$name.log" 2>&1 &
   i=$((i + 1))

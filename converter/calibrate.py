@@ -121,6 +121,9 @@ class CalibConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.compile and not lwc.compile_supported():
+            raise ValueError(f"--compile needs torch >= {'.'.join(map(str, lwc.MIN_COMPILE_TORCH))} (on torch "
+                             f"{torch.__version__} the compiled fake quantization differs from eager); drop --compile")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

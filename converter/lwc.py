@@ -81,6 +81,17 @@ def lwc_weight(w, gamma, beta, offset, bits: int, group_size: int, params_dtype)
                                       params_dtype=params_dtype)
 
 
+# --compile is exact (values identical to eager, tests/test_compile_calib.py) from this torch on; torch 2.11
+# (the GPU machine's, 2026-11-30) gave different forward values on CPU and CUDA alike
+MIN_COMPILE_TORCH = (2, 13)
+
+
+def compile_supported(version: str | None = None) -> bool:
+    """Whether ``torch.compile`` of the fake quantization is verified exact on this torch (or ``version``)."""
+    major, minor = (int(v) for v in (version or torch.__version__).split("+")[0].split(".")[:2])
+    return (major, minor) >= MIN_COMPILE_TORCH
+
+
 @functools.cache
 def fake_quant_fns(compiled: bool):
     """``(weight_fn, kv_fn)``: :func:`lwc_weight` and :func:`runtime.quant.kv_fake_quantize`, through
