@@ -145,10 +145,10 @@ def calibration_options(f):
         click.option("--smooth-lr", type=float, default=5e-3, show_default=True),
         click.option("--no-lwc", is_flag=True, help="Ablation: min-max weight clipping instead of LWC."),
         click.option("--no-smooth", is_flag=True, help="Ablation: no K/V smoothing/shift (s = 1, delta = 0)."),
-        click.option("--rounding", type=click.Choice(["nearest", "learned", "gptq"]), default="nearest",
-                     show_default=True, help="How weights are rounded on the learned grid: nearest (the paper); "
-                     "experimental: learned (per-weight offsets trained with the CRR loss), gptq (inverse-Hessian "
-                     "error feedback; measured worse on SmolLM2, see BENCHMARKS.md)."),
+        click.option("--rounding", type=click.Choice(["nearest", "learned", "gptq"]), default="learned",
+                     show_default=True, help="How weights are rounded on the learned grid: learned (per-weight "
+                     "up/down offsets trained with the CRR loss; measured best, BENCHMARKS.md), nearest (the paper), "
+                     "gptq (inverse-Hessian error feedback; measured worse on SmolLM2)."),
         click.option("--round-lr", type=float, default=5e-3, show_default=True,
                      help="Learning rate of the --rounding learned offsets."),
         click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,

@@ -56,10 +56,14 @@ class CalibConfig:
     SmolLM2 further (256 steps: MAE 0.146 -> 0.119 at 1e-2, -> 0.115 at 2e-2) but has not been
     measured on its own at full scale.
 
-    Beyond the paper (experimental, off by default): ``rounding`` says how the codes are rounded on
-    the learned grid: ``nearest`` (the paper, default), ``gptq`` (inverse-Hessian error feedback on
-    the block's quantized inputs once the block is trained, :mod:`converter.gptq`) or ``learned``
-    (per-weight offsets trained with the CRR loss, ``round_lr``); ``tune_norms`` also trains the
+    ``rounding`` says how the codes are rounded on the learned grid: ``learned`` (default, beyond the
+    paper: per-weight offsets trained with the block's CRR loss alongside LWC, ``round_lr``; the
+    offsets only decide up or down, so the artifact's format does not change), ``nearest`` (the
+    paper) or ``gptq`` (inverse-Hessian error feedback on the block's quantized inputs once the block
+    is trained, :mod:`converter.gptq`). Learned rounding is the default because it measured better
+    everywhere it was compared (BENCHMARKS.md, fifth session: SmolLM2 small CPU recipe 16.51 against
+    19.01 for nearest; full recipe + the end-to-end stage 19.52 against 20.04) and fits the 7B targets
+    (29.9 min, 16.2 GiB on an H200 against 23.0 min, 13.2 GiB). Experimental: ``tune_norms`` also trains the
     block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
     nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
@@ -81,7 +85,7 @@ class CalibConfig:
     smooth: bool = True
     lwc_lr: float = 1e-2
     smooth_lr: float = 5e-3
-    rounding: str = "nearest"
+    rounding: str = "learned"
     round_lr: float = 5e-3
     tune_norms: bool = False
     norm_lr: float = 1e-4

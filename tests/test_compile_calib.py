@@ -77,7 +77,8 @@ def test_compiled_calibration_lands_where_the_eager_one_does(tmp_path):
     metas = {}
     for compiled in (False, True):
         calib = C.CalibConfig(nsamples=4, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False,
-                              calib_data=str(tmp_path / "calib.txt"), e2e_epochs=1, compile=compiled)
+                              calib_data=str(tmp_path / "calib.txt"), e2e_epochs=1, compile=compiled,
+                              rounding="nearest")  # the stage lowers the KL from nearest-rounded blocks
         out = convert(ConvertConfig(out=tmp_path / f"q{compiled}", model=str(model), method="wkvquant", device="cpu",
                                     dtype="float32", calibration=calib))
         metas[compiled] = json.loads((out / "wkvq.json").read_text())

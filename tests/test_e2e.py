@@ -21,7 +21,8 @@ from runtime.artifact import WEIGHTS_FILE
 from runtime.kvquant import KVQuantConfig
 from tests.helpers import CORPUS, make_tiny_llama
 
-TINY = dict(nsamples=8, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False)
+# nearest-rounded blocks: the stage is measured and tuned on those (from learned ones its default lr raises the KL)
+TINY = dict(nsamples=8, seqlen=32, epochs=2, crr_k=1, batch_size=2, progress=False, rounding="nearest")
 
 
 @pytest.fixture(scope="module")
