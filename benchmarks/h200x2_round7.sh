@@ -6,7 +6,8 @@
 #      with `--rounding learned` (named "learned") plus BLOCKWISE variants ("NAME:FLAG,FLAG ...", e.g.
 #      "lr1e-2:--round-lr=1e-2"), each also with --rounding learned;
 #   2. one table (fp16, RTN, every block-wise run);
-#   3. STAGE variants ("EPOCHS:LR[:FLAGS] ...", default "2:3e-3 2:1e-2") resumed from the blocks of "learned"
+#   3. STAGE variants ("EPOCHS:LR[:FLAGS] ...", default "2:3e-3:--e2e-rounding": from learned blocks a stage
+#      that moves only the clips raised the KL, GPU and CPU alike) resumed from the blocks of "learned"
 #      (benchmarks/smollm2_e2e.sh with BASE=learned), and their table;
 #   4. the blocks of "learned" tarred to RESULTS/learned-blocks.tgz (keep it in .gpu/work for later leases).
 # Results in RESULTS (default /root/a); timeline in RESULTS/timeline.txt.
@@ -53,5 +54,5 @@ python3 -m cli eval "$model" --table --no-progress --rows "$rows" "${artifacts[@
 mark "block-wise table rc=$?"
 # the stage from the blocks of "learned" (smollm2_e2e.sh re-evaluates fp16/RTN/learned in its table too)
 BASE=learned SKIP_BASE=1 SKIP_LEARNED=1 GPUS="${GPUS-0 1}" bash benchmarks/smollm2_e2e.sh "$r/bw" \
-  "${STAGE:-2:3e-3 2:1e-2}" --rounding learned "${extra[@]}" > "$r/stage.log" 2>&1
+  "${STAGE:-2:3e-3:--e2e-rounding}" --rounding learned "${extra[@]}" > "$r/stage.log" 2>&1
 mark "stage variants and table rc=$?"
