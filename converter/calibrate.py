@@ -468,6 +468,10 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
     if ccfg.e2e_epochs:
         from . import e2e  # imports this module
 
+        if ccfg.rounding == "learned" and not ccfg.e2e_rounding:
+            log.warning("end-to-end stage on learned-rounding blocks without --e2e-rounding: it moves the clips "
+                        "under fixed rounding decisions and raised the KL wherever measured (BENCHMARKS.md); "
+                        "consider --e2e-rounding or --rounding nearest")
         pe = rope(model.model.rotary_emb, x0.shape[1], device)
         results, e2e_summary = e2e.tune(model, config, x0, fp_out, pe, results, setup)
     del fp_out
