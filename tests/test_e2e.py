@@ -261,3 +261,16 @@ def test_e2e_rounding_learns_offsets_and_keeps_blockwise_decisions(tiny3, tmp_pa
         frac = x - torch.round(x)
         reachable = ((d == 1) & (frac > 0)) | ((d == -1) & (frac < 0)) | (d == 0)
         assert torch.equal(folded.rounding[n][reachable], d[reachable]), n
+
+
+def test_stage_on_learned_blocks_without_offsets_warns(tiny3, tmp_path, caplog):
+    """From learned-rounding blocks a stage that only moves the clips raised the KL (BENCHMARKS.md): say so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="converter.calibrate"):
+        convert(_cfg(tmp_path / "w", tiny3, rounding="learned", e2e_epochs=1))
+    assert any("--e2e-rounding" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.calibrate"):
+        convert(_cfg(tmp_path / "n", tiny3, rounding="learned", e2e_epochs=1, e2e_rounding=True))
+    assert not any("--e2e-rounding" in r.getMessage() for r in caplog.records)
