@@ -87,7 +87,17 @@ def time_config(ring, x, out, cfg) -> float:
     return graph_ms(step, reps=30) / len(ring)
 
 
-def tune_shape(n: int, k: int, cands, workers: int, before: dict | None) -> tuple[dict, list[dict]]:
+def current_config(lin) -> tuple[str, dict | None]:
+    """(signature, the config GemLite runs now for one row of ``lin``: :func:`gemlite_backend.seed_config`'s
+    pick, the H100 table's nearest shape or an earlier tuning)."""
+    import gemlite.core as core
+
+    kind, sig = gb.signature(lin, 1)
+    gb.seed_config(lin, 1)
+    return sig, core.GEMLITE_TRITON_CONFIG_CACHE.get(kind, {}).get(sig)
+
+
+def tune_shape(n: int, k: int, cands, workers: int) -> tuple[str, dict, list[dict]]:
     t0 = time.time()
     checked = check_all((n, k), cands, workers)
     ok = [(i, err) for i, err, msg in checked if err is not None and err < MAX_REL_ERR]
@@ -95,6 +105,7 @@ def tune_shape(n: int, k: int, cands, workers: int, before: dict | None) -> tupl
     log.info("%dx%d: %d configs compiled and correct, %d not (%.0f s)", n, k, len(ok), len(bad), time.time() - t0)
     w, lin = _linear(n, k)
     nbytes = _nbytes(w.qweight, w.scales, w.zeros)
+    sig, before = current_config(lin)
     ring = [lin] + [_linear(n, k)[1] for _ in range(max(1, RING_BYTES // nbytes) - 1)]
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     out = torch.zeros(1, n, device="cuda")
@@ -110,7 +121,7 @@ def tune_shape(n: int, k: int, cands, workers: int, before: dict | None) -> tupl
              f"{base['us']:.2f} us ({base['GBps']:.0f} GB/s)" if base else "-")
     del ring
     torch.cuda.empty_cache()
-    return best, rows
+    return sig, best, rows
 
 
 def main() -> None:
@@ -122,7 +133,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import gemlite
-    import gemlite.core as core
 
     gb.require_gemlite()
     cands = candidates(args.quick)
@@ -130,19 +140,12 @@ def main() -> None:
               "gemlite": gemlite.__version__, "torch": torch.__version__, "candidates": len(cands), "rows": []}
     table = {}
     for n, k in SHAPES_7B:
-        w, lin = _linear(n, k)
-        kind, sig = gb.signature(lin, 1)
-        current = core.GEMLITE_TRITON_CONFIG_CACHE.get(kind, {})  # H100's nearest shape, or an earlier tuning
-        before = current.get(sig) or gb.nearest_config(current, *gb.parse_signature(sig)[:6])
-        del w, lin
-        best, rows = tune_shape(n, k, cands, args.workers, before)
+        sig, best, rows = tune_shape(n, k, cands, args.workers)
         record["rows"] += rows
         table[sig] = best["config"]
         Path(args.json).write_text(json.dumps(record, indent=1))
         Path(args.table).write_text(json.dumps({gb.DIRECT_TYPE: table}, indent=1) + "\n")
-    for r in record["rows"]:
-        if r["source"] != "failed":
-            continue
+    for r in (r for r in record["rows"] if r["source"] == "failed"):
         log.info("failed: %s", r)
     print(json.dumps({"table": table}, indent=1))
 
