@@ -151,6 +151,8 @@ def calibration_options(f):
                      "gptq (inverse-Hessian error feedback; measured worse on SmolLM2)."),
         click.option("--round-lr", type=float, default=5e-3, show_default=True,
                      help="Learning rate of the --rounding learned offsets."),
+        click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+                     help="Learning-rate schedule of each block's training (cosine: decay to 0 over the block's steps)."),
         click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
                      help="Experimental: also tune each block's RMSNorm weights (kept in full precision)."),
         click.option("--norm-lr", type=float, default=1e-4, show_default=True),
@@ -398,7 +400,7 @@ def _int_list(ctx, param, value):
 @click.option("--batches", default="1,8", show_default=True, callback=_int_list)
 @click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
 @click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,
-              callback=_row_list, help="Also wkvq-gemlite (projections on GemLite, optional package).")
+              callback=_row_list, help="Also wkvq-gemlite (projections on GemLite, optional package), wkvq-gemv (experimental GEMV).")
 @click.option("--steps", type=int, default=20, show_default=True, callback=_positive)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"),
               show_default=True, help="Write the results here (updated after every row).")

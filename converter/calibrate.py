@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ROUNDINGS = ("nearest", "learned", "gptq")  # how the weights' codes are rounded on the (learned) grid
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCHEDULES = ("constant", "cosine")  # learning-rate schedules of the end-to-end stage
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules (block-wise training and the end-to-end stage)
 EVAL_SPLITS = ("enwiki-sample:eval", "wikitext2:test")
 CHECK_EVERY = 32  # steps between loss syncs (finiteness check, progress bar)
 
@@ -63,7 +63,8 @@ class CalibConfig:
     is trained, :mod:`converter.gptq`). Learned rounding is the default because it measured better
     everywhere it was compared (BENCHMARKS.md, fifth session: SmolLM2 small CPU recipe 16.51 against
     19.01 for nearest; full recipe + the end-to-end stage 19.52 against 20.04) and fits the 7B targets
-    (29.9 min, 16.2 GiB on an H200 against 23.0 min, 13.2 GiB). Experimental: ``tune_norms`` also trains the
+    (29.9 min, 16.2 GiB on an H200 against 23.0 min, 13.2 GiB). ``schedule`` scales every block's learning rates per step (``constant``,
+    the paper; ``cosine``: a half cosine to zero over the block's steps). Experimental: ``tune_norms`` also trains the
     block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
     nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
@@ -87,6 +88,7 @@ class CalibConfig:
     smooth_lr: float = 5e-3
     rounding: str = "learned"
     round_lr: float = 5e-3
+    schedule: str = "constant"
     tune_norms: bool = False
     norm_lr: float = 1e-4
     e2e_epochs: int = 0
@@ -114,8 +116,9 @@ class CalibConfig:
                              "it cannot be combined with rounding 'gptq' (use nearest or learned)")
         if self.e2e_rounding and not self.e2e_epochs:
             raise ValueError("e2e_rounding trains rounding offsets in the end-to-end stage; it needs e2e_epochs > 0")
-        if self.e2e_schedule not in SCHEDULES:
-            raise ValueError(f"e2e_schedule must be one of {', '.join(SCHEDULES)}, got {self.e2e_schedule!r}")
+        for name in ("schedule", "e2e_schedule"):
+            if getattr(self, name) not in SCHEDULES:
+                raise ValueError(f"{name} must be one of {', '.join(SCHEDULES)}, got {getattr(self, name)!r}")
         if not isinstance(self.crr_k, int) or self.crr_k < 0:
             raise ValueError(f"crr_k must be an integer >= 0 (0: single-block reconstruction), got {self.crr_k!r}")
         if self.batch_size > self.nsamples:
@@ -148,6 +151,8 @@ class CalibConfig:
         end-to-end stage's, nor a learning rate of parameters the blocks do not train."""
         unused = {"round_lr"} if self.rounding != "learned" else set()
         unused |= {"norm_lr"} if not self.tune_norms else set()
+        # constant is what every run before the option used: leaving it out keeps their work dirs resumable
+        unused |= {"schedule"} if self.schedule == "constant" else set()
         return {k: v for k, v in self.to_dict().items() if not k.startswith("e2e_") and k not in unused}
 
 
@@ -300,7 +305,8 @@ def train_block(qblock, window, x_q, target, pe, setup: BlockSetup, index: int) 
             return crr_loss(window_forward(qblock, window, x_q[idx], pe), target[idx])
 
     gen = torch.Generator().manual_seed(block_seed(setup.seed, index))
-    return train_epochs(opt, step_loss, x_q.shape[0], setup.calib.epochs, setup, gen, f"block {index}")
+    return train_epochs(opt, step_loss, x_q.shape[0], setup.calib.epochs, setup, gen, f"block {index}",
+                        setup.calib.schedule)
 
 
 @torch.no_grad()

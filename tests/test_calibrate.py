@@ -4,6 +4,7 @@ Logic on tiny random LLaMAs; one end-to-end check on SmolLM2 (marked slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -70,6 +71,7 @@ def _tiny_model(path):
     (dict(nsamples=2, batch_size=4), "batch size"),
     (dict(lwc_lr=0.0), "lwc_lr"),
     (dict(compute_dtype="float16"), "compute dtype"),
+    (dict(schedule="linear"), "schedule must be one of"),
 ])
 def test_calib_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -80,6 +82,13 @@ def test_recipe_records_calibration(tmp_path):
     cfg = ConvertConfig(out=tmp_path, method="wkvquant", calibration=C.CalibConfig())
     rec = cfg.recipe()["calibration"]
     assert rec["crr_k"] == 5 and rec["epochs"] == 5 and rec["nsamples"] == 128 and "resume" not in rec
+
+
+def test_blockwise_recipe_records_a_schedule_only_when_not_constant():
+    """Work dirs written before --schedule (always constant) keep their fingerprint: resumable."""
+    assert "schedule" not in C.CalibConfig().blockwise()
+    assert C.CalibConfig(schedule="cosine").blockwise()["schedule"] == "cosine"
+    assert C.CalibConfig().to_dict()["schedule"] == "constant"  # the artifact's record is complete
 
 
 # ----------------------------------------------------------------------------- modules
@@ -163,6 +172,29 @@ def test_training_lowers_loss_and_moves_parameters(tiny_block_setup):
     assert set(params.clips) == set(lwc.DECODER_LINEARS) and set(params.kv) == {"k_scale", "k_shift", "v_scale", "v_shift"}
     hi, lo = params.clips["mlp.up_proj"]
     assert hi.shape == (192, 2) and torch.equal(hi, hi.half().float()) and ((lo > 0) & (lo <= 1)).all()
+
+
+def test_block_training_follows_the_schedule(tiny_block_setup, monkeypatch):
+    """--schedule reaches every block's optimizer: cosine ends at a learning rate of zero."""
+    model, setup, config, x, pe, window, target = tiny_block_setup
+    seen = []
+    real = C.train_epochs
+
+    def spy(opt, *args, **kw):
+        out = real(opt, *args, **kw)
+        seen.append([(g["lr"], g["initial_lr"]) for g in opt.param_groups])
+        return out
+
+    monkeypatch.setattr(C, "train_epochs", spy)
+    for schedule in ("constant", "cosine"):
+        s = dataclasses.replace(setup, calib=dataclasses.replace(setup.calib, schedule=schedule))
+        qblock = lwc.quant_block(model.model.layers[0], config, 0, s.weight, True, s.device)
+        C.observe(qblock, x, pe, s)
+        lwc.set_kv_quantizer(qblock, s.kv, smooth=True)
+        C.train_block(qblock, window, x, target, pe, s, 0)
+    constant, cosine = seen
+    assert len(constant) >= 2 and all(lr == base > 0 for lr, base in constant)
+    assert all(base > 0 and lr == pytest.approx(0.0, abs=1e-12) for lr, base in cosine)
 
 
 def test_learned_rounding_and_norm_tuning_train_fold_and_export(tiny_block_setup):
