@@ -8,6 +8,8 @@ on weight values). Paths:
 * ``int4_tinygemm``: decoder Linears as ``aten._weight_int4pack_mm`` (int4 g128), bf16 StaticCache, compiled.
 * ``wkvq``: :class:`runtime.fast.FastLlama` (Triton INT4 + 4-bit POQ cache) in a CUDA graph.
 * ``wkvq-gemlite``: ``wkvq`` with the INT4 projections on GemLite (optional package, not a default path).
+* ``wkvq-gemv``: ``wkvq`` with the INT4 projections on the row-owning GEMV up to 4 rows (experimental, not a
+  default path; :mod:`runtime.kernels.w4_gemv`).
 
 The baselines prefill the prompt for real; ``wkvq`` fills its 4-bit cache with random codes
 (the decode step reads the same bytes either way). ms/token is the median step time over
@@ -32,8 +34,8 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "tiny": (256, 2, 4, 2, 512, 1000),
 }
-PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite")
-DEFAULT_PATHS = PATHS[:4]  # wkvq-gemlite needs the optional gemlite package
+PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite", "wkvq-gemv")
+DEFAULT_PATHS = PATHS[:4]  # wkvq-gemlite needs the optional gemlite package; wkvq-gemv is experimental
 
 
 @dataclass(frozen=True)

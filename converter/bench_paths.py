@@ -92,6 +92,11 @@ def run_wkvq_gemlite(config, batch: int, prompt: int, steps: int) -> dict:
     return run_wkvq(config, batch, prompt, steps, projections="gemlite")
 
 
+def run_wkvq_gemv(config, batch: int, prompt: int, steps: int) -> dict:
+    """``wkvq`` with the projections on the row-owning GEMV up to 4 rows (runtime.kernels.w4_gemv, experimental)."""
+    return run_wkvq(config, batch, prompt, steps, projections="gemv")
+
+
 def _median_steps(fn, steps: int) -> float:
     from .bench import _time_ms
 
@@ -195,4 +200,4 @@ def run_int4_tinygemm(config, batch, prompt, steps):
 
 
 RUNNERS = {"fp16_eager": run_fp16_eager, "fp16_compiled": run_fp16_compiled, "int4_tinygemm": run_int4_tinygemm,
-           "wkvq": run_wkvq, "wkvq-gemlite": run_wkvq_gemlite}
+           "wkvq": run_wkvq, "wkvq-gemlite": run_wkvq_gemlite, "wkvq-gemv": run_wkvq_gemv}

@@ -22,7 +22,7 @@ from . import kernels, quant
 from .static_cache import StaticPOQCache
 
 log = logging.getLogger(__name__)
-PROJECTIONS = ("triton", "gemlite")
+PROJECTIONS = ("triton", "gemlite", "gemv")
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,9 @@ class FastLlama:
 
     def with_projections(self, backend: str) -> "FastLlama":
         """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, the
-        default) or "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
-        not take stay on "triton"). The eager path is unchanged. Returns ``self``."""
+        default), "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
+        not take stay on "triton") or "gemv" (experimental, :mod:`runtime.kernels.w4_gemv` for up to 4 rows,
+        "triton" above). The eager path is unchanged. Returns ``self``."""
         if backend not in PROJECTIONS:
             raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
         if backend == "gemlite":
@@ -167,6 +168,13 @@ class FastLlama:
                                  f"(use_kernels={self.use_kernels})")
             gemlite_backend.require_gemlite()
             wrap = lambda w: gemlite_backend.GemLiteW4.from_w4(w, self.embed.dtype)  # noqa: E731
+        elif backend == "gemv":
+            from .kernels import w4_gemv
+
+            if not self.use_kernels:
+                raise ValueError("gemv projections run on the kernel path (CUDA, or Triton's interpreter); "
+                                 f"this model has use_kernels={self.use_kernels}")
+            wrap = lambda w: w4_gemv.GemvW4.from_w4(w.plain() if hasattr(w, "plain") else w)  # noqa: E731
         else:
             wrap = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731
         for layer in self.layers:

@@ -46,3 +46,31 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def fast_decode_errors(tmp_path: Path, projections: str):
+    """A one-layer tiny model (hidden 256, MLP 320: the down projection has a ragged group) converted with RTN,
+    loaded on CUDA in float16, its decode step on ``projections`` against the eager path: returns the fast
+    model and the relative errors of the logits of one ``decode_step`` and two CUDA-graph steps."""
+    import dataclasses
+
+    import runtime
+    from converter.convert import ConvertConfig, convert
+    from runtime.fast import DecodeGraph, FastLlama
+
+    src = make_tiny_llama(tmp_path / "m", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=320, num_hidden_layers=1)
+    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    model, _ = runtime.load(art, device="cuda", dtype=torch.float16)
+    eager = FastLlama.from_hf(model, 32, use_kernels=False)
+    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
+                     eager.lm_head, eager.cos, eager.sin, True).with_projections(projections)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    ids = torch.randint(3, 300, (2, 8), device="cuda")
+    ce, cf = eager.new_cache(2, 16), fast.new_cache(2, 16)
+    eager.forward(ids[:, :5], ce), fast.forward(ids[:, :5], cf)
+    errs = [rel(fast.decode_step(ids[:, 5], cf), eager.forward(ids[:, 5:6], ce))]
+    graph = DecodeGraph(fast, cf)
+    errs += [rel(graph.step(ids[:, i]), eager.forward(ids[:, i:i + 1], ce)) for i in (6, 7)]
+    assert cf.length == 8
+    return fast, errs

@@ -1,0 +1,432 @@
+"""INT4 GEMV for the decode step (1 to 4 rows of ``x``), streaming whole weight rows: no split-K, no atomics.
+
+``out [M, N] (float32) += x [M, K] @ W^T`` with ``W = (q - zero) * scale`` per group of ``GROUP`` input
+channels, on the artifact's layout as it is (:mod:`runtime.kernels.w4`): ``qweight uint8 [N, K/2]`` read as
+int32 words, word ``w`` of a row holding channels ``8w .. 8w+7`` at bits ``4i``; ``scales float16 [N, G]``,
+``zeros uint8 [N, G]``; ``K % 8 == 0``, the last group may be ragged.
+
+A program owns ``BLOCK_N`` whole rows (in 1-4 sub-tiles, see :func:`_w4_gemv_rows_kernel`) and walks ``K`` in
+steps of ``BLOCK_K`` channels (a power-of-two number of groups): per step one row-contiguous
+``[rows, BLOCK_K/GROUP, GROUP/8]`` tile of words per sub-tile (16-byte loads, optionally prefetched one step
+ahead), and for each row of ``x`` the ``BLOCK_K`` values it needs (read once per program and step, shared by
+all its rows). The weights are read once for all ``M`` rows of ``x``; no shared memory, no atomics.
+
+Unpack (no int->float conversion, plain Triton, so Triton's interpreter runs the same code): code ``i`` of a
+word becomes the float32 ``f = 2 + q/8`` by putting the nibble into mantissa bits 19..22 under the exponent
+of 2.0 (``0x40000000 | q << 19``: one shift and one ``lop3`` per code). Then per word ``p = sum_i f_i x_i``
+(one FMA per code and row of ``x``) and ``sx = sum_i x_i`` (shared by the program's rows), and since
+``q - z = 8 (f - 2) - z``::
+
+    sum_i (q_i - z) s x_i = 8 s (p - (2 + z/8) sx)
+
+is added per word into a float32 accumulator ``[BLOCK_N, BLOCK_K/GROUP, GROUP/8]``, reduced across words once
+after the ``K`` loop. ``f`` lies in ``[2, 4)``, so ``p`` and ``(2 + z/8) sx`` are of the size of the result:
+no cancellation beyond float32 rounding (relative error ~1e-6 against the float32 dequantized product).
+
+Entry points: :func:`gemv_ok`, :func:`w4_gemv_accumulate` (``out += x @ W^T``, the decode step's residual
+stream), :func:`w4_gemv` (``y = x @ W^T (+ bias) (+ residual)`` in a new tensor), :class:`GemvW4` (the decode
+step's projections on this kernel: ``FastLlama.with_projections("gemv")``, bench path ``wkvq-gemv``). :data:`GEMV_CONFIGS` lists
+the candidates of a GPU sweep (``benchmarks/w4_gemv_bench.py``), :data:`GEMV_TABLE` the chosen config per
+shape (none measured yet: :func:`default_config` is a guess).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fast import W4Weight
+from . import interpreting
+
+GEMV_MAX_ROWS = 4
+
+
+class GemvConfig(NamedTuple):
+    """``block_n`` rows per program in ``sub`` sub-tiles of ``block_n / sub`` rows; ``block_k`` input channels
+    per step (a multiple of the group size); ``prefetch``: load step ``i + 1`` before computing step ``i``.
+    ``num_stages`` is passed to Triton, which does not pipeline these loads (no dot): kept for the sweep."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 1
+    sub: int = 1
+    prefetch: bool = False
+
+    def label(self) -> str:
+        pf = "_pf" if self.prefetch else ""
+        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}"
+
+
+def shared_memory_free(cfg: GemvConfig, group_size: int = 128) -> bool:
+    """Whether a step of ``cfg`` runs without shared memory (see :func:`_w4_gemv_rows_kernel`): the ``x`` and
+    scale/zero loads of a step have fewer elements than the program has threads, and every thread holds at
+    least one 16-byte vector of words."""
+    threads = 32 * cfg.num_warps
+    sub_n = cfg.block_n // cfg.sub
+    return (cfg.block_n % cfg.sub == 0 and cfg.block_k % group_size == 0 and cfg.block_k // 8 < threads
+            and sub_n * (cfg.block_k // group_size) < threads and sub_n * cfg.block_k // 8 >= 4 * threads)
+
+
+# candidates for the GPU sweep (benchmarks/w4_gemv_bench.py), all free of shared memory at group 128
+GEMV_CONFIGS: list[GemvConfig] = [
+    cfg for bn, bk, w, sub, pf in itertools.product((8, 16, 32, 64, 128), (256, 512, 1024), (2, 4, 8), (1, 2, 4),
+                                                     (False, True))
+    if shared_memory_free(cfg := GemvConfig(bn, bk, w, 1, sub, pf))
+    and bn // sub * bk // 8 // (32 * w) <= 8  # <= 2 vectors of words per thread and sub-tile
+]
+# (N, K, M) -> config, from a graph-timed sweep on the H200 (empty until measured); M = 0: any M
+GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {}
+CODE_MASK = 0x00780000
+
+
+@triton.jit
+def _codes(words, I: tl.constexpr, code_mask):
+    """Code ``I`` (bits ``4I .. 4I+3``) of each int32 word as the float32 ``2 + q/8`` (exact).
+
+    ``code_mask`` is ``0x00780000`` passed as a kernel argument: as an immediate, ptxas rematerialises it
+    with a ``MOV`` before every ``LOP3`` (one extra instruction per code)."""
+    SH: tl.constexpr = 19 - 4 * I
+    if SH >= 0:
+        t = words << SH
+    else:
+        t = words >> (-SH)  # arithmetic shift: the sign bits land above the mask
+    return ((t & code_mask) | 0x40000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0, N, stride_qn, stride_sn, stride_zn, cw, SUB_N: tl.constexpr):
+    """Pointers of a sub-tile of ``SUB_N`` rows from ``row0``: (words ``[SUB_N, GPC, WPG]``, scale and zero
+    rows ``[SUB_N, 1]``, row mask, row index)."""
+    rn = row0 + tl.arange(0, SUB_N)
+    qw_tile = qw_ptr + rn[:, None, None].to(tl.int64) * stride_qn + cw[None, :, :]
+    return qw_tile, s_ptr + rn[:, None] * stride_sn, z_ptr + rn[:, None] * stride_zn, rn < N, rn
+
+
+@triton.jit
+def _load_tile(P, kw0, cw, rg, KWB, G, WPG: tl.constexpr, MASK_N: tl.constexpr, MASK_K: tl.constexpr):
+    """Code words, scales and zero points of one step (``BLOCK_K`` channels from word ``kw0``) of a sub-tile;
+    ``MASK_K``: words from ``KWB`` on and groups from ``G`` on read as 0."""
+    qw_tile, s_rows, z_rows, mask_n, rn = P
+    g = kw0 // WPG + rg  # [GPC]
+    if MASK_K:
+        wmask = mask_n[:, None, None] & ((kw0 + cw) < KWB)[None, :, :]
+        gmask = mask_n[:, None] & (g < G)[None, :]
+        words = tl.load(qw_tile + kw0, mask=wmask, other=0)
+        s = tl.load(s_rows + g[None, :], mask=gmask, other=0.0)
+        z = tl.load(z_rows + g[None, :], mask=gmask, other=0)
+    elif MASK_N:
+        words = tl.load(qw_tile + kw0, mask=mask_n[:, None, None], other=0)
+        s = tl.load(s_rows + g[None, :], mask=mask_n[:, None], other=0.0)
+        z = tl.load(z_rows + g[None, :], mask=mask_n[:, None], other=0)
+    else:
+        words = tl.load(qw_tile + kw0)
+        s = tl.load(s_rows + g[None, :])
+        z = tl.load(z_rows + g[None, :])
+    return words, s, z
+
+
+@triton.jit
+def _load_x(x_row, kw, KW, MASK_K: tl.constexpr):
+    """``x`` at channels ``8 kw + i`` (``[GPC, WPG]`` each, float32) and their sums over ``i``."""
+    xp = x_row + 8 * kw
+    if MASK_K:
+        xmask = kw < KW
+        x0 = tl.load(xp + 0, mask=xmask, other=0.0).to(tl.float32)
+        x1 = tl.load(xp + 1, mask=xmask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + 2, mask=xmask, other=0.0).to(tl.float32)
+        x3 = tl.load(xp + 3, mask=xmask, other=0.0).to(tl.float32)
+        x4 = tl.load(xp + 4, mask=xmask, other=0.0).to(tl.float32)
+        x5 = tl.load(xp + 5, mask=xmask, other=0.0).to(tl.float32)
+        x6 = tl.load(xp + 6, mask=xmask, other=0.0).to(tl.float32)
+        x7 = tl.load(xp + 7, mask=xmask, other=0.0).to(tl.float32)
+    else:
+        x0 = tl.load(xp + 0).to(tl.float32)
+        x1 = tl.load(xp + 1).to(tl.float32)
+        x2 = tl.load(xp + 2).to(tl.float32)
+        x3 = tl.load(xp + 3).to(tl.float32)
+        x4 = tl.load(xp + 4).to(tl.float32)
+        x5 = tl.load(xp + 5).to(tl.float32)
+        x6 = tl.load(xp + 6).to(tl.float32)
+        x7 = tl.load(xp + 7).to(tl.float32)
+    sx = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    return x0, x1, x2, x3, x4, x5, x6, x7, sx
+
+
+@triton.jit
+def _fma_row(acc, f, xs, s8, zz):
+    """``acc += 8 s (sum_i f_i x_i - (2 + z/8) sum_i x_i)`` (per word) for one row of ``x``."""
+    p = f[0] * xs[0][None, :, :]
+    p += f[1] * xs[1][None, :, :]
+    p += f[2] * xs[2][None, :, :]
+    p += f[3] * xs[3][None, :, :]
+    p += f[4] * xs[4][None, :, :]
+    p += f[5] * xs[5][None, :, :]
+    p += f[6] * xs[6][None, :, :]
+    p += f[7] * xs[7][None, :, :]
+    return acc + s8 * (p - zz * xs[8][None, :, :])
+
+
+@triton.jit
+def _sub_step(A, T, X0, X1, X2, X3, code_mask, M: tl.constexpr):
+    """Accumulators ``A`` (one per row of ``x``) of a sub-tile after one step with tile ``T``."""
+    words, s, z = T
+    s8 = (s.to(tl.float32) * 8.0)[:, :, None]  # [SUB_N, GPC, 1]
+    zz = (z.to(tl.float32) * 0.125 + 2.0)[:, :, None]
+    f = (_codes(words, 0, code_mask), _codes(words, 1, code_mask), _codes(words, 2, code_mask),
+         _codes(words, 3, code_mask), _codes(words, 4, code_mask), _codes(words, 5, code_mask),
+         _codes(words, 6, code_mask), _codes(words, 7, code_mask))
+    a0 = _fma_row(A[0], f, X0, s8, zz)
+    a1, a2, a3 = A[1], A[2], A[3]
+    if M > 1:
+        a1 = _fma_row(a1, f, X1, s8, zz)
+    if M > 2:
+        a2 = _fma_row(a2, f, X2, s8, zz)
+    if M > 3:
+        a3 = _fma_row(a3, f, X3, s8, zz)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw, KW, code_mask,
+          M: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr):
+    """One step for all sub-tiles and rows of ``x`` (``x`` read once per program and step)."""
+    X0 = _load_x(x_ptr, kw, KW, MASK_K)
+    X1, X2, X3 = X0, X0, X0
+    if M > 1:
+        X1 = _load_x(x_ptr + stride_xm, kw, KW, MASK_K)
+    if M > 2:
+        X2 = _load_x(x_ptr + 2 * stride_xm, kw, KW, MASK_K)
+    if M > 3:
+        X3 = _load_x(x_ptr + 3 * stride_xm, kw, KW, MASK_K)
+    A0 = _sub_step(A0, T0, X0, X1, X2, X3, code_mask, M)
+    if SUB > 1:
+        A1 = _sub_step(A1, T1, X0, X1, X2, X3, code_mask, M)
+    if SUB > 2:
+        A2 = _sub_step(A2, T2, X0, X1, X2, X3, code_mask, M)
+    if SUB > 3:
+        A3 = _sub_step(A3, T3, X0, X1, X2, X3, code_mask, M)
+    return A0, A1, A2, A3
+
+
+@triton.jit
+def _load_tiles(P0, P1, P2, P3, kw0, cw, rg, KWB, G, WPG: tl.constexpr, SUB: tl.constexpr, MASK_N: tl.constexpr,
+                MASK_K: tl.constexpr):
+    T0 = _load_tile(P0, kw0, cw, rg, KWB, G, WPG, MASK_N, MASK_K)
+    T1, T2, T3 = T0, T0, T0
+    if SUB > 1:
+        T1 = _load_tile(P1, kw0, cw, rg, KWB, G, WPG, MASK_N, MASK_K)
+    if SUB > 2:
+        T2 = _load_tile(P2, kw0, cw, rg, KWB, G, WPG, MASK_N, MASK_K)
+    if SUB > 3:
+        T3 = _load_tile(P3, kw0, cw, rg, KWB, G, WPG, MASK_N, MASK_K)
+    return T0, T1, T2, T3
+
+
+@triton.jit
+def _finish(acc, m, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
+            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    y = tl.sum(tl.sum(acc, 2), 1)  # [SUB_N]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(r_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+    yp = y_ptr + m * stride_ym + rn
+    if ACCUMULATE:  # the program owns these rows: a plain read-modify-write
+        y += tl.load(yp, mask=mask_n, other=0.0)
+    tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _finish_sub(A, P, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M: tl.constexpr, ACCUMULATE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    rn, mask_n = P[4], P[3]
+    _finish(A[0], 0, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if M > 1:
+        _finish(A[1], 1, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if M > 2:
+        _finish(A[2], 2, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if M > 3:
+        _finish(A[3], 3, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW, G, code_mask,
+                         stride_xm, stride_qn, stride_sn, stride_zn, stride_rm, stride_ym,
+                         M: tl.constexpr, GROUP: tl.constexpr, SUB_N: tl.constexpr, SUB: tl.constexpr,
+                         BLOCK_K: tl.constexpr, MASK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
+                         PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_RES: tl.constexpr):
+    """``y[m, rows] (+)= x[m] @ W[rows]^T`` for ``m < M`` (``M <= 4``); a program owns ``SUB`` (1..4) sub-tiles
+    of ``SUB_N`` consecutive rows.
+
+    ``qw_ptr``: int32 words, ``KW = K / 8`` per row; ``code_mask``: ``0x00780000`` (see :func:`_codes`).
+    ``HAS_TAIL``: ``K % BLOCK_K != 0``: every step masks along ``K`` (~10% more instructions; a separate masked
+    last step instead doubled the registers); ``MASK_N``: ``N`` is not a multiple of the program's rows.
+    ``PREFETCH``: the words, scales and zeros of step ``i + 1`` are loaded before step ``i`` is computed (twice
+    the registers for them, loads in flight during the arithmetic); the step sits behind an always-true branch,
+    without which ptxas moves those loads to the end of the loop body (after the arithmetic, i.e. no prefetch).
+
+    Sub-tiles (not one ``[SUB * SUB_N, ...]`` tile) because Triton gives a load of fewer elements than the
+    program has threads the layout of its user (the ``x`` and scale loads below), and converts the layout
+    of larger ones through shared memory with a barrier per step; ``SUB_N * BLOCK_K / GROUP`` and
+    ``BLOCK_K / 8`` under ``32 * num_warps`` keep every step free of shared memory. ``x`` is read once per
+    step for all sub-tiles."""
+    WPG: tl.constexpr = GROUP // 8  # words per group
+    GPC: tl.constexpr = BLOCK_K // GROUP  # groups per step
+    BW: tl.constexpr = BLOCK_K // 8  # words per step
+    row0 = tl.program_id(0) * (SUB * SUB_N)
+    rg = tl.arange(0, GPC)
+    cw = rg[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPC, WPG] word offset within a step
+    P0 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    P1, P2, P3 = P0, P0, P0
+    if SUB > 1:
+        P1 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    if SUB > 2:
+        P2 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 2 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    if SUB > 3:
+        P3 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 3 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    zero = tl.zeros((SUB_N, GPC, WPG), dtype=tl.float32)
+    A0 = (zero, zero, zero, zero)
+    A1, A2, A3 = A0, A0, A0
+    if PREFETCH:
+        T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, 0, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
+        for kw0 in range(0, KW, BW):
+            if HAS_TAIL:
+                nxt = kw0 + BW  # past the end: masked off
+            else:
+                nxt = tl.minimum(kw0 + BW, KW - BW)  # the last step re-reads its own words (cached)
+            U0, U1, U2, U3 = _load_tiles(P0, P1, P2, P3, nxt, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
+            if kw0 != code_mask:  # always (kw0 < 2**23): a block boundary that keeps ptxas from sinking the loads
+                A0, A1, A2, A3 = _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw0 + cw, KW, code_mask,
+                                       M, SUB, HAS_TAIL)
+            T0, T1, T2, T3 = U0, U1, U2, U3
+    else:
+        for kw0 in range(0, KW, BW):
+            T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, kw0, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
+            A0, A1, A2, A3 = _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw0 + cw, KW, code_mask,
+                                   M, SUB, HAS_TAIL)
+    _finish_sub(A0, P0, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if SUB > 1:
+        _finish_sub(A1, P1, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if SUB > 2:
+        _finish_sub(A2, P2, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+    if SUB > 3:
+        _finish_sub(A3, P3, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+
+
+def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether :func:`w4_gemv_accumulate` can take ``x2 [M, K]``: 1..4 rows, ``K % 8 == 0``, codes readable
+    as int32 words (row starts 4-byte aligned, unit stride along ``K``)."""
+    if x2.dim() != 2 or qweight.dim() != 2:
+        return False
+    k = x2.shape[1]
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return (1 <= x2.shape[0] <= GEMV_MAX_ROWS and k > 0 and k % 8 == 0 and x2.dtype in dtypes
+            and qweight.dtype == torch.uint8 and qweight.shape[1] == k // 2 and qweight.stride(1) == 1
+            and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0)
+
+
+def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
+    """The config for a shape: :data:`GEMV_TABLE`, else a guess (not measured)."""
+    cfg = GEMV_TABLE.get((n, k, m)) or GEMV_TABLE.get((n, k, 0))
+    if cfg is None:
+        if interpreting():
+            cfg = GemvConfig(16, 256, 2, 1, 2, True)
+        else:
+            wide = n >= 8192  # enough rows for >= 2 programs of 4 warps per SM; else 1 program of 8 warps
+            if m == 1:  # 2 sub-tiles: 128 registers; at M = 2 they take 255 (one program per SM)
+                cfg = GemvConfig(32, 512, 4, 1, 2, True) if wide else GemvConfig(32, 1024, 8, 1, 2, True)
+            else:
+                cfg = GemvConfig(16, 512, 4, 1, 1, True) if wide else GemvConfig(16, 1024, 8, 1, 1, True)
+    return _fit(cfg, group_size)
+
+
+def _fit(cfg: GemvConfig, group_size: int) -> GemvConfig:
+    """``block_k`` rounded up to a power-of-two number of groups."""
+    gpc = triton.next_power_of_2(max(1, -(-cfg.block_k // group_size)))
+    return cfg._replace(block_k=gpc * group_size)
+
+
+def _check(x2, qweight, scales, zeros, group_size):
+    if not gemv_ok(x2, qweight):
+        raise ValueError(f"w4_gemv needs 1..{GEMV_MAX_ROWS} rows with K % 8 == 0 and uint8 codes [N, K/2] readable "
+                         f"as int32 words; got x {x2.dtype} {list(x2.shape)}, qweight {qweight.dtype} "
+                         f"{list(qweight.shape)} strides {qweight.stride()}")
+    if group_size % 8 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 8, got {group_size}")
+    g = -(-x2.shape[1] // group_size)
+    if scales.shape != (qweight.shape[0], g) or zeros.shape != scales.shape:
+        raise ValueError(f"scales {list(scales.shape)} and zeros {list(zeros.shape)} must both be "
+                         f"[{qweight.shape[0]}, {g}]")
+
+
+def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulate, config):
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = _fit(GemvConfig(*config), group_size) if config is not None else default_config(n, k, m, group_size)
+    sub_n = cfg.block_n // cfg.sub
+    if cfg.block_n % cfg.sub or sub_n & (sub_n - 1) or not 1 <= cfg.sub <= 4:
+        raise ValueError(f"config {cfg}: block_n / sub must be a power of two, sub 1..4")
+    words = qweight.view(torch.int32)
+    res = residual if residual is not None else y
+    _w4_gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, words, scales, zeros, bias if bias is not None else y, res, y, n, k // 8, scales.shape[1], CODE_MASK,
+        x2.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), y.stride(0),
+        M=m, GROUP=group_size, SUB_N=cfg.block_n // cfg.sub, SUB=cfg.sub, BLOCK_K=cfg.block_k,
+        MASK_N=n % cfg.block_n != 0, HAS_TAIL=k % cfg.block_k != 0, PREFETCH=bool(cfg.prefetch),
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=True)  # FFMA (Triton 3.10 turns fusion off by default)
+    return y
+
+
+def w4_gemv_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group_size: int, out: torch.Tensor, config: GemvConfig | tuple | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out [M, N] (float32) += x2 [M, K] @ W^T (+ bias)`` (see :func:`gemv_ok`); returns ``out``.
+
+    ``config``: a :class:`GemvConfig` (or its fields) or None for :func:`default_config`."""
+    _check(x2, qweight, scales, zeros, group_size)
+    m, n = x2.shape[0], qweight.shape[0]
+    if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
+    return _launch(x2, qweight, scales, zeros, group_size, out, bias, None, True, config)
+
+
+def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None, config: GemvConfig | tuple | None = None) -> torch.Tensor:
+    """``y [M, N] = x2 [M, K] @ W^T (+ bias) (+ residual)`` in ``out_dtype`` (default ``x2.dtype``), float32
+    accumulation, one rounding at the store."""
+    _check(x2, qweight, scales, zeros, group_size)
+    m, n = x2.shape[0], qweight.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype or x2.dtype, device=x2.device)
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1):
+        residual = residual.reshape(m, n).contiguous()
+    return _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, False, config)
+
+
+@dataclass
+class GemvW4(W4Weight):
+    """A :class:`W4Weight` whose decode-step ``accumulate`` runs on :func:`w4_gemv_accumulate` when
+    :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the split-K kernel; same tensors, no copy."""
+
+    @classmethod
+    def from_w4(cls, w: W4Weight) -> "GemvW4":
+        return cls(w.qweight, w.scales, w.zeros, w.in_features, w.group_size, w.bias)
+
+    def plain(self) -> W4Weight:
+        return W4Weight(self.qweight, self.scales, self.zeros, self.in_features, self.group_size, self.bias)
+
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if gemv_ok(x, self.qweight):
+            return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
+        return super().accumulate(x, out)
