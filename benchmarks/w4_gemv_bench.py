@@ -1,7 +1,8 @@
 """Graph-timed sweep of the row-streaming INT4 GEMV (:mod:`runtime.kernels.w4_gemv`) at the LLaMA-2-7B projection
 shapes, against the split-K kernel (:func:`runtime.kernels.w4.w4_accumulate`) in the same table.
 
-Every candidate of ``GEMV_CONFIGS`` (plus the shape's default config) is timed by CUDA-graph replay over a ring of
+Every candidate of ``GEMV_CONFIGS`` (plus the shape's default config; ``split`` > 1: the split over ``K``, labels
+ending in ``_x2`` / ``_x4``, recorded in the ``split`` field of each row) is timed by CUDA-graph replay over a ring of
 distinct weights of >= 256 MB (H200 L2: 60 MB; every replay reads from HBM), as in ``benchmarks/gemlite_tune.py``,
 and checked against the float64 product of the dequantized weight (relative error must stay < 1e-5: the kernel is
 float32 throughout). GB/s counts the packed codes + float16 scales + uint8 zeros read per call.
@@ -37,7 +38,10 @@ log = logging.getLogger("w4_gemv_bench")
 # kernel multiplies float16 codes by x on the tensor cores (1e-5 .. 4e-5 measured, runtime/kernels/NOTES.md)
 MAX_REL_ERR = {"w4_gemv": 1e-5, "w4_splitk": 1e-4}
 QUICK = [gv.GemvConfig(*c) for c in ((16, 512, 4, 1, 1, False), (32, 512, 4, 1, 2, True), (32, 256, 2, 1, 2, True),
-                                     (64, 512, 8, 1, 2, True), (64, 512, 4, 1, 4, True))]
+                                     (64, 512, 8, 1, 2, True), (64, 512, 4, 1, 4, True),
+                                     # split over K (atomic float32 adds): 256 / 512 programs at N = 4096
+                                     (32, 512, 4, 1, 2, True, 2), (32, 512, 4, 1, 2, True, 4),
+                                     (16, 512, 4, 1, 1, False, 2))]
 
 
 def _reference(x, qw, sc, zr, k):
@@ -120,8 +124,10 @@ def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 log.warning("%s %s %dx%d m=%d: %s: %s", kernel, label, n, k, m, type(e).__name__, e)
                 continue
-            rows.append(dict(kernel=kernel, source=source, n=n, k=k, m=m, config=label, fields=list(cfg), us=t * 1e3,
-                             GBps=nbytes / t / 1e6, rel_err=err, ok=err < MAX_REL_ERR[kernel], ring=len(ring)))
+            split = gv.GemvConfig(*cfg).split if kernel == "w4_gemv" else None
+            rows.append(dict(kernel=kernel, source=source, n=n, k=k, m=m, config=label, fields=list(cfg), split=split,
+                             us=t * 1e3, GBps=nbytes / t / 1e6, rel_err=err, ok=err < MAX_REL_ERR[kernel],
+                             ring=len(ring)))
         log.info("%dx%d done (%d weights in the ring, %d MB each)", n, k, len(ring), nbytes >> 20)
     del ring
     torch.cuda.empty_cache()
@@ -179,7 +185,7 @@ def main() -> None:
         record["rows"] += bench_shape(n, k, ms, cands, failed)
         Path(args.json).write_text(json.dumps(record, indent=1))
     best = best_table(record["rows"])
-    record["best"] = {f"{n}x{k}x{m}": dict(config=r["fields"], us=r["us"], GBps=r["GBps"])
+    record["best"] = {f"{n}x{k}x{m}": dict(config=r["fields"], split=r["split"], us=r["us"], GBps=r["GBps"])
                       for (n, k, m), r in best.items()}
     Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"copy {record['rows'][0]['GBps']:.0f} GB/s")

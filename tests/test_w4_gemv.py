@@ -90,6 +90,48 @@ def test_configs_ragged(config, m, n, k):
     assert _rel(out, base.double() + x.double() @ w.T) < TOL
 
 
+SPLIT_CASES = [  # (m, n, k, block_k): steps of K, ranges of each split
+    (1, 45, 1408, 512),  # 3 steps, the last a tail (2.75 x 512): split 4 leaves one range empty
+    (3, 37, 384, 512),  # 1 step, shorter than the step (masked): every split but range 0 empty
+    (1, 20, 1024, 256),  # 4 steps, no tail: split 3 -> 2, 1, 1 (the prefetch clamp inside a range)
+    (3, 16, 256, 256),  # 1 full step, no tail: empty ranges prefetch the last step of K, unmasked
+]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k,block_k", SPLIT_CASES)
+def test_split_k_matches_reference(split, prefetch, m, n, k, block_k):
+    """``split > 1``: programs over contiguous ranges of the ``K`` steps, partial sums added atomically into
+    ``out``, the bias once (by range 0); ragged N, tails, empty ranges, with and without prefetch."""
+    from runtime.kernels.w4_gemv import GemvConfig, w4_gemv_accumulate
+
+    qw, s, z, w = _weight(n, k, 128, seed=5)
+    x, base = torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(m, n, device=DEV)
+    bias = torch.randn(n, device=DEV, dtype=DTYPE)
+    cfg = GemvConfig(16, block_k, 2, 1, 2 if m == 1 else 1, prefetch, split)
+    out = w4_gemv_accumulate(x, qw, s, z, 128, base.clone(), config=cfg, bias=bias)
+    assert _rel(out, base.double() + x.double() @ w.T + bias.double()) < TOL
+
+
+def test_split_config_fields_and_plain_gemv():
+    """``split`` is the last field (six-field tuples stay valid, split 1); :func:`w4_gemv` (no accumulation,
+    any output dtype) runs a split config with ``split = 1``."""
+    from runtime.kernels.w4_gemv import GemvConfig, w4_gemv, w4_gemv_accumulate
+
+    assert GemvConfig(16, 256, 2, 1, 2, True).split == 1 and GemvConfig(*CONFIGS[1]).label() == "n16/2_k256_w2_s1_pf"
+    assert GemvConfig(16, 256, 2, 1, 2, True, 4).label() == "n16/2_k256_w2_s1_pf_x4"
+    n, k = 24, 1408
+    qw, s, z, w = _weight(n, k, 128, seed=6)
+    x, bias = torch.randn(2, k, device=DEV, dtype=DTYPE), torch.randn(n, device=DEV, dtype=DTYPE)
+    res = torch.randn(2, n, device=DEV, dtype=DTYPE)
+    y = w4_gemv(x, qw, s, z, 128, bias=bias, residual=res, out_dtype=torch.float32,
+                config=(16, 512, 2, 1, 2, True, 3))
+    assert _rel(y, x.double() @ w.T + bias.double() + res.double()) < TOL
+    with pytest.raises(ValueError):
+        w4_gemv_accumulate(x, qw, s, z, 128, torch.zeros(2, n, device=DEV), config=(16, 512, 2, 1, 2, True, 0))
+
+
 def test_gemv_bias_residual_and_strided_rows():
     """The non-accumulating variant (``y = x @ W^T + bias + residual``), x rows with a stride, codes that are a
     row slice of a larger (fused) weight."""
@@ -127,7 +169,8 @@ def test_candidate_configs_are_valid():
     """Every sweep candidate has power-of-two tiles and runs without shared memory at group 128."""
     from runtime.kernels.w4_gemv import GEMV_CONFIGS, shared_memory_free
 
-    assert len(GEMV_CONFIGS) >= 20
+    assert 20 <= len(GEMV_CONFIGS) <= 150 and len(set(GEMV_CONFIGS)) == len(GEMV_CONFIGS)
+    assert {cfg.split for cfg in GEMV_CONFIGS} == {1, 2, 4}
     for cfg in GEMV_CONFIGS:
         sub_n = cfg.block_n // cfg.sub
         assert sub_n & (sub_n - 1) == 0 and cfg.block_k & (cfg.block_k - 1) == 0 and shared_memory_free(cfg)

@@ -1,4 +1,4 @@
-"""INT4 GEMV for the decode step (1 to 4 rows of ``x``), streaming whole weight rows: no split-K, no atomics.
+"""INT4 GEMV for the decode step (1 to 4 rows of ``x``), streaming whole weight rows (optionally split over ``K``).
 
 ``out [M, N] (float32) += x [M, K] @ W^T`` with ``W = (q - zero) * scale`` per group of ``GROUP`` input
 channels, on the artifact's layout as it is (:mod:`runtime.kernels.w4`): ``qweight uint8 [N, K/2]`` read as
@@ -9,7 +9,10 @@ A program owns ``BLOCK_N`` whole rows (in 1-4 sub-tiles, see :func:`_w4_gemv_row
 steps of ``BLOCK_K`` channels (a power-of-two number of groups): per step one row-contiguous
 ``[rows, BLOCK_K/GROUP, GROUP/8]`` tile of words per sub-tile (16-byte loads, optionally prefetched one step
 ahead), and for each row of ``x`` the ``BLOCK_K`` values it needs (read once per program and step, shared by
-all its rows). The weights are read once for all ``M`` rows of ``x``; no shared memory, no atomics.
+all its rows). The weights are read once for all ``M`` rows of ``x``; no shared memory in the loop. With
+``GemvConfig.split > 1`` (accumulate mode only) ``split`` programs share a row block, each over a contiguous
+range of the steps, and add their sums into the float32 output with ``atomic_add``: more programs (loads in
+flight) for the 4096-row shapes, whose ``N / BLOCK_N`` programs are about one per SM.
 
 Unpack (no int->float conversion, plain Triton, so Triton's interpreter runs the same code): code ``i`` of a
 word becomes the float32 ``f = 2 + q/8`` by putting the nibble into mantissa bits 19..22 under the exponent
@@ -49,7 +52,11 @@ GEMV_MAX_ROWS = 4
 class GemvConfig(NamedTuple):
     """``block_n`` rows per program in ``sub`` sub-tiles of ``block_n / sub`` rows; ``block_k`` input channels
     per step (a multiple of the group size); ``prefetch``: load step ``i + 1`` before computing step ``i``.
-    ``num_stages`` is passed to Triton, which does not pipeline these loads (no dot): kept for the sweep."""
+    ``num_stages`` is passed to Triton, which does not pipeline these loads (no dot): kept for the sweep.
+    ``split``: the steps along ``K`` are cut into ``split`` contiguous ranges, one program per range and row
+    block (grid ``(cdiv(N, block_n), split)``), each adding its partial sums into ``out`` with a float32
+    ``atomic_add`` (accumulate mode only: :func:`w4_gemv` runs with ``split = 1``; the order of the adds,
+    hence the last bits of ``out``, may vary from run to run). ``split = 1``: the plain row-owning kernel."""
 
     block_n: int
     block_k: int
@@ -57,10 +64,12 @@ class GemvConfig(NamedTuple):
     num_stages: int = 1
     sub: int = 1
     prefetch: bool = False
+    split: int = 1  # last, so that tuples of the first six fields stay valid
 
     def label(self) -> str:
         pf = "_pf" if self.prefetch else ""
-        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}"
+        sp = f"_x{self.split}" if self.split != 1 else ""  # split 1: the labels of earlier records
+        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}{sp}"
 
 
 def shared_memory_free(cfg: GemvConfig, group_size: int = 128) -> bool:
@@ -80,6 +89,9 @@ GEMV_CONFIGS: list[GemvConfig] = [
     if shared_memory_free(cfg := GemvConfig(bn, bk, w, 1, sub, pf))
     and bn // sub * bk // 8 // (32 * w) <= 8  # <= 2 vectors of words per thread and sub-tile
 ]
+# split over K (2 and 4 ranges) for the 16- and 32-row configs: 256-1024 programs at the 4096-row shapes instead
+# of 128-256 (8 rows already give 512; 64-128 rows would need more ranges than K has steps at K = 4096)
+GEMV_CONFIGS += [cfg._replace(split=sp) for sp in (2, 4) for cfg in list(GEMV_CONFIGS) if cfg.block_n in (16, 32)]
 # (N, K, M) -> config, from a graph-timed sweep on the H200 (empty until measured); M = 0: any M
 GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {}
 CODE_MASK = 0x00780000
@@ -230,29 +242,35 @@ def _load_tiles(P0, P1, P2, P3, kw0, cw, rg, KWB, G, WPG: tl.constexpr, SUB: tl.
 
 @triton.jit
 def _finish(acc, m, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
-            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
     y = tl.sum(tl.sum(acc, 2), 1)  # [SUB_N]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(r_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
     yp = y_ptr + m * stride_ym + rn
-    if ACCUMULATE:  # the program owns these rows: a plain read-modify-write
-        y += tl.load(yp, mask=mask_n, other=0.0)
-    tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    if SPLIT > 1:  # float32 out, accumulate mode, no residual (see _launch): partial sums added atomically
+        if HAS_BIAS:
+            if tl.program_id(1) == 0:  # once per row: by the program of the first range
+                y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.atomic_add(yp, y, mask=mask_n, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(r_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+        if ACCUMULATE:  # the program owns these rows: a plain read-modify-write
+            y += tl.load(yp, mask=mask_n, other=0.0)
+        tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _finish_sub(A, P, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M: tl.constexpr, ACCUMULATE: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
     rn, mask_n = P[4], P[3]
-    _finish(A[0], 0, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+    _finish(A[0], 0, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if M > 1:
-        _finish(A[1], 1, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish(A[1], 1, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if M > 2:
-        _finish(A[2], 2, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish(A[2], 2, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if M > 3:
-        _finish(A[3], 3, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish(A[3], 3, rn, mask_n, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
 
 
 @triton.jit
@@ -261,7 +279,7 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
                          M: tl.constexpr, GROUP: tl.constexpr, SUB_N: tl.constexpr, SUB: tl.constexpr,
                          BLOCK_K: tl.constexpr, MASK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
                          PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_RES: tl.constexpr):
+                         HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
     """``y[m, rows] (+)= x[m] @ W[rows]^T`` for ``m < M`` (``M <= 4``); a program owns ``SUB`` (1..4) sub-tiles
     of ``SUB_N`` consecutive rows.
 
@@ -276,7 +294,14 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
     program has threads the layout of its user (the ``x`` and scale loads below), and converts the layout
     of larger ones through shared memory with a barrier per step; ``SUB_N * BLOCK_K / GROUP`` and
     ``BLOCK_K / 8`` under ``32 * num_warps`` keep every step free of shared memory. ``x`` is read once per
-    step for all sub-tiles."""
+    step for all sub-tiles.
+
+    ``SPLIT > 1``: program ``(i, j)`` walks only range ``j`` of the ``cdiv(KW, BW)`` steps (contiguous, sizes
+    differing by at most one; empty when there are fewer steps than ranges) and adds its sums into ``y`` with
+    ``atomic_add`` (bias by range 0 only). The ranges are whole steps, so the ``HAS_TAIL`` masks (against
+    ``KW``) stay as they are: only the last step of the last range reaches past ``K``. The prefetch stays
+    inside the range (its last step re-reads its own words; an empty range loads the last step of ``K``, in
+    bounds or masked, and adds zeros). ``SPLIT == 1`` compiles the code of the plain kernel."""
     WPG: tl.constexpr = GROUP // 8  # words per group
     GPC: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BW: tl.constexpr = BLOCK_K // 8  # words per step
@@ -294,10 +319,24 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
     zero = tl.zeros((SUB_N, GPC, WPG), dtype=tl.float32)
     A0 = (zero, zero, zero, zero)
     A1, A2, A3 = A0, A0, A0
+    if SPLIT > 1:  # words [kw_lo, kw_end) of range j; kw_end: a multiple of BW (past KW after the tail step)
+        steps = (KW + BW - 1) // BW
+        j = tl.program_id(1)
+        kw_lo = (j * (steps // SPLIT) + tl.minimum(j, steps % SPLIT)) * BW
+        kw_end = kw_lo + (steps // SPLIT + (j < steps % SPLIT).to(tl.int32)) * BW
+    else:
+        kw_lo = 0
+        kw_end = KW
     if PREFETCH:
-        T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, 0, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
-        for kw0 in range(0, KW, BW):
-            if HAS_TAIL:
+        if SPLIT > 1:  # an empty range (kw_lo = kw_end = steps * BW) loads the last step instead
+            first = tl.minimum(kw_lo, kw_end - BW)
+        else:
+            first = 0
+        T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, first, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
+        for kw0 in range(kw_lo, kw_end, BW):
+            if SPLIT > 1:
+                nxt = tl.minimum(kw0 + BW, kw_end - BW)  # within the range (a tail step: masked as below)
+            elif HAS_TAIL:
                 nxt = kw0 + BW  # past the end: masked off
             else:
                 nxt = tl.minimum(kw0 + BW, KW - BW)  # the last step re-reads its own words (cached)
@@ -307,17 +346,17 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
                                        M, SUB, HAS_TAIL)
             T0, T1, T2, T3 = U0, U1, U2, U3
     else:
-        for kw0 in range(0, KW, BW):
+        for kw0 in range(kw_lo, kw_end, BW):
             T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, kw0, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
             A0, A1, A2, A3 = _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw0 + cw, KW, code_mask,
                                    M, SUB, HAS_TAIL)
-    _finish_sub(A0, P0, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+    _finish_sub(A0, P0, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if SUB > 1:
-        _finish_sub(A1, P1, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish_sub(A1, P1, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if SUB > 2:
-        _finish_sub(A2, P2, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish_sub(A2, P2, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if SUB > 3:
-        _finish_sub(A3, P3, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES)
+        _finish_sub(A3, P3, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
 
 
 def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -333,7 +372,8 @@ def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
 
 
 def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
-    """The config for a shape: :data:`GEMV_TABLE`, else a guess (not measured)."""
+    """The config for a shape: :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
+    ``K`` into 2-4 ranges, also a guess)."""
     cfg = GEMV_TABLE.get((n, k, m)) or GEMV_TABLE.get((n, k, 0))
     if cfg is None:
         if interpreting():
@@ -344,6 +384,10 @@ def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
                 cfg = GemvConfig(32, 512, 4, 1, 2, True) if wide else GemvConfig(32, 1024, 8, 1, 2, True)
             else:
                 cfg = GemvConfig(16, 512, 4, 1, 1, True) if wide else GemvConfig(16, 1024, 8, 1, 1, True)
+            if not wide:  # a guess, unmeasured: split K into 2-4 ranges of >= 2 steps (N = 4096: 128-256 row
+                # blocks -> 256-1024 programs, 2+ per SM), e.g. K = 4096 at 1024 channels a step: 2 ranges
+                steps = -(-k // _fit(cfg, group_size).block_k)
+                cfg = cfg._replace(split=max(1, min(4, steps // 2)))
     return _fit(cfg, group_size)
 
 
@@ -372,17 +416,23 @@ def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulat
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     cfg = _fit(GemvConfig(*config), group_size) if config is not None else default_config(n, k, m, group_size)
+    if not accumulate:  # y = x @ W^T (+ bias) (+ residual) in any dtype: the programs own their rows, no atomics
+        cfg = cfg._replace(split=1)
     sub_n = cfg.block_n // cfg.sub
     if cfg.block_n % cfg.sub or sub_n & (sub_n - 1) or not 1 <= cfg.sub <= 4:
         raise ValueError(f"config {cfg}: block_n / sub must be a power of two, sub 1..4")
+    split = int(cfg.split)
+    if split < 1:
+        raise ValueError(f"config {cfg}: split must be >= 1")
     words = qweight.view(torch.int32)
     res = residual if residual is not None else y
-    _w4_gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
+    grid = (triton.cdiv(n, cfg.block_n),) if split == 1 else (triton.cdiv(n, cfg.block_n), split)
+    _w4_gemv_rows_kernel[grid](
         x2, words, scales, zeros, bias if bias is not None else y, res, y, n, k // 8, scales.shape[1], CODE_MASK,
         x2.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), y.stride(0),
         M=m, GROUP=group_size, SUB_N=cfg.block_n // cfg.sub, SUB=cfg.sub, BLOCK_K=cfg.block_k,
         MASK_N=n % cfg.block_n != 0, HAS_TAIL=k % cfg.block_k != 0, PREFETCH=bool(cfg.prefetch),
-        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True)  # FFMA (Triton 3.10 turns fusion off by default)
     return y
