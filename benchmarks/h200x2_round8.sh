@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Next lease (nvidia-h200-x2, ~25 min), issues #4 and #6 side by side:
+#   GPU 1 first: KERNEL_CMD (default: the full sweep of the row-owning GEMV at M = 1, benchmarks/w4_gemv_bench.py)
+#     on an otherwise idle GPU, so its timings are clean;
+#   GPU 0 meanwhile: block-wise SmolLM2 runs, all with --rounding learned --keep-work, named "NAME:FLAG,FLAG ..."
+#     (argument 1; default "cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2");
+#   GPU 1 after the kernels: end-to-end stage variants (STAGE, "EPOCHS:LR[:FLAGS] ...", default
+#     "2:1e-3:--e2e-rounding 4:3e-3:--e2e-rounding 2:3e-3:--e2e-rounding,--e2e-round-lr=1e-3") resumed from the
+#     sixth session's learned blocks (BLOCKS, default /root/learned-blocks-r7.tgz: .gpu/work/learned-blocks-r7.tgz
+#     copied there by an earlier run) via benchmarks/smollm2_e2e.sh;
+#   then one table of the block-wise runs (the stage variants get smollm2_e2e.sh's own table).
+# Results in RESULTS (default /root/a): timeline.txt, kernels/, bw/, stage/.
+#
+#   bash benchmarks/h200x2_round8.sh ["NAME:FLAGS ..."]
+# Setup: run 1 (kind nvidia-h200-x2) carry [".gpu/p1", ".gpu/w8"] (.gpu/w8 holds a copy of .gpu/work/learned-blocks-r7.tgz;
+#   62 MiB in all): cp .gpu/p1/part_aa /root/part_aa; cp .gpu/w8/learned-blocks-r7.tgz /root/
+# run 2 at once, carry [".gpu/p2", ".gpu/whl"]: mkdir -p /root/c /root/a; cat /root/part_aa .gpu/p2/part_ab >
+#   /root/c/SmolLM2-135M-Instruct.Q4_1.gguf; cp .gpu/whl/enwiki-sample.xml.bz2 /root/c/; python3 -m pip install -q
+#   --no-index --no-deps --target /tmp/site .gpu/whl/*.whl; rm -rf /root/src; cp -r $PWD /root/src; cd /root/src;
+#   export PYTHONPATH=/tmp/site:/root/src HF_HUB_OFFLINE=1 WKVQ_CACHE=/root/c;
+#   setsid nohup bash benchmarks/h200x2_round8.sh > /root/a/driver.log 2>&1 < /dev/null &
+# then back-to-back monitoring runs (the machine goes after ~30 s idle); the kernel sweep (146 configs) compiles
+# for ~9 min with 14 workers; block-wise runs ~13 min; results: tar RESULTS without *.safetensors and ./*/.*.
+# Dry run on CPU: CONVERT_FLAGS (model and a small recipe), GPUS="", KERNEL_CMD=true, EVAL_FLAGS, BLOCKS.
+set -uo pipefail
+r=${RESULTS:-/root/a}
+read -r -a extra <<< "${CONVERT_FLAGS:-}"
+read -r -a gpus <<< "${GPUS-0 1}"
+blocks=${BLOCKS:-/root/learned-blocks-r7.tgz}
+mkdir -p "$r/bw/logs" "$r/kernels" "$r/stage"
+t0=$(date +%s)
+mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
+on_gpu() {  # on_gpu I CMD...: CMD on the I-th of GPUS, or as is without GPUS
+  if [ ${#gpus[@]} -gt 0 ]; then CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % ${#gpus[@]} ))]} "${@:2}"; else "${@:2}"; fi
+}
+model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
+
+# GPU 1: kernels, then the stage variants (in the background)
+(
+  on_gpu 1 bash -c "${KERNEL_CMD:-python3 benchmarks/w4_gemv_bench.py --ms 1 --workers 14 --json $r/kernels/w4_gemv_m1.json}" \
+    > "$r/kernels/kernels.log" 2>&1
+  mark "kernels rc=$?"
+  tar xzf "$blocks" -C "$r/stage" && mark "blocks unpacked from $blocks" || { mark "no blocks at $blocks"; exit 1; }
+  # the base artifact from the kept blocks (every block done: only the export runs)
+  on_gpu 1 python3 -m cli -v convert --out "$r/stage/learned" --overwrite --resume --keep-work --rounding learned \
+    "${extra[@]}" > "$r/stage/base.log" 2>&1
+  mark "base re-exported rc=$?"
+  BASE=learned SKIP_BASE=1 SKIP_LEARNED=1 GPUS="${gpus[*]:1}" bash benchmarks/smollm2_e2e.sh "$r/stage" \
+    "${STAGE:-2:1e-3:--e2e-rounding 4:3e-3:--e2e-rounding 2:3e-3:--e2e-rounding,--e2e-round-lr=1e-3}" \
+    --rounding learned "${extra[@]}" > "$r/stage/stage.log" 2>&1
+  mark "stage variants and table rc=$?"
+) &
+gpu1=$!
+
+# GPU 0: block-wise variants
+names=()
+flags=()
+for v in ${1:-cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2}; do
+  names+=("${v%%:*}")
+  flags+=("$(echo "${v#*:}" | tr ',' ' ')")
+done
+pids=()
+for i in "${!names[@]}"; do
+  # shellcheck disable=SC2086
+  on_gpu 0 python3 -m cli -v convert --out "$r/bw/${names[$i]}" --overwrite --keep-work --rounding learned \
+    ${flags[$i]} "${extra[@]}" > "$r/bw/logs/convert-${names[$i]}.log" 2>&1 &
+  pids+=($!)
+done
+artifacts=()
+rows=fp16,w4kv4-rtn
+for i in "${!names[@]}"; do
+  wait "${pids[$i]}"; mark "block-wise ${names[$i]} rc=$?"
+  [ -f "$r/bw/${names[$i]}/wkvq.json" ] && { artifacts+=(--artifact "${names[$i]}=$r/bw/${names[$i]}"); rows="$rows,${names[$i]}"; }
+done
+# shellcheck disable=SC2086
+on_gpu 0 python3 -m cli eval "$model" --table --no-progress --rows "$rows" "${artifacts[@]}" \
+  --json "$r/bw/table-blockwise.json" --markdown "$r/bw/table-blockwise.md" ${EVAL_FLAGS:-} \
+  > "$r/bw/logs/eval-blockwise.log" 2>&1
+mark "block-wise table rc=$?"
+wait "$gpu1"
+mark "all done"
