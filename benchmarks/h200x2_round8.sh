@@ -3,7 +3,8 @@
 #   GPU 1 first: KERNEL_CMD (default: the full sweep of the row-owning GEMV at M = 1, benchmarks/w4_gemv_bench.py)
 #     on an otherwise idle GPU, so its timings are clean;
 #   GPU 0 meanwhile: block-wise SmolLM2 runs, all with --rounding learned --keep-work, named "NAME:FLAG,FLAG ..."
-#     (argument 1; default "cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2");
+#     (argument 1; default "cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2
+#     lwc2:--lwc-lr=2e-2": three runs share GPU 0, ~14 min);
 #   GPU 1 after the kernels: end-to-end stage variants (STAGE, "EPOCHS:LR[:FLAGS] ...", default
 #     "2:1e-3:--e2e-rounding 4:3e-3:--e2e-rounding 2:3e-3:--e2e-rounding,--e2e-round-lr=1e-3") resumed from the
 #     sixth session's learned blocks (BLOCKS, default /root/learned-blocks-r7.tgz: .gpu/work/learned-blocks-r7.tgz
@@ -55,7 +56,7 @@ gpu1=$!
 # GPU 0: block-wise variants
 names=()
 flags=()
-for v in ${1:-cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2}; do
+for v in ${1:-cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2 lwc2:--lwc-lr=2e-2}; do
   names+=("${v%%:*}")
   flags+=("$(echo "${v#*:}" | tr ',' ' ')")
 done
