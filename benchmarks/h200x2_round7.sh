@@ -18,40 +18,16 @@ set -uo pipefail
 r=${RESULTS:-/root/a}
 read -r -a extra <<< "${CONVERT_FLAGS:-}"
 read -r -a gpus <<< "${GPUS-0 1}"
-mkdir -p "$r/bw/logs"
 t0=$(date +%s)
-mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
-on_gpu() {  # on_gpu I CMD...: CMD on the I-th of GPUS (round robin), or as is without GPUS
-  if [ ${#gpus[@]} -gt 0 ]; then CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % ${#gpus[@]} ))]} "${@:2}"; else "${@:2}"; fi
-}
+# shellcheck source=benchmarks/lease_lib.sh
+source "$(dirname "$0")/lease_lib.sh"
 model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
 
-names=(learned)
-flags=("")
-for v in ${1:-}; do
-  names+=("${v%%:*}")
-  flags+=("$(echo "${v#*:}" | tr ',' ' ')")
-done
-pids=()
-for i in "${!names[@]}"; do
-  # shellcheck disable=SC2086
-  on_gpu "$i" python3 -m cli -v convert --out "$r/bw/${names[$i]}" --overwrite --keep-work --rounding learned \
-    ${flags[$i]} "${extra[@]}" > "$r/bw/logs/convert-${names[$i]}.log" 2>&1 &
-  pids+=($!)
-done
-artifacts=()
-rows=fp16,w4kv4-rtn
-for i in "${!names[@]}"; do
-  wait "${pids[$i]}"; mark "block-wise ${names[$i]} rc=$?"
-  [ -f "$r/bw/${names[$i]}/wkvq.json" ] && { artifacts+=(--artifact "${names[$i]}=$r/bw/${names[$i]}"); rows="$rows,${names[$i]}"; }
-done
+# shellcheck disable=SC2086
+blockwise rr "learned:" ${1:-}
 (cd "$r/bw" && tar czf "$r/learned-blocks.tgz" .learned.wkvq-work)
 mark "blocks of learned saved rc=$?"
-# shellcheck disable=SC2086
-python3 -m cli eval "$model" --table --no-progress --rows "$rows" "${artifacts[@]}" \
-  --json "$r/bw/table-blockwise.json" --markdown "$r/bw/table-blockwise.md" ${EVAL_FLAGS:-} \
-  > "$r/bw/logs/eval-blockwise.log" 2>&1
-mark "block-wise table rc=$?"
+blockwise_table 0
 # the stage from the blocks of "learned" (smollm2_e2e.sh re-evaluates fp16/RTN/learned in its table too)
 BASE=learned SKIP_BASE=1 SKIP_LEARNED=1 GPUS="${GPUS-0 1}" bash benchmarks/smollm2_e2e.sh "$r/bw" \
   "${STAGE:-2:3e-3:--e2e-rounding}" --rounding learned "${extra[@]}" > "$r/stage.log" 2>&1

@@ -28,12 +28,10 @@ r=${RESULTS:-/root/a}
 read -r -a extra <<< "${CONVERT_FLAGS:-}"
 read -r -a gpus <<< "${GPUS-0 1}"
 blocks=${BLOCKS:-/root/learned-blocks-r7.tgz}
-mkdir -p "$r/bw/logs" "$r/kernels" "$r/stage"
+mkdir -p "$r/kernels" "$r/stage"
 t0=$(date +%s)
-mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
-on_gpu() {  # on_gpu I CMD...: CMD on the I-th of GPUS, or as is without GPUS
-  if [ ${#gpus[@]} -gt 0 ]; then CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % ${#gpus[@]} ))]} "${@:2}"; else "${@:2}"; fi
-}
+# shellcheck source=benchmarks/lease_lib.sh
+source "$(dirname "$0")/lease_lib.sh"
 model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
 
 # GPU 1: kernels, then the stage variants (in the background)
@@ -54,29 +52,8 @@ model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.g
 gpu1=$!
 
 # GPU 0: block-wise variants
-names=()
-flags=()
-for v in ${1:-cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2 lwc2:--lwc-lr=2e-2}; do
-  names+=("${v%%:*}")
-  flags+=("$(echo "${v#*:}" | tr ',' ' ')")
-done
-pids=()
-for i in "${!names[@]}"; do
-  # shellcheck disable=SC2086
-  on_gpu 0 python3 -m cli -v convert --out "$r/bw/${names[$i]}" --overwrite --keep-work --rounding learned \
-    ${flags[$i]} "${extra[@]}" > "$r/bw/logs/convert-${names[$i]}.log" 2>&1 &
-  pids+=($!)
-done
-artifacts=()
-rows=fp16,w4kv4-rtn
-for i in "${!names[@]}"; do
-  wait "${pids[$i]}"; mark "block-wise ${names[$i]} rc=$?"
-  [ -f "$r/bw/${names[$i]}/wkvq.json" ] && { artifacts+=(--artifact "${names[$i]}=$r/bw/${names[$i]}"); rows="$rows,${names[$i]}"; }
-done
 # shellcheck disable=SC2086
-on_gpu 0 python3 -m cli eval "$model" --table --no-progress --rows "$rows" "${artifacts[@]}" \
-  --json "$r/bw/table-blockwise.json" --markdown "$r/bw/table-blockwise.md" ${EVAL_FLAGS:-} \
-  > "$r/bw/logs/eval-blockwise.log" 2>&1
-mark "block-wise table rc=$?"
+blockwise 0 ${1:-cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2 lwc2:--lwc-lr=2e-2}
+blockwise_table 0
 wait "$gpu1"
 mark "all done"

@@ -20,9 +20,8 @@ model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.g
 mkdir -p "$out/logs"
 work() { echo "$(dirname "$1")/.$(basename "$1").wkvq-work"; }
 read -r -a gpus <<< "${GPUS:-}"
-on_gpu() {  # on_gpu I CMD...: CMD on the I-th of GPUS (round robin), or as is without GPUS
-  if [ ${#gpus[@]} -gt 0 ]; then CUDA_VISIBLE_DEVICES=${gpus[$(( $1 % ${#gpus[@]} ))]} "${@:2}"; else "${@:2}"; fi
-}
+# shellcheck source=benchmarks/lease_lib.sh
+source "$(dirname "$0")/lease_lib.sh"
 learned_pid=
 if [ -z "${SKIP_LEARNED:-}" ]; then
   on_gpu 1 python3 -m cli -v convert --out "$out/learned" --overwrite --rounding learned "$@" \
