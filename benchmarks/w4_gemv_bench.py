@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
-from converter.bench_kernels import SHAPES_7B, _nbytes, graph_ms, random_weight  # noqa: E402
-from runtime import quant  # noqa: E402
+from converter.bench import copy_bandwidth  # noqa: E402
+from converter.bench_kernels import SHAPES_7B, _nbytes, _reference, graph_ms, random_weight  # noqa: E402
 from runtime.kernels import w4  # noqa: E402
 from runtime.kernels import w4_gemv as gv  # noqa: E402
 
@@ -42,11 +42,6 @@ QUICK = [gv.GemvConfig(*c) for c in ((16, 512, 4, 1, 1, False), (32, 512, 4, 1, 
                                      # split over K (atomic float32 adds): 256 / 512 programs at N = 4096
                                      (32, 512, 4, 1, 2, True, 2), (32, 512, 4, 1, 2, True, 4),
                                      (16, 512, 4, 1, 1, False, 2))]
-
-
-def _reference(x, qw, sc, zr, k):
-    w = quant.dequantize_weight(quant.unpack(qw, 4, k), sc, zr, 128, torch.float64)
-    return x.double() @ w.T
 
 
 def _rel(a, b) -> float:
@@ -81,14 +76,6 @@ def precompile(cands, shapes, ms, workers: int) -> dict[int, str]:
     return dict(sum(res, []))
 
 
-def copy_row() -> dict:
-    """Device copy rate (read + write) for scale."""
-    src = torch.empty(RING_BYTES, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = graph_ms(lambda: dst.copy_(src))
-    return dict(kernel="copy", us=t * 1e3, GBps=2 * RING_BYTES / t / 1e6)
-
-
 def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]:
     first = random_weight(n, k)
     nbytes = _nbytes(*first)
@@ -96,7 +83,7 @@ def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        ref = _reference(x, *first, k)
+        ref = _reference(x, *first, dtype=torch.float64)
         out = torch.zeros(m, n, device="cuda")
         default = gv.default_config(n, k, m, 128)
         runs = [("w4_gemv", "default", default)] + [("w4_gemv", "cand", c) for i, c in enumerate(cands)
@@ -179,7 +166,7 @@ def main() -> None:
     log.info("compiled %d configs x %d shapes x %d M in %.0f s; %d failed", len(cands), len(shapes), len(ms),
              time.time() - t0, len(failed))
     record["failed"] = [dict(config=cands[i].label(), error=msg) for i, msg in failed.items()]
-    record["rows"].append(copy_row())
+    record["rows"].append(dict(kernel="copy", GBps=copy_bandwidth() / 1e9))  # read + written, for scale
     log.info("copy: %.0f GB/s", record["rows"][-1]["GBps"])
     for n, k in shapes:
         record["rows"] += bench_shape(n, k, ms, cands, failed)

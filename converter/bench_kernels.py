@@ -40,11 +40,12 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _reference(x, qw, sc, zr):
+def _reference(x, qw, sc, zr, dtype: torch.dtype = torch.float32):
+    """``x @ W^T`` with the dequantized weight (group 128), computed in ``dtype``."""
     from runtime import quant
 
-    w = quant.dequantize_weight(quant.unpack(qw, 4, x.shape[1]), sc, zr, 128, torch.float32)
-    return x.float() @ w.T
+    w = quant.dequantize_weight(quant.unpack(qw, 4, x.shape[1]), sc, zr, 128, dtype)
+    return x.to(dtype) @ w.T
 
 
 def splitk_rows(shapes=SHAPES_7B, ms=(1, 8), configs=None) -> list[dict]:

@@ -63,9 +63,9 @@ class CalibConfig:
     is trained, :mod:`converter.gptq`). Learned rounding is the default because it measured better
     everywhere it was compared (BENCHMARKS.md, fifth session: SmolLM2 small CPU recipe 16.51 against
     19.01 for nearest; full recipe + the end-to-end stage 19.52 against 20.04) and fits the 7B targets
-    (29.9 min, 16.2 GiB on an H200 against 23.0 min, 13.2 GiB). ``schedule`` scales every block's learning rates per step (``constant``,
-    the paper; ``cosine``: a half cosine to zero over the block's steps). Experimental: ``tune_norms`` also trains the
-    block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
+    (29.9 min, 16.2 GiB on an H200 against 23.0 min, 13.2 GiB). ``schedule`` scales every block's
+    learning rates per step (``constant``, the paper; ``cosine``: a half cosine to zero over the
+    block's steps). Experimental: ``tune_norms`` also trains the block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
     nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
     (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the

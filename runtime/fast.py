@@ -160,6 +160,7 @@ class FastLlama:
         "triton" above). The eager path is unchanged. Returns ``self``."""
         if backend not in PROJECTIONS:
             raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
+        plain = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731 - the weight without a backend
         if backend == "gemlite":
             from .kernels import gemlite_backend
 
@@ -174,9 +175,9 @@ class FastLlama:
             if not self.use_kernels:
                 raise ValueError("gemv projections run on the kernel path (CUDA, or Triton's interpreter); "
                                  f"this model has use_kernels={self.use_kernels}")
-            wrap = lambda w: w4_gemv.GemvW4.from_w4(w.plain() if hasattr(w, "plain") else w)  # noqa: E731
+            wrap = lambda w: w4_gemv.GemvW4.from_w4(plain(w))  # noqa: E731
         else:
-            wrap = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731
+            wrap = plain
         for layer in self.layers:
             layer.qkv, layer.o, layer.gate_up, layer.down = map(wrap, (layer.qkv, layer.o, layer.gate_up, layer.down))
         return self

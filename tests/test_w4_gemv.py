@@ -186,11 +186,10 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-2-7B shape
 def test_7b_shapes(m, n, k):
     from runtime.kernels.w4_gemv import w4_gemv_accumulate
 
+    from converter.bench_kernels import random_weight
+
     torch.manual_seed(0)
-    g = k // 128
-    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEV)
-    s = (torch.rand(n, g, device=DEV) * 2e-3 + 1e-3).half()
-    z = torch.randint(0, 16, (n, g), dtype=torch.uint8, device=DEV)
+    qw, s, z = random_weight(n, k)
     w = quant.dequantize_weight(quant.unpack(qw, 4, k), s, z, 128, torch.float64)
     x, base = torch.randn(m, k, device=DEV, dtype=torch.float16), torch.randn(m, n, device=DEV)
     out = w4_gemv_accumulate(x, qw, s, z, 128, base.clone())

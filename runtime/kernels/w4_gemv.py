@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from ..fast import W4Weight
 from . import interpreting
 
@@ -404,7 +405,7 @@ def _check(x2, qweight, scales, zeros, group_size):
                          f"{list(qweight.shape)} strides {qweight.stride()}")
     if group_size % 8 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 8, got {group_size}")
-    g = -(-x2.shape[1] // group_size)
+    g = quant.num_groups(x2.shape[1], group_size)
     if scales.shape != (qweight.shape[0], g) or zeros.shape != scales.shape:
         raise ValueError(f"scales {list(scales.shape)} and zeros {list(zeros.shape)} must both be "
                          f"[{qweight.shape[0]}, {g}]")
