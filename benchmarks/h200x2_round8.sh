@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Next lease (nvidia-h200-x2, ~25 min), issues #4 and #6 side by side:
 #   GPU 1 first: KERNEL_CMD (default: the full sweep of the row-owning GEMV at M = 1, benchmarks/w4_gemv_bench.py)
-#     on an otherwise idle GPU, so its timings are clean;
+#     on an otherwise idle GPU, so its timings are clean, then BENCH_CMD (default: cli.py bench, 7B b1, paths
+#     wkvq and wkvq-gemv, the latter on the sweep's best configs through WKVQ_GEMV_TABLE);
 #   GPU 0 meanwhile: block-wise SmolLM2 runs, all with --rounding learned --keep-work, named "NAME:FLAG,FLAG ..."
 #     (argument 1; default "cos:--schedule=cosine cos2:--schedule=cosine,--lwc-lr=2e-2,--round-lr=1e-2,--smooth-lr=1e-2
 #     lwc2:--lwc-lr=2e-2": three runs share GPU 0, ~14 min);
-#   GPU 1 after the kernels: end-to-end stage variants (STAGE, "EPOCHS:LR[:FLAGS] ...", default
+#   GPU 1 after the kernels (unless STAGE is set and empty): end-to-end stage variants (STAGE, "EPOCHS:LR[:FLAGS] ...", default
 #     "2:1e-3:--e2e-rounding 4:3e-3:--e2e-rounding 2:3e-3:--e2e-rounding,--e2e-round-lr=1e-3") resumed from the
 #     sixth session's learned blocks (BLOCKS, default /root/learned-blocks-r7.tgz: .gpu/work/learned-blocks-r7.tgz
 #     copied there by an earlier run) via benchmarks/smollm2_e2e.sh;
@@ -39,6 +40,14 @@ model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.g
   on_gpu 1 bash -c "${KERNEL_CMD:-python3 benchmarks/w4_gemv_bench.py --ms 1 --workers 14 --json $r/kernels/w4_gemv_m1.json}" \
     > "$r/kernels/kernels.log" 2>&1
   mark "kernels rc=$?"
+  # the decode step with the projections on the swept GEMV configs (WKVQ_GEMV_TABLE), beside wkvq, same process
+  if [ -f "$r/kernels/w4_gemv_m1.json" ]; then
+    WKVQ_GEMV_TABLE="$r/kernels/w4_gemv_m1.json" on_gpu 1 bash -c \
+      "${BENCH_CMD:-python3 cli.py bench --shapes 7b --paths wkvq,wkvq-gemv --batches 1 --prompts 2048,32768 --steps 20 --json $r/kernels/bench-gemv.json}" \
+      > "$r/kernels/bench.log" 2>&1
+    mark "bench rc=$?"
+  fi
+  [ -n "${STAGE-x}" ] || { mark "no stage variants (STAGE empty)"; exit 0; }
   tar xzf "$blocks" -C "$r/stage" && mark "blocks unpacked from $blocks" || { mark "no blocks at $blocks"; exit 1; }
   # the base artifact from the kept blocks (every block done: only the export runs)
   on_gpu 1 python3 -m cli -v convert --out "$r/stage/learned" --overwrite --resume --keep-work --rounding learned \

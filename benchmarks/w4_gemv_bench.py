@@ -172,6 +172,7 @@ def main() -> None:
         record["rows"] += bench_shape(n, k, ms, cands, failed)
         Path(args.json).write_text(json.dumps(record, indent=1))
     best = best_table(record["rows"])
+    # read back by runtime.kernels.w4_gemv.load_table (WKVQ_GEMV_TABLE=this file)
     record["best"] = {f"{n}x{k}x{m}": dict(config=r["fields"], split=r["split"], us=r["us"], GBps=r["GBps"])
                       for (n, k, m), r in best.items()}
     Path(args.json).write_text(json.dumps(record, indent=1))

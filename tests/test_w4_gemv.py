@@ -176,6 +176,25 @@ def test_candidate_configs_are_valid():
         assert sub_n & (sub_n - 1) == 0 and cfg.block_k & (cfg.block_k - 1) == 0 and shared_memory_free(cfg)
 
 
+def test_sweep_record_table(tmp_path, monkeypatch):
+    """A sweep record named by WKVQ_GEMV_TABLE decides the config of its shapes (and of nothing else); a file
+    that is not a record is a one-line ValueError."""
+    import json
+
+    from runtime.kernels import w4_gemv as gv
+
+    record = {"best": {"4096x4096x1": {"config": [8, 512, 4, 1, 1, True, 2], "split": 2, "us": 9.0, "GBps": 1.0}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    assert gv.load_table(tmp_path / "sweep.json") == {(4096, 4096, 1): gv.GemvConfig(8, 512, 4, 1, 1, True, 2)}
+    before = gv.default_config(4096, 11008, 1, 128)
+    monkeypatch.setenv(gv.TABLE_ENV, str(tmp_path / "sweep.json"))
+    assert gv.default_config(4096, 4096, 1, 128) == gv.GemvConfig(8, 512, 4, 1, 1, True, 2)
+    assert gv.default_config(4096, 11008, 1, 128) == before
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a w4_gemv sweep record"):
+        gv.load_table(tmp_path / "bad.json")
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-2-7B shapes: CUDA only")
 
 

@@ -35,8 +35,12 @@ shape (none measured yet: :func:`default_config` is a guess).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -95,6 +99,8 @@ GEMV_CONFIGS: list[GemvConfig] = [
 GEMV_CONFIGS += [cfg._replace(split=sp) for sp in (2, 4) for cfg in list(GEMV_CONFIGS) if cfg.block_n in (16, 32)]
 # (N, K, M) -> config, from a graph-timed sweep on the H200 (empty until measured); M = 0: any M
 GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {}
+# a sweep record (benchmarks/w4_gemv_bench.py --json) whose best configs take precedence over GEMV_TABLE
+TABLE_ENV = "WKVQ_GEMV_TABLE"
 CODE_MASK = 0x00780000
 
 
@@ -372,10 +378,27 @@ def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
             and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0)
 
 
+def load_table(path: str | Path) -> dict[tuple[int, int, int], GemvConfig]:
+    """The best config per ``(N, K, M)`` of a sweep record written by ``benchmarks/w4_gemv_bench.py --json``."""
+    try:
+        best = json.loads(Path(path).read_text())["best"]
+        return {tuple(int(v) for v in key.split("x")): GemvConfig(*row["config"]) for key, row in best.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a w4_gemv sweep record with a 'best' table ({type(e).__name__}: {e}); "
+                         "write one with benchmarks/w4_gemv_bench.py --json") from e
+
+
+@functools.lru_cache(maxsize=None)
+def _env_table(path: str | None) -> dict[tuple[int, int, int], GemvConfig]:
+    return load_table(path) if path else {}
+
+
 def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
-    """The config for a shape: :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
+    """The config for a shape: the sweep record named by the environment variable ``WKVQ_GEMV_TABLE``
+    (:func:`load_table`), then :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
     ``K`` into 2-4 ranges, also a guess)."""
-    cfg = GEMV_TABLE.get((n, k, m)) or GEMV_TABLE.get((n, k, 0))
+    table = {**GEMV_TABLE, **_env_table(os.environ.get(TABLE_ENV))}
+    cfg = table.get((n, k, m)) or table.get((n, k, 0))
     if cfg is None:
         if interpreting():
             cfg = GemvConfig(16, 256, 2, 1, 2, True)
