@@ -30,7 +30,7 @@ Entry points: :func:`gemv_ok`, :func:`w4_gemv_accumulate` (``out += x @ W^T``, t
 stream), :func:`w4_gemv` (``y = x @ W^T (+ bias) (+ residual)`` in a new tensor), :class:`GemvW4` (the decode
 step's projections on this kernel: ``FastLlama.with_projections("gemv")``, bench path ``wkvq-gemv``). :data:`GEMV_CONFIGS` lists
 the candidates of a GPU sweep (``benchmarks/w4_gemv_bench.py``), :data:`GEMV_TABLE` the chosen config per
-shape (none measured yet: :func:`default_config` is a guess).
+shape (7B shapes at M = 1 measured; elsewhere :func:`default_config` guesses).
 """
 
 from __future__ import annotations
@@ -97,8 +97,14 @@ GEMV_CONFIGS: list[GemvConfig] = [
 # split over K (2 and 4 ranges) for the 16- and 32-row configs: 256-1024 programs at the 4096-row shapes instead
 # of 128-256 (8 rows already give 512; 64-128 rows would need more ranges than K has steps at K = 4096)
 GEMV_CONFIGS += [cfg._replace(split=sp) for sp in (2, 4) for cfg in list(GEMV_CONFIGS) if cfg.block_n in (16, 32)]
-# (N, K, M) -> config, from a graph-timed sweep on the H200 (empty until measured); M = 0: any M
-GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {}
+# (N, K, M) -> config: the best of the graph-timed sweep on the H200 (seventh session, `w4_gemv_bench.py --ms 1`,
+# 146 configs; runtime/kernels/NOTES.md "Round 7"); M = 0: any M
+GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {
+    (4096, 4096, 1): GemvConfig(32, 1024, 8, 1, 4, False, 2),  # 6.92 us, 1269 GB/s
+    (4096, 11008, 1): GemvConfig(32, 512, 4, 1, 4, False, 4),  # 14.04 us, 1681 GB/s
+    (12288, 4096, 1): GemvConfig(32, 256, 2, 1, 4, False, 2),  # 15.92 us, 1655 GB/s
+    (22016, 4096, 1): GemvConfig(32, 256, 2, 1, 4, False, 4),  # 25.57 us, 1846 GB/s
+}
 # a sweep record (benchmarks/w4_gemv_bench.py --json) whose best configs take precedence over GEMV_TABLE
 TABLE_ENV = "WKVQ_GEMV_TABLE"
 CODE_MASK = 0x00780000
