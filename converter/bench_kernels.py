@@ -179,8 +179,9 @@ def main() -> None:
     if args.bench:
         w4.SPLITK_TABLE.update(table)
         attn = [r for r in result["rows"] if r["kernel"] == "attention" and r["b"] == 1 and r["length"] == 32768]
-        kv4.BLOCK_S = min(attn, key=lambda r: r["us"])["block_s"] if attn else kv4.BLOCK_S
-        result["applied"] = {"splitk": result["table"], "block_s": kv4.BLOCK_S}
+        if attn:
+            kv4.ATTN_DEFAULT = kv4.AttnConfig(block_s=min(attn, key=lambda r: r["us"])["block_s"])
+        result["applied"] = {"splitk": result["table"], "block_s": kv4.ATTN_DEFAULT.block_s}
         bench = run_bench(BenchConfig(shapes=tuple(args.bench.split(",")), paths=("wkvq",)))
         result["bench"] = bench
         save()

@@ -157,7 +157,8 @@ class FastLlama:
         """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, the
         default), "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
         not take stay on "triton") or "gemv" (experimental, :mod:`runtime.kernels.w4_gemv` for up to 4 rows,
-        "triton" above). The eager path is unchanged. Returns ``self``."""
+        with the decode step's norms and SiLU product inside the GEMVs; "triton" above). The eager path is
+        unchanged. Returns ``self``."""
         if backend not in PROJECTIONS:
             raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
         plain = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731 - the weight without a backend
@@ -222,31 +223,50 @@ class FastLlama:
         """One token per sequence through the kernels; advances ``cache.pos`` (not ``cache.length``).
 
         The residual stream ``x`` is float32; the projections add into it (o, down) or into zeroed
-        float32 buffers (qkv, gate_up) that their reader zeroes again after use."""
+        float32 buffers (qkv, gate_up) that their reader zeroes again after use. With :meth:`_fused_inputs`
+        the qkv and gate_up GEMVs norm ``x`` themselves and the down GEMV computes ``silu(gate) * up``, so
+        rope_append zeroes ``gate_up`` (after the previous layer's down projection, before this gate_up)."""
         from .kernels import kv4, misc
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
-        first = self.layers[0]
+        first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
             store, params = cache.layers[i], layer.kv_params()
-            layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt), qkv)
+            if fused:
+                layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
+            else:
+                layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt), qkv)
             q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits,
-                                              clear=True)
+                                              clear=True, clear_extra=gate_up if fused else None)
             a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x)
-            layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up)
-            layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
+            if fused:
+                layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
+                layer.down.accumulate_silu(gate_up, dt, x)
+            else:
+                layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up)
+                layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
         cache.pos.add_(1)
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
-    def splits_for(self, cache: StaticPOQCache) -> int:
-        from .kernels.kv4 import num_splits
+    def _fused_inputs(self, m: int) -> bool:
+        """Whether the decode step of ``m`` rows runs its norms (but the last) and SiLU product inside the
+        projections: every qkv, gate_up and down a :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them."""
+        from .kernels.w4_gemv import GemvW4
 
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
-        return num_splits(cache.layers[0].k_codes.shape[0], self.config.heads, cache.max_len, sms)
+        return all(isinstance(w, GemvW4) and w.fuses_inputs(m)
+                   for la in self.layers for w in (la.qkv, la.gate_up, la.down))
+
+    def splits_for(self, cache: StaticPOQCache) -> int:
+        """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the
+        attention table at its batch and size, else the default policy); fixed when the step is captured."""
+        from .kernels import kv4
+
+        batch = cache.layers[0].k_codes.shape[0]
+        return kv4.attn_config(batch, self.config.heads, cache.max_len, kv4.multiprocessors(self.device)).splits
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:

@@ -6,6 +6,10 @@ otherwise skipped (CI installs no Triton).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,12 +91,33 @@ def test_rope_append_matches_cache_write(group):
         assert torch.equal(a[:, :, pos], r[:, :, pos])
 
 
-@pytest.mark.parametrize("hq,hkv,group,length,key_scale", [(6, 2, None, 37, 2), (4, 4, 16, 130, 2), (8, 2, None, 0, 2),
-                                                         (4, 2, None, 150, 40)])  # scores spread: rescales
-def test_decode_attention_matches_reference(hq, hkv, group, length, key_scale):
-    from runtime.kernels.kv4 import decode_attention
+def test_rope_append_clears_an_extra_buffer():
+    """``clear_extra`` (the decode step's gate_up when the down GEMV computes its SiLU input itself): each row is
+    zeroed by its ``Hq + Hkv`` programs in parts of ``cdiv(n, 8)`` (1126 here: two blocks of 1024 a part, the
+    last part shorter); a column slice of a wider buffer (row stride > n) keeps its other columns, and q, k, v
+    and the cache are those of the call without it."""
+    from runtime.kernels.kv4 import rope_append
 
-    b, d, s = 2, 32, 160
+    b, hq, hkv, d, s, pos, n = 2, 6, 2, 32, 8, 3, 9001
+    kq = _quantizer(hkv, d)
+    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV, dtype=DTYPE)
+    cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
+    caches = [StaticPOQCache(1, b, s, hkv, d, None, device=DEV) for _ in range(2)]
+    wide = torch.randn(b, n + 7, device=DEV)
+    rest = wide[:, n:].clone()
+    outs = [rope_append(qkv, cos, sin, c.pos.fill_(pos), c.layers[0], params, hq, clear_extra=e)
+            for c, e in zip(caches, (None, wide[:, :n]))]
+    assert not wide[:, :n].any() and torch.equal(wide[:, n:], rest)
+    assert all(torch.equal(a, r) for a, r in zip(outs[1], outs[0]))
+    assert all(torch.equal(a, r) for a, r in zip(caches[1].layers[0].tensors(), caches[0].layers[0].tensors()))
+    with pytest.raises(ValueError, match="clear_extra"):
+        rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq, clear_extra=wide[:1])
+
+
+def _attention_case(hq, hkv, group, length, key_scale, b=2):
+    """Inputs of :func:`decode_attention` over ``length`` cached tokens (of 160 slots) and the reference output."""
+    d, s = 32, 160
     kq = _quantizer(hkv, d, group)
     cache = StaticPOQCache(1, b, s, hkv, d, group, device=DEV)
     if length:
@@ -103,12 +128,85 @@ def test_decode_attention_matches_reference(hq, hkv, group, length, key_scale):
     q = torch.randn(b, hq, d, device=DEV)
     k_cur, v_cur = torch.randn(b, hkv, d, device=DEV), torch.randn(b, hkv, d, device=DEV)
     params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
-    out = torch.full((b, hq, d), float("nan"), device=DEV)
-    out = decode_attention(q, k_cur, v_cur, cache.layers[0], cache.pos, params, d ** -0.5, torch.float32, splits=4,
-                           block_s=16)
     pk, pv = cache.read(0, kq, length, torch.float32)
     ref = poq_attention(q[:, :, None], k_cur[:, :, None], v_cur[:, :, None], pk, pv, d ** -0.5)[:, :, 0]
-    assert _rel(out, ref) < 1e-4
+    return (q, k_cur, v_cur, cache.layers[0], cache.pos, params, d ** -0.5, torch.float32), ref
+
+
+@pytest.mark.parametrize("hq,hkv,group,length,key_scale", [(6, 2, None, 37, 2), (4, 4, 16, 130, 2), (8, 2, None, 0, 2),
+                                                         (4, 2, None, 150, 40)])  # scores spread: rescales
+def test_decode_attention_matches_reference(hq, hkv, group, length, key_scale):
+    from runtime.kernels.kv4 import decode_attention
+
+    args, ref = _attention_case(hq, hkv, group, length, key_scale)
+    assert _rel(decode_attention(*args, splits=4, block_s=16), ref) < 1e-4
+
+
+@pytest.mark.parametrize("loads,row_max", [("late", True), ("early", False), ("early", True), ("prefetch", False),
+                                           ("prefetch", True)])
+@pytest.mark.parametrize("hq,hkv,group,length,key_scale,splits,b", [
+    (4, 2, None, 150, 40, 2, 2),  # rescales; 3 tiles a split
+    (6, 2, None, 37, 2, 8, 1),  # 3 of 8 splits hold tokens (empty ones: no tile), ragged last tile
+    (2, 2, 16, 130, 2, 1, 1)])  # 8 groups a head; one split of 9 tiles
+def test_decode_attention_options_match_reference(loads, row_max, hq, hkv, group, length, key_scale, splits, b):
+    """Every load order and the per-row maximum of the split kernel (:class:`AttnConfig`) against the reference."""
+    from runtime.kernels.kv4 import AttnConfig, decode_attention
+
+    args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
+    cfg = AttnConfig(splits=splits, block_s=16, num_warps=2, loads=loads, row_max=row_max)
+    assert _rel(decode_attention(*args, cfg), ref) < 1e-4
+
+
+def test_attn_config_policy_and_table(tmp_path, monkeypatch):
+    """AttnConfig checks its fields; with no table the policy of rounds 2-6 decides; a sweep record named by
+    WKVQ_ATTN_TABLE decides its (batch, context bucket) keys and nothing else; splits 0 resolves by the policy."""
+    import json
+
+    from runtime.kernels import kv4
+
+    monkeypatch.delenv(kv4.TABLE_ENV, raising=False)
+    for bad in (dict(splits=12), dict(block_s=8), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
+                dict(min_tokens=0)):
+        with pytest.raises(ValueError, match="AttnConfig: " + next(iter(bad))):
+            kv4.AttnConfig(**bad)
+    assert kv4.num_splits(1, 32, 2076) == 16 and kv4.num_splits(1, 32, 2076, min_tokens=128) == 32
+    assert kv4.num_splits(1, 32, 32808) == 64 and kv4.num_splits(8, 32, 32808) == 8
+    assert [kv4.context_bucket(n) for n in (1, 100, 2076, 3000, 32808)] == [1, 128, 2048, 4096, 32768]
+    assert kv4.attn_config(1, 32, 2076) == kv4.AttnConfig(splits=16)
+    cfg = kv4.AttnConfig(splits=32, block_s=16, num_warps=2, loads="prefetch", row_max=True)
+    record = {"best": {"1x2048": {"config": dataclasses.asdict(cfg), "us": 9.0},
+                       "1x32768": {"config": dataclasses.asdict(kv4.AttnConfig(min_tokens=4096)), "us": 9.0}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    assert kv4.load_table(tmp_path / "sweep.json") == {(1, 2048): cfg, (1, 32768): kv4.AttnConfig(min_tokens=4096)}
+    (tmp_path / "b8.json").write_text(json.dumps({"best": {"8x2048": {"config": {"splits": 4}}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, f"{tmp_path / 'sweep.json'}{os.pathsep}{tmp_path / 'b8.json'}")
+    assert kv4.attn_config(1, 32, 2076) == cfg and kv4.attn_config(1, 32, 3000) == kv4.AttnConfig(splits=16)
+    assert kv4.attn_config(8, 32, 2076) == kv4.AttnConfig(splits=4)
+    assert kv4.attn_config(1, 32, 32808).splits == 16  # the record's policy: 4096 tokens a split at least (was 64)
+    (tmp_path / "bad.json").write_text(json.dumps({"best": {"1x2048": {"config": {"loads": "eager"}}}}))
+    with pytest.raises(ValueError, match="not an attention sweep record"):
+        kv4.load_table(tmp_path / "bad.json")
+    args, ref = _attention_case(4, 2, None, 150, 40, b=1)  # splits 0: num_splits at decode time
+    assert _rel(kv4.decode_attention(*args, kv4.AttnConfig(row_max=True, loads="early", min_tokens=32)), ref) < 1e-4
+
+
+def test_attn_bench_dry_run(tmp_path, capsys):
+    """benchmarks/attn_bench.py end to end on CPU (--dry: interpreter, tiny shape): every config checked and
+    timed, and its record's best table readable by kv4.load_table; bad flags and no CUDA are one-line exits."""
+    if DEV.type == "cuda":
+        pytest.skip("--dry is the interpreter's path")
+    from benchmarks import attn_bench
+    from runtime.kernels import kv4
+
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        attn_bench.main(["--json", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit):
+        attn_bench.parse_args(["--json", "r.json", "--loads", "eager"])
+    attn_bench.main(["--dry", "--quick", "--splits", "2", "--json", str(tmp_path / "r.json")])
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert len(record["rows"]) == 1 + len(attn_bench.QUICK) and all(r["ok"] and r["us"] > 0 for r in record["rows"])
+    assert set(kv4.load_table(tmp_path / "r.json")) == {(1, 128)}
+    assert "ATTN_TABLE = {" in capsys.readouterr().out
 
 
 def test_rmsnorm_and_silu_mul():

@@ -195,6 +195,100 @@ def test_sweep_record_table(tmp_path, monkeypatch):
         gv.load_table(tmp_path / "bad.json")
 
 
+FUSED_CASES = [  # (m, n, k, config, dt): ragged N and K (K not a multiple of the step), splits, both roundings
+    (1, 45, 1408, (16, 512, 2, 1, 2, False, 3), torch.float16),  # 3 steps (tail), split 3
+    (2, 37, 576, (16, 256, 2, 1, 2, True), torch.float32),  # ragged last group, prefetch, one program per row block
+    (3, 20, 1408, (8, 1024, 4, 1, 1, True, 2), torch.float16),
+    (4, 16, 384, (16, 512, 2, 1, 1, False, 4), torch.float32),  # one masked step, empty ranges
+]
+# float32 rounding and atomic-add order (the test's docstring); rmsnorm rounded to float16: element flips
+FUSED_TOL = {torch.float32: 1e-6, torch.float16: 1e-4}
+
+
+@pytest.mark.parametrize("m,n,k,config,dt", FUSED_CASES)
+def test_fused_inputs_match_unfused(m, n, k, config, dt):
+    """The GEMV with its input made in the kernel (rmsnorm of the float32 residual; silu(gate) * up of the
+    float32 gate_up) against ``misc.rmsnorm`` / ``misc.silu_mul`` then :func:`w4_gemv_accumulate`, same config.
+
+    Error floor: the SiLU input is computed and rounded to ``dt`` exactly as ``misc.silu_mul`` does, so the two
+    differ only in the order of the atomic adds (``split > 1``): asserted < 1e-6 relative. The norm's
+    ``rsqrt(mean(x^2) + eps)`` is summed in another order (a few float32 ulps): with ``dt`` float32 that moves
+    the input by ~1e-7 relative (asserted < 1e-6); rounded to float16 it may move an element whose ``x r`` lies
+    within those ulps of a rounding boundary by one float16 ulp (2^-11 relative; ~1 element in 2^12), i.e.
+    ~1e-5 relative of the output per flip at these ``K``: asserted < 1e-4."""
+    from runtime.kernels import misc
+    from runtime.kernels.w4_gemv import w4_gemv_accumulate, w4_gemv_accumulate_rmsnorm, w4_gemv_accumulate_silu
+
+    qw, s, z, _ = _weight(n, k, 128, seed=7)
+    x, nw, base = 3 * torch.randn(m, k, device=DEV), torch.randn(k, device=DEV, dtype=dt), torch.randn(m, n, device=DEV)
+    bias = torch.randn(n, device=DEV, dtype=DTYPE)
+    ref = w4_gemv_accumulate(misc.rmsnorm(x, nw, 1e-5, dt), qw, s, z, 128, base.clone(), config, bias)
+    out = w4_gemv_accumulate_rmsnorm(x, nw, 1e-5, dt, qw, s, z, 128, base.clone(), config, bias)
+    assert _rel(out, ref) < FUSED_TOL[dt]
+    gate_up = 2 * torch.randn(m, 2 * k, device=DEV)
+    ref = w4_gemv_accumulate(misc.silu_mul(gate_up, dt), qw, s, z, 128, base.clone(), config, bias)
+    kept = gate_up.clone()
+    out = w4_gemv_accumulate_silu(gate_up, dt, qw, s, z, 128, base.clone(), config, bias)
+    assert _rel(out, ref) < 1e-6 and torch.equal(gate_up, kept)
+
+
+def test_fused_inputs_errors():
+    from runtime.kernels.w4_gemv import w4_gemv_accumulate_rmsnorm, w4_gemv_accumulate_silu
+
+    qw, s, z, _ = _weight(16, 256, 128)
+    x, nw, out = torch.randn(1, 256, device=DEV), torch.ones(256, device=DEV), torch.zeros(1, 16, device=DEV)
+    bad_calls = [
+        lambda: w4_gemv_accumulate_rmsnorm(x.half(), nw, 1e-5, torch.float16, qw, s, z, 128, out),  # x not float32
+        lambda: w4_gemv_accumulate_rmsnorm(x, nw[:128], 1e-5, torch.float16, qw, s, z, 128, out),  # weight [K/2]
+        lambda: w4_gemv_accumulate_rmsnorm(x, nw, 1e-5, torch.int8, qw, s, z, 128, out),  # dt
+        lambda: w4_gemv_accumulate_rmsnorm(x.expand(5, 256), nw, 1e-5, torch.float16, qw, s, z, 128,
+                                           torch.zeros(5, 16, device=DEV)),  # 5 rows
+        lambda: w4_gemv_accumulate_silu(x, torch.float16, qw, s, z, 128, out),  # gate_up [1, K], not [1, 2K]
+        lambda: w4_gemv_accumulate_silu(torch.zeros(1, 512, device=DEV), torch.float16, qw, s, z, 128,
+                                        out.half()),  # out not float32
+    ]
+    for call in bad_calls:
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch):
+    """Two layers of a tiny model (down: K = 192, a ragged group) on the gemv projections: the decode step with
+    the norms and the SiLU product in the GEMVs (gate_up zeroed by rope_append between the layers) against the
+    same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` kernels), and both against the eager path. A sweep
+    record gives the tiny shapes few programs (the interpreter's time is per program), down split over K."""
+    import dataclasses
+    import json
+
+    import runtime
+    from converter.convert import ConvertConfig, convert
+    from runtime.fast import FastLlama
+    from runtime.kernels.w4_gemv import TABLE_ENV
+    from tests.helpers import make_tiny_llama
+
+    configs = {"256x128x0": [64, 128, 4], "128x128x0": [128, 128, 4], "384x128x0": [128, 128, 4],
+               "128x192x0": [128, 128, 4, 1, 1, False, 2]}  # qkv, o, gate_up, down
+    (tmp_path / "gemv.json").write_text(json.dumps({"best": {key: {"config": c} for key, c in configs.items()}}))
+    monkeypatch.setenv(TABLE_ENV, str(tmp_path / "gemv.json"))
+    src = make_tiny_llama(tmp_path / "m", hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=192)
+    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    model, _ = runtime.load(art, device=DEV, dtype=DTYPE)
+    eager = FastLlama.from_hf(model, 8, use_kernels=False)
+    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
+                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    assert fast._fused_inputs(2) and not fast._fused_inputs(5) and not eager._fused_inputs(2)
+    ids = torch.randint(3, 300, (2, 2), device=DEV)
+    ce, cf, cu = (eager.new_cache(2, 8) for _ in range(3))
+    fused = [fast.decode_step(ids[:, i], cf) for i in range(2)]
+    monkeypatch.setattr(FastLlama, "_fused_inputs", lambda self, m: False)
+    unfused = [fast.decode_step(ids[:, i], cu) for i in range(2)]
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(2)]
+    tol = 1e-5 if DTYPE == torch.float32 else 1e-3  # float16: the rmsnorm flips of test_fused_inputs_match_unfused
+    for a, b, r in zip(fused, unfused, ref):
+        assert _rel(a, b) < tol and _rel(a, r) < (2e-4 if DTYPE == torch.float32 else 4e-2)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-2-7B shapes: CUDA only")
 
 

@@ -12,6 +12,13 @@ The static smoothing is folded into the query and the output instead of dequanti
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -63,14 +70,28 @@ def _clear(base, jj, like):
 
 
 @triton.jit
+def _zero_part(ptr, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero part ``part`` of ``PARTS`` contiguous parts of ``ptr[:n]`` (``cdiv(n, PARTS)`` elements each)."""
+    chunk = tl.cdiv(n, PARTS)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, n)
+    for e0 in range(lo, hi, BLOCK):
+        e = e0 + tl.arange(0, BLOCK)
+        tl.store(ptr + e, tl.zeros((BLOCK,), dtype=ptr.dtype.element_ty), mask=e < hi)
+
+
+@triton.jit
 def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcur_ptr,
                         kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,
                         kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, stride_qkv, S,
+                        ex_ptr, ex_n, stride_ex,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                        QMAX: tl.constexpr, CLEAR: tl.constexpr):
+                        QMAX: tl.constexpr, CLEAR: tl.constexpr, CLEAR_EXTRA: tl.constexpr, BLOCK_EX: tl.constexpr):
     HALF: tl.constexpr = D // 2
     GSH: tl.constexpr = HALF // G
     b, h = tl.program_id(0), tl.program_id(1)
+    if CLEAR_EXTRA:  # row b of another buffer, split over the row's programs
+        _zero_part(ex_ptr + b * stride_ex, ex_n, h, HQ + HKV, BLOCK_EX)
     pos = tl.load(pos_ptr)
     jj = tl.arange(0, G)[:, None] * GSH + tl.arange(0, GSH)[None, :]  # packed byte index [G, GSH]
     cos_row, sin_row = cos_ptr + pos * D, sin_ptr + pos * D
@@ -105,7 +126,8 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
                      vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
 
 
-def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4, clear: bool = False):
+def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4, clear: bool = False,
+                clear_extra: torch.Tensor | None = None):
     """Rope the decode token's q/k, append its quantized k/v to ``store`` at slot ``pos``.
 
     ``qkv [B, (Hq + 2 Hkv) * D]`` (fused projection output), ``cos, sin float32 [S, D]``,
@@ -114,6 +136,9 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
     ``[Hkv, D]`` float32 tensors ``(k_scale, k_shift, v_scale, v_shift)``.
     Returns ``q float32 [B, Hq, D]``, ``k_cur, v_cur float32 [B, Hkv, D]`` (full precision).
     ``clear``: zero ``qkv`` after reading it (an accumulation buffer of the split-K projection).
+    ``clear_extra``: a ``[B, n]`` buffer (unit stride along ``n``) to zero as well, e.g. the decode step's
+    ``gate_up`` when the down GEMV computes its SiLU input itself and so cannot zero it
+    (:func:`runtime.kernels.w4_gemv.w4_gemv_accumulate_silu`).
     """
     b, hkv, s, half = store.k_codes.shape
     d, g = 2 * half, store.k_step.shape[-1]
@@ -122,10 +147,16 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
     q = torch.empty(b, num_heads, d, dtype=torch.float32, device=qkv.device)
     k_cur = torch.empty(b, hkv, d, dtype=torch.float32, device=qkv.device)
     v_cur = torch.empty_like(k_cur)
+    ex = clear_extra if clear_extra is not None else q
+    if clear_extra is not None and (ex.dim() != 2 or ex.shape[0] != b or ex.stride(1) != 1):
+        raise ValueError(f"clear_extra must be [{b}, n] with unit stride along n, got {list(ex.shape)} "
+                         f"strides {ex.stride()}")
+    ex_n = ex.shape[1] if clear_extra is not None else 0
     _rope_append_kernel[(b, num_heads + hkv)](
         qkv, cos, sin, pos, q, k_cur, v_cur, store.k_codes, store.k_step, store.k_min,
-        store.v_codes, store.v_step, store.v_min, *kv_params, qkv.stride(0), s,
-        HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15, CLEAR=clear)
+        store.v_codes, store.v_step, store.v_min, *kv_params, qkv.stride(0), s, ex, ex_n, ex.stride(0),
+        HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15, CLEAR=clear, CLEAR_EXTRA=clear_extra is not None,
+        BLOCK_EX=min(1024, triton.next_power_of_2(max(1, -(-ex_n // (num_heads + hkv))))))
     return q, k_cur, v_cur
 
 
@@ -150,10 +181,87 @@ def _group_stats(ptr, rows, gw, mask, G: tl.constexpr):
 
 
 @triton.jit
+def _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw, G: tl.constexpr, NW: tl.constexpr,
+          BLOCK_S: tl.constexpr, LATE: tl.constexpr):
+    """The loads of tokens ``s0 .. s0 + BLOCK_S`` (masked from ``end``: no traffic past it): key and value words
+    ``[BLOCK_S, NW]``, key and value steps and minima (:func:`_group_stats`), the token mask and rows. ``LATE``: the
+    value stats are left to :func:`_attn_step` (after the scores; the key stats stand in for them here)."""
+    rows = head + s0 + tl.arange(0, BLOCK_S)
+    smask = (s0 + tl.arange(0, BLOCK_S)) < end
+    kw = tl.load(kc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
+    vw = tl.load(vc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
+    kst, kmn = _group_stats(ks_ptr, rows, gw, smask, G), _group_stats(km_ptr, rows, gw, smask, G)
+    if LATE:
+        vst, vmn = kst, kmn
+    else:
+        vst, vmn = _group_stats(vs_ptr, rows, gw, smask, G), _group_stats(vm_ptr, rows, gw, smask, G)
+    return kw, vw, kst, kmn, vst, vmn, smask, rows
+
+
+@triton.jit
+def _scores(kw, kst, kmn, smask, QS, qsw, const):
+    """Scaled scores ``[BLOCK_S]`` of a tile (``-inf`` where masked): ``16 step (part - qs_w) + minimum qs_w`` per
+    token and word (see :func:`_attn_split_kernel`), summed over the words."""
+    part = _slot(kw, 0) * QS[0][None, :] + _slot(kw, 1) * QS[1][None, :]
+    part += _slot(kw, 2) * QS[2][None, :] + _slot(kw, 3) * QS[3][None, :]
+    part += _slot(kw, 4) * QS[4][None, :] + _slot(kw, 5) * QS[5][None, :]
+    part += _slot(kw, 6) * QS[6][None, :] + _slot(kw, 7) * QS[7][None, :]
+    sc = tl.sum(16.0 * kst * (part - qsw[None, :]) + kmn * qsw[None, :], 1) + const
+    return tl.where(smask, sc, float("-inf"))
+
+
+@triton.jit
+def _rescale(A, alpha):
+    """The ten value sums ``A`` (:func:`_accumulate`) times ``alpha``."""
+    return (A[0] * alpha, A[1] * alpha, A[2] * alpha, A[3] * alpha, A[4] * alpha, A[5] * alpha, A[6] * alpha,
+            A[7] * alpha, A[8] * alpha, A[9] * alpha)
+
+
+@triton.jit
+def _accumulate(A, p, vst, vmn, vw):
+    """Per token and word: ``A[i] += p step f_i`` (code ``i`` as ``f_i = 1 + c_i / 16``, :func:`_slot`),
+    ``A[8] += p step``, ``A[9] += p minimum``."""
+    pv = p[:, None] * vst
+    return (A[0] + pv * _slot(vw, 0), A[1] + pv * _slot(vw, 1), A[2] + pv * _slot(vw, 2), A[3] + pv * _slot(vw, 3),
+            A[4] + pv * _slot(vw, 4), A[5] + pv * _slot(vw, 5), A[6] + pv * _slot(vw, 6), A[7] + pv * _slot(vw, 7),
+            A[8] + pv, A[9] + p[:, None] * vmn)
+
+
+@triton.jit
+def _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G: tl.constexpr, LATE: tl.constexpr,
+               ROW_MAX: tl.constexpr):
+    """Online softmax over the tile ``T`` (:func:`_tile`): returns the running maximum and sum (scalars; ``[BLOCK_S]``
+    per token row with ``ROW_MAX``) and the value sums. The sums are rescaled only when a maximum grows by more than 8
+    (``exp(8)`` bounds the unscaled weights); with ``ROW_MAX`` each row has its own maximum and is rescaled by its
+    own factor (1 while it does not grow), so no value of the loop is reduced across the tile's rows (warps)."""
+    kw, vw, kst, kmn, vst, vmn, smask, rows = T
+    sc = _scores(kw, kst, kmn, smask, QS, qsw, const)
+    if ROW_MAX:
+        m_new = tl.where(sc > m_i + 8.0, sc, m_i)
+        alpha = tl.exp(m_i - m_new)
+        A = _rescale(A, alpha[:, None])
+        m_i = m_new
+        p = tl.exp(sc - m_i)
+        l_i = l_i * alpha + p
+    else:
+        m_blk = tl.max(sc, 0)
+        if m_blk > m_i + 8.0:  # lazy rescale
+            alpha = tl.exp(m_i - m_blk)
+            A = _rescale(A, alpha)
+            l_i, m_i = l_i * alpha, m_blk
+        p = tl.exp(sc - m_i)
+        l_i += tl.sum(p, 0)
+    if LATE:
+        vst, vmn = _group_stats(vs_ptr, rows, gw, smask, G), _group_stats(vm_ptr, rows, gw, smask, G)
+    return m_i, l_i, _accumulate(A, p, vst, vmn, vw)
+
+
+@triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                       QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr):
+                       QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
+                       ROW_MAX: tl.constexpr):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -163,8 +271,16 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     With ``f = 1 + c / 16`` (:func:`_slot`): ``sum_i a_i c_i = 16 (sum_i a_i f_i - sum_i a_i)``, so a code costs
     a shift, a ``lop3`` and one FMA, for the scores and for the values. Per word and token the scores take
     ``16 step (part - qs_w) + minimum qs_w``; the value sums stay per token and word until the end of the
-    slice. The accumulators are rescaled only when the running maximum grows by more than 8 (exp(8) bounds
-    the unscaled weights)."""
+    slice (:func:`_attn_step`).
+
+    ``LOADS`` (:data:`LOADS`): 0 ("late", the kernel measured in rounds 2-6): a tile's value stats are loaded after
+    its scores and rescale, and ptxas sinks the value words below the scores (local sm_90 SASS): each step waits
+    for memory two or three times; 1 ("early"): all loads of a tile before its arithmetic; 2 ("prefetch"): the loads
+    of tile ``i + 1`` are issued before tile ``i`` is computed (carried in loop variables). With 1 and 2 the step
+    sits behind an always-true branch, as in :func:`runtime.kernels.w4_gemv._w4_gemv_rows_kernel`, without which
+    ptxas moves loads below the arithmetic. Triton does not pipeline loads in loops without ``tl.dot``.
+    ``ROW_MAX``: one running maximum and sum per token row of the tile (see :func:`_attn_step`), merged once after
+    the loop. The partial results written are the same in every variant, up to float32 rounding."""
     NW: tl.constexpr = D // 8
     GS: tl.constexpr = D // G
     bh, sp = tl.program_id(0), tl.program_id(1)
@@ -186,58 +302,56 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     qs6 = tl.load(q_row + 6) * tl.load(sc_row + 6) * sm_scale
     qs7 = tl.load(q_row + 7) * tl.load(sc_row + 7) * sm_scale
     qsw = qs0 + qs1 + qs2 + qs3 + qs4 + qs5 + qs6 + qs7  # [NW]
+    QS = (qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7)
     d8 = tl.arange(0, 8)
     const = tl.sum(tl.sum(tl.load(q_row[:, None] + d8[None, :]) * tl.load(sh_row[:, None] + d8[None, :]), 1), 0)
     const = const * sm_scale
-    m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
-    l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
+    if ROW_MAX:  # finite start: a row that never holds a token keeps exp(-inf - m) = 0
+        m_i = tl.full((BLOCK_S,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_S,), tl.float32)
+    else:
+        m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     zero = tl.zeros((BLOCK_S, NW), tl.float32)
-    a0, a1, a2, a3, a4, a5, a6, a7, spv, smin = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    A = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
     head = (b * HKV + kh) * S
-    for s0 in range(start, end, BLOCK_S):
-        rows = head + s0 + tl.arange(0, BLOCK_S)
-        smask = (s0 + tl.arange(0, BLOCK_S)) < end
-        kw = tl.load(kc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
-        vw = tl.load(vc_ptr + rows[:, None] * NW + wi[None, :], mask=smask[:, None], other=0)
-        part = _slot(kw, 0) * qs0[None, :] + _slot(kw, 1) * qs1[None, :]
-        part += _slot(kw, 2) * qs2[None, :] + _slot(kw, 3) * qs3[None, :]
-        part += _slot(kw, 4) * qs4[None, :] + _slot(kw, 5) * qs5[None, :]
-        part += _slot(kw, 6) * qs6[None, :] + _slot(kw, 7) * qs7[None, :]
-        kst, kmn = _group_stats(ks_ptr, rows, gw, smask, G), _group_stats(km_ptr, rows, gw, smask, G)
-        sc = tl.sum(16.0 * kst * (part - qsw[None, :]) + kmn * qsw[None, :], 1) + const
-        sc = tl.where(smask, sc, float("-inf"))
-        m_blk = tl.max(sc, 0)
-        if m_blk > m_i + 8.0:  # lazy rescale
-            alpha = tl.exp(m_i - m_blk)
-            a0, a1, a2, a3 = a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha
-            a4, a5, a6, a7 = a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
-            spv, smin, l_i, m_i = spv * alpha, smin * alpha, l_i * alpha, m_blk
-        p = tl.exp(sc - m_i)
-        l_i += tl.sum(p, 0)
-        pv = p[:, None] * _group_stats(vs_ptr, rows, gw, smask, G)
-        smin += p[:, None] * _group_stats(vm_ptr, rows, gw, smask, G)
-        spv += pv
-        a0 += pv * _slot(vw, 0)
-        a1 += pv * _slot(vw, 1)
-        a2 += pv * _slot(vw, 2)
-        a3 += pv * _slot(vw, 3)
-        a4 += pv * _slot(vw, 4)
-        a5 += pv * _slot(vw, 5)
-        a6 += pv * _slot(vw, 6)
-        a7 += pv * _slot(vw, 7)
+    if LOADS == 2:
+        T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, start, end, wi, gw, G, NW, BLOCK_S, False)
+        for s0 in range(start, end, BLOCK_S):
+            U = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0 + BLOCK_S, end, wi, gw, G, NW, BLOCK_S,
+                      False)
+            if s0 < S:  # always (s0 < end <= length <= S): a block boundary, see above
+                m_i, l_i, A = _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G, False, ROW_MAX)
+            T = U
+    elif LOADS == 1:
+        for s0 in range(start, end, BLOCK_S):
+            T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw, G, NW, BLOCK_S, False)
+            if s0 < S:  # always: a block boundary, see above
+                m_i, l_i, A = _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G, False, ROW_MAX)
+    else:
+        for s0 in range(start, end, BLOCK_S):
+            T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw, G, NW, BLOCK_S, True)
+            m_i, l_i, A = _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G, True, ROW_MAX)
+    if ROW_MAX:  # the rows' states merged into one per program
+        m_out = tl.max(m_i, 0)
+        w = tl.exp(m_i - m_out)
+        l_out = tl.sum(l_i * w, 0)
+        A = _rescale(A, w[:, None])
+    else:
+        m_out, l_out = m_i, l_i
     part_id = bh * NSPLIT + sp
-    tl.store(m_ptr + part_id, m_i)
-    tl.store(l_ptr + part_id, l_i)
-    base = tl.sum(smin, 0) - 16.0 * tl.sum(spv, 0)  # [NW]
+    tl.store(m_ptr + part_id, m_out)
+    tl.store(l_ptr + part_id, l_out)
+    base = tl.sum(A[9], 0) - 16.0 * tl.sum(A[8], 0)  # [NW]
     out = acc_ptr + part_id * D + wi * 8
-    tl.store(out, 16.0 * tl.sum(a0, 0) + base)
-    tl.store(out + 1, 16.0 * tl.sum(a1, 0) + base)
-    tl.store(out + 2, 16.0 * tl.sum(a2, 0) + base)
-    tl.store(out + 3, 16.0 * tl.sum(a3, 0) + base)
-    tl.store(out + 4, 16.0 * tl.sum(a4, 0) + base)
-    tl.store(out + 5, 16.0 * tl.sum(a5, 0) + base)
-    tl.store(out + 6, 16.0 * tl.sum(a6, 0) + base)
-    tl.store(out + 7, 16.0 * tl.sum(a7, 0) + base)
+    tl.store(out, 16.0 * tl.sum(A[0], 0) + base)
+    tl.store(out + 1, 16.0 * tl.sum(A[1], 0) + base)
+    tl.store(out + 2, 16.0 * tl.sum(A[2], 0) + base)
+    tl.store(out + 3, 16.0 * tl.sum(A[3], 0) + base)
+    tl.store(out + 4, 16.0 * tl.sum(A[4], 0) + base)
+    tl.store(out + 5, 16.0 * tl.sum(A[5], 0) + base)
+    tl.store(out + 6, 16.0 * tl.sum(A[6], 0) + base)
+    tl.store(out + 7, 16.0 * tl.sum(A[7], 0) + base)
 
 
 @triton.jit
@@ -264,43 +378,142 @@ def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscal
     tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
 
 
-def num_splits(batch: int, heads: int, max_len: int, sms: int = 132) -> int:
-    """Power-of-two number of sequence splits that gives the GPU a few programs per multiprocessor."""
+def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens: int = 256) -> int:
+    """Power-of-two number of sequence splits that gives the GPU a few programs per multiprocessor (at most 64,
+    about 8 programs per multiprocessor, and more than ``min_tokens`` cache slots per split)."""
     n = 1
-    while n < 64 and batch * heads * n < 8 * sms and n * 256 < max_len:
+    while n < 64 and batch * heads * n < 8 * sms and n * min_tokens < max_len:
         n *= 2
     return n
 
 
-BLOCK_S = 32  # tokens per step of the split kernel (NOTES.md)
+LOADS = ("late", "early", "prefetch")  # AttnConfig.loads -> the split kernel's LOADS 0, 1, 2
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """How :func:`decode_attention` runs (:func:`_attn_split_kernel`); the defaults are the kernel of rounds 2-6.
+
+    ``splits``: slices of the past per query head, a power of two, or 0 for :func:`num_splits` with more than
+    ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 16..256); ``num_warps`` of the split
+    kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
+    token row of the tile instead of one per program."""
+
+    splits: int = 0
+    block_s: int = 32
+    num_warps: int = 4
+    loads: str = "late"
+    row_max: bool = False
+    min_tokens: int = 256
+
+    def __post_init__(self):
+        pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
+        if not (self.splits == 0 or pow2(self.splits)):
+            raise ValueError(f"AttnConfig: splits must be 0 (num_splits) or a power of two, got {self.splits}")
+        if not (pow2(self.block_s) and 16 <= self.block_s <= 256):
+            raise ValueError(f"AttnConfig: block_s must be a power of two in 16..256, got {self.block_s}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"AttnConfig: num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.loads not in LOADS:
+            raise ValueError(f"AttnConfig: loads must be one of {', '.join(LOADS)}, got {self.loads!r}")
+        if not isinstance(self.row_max, bool):
+            raise ValueError(f"AttnConfig: row_max must be a bool, got {self.row_max!r}")
+        if not (isinstance(self.min_tokens, int) and self.min_tokens > 0):
+            raise ValueError(f"AttnConfig: min_tokens must be a positive int, got {self.min_tokens!r}")
+
+    def label(self) -> str:
+        splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
+        return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}"
+
+
+# (batch, context bucket) -> config, from the graph-timed sweep (benchmarks/attn_bench.py) at the 7B attention shape
+# (32 heads, head_dim 128, per-token stats). Empty: nothing measured yet (NOTES.md "Round 7"), every shape runs
+# ATTN_DEFAULT (the policy and kernel of rounds 2-6).
+ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {}
+ATTN_DEFAULT = AttnConfig()
+# a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
+TABLE_ENV = "WKVQ_ATTN_TABLE"
+
+
+def context_bucket(max_len: int) -> int:
+    """The table's context key of a cache of ``max_len`` slots: the nearest power of two in log scale
+    (2076 -> 2048, 32808 -> 32768)."""
+    return 1 << max(0, round(math.log2(max(1, max_len))))
+
+
+def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
+    """The best config per ``(batch, context bucket)`` of a sweep record written by ``benchmarks/attn_bench.py``."""
+    try:
+        best = json.loads(Path(path).read_text())["best"]
+        table = {}
+        for key, row in best.items():
+            batch, context = (int(v) for v in key.split("x"))
+            table[batch, context] = AttnConfig(**row["config"])
+        return table
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not an attention sweep record with a 'best' table ({type(e).__name__}: {e}); "
+                         "write one with benchmarks/attn_bench.py --json") from e
+
+
+@functools.lru_cache(maxsize=None)
+def _env_table(paths: str | None) -> dict[tuple[int, int], AttnConfig]:
+    """The tables of the records in ``paths`` (``os.pathsep``-separated, e.g. one sweep per batch; later ones win)."""
+    table = {}
+    for path in filter(None, (paths or "").split(os.pathsep)):
+        table.update(load_table(path))
+    return table
+
+
+def multiprocessors(device) -> int:
+    """Multiprocessors of ``device`` (4 off CUDA, for Triton's interpreter)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnConfig:
+    """The config at ``batch`` and a cache of ``max_len`` slots: the sweep records named by the environment
+    variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`; several separated by ``os.pathsep``), then
+    :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``splits`` resolved by
+    :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
+    table = {**ATTN_TABLE, **_env_table(os.environ.get(TABLE_ENV))}
+    cfg = table.get((batch, context_bucket(max_len)), ATTN_DEFAULT)
+    if cfg.splits == 0:
+        cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))
+    return cfg
 
 
 def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype,
-                     splits: int, block_s: int | None = None, num_warps: int = 4):
+                     splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None):
     """POQ decode attention of ``q float32 [B, Hq, D]`` over the quantized past of ``store``
     (``length int32 [1]`` tokens, a device tensor) and the full-precision ``k_cur, v_cur [B, Hkv, D]``.
 
-    Returns ``[B, Hq, D]`` in ``out_dtype``. ``splits`` must be a power of two.
+    Returns ``[B, Hq, D]`` in ``out_dtype``. ``splits``: an :class:`AttnConfig`, or a power-of-two number of
+    splits with the other fields of :func:`attn_config` at this batch and cache size (the decode step passes
+    ``FastLlama.splits_for``, chosen there from the same config). ``block_s``, ``num_warps``: override the config's.
     """
     b, hq, d = q.shape
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
-    block_s = block_s or BLOCK_S
-    if splits & (splits - 1):
-        raise ValueError(f"splits must be a power of two, got {splits}")
+    if isinstance(splits, AttnConfig):
+        cfg = splits
+    else:
+        cfg = replace(attn_config(b, hq, s), splits=splits)
+    cfg = replace(cfg, block_s=block_s or cfg.block_s, num_warps=num_warps or cfg.num_warps)
+    if cfg.splits == 0:
+        cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(q.device), cfg.min_tokens))
     qg = hq // hkv
-    m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
-    acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=q.device)
     k_scale, k_shift, v_scale, v_shift = kv_params
     if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
-    _attn_split_kernel[(b * hq, splits)](
+    _attn_split_kernel[(b * hq, cfg.splits)](
         q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=block_s, NSPLIT=splits,
-        num_warps=num_warps)
+        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
+        LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
-                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits)
+                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits)
     return out

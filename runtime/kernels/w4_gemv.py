@@ -26,9 +26,17 @@ is added per word into a float32 accumulator ``[BLOCK_N, BLOCK_K/GROUP, GROUP/8]
 after the ``K`` loop. ``f`` lies in ``[2, 4)``, so ``p`` and ``(2 + z/8) sx`` are of the size of the result:
 no cancellation beyond float32 rounding (relative error ~1e-6 against the float32 dequantized product).
 
+Fused inputs (accumulate mode; off by default, and then the kernel's code is that of the plain GEMV): the
+kernel can make its input from the decode step's float32 buffers itself, rounded to the activation dtype as
+:mod:`runtime.kernels.misc` rounds it, which saves the decode step that kernel's launch and its round trip
+through memory: the RMSNorm of the residual stream (each program first reads its rows of ``x`` whole for
+their statistics; :func:`w4_gemv_accumulate_rmsnorm`) and ``silu(gate) * up`` of ``gate_up``
+(:func:`w4_gemv_accumulate_silu`, which leaves ``gate_up`` for a later kernel to zero).
+
 Entry points: :func:`gemv_ok`, :func:`w4_gemv_accumulate` (``out += x @ W^T``, the decode step's residual
-stream), :func:`w4_gemv` (``y = x @ W^T (+ bias) (+ residual)`` in a new tensor), :class:`GemvW4` (the decode
-step's projections on this kernel: ``FastLlama.with_projections("gemv")``, bench path ``wkvq-gemv``). :data:`GEMV_CONFIGS` lists
+stream), its fused forms above, :func:`w4_gemv` (``y = x @ W^T (+ bias) (+ residual)`` in a new tensor),
+:class:`GemvW4` (the decode step's projections on this kernel: ``FastLlama.with_projections("gemv")``, bench
+path ``wkvq-gemv``, the fused forms when every qkv, gate_up and down projection is one). :data:`GEMV_CONFIGS` lists
 the candidates of a GPU sweep (``benchmarks/w4_gemv_bench.py``), :data:`GEMV_TABLE` the chosen config per
 shape (7B shapes at M = 1 measured; elsewhere :func:`default_config` guesses).
 """
@@ -108,6 +116,8 @@ GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {
 # a sweep record (benchmarks/w4_gemv_bench.py --json) whose best configs take precedence over GEMV_TABLE
 TABLE_ENV = "WKVQ_GEMV_TABLE"
 CODE_MASK = 0x00780000
+# the input dtypes of the GEMV, and the roundings of the fused input transforms (_input_at)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -157,30 +167,57 @@ def _load_tile(P, kw0, cw, rg, KWB, G, WPG: tl.constexpr, MASK_N: tl.constexpr, 
 
 
 @triton.jit
-def _load_x(x_row, kw, KW, MASK_K: tl.constexpr):
-    """``x`` at channels ``8 kw + i`` (``[GPC, WPG]`` each, float32) and their sums over ``i``."""
-    xp = x_row + 8 * kw
+def _input_at(xp, wp, r, K, xmask, MASK_K: tl.constexpr, INPUT: tl.constexpr, DT: tl.constexpr):
+    """The GEMV input at ``xp`` (float32), as :mod:`runtime.kernels.misc` would have written it in ``DT``:
+    ``INPUT`` 0: ``x`` itself; 1 (rmsnorm): ``DT(w * DT(x r))`` with the row's ``r = rsqrt(mean(x^2) + eps)``
+    and the norm weight at ``wp``; 2 (silu_mul): ``DT(DT(silu(g)) * u)`` with ``g = x`` and ``u`` at ``xp + K``."""
     if MASK_K:
-        xmask = kw < KW
-        x0 = tl.load(xp + 0, mask=xmask, other=0.0).to(tl.float32)
-        x1 = tl.load(xp + 1, mask=xmask, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + 2, mask=xmask, other=0.0).to(tl.float32)
-        x3 = tl.load(xp + 3, mask=xmask, other=0.0).to(tl.float32)
-        x4 = tl.load(xp + 4, mask=xmask, other=0.0).to(tl.float32)
-        x5 = tl.load(xp + 5, mask=xmask, other=0.0).to(tl.float32)
-        x6 = tl.load(xp + 6, mask=xmask, other=0.0).to(tl.float32)
-        x7 = tl.load(xp + 7, mask=xmask, other=0.0).to(tl.float32)
+        v = tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
     else:
-        x0 = tl.load(xp + 0).to(tl.float32)
-        x1 = tl.load(xp + 1).to(tl.float32)
-        x2 = tl.load(xp + 2).to(tl.float32)
-        x3 = tl.load(xp + 3).to(tl.float32)
-        x4 = tl.load(xp + 4).to(tl.float32)
-        x5 = tl.load(xp + 5).to(tl.float32)
-        x6 = tl.load(xp + 6).to(tl.float32)
-        x7 = tl.load(xp + 7).to(tl.float32)
+        v = tl.load(xp).to(tl.float32)
+    if INPUT == 1:
+        if MASK_K:
+            w = tl.load(wp, mask=xmask, other=0.0).to(tl.float32)
+        else:
+            w = tl.load(wp).to(tl.float32)
+        v = ((v * r).to(DT).to(tl.float32) * w).to(DT).to(tl.float32)
+    elif INPUT == 2:
+        if MASK_K:
+            u = tl.load(xp + K, mask=xmask, other=0.0).to(tl.float32)
+        else:
+            u = tl.load(xp + K).to(tl.float32)
+        v = ((v / (1.0 + tl.exp(-v))).to(DT).to(tl.float32) * u).to(DT).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _load_x(x_row, kw, KW, w_ptr, r, MASK_K: tl.constexpr, INPUT: tl.constexpr, DT: tl.constexpr):
+    """The inputs at channels ``8 kw + i`` (``[GPC, WPG]`` each, float32, see :func:`_input_at`) and their sums
+    over ``i``."""
+    xp, wp, K = x_row + 8 * kw, w_ptr + 8 * kw, 8 * KW
+    xmask = kw < KW  # used only if MASK_K
+    x0 = _input_at(xp + 0, wp + 0, r, K, xmask, MASK_K, INPUT, DT)
+    x1 = _input_at(xp + 1, wp + 1, r, K, xmask, MASK_K, INPUT, DT)
+    x2 = _input_at(xp + 2, wp + 2, r, K, xmask, MASK_K, INPUT, DT)
+    x3 = _input_at(xp + 3, wp + 3, r, K, xmask, MASK_K, INPUT, DT)
+    x4 = _input_at(xp + 4, wp + 4, r, K, xmask, MASK_K, INPUT, DT)
+    x5 = _input_at(xp + 5, wp + 5, r, K, xmask, MASK_K, INPUT, DT)
+    x6 = _input_at(xp + 6, wp + 6, r, K, xmask, MASK_K, INPUT, DT)
+    x7 = _input_at(xp + 7, wp + 7, r, K, xmask, MASK_K, INPUT, DT)
     sx = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     return x0, x1, x2, x3, x4, x5, x6, x7, sx
+
+
+@triton.jit
+def _rstd(x_row, K, eps, RBLOCK: tl.constexpr):
+    """``rsqrt(mean(x^2) + eps)`` of a float32 row of ``K`` values (as :func:`runtime.kernels.misc.rmsnorm`;
+    the sum in another order: float32 rounding apart)."""
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, RBLOCK):
+        c = k0 + tl.arange(0, RBLOCK)
+        v = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+        acc += v * v
+    return tl.rsqrt(tl.sum(acc, 0) / K + eps)
 
 
 @triton.jit
@@ -218,17 +255,18 @@ def _sub_step(A, T, X0, X1, X2, X3, code_mask, M: tl.constexpr):
 
 
 @triton.jit
-def _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw, KW, code_mask,
-          M: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr):
-    """One step for all sub-tiles and rows of ``x`` (``x`` read once per program and step)."""
-    X0 = _load_x(x_ptr, kw, KW, MASK_K)
+def _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw, KW, code_mask, w_ptr, R,
+          M: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr, INPUT: tl.constexpr, DT: tl.constexpr):
+    """One step for all sub-tiles and rows of ``x`` (``x`` read once per program and step; ``R``: the rows'
+    ``rsqrt(mean(x^2) + eps)`` when ``INPUT == 1``)."""
+    X0 = _load_x(x_ptr, kw, KW, w_ptr, R[0], MASK_K, INPUT, DT)
     X1, X2, X3 = X0, X0, X0
     if M > 1:
-        X1 = _load_x(x_ptr + stride_xm, kw, KW, MASK_K)
+        X1 = _load_x(x_ptr + stride_xm, kw, KW, w_ptr, R[1], MASK_K, INPUT, DT)
     if M > 2:
-        X2 = _load_x(x_ptr + 2 * stride_xm, kw, KW, MASK_K)
+        X2 = _load_x(x_ptr + 2 * stride_xm, kw, KW, w_ptr, R[2], MASK_K, INPUT, DT)
     if M > 3:
-        X3 = _load_x(x_ptr + 3 * stride_xm, kw, KW, MASK_K)
+        X3 = _load_x(x_ptr + 3 * stride_xm, kw, KW, w_ptr, R[3], MASK_K, INPUT, DT)
     A0 = _sub_step(A0, T0, X0, X1, X2, X3, code_mask, M)
     if SUB > 1:
         A1 = _sub_step(A1, T1, X0, X1, X2, X3, code_mask, M)
@@ -287,12 +325,13 @@ def _finish_sub(A, P, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M: tl.constexpr
 
 
 @triton.jit
-def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW, G, code_mask,
+def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, w_ptr, N, KW, G, code_mask, eps,
                          stride_xm, stride_qn, stride_sn, stride_zn, stride_rm, stride_ym,
                          M: tl.constexpr, GROUP: tl.constexpr, SUB_N: tl.constexpr, SUB: tl.constexpr,
                          BLOCK_K: tl.constexpr, MASK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
                          PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_RES: tl.constexpr, SPLIT: tl.constexpr):
+                         HAS_RES: tl.constexpr, SPLIT: tl.constexpr, INPUT: tl.constexpr, DT: tl.constexpr,
+                         RBLOCK: tl.constexpr):
     """``y[m, rows] (+)= x[m] @ W[rows]^T`` for ``m < M`` (``M <= 4``); a program owns ``SUB`` (1..4) sub-tiles
     of ``SUB_N`` consecutive rows.
 
@@ -314,7 +353,13 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
     ``atomic_add`` (bias by range 0 only). The ranges are whole steps, so the ``HAS_TAIL`` masks (against
     ``KW``) stay as they are: only the last step of the last range reaches past ``K``. The prefetch stays
     inside the range (its last step re-reads its own words; an empty range loads the last step of ``K``, in
-    bounds or masked, and adds zeros). ``SPLIT == 1`` compiles the code of the plain kernel."""
+    bounds or masked, and adds zeros). ``SPLIT == 1`` compiles the code of the plain kernel.
+
+    ``INPUT`` (fused input transforms, :func:`_input_at`; 0 compiles the code of the plain kernel): 1: ``x_ptr``
+    is the float32 residual stream and the input its RMSNorm with the weight at ``w_ptr`` (each program first
+    reads its rows of ``x`` whole for their ``rsqrt(mean(x^2) + eps)``, in chunks of ``RBLOCK``: 16 KB a row at
+    ``K = 4096``, from L2); 2: ``x_ptr`` is the float32 ``gate_up [M, 2K]`` and the input ``silu(gate) * up``.
+    Both rounded to ``DT`` as :mod:`runtime.kernels.misc` rounds its outputs."""
     WPG: tl.constexpr = GROUP // 8  # words per group
     GPC: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BW: tl.constexpr = BLOCK_K // 8  # words per step
@@ -329,6 +374,16 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
         P2 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 2 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
     if SUB > 3:
         P3 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 3 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    R = (eps, eps, eps, eps)  # placeholders, read only if INPUT == 1
+    if INPUT == 1:
+        r1, r2, r3 = eps, eps, eps
+        if M > 1:
+            r1 = _rstd(x_ptr + stride_xm, 8 * KW, eps, RBLOCK)
+        if M > 2:
+            r2 = _rstd(x_ptr + 2 * stride_xm, 8 * KW, eps, RBLOCK)
+        if M > 3:
+            r3 = _rstd(x_ptr + 3 * stride_xm, 8 * KW, eps, RBLOCK)
+        R = (_rstd(x_ptr, 8 * KW, eps, RBLOCK), r1, r2, r3)
     zero = tl.zeros((SUB_N, GPC, WPG), dtype=tl.float32)
     A0 = (zero, zero, zero, zero)
     A1, A2, A3 = A0, A0, A0
@@ -356,13 +411,13 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
             U0, U1, U2, U3 = _load_tiles(P0, P1, P2, P3, nxt, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
             if kw0 != code_mask:  # always (kw0 < 2**23): a block boundary that keeps ptxas from sinking the loads
                 A0, A1, A2, A3 = _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw0 + cw, KW, code_mask,
-                                       M, SUB, HAS_TAIL)
+                                       w_ptr, R, M, SUB, HAS_TAIL, INPUT, DT)
             T0, T1, T2, T3 = U0, U1, U2, U3
     else:
         for kw0 in range(kw_lo, kw_end, BW):
             T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, kw0, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
             A0, A1, A2, A3 = _step(A0, A1, A2, A3, T0, T1, T2, T3, x_ptr, stride_xm, kw0 + cw, KW, code_mask,
-                                   M, SUB, HAS_TAIL)
+                                   w_ptr, R, M, SUB, HAS_TAIL, INPUT, DT)
     _finish_sub(A0, P0, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
     if SUB > 1:
         _finish_sub(A1, P1, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
@@ -372,16 +427,17 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, N, KW
         _finish_sub(A3, P3, b_ptr, r_ptr, y_ptr, stride_rm, stride_ym, M, ACCUMULATE, HAS_BIAS, HAS_RES, SPLIT)
 
 
-def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether :func:`w4_gemv_accumulate` can take ``x2 [M, K]``: 1..4 rows, ``K % 8 == 0``, codes readable
-    as int32 words (row starts 4-byte aligned, unit stride along ``K``)."""
-    if x2.dim() != 2 or qweight.dim() != 2:
-        return False
-    k = x2.shape[1]
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    return (1 <= x2.shape[0] <= GEMV_MAX_ROWS and k > 0 and k % 8 == 0 and x2.dtype in dtypes
+def shape_ok(m: int, k: int, qweight: torch.Tensor) -> bool:
+    """Whether the GEMV takes ``m`` rows of ``k`` channels against ``qweight``: 1..4 rows, ``K % 8 == 0``, codes
+    readable as int32 words (row starts 4-byte aligned, unit stride along ``K``)."""
+    return (1 <= m <= GEMV_MAX_ROWS and k > 0 and k % 8 == 0 and qweight.dim() == 2
             and qweight.dtype == torch.uint8 and qweight.shape[1] == k // 2 and qweight.stride(1) == 1
             and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0)
+
+
+def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether :func:`w4_gemv_accumulate` can take ``x2 [M, K]`` (float16, bfloat16 or float32; :func:`shape_ok`)."""
+    return x2.dim() == 2 and x2.dtype in TL_DTYPES and shape_ok(x2.shape[0], x2.shape[1], qweight)
 
 
 def load_table(path: str | Path) -> dict[tuple[int, int, int], GemvConfig]:
@@ -427,7 +483,7 @@ def _fit(cfg: GemvConfig, group_size: int) -> GemvConfig:
     return cfg._replace(block_k=gpc * group_size)
 
 
-def _check(x2, qweight, scales, zeros, group_size):
+def _check(x2, qweight, scales, zeros, group_size, out=None):
     if not gemv_ok(x2, qweight):
         raise ValueError(f"w4_gemv needs 1..{GEMV_MAX_ROWS} rows with K % 8 == 0 and uint8 codes [N, K/2] readable "
                          f"as int32 words; got x {x2.dtype} {list(x2.shape)}, qweight {qweight.dtype} "
@@ -438,9 +494,38 @@ def _check(x2, qweight, scales, zeros, group_size):
     if scales.shape != (qweight.shape[0], g) or zeros.shape != scales.shape:
         raise ValueError(f"scales {list(scales.shape)} and zeros {list(zeros.shape)} must both be "
                          f"[{qweight.shape[0]}, {g}]")
+    m, n = x2.shape[0], qweight.shape[0]
+    if out is not None and (out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1):
+        raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
 
 
-def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulate, config):
+class _Input(NamedTuple):
+    """The kernel's input transform (``INPUT`` of :func:`_w4_gemv_rows_kernel`): 0 none, 1 rmsnorm with
+    ``weight`` and ``eps``, 2 silu_mul; rounded to ``dt``."""
+
+    kind: int = 0
+    dt: torch.dtype = torch.float32
+    weight: torch.Tensor | None = None
+    eps: float = 0.0
+
+
+_PLAIN = _Input()
+
+
+def _check_fused(src, what, m, k, dt, weight=None):
+    """Inputs of the fused forms: ``src`` float32 ``[m, k]`` with unit stride, ``dt`` one of :data:`TL_DTYPES`,
+    a norm ``weight [k]`` (contiguous, a float dtype)."""
+    if src.dtype != torch.float32 or src.dim() != 2 or src.shape != (m, k) or src.stride(1) != 1:
+        raise ValueError(f"{what} must be float32 [{m}, {k}] with unit stride (1..{GEMV_MAX_ROWS} rows), got "
+                         f"{src.dtype} {list(src.shape)} strides {src.stride()}")
+    if dt not in TL_DTYPES:
+        raise ValueError(f"dt must be one of {', '.join(map(str, TL_DTYPES))}, got {dt}")
+    if weight is not None and (weight.shape != (k,) or weight.stride(0) != 1 or weight.dtype not in TL_DTYPES):
+        raise ValueError(f"the norm weight must be a contiguous [{k}] tensor of {', '.join(map(str, TL_DTYPES))}, "
+                         f"got {weight.dtype} {list(weight.shape)}")
+
+
+def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulate, config, fused=_PLAIN):
     m, k = x2.shape
     n = qweight.shape[0]
     if x2.stride(1) != 1:
@@ -458,11 +543,13 @@ def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulat
     res = residual if residual is not None else y
     grid = (triton.cdiv(n, cfg.block_n),) if split == 1 else (triton.cdiv(n, cfg.block_n), split)
     _w4_gemv_rows_kernel[grid](
-        x2, words, scales, zeros, bias if bias is not None else y, res, y, n, k // 8, scales.shape[1], CODE_MASK,
+        x2, words, scales, zeros, bias if bias is not None else y, res, y,
+        fused.weight if fused.weight is not None else y, n, k // 8, scales.shape[1], CODE_MASK, fused.eps,
         x2.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), y.stride(0),
         M=m, GROUP=group_size, SUB_N=cfg.block_n // cfg.sub, SUB=cfg.sub, BLOCK_K=cfg.block_k,
         MASK_N=n % cfg.block_n != 0, HAS_TAIL=k % cfg.block_k != 0, PREFETCH=bool(cfg.prefetch),
         ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split,
+        INPUT=fused.kind, DT=TL_DTYPES[fused.dt], RBLOCK=min(triton.next_power_of_2(k), 128 * cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True)  # FFMA (Triton 3.10 turns fusion off by default)
     return y
@@ -474,11 +561,35 @@ def w4_gemv_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     """``out [M, N] (float32) += x2 [M, K] @ W^T (+ bias)`` (see :func:`gemv_ok`); returns ``out``.
 
     ``config``: a :class:`GemvConfig` (or its fields) or None for :func:`default_config`."""
-    _check(x2, qweight, scales, zeros, group_size)
-    m, n = x2.shape[0], qweight.shape[0]
-    if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
-        raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
+    _check(x2, qweight, scales, zeros, group_size, out)
     return _launch(x2, qweight, scales, zeros, group_size, out, bias, None, True, config)
+
+
+def w4_gemv_accumulate_rmsnorm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
+                               qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                               out: torch.Tensor, config: GemvConfig | tuple | None = None,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += misc.rmsnorm(x, norm_weight, eps, dt) @ W^T (+ bias)`` in one kernel: ``x [M, K]`` float32 (the
+    residual stream), ``norm_weight [K]``; each program computes the rows' statistics itself (in another order
+    than :func:`runtime.kernels.misc.rmsnorm`: float32 rounding apart) and rounds the input to ``dt`` as it does.
+    Otherwise as :func:`w4_gemv_accumulate`."""
+    _check_fused(x, "x", x.shape[0] if x.dim() == 2 else 0, qweight.shape[1] * 2, dt, norm_weight)
+    _check(x, qweight, scales, zeros, group_size, out)
+    return _launch(x, qweight, scales, zeros, group_size, out, bias, None, True, config,
+                   _Input(1, dt, norm_weight, float(eps)))
+
+
+def w4_gemv_accumulate_silu(gate_up: torch.Tensor, dt: torch.dtype, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor, group_size: int, out: torch.Tensor,
+                            config: GemvConfig | tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += misc.silu_mul(gate_up, dt) @ W^T (+ bias)`` in one kernel: ``gate_up [M, 2K]`` float32 (gate
+    first), the input ``silu(gate) * up`` rounded to ``dt`` as :func:`runtime.kernels.misc.silu_mul` rounds it.
+    ``gate_up`` is left as it is (other programs read it: zero it afterwards, e.g. ``kv4.rope_append``'s
+    ``clear_extra``). Otherwise as :func:`w4_gemv_accumulate`."""
+    k = qweight.shape[1] * 2
+    _check_fused(gate_up, "gate_up", gate_up.shape[0] if gate_up.dim() == 2 else 0, 2 * k, dt)
+    _check(gate_up[:, :k], qweight, scales, zeros, group_size, out)
+    return _launch(gate_up[:, :k], qweight, scales, zeros, group_size, out, bias, None, True, config, _Input(2, dt))
 
 
 def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -497,7 +608,8 @@ def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 @dataclass
 class GemvW4(W4Weight):
     """A :class:`W4Weight` whose decode-step ``accumulate`` runs on :func:`w4_gemv_accumulate` when
-    :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the split-K kernel; same tensors, no copy."""
+    :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the split-K kernel; same tensors, no copy. The fused
+    forms (:meth:`accumulate_rmsnorm`, :meth:`accumulate_silu`) run only on the GEMV (:meth:`fuses_inputs`)."""
 
     @classmethod
     def from_w4(cls, w: W4Weight) -> "GemvW4":
@@ -510,3 +622,19 @@ class GemvW4(W4Weight):
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)
+
+    def fuses_inputs(self, m: int) -> bool:
+        """Whether :meth:`accumulate_rmsnorm` and :meth:`accumulate_silu` take ``m`` rows (:func:`shape_ok`)."""
+        return shape_ok(m, self.in_features, self.qweight)
+
+    def accumulate_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
+                           out: torch.Tensor) -> torch.Tensor:
+        """``out += rmsnorm(x) @ W^T (+ bias)``, the norm in the kernel (:func:`w4_gemv_accumulate_rmsnorm`)."""
+        return w4_gemv_accumulate_rmsnorm(x, norm_weight, eps, dt, self.qweight, self.scales, self.zeros,
+                                          self.group_size, out, bias=self.bias)
+
+    def accumulate_silu(self, gate_up: torch.Tensor, dt: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        """``out += silu_mul(gate_up) @ W^T (+ bias)`` in the kernel (:func:`w4_gemv_accumulate_silu`); leaves
+        ``gate_up`` to be zeroed by its next user."""
+        return w4_gemv_accumulate_silu(gate_up, dt, self.qweight, self.scales, self.zeros, self.group_size, out,
+                                       bias=self.bias)

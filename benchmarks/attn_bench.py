@@ -1,0 +1,288 @@
+"""Graph-timed sweep of the 4-bit POQ decode attention (:func:`runtime.kernels.kv4.decode_attention`: split kernel +
+combine) at the LLaMA-2-7B attention shape (32 query and KV heads, head_dim 128, per-token stats), over
+splits x (block_s, num_warps) x loads x row_max (:class:`runtime.kernels.kv4.AttnConfig`).
+
+Per case (batch x context, the cache filled with ``context`` random tokens): every config is checked against the
+float64 POQ attention of the dequantized cache (relative error < 1e-4: the kernel is float32 throughout), then timed
+by CUDA-graph replay over a ring of distinct caches of >= 256 MB (H200 L2: 60 MB; every replay reads from HBM), as in
+``benchmarks/w4_gemv_bench.py``. Configs that fail to compile or run, or are wrong, are recorded, not timed. GB/s
+counts the codes and stats of the ``context`` past tokens read per call.
+
+    python3 benchmarks/attn_bench.py --json benchmarks/results/attn_h200.json [--batches 1,8] [--contexts 2048,32768]
+
+Compiles run first in ``--workers`` processes (Triton's on-disk cache), so the timing loop only loads them. The record
+is rewritten after every case; its "best" table (fastest correct config per batch and context) is what
+``WKVQ_ATTN_TABLE=record.json`` makes the decode step use (:func:`runtime.kernels.kv4.load_table`). Prints one table per
+case (fastest first, and the default config), the best time per loads/row_max option, and ``ATTN_TABLE`` entries.
+``--dry``: the same code path on CPU under ``TRITON_INTERPRET=1`` at a tiny shape, timed by wall clock (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
+from converter.bench_kernels import graph_ms  # noqa: E402
+from converter.bench_paths import _fill_random  # noqa: E402
+from runtime import kernels, quant  # noqa: E402
+from runtime.kernels import kv4  # noqa: E402
+from runtime.static_cache import StaticPOQCache, poq_attention  # noqa: E402
+
+log = logging.getLogger("attn_bench")
+MAX_REL_ERR = 1e-4  # float32 kernel against float64 (the interpreter tests hold the same bound)
+HEADS, HEAD_DIM = 32, 128  # LLaMA-2-7B; --dry: 2 heads of 32
+# (block_s, num_warps) with 1..8 int32 words of a code tile per thread at head_dim 128 (16 words a token); local
+# sm_90 SASS (Triton 3.9): 8 words take 215-250 registers (1-2 programs per SM), 2 words 80-95, 4 words 125-160
+TILES = ((16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
+QUICK = (kv4.AttnConfig(), kv4.AttnConfig(loads="early"), kv4.AttnConfig(loads="prefetch"),
+         kv4.AttnConfig(loads="prefetch", row_max=True), kv4.AttnConfig(block_s=16, num_warps=2, loads="prefetch",
+                                                                        row_max=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    context: int  # past tokens in the cache (its size: context + 1, the decode token's slot)
+
+    @property
+    def key(self) -> str:
+        return f"{self.batch}x{kv4.context_bucket(self.context + 1)}"
+
+
+def splits_range(case: Case, heads: int, sms: int) -> list[int]:
+    """Powers of two from half the default policy's count, >= 32 tokens a split, <= 16384 programs (7B, H200:
+    b1 p2048 8..64, b1 p32768 32..256, b8 4..64)."""
+    default = kv4.num_splits(case.batch, heads, case.context + 1, sms)
+    return [n for n in (1 << i for i in range(9))
+            if n >= max(1, default // 2) and case.context // n >= 32 and case.batch * heads * n <= 16384]
+
+
+def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
+    """The default config (:func:`runtime.kernels.kv4.attn_config`) first, then the sweep's grid (or ``QUICK``)."""
+    default = kv4.attn_config(case.batch, heads, case.context + 1, sms)
+    splits = [int(v) for v in args.splits.split(",")] if args.splits else splits_range(case, heads, sms)
+    if args.quick:
+        grid = [dataclasses.replace(c, splits=n) for n in splits[:3] for c in QUICK]
+    else:
+        tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else TILES
+        grid = [kv4.AttnConfig(n, bs, w, loads, bool(rm))
+                for n, (bs, w), loads, rm in itertools.product(splits, tiles, args.loads.split(","),
+                                                               [int(v) for v in args.row_max.split(",")])]
+    return [default] + [c for c in dict.fromkeys(grid) if c != default]
+
+
+def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
+    """Worker: run each ``(config, cache size)`` once on a small cache of the same Triton specialisation (size mod 16),
+    so that it lands in Triton's on-disk cache; returns ``(config, error text)`` of those that fail."""
+    bad = []
+    for cfg, size in items:
+        small = 64 if size % 16 == 0 else 64 + size % 16
+        try:
+            q, k_cur, v_cur, params, cache = _inputs(1, small - 1, HEADS, HEAD_DIM, "cuda", 1)
+            for dtype in (torch.float32, torch.float16):
+                kv4.decode_attention(q, k_cur, v_cur, cache.layers[0], cache.pos, params, HEAD_DIM ** -0.5, dtype, cfg)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported, the config is skipped
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
+            bad.append((cfg, f"{type(e).__name__}: {first_line}"))
+    return bad
+
+
+def precompile(items: list[tuple[kv4.AttnConfig, int]], workers: int) -> dict[kv4.AttnConfig, str]:
+    if workers <= 1:
+        return dict(_compile(items))
+    with mp.get_context("spawn").Pool(workers) as pool:
+        res = pool.map(_compile, [items[j::workers] for j in range(workers)])
+    return dict(itertools.chain.from_iterable(res))
+
+
+def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int):
+    """Query, current key/value, smoothing params and a random cache of ``layers`` layers holding ``context`` tokens."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = 4 * torch.randn(batch, heads, d, device=device, generator=g)  # spread scores: the running maximum moves
+    k_cur, v_cur = (torch.randn(batch, heads, d, device=device, generator=g) for _ in range(2))
+    scale = lambda: 0.5 + torch.rand(heads, d, device=device, generator=g)  # noqa: E731
+    params = (scale(), torch.randn(heads, d, device=device, generator=g), scale(),
+              torch.randn(heads, d, device=device, generator=g))
+    cache = StaticPOQCache(layers, batch, context + 1, heads, d, device=device)
+    _fill_random(cache, context)
+    return q, k_cur, v_cur, params, cache
+
+
+def _dequantize64(codes, step, minimum, scale, shift, d: int) -> torch.Tensor:
+    g = d // step.shape[-1]
+    x = quant.unpack(codes, 4, d).double() * quant.expand_groups(step.double(), g, d)
+    return quant.kv_unsmooth(x + quant.expand_groups(minimum.double(), g, d), scale.double(), shift.double())
+
+
+def reference(q, k_cur, v_cur, params, store, context: int) -> torch.Tensor:
+    """float64 POQ attention over the dequantized past of ``store`` (one sequence at a time: bounded memory)."""
+    k_scale, k_shift, v_scale, v_shift = params
+    d, out = q.shape[-1], []
+    for i in range(q.shape[0]):
+        t = [x[i:i + 1, :, :context] for x in store.tensors()]
+        pk = _dequantize64(*t[:3], k_scale, k_shift, d)
+        pv = _dequantize64(*t[3:], v_scale, v_shift, d)
+        qi, ki, vi = (x[i:i + 1, :, None].double() for x in (q, k_cur, v_cur))
+        out.append(poq_attention(qi, ki, vi, pk, pv, d ** -0.5)[:, :, 0])
+    return torch.cat(out)
+
+
+def bench_case(case: Case, cands, failed: dict, args, device) -> list[dict]:
+    heads, d = (2, 32) if args.dry else (HEADS, HEAD_DIM)
+    probe = StaticPOQCache(1, case.batch, case.context + 1, heads, d, device="meta")
+    layers = 1 if args.dry else max(1, -(-(args.ring_mb << 20) // probe.nbytes()))
+    q, k_cur, v_cur, params, ring = _inputs(case.batch, case.context, heads, d, device, layers)
+    ref = reference(q, k_cur, v_cur, params, ring.layers[0], case.context)
+    nbytes = probe.nbytes() * case.context // (case.context + 1)
+    rows = []
+    for i, cfg in enumerate(cands):
+        row = dict(batch=case.batch, context=case.context, key=case.key, config=dataclasses.asdict(cfg),
+                   label=cfg.label(), default=i == 0, ring=layers, us=None, GBps=None, rel_err=None, ok=False)
+        rows.append(row)
+        if cfg in failed:
+            row["error"] = failed[cfg]
+            continue
+
+        def call(store, dtype=torch.float16, cfg=cfg):
+            return kv4.decode_attention(q, k_cur, v_cur, store, ring.pos, params, d ** -0.5, dtype, cfg)
+
+        def step():
+            for store in ring.layers:
+                call(store)
+
+        try:
+            out = call(ring.layers[0], torch.float32)
+            row["rel_err"] = ((out.double() - ref).norm() / ref.norm()).item()
+            row["ok"] = row["rel_err"] < MAX_REL_ERR
+            if row["ok"]:
+                ms = _wall_ms(step) if args.dry else graph_ms(step, reps=args.reps)
+                row["us"] = ms * 1e3 / layers
+                row["GBps"] = nbytes / (ms / layers) / 1e6
+        except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            log.warning("%s %s: %s", case.key, cfg.label(), row["error"])
+    log.info("%s: %d configs, %d timed, ring of %d caches of %.1f MB", case.key, len(rows),
+             sum(r["us"] is not None for r in rows), layers, probe.nbytes() / 2 ** 20)
+    return rows
+
+
+def _wall_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def best_table(rows: list[dict]) -> dict[str, dict]:
+    """Fastest correct config per case key, with the default config's time for scale."""
+    best = {}
+    for key in dict.fromkeys(r["key"] for r in rows):
+        timed = [r for r in rows if r["key"] == key and r["us"] is not None]
+        if not timed:
+            continue
+        top = min(timed, key=lambda r: r["us"])
+        default = next((r for r in timed if r["default"]), None)
+        best[key] = dict(config=top["config"], label=top["label"], us=top["us"], GBps=top["GBps"],
+                         default_label=default and default["label"], default_us=default and default["us"])
+    return best
+
+
+def print_table(rows: list[dict], top: int) -> None:
+    for key in dict.fromkeys(r["key"] for r in rows):
+        sel = sorted((r for r in rows if r["key"] == key and r["us"] is not None), key=lambda r: r["us"])
+        print(f"\n{key} (batch x context)        config                           us      GB/s   rel_err")
+        for r in sel[:top] + [r for r in sel[top:] if r["default"]]:
+            print(f"  {'default' if r['default'] else '':8s} {r['label']:36s} {r['us']:9.2f} {r['GBps']:8.0f}   "
+                  f"{r['rel_err']:.1e}")
+        for loads, rm in itertools.product(kv4.LOADS, (False, True)):
+            opt = [r for r in sel if r["config"]["loads"] == loads and r["config"]["row_max"] == rm]
+            if opt:
+                print(f"  best with loads={loads:8s} row_max={rm!s:5s}: {opt[0]['us']:9.2f} us  {opt[0]['label']}")
+        for r in rows:
+            if r["key"] == key and not r["ok"]:
+                why = r.get("error") or f"rel_err {r['rel_err']:.1e}"
+                print(f"  FAILED  {r['label']:36s} {why}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="record: every config's time, error; the best per case")
+    ap.add_argument("--batches", default="1,8", help="comma-separated")
+    ap.add_argument("--contexts", default="2048,32768", help="past tokens, comma-separated")
+    ap.add_argument("--splits", default="", help="split counts (default: per case, see splits_range)")
+    ap.add_argument("--tiles", default="", help="block_s x num_warps pairs, e.g. 16x2,32x4 (default: TILES)")
+    ap.add_argument("--loads", default=",".join(kv4.LOADS), help="of " + ", ".join(kv4.LOADS))
+    ap.add_argument("--row-max", default="0,1", help="0, 1 or both")
+    ap.add_argument("--quick", action="store_true", help="a few configs per case at 3 split counts (a smoke test)")
+    ap.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1), help="compile processes")
+    ap.add_argument("--reps", type=int, default=10, help="ms of graph replays per timing (x10 replays)")
+    ap.add_argument("--ring-mb", type=int, default=RING_BYTES >> 20, help="caches per case: at least this many MB")
+    ap.add_argument("--top", type=int, default=12, help="rows per table")
+    ap.add_argument("--dry", action="store_true", help="CPU smoke test under TRITON_INTERPRET=1: 2 heads of 32, "
+                    "wall-clock times (default cases 1 x 100)")
+    args = ap.parse_args(argv)
+    bad = [v for v in args.loads.split(",") if v not in kv4.LOADS] + [
+        v for v in args.row_max.split(",") if v not in ("0", "1")]
+    if bad:
+        ap.error(f"unknown --loads / --row-max values {bad}; allowed: {', '.join(kv4.LOADS)} / 0, 1")
+    if args.dry:
+        args.batches, args.contexts = ("1", "100") if (args.batches, args.contexts) == ("1,8", "2048,32768") else (
+            args.batches, args.contexts)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.dry and not kernels.available("cpu"):
+        sys.exit("attn_bench.py --dry: needs Triton's interpreter (set TRITON_INTERPRET=1); nothing run")
+    if not args.dry and not torch.cuda.is_available():
+        sys.exit("attn_bench.py: needs a CUDA device (none found); nothing measured (--dry: a CPU smoke test)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import triton
+
+    device = "cpu" if args.dry else "cuda"
+    heads = 2 if args.dry else HEADS
+    sms = kv4.multiprocessors(device)
+    cases = [Case(b, c) for b in map(int, args.batches.split(",")) for c in map(int, args.contexts.split(","))]
+    cands = {case: candidates(case, heads, sms, args) for case in cases}
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu (interpreter)" if args.dry else
+              torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "sms": sms,
+              "heads": heads, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
+    t0 = time.time()
+    failed = {}
+    if not args.dry:
+        failed = precompile(list(dict.fromkeys((cfg, case.context + 1) for case in cases for cfg in cands[case])),
+                            args.workers)
+        log.info("compiled %d configs in %.0f s; %d failed", len({c for cs in cands.values() for c in cs}),
+                 time.time() - t0, len(failed))
+    for case in cases:
+        record["rows"] += bench_case(case, cands[case], failed, args, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the case's ring
+        record["best"] = best_table(record["rows"])  # read back by runtime.kernels.kv4.load_table
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    log.info("sweep done in %.0f s", time.time() - t0)
+    print_table(record["rows"], args.top)
+    print("\nATTN_TABLE = {")
+    for key, r in record["best"].items():
+        fields = ", ".join(f"{k}={v!r}" for k, v in r["config"].items() if v != getattr(kv4.ATTN_DEFAULT, k))
+        print(f"    ({key.replace('x', ', ')}): AttnConfig({fields}),  # {r['us']:.2f} us, {r['GBps']:.0f} GB/s "
+              f"(default {r['default_us'] or float('nan'):.2f} us)")
+    print("}")
+
+
+if __name__ == "__main__":
+    main()
