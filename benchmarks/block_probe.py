@@ -21,11 +21,12 @@ from converter import data, lwc
 from converter.export import WeightQuantConfig
 from runtime.kvquant import KVQuantConfig
 
-VARIANTS = {
-    "nearest": {},
+VARIANTS = {  # CalibConfig fields over its defaults (rounding "learned" since the fifth session)
+    "nearest": {"rounding": "nearest"},
     "gptq": {"rounding": "gptq"},
     "learned": {"rounding": "learned"},
     "norms": {"tune_norms": True, "norm_lr": 1e-3},
+    "cos2": {"schedule": "cosine", "lwc_lr": 2e-2, "round_lr": 1e-2, "smooth_lr": 1e-2},
 }
 
 
@@ -73,6 +74,7 @@ def main(model_dir, seqlen, nsamples, held_out, blocks, epochs, variants, dtype,
         rows = probe(model, tokens, VARIANTS[name], seqlen, nsamples, held_out, blocks, epochs,
                      getattr(torch, dtype), torch.device(device))
         click.echo(f"{name:8s} held-out: " + " ".join(f"{r[2]:.4f}" for r in rows)
+                   + f"   trained: {' '.join(f'{r[1]:.4f}' for r in rows)}"
                    + f"   (initial: {' '.join(f'{r[0]:.4f}' for r in rows)}; {time.perf_counter() - start:.0f} s)")
 
 
