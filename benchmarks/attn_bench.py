@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
-from converter.bench_kernels import graph_ms  # noqa: E402
+from converter.bench_kernels import error_line, graph_ms, in_workers  # noqa: E402
 from converter.bench_paths import _fill_random  # noqa: E402
 from runtime import kernels, quant  # noqa: E402
 from runtime.kernels import kv4  # noqa: E402
@@ -96,17 +95,12 @@ def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
                 kv4.decode_attention(q, k_cur, v_cur, cache.layers[0], cache.pos, params, HEAD_DIM ** -0.5, dtype, cfg)
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported, the config is skipped
-            first_line = str(e).splitlines()[0][:200] if str(e) else ""
-            bad.append((cfg, f"{type(e).__name__}: {first_line}"))
+            bad.append((cfg, error_line(e)))
     return bad
 
 
 def precompile(items: list[tuple[kv4.AttnConfig, int]], workers: int) -> dict[kv4.AttnConfig, str]:
-    if workers <= 1:
-        return dict(_compile(items))
-    with mp.get_context("spawn").Pool(workers) as pool:
-        res = pool.map(_compile, [items[j::workers] for j in range(workers)])
-    return dict(itertools.chain.from_iterable(res))
+    return dict(in_workers(_compile, items, workers))
 
 
 def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int):
@@ -122,20 +116,15 @@ def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int):
     return q, k_cur, v_cur, params, cache
 
 
-def _dequantize64(codes, step, minimum, scale, shift, d: int) -> torch.Tensor:
-    g = d // step.shape[-1]
-    x = quant.unpack(codes, 4, d).double() * quant.expand_groups(step.double(), g, d)
-    return quant.kv_unsmooth(x + quant.expand_groups(minimum.double(), g, d), scale.double(), shift.double())
-
-
 def reference(q, k_cur, v_cur, params, store, context: int) -> torch.Tensor:
     """float64 POQ attention over the dequantized past of ``store`` (one sequence at a time: bounded memory)."""
     k_scale, k_shift, v_scale, v_shift = params
     d, out = q.shape[-1], []
     for i in range(q.shape[0]):
         t = [x[i:i + 1, :, :context] for x in store.tensors()]
-        pk = _dequantize64(*t[:3], k_scale, k_shift, d)
-        pv = _dequantize64(*t[3:], v_scale, v_shift, d)
+        pk, pv = (quant.kv_dequantize(quant.unpack(codes, 4, d), step, minimum, scale, shift,
+                                      d // step.shape[-1], torch.float64)
+                  for codes, step, minimum, scale, shift in ((*t[:3], k_scale, k_shift), (*t[3:], v_scale, v_shift)))
         qi, ki, vi = (x[i:i + 1, :, None].double() for x in (q, k_cur, v_cur))
         out.append(poq_attention(qi, ki, vi, pk, pv, d ** -0.5)[:, :, 0])
     return torch.cat(out)
@@ -173,7 +162,7 @@ def bench_case(case: Case, cands, failed: dict, args, device) -> list[dict]:
                 row["us"] = ms * 1e3 / layers
                 row["GBps"] = nbytes / (ms / layers) / 1e6
         except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            row["error"] = error_line(e)
             log.warning("%s %s: %s", case.key, cfg.label(), row["error"])
     log.info("%s: %d configs, %d timed, ring of %d caches of %.1f MB", case.key, len(rows),
              sum(r["us"] is not None for r in rows), layers, probe.nbytes() / 2 ** 20)

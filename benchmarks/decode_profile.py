@@ -24,8 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converter.bench import SHAPES, llama_config  # noqa: E402
-from converter.bench_paths import _fill_random, random_fast_llama  # noqa: E402
-from runtime.fast import DecodeGraph  # noqa: E402
+from converter.bench_paths import wkvq_decode_graph  # noqa: E402
 
 
 def kernel_times(prof, steps: int) -> list[dict]:
@@ -49,13 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_profile: needs a CUDA device")
-    config = llama_config(args.shape)
-    max_len = args.prompt + 2 * args.steps + 8
-    model = random_fast_llama(config, max_len).with_projections(args.projections)
-    cache = model.new_cache(args.batch, max_len)
-    _fill_random(cache, args.prompt)
-    graph = DecodeGraph(model, cache)
-    ids = torch.randint(0, config.vocab_size, (args.batch,), device="cuda")
+    _, _, graph, ids = wkvq_decode_graph(llama_config(args.shape), args.batch, args.prompt, 2 * args.steps,
+                                         args.projections)
     for _ in range(3):
         graph.step(ids)
     torch.cuda.synchronize()

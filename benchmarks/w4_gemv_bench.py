@@ -16,9 +16,9 @@ one table per shape and M (fastest first), and the best config per shape as ``GE
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
 from converter.bench import copy_bandwidth  # noqa: E402
-from converter.bench_kernels import SHAPES_7B, _nbytes, _reference, graph_ms, random_weight  # noqa: E402
+from converter.bench_kernels import (SHAPES_7B, _nbytes, _reference, error_line, graph_ms, in_workers,  # noqa: E402
+                                     random_weight)
 from runtime.kernels import w4  # noqa: E402
 from runtime.kernels import w4_gemv as gv  # noqa: E402
 
@@ -48,9 +49,8 @@ def _rel(a, b) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _compile(args) -> list[tuple[int, str]]:
+def _compile(shapes, ms, items) -> list[tuple[int, str]]:
     """Worker: run each config once at every shape and M (compiles into Triton's cache); (index, error text)."""
-    shapes, ms, items = args
     bad = []
     for n, k in shapes:
         qw, sc, zr = random_weight(n, k)
@@ -62,18 +62,12 @@ def _compile(args) -> list[tuple[int, str]]:
                     gv.w4_gemv_accumulate(x, qw, sc, zr, 128, out, config=cfg)
                     torch.cuda.synchronize()
                 except Exception as e:  # noqa: BLE001 - reported, the config is skipped
-                    first_line = str(e).splitlines()[0][:200] if str(e) else ""
-                    bad.append((i, f"{n}x{k} m={m}: {type(e).__name__}: {first_line}"))
+                    bad.append((i, f"{n}x{k} m={m}: {error_line(e)}"))
     return bad
 
 
 def precompile(cands, shapes, ms, workers: int) -> dict[int, str]:
-    items = list(enumerate(cands))
-    if workers <= 1:
-        return dict(_compile((shapes, ms, items)))
-    with mp.get_context("spawn").Pool(workers) as pool:
-        res = pool.map(_compile, [(shapes, ms, items[j::workers]) for j in range(workers)])
-    return dict(sum(res, []))
+    return dict(in_workers(functools.partial(_compile, shapes, ms), list(enumerate(cands)), workers))
 
 
 def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]:

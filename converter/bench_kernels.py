@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import logging
+import multiprocessing as mp
 
 import torch
 
@@ -27,6 +28,21 @@ def graph_ms(fn, reps: int = 20) -> float:
     fn()  # compile outside the capture
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
+
+
+def in_workers(fn, items: list, workers: int) -> list:
+    """``fn(chunk) -> list`` over ``items`` in ``workers`` spawned processes (round-robin chunks; ``fn`` a module-level
+    function or a partial of one), the lists concatenated; in this process for ``workers <= 1``. For compiling
+    kernels in parallel into Triton's on-disk cache before a timing loop."""
+    if workers <= 1:
+        return fn(items)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return list(itertools.chain.from_iterable(pool.map(fn, [items[j::workers] for j in range(workers)])))
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters), for a sweep's record of failed configs."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def random_weight(n: int, k: int, group: int = 128):

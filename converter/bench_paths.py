@@ -73,13 +73,19 @@ def _weight_bytes(model: FastLlama) -> int:
     return n
 
 
-def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "triton") -> dict:
+def wkvq_decode_graph(config, batch: int, prompt: int, steps: int, projections: str = "triton"):
+    """``(model, cache, graph, ids)``: a random W4KV4 model of ``config`` on ``projections``, its cache filled with
+    ``prompt`` random tokens and room for ``steps`` more (+ 8), the decode step captured, random token ids."""
     max_len = prompt + steps + 8
     model = random_fast_llama(config, max_len).with_projections(projections)
     cache = model.new_cache(batch, max_len)
     _fill_random(cache, prompt)
     graph = DecodeGraph(model, cache)
-    ids = torch.randint(0, config.vocab_size, (batch,), device=DEV)
+    return model, cache, graph, torch.randint(0, config.vocab_size, (batch,), device=DEV)
+
+
+def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "triton") -> dict:
+    model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, steps, projections)
     start = cache.length
     ms = _median_steps(lambda: graph.step(ids), steps)
     kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len

@@ -258,11 +258,13 @@ def kv_quantize(
 def kv_dequantize(
     codes, step, minimum, scale, shift, group_size: int | None = None, dtype=torch.float32
 ) -> torch.Tensor:
-    """Inverse of :func:`kv_quantize` up to rounding: ``[B, H, T, D]`` in ``dtype``."""
+    """Inverse of :func:`kv_quantize` up to rounding: ``[B, H, T, D]`` in ``dtype``, computed in float32 (in
+    float64 for ``dtype`` float64: the references of the kernels' benchmarks)."""
     d = codes.shape[-1]
     g = group_size or d
-    xs = codes.float() * expand_groups(step.float(), g, d) + expand_groups(minimum.float(), g, d)
-    return kv_unsmooth(xs, scale.float(), shift.float()).to(dtype)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    xs = codes.to(ct) * expand_groups(step.to(ct), g, d) + expand_groups(minimum.to(ct), g, d)
+    return kv_unsmooth(xs, scale.to(ct), shift.to(ct)).to(dtype)
 
 
 def kv_fake_quantize(x, scale, shift, bits: int = 4, group_size: int | None = None,

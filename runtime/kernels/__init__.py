@@ -7,8 +7,11 @@ tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -29,3 +32,23 @@ def available(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and interpreting()
+
+
+def sweep_table(path, entry, what: str, tool: str) -> dict:
+    """The ``best`` table of the sweep record at ``path`` (written by ``tool --json``), each ``key: row`` of it
+    turned into ``(key, config)`` by ``entry``; anything else is a one-line ``ValueError`` naming ``what``."""
+    try:
+        return dict(entry(key, row) for key, row in json.loads(Path(path).read_text())["best"].items())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not {what} sweep record with a 'best' table ({type(e).__name__}: {e}); "
+                         f"write one with {tool} --json") from e
+
+
+@functools.lru_cache(maxsize=None)
+def env_tables(paths: str | None, load) -> dict:
+    """The tables ``load(path)`` of the records in ``paths`` (an environment variable's value, ``os.pathsep``-
+    separated, e.g. one sweep per batch; later ones win), read once per value."""
+    table = {}
+    for path in filter(None, (paths or "").split(os.pathsep)):
+        table.update(load(path))
+    return table

@@ -12,8 +12,6 @@ The static smoothing is folded into the query and the output instead of dequanti
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -22,6 +20,8 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+
+from . import env_tables, sweep_table
 
 
 @triton.jit
@@ -443,25 +443,8 @@ def context_bucket(max_len: int) -> int:
 
 def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
     """The best config per ``(batch, context bucket)`` of a sweep record written by ``benchmarks/attn_bench.py``."""
-    try:
-        best = json.loads(Path(path).read_text())["best"]
-        table = {}
-        for key, row in best.items():
-            batch, context = (int(v) for v in key.split("x"))
-            table[batch, context] = AttnConfig(**row["config"])
-        return table
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not an attention sweep record with a 'best' table ({type(e).__name__}: {e}); "
-                         "write one with benchmarks/attn_bench.py --json") from e
-
-
-@functools.lru_cache(maxsize=None)
-def _env_table(paths: str | None) -> dict[tuple[int, int], AttnConfig]:
-    """The tables of the records in ``paths`` (``os.pathsep``-separated, e.g. one sweep per batch; later ones win)."""
-    table = {}
-    for path in filter(None, (paths or "").split(os.pathsep)):
-        table.update(load_table(path))
-    return table
+    return sweep_table(path, lambda key, row: (tuple(int(v) for v in key.split("x")), AttnConfig(**row["config"])),
+                       "an attention", "benchmarks/attn_bench.py")
 
 
 def multiprocessors(device) -> int:
@@ -475,7 +458,7 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnCon
     variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`; several separated by ``os.pathsep``), then
     :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``splits`` resolved by
     :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
-    table = {**ATTN_TABLE, **_env_table(os.environ.get(TABLE_ENV))}
+    table = {**ATTN_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((batch, context_bucket(max_len)), ATTN_DEFAULT)
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))

@@ -4,16 +4,14 @@ candidates :data:`GEMV_CONFIGS`, the measured :data:`GEMV_TABLE`, a sweep record
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import triton
 
-from . import interpreting
+from . import env_tables, interpreting, sweep_table
 
 
 class GemvConfig(NamedTuple):
@@ -73,24 +71,15 @@ TABLE_ENV = "WKVQ_GEMV_TABLE"
 
 def load_table(path: str | Path) -> dict[tuple[int, int, int], GemvConfig]:
     """The best config per ``(N, K, M)`` of a sweep record written by ``benchmarks/w4_gemv_bench.py --json``."""
-    try:
-        best = json.loads(Path(path).read_text())["best"]
-        return {tuple(int(v) for v in key.split("x")): GemvConfig(*row["config"]) for key, row in best.items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a w4_gemv sweep record with a 'best' table ({type(e).__name__}: {e}); "
-                         "write one with benchmarks/w4_gemv_bench.py --json") from e
-
-
-@functools.lru_cache(maxsize=None)
-def _env_table(path: str | None) -> dict[tuple[int, int, int], GemvConfig]:
-    return load_table(path) if path else {}
+    return sweep_table(path, lambda key, row: (tuple(int(v) for v in key.split("x")), GemvConfig(*row["config"])),
+                       "a w4_gemv", "benchmarks/w4_gemv_bench.py")
 
 
 def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
-    """The config for a shape: the sweep record named by the environment variable ``WKVQ_GEMV_TABLE``
-    (:func:`load_table`), then :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
+    """The config for a shape: the sweep records named by the environment variable ``WKVQ_GEMV_TABLE``
+    (:func:`load_table`; several separated by ``os.pathsep``), then :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
     ``K`` into 2-4 ranges, also a guess)."""
-    table = {**GEMV_TABLE, **_env_table(os.environ.get(TABLE_ENV))}
+    table = {**GEMV_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
     if cfg is None:
         if interpreting():
