@@ -23,6 +23,26 @@ from .static_cache import StaticPOQCache
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("triton", "gemlite", "gemv")
+# Input transforms the gemv projections may compute in their loads (FastLlama._fused_inputs): "norm" (qkv and
+# gate_up norm x themselves) and "silu" (down computes silu(gate) * up). None by default: fusing the norm measured
+# 4.21 ms against 2.88 ms a step at 7B b1 p2048 on an H200 (every program first reads its rows of x whole for
+# their rsqrt; BENCHMARKS.md, eighth session). WKVQ_FUSE picks them: "norm", "silu", "norm,silu" or "none".
+FUSIONS = ("norm", "silu")
+FUSE_DEFAULT: tuple[str, ...] = ()
+FUSE_ENV = "WKVQ_FUSE"
+
+
+def fuse_choice(value: str | None) -> frozenset[str]:
+    """The fusions named by ``value`` (``WKVQ_FUSE``: comma-separated :data:`FUSIONS`, or ``none``); unset or
+    empty: :data:`FUSE_DEFAULT`."""
+    if not value or not value.strip():
+        return frozenset(FUSE_DEFAULT)
+    names = {v.strip() for v in value.split(",") if v.strip()} - {"none"}
+    bad = sorted(names - set(FUSIONS))
+    if bad:
+        raise ValueError(f"{FUSE_ENV}={value!r}: unknown fusion {', '.join(bad)}; use a comma-separated list of "
+                         f"{', '.join(FUSIONS)}, or none")
+    return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -224,41 +244,50 @@ class FastLlama:
 
         The residual stream ``x`` is float32; the projections add into it (o, down) or into zeroed
         float32 buffers (qkv, gate_up) that their reader zeroes again after use. With :meth:`_fused_inputs`
-        the qkv and gate_up GEMVs norm ``x`` themselves and the down GEMV computes ``silu(gate) * up``, so
-        rope_append zeroes ``gate_up`` (after the previous layer's down projection, before this gate_up)."""
+        "norm" the qkv and gate_up GEMVs norm ``x`` themselves; with "silu" the down GEMV computes
+        ``silu(gate) * up``, so rope_append zeroes ``gate_up`` (after the previous layer's down projection, before
+        this gate_up)."""
         from .kernels import kv4, misc
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
+        norm, silu = "norm" in fused, "silu" in fused
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
             store, params = cache.layers[i], layer.kv_params()
-            if fused:
+            if norm:
                 layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
             else:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt), qkv)
             q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits,
-                                              clear=True, clear_extra=gate_up if fused else None)
+                                              clear=True, clear_extra=gate_up if silu else None)
             a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x)
-            if fused:
+            if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
-                layer.down.accumulate_silu(gate_up, dt, x)
             else:
                 layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up)
+            if silu:
+                layer.down.accumulate_silu(gate_up, dt, x)
+            else:
                 layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
         cache.pos.add_(1)
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
-    def _fused_inputs(self, m: int) -> bool:
-        """Whether the decode step of ``m`` rows runs its norms (but the last) and SiLU product inside the
-        projections: every qkv, gate_up and down a :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them."""
+    def _fused_inputs(self, m: int) -> frozenset[str]:
+        """The input transforms (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) that the decode
+        step of ``m`` rows computes inside its projections: none unless every qkv, gate_up and down is a
+        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them."""
+        import os
+
         from .kernels.w4_gemv import GemvW4
 
-        return all(isinstance(w, GemvW4) and w.fuses_inputs(m)
-                   for la in self.layers for w in (la.qkv, la.gate_up, la.down))
+        chosen = fuse_choice(os.environ.get(FUSE_ENV))
+        ok = chosen and all(isinstance(w, GemvW4) and w.fuses_inputs(m)
+                            for la in self.layers for w in (la.qkv, la.gate_up, la.down))
+        return chosen if ok else frozenset()
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the

@@ -153,8 +153,9 @@ def test_decode_attention_options_match_reference(loads, row_max, hq, hkv, group
     from runtime.kernels.kv4 import AttnConfig, decode_attention
 
     args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
-    cfg = AttnConfig(splits=splits, block_s=16, num_warps=2, loads=loads, row_max=row_max)
-    assert _rel(decode_attention(*args, cfg), ref) < 1e-4
+    for block_s, warps in ((16, 2), (8, 1)):
+        cfg = AttnConfig(splits=splits, block_s=block_s, num_warps=warps, loads=loads, row_max=row_max)
+        assert _rel(decode_attention(*args, cfg), ref) < 1e-4, cfg
 
 
 def test_attn_config_policy_and_table(tmp_path, monkeypatch):
@@ -165,7 +166,10 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     from runtime.kernels import kv4
 
     monkeypatch.delenv(kv4.TABLE_ENV, raising=False)
-    for bad in (dict(splits=12), dict(block_s=8), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
+    assert kv4.attn_config(1, 32, 2076) == kv4.ATTN_TABLE[1, 2048]  # the measured table
+    assert kv4.attn_config(2, 32, 2076) == kv4.AttnConfig(splits=16)  # not in it: the policy
+    monkeypatch.setattr(kv4, "ATTN_TABLE", {})
+    for bad in (dict(splits=12), dict(block_s=4), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
                 dict(min_tokens=0)):
         with pytest.raises(ValueError, match="AttnConfig: " + next(iter(bad))):
             kv4.AttnConfig(**bad)

@@ -252,17 +252,19 @@ def test_fused_inputs_errors():
             call()
 
 
-def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse", ["norm", "silu", "norm,silu"])
+def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     """Two layers of a tiny model (down: K = 192, a ragged group) on the gemv projections: the decode step with
-    the norms and the SiLU product in the GEMVs (gate_up zeroed by rope_append between the layers) against the
-    same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` kernels), and both against the eager path. A sweep
-    record gives the tiny shapes few programs (the interpreter's time is per program), down split over K."""
+    the norms and/or the SiLU product in the GEMVs (WKVQ_FUSE; with "silu", gate_up zeroed by rope_append between
+    the layers) against the same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` kernels, the default), and both
+    against the eager path. A sweep record gives the tiny shapes few programs (the interpreter's time is per
+    program), down split over K."""
     import dataclasses
     import json
 
     import runtime
     from converter.convert import ConvertConfig, convert
-    from runtime.fast import FastLlama
+    from runtime.fast import FUSE_ENV, FastLlama
     from runtime.kernels.w4_gemv import TABLE_ENV
     from tests.helpers import make_tiny_llama
 
@@ -277,11 +279,16 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch):
     eager = FastLlama.from_hf(model, 8, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
-    assert fast._fused_inputs(2) and not fast._fused_inputs(5) and not eager._fused_inputs(2)
+    monkeypatch.delenv(FUSE_ENV, raising=False)
+    assert not fast._fused_inputs(2)  # the default: none
+    monkeypatch.setenv(FUSE_ENV, fuse)
+    assert fast._fused_inputs(2) == set(fuse.split(",")) and not fast._fused_inputs(5)
+    assert not eager._fused_inputs(2)
     ids = torch.randint(3, 300, (2, 2), device=DEV)
     ce, cf, cu = (eager.new_cache(2, 8) for _ in range(3))
     fused = [fast.decode_step(ids[:, i], cf) for i in range(2)]
-    monkeypatch.setattr(FastLlama, "_fused_inputs", lambda self, m: False)
+    monkeypatch.setenv(FUSE_ENV, "none")
+    assert not fast._fused_inputs(2)
     unfused = [fast.decode_step(ids[:, i], cu) for i in range(2)]
     ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(2)]
     tol = 1e-5 if DTYPE == torch.float32 else 1e-3  # float16: the rmsnorm flips of test_fused_inputs_match_unfused
@@ -336,3 +343,14 @@ def test_decode_graph_with_gemv_matches_eager(tmp_path):
     layer = fast.layers[0]
     assert all(isinstance(w, GemvW4) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
     assert max(errs) < 4e-2, errs  # float16 activations
+
+
+def test_fuse_choice():
+    """WKVQ_FUSE: unset or empty is the default (none), 'none' is none, names are checked with a one-line error."""
+    from runtime.fast import FUSE_DEFAULT, fuse_choice
+
+    assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT) == set()
+    assert fuse_choice("none") == set() and fuse_choice("silu") == {"silu"}
+    assert fuse_choice(" norm , silu ") == {"norm", "silu"}
+    with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, or none"):
+        fuse_choice("silu,gelu")

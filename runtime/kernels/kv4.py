@@ -395,7 +395,7 @@ class AttnConfig:
     """How :func:`decode_attention` runs (:func:`_attn_split_kernel`); the defaults are the kernel of rounds 2-6.
 
     ``splits``: slices of the past per query head, a power of two, or 0 for :func:`num_splits` with more than
-    ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 16..256); ``num_warps`` of the split
+    ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
     kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
     token row of the tile instead of one per program."""
 
@@ -410,8 +410,8 @@ class AttnConfig:
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
         if not (self.splits == 0 or pow2(self.splits)):
             raise ValueError(f"AttnConfig: splits must be 0 (num_splits) or a power of two, got {self.splits}")
-        if not (pow2(self.block_s) and 16 <= self.block_s <= 256):
-            raise ValueError(f"AttnConfig: block_s must be a power of two in 16..256, got {self.block_s}")
+        if not (pow2(self.block_s) and 8 <= self.block_s <= 256):
+            raise ValueError(f"AttnConfig: block_s must be a power of two in 8..256, got {self.block_s}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"AttnConfig: num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.loads not in LOADS:
@@ -427,9 +427,14 @@ class AttnConfig:
 
 
 # (batch, context bucket) -> config, from the graph-timed sweep (benchmarks/attn_bench.py) at the 7B attention shape
-# (32 heads, head_dim 128, per-token stats). Empty: nothing measured yet (NOTES.md "Round 7"), every shape runs
-# ATTN_DEFAULT (the policy and kernel of rounds 2-6).
-ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {}
+# (32 heads, head_dim 128, per-token stats) on an H200 (eighth session, records benchmarks/results/r10/attn_b*.json;
+# 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT (the policy and kernel of rounds 2-6).
+ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
+    (1, 2048): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 11.32 us (16.76)
+    (1, 32768): AttnConfig(splits=32, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 82.00 us (138.22)
+    (8, 2048): AttnConfig(splits=4, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 44.67 us (79.78)
+    (8, 32768): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 571.33 us (916.40)
+}
 ATTN_DEFAULT = AttnConfig()
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
