@@ -21,12 +21,14 @@ from converter import data, lwc
 from converter.export import WeightQuantConfig
 from runtime.kvquant import KVQuantConfig
 
-VARIANTS = {  # CalibConfig fields over its defaults (rounding "learned" since the fifth session)
-    "nearest": {"rounding": "nearest"},
-    "gptq": {"rounding": "gptq"},
-    "learned": {"rounding": "learned"},
-    "norms": {"tune_norms": True, "norm_lr": 1e-3},
-    "cos2": {"schedule": "cosine", "lwc_lr": 2e-2, "round_lr": 1e-2, "smooth_lr": 1e-2},
+# the block-wise optimiser before the eighth session (constant rates), which the earlier probes ran with
+CONSTANT = {"schedule": "constant", "lwc_lr": 1e-2, "smooth_lr": 5e-3, "round_lr": 5e-3}
+VARIANTS = {  # CalibConfig fields over its defaults (rounding "learned" since the fifth session, cos2 since the eighth)
+    "nearest": {**CONSTANT, "rounding": "nearest"},
+    "gptq": {**CONSTANT, "rounding": "gptq"},
+    "learned": {**CONSTANT, "rounding": "learned"},
+    "norms": {**CONSTANT, "tune_norms": True, "norm_lr": 1e-3},
+    "cos2": {"schedule": "cosine", "lwc_lr": 2e-2, "round_lr": 1e-2, "smooth_lr": 1e-2},  # the default now
 }
 
 

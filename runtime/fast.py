@@ -24,9 +24,10 @@ from .static_cache import StaticPOQCache
 log = logging.getLogger(__name__)
 PROJECTIONS = ("triton", "gemlite", "gemv")
 # Input transforms the gemv projections may compute in their loads (FastLlama._fused_inputs): "norm" (qkv and
-# gate_up norm x themselves) and "silu" (down computes silu(gate) * up). None by default: fusing the norm measured
-# 4.21 ms against 2.88 ms a step at 7B b1 p2048 on an H200 (every program first reads its rows of x whole for
-# their rsqrt; BENCHMARKS.md, eighth session). WKVQ_FUSE picks them: "norm", "silu", "norm,silu" or "none".
+# gate_up norm x themselves) and "silu" (down computes silu(gate) * up). None by default: both measured slower at
+# 7B b1 p2048 on an H200 (eighth session, BENCHMARKS.md): 2.83 ms a step unfused, 3.16 ms with "silu" (every
+# program recomputes its slice of the product), 4.21 ms with both (every program first reads its rows of x whole
+# for their rsqrt). WKVQ_FUSE picks them: "norm", "silu", "norm,silu" or "none".
 FUSIONS = ("norm", "silu")
 FUSE_DEFAULT: tuple[str, ...] = ()
 FUSE_ENV = "WKVQ_FUSE"

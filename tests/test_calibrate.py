@@ -86,9 +86,24 @@ def test_recipe_records_calibration(tmp_path):
 
 def test_blockwise_recipe_records_a_schedule_only_when_not_constant():
     """Work dirs written before --schedule (always constant) keep their fingerprint: resumable."""
-    assert "schedule" not in C.CalibConfig().blockwise()
-    assert C.CalibConfig(schedule="cosine").blockwise()["schedule"] == "cosine"
-    assert C.CalibConfig().to_dict()["schedule"] == "constant"  # the artifact's record is complete
+    assert "schedule" not in C.CalibConfig(schedule="constant").blockwise()
+    assert C.CalibConfig().blockwise()["schedule"] == "cosine"  # the default since the eighth session
+    assert C.CalibConfig(schedule="constant").to_dict()["schedule"] == "constant"  # the artifact's record is complete
+
+
+def test_cli_calibration_defaults_are_the_recipe():
+    """Every calibration option of wkvq-convert defaults to CalibConfig's field of the same name."""
+    import dataclasses
+
+    import click
+
+    import cli
+
+    fields = {f.name: f.default for f in dataclasses.fields(C.CalibConfig)}
+    ctx = click.Context(cli.convert_cmd)
+    shared = {p.name: p.get_default(ctx) for p in cli.convert_cmd.params if p.name in fields}
+    assert {"lwc_lr", "smooth_lr", "round_lr", "schedule", "epochs", "nsamples", "rounding"} <= set(shared)
+    assert shared == {name: fields[name] for name in shared}
 
 
 # ----------------------------------------------------------------------------- modules
