@@ -336,7 +336,9 @@ def _row_list(ctx, param, value):
 @click.option("--table", is_flag=True, help="TARGET is the dense model: evaluate every configuration of the table.")
 @click.option("--artifact", "artifacts", multiple=True, callback=_artifact_pairs, metavar="NAME=DIR",
               help="With --table: a calibrated artifact row (wkvquant, no-crr, no-lwc, no-smooth or any name).")
-@click.option("--rows", default=None, callback=_row_list, help="With --table: only these rows (comma-separated).")
+@click.option("--rows", default=None, callback=_row_list,
+              help="With --table: only these rows (comma-separated); NAME:w / NAME:kv of an --artifact NAME: its "
+                   "weights alone (full-precision cache) / its KV quantization alone (dense weights).")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
               help="With --table: also write the Markdown table here.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,

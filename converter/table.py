@@ -10,6 +10,7 @@ few windows). A row that cannot run says why instead of a number.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ ARTIFACT_ROWS = {  # row name -> (label, artifact name, poq)
 # What a third-party QuantizedCache backend raises on shapes or devices it does not support.
 PEER_FAILURES = (AssertionError, RuntimeError, ValueError, TypeError, NotImplementedError, ImportError)
 ROW_NAMES = ("fp16", "w4", "kv4", "w4kv4-rtn", *ARTIFACT_ROWS, "w4a4", "quantized-cache")
+# Rows "NAME:PART" of an artifact NAME, only when asked for by --rows: where its error comes from
+SPLITS = {"w": "its weights, full-precision KV cache", "kv": "dense weights, its KV quantization"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ class TableConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"--artifact names must be unique, got {', '.join(names)}")
         for name in self.rows or ():
-            if name not in self.all_rows():
-                raise ValueError(f"unknown row {name!r}; rows are {', '.join(self.all_rows())}")
+            if name not in self.all_rows() and name not in self.split_rows():
+                raise ValueError(f"unknown row {name!r}; rows are {', '.join(self.all_rows())}, and NAME:"
+                                 f"{' or NAME:'.join(SPLITS)} of an --artifact NAME")
         if self.long_seqlen is not None and self.long_seqlen < 2:
             raise ValueError(f"long seqlen must be at least 2, got {self.long_seqlen}")
 
@@ -70,11 +74,18 @@ class TableConfig:
         known = {a for _, a, _ in ARTIFACT_ROWS.values()}
         return tuple(n for n, _ in self.artifacts if n not in known)
 
-    def all_rows(self) -> tuple[str, ...]:
-        return (*ROW_NAMES[:-2], *self.extra_artifacts(), *ROW_NAMES[-2:])
+    def split_rows(self) -> tuple[str, ...]:
+        """``NAME:w`` and ``NAME:kv`` of every ``--artifact NAME`` (:data:`SPLITS`)."""
+        return tuple(f"{n}:{part}" for n, _ in self.artifacts for part in SPLITS)
+
+    def all_rows(self, splits: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Every row a table without ``rows`` has (in order), with ``splits`` after the artifacts."""
+        return (*ROW_NAMES[:-2], *self.extra_artifacts(), *splits, *ROW_NAMES[-2:])
 
     def selected(self) -> tuple[str, ...]:
-        return tuple(n for n in self.all_rows() if self.rows is None or n in self.rows)
+        if self.rows is None:
+            return self.all_rows()
+        return tuple(n for n in self.all_rows(self.split_rows()) if n in self.rows)
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class RowSpec:
     variant: VariantConfig | None = None
     artifact: str | None = None
     poq: bool = True
+    part: str | None = None  # of SPLITS: only the artifact's weights or only its KV quantization
 
 
 def row_specs(cfg: TableConfig, fp_label: str) -> list[RowSpec]:
@@ -103,6 +115,9 @@ def row_specs(cfg: TableConfig, fp_label: str) -> list[RowSpec]:
         elif name in ARTIFACT_ROWS:
             label, art, poq = ARTIFACT_ROWS[name]
             specs.append(RowSpec(name, label, "artifact", artifact=art, poq=poq))
+        elif name in cfg.split_rows():
+            art, part = name.rsplit(":", 1)
+            specs.append(RowSpec(name, f"artifact {art}: {SPLITS[part]}", "artifact", artifact=art, part=part))
         elif name == "quantized-cache":
             specs.append(RowSpec(name, f"W{w.bits} RTN + QuantizedCache ({cfg.peer.backend}, {cfg.peer.nbits}-bit)",
                                  "peer", variant=VariantConfig(weight=w)))
@@ -130,6 +145,20 @@ def _artifact_setup(model, path: str, poq: bool) -> tuple[str, dict]:
     return line, details
 
 
+def split_model(model, base, part: str):
+    """Part ``part`` (:data:`SPLITS`) of the quantized ``model`` alone: ``w`` its weights with every layer's KV
+    quantizer removed (a full-precision cache; ``model`` itself), ``kv`` a copy of the dense ``base`` (left
+    unchanged) with ``model``'s KV quantizers."""
+    if part == "w":
+        for layer in model.model.layers:
+            del layer.self_attn.kv_quant
+        return model
+    dense = copy.deepcopy(base)
+    for mine, theirs in zip(dense.model.layers, model.model.layers, strict=True):
+        mine.self_attn.register_module("kv_quant", theirs.self_attn.kv_quant)
+    return dense.eval()
+
+
 class RowUnavailable(Exception):
     """A row that cannot be computed here; its message is shown instead of a number."""
 
@@ -141,7 +170,10 @@ def row_model(spec: RowSpec, base, cfg: TableConfig, paths: dict[str, str]):
             raise RowUnavailable(f"not run: no artifact given (--artifact {spec.artifact}=DIR)")
         device = next(base.parameters()).device
         model, _ = runtime.load(paths[spec.artifact], device=device, dtype=base.dtype, poq=spec.poq)
-        return (model, *_artifact_setup(model, paths[spec.artifact], spec.poq))
+        line, details = _artifact_setup(model, paths[spec.artifact], spec.poq)
+        if spec.part is None:
+            return model, line, details
+        return split_model(model, base, spec.part), f"{line}; {SPLITS[spec.part]}", {**details, "part": spec.part}
     if spec.kind == "peer":
         reason = backend_missing(cfg.peer.backend)
         if reason is not None:

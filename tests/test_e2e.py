@@ -171,7 +171,7 @@ def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_
     again = tmp_path / "again"
     shutil.copytree(work, work_dir_for(again))
     with pytest.raises(ValueError, match="different model, data or recipe"):  # the blocks' own settings must match
-        convert(_cfg(again, tiny3, lwc_lr=2e-2, resume=True))
+        convert(_cfg(again, tiny3, lwc_lr=5e-2, resume=True))
     redo = convert(_cfg(again, tiny3, e2e_epochs=0, round_lr=1e-2, norm_lr=1e-2, resume=True))  # unused by the blocks
     meta = json.loads((redo / "wkvq.json").read_text())
     assert meta["calibration"]["resumed_blocks"] == 3 and "end_to_end" not in meta["calibration"]

@@ -231,12 +231,18 @@ def test_table_rows(tiny_llama_dir, tiny_rtn_artifact, text_file):
     cfg = table.TableConfig(eval=EvalConfig(data=str(text_file), seqlen=32, max_windows=2, device="cpu",
                                             progress=False),
                             artifacts=(("wkvquant", str(tiny_rtn_artifact)),),
-                            rows=("fp16", "w4kv4-rtn", "wkvquant", "no-poq", "no-lwc", "w4a4"),
+                            rows=("wkvquant:kv", "fp16", "w4", "kv4", "w4kv4-rtn", "wkvquant", "no-poq", "no-lwc",
+                                  "wkvquant:w", "w4a4"),
                             long_seqlen=48, long_data=str(text_file), long_max_windows=1)
     t = table.run_table(str(tiny_llama_dir), cfg)
     rows = {r["name"]: r for r in t["rows"]}
-    assert list(rows) == ["fp16", "w4kv4-rtn", "wkvquant", "no-poq", "no-lwc", "w4a4"]
+    assert list(rows) == ["fp16", "w4", "kv4", "w4kv4-rtn", "wkvquant", "no-poq", "no-lwc", "wkvquant:w",
+                          "wkvquant:kv", "w4a4"]
     assert rows["w4kv4-rtn"]["ppl"] == rows["wkvquant"]["ppl"]  # RTN artifact == in-memory RTN
+    # the artifact's parts alone: its weights == in-memory W4 RTN, its KV quantization == in-memory KV4 RTN
+    assert rows["wkvquant:w"]["ppl"] == rows["w4"]["ppl"] and rows["wkvquant:kv"]["ppl"] == rows["kv4"]["ppl"]
+    assert len({rows[n]["ppl"] for n in ("fp16", "w4", "kv4", "wkvquant")}) == 4
+    assert rows["wkvquant:w"]["details"]["part"] == "w" and "full-precision KV" in rows["wkvquant:w"]["setup"]
     assert rows["no-poq"]["ppl"] != rows["wkvquant"]["ppl"]
     assert rows["no-lwc"]["ppl"] is None and "--artifact no-lwc=DIR" in rows["no-lwc"]["note"]
     assert all(r["windows"] == 2 and r["long"]["seqlen"] == 48 for r in t["rows"] if r["ppl"] is not None)
@@ -247,6 +253,8 @@ def test_table_rows(tiny_llama_dir, tiny_rtn_artifact, text_file):
 def test_table_config_errors(tiny_rtn_artifact):
     with pytest.raises(ValueError, match="unknown row 'w3'"):
         table.TableConfig(rows=("w3",))
+    with pytest.raises(ValueError, match=r"unknown row 'b:w'.*NAME:w or NAME:kv of an --artifact NAME"):
+        table.TableConfig(artifacts=(("a", "x"),), rows=("a:w", "b:w"))
     with pytest.raises(ValueError, match="unique"):
         table.TableConfig(artifacts=(("a", "x"), ("a", "y")))
     with pytest.raises(ValueError, match="full-precision model"):
