@@ -72,6 +72,7 @@ def _tiny_model(path):
     (dict(lwc_lr=0.0), "lwc_lr"),
     (dict(compute_dtype="float16"), "compute dtype"),
     (dict(schedule="linear"), "schedule must be one of"),
+    (dict(crr_output="logits"), "crr_output must be one of hidden, kl"),
 ])
 def test_calib_config_rejects(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -87,6 +88,7 @@ def test_recipe_records_calibration(tmp_path):
 def test_blockwise_recipe_records_a_schedule_only_when_not_constant():
     """Work dirs written before --schedule (always constant) keep their fingerprint: resumable."""
     assert "schedule" not in C.CalibConfig(schedule="constant").blockwise()
+    assert "crr_output" not in C.CalibConfig().blockwise() and C.CalibConfig(crr_output="kl").blockwise()["crr_output"]
     assert C.CalibConfig().blockwise()["schedule"] == "cosine"  # the default since the eighth session
     assert C.CalibConfig(schedule="constant").to_dict()["schedule"] == "constant"  # the artifact's record is complete
 
@@ -300,6 +302,32 @@ def test_bfloat16_autocast_path(tiny_block_setup):
         losses[dtype] = [r.loss for r in res]
     assert all(math.isfinite(v) for v in losses[torch.bfloat16])
     assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=0.1), losses
+
+
+def test_crr_output_kl_trains_the_last_windows_on_the_next_token_kl(tiny_block_setup):
+    """crr_output kl (k = 1, 3 blocks): block 0's window (blocks 0-1) stops short of the last block, so it trains
+    exactly as with the hidden-state MAE; blocks 1 and 2 reach it and train on the KL of the next-token
+    distribution (final norm + LM head), which they lower and which is what their recorded losses are."""
+    import dataclasses
+
+    from converter.e2e import Head
+
+    model, setup, config, x, _, _, _ = tiny_block_setup
+    head = Head(model, torch.device("cpu"), torch.float32)
+    res = {}
+    for out in ("hidden", "kl"):
+        s = dataclasses.replace(setup, calib=dataclasses.replace(setup.calib, crr_output=out, epochs=3))
+        res[out] = C.calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x[:4], s,
+                                      head=head if out == "kl" else None)
+    hid, kl = res["hidden"], res["kl"]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(hid[0].clips.values(), kl[0].clips.values(), strict=True))
+    assert hid[0].loss == kl[0].loss
+    for i in (1, 2):
+        assert kl[i].loss < kl[i].initial_loss and kl[i].loss != hid[i].loss
+        assert not all(torch.equal(a[0], b[0]) for a, b in zip(hid[i].clips.values(), kl[i].clips.values()))
+    with pytest.raises(ValueError, match="needs the model's final norm and LM head"):
+        s = dataclasses.replace(setup, calib=dataclasses.replace(setup.calib, crr_output="kl"))
+        C.calibrate_blocks(model.model.layers, config, model.model.rotary_emb, x[:4], s)
 
 
 def test_non_finite_loss_names_the_block(tmp_path, calib_text):
