@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     print_table(record["rows"], args.top)
     print("\nATTN_TABLE = {")
     for key, r in record["best"].items():
-        fields = ", ".join(f"{k}={v!r}" for k, v in r["config"].items() if v != getattr(kv4.ATTN_DEFAULT, k))
+        fields = ", ".join(f"{k}={v!r}" for k, v in r["config"].items() if v != getattr(kv4.AttnConfig(), k))
         print(f"    ({key.replace('x', ', ')}): AttnConfig({fields}),  # {r['us']:.2f} us, {r['GBps']:.0f} GB/s "
               f"(default {r['default_us'] or float('nan'):.2f} us)")
     print("}")

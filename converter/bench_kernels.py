@@ -9,6 +9,7 @@ Used to choose :data:`runtime.kernels.w4.SPLITK_TABLE` and the attention tiles (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -196,7 +197,7 @@ def main() -> None:
         w4.SPLITK_TABLE.update(table)
         attn = [r for r in result["rows"] if r["kernel"] == "attention" and r["b"] == 1 and r["length"] == 32768]
         if attn:
-            kv4.ATTN_DEFAULT = kv4.AttnConfig(block_s=min(attn, key=lambda r: r["us"])["block_s"])
+            kv4.ATTN_DEFAULT = dataclasses.replace(kv4.ATTN_DEFAULT, block_s=min(attn, key=lambda r: r["us"])["block_s"])
         result["applied"] = {"splitk": result["table"], "block_s": kv4.ATTN_DEFAULT.block_s}
         bench = run_bench(BenchConfig(shapes=tuple(args.bench.split(",")), paths=("wkvq",)))
         result["bench"] = bench

@@ -167,7 +167,8 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
 
     monkeypatch.delenv(kv4.TABLE_ENV, raising=False)
     assert kv4.attn_config(1, 32, 2076) == kv4.ATTN_TABLE[1, 2048]  # the measured table
-    assert kv4.attn_config(2, 32, 2076) == kv4.AttnConfig(splits=16)  # not in it: the policy
+    policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
+    assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     for bad in (dict(splits=12), dict(block_s=4), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
                 dict(min_tokens=0)):
@@ -176,7 +177,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.num_splits(1, 32, 2076) == 16 and kv4.num_splits(1, 32, 2076, min_tokens=128) == 32
     assert kv4.num_splits(1, 32, 32808) == 64 and kv4.num_splits(8, 32, 32808) == 8
     assert [kv4.context_bucket(n) for n in (1, 100, 2076, 3000, 32808)] == [1, 128, 2048, 4096, 32768]
-    assert kv4.attn_config(1, 32, 2076) == kv4.AttnConfig(splits=16)
+    assert kv4.attn_config(1, 32, 2076) == policy16
     cfg = kv4.AttnConfig(splits=32, block_s=16, num_warps=2, loads="prefetch", row_max=True)
     record = {"best": {"1x2048": {"config": dataclasses.asdict(cfg), "us": 9.0},
                        "1x32768": {"config": dataclasses.asdict(kv4.AttnConfig(min_tokens=4096)), "us": 9.0}}}
@@ -184,7 +185,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.load_table(tmp_path / "sweep.json") == {(1, 2048): cfg, (1, 32768): kv4.AttnConfig(min_tokens=4096)}
     (tmp_path / "b8.json").write_text(json.dumps({"best": {"8x2048": {"config": {"splits": 4}}}}))
     monkeypatch.setenv(kv4.TABLE_ENV, f"{tmp_path / 'sweep.json'}{os.pathsep}{tmp_path / 'b8.json'}")
-    assert kv4.attn_config(1, 32, 2076) == cfg and kv4.attn_config(1, 32, 3000) == kv4.AttnConfig(splits=16)
+    assert kv4.attn_config(1, 32, 2076) == cfg and kv4.attn_config(1, 32, 3000) == policy16
     assert kv4.attn_config(8, 32, 2076) == kv4.AttnConfig(splits=4)
     assert kv4.attn_config(1, 32, 32808).splits == 16  # the record's policy: 4096 tokens a split at least (was 64)
     (tmp_path / "bad.json").write_text(json.dumps({"best": {"1x2048": {"config": {"loads": "eager"}}}}))

@@ -428,14 +428,16 @@ class AttnConfig:
 
 # (batch, context bucket) -> config, from the graph-timed sweep (benchmarks/attn_bench.py) at the 7B attention shape
 # (32 heads, head_dim 128, per-token stats) on an H200 (eighth session, records benchmarks/results/r10/attn_b*.json;
-# 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT (the policy and kernel of rounds 2-6).
+# 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT: the tile that won all four cases (16 tokens,
+# 1 warp, prefetch, per-row maximum) with the splits of num_splits, within 3% of each case's best in the same sweep
+# (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
     (1, 2048): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 11.32 us (16.76)
     (1, 32768): AttnConfig(splits=32, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 82.00 us (138.22)
     (8, 2048): AttnConfig(splits=4, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 44.67 us (79.78)
     (8, 32768): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 571.33 us (916.40)
 }
-ATTN_DEFAULT = AttnConfig()
+ATTN_DEFAULT = AttnConfig(block_s=16, num_warps=1, loads="prefetch", row_max=True)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
 
