@@ -11,6 +11,7 @@
 # learned-rounding run. GPUS (env, e.g. "0 1") spreads the variants over those devices, round robin.
 # SKIP_BASE=1 reuses OUTDIR/wkvquant and its kept work dir. EVAL_FLAGS (env) goes to `wkvq eval --table`.
 # BASE (env, default wkvquant): the base run's name under OUTDIR (made with the same extra convert flags).
+# SKIP_TABLE=1: no table (the caller makes one).
 set -euo pipefail
 out=${1:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
 variants=${2:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
@@ -53,6 +54,7 @@ for p in "${pids[@]}" $learned_pid; do wait "$p" || status=1; done
 if [ -n "$learned_pid" ]; then artifacts+=(--artifact learned="$out/learned"); rows="$rows,learned"; fi
 tail -n 2 "$out"/logs/convert-*.log
 [ "$status" = 0 ] || { echo "a conversion failed"; exit 1; }
+[ -z "${SKIP_TABLE:-}" ] || exit 0
 # shellcheck disable=SC2086
 python3 -m cli eval "$model" --table --no-progress --rows "$rows" "${artifacts[@]}" \
   --json "$out/table.json" --markdown "$out/table.md" ${EVAL_FLAGS:-} 2>&1 | tee "$out/logs/eval.log"
