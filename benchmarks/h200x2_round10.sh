@@ -16,15 +16,9 @@
 # Dry run on CPU: RESULTS=/tmp/x GPUS="" CONVERT_FLAGS="MODEL --device cpu --nsamples 2 --seqlen 64 --epochs 1"
 #   KERNEL_TESTS=true ATTN_CMD=true BENCH_CMD=true EVAL_FLAGS="--device cpu --max-windows 1 --seqlen 128".
 set -uo pipefail
-r=${RESULTS:-/root/a}
-read -r -a extra <<< "${CONVERT_FLAGS:-}"
-read -r -a gpus <<< "${GPUS-0 1}"
-mkdir -p "$r/kernels"
-t0=$(date +%s)
 # shellcheck source=benchmarks/lease_lib.sh
 source "$(dirname "$0")/lease_lib.sh"
-model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
-k=$r/kernels
+lease_init
 
 (
   on_gpu 1 bash -c "${KERNEL_TESTS:-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_w4_gemv.py}" \

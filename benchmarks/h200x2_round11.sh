@@ -18,15 +18,9 @@
 #   BENCH_CMD=true
 #   EVAL_FLAGS="--device cpu --max-windows 1 --seqlen 128".
 set -uo pipefail
-r=${RESULTS:-/root/a}
-read -r -a extra <<< "${CONVERT_FLAGS:-}"
-read -r -a gpus <<< "${GPUS-0 1}"
-mkdir -p "$r/kernels"
-t0=$(date +%s)
 # shellcheck source=benchmarks/lease_lib.sh
 source "$(dirname "$0")/lease_lib.sh"
-model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
-k=$r/kernels
+lease_init
 
 (
   on_gpu 1 bash -c "${BENCH_CMD:-python3 cli.py bench --shapes 7b,13b --paths wkvq-gemv --batches 1,8 \

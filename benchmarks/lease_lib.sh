@@ -1,7 +1,18 @@
 # Helpers sourced by the lease scripts (benchmarks/h200x2_round7.sh, h200x2_round8.sh, smollm2_e2e.sh).
 # They read the caller's variables: r (results dir) and t0 (start, seconds) for mark; the array gpus for on_gpu;
 # the array extra (convert flags of every run) for blockwise; model and EVAL_FLAGS (env) for blockwise_table.
+# lease_init sets them all from the environment (RESULTS, CONVERT_FLAGS, GPUS, MODEL, WKVQ_CACHE).
 # shellcheck shell=bash
+
+lease_init() {  # the variables of every lease script: r (results), extra, gpus, t0, model, k (made)
+  r=${RESULTS:-/root/a}
+  read -r -a extra <<< "${CONVERT_FLAGS:-}"
+  read -r -a gpus <<< "${GPUS-0 1}"
+  k=$r/kernels
+  mkdir -p "$k"
+  t0=$(date +%s)
+  model=${MODEL:-${WKVQ_CACHE:-$HOME/.cache/wkvquant}/SmolLM2-135M-Instruct.Q4_1.gguf}
+}
 
 mark() { echo "[$(( $(date +%s) - t0 ))s] $*" >> "$r/timeline.txt"; }
 
