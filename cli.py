@@ -142,8 +142,8 @@ def calibration_options(f):
                      help="Blocks after the calibrated one in the CRR loss (0: single-block reconstruction)."),
         click.option("--crr-output", type=click.Choice(["hidden", "kl"]), default="hidden", show_default=True,
                      help="Experimental: kl trains the blocks whose CRR window reaches the last block on the KL of "
-                     "the next-token distribution (final norm + LM head) instead of the hidden states' MAE (measured worse on "
-                     "SmolLM2, BENCHMARKS.md)."),
+                     "the next-token distribution (final norm + LM head) instead of the hidden states' MAE "
+                     "(measured worse on SmolLM2, BENCHMARKS.md)."),
         click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive),
         click.option("--lwc-lr", type=float, default=2e-2, show_default=True),
         click.option("--smooth-lr", type=float, default=1e-2, show_default=True),

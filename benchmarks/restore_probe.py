@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime
 from converter import evaluate, source
 from converter.table import split_model
+from converter.variants import _replace
 from runtime.artifact import DECODER_LINEARS
 
 
@@ -41,8 +42,7 @@ def restored(model, base, names, layers):
     """``model`` with ``names`` of ``layers`` replaced by ``base``'s modules (shared, not copied)."""
     for i in layers:
         for name in names:
-            parent, child = name.rsplit(".", 1)
-            model.model.layers[i].get_submodule(parent).register_module(child, base.model.layers[i].get_submodule(name))
+            _replace(model.model.layers[i], name, base.model.layers[i].get_submodule(name))
     return model
 
 

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 ROUNDINGS = ("nearest", "learned", "gptq")  # how the weights' codes are rounded on the (learned) grid
 COMPUTE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SCHEDULES = ("constant", "cosine")
-CRR_OUTPUTS = ("hidden", "kl")  # what the CRR loss compares (CalibConfig.crr_output)  # learning-rate schedules (block-wise training and the end-to-end stage)
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules (block-wise training and the end-to-end stage)
+CRR_OUTPUTS = ("hidden", "kl")  # what the CRR loss compares (CalibConfig.crr_output)
 EVAL_SPLITS = ("enwiki-sample:eval", "wikitext2:test")
 CHECK_EVERY = 32  # steps between loss syncs (finiteness check, progress bar)
 
@@ -71,7 +71,8 @@ class CalibConfig:
     window reaches the last block are trained on the KL of the model's next-token distribution (the frozen
     final norm and LM head on the window's output, against the same of the full-precision output) instead of
     the MAE of the hidden states; the others as the paper (SmolLM2, the sixth session's blocks 0-23 kept, 24-29
-    retrained: 19.900 against 19.797 with the MAE, BENCHMARKS.md: measured worse). Experimental: ``tune_norms`` also trains the block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
+    retrained: 19.900 against 19.797 with the MAE, BENCHMARKS.md: measured worse). Experimental: ``tune_norms``
+    also trains the block's RMSNorm weights (``norm_lr``). SmolLM2, blocks 0/1, 32 x 512 tokens, held-out CRR loss:
     nearest 0.228/0.333, learned 0.201/0.261, gptq 0.169/0.255, norms 0.225/0.326; but the full
     recipe with gptq on the H200 gave a decode-simulated PPL of 27.3 against 20.9 with nearest
     (the error grows from block 4 on): see BENCHMARKS.md. ``e2e_epochs`` > 0 adds a stage after the

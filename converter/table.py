@@ -63,8 +63,9 @@ class TableConfig:
         names = [n for n, _ in self.artifacts]
         if len(set(names)) != len(names):
             raise ValueError(f"--artifact names must be unique, got {', '.join(names)}")
+        known = self.all_rows(self.split_rows())
         for name in self.rows or ():
-            if name not in self.all_rows() and name not in self.split_rows():
+            if name not in known:
                 raise ValueError(f"unknown row {name!r}; rows are {', '.join(self.all_rows())}, and NAME:"
                                  f"{' or NAME:'.join(SPLITS)} of an --artifact NAME")
         if self.long_seqlen is not None and self.long_seqlen < 2:

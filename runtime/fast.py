@@ -13,6 +13,7 @@ Batches are of equal-length sequences (no padding).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -178,8 +179,8 @@ class FastLlama:
         """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, the
         default), "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
         not take stay on "triton") or "gemv" (experimental, :mod:`runtime.kernels.w4_gemv` for up to 4 rows,
-        with the decode step's norms and SiLU product inside the GEMVs; "triton" above). The eager path is
-        unchanged. Returns ``self``."""
+        "triton" above; the norms and SiLU product inside the GEMVs only as ``WKVQ_FUSE`` asks,
+        :meth:`_fused_inputs`). The eager path is unchanged. Returns ``self``."""
         if backend not in PROJECTIONS:
             raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
         plain = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731 - the weight without a backend
@@ -281,8 +282,6 @@ class FastLlama:
         """The input transforms (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) that the decode
         step of ``m`` rows computes inside its projections: none unless every qkv, gate_up and down is a
         :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them."""
-        import os
-
         from .kernels.w4_gemv import GemvW4
 
         chosen = fuse_choice(os.environ.get(FUSE_ENV))

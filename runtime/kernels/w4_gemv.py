@@ -36,7 +36,7 @@ their statistics; :func:`w4_gemv_accumulate_rmsnorm`) and ``silu(gate) * up`` of
 Entry points: :func:`gemv_ok`, :func:`w4_gemv_accumulate` (``out += x @ W^T``, the decode step's residual
 stream), its fused forms above, :func:`w4_gemv` (``y = x @ W^T (+ bias) (+ residual)`` in a new tensor),
 :class:`GemvW4` (the decode step's projections on this kernel: ``FastLlama.with_projections("gemv")``, bench
-path ``wkvq-gemv``, the fused forms when every qkv, gate_up and down projection is one). :data:`GEMV_CONFIGS` lists
+path ``wkvq-gemv``, the fused forms when ``WKVQ_FUSE`` asks and every qkv, gate_up and down projection is one). :data:`GEMV_CONFIGS` lists
 (in :mod:`runtime.kernels.w4_gemv_config`, re-exported here) the candidates of a GPU sweep (``benchmarks/w4_gemv_bench.py``), :data:`GEMV_TABLE` the chosen config per
 shape (7B shapes at M = 1 measured; elsewhere :func:`default_config` guesses).
 """
