@@ -5,9 +5,10 @@ Every candidate of ``GEMV_CONFIGS`` (plus the shape's default config; ``split`` 
 ending in ``_x2`` / ``_x4``, recorded in the ``split`` field of each row) is timed by CUDA-graph replay over a ring of
 distinct weights of >= 256 MB (H200 L2: 60 MB; every replay reads from HBM), as in ``benchmarks/gemlite_tune.py``,
 and checked against the float64 product of the dequantized weight (relative error must stay < 1e-5: the kernel is
-float32 throughout). GB/s counts the packed codes + float16 scales + uint8 zeros read per call.
+float32 throughout; < 1e-3 for ``--half``, float16 products). GB/s counts the packed codes + float16 scales + uint8
+zeros read per call.
 
-    python3 benchmarks/w4_gemv_bench.py --json benchmarks/results/w4_gemv_h200.json [--ms 1,4] [--quick]
+    python3 benchmarks/w4_gemv_bench.py --json benchmarks/results/w4_gemv_h200.json [--ms 1,4] [--quick] [--half]
 
 Compiles run first in ``--workers`` processes (Triton's on-disk cache), so the timing loop only loads them. Prints
 one table per shape and M (fastest first), and the best config per shape as ``GEMV_TABLE`` entries.
@@ -38,6 +39,7 @@ log = logging.getLogger("w4_gemv_bench")
 # error floors against the float64 reference: this GEMV accumulates in float32 (~1e-7 measured); the split-K
 # kernel multiplies float16 codes by x on the tensor cores (1e-5 .. 4e-5 measured, runtime/kernels/NOTES.md)
 MAX_REL_ERR = {"w4_gemv": 1e-5, "w4_splitk": 1e-4}
+HALF_REL_ERR = 1e-3  # configs with ``half``: products in float16 (~3e-4 measured in Triton's interpreter)
 QUICK = [gv.GemvConfig(*c) for c in ((16, 512, 4, 1, 1, False), (32, 512, 4, 1, 2, True), (32, 256, 2, 1, 2, True),
                                      (64, 512, 8, 1, 2, True), (64, 512, 4, 1, 4, True),
                                      # split over K (atomic float32 adds): 256 / 512 programs at N = 4096
@@ -106,8 +108,10 @@ def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]
                 log.warning("%s %s %dx%d m=%d: %s: %s", kernel, label, n, k, m, type(e).__name__, e)
                 continue
             split = gv.GemvConfig(*cfg).split if kernel == "w4_gemv" else None
+            half = kernel == "w4_gemv" and gv.half_math(gv.GemvConfig(*cfg), x.dtype)
             rows.append(dict(kernel=kernel, source=source, n=n, k=k, m=m, config=label, fields=list(cfg), split=split,
-                             us=t * 1e3, GBps=nbytes / t / 1e6, rel_err=err, ok=err < MAX_REL_ERR[kernel],
+                             us=t * 1e3, GBps=nbytes / t / 1e6, rel_err=err,
+                             ok=err < (HALF_REL_ERR if half else MAX_REL_ERR[kernel]),
                              ring=len(ring)))
         log.info("%dx%d done (%d weights in the ring, %d MB each)", n, k, len(ring), nbytes >> 20)
     del ring
@@ -144,6 +148,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="compile processes")
     ap.add_argument("--quick", action="store_true", help="a few configs only (a smoke test)")
     ap.add_argument("--top", type=int, default=12, help="rows per table")
+    ap.add_argument("--half", action="store_true",
+                    help="every candidate with float16 products (GemvConfig.half); the default row stays as it is")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import triton
@@ -151,6 +157,8 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     cands = QUICK if args.quick else list(gv.GEMV_CONFIGS)
+    if args.half:
+        cands = [c._replace(half=True) for c in cands]
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__, "candidates": len(cands), "ms": ms, "rows": []}
     t0 = time.time()

@@ -21,6 +21,7 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
 DTYPE = torch.float16 if DEV.type == "cuda" else torch.float32
 TOL = 1e-5  # relative norm error against the float64 reference (module docstring)
+HALF_TOL = 1e-3  # GemvConfig.half: float16 products (~3e-4 measured; _half_dot)
 SHAPES_7B = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # qkv, o, gate_up, down
 
 
@@ -112,6 +113,45 @@ def test_split_k_matches_reference(split, prefetch, m, n, k, block_k):
     cfg = GemvConfig(16, block_k, 2, 1, 2 if m == 1 else 1, prefetch, split)
     out = w4_gemv_accumulate(x, qw, s, z, 128, base.clone(), config=cfg, bias=bias)
     assert _rel(out, base.double() + x.double() @ w.T + bias.double()) < TOL
+
+
+HALF_CASES = [  # (m, n, k, group, config): every code path with float16 products
+    (1, 37, 576, 128, (16, 256, 2, 1, 2, True, 1, True)),  # ragged last group, prefetch
+    (2, 20, 1408, 64, (8, 512, 2, 1, 1, False, 2, True)),  # group 64, tail step, split 2
+    (4, 45, 1280, 128, (32, 512, 4, 1, 4, True, 3, True)),  # 4 rows of x, 4 sub-tiles, split 3
+    (3, 9, 4096, 128, (8, 1024, 4, 1, 1, False, 1, True)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,config", HALF_CASES)
+def test_half_products_match_reference(m, n, k, group, config):
+    """``GemvConfig.half`` with a float16 ``x``: within the float16 floor of the float64 product, and not the float32
+    form's result (the config is honoured); with a float32 ``x`` the same config runs the float32 form (exact)."""
+    from runtime.kernels.w4_gemv import GemvConfig, half_math, w4_gemv_accumulate
+
+    cfg = GemvConfig(*config)
+    qw, s, z, w = _weight(n, k, group, seed=6)
+    x, base = torch.randn(m, k, device=DEV, dtype=torch.float16), torch.randn(m, n, device=DEV)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16)
+    ref = base.double() + x.double() @ w.T + bias.double()
+    out = w4_gemv_accumulate(x, qw, s, z, group, base.clone(), config=cfg, bias=bias)
+    assert half_math(cfg, x.dtype) and 1e-6 < _rel(out, ref) < HALF_TOL
+    x32 = x.float()
+    assert not half_math(cfg, x32.dtype)
+    out = w4_gemv_accumulate(x32, qw, s, z, group, base.clone(), config=cfg, bias=bias)
+    assert _rel(out, ref) < TOL
+
+
+def test_half_products_large_inputs():
+    """Inputs near the float16 range of the products (``|f - zh| < 0.5``: four products of a half under ``2 max|x|``)
+    stay finite and within the floor."""
+    from runtime.kernels.w4_gemv import GemvConfig, w4_gemv_accumulate
+
+    qw, s, z, w = _weight(16, 512, 128, seed=7)
+    x = (torch.rand(1, 512, device=DEV) * 2 - 1).mul(16000).half()
+    out = w4_gemv_accumulate(x, qw, s, z, 128, torch.zeros(1, 16, device=DEV),
+                             config=GemvConfig(16, 256, 2, 1, 2, False, 1, True))
+    assert torch.isfinite(out).all() and _rel(out, x.double() @ w.T) < HALF_TOL
 
 
 def test_split_config_fields_and_plain_gemv():
@@ -217,7 +257,11 @@ def test_fused_inputs_match_unfused(m, n, k, config, dt):
     within those ulps of a rounding boundary by one float16 ulp (2^-11 relative; ~1 element in 2^12), i.e.
     ~1e-5 relative of the output per flip at these ``K``: asserted < 1e-4."""
     from runtime.kernels import misc
-    from runtime.kernels.w4_gemv import w4_gemv_accumulate, w4_gemv_accumulate_rmsnorm, w4_gemv_accumulate_silu
+    from runtime.kernels.w4_gemv import (
+        w4_gemv_accumulate,
+        w4_gemv_accumulate_rmsnorm,
+        w4_gemv_accumulate_silu,
+    )
 
     qw, s, z, _ = _weight(n, k, 128, seed=7)
     x, nw, base = 3 * torch.randn(m, k, device=DEV), torch.randn(k, device=DEV, dtype=dt), torch.randn(m, n, device=DEV)
@@ -233,7 +277,10 @@ def test_fused_inputs_match_unfused(m, n, k, config, dt):
 
 
 def test_fused_inputs_errors():
-    from runtime.kernels.w4_gemv import w4_gemv_accumulate_rmsnorm, w4_gemv_accumulate_silu
+    from runtime.kernels.w4_gemv import (
+        w4_gemv_accumulate_rmsnorm,
+        w4_gemv_accumulate_silu,
+    )
 
     qw, s, z, _ = _weight(16, 256, 128)
     x, nw, out = torch.randn(1, 256, device=DEV), torch.ones(256, device=DEV), torch.zeros(1, 16, device=DEV)
@@ -304,9 +351,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="LLaMA-2-7B shape
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("n,k", SHAPES_7B)
 def test_7b_shapes(m, n, k):
-    from runtime.kernels.w4_gemv import w4_gemv_accumulate
-
     from converter.bench_kernels import random_weight
+    from runtime.kernels.w4_gemv import w4_gemv_accumulate
 
     torch.manual_seed(0)
     qw, s, z = random_weight(n, k)
@@ -314,6 +360,23 @@ def test_7b_shapes(m, n, k):
     x, base = torch.randn(m, k, device=DEV, dtype=torch.float16), torch.randn(m, n, device=DEV)
     out = w4_gemv_accumulate(x, qw, s, z, 128, base.clone())
     assert _rel(out, base.double() + x.double() @ w.T) < TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n,k", SHAPES_7B)
+def test_7b_shapes_half(n, k):
+    """The float16-product form (inline PTX on the GPU) at the 7B shapes, M = 1, against the float64 product."""
+    from converter.bench_kernels import random_weight
+    from runtime.kernels.w4_gemv import GemvConfig, default_config, w4_gemv_accumulate
+
+    torch.manual_seed(0)
+    qw, s, z = random_weight(n, k)
+    w = quant.dequantize_weight(quant.unpack(qw, 4, k), s, z, 128, torch.float64)
+    x, base = torch.randn(1, k, device=DEV, dtype=torch.float16), torch.randn(1, n, device=DEV)
+    for cfg in (default_config(n, k, 1, 128)._replace(half=True), GemvConfig(32, 512, 4, 1, 4, True, 2, True)):
+        out = w4_gemv_accumulate(x, qw, s, z, 128, base.clone(), config=cfg)
+        assert _rel(out, base.double() + x.double() @ w.T) < HALF_TOL, cfg
 
 
 @pytest.mark.gpu

@@ -21,7 +21,10 @@ class GemvConfig(NamedTuple):
     ``split``: the steps along ``K`` are cut into ``split`` contiguous ranges, one program per range and row
     block (grid ``(cdiv(N, block_n), split)``), each adding its partial sums into ``out`` with a float32
     ``atomic_add`` (accumulate mode only: :func:`w4_gemv` runs with ``split = 1``; the order of the adds,
-    hence the last bits of ``out``, may vary from run to run). ``split = 1``: the plain row-owning kernel."""
+    hence the last bits of ``out``, may vary from run to run). ``split = 1``: the plain row-owning kernel.
+    ``half``: products in float16 for float16 inputs (``f16x2`` FMAs, about half the instructions per code;
+    error ~1e-3 relative instead of ~1e-7, see :func:`runtime.kernels.w4_gemv._half_dot`); other dtypes keep
+    the float32 form."""
 
     block_n: int
     block_k: int
@@ -29,12 +32,14 @@ class GemvConfig(NamedTuple):
     num_stages: int = 1
     sub: int = 1
     prefetch: bool = False
-    split: int = 1  # last, so that tuples of the first six fields stay valid
+    split: int = 1  # after the first six fields, so that their tuples stay valid
+    half: bool = False
 
     def label(self) -> str:
         pf = "_pf" if self.prefetch else ""
         sp = f"_x{self.split}" if self.split != 1 else ""  # split 1: the labels of earlier records
-        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}{sp}"
+        hf = "_h" if self.half else ""
+        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}{sp}{hf}"
 
 
 def shared_memory_free(cfg: GemvConfig, group_size: int = 128) -> bool:
