@@ -53,7 +53,7 @@ import triton.language as tl
 from .. import quant
 from . import interpreting
 from ..fast import W4Weight
-from .w4_gemv_config import (GEMV_CONFIGS, GEMV_TABLE, TABLE_ENV, GemvConfig, _fit,  # noqa: F401 - re-exported
+from .w4_gemv_config import (GEMV_CONFIGS, GEMV_TABLE, GEMV_TABLE_F32, TABLE_ENV, GemvConfig, _fit,  # noqa: F401 - re-exported
                              default_config, load_table, shared_memory_free)
 
 GEMV_MAX_ROWS = 4
@@ -541,10 +541,16 @@ def _check_fused(src, what, m, k, dt, weight=None):
                          f"got {weight.dtype} {list(weight.shape)}")
 
 
+def half_input(x_dtype: torch.dtype, fused: _Input = _PLAIN) -> bool:
+    """Whether the GEMV's input values are float16 numbers (a float16 ``x``, or a fused input rounded to float16),
+    so that float16 products (``GemvConfig.half``) may run."""
+    return (fused.dt if fused.kind else x_dtype) == torch.float16
+
+
 def half_math(cfg: GemvConfig, x_dtype: torch.dtype, fused: _Input = _PLAIN) -> bool:
-    """Whether a launch with ``cfg`` multiplies in float16 (:func:`_half_dot`): ``cfg.half`` and inputs that are
-    float16 numbers (a float16 ``x``, or a fused input rounded to float16); otherwise the float32 form."""
-    return bool(cfg.half) and (fused.dt if fused.kind else x_dtype) == torch.float16
+    """Whether a launch with ``cfg`` multiplies in float16 (:func:`_half_dot`): ``cfg.half`` and
+    :func:`half_input`; otherwise the float32 form."""
+    return bool(cfg.half) and half_input(x_dtype, fused)
 
 
 def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulate, config, fused=_PLAIN):
@@ -552,7 +558,8 @@ def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulat
     n = qweight.shape[0]
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    cfg = _fit(GemvConfig(*config), group_size) if config is not None else default_config(n, k, m, group_size)
+    cfg = (_fit(GemvConfig(*config), group_size) if config is not None
+           else default_config(n, k, m, group_size, half_input(x2.dtype, fused)))
     if not accumulate:  # y = x @ W^T (+ bias) (+ residual) in any dtype: the programs own their rows, no atomics
         cfg = cfg._replace(split=1)
     sub_n = cfg.block_n // cfg.sub

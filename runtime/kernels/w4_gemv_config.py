@@ -62,9 +62,17 @@ GEMV_CONFIGS: list[GemvConfig] = [
 # split over K (2 and 4 ranges) for the 16- and 32-row configs: 256-1024 programs at the 4096-row shapes instead
 # of 128-256 (8 rows already give 512; 64-128 rows would need more ranges than K has steps at K = 4096)
 GEMV_CONFIGS += [cfg._replace(split=sp) for sp in (2, 4) for cfg in list(GEMV_CONFIGS) if cfg.block_n in (16, 32)]
-# (N, K, M) -> config: the best of the graph-timed sweep on the H200 (seventh session, `w4_gemv_bench.py --ms 1`,
-# 146 configs; runtime/kernels/NOTES.md "Round 7"); M = 0: any M
+# (N, K, M) -> config: the best of the graph-timed sweep on the H200; M = 0: any M. Ninth session
+# (`w4_gemv_bench.py --ms 1 --half`, the 146 configs with float16 products, runtime/kernels/NOTES.md "Round 9"):
+# 55.5 us per layer against 62.5 for the seventh session's float32 table (kept below as GEMV_TABLE_F32)
 GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {
+    (4096, 4096, 1): GemvConfig(16, 1024, 8, 1, 2, False, 2, True),  # 6.40 us, 1371 GB/s
+    (4096, 11008, 1): GemvConfig(32, 512, 4, 1, 4, False, 4, True),  # 12.35 us, 1911 GB/s
+    (12288, 4096, 1): GemvConfig(16, 256, 2, 1, 2, True, 2, True),  # 13.72 us, 1921 GB/s
+    (22016, 4096, 1): GemvConfig(16, 256, 2, 1, 2, False, 4, True),  # 23.06 us, 2047 GB/s
+}
+# float32 products (seventh session, 146 configs): the configs a float32/bfloat16 x runs at these shapes
+GEMV_TABLE_F32: dict[tuple[int, int, int], GemvConfig] = {
     (4096, 4096, 1): GemvConfig(32, 1024, 8, 1, 4, False, 2),  # 6.92 us, 1269 GB/s
     (4096, 11008, 1): GemvConfig(32, 512, 4, 1, 4, False, 4),  # 14.04 us, 1681 GB/s
     (12288, 4096, 1): GemvConfig(32, 256, 2, 1, 4, False, 2),  # 15.92 us, 1655 GB/s
@@ -80,11 +88,14 @@ def load_table(path: str | Path) -> dict[tuple[int, int, int], GemvConfig]:
                        "a w4_gemv", "benchmarks/w4_gemv_bench.py")
 
 
-def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
+def default_config(n: int, k: int, m: int, group_size: int, half: bool = True) -> GemvConfig:
     """The config for a shape: the sweep records named by the environment variable ``WKVQ_GEMV_TABLE``
-    (:func:`load_table`; several separated by ``os.pathsep``), then :data:`GEMV_TABLE`, else a guess (not measured; for ``N < 8192`` a split over
-    ``K`` into 2-4 ranges, also a guess)."""
-    table = {**GEMV_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
+    (:func:`load_table`; several separated by ``os.pathsep``), then :data:`GEMV_TABLE` (``half``: the input is
+    float16, so float16 products may run) or :data:`GEMV_TABLE_F32`, else a guess (not measured; for ``N < 8192`` a
+    split over ``K`` into 2-4 ranges, also a guess; float16 products at ``M = 1`` when ``half``, as measured at
+    every 7B shape)."""
+    base = GEMV_TABLE if half else GEMV_TABLE_F32
+    table = {**base, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
     if cfg is None:
         if interpreting():
@@ -99,6 +110,7 @@ def default_config(n: int, k: int, m: int, group_size: int) -> GemvConfig:
                 # blocks -> 256-1024 programs, 2+ per SM), e.g. K = 4096 at 1024 channels a step: 2 ranges
                 steps = -(-k // _fit(cfg, group_size).block_k)
                 cfg = cfg._replace(split=max(1, min(4, steps // 2)))
+            cfg = cfg._replace(half=half and m == 1)
     return _fit(cfg, group_size)
 
 
