@@ -64,7 +64,7 @@ GEMV_CONFIGS: list[GemvConfig] = [
 GEMV_CONFIGS += [cfg._replace(split=sp) for sp in (2, 4) for cfg in list(GEMV_CONFIGS) if cfg.block_n in (16, 32)]
 # (N, K, M) -> config: the best of the graph-timed sweep on the H200; M = 0: any M. Ninth session
 # (`w4_gemv_bench.py --ms 1 --half`, the 146 configs with float16 products, runtime/kernels/NOTES.md "Round 9"):
-# 55.5 us per layer against 62.5 for the seventh session's float32 table (kept below as GEMV_TABLE_F32)
+# 55.5 us per layer against 62.2 for the float32 table in the same run (GEMV_TABLE_F32)
 GEMV_TABLE: dict[tuple[int, int, int], GemvConfig] = {
     (4096, 4096, 1): GemvConfig(16, 1024, 8, 1, 2, False, 2, True),  # 6.40 us, 1371 GB/s
     (4096, 11008, 1): GemvConfig(32, 512, 4, 1, 4, False, 4, True),  # 12.35 us, 1911 GB/s
