@@ -167,7 +167,8 @@ def calibration_options(f):
         click.option("--e2e-lr", type=float, default=3e-2, show_default=True,
                      help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
         click.option("--e2e-rounding", is_flag=True, help="Experimental: the end-to-end stage also learns "
-                     "per-weight rounding offsets (at --e2e-round-lr; one float32 per weight, plus AdamW state, on the device)."),
+                     "per-weight rounding offsets (at --e2e-round-lr; one float32 per weight, plus gradient and AdamW state: "
+                     "~16 bytes a weight on the device, checked before the calibration starts)."),
         click.option("--e2e-round-lr", type=float, default=2e-3, show_default=True,
                      help="Learning rate of the --e2e-rounding offsets."),
         click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="cosine",

@@ -490,6 +490,10 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
     ccfg = cfg.calibration or CalibConfig()
     dtype = resolve_compute_dtype(ccfg.compute_dtype, device)
     setup = BlockSetup(cfg.weight, cfg.kv, ccfg, device, dtype, cfg.seed)
+    if ccfg.e2e_epochs:  # before any work: a stage that cannot fit fails now, not after the blocks
+        from . import e2e  # imports this module
+
+        e2e.check_memory(model.config, ccfg, device)
     samples = calibration_tokens(tokenizer, ccfg, cfg.seed)
     work = WorkDir.open(work_dir_for(cfg.out), resume_recipe(model, cfg, samples, dtype), ccfg.resume)
     resumed = len(work.done())

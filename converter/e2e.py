@@ -41,6 +41,55 @@ log = logging.getLogger(__name__)
 CLIP_EPS = 2.0 ** -12  # the stored float16 clips may be exactly 1.0; keep their logit finite
 
 
+# device bytes a weight of the decoder Linears: the frozen weight (float16, as kept for a float16 checkpoint;
+# float32 sources take 4), trained rounding offsets (float32 value, gradient, two AdamW moments), frozen learned
+# rounding decisions (held as float32 offsets d / 2)
+WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 4
+
+
+def linear_weights(config) -> int:
+    """The number of weights in the decoder Linears of a LLaMA config (q, k, v, o, gate, up, down per layer)."""
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    q = config.num_attention_heads * head_dim
+    return config.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+
+
+def memory_floor(config, ccfg, dtype_bytes: int = 2) -> int:
+    """A lower bound of the end-to-end stage's device memory in bytes: every block's frozen weights, its rounding
+    offsets (trained with ``e2e_rounding``; else the learned blocks' decisions, frozen) and the teacher's final
+    states of all samples (``nsamples x seqlen x hidden`` in a ``dtype_bytes`` compute dtype). Activations, logits
+    and the fake quantization's temporaries come on top (measured at 7B without offsets: 20.07 GiB against this
+    floor's 14.1 GiB, BENCHMARKS.md)."""
+    per_weight = WEIGHT_BYTES
+    if ccfg.e2e_rounding:
+        per_weight += TRAINED_OFFSET_BYTES
+    elif ccfg.rounding == "learned":
+        per_weight += FROZEN_OFFSET_BYTES
+    return linear_weights(config) * per_weight + ccfg.nsamples * ccfg.seqlen * config.hidden_size * dtype_bytes
+
+
+def check_memory(config, ccfg, device, total: int | None = None) -> None:
+    """Refuse an end-to-end stage that cannot fit on ``device`` before any calibration runs: a one-line
+    ValueError when :func:`memory_floor` exceeds the device's memory (``total`` bytes; default: the CUDA
+    device's). CPU runs are not checked."""
+    if not ccfg.e2e_epochs or (total is None and torch.device(device).type != "cuda"):
+        return
+    if total is None:
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    need = memory_floor(config, ccfg)
+    if need > total:
+        if ccfg.e2e_rounding:
+            hint = "drop --e2e-rounding (its offsets take 16 bytes a weight)"
+        elif ccfg.rounding == "learned":
+            hint = "the learned rounding decisions take 4 bytes a weight there: drop --e2e-epochs or use --rounding nearest"
+        else:
+            hint = "drop --e2e-epochs or use a device with more memory"
+        raise ValueError(f"the end-to-end stage needs at least {need / 2**30:.1f} GiB on {device} "
+                         f"({total / 2**30:.1f} GiB there) for {linear_weights(config) / 1e9:.2f} B weights: {hint}")
+
+
 def logit(p: torch.Tensor) -> torch.Tensor:
     p = p.float().clamp(CLIP_EPS, 1 - CLIP_EPS)
     return torch.log(p) - torch.log1p(-p)

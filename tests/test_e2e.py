@@ -274,3 +274,47 @@ def test_stage_on_learned_blocks_without_offsets_warns(tiny3, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="converter.calibrate"):
         convert(_cfg(tmp_path / "n", tiny3, rounding="learned", e2e_epochs=1, e2e_rounding=True))
     assert not any("--e2e-rounding" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_floor_and_check():
+    """The stage's memory floor at the LLaMA-2-7B shape (6.48 B Linear weights): 18 bytes a weight with trained
+    offsets, 6 with the learned blocks' frozen decisions, 2 with nearest rounding, plus the teacher states; the check
+    refuses what cannot fit (a one-line error naming the fix) and lets the rest through; CPU is not checked."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32)
+    weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert e2e.linear_weights(cfg) == weights == 6_476_005_376
+    teacher = 128 * 2048 * 4096 * 2
+    offsets = C.CalibConfig(e2e_epochs=2, e2e_rounding=True)
+    learned, nearest = C.CalibConfig(e2e_epochs=2), C.CalibConfig(e2e_epochs=2, rounding="nearest")
+    assert e2e.memory_floor(cfg, offsets) == 18 * weights + teacher
+    assert e2e.memory_floor(cfg, learned) == 6 * weights + teacher
+    assert e2e.memory_floor(cfg, nearest) == 2 * weights + teacher
+    gib = 2 ** 30
+    with pytest.raises(ValueError, match=r"needs at least 110\.6 GiB on cuda \(80\.0 GiB there\).*drop --e2e-rounding"):
+        e2e.check_memory(cfg, offsets, "cuda", total=80 * gib)
+    with pytest.raises(ValueError, match="--rounding nearest"):
+        e2e.check_memory(cfg, learned, "cuda", total=24 * gib)
+    e2e.check_memory(cfg, offsets, "cuda", total=141 * 10 ** 9)
+    e2e.check_memory(cfg, nearest, "cuda", total=24 * gib)
+    e2e.check_memory(cfg, offsets, "cpu")  # not checked
+    e2e.check_memory(cfg, C.CalibConfig(), "cuda", total=1)  # no stage, nothing to check
+
+
+def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, monkeypatch):
+    """A stage past the device's memory stops before the blocks: one line, exit code 1, nothing under --out."""
+    from cli import main
+
+    check = e2e.check_memory
+    monkeypatch.setattr(e2e, "check_memory", lambda config, ccfg, device: check(config, ccfg, "cuda", total=1024))
+    model, text = tiny3
+    out = tmp_path / "q"
+    result = CliRunner().invoke(main, [
+        "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
+        "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--e2e-epochs", "1", "--e2e-rounding"])
+    assert result.exit_code == 1
+    assert "the end-to-end stage needs at least" in result.output and "drop --e2e-rounding" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not work_dir_for(out).exists()
