@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lease of the ninth session (nvidia-h200-x2, ~20 min), issues #4 and #6 side by side:
-#   GPU 0 (#4): as benchmarks/h200x2_round11.sh's GPU 0 (never run): the default recipe at seeds 0 (blocks kept) and
+#   GPU 0 (#4): planned for an eleventh round that never ran: the default recipe at seeds 0 (blocks kept) and
 #     2 at once (~12 min), the end-to-end stage with rounding offsets from the seed-0 blocks, one table with every row;
 #   GPU 1 (#6): the GEMV with float16 products (GemvConfig.half): its GPU tests, the M = 1 sweep with every candidate
 #     in the half form (the default row is the float32 table config, same run), then the decode step with the
@@ -8,9 +8,8 @@
 # Results: $r/bw (GPU 0), $r/kernels (GPU 1), $r/timeline.txt.
 #
 #   bash benchmarks/h200x2_round12.sh
-# Setup as benchmarks/h200x2_round11.sh's header (run 1 carry [".gpu/p1"]; run 2 at once carry [".gpu/p2", ".gpu/whl"],
-# ending in: setsid nohup bash benchmarks/h200x2_round12.sh > /root/a/driver.log 2>&1 < /dev/null &), then
-# back-to-back monitoring runs (the machine goes after 30 s idle), each ending in a tar of $r without the artifacts'
+# Setup: benchmarks/lease_lib.sh's header with SCRIPT = h200x2_round12.sh; then back-to-back monitoring runs (the
+# machine goes after 30 s idle), each ending in a tar of $r without the artifacts'
 # weights and work dirs.
 # Dry run on CPU: RESULTS=/tmp/x GPUS="" CONVERT_FLAGS="--device cpu --nsamples 2 --seqlen 64 --epochs 1"
 #   KERNEL_CMD=true EVAL_FLAGS="--device cpu --max-windows 1 --seqlen 128".

@@ -2,6 +2,16 @@
 # They read the caller's variables: r (results dir) and t0 (start, seconds) for mark; the array gpus for on_gpu;
 # the array extra (convert flags of every run) for blockwise; model and EVAL_FLAGS (env) for blockwise_table.
 # lease_init sets them all from the environment (RESULTS, CONVERT_FLAGS, GPUS, MODEL, WKVQ_CACHE).
+#
+# Lease setup for a script SCRIPT that uses these helpers (SmolLM2 on the device machine): run 1 (kind
+# nvidia-h200-x2) carry [".gpu/p1"]: cp .gpu/p1/part_aa /root/part_aa
+# run 2 at once, carry [".gpu/p2", ".gpu/whl"]: mkdir -p /root/c /root/a; cat /root/part_aa .gpu/p2/part_ab >
+#   /root/c/SmolLM2-135M-Instruct.Q4_1.gguf; cp .gpu/whl/enwiki-sample.xml.bz2 /root/c/; python3 -m pip install -q
+#   --no-index --no-deps --target /tmp/site .gpu/whl/*.whl; rm -rf /root/src; cp -r $PWD /root/src; cd /root/src;
+#   export PYTHONPATH=/tmp/site:/root/src HF_HUB_OFFLINE=1 WKVQ_CACHE=/root/c;
+#   setsid nohup bash benchmarks/SCRIPT > /root/a/driver.log 2>&1 < /dev/null &
+# then back-to-back monitoring runs (the machine goes after 30 s idle, and with it every result), each ending in a
+# tar of /root/a without the artifacts' weights (at most 8 files come back per run).
 # shellcheck shell=bash
 
 lease_init() {  # the variables of every lease script: r (results), extra, gpus, t0, model, k (made)

@@ -11,7 +11,8 @@
 # learned-rounding run. GPUS (env, e.g. "0 1") spreads the variants over those devices, round robin.
 # SKIP_BASE=1 reuses OUTDIR/wkvquant and its kept work dir. EVAL_FLAGS (env) goes to `wkvq eval --table`.
 # BASE (env, default wkvquant): the base run's name under OUTDIR (made with the same extra convert flags).
-# SKIP_TABLE=1: no table (the caller makes one).
+# SKIP_TABLE=1: no table (the caller makes one). NAME_PREFIX (env): prepended to every variant's name (stages
+# from two bases in one OUTDIR).
 set -euo pipefail
 out=${1:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
 variants=${2:?usage: smollm2_e2e.sh OUTDIR "EPOCHS:LR ..." [convert flags]}
@@ -38,7 +39,7 @@ i=0
 for v in $variants; do
   IFS=: read -r epochs lr flags <<< "$v"
   IFS=, read -r -a extra <<< "${flags:-}"
-  name="e2e-$epochs-$lr"
+  name="${NAME_PREFIX:-}e2e-$epochs-$lr"
   [ -z "${flags:-}" ] || name="$name-$(echo "$flags" | sed -e 's/--e2e-//g; s/--//g; s/[,=]/-/g')"
   rm -rf "$(work "$out/$name")"
   cp -r "$(work "$out/$base")" "$(work "$out/$name")"

@@ -26,6 +26,11 @@ is added per word into a float32 accumulator ``[BLOCK_N, BLOCK_K/GROUP, GROUP/8]
 after the ``K`` loop. ``f`` lies in ``[2, 4)``, so ``p`` and ``(2 + z/8) sx`` are of the size of the result:
 no cancellation beyond float32 rounding (relative error ~1e-6 against the float32 dequantized product).
 
+Float16 products (``GemvConfig.half``, the measured default at ``M = 1`` for float16 inputs): per word one
+inline-PTX block makes ``(q - z) / 32`` of code pairs in ``f16x2`` registers and multiplies-adds them with
+``x`` pairs (:func:`_half_dot`): ~3.6 instructions a code against ~4.6, relative error ~3e-4 (the float16 ``x``
+itself carries 4.9e-4); other input dtypes keep the float32 form (:func:`half_math`).
+
 Fused inputs (accumulate mode; off by default, and then the kernel's code is that of the plain GEMV): the
 kernel can make its input from the decode step's float32 buffers itself, rounded to the activation dtype as
 :mod:`runtime.kernels.misc` rounds it, which saves the decode step that kernel's launch and its round trip
