@@ -43,8 +43,8 @@ CLIP_EPS = 2.0 ** -12  # the stored float16 clips may be exactly 1.0; keep their
 
 # device bytes a weight of the decoder Linears: the frozen weight (float16, as kept for a float16 checkpoint;
 # float32 sources take 4), trained rounding offsets (float32 value, gradient, two AdamW moments), frozen learned
-# rounding decisions (held as float32 offsets d / 2)
-WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 4
+# rounding decisions (int8, LWCLinear.freeze_decisions)
+WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 1
 
 
 def linear_weights(config) -> int:
@@ -83,7 +83,7 @@ def check_memory(config, ccfg, device, total: int | None = None) -> None:
         if ccfg.e2e_rounding:
             hint = "drop --e2e-rounding (its offsets take 16 bytes a weight)"
         elif ccfg.rounding == "learned":
-            hint = "the learned rounding decisions take 4 bytes a weight there: drop --e2e-epochs or use --rounding nearest"
+            hint = "drop --e2e-epochs, use --rounding nearest or a device with more memory"
         else:
             hint = "drop --e2e-epochs or use a device with more memory"
         raise ValueError(f"the end-to-end stage needs at least {need / 2**30:.1f} GiB on {device} "
@@ -98,20 +98,24 @@ def logit(p: torch.Tensor) -> torch.Tensor:
 def student_block(layer, config, index: int, params: BlockParams, setup: BlockSetup) -> nn.Module:
     """A trainable block (as :func:`converter.lwc.quant_block`) starting from the block-wise result.
 
-    Rounding offsets exist when the stage learns them (``e2e_rounding``) or the blocks learned
-    them (``--rounding learned``: decisions ``d`` in -1/0/+1 start as offsets ``d / 2``, which round
-    the same way up to exact ties); they are trainable only with ``e2e_rounding``."""
+    The blocks' learned rounding (``--rounding learned``: decisions ``d`` in -1/0/+1) applies as offsets
+    ``d / 2``, which round the same way up to exact ties: learnable offsets starting there with
+    ``e2e_rounding``, else the decisions held as int8 (:meth:`~converter.lwc.LWCLinear.freeze_decisions`,
+    1 byte a weight instead of a float32 offset's 4; the same values)."""
     ccfg = setup.calib
-    rounding = ccfg.e2e_rounding or bool(params.rounding)
-    blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, rounding=rounding,
-                          tune_norms=ccfg.tune_norms, compiled=ccfg.compile)
+    blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, rounding=ccfg.e2e_rounding,
+                          tune_norms=ccfg.tune_norms, compiled=ccfg.compile, keep_weight=bool(params.rounding))
     with torch.no_grad():
         for name, (hi, lo) in params.clips.items():
             lin = blk.get_submodule(name)
             lin.gamma.copy_(logit(hi))
             lin.beta.copy_(logit(lo))
         for name, d in params.rounding.items():
-            blk.get_submodule(name).offset.copy_(d.float() / 2)
+            lin = blk.get_submodule(name)
+            if ccfg.e2e_rounding:
+                lin.offset.copy_(d.float() / 2)
+            else:
+                lin.freeze_decisions(d)
         for name, t in params.norms.items():
             blk.get_submodule(name.removesuffix(".weight")).weight.copy_(t)
     for p in lwc.rounding_parameters(blk):

@@ -113,10 +113,11 @@ def fake_quant_fns(compiled: bool):
 class LWCLinear(nn.Module):
     """``y = x @ fq(W)^T + b``; ``W`` frozen (stored :func:`compact`), ``gamma``/``beta`` learnable when
     ``lwc``, per-weight rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable
-    when ``rounding``."""
+    when ``rounding``. :meth:`freeze_decisions` instead holds earlier rounding decisions ``d`` (-1/0/+1) as int8
+    and applies them as the fixed offsets ``d / 2`` (1 byte a weight where a float32 offset takes 4)."""
 
     def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT,
-                 rounding: bool = False, compiled: bool = False):
+                 rounding: bool = False, compiled: bool = False, keep_weight: bool = False):
         super().__init__()
         self.wcfg = wcfg
         self.weight_fn = fake_quant_fns(compiled)[0]
@@ -125,7 +126,9 @@ class LWCLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
         self.gamma = self.beta = self.offset = None
-        if lwc or rounding:
+        self.register_buffer("decisions", None)  # int8 [out, in] (freeze_decisions)
+        self.raw = lwc or rounding or keep_weight  # the weight kept unquantized (keep_weight: for freeze_decisions)
+        if self.raw:
             self.register_buffer("weight", compact(w))
         else:  # min-max clipping, nearest rounding: the fake-quantized weight is fixed, compute it once
             self.register_buffer("weight", quant.fake_quantize_weight(w, wcfg.bits, wcfg.group_size))
@@ -138,7 +141,22 @@ class LWCLinear(nn.Module):
 
     @property
     def fixed(self) -> bool:
-        return self.gamma is None and self.offset is None
+        return self.gamma is None and self.current_offset() is None
+
+    def freeze_decisions(self, d: torch.Tensor) -> None:
+        """Hold rounding decisions ``d`` (int8 ``[out, in]``, -1/0/+1) as the fixed offsets ``d / 2`` (no
+        learnable ``offset``); needs the weight kept unquantized (``lwc``, ``rounding`` or ``keep_weight``)."""
+        if self.offset is not None or not self.raw or d.shape != self.weight.shape:
+            raise ValueError(f"decisions {list(d.shape)} need a Linear of weight {list(self.weight.shape)} "
+                             "without learnable offsets")
+        self.decisions = d.to(device=self.weight.device, dtype=torch.int8)
+
+    def current_offset(self) -> torch.Tensor | None:
+        """The rounding offset in use: the learnable one, the frozen decisions' ``d / 2`` (float32, made on the
+        fly), or None."""
+        if self.offset is not None:
+            return self.offset
+        return None if self.decisions is None else self.decisions.float() * 0.5
 
     def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return lwc_clips(self.gamma, self.beta)
@@ -146,16 +164,17 @@ class LWCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not self.fixed:
-            w = self.weight_fn(w, self.gamma, self.beta, self.offset, self.wcfg.bits, self.wcfg.group_size,
+            w = self.weight_fn(w, self.gamma, self.beta, self.current_offset(), self.wcfg.bits, self.wcfg.group_size,
                                export.PARAMS_DTYPE)
         return F.linear(x, w, self.bias)
 
     def rounding_decisions(self) -> torch.Tensor | None:
         """The learned rounding as int8 offsets to nearest rounding, for the export's exact scales."""
-        if self.offset is None:
+        offset = self.current_offset()
+        if offset is None:
             return None
         _, _, scale, _ = export.export_qparams(self.weight, self.wcfg, *self.clips())  # rounds the clips as stored
-        return quant.rounding_decisions(self.weight, scale, self.offset.detach(), self.wcfg.group_size).cpu()
+        return quant.rounding_decisions(self.weight, scale, offset.detach(), self.wcfg.group_size).cpu()
 
 
 class SmoothedKV(KVQuantizer):
@@ -244,14 +263,17 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def quant_block(layer, config, index: int, wcfg: WeightQuantConfig, lwc: bool, device,
-                rounding: bool = False, tune_norms: bool = False, compiled: bool = False) -> nn.Module:
+                rounding: bool = False, tune_norms: bool = False, compiled: bool = False,
+                keep_weight: bool = False) -> nn.Module:
     """A float32 copy of ``layer`` with :class:`LWCLinear` projections and a K/V range observer;
-    its RMSNorm weights are trainable with ``tune_norms``; ``compiled``: see :func:`fake_quant_fns`."""
+    its RMSNorm weights are trainable with ``tune_norms``; ``compiled``: see :func:`fake_quant_fns`;
+    ``keep_weight``: the Linears keep their weights unquantized (for :meth:`LWCLinear.freeze_decisions`)."""
     blk = clone_layer(layer, config, index, device, torch.float32)
     for name in DECODER_LINEARS:
         parent, child = name.rsplit(".", 1)
         blk.get_submodule(parent).register_module(child, LWCLinear(blk.get_submodule(name), wcfg, lwc,
-                                                                   rounding=rounding, compiled=compiled))
+                                                                   rounding=rounding, compiled=compiled,
+                                                                   keep_weight=keep_weight))
     blk.self_attn.register_module("kv_quant", KVRangeObserver(*kv_shape(config), device=device))
     if tune_norms:  # a copy: clone_layer's tensors may share storage with the source model's
         for name in NORMS:
@@ -295,7 +317,7 @@ def fold_block(blk: nn.Module) -> BlockParams:
         hi, lo = lin.clips()
         if hi is not None:
             clips[name] = (hi.detach().half().float().cpu(), lo.detach().half().float().cpu())
-        if lin.offset is not None:
+        if lin.current_offset() is not None:
             rounding[name] = lin.rounding_decisions()
     norms = {f"{n}.weight": blk.get_submodule(n).weight.detach().float().cpu().clone()
              for n in NORMS if blk.get_submodule(n).weight.requires_grad}

@@ -278,7 +278,7 @@ def test_stage_on_learned_blocks_without_offsets_warns(tiny3, tmp_path, caplog):
 
 def test_memory_floor_and_check():
     """The stage's memory floor at the LLaMA-2-7B shape (6.48 B Linear weights): 18 bytes a weight with trained
-    offsets, 6 with the learned blocks' frozen decisions, 2 with nearest rounding, plus the teacher states; the check
+    offsets, 3 with the learned blocks' frozen (int8) decisions, 2 with nearest rounding, plus the teacher states; the check
     refuses what cannot fit (a one-line error naming the fix) and lets the rest through; CPU is not checked."""
     from transformers import LlamaConfig
 
@@ -290,13 +290,14 @@ def test_memory_floor_and_check():
     offsets = C.CalibConfig(e2e_epochs=2, e2e_rounding=True)
     learned, nearest = C.CalibConfig(e2e_epochs=2), C.CalibConfig(e2e_epochs=2, rounding="nearest")
     assert e2e.memory_floor(cfg, offsets) == 18 * weights + teacher
-    assert e2e.memory_floor(cfg, learned) == 6 * weights + teacher
+    assert e2e.memory_floor(cfg, learned) == 3 * weights + teacher
     assert e2e.memory_floor(cfg, nearest) == 2 * weights + teacher
     gib = 2 ** 30
     with pytest.raises(ValueError, match=r"needs at least 110\.6 GiB on cuda \(80\.0 GiB there\).*drop --e2e-rounding"):
         e2e.check_memory(cfg, offsets, "cuda", total=80 * gib)
     with pytest.raises(ValueError, match="--rounding nearest"):
-        e2e.check_memory(cfg, learned, "cuda", total=24 * gib)
+        e2e.check_memory(cfg, learned, "cuda", total=16 * gib)
+    e2e.check_memory(cfg, learned, "cuda", total=24 * gib)
     e2e.check_memory(cfg, offsets, "cuda", total=141 * 10 ** 9)
     e2e.check_memory(cfg, nearest, "cuda", total=24 * gib)
     e2e.check_memory(cfg, offsets, "cpu")  # not checked
@@ -318,3 +319,43 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
     assert "the end-to-end stage needs at least" in result.output and "drop --e2e-rounding" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not work_dir_for(out).exists()
+
+
+@pytest.mark.parametrize("lwc_on", [True, False])
+def test_frozen_decisions_are_the_float_offsets_in_int8(tiny3, lwc_on):
+    """Without ``e2e_rounding`` the student holds the blocks' rounding decisions as int8 (no float32 offsets) and
+    computes exactly what float32 offsets ``d / 2`` compute (the former layout), folding to the same decisions;
+    with ``--no-lwc`` too (the weights stay unquantized for them)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny3[0], dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    config = lwc.calib_model_config(model.config)
+    gen = torch.Generator().manual_seed(3)
+    shapes = {n: (layer.get_submodule(n).out_features, layer.get_submodule(n).in_features) for n in lwc.DECODER_LINEARS}
+    clips = {n: ((torch.rand(o, -(-i // 128), generator=gen) * 0.5 + 0.5).half().float(),
+                 (torch.rand(o, -(-i // 128), generator=gen) * 0.5 + 0.5).half().float()) for n, (o, i) in shapes.items()}
+    params = lwc.BlockParams(clips=clips if lwc_on else {},
+                             rounding={n: torch.randint(-1, 2, s, generator=gen).to(torch.int8) for n, s in shapes.items()},
+                             kv={"k_scale": torch.rand(2, 40) + 0.5, "k_shift": torch.randn(2, 40) * 0.1,
+                                 "v_scale": torch.rand(2, 40) + 0.5, "v_shift": torch.randn(2, 40) * 0.1})
+
+    def student(**kw):
+        ccfg = C.CalibConfig(**{**TINY, "lwc": lwc_on, "e2e_epochs": 1, **kw})
+        setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), ccfg, torch.device("cpu"), torch.float32)
+        return e2e.student_block(layer, config, 0, params, setup)
+
+    frozen, trained = student(), student(e2e_rounding=True)
+    x = model.get_input_embeddings()(torch.randint(0, 300, (2, 32))).detach()
+    pe = C.rope(model.model.rotary_emb, 32, "cpu")
+    for name in lwc.DECODER_LINEARS:
+        a, b = frozen.get_submodule(name), trained.get_submodule(name)
+        assert a.offset is None and a.decisions.dtype == torch.int8 and torch.equal(a.current_offset(), b.offset)
+    assert not lwc.rounding_parameters(frozen) and lwc.rounding_parameters(trained)
+    with torch.no_grad():
+        assert torch.equal(frozen(x, position_embeddings=pe), trained(x, position_embeddings=pe))
+    fa, fb = lwc.fold_block(frozen), lwc.fold_block(trained)
+    assert fa.rounding.keys() == fb.rounding.keys() == shapes.keys()
+    assert all(torch.equal(fa.rounding[n], fb.rounding[n]) for n in shapes)
+    with pytest.raises(ValueError, match="without learnable offsets"):
+        trained.get_submodule("mlp.up_proj").freeze_decisions(params.rounding["mlp.up_proj"])
