@@ -5,7 +5,7 @@ Builds the decoder blocks of a random LLaMA lazily (never the whole model), cali
 ``--nsamples`` x ``--seqlen`` random embeddings, ``--epochs``), measures seconds per block and the
 peak GPU memory, and extrapolates the time to all blocks (labelled as an extrapolation). With ``--e2e-samples N``
 it measures the end-to-end stage instead (``converter/e2e.py``: every block on the device, fp16
-weights as for a float16 checkpoint, the full ``--nsamples`` teacher states on the device) over N
+weights as for a float16 checkpoint, the full ``--nsamples`` teacher states on the host, as in a real run) over N
 samples and extrapolates its time to ``--nsamples``. Prints a table and writes JSON::
 
     python benchmarks/calibration.py --shape llama2-7b --blocks 2 --json calib-7b.json
@@ -173,7 +173,7 @@ class E2EResult:
 
 def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> E2EResult:
     """The end-to-end stage over ``samples`` of the recipe's ``nsamples`` (the teacher states of all
-    ``nsamples`` on the device, as in a real run); its time scaled by ``nsamples / samples``
+    ``nsamples`` on the host, as in a real run); its time scaled by ``nsamples / samples``
     (setup and the two KL passes included, so an upper bound)."""
     config = shape_config(shape)
     samples = min(samples, calib.nsamples)
@@ -188,7 +188,7 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    fp_out = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype).to(device)
+    fp_out = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype)  # on the host
     start = time.perf_counter()
     e2e.tune(model, lwc.calib_model_config(config), x0, fp_out, C.rope(LlamaRotaryEmbedding(config), calib.seqlen, device),
              results, setup)

@@ -519,6 +519,7 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
                         "under fixed rounding decisions and raised the KL wherever measured (BENCHMARKS.md); "
                         "consider --e2e-rounding or --rounding nearest")
         pe = rope(model.model.rotary_emb, x0.shape[1], device)
+        fp_out = fp_out.cpu()  # the teacher states on the host: the stage copies a sample's when it needs them
         results, e2e_summary = e2e.tune(model, config, x0, fp_out, pe, results, setup)
     del fp_out
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
