@@ -43,8 +43,8 @@ CLIP_EPS = 2.0 ** -12  # the stored float16 clips may be exactly 1.0; keep their
 
 # device bytes a weight of the decoder Linears: the frozen weight (float16, as kept for a float16 checkpoint;
 # float32 sources take 4), trained rounding offsets (float32 value, gradient, two AdamW moments), frozen learned
-# rounding decisions (int8, LWCLinear.freeze_decisions)
-WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 1
+# rounding decisions (2 bits, LWCLinear.freeze_decisions)
+WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 0.25
 
 
 def linear_weights(config) -> int:
@@ -67,7 +67,7 @@ def memory_floor(config, ccfg) -> int:
         per_weight += TRAINED_OFFSET_BYTES
     elif ccfg.rounding == "learned":
         per_weight += FROZEN_OFFSET_BYTES
-    return linear_weights(config) * per_weight
+    return int(linear_weights(config) * per_weight)
 
 
 def check_memory(config, ccfg, device, total: int | None = None) -> None:
@@ -100,8 +100,8 @@ def student_block(layer, config, index: int, params: BlockParams, setup: BlockSe
 
     The blocks' learned rounding (``--rounding learned``: decisions ``d`` in -1/0/+1) applies as offsets
     ``d / 2``, which round the same way up to exact ties: learnable offsets starting there with
-    ``e2e_rounding``, else the decisions held as int8 (:meth:`~converter.lwc.LWCLinear.freeze_decisions`,
-    1 byte a weight instead of a float32 offset's 4; the same values)."""
+    ``e2e_rounding``, else the decisions held in 2 bits (:meth:`~converter.lwc.LWCLinear.freeze_decisions`,
+    a quarter byte a weight instead of a float32 offset's 4; the same values)."""
     ccfg = setup.calib
     blk = lwc.quant_block(layer, config, index, setup.weight, ccfg.lwc, setup.device, rounding=ccfg.e2e_rounding,
                           tune_norms=ccfg.tune_norms, compiled=ccfg.compile, keep_weight=bool(params.rounding))

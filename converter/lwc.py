@@ -113,8 +113,8 @@ def fake_quant_fns(compiled: bool):
 class LWCLinear(nn.Module):
     """``y = x @ fq(W)^T + b``; ``W`` frozen (stored :func:`compact`), ``gamma``/``beta`` learnable when
     ``lwc``, per-weight rounding offsets ``offset`` (in code units, used clamped to [-0.5, 0.5]) learnable
-    when ``rounding``. :meth:`freeze_decisions` instead holds earlier rounding decisions ``d`` (-1/0/+1) as int8
-    and applies them as the fixed offsets ``d / 2`` (1 byte a weight where a float32 offset takes 4)."""
+    when ``rounding``. :meth:`freeze_decisions` instead holds earlier rounding decisions ``d`` (-1/0/+1) packed in
+    2 bits and applies them as the fixed offsets ``d / 2`` (a quarter byte a weight where a float32 offset takes 4)."""
 
     def __init__(self, linear: nn.Linear, wcfg: WeightQuantConfig, lwc: bool = True, init: float = LWC_INIT,
                  rounding: bool = False, compiled: bool = False, keep_weight: bool = False):
@@ -126,7 +126,7 @@ class LWCLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
         self.gamma = self.beta = self.offset = None
-        self.register_buffer("decisions", None)  # int8 [out, in] (freeze_decisions)
+        self.register_buffer("decisions", None)  # uint8 [out, in / 4]: d + 1 in 2 bits (freeze_decisions)
         self.raw = lwc or rounding or keep_weight  # the weight kept unquantized (keep_weight: for freeze_decisions)
         if self.raw:
             self.register_buffer("weight", compact(w))
@@ -144,19 +144,24 @@ class LWCLinear(nn.Module):
         return self.gamma is None and self.current_offset() is None
 
     def freeze_decisions(self, d: torch.Tensor) -> None:
-        """Hold rounding decisions ``d`` (int8 ``[out, in]``, -1/0/+1) as the fixed offsets ``d / 2`` (no
-        learnable ``offset``); needs the weight kept unquantized (``lwc``, ``rounding`` or ``keep_weight``)."""
+        """Hold rounding decisions ``d`` (``[out, in]``, -1/0/+1) as the fixed offsets ``d / 2`` (no learnable
+        ``offset``), packed as ``d + 1`` in 2 bits; needs the weight kept unquantized (``lwc``, ``rounding`` or
+        ``keep_weight``)."""
         if self.offset is not None or not self.raw or d.shape != self.weight.shape:
             raise ValueError(f"decisions {list(d.shape)} need a Linear of weight {list(self.weight.shape)} "
                              "without learnable offsets")
-        self.decisions = d.to(device=self.weight.device, dtype=torch.int8)
+        if d.numel() and not (d.min() >= -1 and d.max() <= 1):
+            raise ValueError("rounding decisions must be -1, 0 or +1")
+        self.decisions = quant.pack((d.to(torch.int16) + 1).to(torch.uint8), 2).to(self.weight.device)
 
     def current_offset(self) -> torch.Tensor | None:
         """The rounding offset in use: the learnable one, the frozen decisions' ``d / 2`` (float32, made on the
         fly), or None."""
         if self.offset is not None:
             return self.offset
-        return None if self.decisions is None else self.decisions.float() * 0.5
+        if self.decisions is None:
+            return None
+        return (quant.unpack(self.decisions, 2, self.in_features).float() - 1) * 0.5
 
     def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return lwc_clips(self.gamma, self.beta)
