@@ -146,17 +146,22 @@ class RandomLM(torch.nn.Module):
         return self.lm_head
 
 
-def initial_params(layer, config: LlamaConfig, wcfg: WeightQuantConfig) -> lwc.BlockParams:
+def initial_params(layer, config: LlamaConfig, wcfg: WeightQuantConfig, decisions: bool = False,
+                   seed: int = 0) -> lwc.BlockParams:
     """Block parameters as the block-wise stage starts them: LWC clips at ``sigmoid(LWC_INIT)``,
-    smoothing ``s = 1``, ``delta = 0``."""
+    smoothing ``s = 1``, ``delta = 0``; with ``decisions`` also random rounding decisions (-1/0/+1 per weight), as
+    blocks calibrated with ``--rounding learned`` carry (their memory, not their values, matters here)."""
     clip = torch.sigmoid(torch.tensor(lwc.LWC_INIT)).item()
-    clips = {}
+    clips, rounding = {}, {}
+    gen = torch.Generator().manual_seed(seed)
     for name in lwc.DECODER_LINEARS:
         lin = layer.get_submodule(name)
         shape = (lin.out_features, quant.num_groups(lin.in_features, wcfg.group_size))
         clips[name] = (torch.full(shape, clip), torch.full(shape, clip))
+        if decisions:
+            rounding[name] = torch.randint(-1, 2, lin.weight.shape, generator=gen, dtype=torch.int8)
     kv = dict(KVQuantizer(*lwc.kv_shape(config)).named_buffers())  # the RTN values s = 1, delta = 0
-    return lwc.BlockParams(clips=clips, kv=kv)
+    return lwc.BlockParams(clips=clips, rounding=rounding, kv=kv)
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,8 @@ class E2EResult:
 
 def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> E2EResult:
     """The end-to-end stage over ``samples`` of the recipe's ``nsamples`` (the teacher states of all
-    ``nsamples`` on the host, as in a real run); its time scaled by ``nsamples / samples``
+    ``nsamples`` on the host, as in a real run; with ``--rounding learned`` the blocks carry rounding decisions, as
+    learned blocks do); its time scaled by ``nsamples / samples``
     (setup and the two KL passes included, so an upper bound)."""
     config = shape_config(shape)
     samples = min(samples, calib.nsamples)
@@ -182,7 +188,8 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
     # float16 weights as in a float16 checkpoint (LWCLinear keeps them in float16 on the device)
     layers = LazyLayers(config, seed, keep=config.num_hidden_layers, dtype=torch.float16)
     model = RandomLM(config, [layers[i] for i in range(len(layers))], dtype, seed)
-    results = [initial_params(model.model.layers[i], config, setup.weight) for i in range(len(layers))]
+    results = [initial_params(model.model.layers[i], config, setup.weight, calib.rounding == "learned", seed + i)
+               for i in range(len(layers))]
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(samples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype).mul_(0.5)
     if device.type == "cuda":

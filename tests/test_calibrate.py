@@ -480,6 +480,14 @@ def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     assert rec["samples_measured"] == 2 and rec["recipe"]["e2e_epochs"] == 1 and rec["recipe"]["e2e_rounding"]
     assert rec["extrapolated_seconds"] == pytest.approx(2 * rec["seconds_measured"], abs=0.1)
     assert "EXTRAPOLATED to 4 samples" in result.output
+    # learned blocks' decisions frozen in the stage (no --e2e-rounding): what a default-recipe run holds
+    params = bench.initial_params(layers[0], bench.shape_config("tiny"), bench.WeightQuantConfig(), decisions=True)
+    assert set(params.rounding) == set(params.clips) and params.rounding["mlp.up_proj"].abs().max() == 1
+    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--e2e-samples", "2", "--nsamples", "4", "--seqlen", "16",
+                                             "--e2e-epochs", "1", "--device", "cpu", "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.read_text())
+    assert rec["recipe"]["rounding"] == "learned" and not rec["recipe"]["e2e_rounding"]
 
 
 def _sim_perplexity(artifact, windows) -> float:
