@@ -140,8 +140,13 @@ class LWCLinear(nn.Module):
             self.offset = nn.Parameter(torch.zeros(w.shape, device=w.device))
 
     @property
+    def rounds(self) -> bool:
+        """Whether a rounding offset applies (learnable, or frozen decisions)."""
+        return self.offset is not None or self.decisions is not None
+
+    @property
     def fixed(self) -> bool:
-        return self.gamma is None and self.current_offset() is None
+        return self.gamma is None and not self.rounds
 
     def freeze_decisions(self, d: torch.Tensor) -> None:
         """Hold rounding decisions ``d`` (``[out, in]``, -1/0/+1) as the fixed offsets ``d / 2`` (no learnable
@@ -322,7 +327,7 @@ def fold_block(blk: nn.Module) -> BlockParams:
         hi, lo = lin.clips()
         if hi is not None:
             clips[name] = (hi.detach().half().float().cpu(), lo.detach().half().float().cpu())
-        if lin.current_offset() is not None:
+        if lin.rounds:
             rounding[name] = lin.rounding_decisions()
     norms = {f"{n}.weight": blk.get_submodule(n).weight.detach().float().cpu().clone()
              for n in NORMS if blk.get_submodule(n).weight.requires_grad}
