@@ -494,6 +494,10 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
         from . import e2e  # imports this module
 
         e2e.check_memory(model.config, ccfg, device)
+        if ccfg.rounding == "learned" and not ccfg.e2e_rounding:
+            log.warning("end-to-end stage on learned-rounding blocks without --e2e-rounding: it moves the clips "
+                        "under fixed rounding decisions and raised the KL wherever measured (BENCHMARKS.md); "
+                        "consider --e2e-rounding or --rounding nearest")
     samples = calibration_tokens(tokenizer, ccfg, cfg.seed)
     work = WorkDir.open(work_dir_for(cfg.out), resume_recipe(model, cfg, samples, dtype), ccfg.resume)
     resumed = len(work.done())
@@ -512,12 +516,6 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
     del head
     e2e_summary = None
     if ccfg.e2e_epochs:
-        from . import e2e  # imports this module
-
-        if ccfg.rounding == "learned" and not ccfg.e2e_rounding:
-            log.warning("end-to-end stage on learned-rounding blocks without --e2e-rounding: it moves the clips "
-                        "under fixed rounding decisions and raised the KL wherever measured (BENCHMARKS.md); "
-                        "consider --e2e-rounding or --rounding nearest")
         pe = rope(model.model.rotary_emb, x0.shape[1], device)
         fp_out = fp_out.cpu()  # the teacher states on the host: the stage copies a sample's when it needs them
         results, e2e_summary = e2e.tune(model, config, x0, fp_out, pe, results, setup)

@@ -322,7 +322,7 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
 
 
 @pytest.mark.parametrize("lwc_on", [True, False])
-def test_frozen_decisions_are_the_float_offsets_in_int8(tiny3, lwc_on):
+def test_frozen_decisions_are_the_float_offsets_in_two_bits(tiny3, lwc_on):
     """Without ``e2e_rounding`` the student holds the blocks' rounding decisions in 2 bits (no float32 offsets) and
     computes exactly what float32 offsets ``d / 2`` compute (the former layout), folding to the same decisions;
     with ``--no-lwc`` too (the weights stay unquantized for them)."""
