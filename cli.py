@@ -173,6 +173,9 @@ def calibration_options(f):
                      help="Learning rate of the --e2e-rounding offsets."),
         click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="cosine",
                      show_default=True, help="Learning-rate schedule of the end-to-end stage (cosine: decay to 0)."),
+        click.option("--e2e-offload/--no-e2e-offload", default=None, help="Keep the end-to-end stage's blocks on "
+                     "the host and page them onto the device one at a time (the device then holds ~3 blocks, not the "
+                     "whole model and its trained state; the same result) [default: on CUDA devices]."),
         click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto",
                      show_default=True, help="Compute dtype of the frozen parts [auto: bfloat16 on CUDA]."),
         click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its last block."),

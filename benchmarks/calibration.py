@@ -4,12 +4,14 @@ Builds the decoder blocks of a random LLaMA lazily (never the whole model), cali
 ``--blocks`` of them with the real per-block recipe (CRR window of ``--crr-k`` following blocks,
 ``--nsamples`` x ``--seqlen`` random embeddings, ``--epochs``), measures seconds per block and the
 peak GPU memory, and extrapolates the time to all blocks (labelled as an extrapolation). With ``--e2e-samples N``
-it measures the end-to-end stage instead (``converter/e2e.py``: every block on the device, fp16
-weights as for a float16 checkpoint, the full ``--nsamples`` teacher states on the host, as in a real run) over N
-samples and extrapolates its time to ``--nsamples``. Prints a table and writes JSON::
+it measures the end-to-end stage instead (``converter/e2e.py``: the blocks paged from the host onto the device one
+at a time on CUDA unless ``--no-e2e-offload``, fp16 weights as for a float16 checkpoint, the full ``--nsamples``
+teacher states on the host, as in a real run) over N samples and extrapolates its time to ``--nsamples``. Prints a
+table and writes JSON::
 
     python benchmarks/calibration.py --shape llama2-7b --blocks 2 --json calib-7b.json
     python benchmarks/calibration.py --shape llama2-7b --e2e-samples 8 --e2e-epochs 2 --json e2e-7b.json
+    python benchmarks/calibration.py --shape llama2-7b --e2e-samples 8 --e2e-epochs 2 --e2e-rounding --json e2e-7b-r.json
     python benchmarks/calibration.py --shape tiny --blocks 2 --nsamples 4 --seqlen 32 --epochs 1 --device cpu
 """
 
@@ -170,6 +172,7 @@ class E2EResult:
     device: str
     recipe: dict
     compiled: bool
+    paged: bool
     samples_measured: int
     seconds_measured: float
     extrapolated_seconds: float
@@ -203,7 +206,8 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return E2EResult(shape, str(device), calib.to_dict(), calib.compile, samples, round(wall, 3),
+    return E2EResult(shape, str(device), calib.to_dict(), calib.compile, e2e.offloaded(calib, device), samples,
+                     round(wall, 3),
                      round(wall * calib.nsamples / samples, 1), peak)
 
 
@@ -223,7 +227,8 @@ def e2e_table(r: E2EResult) -> str:
     rec = r.recipe
     return report(r, [
         ("end-to-end stage", f"{rec['e2e_epochs']} epochs over {rec['nsamples']} x {rec['seqlen']} tokens, "
-                             f"rounding offsets {'on' if rec['e2e_rounding'] else 'off'}, {rec['compute_dtype']}"
+                             f"rounding offsets {'on' if rec['e2e_rounding'] else 'off'}, {rec['compute_dtype']}, "
+                             + ("blocks paged from the host" if r.paged else "every block on the device")
                              + (", compiled fake quantization" if r.compiled else "")),
         ("samples measured", f"{r.samples_measured} of {rec['nsamples']}"),
         ("seconds measured (setup and KL passes included)", f"{r.seconds_measured:.1f}"),
@@ -258,12 +263,14 @@ def table(r: BenchResult) -> str:
               help="Measure the end-to-end stage over this many samples instead of the block-wise recipe.")
 @click.option("--e2e-epochs", type=int, default=2, show_default=True)
 @click.option("--e2e-rounding", is_flag=True, help="The end-to-end stage learns rounding offsets too.")
+@click.option("--e2e-offload/--no-e2e-offload", default=None, help="Page the stage's blocks from the host "
+              "[default: on CUDA].")
 @click.option("--compile", "compiled", is_flag=True, help="torch.compile the fake quantization (convert's --compile).")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda if available].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result here.")
 def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype, rounding, tune_norms, e2e_samples,
-         e2e_epochs, e2e_rounding, compiled, device, progress, json_path):
+         e2e_epochs, e2e_rounding, e2e_offload, compiled, device, progress, json_path):
     """Time the full per-block calibration recipe on a random model of SHAPE."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if blocks <= 0:
@@ -274,7 +281,7 @@ def main(shape, blocks, nsamples, seqlen, epochs, crr_k, batch_size, calib_dtype
     calib = C.CalibConfig(nsamples=nsamples, seqlen=seqlen, epochs=epochs, crr_k=crr_k, batch_size=batch_size,
                           compute_dtype=calib_dtype, rounding=rounding, tune_norms=tune_norms, compile=compiled,
                           progress=progress, e2e_epochs=e2e_epochs if e2e_samples else 0,
-                          e2e_rounding=e2e_rounding and bool(e2e_samples))
+                          e2e_rounding=e2e_rounding and bool(e2e_samples), e2e_offload=e2e_offload)
     if e2e_samples:
         result = run_e2e(shape, e2e_samples, calib, dev)
         click.echo(e2e_table(result))

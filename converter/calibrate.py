@@ -81,7 +81,9 @@ class CalibConfig:
     per-weight rounding offsets at ``e2e_round_lr``; ``e2e_schedule`` constant or cosine decay of its
     learning rates to zero; the defaults are the best measured on SmolLM2, BENCHMARKS.md); the
     block-wise results it starts from do not depend on it, so ``keep_work`` + ``resume`` re-run it
-    with other settings. ``compile`` (a run control, not recorded) runs the fake quantization of the
+    with other settings. ``e2e_offload`` (a run control, not recorded; None: on CUDA devices) keeps the stage's
+    blocks on the host, paged onto the device one at a time (:mod:`converter.offload`; the same values).
+    ``compile`` (a run control, not recorded) runs the fake quantization of the
     training through ``torch.compile`` (:func:`converter.lwc.fake_quant_fns`)."""
 
     nsamples: int = 128
@@ -104,6 +106,7 @@ class CalibConfig:
     e2e_rounding: bool = False
     e2e_round_lr: float = 2e-3
     e2e_schedule: str = "cosine"
+    e2e_offload: bool | None = None
     weight_decay: float = 0.0
     calib_data: str = "enwiki-sample:calib"
     compute_dtype: str = "auto"
@@ -152,7 +155,7 @@ class CalibConfig:
     def to_dict(self) -> dict:
         """The recipe as recorded in the artifact (without run controls such as resume)."""
         d = asdict(self)
-        for name in ("resume", "keep_work", "compile", "progress"):
+        for name in ("resume", "keep_work", "compile", "progress", "e2e_offload"):
             d.pop(name)
         return d
 
@@ -289,9 +292,31 @@ def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: to
     (CPU int64 indices) gives the loss, then an optimizer step with each group's learning rate
     scaled by :func:`lr_factor` (``schedule``); returns each epoch's mean loss. The progress bar and
     a non-finite running loss's :class:`CalibrationError` name ``where``."""
+    base = [g["lr"] for g in opt.param_groups]
+
+    def update(idx, factor):
+        set_lr_factor(opt, base, factor)
+        loss = step_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return run_epochs(update, n, epochs, setup, gen, where, schedule)
+
+
+def set_lr_factor(opt, base: list[float], factor: float) -> None:
+    """Every group of ``opt`` at its base learning rate (``base``, in group order) times ``factor``."""
+    for g, lr in zip(opt.param_groups, base):
+        g["lr"] = lr * factor
+
+
+def run_epochs(update, n: int, epochs: int, setup: BlockSetup, gen: torch.Generator, where: str,
+               schedule: str = "constant") -> list[float]:
+    """The loop of :func:`train_epochs` around ``update(idx, factor)``, which makes one optimizer step on the
+    samples ``idx`` with the learning rates scaled by ``factor`` and returns the step's (detached) loss."""
     bs = setup.calib.batch_size
     steps = math.ceil(n / bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(schedule, i, epochs * steps))
     epoch_losses = []
     with tqdm(total=epochs * steps, desc=where, unit="step", disable=not setup.calib.progress,
               dynamic_ncols=True) as bar:
@@ -299,12 +324,8 @@ def train_epochs(opt, step_loss, n: int, epochs: int, setup: BlockSetup, gen: to
             perm = torch.randperm(n, generator=gen)
             total = torch.zeros((), device=setup.device)
             for step in range(steps):
-                loss = step_loss(perm[step * bs:(step + 1) * bs])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach()
+                total += update(perm[step * bs:(step + 1) * bs], lr_factor(schedule, epoch * steps + step,
+                                                                            epochs * steps))
                 if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
                     bar.set_postfix(loss=f"{check_finite(total, where, epoch, step) / (step + 1):.5f}")
                 bar.update()

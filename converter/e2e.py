@@ -22,7 +22,9 @@ in full precision, as in the artifact. The result folds into the same
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -32,8 +34,16 @@ from torch.utils.checkpoint import checkpoint
 
 from runtime.kvquant import KVQuantizer
 
-from . import lwc
-from .calibrate import BlockSetup, adamw, autocast, check_finite, train_epochs
+from . import lwc, offload
+from .calibrate import (
+    BlockSetup,
+    adamw,
+    autocast,
+    check_finite,
+    run_epochs,
+    set_lr_factor,
+    train_epochs,
+)
 from .lwc import BlockParams
 
 log = logging.getLogger(__name__)
@@ -41,10 +51,11 @@ log = logging.getLogger(__name__)
 CLIP_EPS = 2.0 ** -12  # the stored float16 clips may be exactly 1.0; keep their logit finite
 
 
-# device bytes a weight of the decoder Linears: the frozen weight (float16, as kept for a float16 checkpoint;
-# float32 sources take 4), trained rounding offsets (float32 value, gradient, two AdamW moments), frozen learned
-# rounding decisions (2 bits, LWCLinear.freeze_decisions)
-WEIGHT_BYTES, TRAINED_OFFSET_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 0.25
+# bytes a weight of the decoder Linears: the frozen weight (float16, as kept for a float16 checkpoint; float32
+# sources take 4), trained rounding offsets (float32 value, gradient, two AdamW moments; the gradient only on the
+# device), frozen learned rounding decisions (2 bits, LWCLinear.freeze_decisions)
+WEIGHT_BYTES, TRAINED_OFFSET_BYTES, OFFSET_GRAD_BYTES, FROZEN_OFFSET_BYTES = 2, 16, 4, 0.25
+PAGED_RESIDENT = 3  # blocks on the device at once when paged: in use, prefetched, being written back
 
 
 def linear_weights(config) -> int:
@@ -56,38 +67,67 @@ def linear_weights(config) -> int:
     return config.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
 
 
-def memory_floor(config, ccfg) -> int:
-    """A lower bound of the end-to-end stage's device memory in bytes: every block's frozen weights and its rounding
-    offsets (trained with ``e2e_rounding``; else the learned blocks' decisions, frozen). The teacher's final states
-    stay on the host (:func:`tune`); activations, logits and the fake quantization's temporaries come on top
-    (measured at 7B without offsets, the teacher states then on the device: 20.07 GiB against a floor of 12.1 GiB
-    + 2.0 GiB of teacher states, BENCHMARKS.md)."""
+def memory_floor(config, ccfg, paged: bool = False) -> tuple[int, int]:
+    """Lower bounds of the end-to-end stage's ``(device, host)`` memory in bytes for its blocks: every block's frozen
+    weights and rounding offsets (trained with ``e2e_rounding``, with gradient and AdamW moments; else the learned
+    blocks' decisions, frozen). In place all of it is on the device (host 0: the stage adds nothing there); ``paged``
+    (:func:`offloaded`) the device holds :data:`PAGED_RESIDENT` blocks and the host all of them (without the
+    gradients). The teacher's final states stay on the host (:func:`tune`); activations, logits and the fake
+    quantization's temporaries come on top (measured at 7B in place without offsets: 19.76 GiB against a floor of
+    13.6 GiB, BENCHMARKS.md)."""
     per_weight = WEIGHT_BYTES
     if ccfg.e2e_rounding:
         per_weight += TRAINED_OFFSET_BYTES
     elif ccfg.rounding == "learned":
         per_weight += FROZEN_OFFSET_BYTES
-    return int(linear_weights(config) * per_weight)
+    weights = linear_weights(config)
+    if not paged:
+        return int(weights * per_weight), 0
+    host = per_weight - (OFFSET_GRAD_BYTES if ccfg.e2e_rounding else 0)
+    return int(PAGED_RESIDENT * weights * per_weight / config.num_hidden_layers), int(weights * host)
 
 
-def check_memory(config, ccfg, device, total: int | None = None) -> None:
-    """Refuse an end-to-end stage that cannot fit on ``device`` before any calibration runs: a one-line
-    ValueError when :func:`memory_floor` exceeds the device's memory (``total`` bytes; default: the CUDA
-    device's). CPU runs are not checked."""
-    if not ccfg.e2e_epochs or (total is None and torch.device(device).type != "cuda"):
+def host_memory() -> int:
+    """The host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config, ccfg, device, total: int | None = None, host_total: int | None = None) -> None:
+    """Refuse an end-to-end stage that cannot fit before any calibration runs: a one-line ValueError when
+    :func:`memory_floor` exceeds the device's memory (``total`` bytes; default: the CUDA device's; CPU devices are
+    not checked) or, paged, the host's (``host_total``; default :func:`host_memory`)."""
+    if not ccfg.e2e_epochs:
+        return
+    paged = offloaded(ccfg, device)
+    need, need_host = memory_floor(config, ccfg, paged)
+    weights = f"{linear_weights(config) / 1e9:.2f} B weights"
+    if paged:
+        host_total = host_memory() if host_total is None else host_total
+        if need_host > host_total:
+            hint = ("drop --e2e-rounding (its offsets and their AdamW moments take 12 bytes a weight there)"
+                    if ccfg.e2e_rounding else "use a machine with more memory")
+            raise ValueError(f"the end-to-end stage needs at least {need_host / 2**30:.1f} GiB of host memory "
+                             f"({host_total / 2**30:.1f} GiB there) for {weights}: {hint}")
+    if total is None and torch.device(device).type != "cuda":
         return
     if total is None:
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    need = memory_floor(config, ccfg)
     if need > total:
-        if ccfg.e2e_rounding:
-            hint = "drop --e2e-rounding (its offsets take 16 bytes a weight)"
+        if paged:
+            hint = "use a device with more memory"
+        elif ccfg.e2e_rounding:
+            hint = "page the blocks with --e2e-offload or drop --e2e-rounding (its offsets take 16 bytes a weight)"
         elif ccfg.rounding == "learned":
-            hint = "drop --e2e-epochs, use --rounding nearest or a device with more memory"
+            hint = "page the blocks with --e2e-offload, drop --e2e-epochs or use --rounding nearest"
         else:
-            hint = "drop --e2e-epochs or use a device with more memory"
+            hint = "page the blocks with --e2e-offload or drop --e2e-epochs"
         raise ValueError(f"the end-to-end stage needs at least {need / 2**30:.1f} GiB on {device} "
-                         f"({total / 2**30:.1f} GiB there) for {linear_weights(config) / 1e9:.2f} B weights: {hint}")
+                         f"({total / 2**30:.1f} GiB there) for {weights}: {hint}")
+
+
+def offloaded(ccfg, device) -> bool:
+    """Whether the stage pages its blocks from the host (``e2e_offload``; by default on CUDA devices)."""
+    return ccfg.e2e_offload if ccfg.e2e_offload is not None else torch.device(device).type == "cuda"
 
 
 def logit(p: torch.Tensor) -> torch.Tensor:
@@ -183,36 +223,117 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
 
     ``x0 [N, T, H]``: the embedded samples; ``fp_out [N, T, H]``: the full-precision model's
     final hidden states (before the final norm), on the host or the device (a sample's states are copied to the
-    device when its step needs them: ~16 MB a sample at 7B, against 2.1 GB for all 128 on the device)."""
+    device when its step needs them: ~16 MB a sample at 7B, against 2.1 GB for all 128 on the device).
+    With :func:`offloaded` the blocks live on the host and are paged onto the device one at a time
+    (:func:`tune_paged`; the same values, the device memory of ~3 blocks instead of all)."""
     start = time.perf_counter()
     ccfg = setup.calib
     layers = model.model.layers
-    blocks = nn.ModuleList(student_block(layers[i], config, i, p, setup) for i, p in enumerate(results))
     head = Head(model, setup.device, setup.dtype)
-    opt = make_optimizer(blocks, ccfg)
-    if opt is None:
-        return results, {}
-    initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
+    if offloaded(ccfg, setup.device):
+        host = dataclasses.replace(setup, device=torch.device("cpu"))
+        blocks = [student_block(layers[i], config, i, p, host) for i, p in enumerate(results)]
+        opts = [make_optimizer([b], ccfg) for b in blocks]
+        if all(o is None for o in opts):
+            return results, {}
+        pager = offload.Pager([offload.PagedBlock(b, setup.device, o) for b, o in zip(blocks, opts)])
+        try:
+            initial, epoch_losses, final, tuned = tune_paged(pager, opts, head, x0, fp_out, pe, setup)
+        finally:
+            pager.close()
+    else:
+        blocks = nn.ModuleList(student_block(layers[i], config, i, p, setup) for i, p in enumerate(results))
+        opt = make_optimizer(blocks, ccfg)
+        if opt is None:
+            return results, {}
+        initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
 
-    def step_loss(idx):
-        with autocast(setup):
-            with torch.no_grad():
-                target = head(fp_out[idx.to(fp_out.device)].to(setup.device))
-            return kl_loss(student_logits(blocks, head, x0[idx].to(setup.device), pe, True), target)
+        def step_loss(idx):
+            with autocast(setup):
+                return kl_loss(student_logits(blocks, head, x0[idx].to(setup.device), pe, True),
+                               teacher_logits(head, fp_out, idx, setup))
 
-    blocks.train()
-    gen = torch.Generator().manual_seed(setup.seed)
-    epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage",
-                                ccfg.e2e_schedule)
-    blocks.eval()
-    final = mean_kl(blocks, head, x0, fp_out, pe, setup)
-    tuned = []
-    for blk, before in zip(blocks, results):
-        p = lwc.fold_block(blk)
+        blocks.train()
+        gen = torch.Generator().manual_seed(setup.seed)
+        epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage",
+                                    ccfg.e2e_schedule)
+        blocks.eval()
+        final = mean_kl(blocks, head, x0, fp_out, pe, setup)
+        tuned = [lwc.fold_block(blk) for blk in blocks]
+    for p, before in zip(tuned, results):
         p.loss, p.initial_loss, p.epoch_losses, p.seconds = (before.loss, before.initial_loss,
                                                              before.epoch_losses, before.seconds)
-        tuned.append(p)
     summary = {"kl_initial": initial, "kl_epochs": epoch_losses, "kl_final": final,
                "seconds": round(time.perf_counter() - start, 3)}
     log.info("end-to-end: KL %.5f -> %.5f (%.1f s)", initial, final, summary["seconds"])
     return tuned, summary
+
+
+@torch.no_grad()
+def teacher_logits(head: Head, fp_out: torch.Tensor, idx: torch.Tensor, setup: BlockSetup) -> torch.Tensor:
+    return head(fp_out[idx.to(fp_out.device)].to(setup.device))
+
+
+def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup):
+    """:func:`tune`'s training with the blocks paged (``opts``: each block's AdamW, or None): the forward pass keeps
+    each block's input; the backward pass recomputes each block from it, last block first, and steps that block's
+    optimizer before the next one is paged in — what the checkpointed whole-model step computes (per-parameter
+    AdamW), a block on the device at a time. Returns ``(initial KL, epoch losses, final KL, folded blocks)``."""
+    ccfg = setup.calib
+    bases = [[g["lr"] for g in o.param_groups] if o is not None else [] for o in opts]
+    initial = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
+
+    def update(idx, factor):
+        for o, base in zip(opts, bases):
+            if o is not None:
+                set_lr_factor(o, base, factor)
+        h = x0[idx].to(setup.device)
+        inputs = []
+        with torch.no_grad():
+            target = teacher_logits(head, fp_out, idx, setup)
+            for _, blk in pager.walk():
+                inputs.append(h)
+                with autocast(setup):
+                    h = blk(h, position_embeddings=pe)
+        h = h.detach().requires_grad_()
+        with autocast(setup):
+            loss = kl_loss(head(h), target)
+        loss.backward()
+        grad = h.grad
+        for j, blk in pager.walk(reverse=True, train=True):
+            x = inputs.pop().detach().requires_grad_(j > 0)
+            with autocast(setup):
+                out = blk(x, position_embeddings=pe)
+            out.backward(grad)
+            grad = x.grad
+            del x, out
+            if opts[j] is not None:
+                opts[j].step()
+                opts[j].zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for b in pager.blocks:
+        b.module.train()
+    gen = torch.Generator().manual_seed(setup.seed)
+    epoch_losses = run_epochs(update, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage", ccfg.e2e_schedule)
+    for b in pager.blocks:
+        b.module.eval()
+    final = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
+    tuned = [lwc.fold_block(blk) for _, blk in pager.walk()]
+    return initial, epoch_losses, final, tuned
+
+
+@torch.no_grad()
+def mean_kl_paged(pager: offload.Pager, head: Head, x0, fp_out, pe, setup: BlockSetup) -> float:
+    """:func:`mean_kl` block by block (each block paged in once for all samples; their states where ``x0`` is, so
+    on the host in a real run: 16 MB a sample each way per block at 7B, against 2.1 GB for 128 on the device)."""
+    hs = [x0[s:s + 1] for s in range(x0.shape[0])]
+    for _, blk in pager.walk():
+        for s, h in enumerate(hs):
+            with autocast(setup):
+                hs[s] = blk(h.to(setup.device), position_embeddings=pe).to(x0.device)
+    total = torch.zeros((), device=setup.device)
+    for s, h in enumerate(hs):
+        with autocast(setup):
+            total += kl_loss(head(h), head(fp_out[s:s + 1].to(setup.device)))
+    return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]

@@ -192,26 +192,31 @@ def test_training_lowers_loss_and_moves_parameters(tiny_block_setup):
 
 
 def test_block_training_follows_the_schedule(tiny_block_setup, monkeypatch):
-    """--schedule reaches every block's optimizer: cosine ends at a learning rate of zero."""
+    """--schedule reaches every block's optimizer: each step's learning rates are the base rates times the
+    schedule's factor (constant: 1; cosine: a half cosine from 1 towards 0 over the block's steps)."""
     model, setup, config, x, pe, window, target = tiny_block_setup
     seen = []
-    real = C.train_epochs
+    real = C.set_lr_factor
 
-    def spy(opt, *args, **kw):
-        out = real(opt, *args, **kw)
-        seen.append([(g["lr"], g["initial_lr"]) for g in opt.param_groups])
-        return out
+    def spy(opt, base, factor):
+        real(opt, base, factor)
+        seen[-1].append((factor, [g["lr"] for g in opt.param_groups], list(base)))
 
-    monkeypatch.setattr(C, "train_epochs", spy)
+    monkeypatch.setattr(C, "set_lr_factor", spy)
     for schedule in ("constant", "cosine"):
+        seen.append([])
         s = dataclasses.replace(setup, calib=dataclasses.replace(setup.calib, schedule=schedule))
         qblock = lwc.quant_block(model.model.layers[0], config, 0, s.weight, True, s.device)
         C.observe(qblock, x, pe, s)
         lwc.set_kv_quantizer(qblock, s.kv, smooth=True)
         C.train_block(qblock, window, x, target, pe, s, 0)
     constant, cosine = seen
-    assert len(constant) >= 2 and all(lr == base > 0 for lr, base in constant)
-    assert all(base > 0 and lr == pytest.approx(0.0, abs=1e-12) for lr, base in cosine)
+    assert len(constant) == len(cosine) >= 2
+    assert all(f == 1.0 and lrs == base and min(base) > 0 for f, lrs, base in constant)
+    steps = len(cosine)
+    assert [f for f, _, _ in cosine] == [C.lr_factor("cosine", i, steps) for i in range(steps)]
+    assert all(lrs == [b * f for b in base] for f, lrs, base in cosine)
+    assert cosine[-1][0] < 0.1
 
 
 def test_learned_rounding_and_norm_tuning_train_fold_and_export(tiny_block_setup):

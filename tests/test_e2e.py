@@ -86,8 +86,7 @@ def test_train_epochs_follows_the_schedule():
         return ((w - 1) ** 2).sum()
 
     C.train_epochs(opt, step_loss, 4, 2, setup, torch.Generator().manual_seed(0), "t", "cosine")
-    assert seen == pytest.approx([0.1 * C.lr_factor("cosine", i, 4) for i in range(4)])
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert seen == [0.1 * C.lr_factor("cosine", i, 4) for i in range(4)]
 
 
 def test_logit_inverts_sigmoid_and_stays_finite_at_one():
@@ -154,7 +153,8 @@ def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_
     keeps the block results, and --resume with other end-to-end settings reuses them (no block is
     retrained: 0 epochs gives exactly the artifact of a run without the stage)."""
     plain = convert(_cfg(tmp_path / "plain", tiny3))
-    tuned = convert(_cfg(tmp_path / "tuned", tiny3, e2e_epochs=3, e2e_lr=1e-2, keep_work=True))
+    # with rounding offsets: the clips alone hardly move this tiny model's KL (on some CPUs it rose a little)
+    tuned = convert(_cfg(tmp_path / "tuned", tiny3, e2e_epochs=3, e2e_lr=1e-2, e2e_rounding=True, keep_work=True))
     meta = json.loads((tuned / "wkvq.json").read_text())
     info = meta["calibration"]["end_to_end"]
     assert info["kl_final"] < info["kl_initial"] and len(info["kl_epochs"]) == 3
@@ -277,23 +277,28 @@ def test_stage_on_learned_blocks_without_offsets_warns(tiny3, tmp_path, caplog):
 
 
 def test_memory_floor_and_check():
-    """The stage's memory floor at the LLaMA-2-7B shape (6.48 B Linear weights): 18 bytes a weight with trained
-    offsets, 2.25 with the learned blocks' frozen (2-bit) decisions, 2 with nearest rounding (the teacher states stay on
-    the host); the check refuses what cannot fit (a one-line error naming the fix) and lets the rest through; CPU is
-    not checked."""
+    """The stage's memory floor at the LLaMA-2-7B shape (6.48 B Linear weights). In place, on the device: 18 bytes a
+    weight with trained offsets, 2.25 with the learned blocks' frozen (2-bit) decisions, 2 with nearest rounding (the
+    teacher states stay on the host). Paged: 3 of the 32 blocks of that on the device, and on the host all of it
+    without the offsets' gradients (14 bytes a weight). The check refuses what cannot fit (a one-line error naming
+    the fix) and lets the rest through; CPU devices are not checked, their host memory is when paged."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32)
     weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert e2e.linear_weights(cfg) == weights == 6_476_005_376
-    offsets = C.CalibConfig(e2e_epochs=2, e2e_rounding=True)
-    learned, nearest = C.CalibConfig(e2e_epochs=2), C.CalibConfig(e2e_epochs=2, rounding="nearest")
-    assert e2e.memory_floor(cfg, offsets) == 18 * weights
-    assert e2e.memory_floor(cfg, learned) == 9 * weights // 4
-    assert e2e.memory_floor(cfg, nearest) == 2 * weights
+    offsets = C.CalibConfig(e2e_epochs=2, e2e_rounding=True, e2e_offload=False)
+    learned = C.CalibConfig(e2e_epochs=2, e2e_offload=False)
+    nearest = C.CalibConfig(e2e_epochs=2, rounding="nearest", e2e_offload=False)
+    assert e2e.memory_floor(cfg, offsets) == (18 * weights, 0)
+    assert e2e.memory_floor(cfg, learned) == (9 * weights // 4, 0)
+    assert e2e.memory_floor(cfg, nearest) == (2 * weights, 0)
+    assert e2e.memory_floor(cfg, offsets, paged=True) == (int(3 * 18 * weights / 32), 14 * weights)
+    assert e2e.memory_floor(cfg, learned, paged=True) == (int(3 * 2.25 * weights / 32), 9 * weights // 4)
     gib = 2 ** 30
-    with pytest.raises(ValueError, match=r"needs at least 108\.6 GiB on cuda \(80\.0 GiB there\).*drop --e2e-rounding"):
+    with pytest.raises(ValueError, match=r"needs at least 108\.6 GiB on cuda \(80\.0 GiB there\).*--e2e-offload or drop "
+                       "--e2e-rounding"):
         e2e.check_memory(cfg, offsets, "cuda", total=80 * gib)
     with pytest.raises(ValueError, match="--rounding nearest"):
         e2e.check_memory(cfg, learned, "cuda", total=12 * gib)
@@ -302,6 +307,14 @@ def test_memory_floor_and_check():
     e2e.check_memory(cfg, nearest, "cuda", total=24 * gib)
     e2e.check_memory(cfg, offsets, "cpu")  # not checked
     e2e.check_memory(cfg, C.CalibConfig(), "cuda", total=1)  # no stage, nothing to check
+    paged = C.CalibConfig(e2e_epochs=2, e2e_rounding=True)  # the default on CUDA: paged
+    assert e2e.offloaded(paged, "cuda") and not e2e.offloaded(paged, "cpu") and e2e.offloaded(offsets.__class__(
+        e2e_epochs=1, e2e_offload=True), "cpu")
+    e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=128 * gib)  # the issue's 7B target device
+    with pytest.raises(ValueError, match=r"needs at least 84\.4 GiB of host memory \(64\.0 GiB there\).*drop --e2e-rounding"):
+        e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=64 * gib)
+    with pytest.raises(ValueError, match=r"needs at least 10\.2 GiB on cuda.*use a device with more memory"):
+        e2e.check_memory(cfg, paged, "cuda", total=8 * gib, host_total=128 * gib)
 
 
 def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, monkeypatch):
@@ -314,7 +327,7 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
     out = tmp_path / "q"
     result = CliRunner().invoke(main, [
         "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
-        "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--e2e-epochs", "1", "--e2e-rounding"])
+        "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--e2e-epochs", "1", "--e2e-rounding", "--no-e2e-offload"])
     assert result.exit_code == 1
     assert "the end-to-end stage needs at least" in result.output and "drop --e2e-rounding" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
@@ -362,3 +375,42 @@ def test_frozen_decisions_are_the_float_offsets_in_two_bits(tiny3, lwc_on):
         trained.get_submodule("mlp.up_proj").freeze_decisions(params.rounding["mlp.up_proj"])
     with pytest.raises(ValueError, match="-1, 0 or \\+1"):
         lwc.LWCLinear(torch.nn.Linear(8, 4), WeightQuantConfig()).freeze_decisions(torch.full((4, 8), 2))
+
+
+@pytest.mark.parametrize("kw", [dict(e2e_rounding=True), dict(rounding="learned", tune_norms=True),
+                                dict(e2e_rounding=True, compute_dtype="bfloat16", e2e_schedule="constant")])
+def test_paged_stage_is_the_in_place_stage(tiny3, tmp_path, kw):
+    """--e2e-offload (the blocks on the host, paged onto the device one at a time, each block's AdamW stepped as its
+    backward pass finishes) computes exactly what the stage with every block in place computes: the same artifact,
+    the same KL before, per epoch and after."""
+    runs = [convert(_cfg(tmp_path / str(paged), tiny3, e2e_epochs=2, e2e_lr=1e-2, e2e_offload=paged, **kw))
+            for paged in (False, True)]
+    metas = [json.loads((r / "wkvq.json").read_text())["calibration"]["end_to_end"] for r in runs]
+    for m in metas:
+        m.pop("seconds")
+    assert metas[0] == metas[1] and len(metas[0]["kl_epochs"]) == 2
+    a, b = (_tensors(r) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_stage_on_cuda_matches_the_in_place_stage(tiny3, tmp_path):
+    """On CUDA (where paging is the default: pinned host arena, copies on their own streams) the stage from the
+    same kept blocks reaches the in-place stage's result (tolerances for the GPU's nondeterministic reductions)."""
+    import dataclasses
+
+    def cfg(out, **kw):
+        return dataclasses.replace(_cfg(out, tiny3, e2e_epochs=2, e2e_lr=1e-2, e2e_rounding=True, **kw), device="cuda")
+
+    first = convert(cfg(tmp_path / "place", e2e_offload=False, keep_work=True))
+    shutil.copytree(work_dir_for(first), work_dir_for(tmp_path / "paged"))
+    second = convert(cfg(tmp_path / "paged", resume=True))
+    a, b = (json.loads((r / "wkvq.json").read_text())["calibration"]["end_to_end"] for r in (first, second))
+    assert b["kl_final"] == pytest.approx(a["kl_final"], rel=1e-3)
+    assert b["kl_epochs"] == pytest.approx(a["kl_epochs"], rel=1e-3)
+    ta, tb = _tensors(first), _tensors(second)
+    for k in ta:
+        if k.endswith("qweight"):
+            assert (ta[k] != tb[k]).float().mean() < 1e-3, k
+        else:
+            assert torch.allclose(ta[k].float(), tb[k].float(), rtol=1e-2, atol=1e-3), k
