@@ -161,14 +161,14 @@ def calibration_options(f):
         click.option("--tune-norms/--no-tune-norms", default=False, show_default=True,
                      help="Experimental: also tune each block's RMSNorm weights (kept in full precision)."),
         click.option("--norm-lr", type=float, default=1e-4, show_default=True),
-        click.option("--e2e-epochs", type=int, default=0, show_default=True, callback=_non_negative,
-                     help="Experimental: after the blocks, tune all quantization parameters end to end "
-                     "(KL to the full-precision model's next-token distribution) for this many epochs."),
-        click.option("--e2e-lr", type=float, default=3e-2, show_default=True,
+        click.option("--e2e-epochs", type=int, default=2, show_default=True, callback=_non_negative,
+                     help="After the blocks, tune all quantization parameters end to end (KL to the full-precision "
+                     "model's next-token distribution) for this many epochs; 0: the paper's block-wise recipe only."),
+        click.option("--e2e-lr", type=float, default=3e-3, show_default=True,
                      help="Learning rate of the end-to-end stage (LWC and smoothing parameters)."),
-        click.option("--e2e-rounding", is_flag=True, help="Experimental: the end-to-end stage also learns "
-                     "per-weight rounding offsets (at --e2e-round-lr; one float32 per weight, plus gradient and AdamW state: "
-                     "~16 bytes a weight on the device, checked before the calibration starts)."),
+        click.option("--e2e-rounding/--no-e2e-rounding", default=True, show_default=True, help="The end-to-end "
+                     "stage also learns per-weight rounding offsets (at --e2e-round-lr; a float32 per weight with its "
+                     "AdamW moments: 12 bytes a weight on the host when paged, checked before the calibration starts)."),
         click.option("--e2e-round-lr", type=float, default=2e-3, show_default=True,
                      help="Learning rate of the --e2e-rounding offsets."),
         click.option("--e2e-schedule", type=click.Choice(["constant", "cosine"]), default="cosine",

@@ -12,9 +12,10 @@ full-precision model's next-token distribution as the target:
     loss = KL(p_fp || p_quant), averaged over the samples' tokens.
 
 The teacher's distribution comes from the full-precision final hidden states that the block-wise
-stage computes anyway, so no second model is on the device. The quantized model is on the device
-during this stage; each block is recomputed in the backward pass (activation checkpointing), so
-activation memory is one block's plus the logits. Embeddings, final norm and LM head stay frozen
+stage computes anyway, so no second model is on the device. On CUDA the quantized blocks stay in host
+memory and are paged onto the device one at a time (:func:`tune_paged`, :mod:`converter.offload`;
+``--no-e2e-offload`` keeps them all on the device, as CPU runs do); either way each block is recomputed in
+the backward pass (activation checkpointing), so activation memory is one block's plus the logits. Embeddings, final norm and LM head stay frozen
 in full precision, as in the artifact. The result folds into the same
 :class:`~converter.lwc.BlockParams`, so the artifact format is unchanged.
 """

@@ -44,9 +44,9 @@ def _tensors(path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(e2e_epochs=-1), "e2e_epochs"),
-    (dict(e2e_epochs=1, rounding="gptq"), "cannot be combined"),
+    (dict(e2e_epochs=1, rounding="gptq"), "needs it off"),
+    (dict(rounding="gptq"), "add --e2e-epochs 0"),  # the stage is on by default
     (dict(e2e_lr=0.0), "e2e_lr"),
-    (dict(e2e_rounding=True), "needs e2e_epochs"),
     (dict(e2e_schedule="linear"), "e2e_schedule"),
     (dict(e2e_round_lr=0.0), "e2e_round_lr"),
 ])
@@ -152,7 +152,7 @@ def test_e2e_lowers_kl_moves_parameters_and_resumes_from_kept_blocks(tiny3, tmp_
     """--e2e-epochs: the KL to the full-precision model falls; LWC and s/delta move; --keep-work
     keeps the block results, and --resume with other end-to-end settings reuses them (no block is
     retrained: 0 epochs gives exactly the artifact of a run without the stage)."""
-    plain = convert(_cfg(tmp_path / "plain", tiny3))
+    plain = convert(_cfg(tmp_path / "plain", tiny3, e2e_epochs=0))
     # with rounding offsets: the clips alone hardly move this tiny model's KL (on some CPUs it rose a little)
     tuned = convert(_cfg(tmp_path / "tuned", tiny3, e2e_epochs=3, e2e_lr=1e-2, e2e_rounding=True, keep_work=True))
     meta = json.loads((tuned / "wkvq.json").read_text())
@@ -189,16 +189,17 @@ def test_cli_flags_reach_the_recipe(tiny3, tmp_path):
         "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
         "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--batch-size", "2", "--crr-k", "0",
         "--e2e-epochs", "1", "--e2e-lr", "5e-3", "--tune-norms", "--norm-lr", "1e-2",
-        "--e2e-schedule", "cosine"])
+        "--e2e-schedule", "cosine", "--no-e2e-rounding", "--e2e-offload"])
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "wkvq.json").read_text())
     rec = meta["recipe"]["calibration"]
     assert rec["e2e_epochs"] == 1 and rec["e2e_lr"] == 5e-3 and rec["e2e_schedule"] == "cosine"
-    assert "keep_work" not in rec
+    assert rec["e2e_rounding"] is False
+    assert "keep_work" not in rec and "e2e_offload" not in rec  # run controls
     assert "end_to_end" in meta["calibration"]
     result = CliRunner().invoke(main, ["convert", str(model), "--out", str(tmp_path / "r"), "--e2e-epochs", "1",
                                        "--rounding", "gptq", "--calib-data", text])
-    assert result.exit_code == 1 and "cannot be combined" in result.output
+    assert result.exit_code == 1 and "needs it off" in result.output
 
 
 def test_lwc_linear_keeps_float16_exact_weights_in_float16():
@@ -242,7 +243,8 @@ def test_e2e_rounding_learns_offsets_and_keeps_blockwise_decisions(tiny3, tmp_pa
         changed += int((nearest[f"{p}.qweight"] != t[f"{p}.qweight"]).sum())
     assert changed > 0
     # learned block-wise decisions survive a stage that does not train offsets
-    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), C.CalibConfig(**TINY, e2e_epochs=1), torch.device("cpu"),
+    setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), C.CalibConfig(**TINY, e2e_epochs=1, e2e_rounding=False),
+                         torch.device("cpu"),
                          torch.float32)
     layer = model.model.layers[0]
     gen = torch.Generator().manual_seed(0)
@@ -268,7 +270,7 @@ def test_stage_on_learned_blocks_without_offsets_warns(tiny3, tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.WARNING, logger="converter.calibrate"):
-        convert(_cfg(tmp_path / "w", tiny3, rounding="learned", e2e_epochs=1))
+        convert(_cfg(tmp_path / "w", tiny3, rounding="learned", e2e_epochs=1, e2e_rounding=False))
     assert any("--e2e-rounding" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="converter.calibrate"):
@@ -289,8 +291,8 @@ def test_memory_floor_and_check():
     weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert e2e.linear_weights(cfg) == weights == 6_476_005_376
     offsets = C.CalibConfig(e2e_epochs=2, e2e_rounding=True, e2e_offload=False)
-    learned = C.CalibConfig(e2e_epochs=2, e2e_offload=False)
-    nearest = C.CalibConfig(e2e_epochs=2, rounding="nearest", e2e_offload=False)
+    learned = C.CalibConfig(e2e_epochs=2, e2e_rounding=False, e2e_offload=False)
+    nearest = C.CalibConfig(e2e_epochs=2, rounding="nearest", e2e_rounding=False, e2e_offload=False)
     assert e2e.memory_floor(cfg, offsets) == (18 * weights, 0)
     assert e2e.memory_floor(cfg, learned) == (9 * weights // 4, 0)
     assert e2e.memory_floor(cfg, nearest) == (2 * weights, 0)
@@ -306,7 +308,7 @@ def test_memory_floor_and_check():
     e2e.check_memory(cfg, offsets, "cuda", total=141 * 10 ** 9)
     e2e.check_memory(cfg, nearest, "cuda", total=24 * gib)
     e2e.check_memory(cfg, offsets, "cpu")  # not checked
-    e2e.check_memory(cfg, C.CalibConfig(), "cuda", total=1)  # no stage, nothing to check
+    e2e.check_memory(cfg, C.CalibConfig(e2e_epochs=0), "cuda", total=1)  # no stage, nothing to check
     paged = C.CalibConfig(e2e_epochs=2, e2e_rounding=True)  # the default on CUDA: paged
     assert e2e.offloaded(paged, "cuda") and not e2e.offloaded(paged, "cpu") and e2e.offloaded(offsets.__class__(
         e2e_epochs=1, e2e_offload=True), "cpu")
@@ -354,7 +356,7 @@ def test_frozen_decisions_are_the_float_offsets_in_two_bits(tiny3, lwc_on):
                                  "v_scale": torch.rand(2, 40) + 0.5, "v_shift": torch.randn(2, 40) * 0.1})
 
     def student(**kw):
-        ccfg = C.CalibConfig(**{**TINY, "lwc": lwc_on, "e2e_epochs": 1, **kw})
+        ccfg = C.CalibConfig(**{**TINY, "lwc": lwc_on, "e2e_epochs": 1, "e2e_rounding": False, **kw})
         setup = C.BlockSetup(WeightQuantConfig(), KVQuantConfig(), ccfg, torch.device("cpu"), torch.float32)
         return e2e.student_block(layer, config, 0, params, setup)
 
@@ -414,3 +416,22 @@ def test_paged_stage_on_cuda_matches_the_in_place_stage(tiny3, tmp_path):
             assert (ta[k] != tb[k]).float().mean() < 1e-3, k
         else:
             assert torch.allclose(ta[k].float(), tb[k].float(), rtol=1e-2, atol=1e-3), k
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Every calibration option of ``wkvq-convert`` defaults to its CalibConfig field's default (the default recipe,
+    the end-to-end stage with rounding offsets included, is one recipe whichever way it is started)."""
+    import dataclasses
+
+    from cli import main
+
+    fields = {f.name: f.default for f in dataclasses.fields(C.CalibConfig)}
+    import click
+
+    cmd = main.commands["convert"]
+    ctx = click.Context(cmd)
+    params = {p.name: p.get_default(ctx) for p in cmd.params}
+    shared = sorted(set(fields) & set(params))
+    assert {"e2e_epochs", "e2e_lr", "e2e_rounding", "e2e_round_lr", "e2e_offload", "epochs", "rounding"} <= set(shared)
+    assert {n: params[n] for n in shared} == {n: fields[n] for n in shared}
+    assert (fields["e2e_epochs"], fields["e2e_lr"], fields["e2e_rounding"]) == (2, 3e-3, True)
