@@ -233,11 +233,15 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
     head = Head(model, setup.device, setup.dtype)
     if offloaded(ccfg, setup.device):
         host = dataclasses.replace(setup, device=torch.device("cpu"))
-        blocks = [student_block(layers[i], config, i, p, host) for i, p in enumerate(results)]
-        opts = [make_optimizer([b], ccfg) for b in blocks]
+        paged, opts = [], []
+        for i, p in enumerate(results):  # each block into its arena as it is built: host memory of one copy
+            blk = student_block(layers[i], config, i, p, host)
+            opts.append(make_optimizer([blk], ccfg))
+            paged.append(offload.PagedBlock(blk, setup.device, opts[-1]))
+        pager = offload.Pager(paged)
         if all(o is None for o in opts):
+            pager.close()
             return results, {}
-        pager = offload.Pager([offload.PagedBlock(b, setup.device, o) for b, o in zip(blocks, opts)])
         try:
             initial, epoch_losses, final, tuned = tune_paged(pager, opts, head, x0, fp_out, pe, setup)
         finally:
