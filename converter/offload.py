@@ -19,11 +19,14 @@ keeps every block in place, exactly). Nothing here changes a value: paging only 
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")  # the AdamW moments (its "step" counter stays a host scalar)
 
@@ -68,7 +71,13 @@ class HostArena:
         self.buf = mmap.mmap(-1, max(nbytes, 1))
         self.base = torch.frombuffer(self.buf, dtype=torch.uint8)
         self.used = 0
-        self.pinned = pin and int(torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), len(self.buf), 0)) == 0
+        self.pinned = False
+        if pin:
+            err = int(torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), len(self.buf), 0))
+            self.pinned = err == 0
+            if not self.pinned:
+                log.warning("could not page-lock %d bytes of host memory (CUDA error %d): the end-to-end stage's "
+                            "copies to the device will be synchronous and slower", len(self.buf), err)
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous host tensor of ``like``'s shape and dtype."""
