@@ -334,6 +334,15 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
     assert "the end-to-end stage needs at least" in result.output and "drop --e2e-rounding" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not work_dir_for(out).exists()
+    # paged (the default on CUDA; asked for here on CPU), the host's memory is what must hold the blocks
+    monkeypatch.setattr(e2e, "check_memory", check)
+    monkeypatch.setattr(e2e, "host_memory", lambda: 1024)
+    result = CliRunner().invoke(main, [
+        "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
+        "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--e2e-offload"])
+    assert result.exit_code == 1 and "of host memory (0.0 GiB there)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not work_dir_for(out).exists()
 
 
 @pytest.mark.parametrize("lwc_on", [True, False])
