@@ -175,6 +175,7 @@ class E2EResult:
     paged: bool
     samples_measured: int
     seconds_measured: float
+    phase_seconds: dict  # setup, kl (both passes), train, fold: converter.e2e.Phases
     extrapolated_seconds: float
     peak_gpu_memory_bytes: int | None
 
@@ -182,8 +183,8 @@ class E2EResult:
 def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> E2EResult:
     """The end-to-end stage over ``samples`` of the recipe's ``nsamples`` (the teacher states of all
     ``nsamples`` on the host, as in a real run; with ``--rounding learned`` the blocks carry rounding decisions, as
-    learned blocks do); its time scaled by ``nsamples / samples``
-    (setup and the two KL passes included, so an upper bound)."""
+    learned blocks do); its time extrapolated to ``nsamples`` by :func:`extrapolate` (the KL passes and the
+    training scaled by ``nsamples / samples``, building and folding the blocks once)."""
     config = shape_config(shape)
     samples = min(samples, calib.nsamples)
     dtype = C.resolve_compute_dtype(calib.compute_dtype, device)
@@ -200,15 +201,22 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
         torch.cuda.reset_peak_memory_stats(device)
     fp_out = torch.randn(calib.nsamples, calib.seqlen, config.hidden_size, generator=gen, dtype=dtype)  # on the host
     start = time.perf_counter()
-    e2e.tune(model, lwc.calib_model_config(config), x0, fp_out, C.rope(LlamaRotaryEmbedding(config), calib.seqlen, device),
-             results, setup)
+    _, summary = e2e.tune(model, lwc.calib_model_config(config), x0, fp_out,
+                          C.rope(LlamaRotaryEmbedding(config), calib.seqlen, device), results, setup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return E2EResult(shape, str(device), calib.to_dict(), calib.compile, e2e.offloaded(calib, device), samples,
-                     round(wall, 3),
-                     round(wall * calib.nsamples / samples, 1), peak)
+                     round(wall, 3), summary["phase_seconds"], round(extrapolate(summary["phase_seconds"], wall,
+                                                                                   calib.nsamples / samples), 1), peak)
+
+
+def extrapolate(phases: dict, wall: float, scale: float) -> float:
+    """The stage's seconds for ``scale`` times the measured samples: the KL passes and the training scale with the
+    samples, building the students (``setup``), folding and the rest of ``wall`` do not."""
+    per_sample = phases.get("kl", 0.0) + phases.get("train", 0.0)
+    return wall + per_sample * (scale - 1)
 
 
 def peak_text(peak: int | None) -> str:
@@ -231,8 +239,10 @@ def e2e_table(r: E2EResult) -> str:
                              + ("blocks paged from the host" if r.paged else "every block on the device")
                              + (", compiled fake quantization" if r.compiled else "")),
         ("samples measured", f"{r.samples_measured} of {rec['nsamples']}"),
-        ("seconds measured (setup and KL passes included)", f"{r.seconds_measured:.1f}"),
-        (f"EXTRAPOLATED to {rec['nsamples']} samples (upper bound)", f"{r.extrapolated_seconds / 60:.1f} min"),
+        ("seconds measured", f"{r.seconds_measured:.1f} ("
+                             + ", ".join(f"{k} {v:.1f}" for k, v in r.phase_seconds.items()) + ")"),
+        (f"EXTRAPOLATED to {rec['nsamples']} samples (KL passes and training scaled)",
+         f"{r.extrapolated_seconds / 60:.1f} min"),
     ])
 
 

@@ -217,6 +217,23 @@ def mean_kl(blocks, head, x0, fp_out, pe, setup: BlockSetup) -> float:
     return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]
 
 
+class Phases:
+    """Wall seconds of the stage's phases (``setup``: building the students; ``kl``: both KL passes; ``train``;
+    ``fold``), the device synchronised at each boundary so that a phase owns its queued work."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.t, 3)
+        self.t = now
+
+
 def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: list[BlockParams],
          setup: BlockSetup) -> tuple[list[BlockParams], dict]:
     """Train every block's quantization parameters end to end; returns the refolded parameters
@@ -228,6 +245,7 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
     With :func:`offloaded` the blocks live on the host and are paged onto the device one at a time
     (:func:`tune_paged`; the same values, the device memory of ~3 blocks instead of all)."""
     start = time.perf_counter()
+    clock = Phases(setup.device)
     ccfg = setup.calib
     layers = model.model.layers
     head = Head(model, setup.device, setup.dtype)
@@ -242,8 +260,9 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
         if all(o is None for o in opts):
             pager.close()
             return results, {}
+        clock.lap("setup")
         try:
-            initial, epoch_losses, final, tuned = tune_paged(pager, opts, head, x0, fp_out, pe, setup)
+            initial, epoch_losses, final, tuned = tune_paged(pager, opts, head, x0, fp_out, pe, setup, clock)
         finally:
             pager.close()
     else:
@@ -251,7 +270,9 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
         opt = make_optimizer(blocks, ccfg)
         if opt is None:
             return results, {}
+        clock.lap("setup")
         initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
+        clock.lap("kl")
 
         def step_loss(idx):
             with autocast(setup):
@@ -262,14 +283,17 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
         gen = torch.Generator().manual_seed(setup.seed)
         epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage",
                                     ccfg.e2e_schedule)
+        clock.lap("train")
         blocks.eval()
         final = mean_kl(blocks, head, x0, fp_out, pe, setup)
+        clock.lap("kl")
         tuned = [lwc.fold_block(blk) for blk in blocks]
+        clock.lap("fold")
     for p, before in zip(tuned, results):
         p.loss, p.initial_loss, p.epoch_losses, p.seconds = (before.loss, before.initial_loss,
                                                              before.epoch_losses, before.seconds)
     summary = {"kl_initial": initial, "kl_epochs": epoch_losses, "kl_final": final,
-               "seconds": round(time.perf_counter() - start, 3)}
+               "seconds": round(time.perf_counter() - start, 3), "phase_seconds": clock.seconds}
     log.info("end-to-end: KL %.5f -> %.5f (%.1f s)", initial, final, summary["seconds"])
     return tuned, summary
 
@@ -279,7 +303,7 @@ def teacher_logits(head: Head, fp_out: torch.Tensor, idx: torch.Tensor, setup: B
     return head(fp_out[idx.to(fp_out.device)].to(setup.device))
 
 
-def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup):
+def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup, clock: Phases):
     """:func:`tune`'s training with the blocks paged (``opts``: each block's AdamW, or None): the forward pass keeps
     each block's input; the backward pass recomputes each block from it, last block first, and steps that block's
     optimizer before the next one is paged in — what the checkpointed whole-model step computes (per-parameter
@@ -287,6 +311,7 @@ def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: Bl
     ccfg = setup.calib
     bases = [[g["lr"] for g in o.param_groups] if o is not None else [] for o in opts]
     initial = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
+    clock.lap("kl")
 
     def update(idx, factor):
         for o, base in zip(opts, bases):
@@ -321,10 +346,13 @@ def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: Bl
         b.module.train()
     gen = torch.Generator().manual_seed(setup.seed)
     epoch_losses = run_epochs(update, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage", ccfg.e2e_schedule)
+    clock.lap("train")
     for b in pager.blocks:
         b.module.eval()
     final = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
+    clock.lap("kl")
     tuned = [lwc.fold_block(blk) for _, blk in pager.walk()]
+    clock.lap("fold")
     return initial, epoch_losses, final, tuned
 
 
