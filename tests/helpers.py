@@ -74,3 +74,18 @@ def fast_decode_errors(tmp_path: Path, projections: str):
     errs += [rel(graph.step(ids[:, i]), eager.forward(ids[:, i:i + 1], ce)) for i in (6, 7)]
     assert cf.length == 8
     return fast, errs
+
+
+def load_benchmark(name: str, monkeypatch):
+    """The script ``benchmarks/NAME.py`` as a module (its directory on ``sys.path`` for its own imports), for the
+    duration of a test."""
+    import importlib.util
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    return bench

@@ -456,14 +456,9 @@ def test_cli_rejects_eval_split(tiny3_dir, tmp_path):
 
 def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     """benchmarks/calibration.py: lazy random blocks, the full per-block recipe, a table and JSON."""
-    import importlib.util
-    from pathlib import Path
+    from tests.helpers import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration.py"
-    spec = importlib.util.spec_from_file_location("bench_calibration", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("calibration", monkeypatch)
     layers = bench.LazyLayers(bench.shape_config("tiny"), keep=2)
     assert len(layers) == 4 and torch.equal(layers[0].mlp.up_proj.weight, layers[0].mlp.up_proj.weight)
     first = layers[0].self_attn.q_proj.weight.clone()
@@ -484,8 +479,17 @@ def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rec = json.loads(out.read_text())
     assert rec["samples_measured"] == 2 and rec["recipe"]["e2e_epochs"] == 1 and rec["recipe"]["e2e_rounding"]
-    assert rec["extrapolated_seconds"] == pytest.approx(2 * rec["seconds_measured"], abs=0.1)
-    assert "EXTRAPOLATED to 4 samples" in result.output
+    # the KL passes and the training scale with the samples; building and folding the blocks do not
+    assert set(rec["phase_seconds"]) == {"setup", "kl", "train", "fold"}
+    assert bench.extrapolate({"setup": 5.0, "kl": 2.0, "train": 10.0, "fold": 1.0}, 20.0, 4.0) == 20.0 + 12.0 * 3
+    assert rec["extrapolated_seconds"] == pytest.approx(bench.extrapolate(rec["phase_seconds"], rec["seconds_measured"],
+                                                                          2.0), abs=0.1)
+    assert "EXTRAPOLATED to 4 samples" in result.output and "every block on the device" in result.output  # CPU
+    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--e2e-samples", "2", "--nsamples", "4", "--seqlen", "16",
+                                             "--e2e-epochs", "1", "--e2e-rounding", "--e2e-offload", "--device", "cpu",
+                                             "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0 and "blocks paged from the host" in result.output, result.output
+    assert json.loads(out.read_text())["paged"]
     # learned blocks' decisions frozen in the stage (no --e2e-rounding): what a default-recipe run holds
     params = bench.initial_params(layers[0], bench.shape_config("tiny"), bench.WeightQuantConfig(), decisions=True)
     assert set(params.rounding) == set(params.clips) and params.rounding["mlp.up_proj"].abs().max() == 1

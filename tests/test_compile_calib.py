@@ -93,18 +93,11 @@ def test_compiled_calibration_lands_where_the_eager_one_does(tmp_path):
 @COMPILED
 def test_train_step_benchmark_counts_fewer_operations_compiled(tmp_path, monkeypatch):
     """benchmarks/train_step.py: a table and JSON; the compiled step dispatches fewer operations."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from click.testing import CliRunner
 
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))
-    spec = importlib.util.spec_from_file_location("bench_train_step", bench_dir / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+    from tests.helpers import load_benchmark
+
+    bench = load_benchmark("train_step", monkeypatch)
     out = tmp_path / "t.json"
     result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--tokens", "16", "--steps", "1", "--device", "cpu",
                                              "--json", str(out)])

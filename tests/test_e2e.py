@@ -446,28 +446,3 @@ def test_cli_defaults_are_the_config_defaults():
     assert {n: params[n] for n in shared} == {n: fields[n] for n in shared}
     assert (fields["e2e_epochs"], fields["e2e_lr"], fields["e2e_rounding"]) == (2, 3e-3, True)
 
-
-def test_calibration_benchmark_measures_the_paged_stage(tmp_path, monkeypatch):
-    """benchmarks/calibration.py --e2e-samples: the (paged) stage on a random model of a named shape, its phases timed
-    and its time extrapolated with the KL passes and the training scaled, building and folding the blocks once."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))
-    spec = importlib.util.spec_from_file_location("bench_calibration", bench_dir / "calibration.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
-    assert bench.extrapolate({"setup": 5.0, "kl": 2.0, "train": 10.0, "fold": 1.0}, 20.0, 4.0) == 20.0 + 12.0 * 3
-    out = tmp_path / "e.json"
-    result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--e2e-samples", "2", "--nsamples", "4", "--seqlen",
-                                             "32", "--device", "cpu", "--e2e-rounding", "--e2e-offload",
-                                             "--no-progress", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "blocks paged from the host" in result.output and "EXTRAPOLATED to 4 samples" in result.output
-    rec = json.loads(out.read_text())
-    assert rec["paged"] and rec["recipe"]["e2e_rounding"] and rec["samples_measured"] == 2
-    assert set(rec["phase_seconds"]) == {"setup", "kl", "train", "fold"}
-    assert rec["extrapolated_seconds"] >= rec["seconds_measured"] - 0.05 and rec["seconds_measured"] > 0  # 0.1 s rounding
