@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Next lease (nvidia-h200-x2, ~22 min), issue #4: the new default recipe (block-wise, then the end-to-end stage with
+# Next lease (nvidia-h200-x2, ~25 min of the 30), issue #4: the new default recipe (block-wise, then the end-to-end stage with
 # rounding offsets, its blocks paged from the host) run fresh on SmolLM2, and the paged stage at the 7B shape.
 #   GPU 0: the default recipe at seeds 0 and 1 and, at seed 0, with the offsets' rate halved (--e2e-round-lr 1e-3:
-#     on the quick CPU recipe 17.039 against 17.065) at once (`python3 -m cli -v convert --out ... --keep-work`; ~20 min);
+#     on the quick CPU recipe 17.039 against 17.065) at once (`python3 -m cli -v convert --out ... --keep-work`; ~22 min: blocks ~14, three stages ~8);
+#     if the paged stage fails on the GPU, the blocks are kept: `--resume --no-e2e-offload` redoes only the stage;
 #   GPU 1 meanwhile: the CUDA tests of the pager and the paged stage (~1 min), then the paged stage with offsets at
 #     the 7B shape (benchmarks/calibration.py --e2e-samples 8 --e2e-rounding: time extrapolated, peak GPU memory);
 #   then one table (GPU 0): fp16, RTN, the three runs, and run 0's error split (def0:w, def0:kv).
