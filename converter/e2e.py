@@ -257,6 +257,8 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
             opts.append(make_optimizer([blk], ccfg))
             paged.append(offload.PagedBlock(blk, setup.device, opts[-1]))
         pager = offload.Pager(paged)
+        log.info("end-to-end stage: %d blocks paged from the host (%.1f GiB there, page-locked: %s)", len(paged),
+                 sum(len(b.arena.buf) for b in paged) / 2**30, all(b.arena.pinned for b in paged))
         if all(o is None for o in opts):
             pager.close()
             return results, {}
