@@ -13,7 +13,7 @@ full-precision model's next-token distribution as the target:
 
 The teacher's distribution comes from the full-precision final hidden states that the block-wise
 stage computes anyway, so no second model is on the device. On CUDA the quantized blocks stay in host
-memory and are paged onto the device one at a time (:func:`tune_paged`, :mod:`converter.offload`;
+memory and are paged onto the device one at a time (:func:`paged_update`, :mod:`converter.offload`;
 ``--no-e2e-offload`` keeps them all on the device, as CPU runs do); either way each block is recomputed in
 the backward pass (activation checkpointing), so activation memory is one block's plus the logits. Embeddings, final norm and LM head stay frozen
 in full precision, as in the artifact. The result folds into the same
@@ -237,18 +237,20 @@ class Phases:
 def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: list[BlockParams],
          setup: BlockSetup) -> tuple[list[BlockParams], dict]:
     """Train every block's quantization parameters end to end; returns the refolded parameters
-    (block-wise losses kept) and a summary (KL before, per epoch, after; seconds).
+    (block-wise losses kept) and a summary (KL before, per epoch, after; seconds, per :class:`Phases`).
 
     ``x0 [N, T, H]``: the embedded samples; ``fp_out [N, T, H]``: the full-precision model's
     final hidden states (before the final norm), on the host or the device (a sample's states are copied to the
     device when its step needs them: ~16 MB a sample at 7B, against 2.1 GB for all 128 on the device).
     With :func:`offloaded` the blocks live on the host and are paged onto the device one at a time
-    (:func:`tune_paged`; the same values, the device memory of ~3 blocks instead of all)."""
+    (:func:`paged_update`, :func:`mean_kl_paged`; the same values, the device memory of ~3 blocks instead of all)."""
     start = time.perf_counter()
     clock = Phases(setup.device)
     ccfg = setup.calib
     layers = model.model.layers
     head = Head(model, setup.device, setup.dtype)
+    epochs = (x0.shape[0], ccfg.e2e_epochs, setup, torch.Generator().manual_seed(setup.seed), "end-to-end stage",
+              ccfg.e2e_schedule)  # run_epochs' arguments after the step
     if offloaded(ccfg, setup.device):
         host = dataclasses.replace(setup, device=torch.device("cpu"))
         paged, opts = [], []
@@ -262,35 +264,56 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
         if all(o is None for o in opts):
             pager.close()
             return results, {}
-        clock.lap("setup")
-        try:
-            initial, epoch_losses, final, tuned = tune_paged(pager, opts, head, x0, fp_out, pe, setup, clock)
-        finally:
-            pager.close()
+        blocks = [b.module for b in paged]
+
+        def kl():
+            return mean_kl_paged(pager, head, x0, fp_out, pe, setup)
+
+        def train():
+            return run_epochs(paged_update(pager, opts, head, x0, fp_out, pe, setup), *epochs)
+
+        def fold():
+            return [lwc.fold_block(blk) for _, blk in pager.walk()]
+
+        close = pager.close
     else:
         blocks = nn.ModuleList(student_block(layers[i], config, i, p, setup) for i, p in enumerate(results))
         opt = make_optimizer(blocks, ccfg)
         if opt is None:
             return results, {}
-        clock.lap("setup")
-        initial = mean_kl(blocks, head, x0, fp_out, pe, setup)
-        clock.lap("kl")
+
+        def kl():
+            return mean_kl(blocks, head, x0, fp_out, pe, setup)
 
         def step_loss(idx):
             with autocast(setup):
                 return kl_loss(student_logits(blocks, head, x0[idx].to(setup.device), pe, True),
                                teacher_logits(head, fp_out, idx, setup))
 
-        blocks.train()
-        gen = torch.Generator().manual_seed(setup.seed)
-        epoch_losses = train_epochs(opt, step_loss, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage",
-                                    ccfg.e2e_schedule)
-        clock.lap("train")
-        blocks.eval()
-        final = mean_kl(blocks, head, x0, fp_out, pe, setup)
+        def train():
+            return train_epochs(opt, step_loss, *epochs)
+
+        def fold():
+            return [lwc.fold_block(blk) for blk in blocks]
+
+        def close():
+            pass
+    clock.lap("setup")
+    try:
+        initial = kl()
         clock.lap("kl")
-        tuned = [lwc.fold_block(blk) for blk in blocks]
+        for blk in blocks:
+            blk.train()
+        epoch_losses = train()
+        clock.lap("train")
+        for blk in blocks:
+            blk.eval()
+        final = kl()
+        clock.lap("kl")
+        tuned = fold()
         clock.lap("fold")
+    finally:
+        close()
     for p, before in zip(tuned, results):
         p.loss, p.initial_loss, p.epoch_losses, p.seconds = (before.loss, before.initial_loss,
                                                              before.epoch_losses, before.seconds)
@@ -305,15 +328,12 @@ def teacher_logits(head: Head, fp_out: torch.Tensor, idx: torch.Tensor, setup: B
     return head(fp_out[idx.to(fp_out.device)].to(setup.device))
 
 
-def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup, clock: Phases):
-    """:func:`tune`'s training with the blocks paged (``opts``: each block's AdamW, or None): the forward pass keeps
-    each block's input; the backward pass recomputes each block from it, last block first, and steps that block's
-    optimizer before the next one is paged in — what the checkpointed whole-model step computes (per-parameter
-    AdamW), a block on the device at a time. Returns ``(initial KL, epoch losses, final KL, folded blocks)``."""
-    ccfg = setup.calib
+def paged_update(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup):
+    """The training step of :func:`tune` with the blocks paged (``opts``: each block's AdamW, or None), as
+    :func:`converter.calibrate.run_epochs` calls it: the forward pass keeps each block's input; the backward pass
+    recomputes each block from it, last block first, and steps that block's optimizer before the next one is paged
+    in — what the checkpointed whole-model step computes (per-parameter AdamW), a block on the device at a time."""
     bases = [[g["lr"] for g in o.param_groups] if o is not None else [] for o in opts]
-    initial = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
-    clock.lap("kl")
 
     def update(idx, factor):
         for o, base in zip(opts, bases):
@@ -344,18 +364,7 @@ def tune_paged(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: Bl
                 opts[j].zero_grad(set_to_none=True)
         return loss.detach()
 
-    for b in pager.blocks:
-        b.module.train()
-    gen = torch.Generator().manual_seed(setup.seed)
-    epoch_losses = run_epochs(update, x0.shape[0], ccfg.e2e_epochs, setup, gen, "end-to-end stage", ccfg.e2e_schedule)
-    clock.lap("train")
-    for b in pager.blocks:
-        b.module.eval()
-    final = mean_kl_paged(pager, head, x0, fp_out, pe, setup)
-    clock.lap("kl")
-    tuned = [lwc.fold_block(blk) for _, blk in pager.walk()]
-    clock.lap("fold")
-    return initial, epoch_losses, final, tuned
+    return update
 
 
 @torch.no_grad()
