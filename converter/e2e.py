@@ -379,5 +379,5 @@ def mean_kl_paged(pager: offload.Pager, head: Head, x0, fp_out, pe, setup: Block
     total = torch.zeros((), device=setup.device)
     for s, h in enumerate(hs):
         with autocast(setup):
-            total += kl_loss(head(h), head(fp_out[s:s + 1].to(setup.device)))
+            total += kl_loss(head(h.to(setup.device)), head(fp_out[s:s + 1].to(setup.device)))
     return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]
