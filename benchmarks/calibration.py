@@ -178,6 +178,9 @@ class E2EResult:
     phase_seconds: dict  # setup, kl (both passes), train, fold: converter.e2e.Phases
     extrapolated_seconds: float
     peak_gpu_memory_bytes: int | None
+    # paged: the measured peak plus the device states of the samples not measured (the KL passes hold every
+    # sample's there, converter.e2e.mean_kl_paged)
+    peak_gpu_memory_extrapolated_bytes: int | None = None
 
 
 def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device, seed: int = 0) -> E2EResult:
@@ -207,9 +210,12 @@ def run_e2e(shape: str, samples: int, calib: C.CalibConfig, device: torch.device
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return E2EResult(shape, str(device), calib.to_dict(), calib.compile, e2e.offloaded(calib, device), samples,
+    paged = e2e.offloaded(calib, device)
+    more_states = (calib.nsamples - samples) * x0[0].numel() * x0.element_size() if paged else 0
+    return E2EResult(shape, str(device), calib.to_dict(), calib.compile, paged, samples,
                      round(wall, 3), summary["phase_seconds"], round(extrapolate(summary["phase_seconds"], wall,
-                                                                                   calib.nsamples / samples), 1), peak)
+                                                                                   calib.nsamples / samples), 1),
+                     peak, None if peak is None else peak + more_states)
 
 
 def extrapolate(phases: dict, wall: float, scale: float) -> float:
@@ -243,6 +249,8 @@ def e2e_table(r: E2EResult) -> str:
                              + ", ".join(f"{k} {v:.1f}" for k, v in r.phase_seconds.items()) + ")"),
         (f"EXTRAPOLATED to {rec['nsamples']} samples (KL passes and training scaled)",
          f"{r.extrapolated_seconds / 60:.1f} min"),
+        *([(f"peak GPU memory EXTRAPOLATED to {rec['nsamples']} samples (their KL states on the device)",
+            peak_text(r.peak_gpu_memory_extrapolated_bytes))] if r.paged and r.peak_gpu_memory_bytes else []),
     ])
 
 
@@ -271,8 +279,9 @@ def table(r: BenchResult) -> str:
 @click.option("--tune-norms/--no-tune-norms", default=C.CalibConfig.tune_norms, show_default=True)
 @click.option("--e2e-samples", type=int, default=0, show_default=True,
               help="Measure the end-to-end stage over this many samples instead of the block-wise recipe.")
-@click.option("--e2e-epochs", type=int, default=2, show_default=True)
-@click.option("--e2e-rounding", is_flag=True, help="The end-to-end stage learns rounding offsets too.")
+@click.option("--e2e-epochs", type=int, default=C.CalibConfig.e2e_epochs, show_default=True)
+@click.option("--e2e-rounding/--no-e2e-rounding", default=C.CalibConfig.e2e_rounding, show_default=True,
+              help="The end-to-end stage learns rounding offsets too (the default recipe).")
 @click.option("--e2e-offload/--no-e2e-offload", default=None, help="Page the stage's blocks from the host "
               "[default: on CUDA].")
 @click.option("--compile", "compiled", is_flag=True, help="torch.compile the fake quantization (convert's --compile).")

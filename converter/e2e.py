@@ -23,7 +23,6 @@ in full precision, as in the artifact. The result folds into the same
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import time
@@ -72,8 +71,9 @@ def memory_floor(config, ccfg, paged: bool = False) -> tuple[int, int]:
     """Lower bounds of the end-to-end stage's ``(device, host)`` memory in bytes for its blocks: every block's frozen
     weights and rounding offsets (trained with ``e2e_rounding``, with gradient and AdamW moments; else the learned
     blocks' decisions, frozen). In place all of it is on the device (host 0: the stage adds nothing there); ``paged``
-    (:func:`offloaded`) the device holds :data:`PAGED_RESIDENT` blocks and the host all of them (without the
-    gradients). The teacher's final states stay on the host (:func:`tune`); activations, logits and the fake
+    (:func:`offloaded`) the device holds :data:`PAGED_RESIDENT` blocks and every sample's states for the KL passes
+    (:func:`mean_kl_paged`), the host all the blocks (without the gradients). The teacher's final states stay on the
+    host (:func:`tune`); activations, logits and the fake
     quantization's temporaries come on top (measured at 7B in place without offsets: 19.76 GiB against a floor of
     13.6 GiB, BENCHMARKS.md)."""
     per_weight = WEIGHT_BYTES
@@ -85,7 +85,8 @@ def memory_floor(config, ccfg, paged: bool = False) -> tuple[int, int]:
     if not paged:
         return int(weights * per_weight), 0
     host = per_weight - (OFFSET_GRAD_BYTES if ccfg.e2e_rounding else 0)
-    return int(PAGED_RESIDENT * weights * per_weight / config.num_hidden_layers), int(weights * host)
+    states = ccfg.nsamples * ccfg.seqlen * config.hidden_size * (4 if ccfg.compute_dtype == "float32" else 2)
+    return int(PAGED_RESIDENT * weights * per_weight / config.num_hidden_layers) + states, int(weights * host)
 
 
 def host_memory() -> int:
@@ -252,10 +253,9 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
     epochs = (x0.shape[0], ccfg.e2e_epochs, setup, torch.Generator().manual_seed(setup.seed), "end-to-end stage",
               ccfg.e2e_schedule)  # run_epochs' arguments after the step
     if offloaded(ccfg, setup.device):
-        host = dataclasses.replace(setup, device=torch.device("cpu"))
         paged, opts = [], []
-        for i, p in enumerate(results):  # each block into its arena as it is built: host memory of one copy
-            blk = student_block(layers[i], config, i, p, host)
+        for i, p in enumerate(results):  # each block built on the device, then moved into its host arena
+            blk = student_block(layers[i], config, i, p, setup)
             opts.append(make_optimizer([blk], ccfg))
             paged.append(offload.PagedBlock(blk, setup.device, opts[-1]))
         pager = offload.Pager(paged)
@@ -369,15 +369,17 @@ def paged_update(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: 
 
 @torch.no_grad()
 def mean_kl_paged(pager: offload.Pager, head: Head, x0, fp_out, pe, setup: BlockSetup) -> float:
-    """:func:`mean_kl` block by block (each block paged in once for all samples; their states where ``x0`` is, so
-    on the host in a real run: 16 MB a sample each way per block at 7B, against 2.1 GB for 128 on the device)."""
-    hs = [x0[s:s + 1] for s in range(x0.shape[0])]
+    """:func:`mean_kl` block by block: each block paged in once for all samples, its fake-quantized weights computed
+    once (:func:`converter.lwc.held_weights`), every sample's states on the device meanwhile (16 MB a sample at 7B:
+    2.1 GB for 128; kept on the host they would cross the host link twice a block)."""
+    hs = [x0[s:s + 1].to(setup.device) for s in range(x0.shape[0])]
     for _, blk in pager.walk():
-        for s, h in enumerate(hs):
-            with autocast(setup):
-                hs[s] = blk(h.to(setup.device), position_embeddings=pe).to(x0.device)
+        with lwc.held_weights(blk):
+            for s, h in enumerate(hs):
+                with autocast(setup):
+                    hs[s] = blk(h, position_embeddings=pe)
     total = torch.zeros((), device=setup.device)
     for s, h in enumerate(hs):
         with autocast(setup):
-            total += kl_loss(head(h.to(setup.device)), head(fp_out[s:s + 1].to(setup.device)))
+            total += kl_loss(head(h), head(fp_out[s:s + 1].to(setup.device)))
     return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]

@@ -22,6 +22,7 @@ will compute it (export-quantized weights, folded ``s``/``delta``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ class LWCLinear(nn.Module):
             self.beta = nn.Parameter(torch.full((self.out_features, g), init, device=w.device))
         if rounding:
             self.offset = nn.Parameter(torch.zeros(w.shape, device=w.device))
+        self.held: torch.Tensor | None = None  # the fake-quantized weight while :func:`held_weights` holds it
+
 
     @property
     def rounds(self) -> bool:
@@ -171,12 +174,15 @@ class LWCLinear(nn.Module):
     def clips(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return lwc_clips(self.gamma, self.beta)
 
+    def fake_weight(self) -> torch.Tensor:
+        """The weight the forward pass multiplies by: fake-quantized from the current parameters (or fixed)."""
+        if self.fixed:
+            return self.weight
+        return self.weight_fn(self.weight, self.gamma, self.beta, self.current_offset(), self.wcfg.bits,
+                              self.wcfg.group_size, export.PARAMS_DTYPE)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if not self.fixed:
-            w = self.weight_fn(w, self.gamma, self.beta, self.current_offset(), self.wcfg.bits, self.wcfg.group_size,
-                               export.PARAMS_DTYPE)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.fake_weight() if self.held is None else self.held, self.bias)
 
     def rounding_decisions(self) -> torch.Tensor | None:
         """The learned rounding as int8 offsets to nearest rounding, for the export's exact scales."""
@@ -317,6 +323,23 @@ def norm_parameters(blk: nn.Module) -> list[nn.Parameter]:
 def smooth_parameters(blk: nn.Module) -> list[nn.Parameter]:
     kvq = blk.self_attn.kv_quant
     return list(kvq.parameters()) if isinstance(kvq, SmoothedKV) else []
+
+
+@contextlib.contextmanager
+def held_weights(blk: nn.Module):
+    """Within: every :class:`LWCLinear` of ``blk`` multiplies by its fake-quantized weight computed once on entry
+    (without gradients) instead of once a call — for passes that run a block over many samples without training it
+    (the same values: the parameters do not change inside). Needs the block's tensors where they stay meanwhile
+    (a paged block attached)."""
+    lins = [m for m in blk.modules() if isinstance(m, LWCLinear) and not m.fixed]
+    with torch.no_grad():
+        for m in lins:
+            m.held = m.fake_weight()
+    try:
+        yield blk
+    finally:
+        for m in lins:
+            m.held = None
 
 
 def fold_block(blk: nn.Module) -> BlockParams:

@@ -494,10 +494,15 @@ def test_benchmark_tiny_shape_on_cpu(tmp_path, monkeypatch):
     params = bench.initial_params(layers[0], bench.shape_config("tiny"), bench.WeightQuantConfig(), decisions=True)
     assert set(params.rounding) == set(params.clips) and params.rounding["mlp.up_proj"].abs().max() == 1
     result = CliRunner().invoke(bench.main, ["--shape", "tiny", "--e2e-samples", "2", "--nsamples", "4", "--seqlen", "16",
-                                             "--e2e-epochs", "1", "--device", "cpu", "--no-progress", "--json", str(out)])
+                                             "--e2e-epochs", "1", "--no-e2e-rounding", "--device", "cpu", "--no-progress",
+                                             "--json", str(out)])
     assert result.exit_code == 0, result.output
     rec = json.loads(out.read_text())
     assert rec["recipe"]["rounding"] == "learned" and not rec["recipe"]["e2e_rounding"]
+    assert rec["peak_gpu_memory_extrapolated_bytes"] is None  # CPU
+    # without the stage's flags, the default recipe's stage (offsets on)
+    assert bench.main.make_context("x", ["--e2e-samples", "2"]).params["e2e_rounding"] == C.CalibConfig.e2e_rounding
+    assert C.CalibConfig.e2e_rounding
 
 
 def _sim_perplexity(artifact, windows) -> float:
