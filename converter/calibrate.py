@@ -485,7 +485,7 @@ def resume_recipe(model, cfg, samples: torch.Tensor, dtype: torch.dtype) -> dict
     first = model.model.layers[0].self_attn.q_proj.weight
     recipe = {**cfg.recipe(), "calibration": (cfg.calibration or CalibConfig()).blockwise()}
     return {"recipe": recipe, "model": cfg.model, "config": model.config.to_dict(),
-            "weights": tensor_digest(first), "samples": tensor_digest(samples), "compute_dtype": str(dtype)}
+            "weights": tensor_digest(first.float()), "samples": tensor_digest(samples), "compute_dtype": str(dtype)}
 
 
 def to_calibration(results: list[BlockParams], info: dict) -> Calibration:
@@ -513,7 +513,15 @@ def run_calibration(model, tokenizer, cfg, device: torch.device) -> Calibration:
     if ccfg.e2e_epochs:  # before any work: a stage that cannot fit fails now, not after the blocks
         from . import e2e  # imports this module
 
-        e2e.check_memory(model.config, ccfg, device)
+        if e2e.offloaded(ccfg, device):  # the paged stage's blocks need the host: no float32 copies of float16 values
+            freed = lwc.compact_linears(model.model.layers)
+            if freed:
+                log.info("source model's decoder weights held in float16 on the host (exact): %.1f GiB freed",
+                         freed / 2**30)
+        # held on the host through the stage: the source model and the teacher's final states
+        resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        resident += ccfg.nsamples * ccfg.seqlen * model.config.hidden_size * dtype.itemsize
+        e2e.check_memory(model.config, ccfg, device, host_resident=resident)
         if ccfg.rounding == "learned" and not ccfg.e2e_rounding:
             log.warning("end-to-end stage on learned-rounding blocks without --e2e-rounding: it moves the clips "
                         "under fixed rounding decisions and raised the KL wherever measured (BENCHMARKS.md); "

@@ -94,10 +94,12 @@ def host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(config, ccfg, device, total: int | None = None, host_total: int | None = None) -> None:
+def check_memory(config, ccfg, device, total: int | None = None, host_total: int | None = None,
+                 host_resident: int = 0) -> None:
     """Refuse an end-to-end stage that cannot fit before any calibration runs: a one-line ValueError when
     :func:`memory_floor` exceeds the device's memory (``total`` bytes; default: the CUDA device's; CPU devices are
-    not checked) or, paged, the host's (``host_total``; default :func:`host_memory`)."""
+    not checked) or, paged, the host's (``host_total``; default :func:`host_memory`) with ``host_resident`` bytes
+    already held there for the whole run (the source model, the teacher's states)."""
     if not ccfg.e2e_epochs:
         return
     paged = offloaded(ccfg, device)
@@ -105,11 +107,13 @@ def check_memory(config, ccfg, device, total: int | None = None, host_total: int
     weights = f"{linear_weights(config) / 1e9:.2f} B weights"
     if paged:
         host_total = host_memory() if host_total is None else host_total
+        need_host += host_resident
         if need_host > host_total:
             hint = ("drop --e2e-rounding (its offsets and their AdamW moments take 12 bytes a weight there)"
                     if ccfg.e2e_rounding else "use a machine with more memory")
+            held = f", {host_resident / 2**30:.1f} GiB of it the source model and its states" if host_resident else ""
             raise ValueError(f"the end-to-end stage needs at least {need_host / 2**30:.1f} GiB of host memory "
-                             f"({host_total / 2**30:.1f} GiB there) for {weights}: {hint}")
+                             f"({host_total / 2**30:.1f} GiB there{held}) for {weights}: {hint}")
     if total is None and torch.device(device).type != "cuda":
         return
     if total is None:

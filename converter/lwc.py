@@ -70,6 +70,21 @@ def compact(w: torch.Tensor) -> torch.Tensor:
     return h if torch.equal(h.float(), w) else w
 
 
+def compact_linears(layers) -> int:
+    """Hold every decoder Linear weight of ``layers`` as :func:`compact` does (float16 where that is exact, the same
+    values; the calibration reads them as float32): the source model's host memory while the paged end-to-end stage
+    needs the host for its blocks. Returns the bytes freed."""
+    freed = 0
+    for layer in layers:
+        for name in DECODER_LINEARS:
+            p = layer.get_submodule(name).weight
+            if p.dtype == torch.float32:
+                before = p.data.nbytes
+                p.data = compact(p.data)
+                freed += before - p.data.nbytes
+    return freed
+
+
 def lwc_clips(gamma, beta) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(clip_hi, clip_lo) = (sigmoid(gamma), sigmoid(beta))``; ``(None, None)`` without LWC."""
     return (None, None) if gamma is None else (torch.sigmoid(gamma), torch.sigmoid(beta))

@@ -35,7 +35,9 @@ def tiny_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
+def make_tiny_llama(path: Path, seed: int = 0, half_exact: bool = False, **overrides) -> Path:
+    """A tiny random LLaMA saved (float32) with its tokenizer; ``half_exact``: every weight a float16 value, as in a
+    float16 checkpoint."""
     torch.manual_seed(seed)
     cfg = tiny_config(**overrides)
     model = LlamaForCausalLM(cfg).eval()
@@ -43,6 +45,8 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            if half_exact:
+                p.copy_(p.half().float())
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

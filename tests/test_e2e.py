@@ -346,6 +346,11 @@ def test_memory_floor_and_check():
     e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=128 * gib)  # the issue's 7B target device
     with pytest.raises(ValueError, match=r"needs at least 84\.4 GiB of host memory \(64\.0 GiB there\).*drop --e2e-rounding"):
         e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=64 * gib)
+    # the source model (float32 on the host: 25.1 GiB at 7B) and the teacher's states held there all the while
+    with pytest.raises(ValueError, match=r"needs at least 111\.5 GiB of host memory \(96\.0 GiB there, 27\.1 GiB of it "
+                       r"the source model and its states\)"):
+        e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=96 * gib, host_resident=int(27.1 * gib))
+    e2e.check_memory(cfg, paged, "cuda", total=20 * 10 ** 9, host_total=128 * gib, host_resident=int(27.1 * gib))
     with pytest.raises(ValueError, match=r"needs at least 12\.2 GiB on cuda.*use a device with more memory"):
         e2e.check_memory(cfg, paged, "cuda", total=8 * gib, host_total=128 * gib)
 
@@ -355,7 +360,7 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
     from cli import main
 
     check = e2e.check_memory
-    monkeypatch.setattr(e2e, "check_memory", lambda config, ccfg, device: check(config, ccfg, "cuda", total=1024))
+    monkeypatch.setattr(e2e, "check_memory", lambda config, ccfg, device, **kw: check(config, ccfg, "cuda", total=1024, **kw))
     model, text = tiny3
     out = tmp_path / "q"
     result = CliRunner().invoke(main, [
@@ -371,7 +376,8 @@ def test_cli_refuses_a_stage_that_cannot_fit_before_any_work(tiny3, tmp_path, mo
     result = CliRunner().invoke(main, [
         "convert", str(model), "--out", str(out), "--device", "cpu", "--dtype", "float32", "--calib-data", text,
         "--nsamples", "4", "--seqlen", "32", "--epochs", "1", "--e2e-offload"])
-    assert result.exit_code == 1 and "of host memory (0.0 GiB there)" in result.output
+    assert result.exit_code == 1 and "of host memory (0.0 GiB there, " in result.output
+    assert "GiB of it the source model and its states)" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not work_dir_for(out).exists()
 
@@ -434,6 +440,34 @@ def test_paged_stage_is_the_in_place_stage(tiny3, tmp_path, kw):
     assert metas[0] == metas[1] and len(metas[0]["kl_epochs"]) == 2
     a, b = (_tensors(r) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_paged_stage_holds_float16_source_weights_in_float16_and_changes_nothing(tmp_path, caplog):
+    """With the paged stage the source model's float16-valued decoder weights are held in float16 on the host (half
+    the memory) from the start; the artifact is exactly the in-place stage's (which keeps them float32), and the
+    resume digest is unchanged (it reads the weights as float32), so blocks kept by either run resume in the other."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "calib.txt").write_text(" ".join(CORPUS) * 4)
+    tiny = (make_tiny_llama(tmp_path / "model", num_hidden_layers=2, half_exact=True), str(tmp_path / "calib.txt"))
+    with caplog.at_level("INFO", logger="converter.calibrate"):
+        paged = convert(_cfg(tmp_path / "paged", tiny, e2e_epochs=1, e2e_offload=True))
+    assert "held in float16 on the host (exact)" in caplog.text
+    in_place = convert(_cfg(tmp_path / "in_place", tiny, e2e_epochs=1, e2e_offload=False))
+    a, b = _tensors(paged), _tensors(in_place)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32)
+    cfg, samples = _cfg(tmp_path / "x", tiny), torch.arange(64).reshape(2, 32)
+    before = C.resume_recipe(model, cfg, samples, torch.float32)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    ref = q.detach().clone()
+    assert lwc.compact_linears(model.model.layers) == 2 * sum(
+        model.model.layers[0].get_submodule(n).weight.numel() for n in lwc.DECODER_LINEARS) * 2
+    assert q.dtype == torch.float16 and torch.equal(q.float(), ref)
+    assert model.model.norm.weight.dtype == torch.float32  # only the decoder Linears
+    assert C.resume_recipe(model, cfg, samples, torch.float32) == before
+    assert lwc.compact_linears(model.model.layers) == 0  # nothing left to halve
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
