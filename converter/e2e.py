@@ -213,12 +213,18 @@ def student_logits(blocks, head: Head, x: torch.Tensor, pe, recompute: bool) -> 
 
 
 @torch.no_grad()
+def teacher_logits(head: Head, fp_out: torch.Tensor, idx, setup: BlockSetup) -> torch.Tensor:
+    """The teacher's logits on the device for the samples ``idx`` (a slice, or CPU int64 indices) of ``fp_out``."""
+    return head(fp_out[idx].to(setup.device))
+
+
+@torch.no_grad()
 def mean_kl(blocks, head, x0, fp_out, pe, setup: BlockSetup) -> float:
     total = torch.zeros((), device=setup.device)
     for s in range(x0.shape[0]):
         with autocast(setup):
             total += kl_loss(student_logits(blocks, head, x0[s:s + 1].to(setup.device), pe, False),
-                             head(fp_out[s:s + 1].to(setup.device)))
+                             teacher_logits(head, fp_out, slice(s, s + 1), setup))
     return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]
 
 
@@ -327,11 +333,6 @@ def tune(model, config, x0: torch.Tensor, fp_out: torch.Tensor, pe, results: lis
     return tuned, summary
 
 
-@torch.no_grad()
-def teacher_logits(head: Head, fp_out: torch.Tensor, idx: torch.Tensor, setup: BlockSetup) -> torch.Tensor:
-    return head(fp_out[idx.to(fp_out.device)].to(setup.device))
-
-
 def paged_update(pager: offload.Pager, opts, head: Head, x0, fp_out, pe, setup: BlockSetup):
     """The training step of :func:`tune` with the blocks paged (``opts``: each block's AdamW, or None), as
     :func:`converter.calibrate.run_epochs` calls it: the forward pass keeps each block's input; the backward pass
@@ -385,5 +386,5 @@ def mean_kl_paged(pager: offload.Pager, head: Head, x0, fp_out, pe, setup: Block
     total = torch.zeros((), device=setup.device)
     for s, h in enumerate(hs):
         with autocast(setup):
-            total += kl_loss(head(h), head(fp_out[s:s + 1].to(setup.device)))
+            total += kl_loss(head(h), teacher_logits(head, fp_out, slice(s, s + 1), setup))
     return check_finite(total, "end-to-end stage", 0, 0) / x0.shape[0]
