@@ -158,6 +158,45 @@ def test_decode_attention_options_match_reference(loads, row_max, hq, hkv, group
         assert _rel(decode_attention(*args, cfg), ref) < 1e-4, cfg
 
 
+@pytest.mark.parametrize("loads", ["late", "prefetch"])
+@pytest.mark.parametrize("ahead", [1, 3])
+@pytest.mark.parametrize("hq,hkv,group,length,key_scale,splits,b", [
+    (4, 2, None, 150, 40, 2, 2), (6, 2, None, 37, 2, 8, 1), (2, 2, 16, 130, 2, 1, 1)])
+def test_decode_attention_l2_prefetch_matches_reference(loads, ahead, hq, hkv, group, length, key_scale, splits, b):
+    """``AttnConfig.l2_ahead`` (bulk L2 prefetches of tiles ahead, before the PDL wait and in the loop, on Hopper
+    GPUs; ignored elsewhere): the same output as the reference, including ranges that end inside a tile."""
+    from runtime.kernels.kv4 import AttnConfig, decode_attention
+
+    args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
+    cfg = AttnConfig(splits=splits, block_s=16, num_warps=1, loads=loads, row_max=True, l2_ahead=ahead)
+    assert _rel(decode_attention(*args, cfg), ref) < 1e-4, cfg
+
+
+def test_overlap_flags(monkeypatch):
+    """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
+    (off by default, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
+    number."""
+    from runtime.kernels import kv4, overlap
+
+    monkeypatch.setenv(overlap.PDL_ENV, "1")
+    assert not overlap.hopper("cpu") and overlap.launch_options("cpu", "gemv") == {"PDL": False}
+    assert overlap.pdl_kinds(None) == overlap.pdl_kinds("0") == frozenset()
+    assert overlap.pdl_kinds("1") == frozenset(overlap.KINDS)
+    assert overlap.pdl_kinds("gemv, attn") == {"gemv", "attn"}
+    with pytest.raises(ValueError, match="WKVQ_PDL='gemm': use 0, 1 or"):
+        overlap.pdl_kinds("gemm")
+    assert overlap.pdl(DEV, "gemv") == (overlap.hopper(DEV) and overlap._triton_has_pdl())
+    monkeypatch.setenv(overlap.PDL_ENV, "attn")
+    assert not overlap.pdl(DEV, "gemv") and overlap.launch_options(DEV, "gemv") == {"PDL": False}
+    monkeypatch.setenv(kv4.L2_ENV, "3")
+    assert kv4.attn_config(1, 32, 2048).l2_ahead == 3
+    monkeypatch.setenv(kv4.L2_ENV, "off")
+    assert kv4.attn_config(1, 32, 2048).l2_ahead == kv4.ATTN_TABLE[1, 2048].l2_ahead
+    assert kv4.AttnConfig(l2_ahead=2).label().endswith("_l2a2")
+    with pytest.raises(ValueError, match="AttnConfig: l2_ahead"):
+        kv4.AttnConfig(l2_ahead=-1)
+
+
 def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     """AttnConfig checks its fields; with no table the policy of rounds 2-6 decides; a sweep record named by
     WKVQ_ATTN_TABLE decides its (batch, context bucket) keys and nothing else; splits 0 resolves by the policy."""

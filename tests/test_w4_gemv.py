@@ -123,6 +123,42 @@ def test_split_k_matches_reference(split, prefetch, m, n, k, block_k):
     assert _rel(out, base.double() + x.double() @ w.T + bias.double()) < TOL
 
 
+@pytest.mark.parametrize("split,prefetch,sub", [(1, False, 1), (3, True, 2), (4, False, 2)])
+@pytest.mark.parametrize("m,n,k,block_k", SPLIT_CASES)
+def test_l2_prefetch_matches_reference(split, prefetch, sub, m, n, k, block_k, monkeypatch):
+    """``GemvConfig.l2``: each program's bulk L2 prefetch of its code range (before the PDL wait) on Hopper GPUs;
+    elsewhere the field is ignored, so the interpreter checks that it changes nothing. Ragged N, tails, empty
+    ranges; ``WKVQ_GEMV_L2=1`` turns it on for a config without it."""
+    from runtime.kernels.w4_gemv import GemvConfig, w4_gemv_accumulate
+    from runtime.kernels.w4_gemv_config import L2_ENV
+
+    qw, s, z, w = _weight(n, k, 128, seed=7)
+    x, base = torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(m, n, device=DEV)
+    ref = base.double() + x.double() @ w.T
+    cfg = GemvConfig(16, block_k, 2, 1, sub, prefetch, split)
+    assert _rel(w4_gemv_accumulate(x, qw, s, z, 128, base.clone(), config=cfg._replace(l2=True)), ref) < TOL
+    monkeypatch.setenv(L2_ENV, "1")
+    assert _rel(w4_gemv_accumulate(x, qw, s, z, 128, base.clone(), config=cfg), ref) < TOL
+
+
+def test_l2_flags():
+    """The prefetch needs 16-byte row ranges (``K % 32 == 0``) on a Hopper GPU; ``WKVQ_GEMV_L2`` overrides the
+    config's field only when it is 0 or 1; the label names it."""
+    from runtime.kernels import overlap
+    from runtime.kernels.w4_gemv import GemvConfig, l2_ok
+    from runtime.kernels.w4_gemv_config import L2_ENV, l2_override
+
+    hopper = overlap.hopper(DEV)
+    assert l2_ok(_weight(8, 1024, 128)[0]) == hopper
+    assert not l2_ok(_weight(8, 1000, 8)[0])  # 500-byte rows
+    cfg = GemvConfig(16, 256, 2)
+    assert GemvConfig(16, 256, 2, l2=True).label().endswith("_l2") and not cfg.label().endswith("_l2")
+    with pytest.MonkeyPatch.context() as mp:
+        for value, want in (("1", True), ("0", False), ("yes", False)):
+            mp.setenv(L2_ENV, value)
+            assert l2_override(cfg).l2 == want and l2_override(cfg._replace(l2=True)).l2 == (want or value == "yes")
+
+
 HALF_CASES = [  # (m, n, k, group, config): every code path with float16 products
     (1, 37, 576, 128, (16, 256, 2, 1, 2, True, 1, True)),  # ragged last group, prefetch
     (2, 20, 1408, 64, (8, 512, 2, 1, 1, False, 2, True)),  # group 64, tail step, split 2
@@ -405,10 +441,18 @@ def test_all_candidate_configs_cuda():
 
 @pytest.mark.gpu
 @gpu
-def test_decode_graph_with_gemv_matches_eager(tmp_path):
-    """One layer of a tiny converted model, every projection on the GEMV (down: K = 320, a ragged group)."""
+@pytest.mark.parametrize("env", [{}, {"WKVQ_MMA": "0"}, {"WKVQ_PDL": "1"},
+                                 {"WKVQ_MMA": "0", "WKVQ_PDL": "1", "WKVQ_GEMV_L2": "1", "WKVQ_ATTN_L2": "2"}])
+def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
+    """One layer of a tiny converted model, every projection a :class:`GemvW4` (down: K = 320, a ragged group):
+    on the tensor-core GEMV (default) or the row-streaming one (``WKVQ_MMA=0``); with and without PDL and the L2
+    prefetches (:mod:`runtime.kernels.overlap`; all on: the kernels' order in a CUDA graph with every kernel
+    launched early)."""
     from runtime.kernels.w4_gemv import GemvW4
     from tests.helpers import fast_decode_errors
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
     fast, errs = fast_decode_errors(tmp_path, "gemv")
     layer = fast.layers[0]

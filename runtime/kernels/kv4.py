@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import env_tables, sweep_table
+from . import env_tables, overlap, sweep_table
 
 
 @triton.jit
@@ -86,7 +86,10 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
                         kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, stride_qkv, S,
                         ex_ptr, ex_n, stride_ex,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                        QMAX: tl.constexpr, CLEAR: tl.constexpr, CLEAR_EXTRA: tl.constexpr, BLOCK_EX: tl.constexpr):
+                        QMAX: tl.constexpr, CLEAR: tl.constexpr, CLEAR_EXTRA: tl.constexpr, BLOCK_EX: tl.constexpr,
+                        PDL: tl.constexpr):
+    overlap.launch_dependents(PDL)
+    overlap.wait_prior(PDL)  # qkv is written by the projection before; the buffers cleared are read by others
     HALF: tl.constexpr = D // 2
     GSH: tl.constexpr = HALF // G
     b, h = tl.program_id(0), tl.program_id(1)
@@ -156,7 +159,8 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
         qkv, cos, sin, pos, q, k_cur, v_cur, store.k_codes, store.k_step, store.k_min,
         store.v_codes, store.v_step, store.v_min, *kv_params, qkv.stride(0), s, ex, ex_n, ex.stride(0),
         HQ=num_heads, HKV=hkv, D=d, G=g, QMAX=15, CLEAR=clear, CLEAR_EXTRA=clear_extra is not None,
-        BLOCK_EX=min(1024, triton.next_power_of_2(max(1, -(-ex_n // (num_heads + hkv))))))
+        BLOCK_EX=min(1024, triton.next_power_of_2(max(1, -(-ex_n // (num_heads + hkv))))),
+        **overlap.launch_options(qkv.device, "rope"))
     return q, k_cur, v_cur
 
 
@@ -196,6 +200,19 @@ def _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw,
     else:
         vst, vmn = _group_stats(vs_ptr, rows, gw, smask, G), _group_stats(vm_ptr, rows, gw, smask, G)
     return kw, vw, kst, kmn, vst, vmn, smask, rows
+
+
+@triton.jit
+def _prefetch_tokens(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, lo, hi, end, NW: tl.constexpr,
+                     G: tl.constexpr):
+    """L2 prefetches (:func:`runtime.kernels.overlap.prefetch_range`) of the key and value words and stats of tokens
+    ``[lo, min(hi, end))`` of the head whose token 0 is row ``head``."""
+    overlap.prefetch_range(kc_ptr + head * NW, lo * NW, hi * NW, end * NW, 4)
+    overlap.prefetch_range(vc_ptr + head * NW, lo * NW, hi * NW, end * NW, 4)
+    overlap.prefetch_range(ks_ptr + head * G, lo * G, hi * G, end * G, 2)
+    overlap.prefetch_range(km_ptr + head * G, lo * G, hi * G, end * G, 2)
+    overlap.prefetch_range(vs_ptr + head * G, lo * G, hi * G, end * G, 2)
+    overlap.prefetch_range(vm_ptr + head * G, lo * G, hi * G, end * G, 2)
 
 
 @triton.jit
@@ -261,7 +278,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
-                       ROW_MAX: tl.constexpr):
+                       ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -280,7 +297,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     sits behind an always-true branch, as in :func:`runtime.kernels.w4_gemv._w4_gemv_rows_kernel`, without which
     ptxas moves loads below the arithmetic. Triton does not pipeline loads in loops without ``tl.dot``.
     ``ROW_MAX``: one running maximum and sum per token row of the tile (see :func:`_attn_step`), merged once after
-    the loop. The partial results written are the same in every variant, up to float32 rounding."""
+    the loop. The partial results written are the same in every variant, up to float32 rounding.
+
+    ``L2_AHEAD > 0``: thread 0 asks the L2 for the words and stats of the first ``L2_AHEAD`` tiles of the slice at
+    the start, and for tile ``i + L2_AHEAD`` at step ``i`` (:func:`_prefetch_tokens`; needs ``S % 8 == 0``).
+    ``PDL`` (:mod:`runtime.kernels.overlap`): the kernel waits for the kernels before it only after reading the
+    length and issuing those prefetches: the past slots and the length are not written by the decode step's
+    kernels (the length only by a torch op between steps), the query is."""
+    overlap.launch_dependents(PDL)
     NW: tl.constexpr = D // 8
     GS: tl.constexpr = D // G
     bh, sp = tl.program_id(0), tl.program_id(1)
@@ -290,6 +314,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     chunk = tl.cdiv(tl.cdiv(length, NSPLIT), BLOCK_S) * BLOCK_S
     start = sp * chunk
     end = tl.minimum(start + chunk, length)
+    head = (b * HKV + kh) * S
+    if L2_AHEAD > 0:
+        _prefetch_tokens(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, start, start + L2_AHEAD * BLOCK_S, end,
+                         NW, G)
+    overlap.wait_prior(PDL)
     wi = tl.arange(0, NW)
     gw = (wi * 8) // GS  # group of each word
     q_row, sc_row, sh_row = q_ptr + bh * D + wi * 8, kscale_ptr + kh * D + wi * 8, kshift_ptr + kh * D + wi * 8
@@ -314,10 +343,13 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     zero = tl.zeros((BLOCK_S, NW), tl.float32)
     A = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-    head = (b * HKV + kh) * S
+    AH: tl.constexpr = L2_AHEAD * BLOCK_S
     if LOADS == 2:
         T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, start, end, wi, gw, G, NW, BLOCK_S, False)
         for s0 in range(start, end, BLOCK_S):
+            if L2_AHEAD > 0:
+                _prefetch_tokens(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0 + AH, s0 + AH + BLOCK_S,
+                                 end, NW, G)
             U = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0 + BLOCK_S, end, wi, gw, G, NW, BLOCK_S,
                       False)
             if s0 < S:  # always (s0 < end <= length <= S): a block boundary, see above
@@ -325,11 +357,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             T = U
     elif LOADS == 1:
         for s0 in range(start, end, BLOCK_S):
+            if L2_AHEAD > 0:
+                _prefetch_tokens(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0 + AH, s0 + AH + BLOCK_S,
+                                 end, NW, G)
             T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw, G, NW, BLOCK_S, False)
             if s0 < S:  # always: a block boundary, see above
                 m_i, l_i, A = _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G, False, ROW_MAX)
     else:
         for s0 in range(start, end, BLOCK_S):
+            if L2_AHEAD > 0:
+                _prefetch_tokens(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0 + AH, s0 + AH + BLOCK_S,
+                                 end, NW, G)
             T = _tile(kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, head, s0, end, wi, gw, G, NW, BLOCK_S, True)
             m_i, l_i, A = _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G, True, ROW_MAX)
     if ROW_MAX:  # the rows' states merged into one per program
@@ -357,7 +395,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 @triton.jit
 def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                          sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr,
-                         NSPLIT: tl.constexpr):
+                         NSPLIT: tl.constexpr, PDL: tl.constexpr):
+    overlap.launch_dependents(PDL)
+    overlap.wait_prior(PDL)  # everything read here is written by the kernels before
     b, h = tl.program_id(0), tl.program_id(1)
     kh = h // QG
     d = tl.arange(0, D)
@@ -397,7 +437,8 @@ class AttnConfig:
     ``splits``: slices of the past per query head, a power of two, or 0 for :func:`num_splits` with more than
     ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
     kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
-    token row of the tile instead of one per program."""
+    token row of the tile instead of one per program; ``l2_ahead``: L2 prefetches this many tiles ahead (0: none;
+    Hopper GPUs only; ``WKVQ_ATTN_L2`` overrides it, :func:`attn_config`)."""
 
     splits: int = 0
     block_s: int = 32
@@ -405,6 +446,7 @@ class AttnConfig:
     loads: str = "late"
     row_max: bool = False
     min_tokens: int = 256
+    l2_ahead: int = 0
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -420,10 +462,13 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: row_max must be a bool, got {self.row_max!r}")
         if not (isinstance(self.min_tokens, int) and self.min_tokens > 0):
             raise ValueError(f"AttnConfig: min_tokens must be a positive int, got {self.min_tokens!r}")
+        if not (isinstance(self.l2_ahead, int) and 0 <= self.l2_ahead <= 64):
+            raise ValueError(f"AttnConfig: l2_ahead must be an int in 0..64, got {self.l2_ahead!r}")
 
     def label(self) -> str:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
-        return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}"
+        l2 = f"_l2a{self.l2_ahead}" if self.l2_ahead else ""
+        return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
 
 # (batch, context bucket) -> config, from the graph-timed sweep (benchmarks/attn_bench.py) at the 7B attention shape
@@ -440,6 +485,7 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 ATTN_DEFAULT = AttnConfig(block_s=16, num_warps=1, loads="prefetch", row_max=True)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
+L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
 
 
 def context_bucket(max_len: int) -> int:
@@ -463,10 +509,14 @@ def multiprocessors(device) -> int:
 def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnConfig:
     """The config at ``batch`` and a cache of ``max_len`` slots: the sweep records named by the environment
     variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`; several separated by ``os.pathsep``), then
-    :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``splits`` resolved by
+    :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``l2_ahead`` from
+    ``WKVQ_ATTN_L2`` where it is set to a number; ``splits`` resolved by
     :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
     table = {**ATTN_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((batch, context_bucket(max_len)), ATTN_DEFAULT)
+    ahead = os.environ.get(L2_ENV, "")
+    if ahead.isdigit():
+        cfg = replace(cfg, l2_ahead=int(ahead))
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))
     return cfg
@@ -499,11 +549,13 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
+    pdl = overlap.launch_options(q.device, "attn")
     _attn_split_kernel[(b * hq, cfg.splits)](
         q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
-        LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps)
+        LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
+        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(q.device) else 0, **pdl)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
     _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
-                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits)
+                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits, **pdl)
     return out

@@ -6,16 +6,20 @@ import torch
 import triton
 import triton.language as tl
 
+from . import overlap
+
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    overlap.launch_dependents(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)  # the norm weight: not written by the step
+    overlap.wait_prior(PDL)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, 0) / N
     y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(y_ptr + row * stride_y + cols, w * y, mask=mask)
 
 
@@ -25,12 +29,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None) -
     x2 = x.reshape(-1, n)
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0),
-                                    BLOCK=triton.next_power_of_2(n))
+                                    BLOCK=triton.next_power_of_2(n), **overlap.launch_options(x.device, "norm"))
     return y.reshape(x.shape)
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr, CLEAR: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr, CLEAR: tl.constexpr,
+                     PDL: tl.constexpr):
+    overlap.launch_dependents(PDL)
+    overlap.wait_prior(PDL)
     row, blk = tl.program_id(0), tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -51,5 +58,5 @@ def silu_mul(gate_up: torch.Tensor, out_dtype=None, clear: bool = False) -> torc
     y = torch.empty(m, n, dtype=out_dtype or gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, y, n, gate_up.stride(0), y.stride(0), BLOCK=block,
-                                                 CLEAR=clear)
+                                                 CLEAR=clear, **overlap.launch_options(gate_up.device, "silu"))
     return y

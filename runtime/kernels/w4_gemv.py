@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from . import interpreting
+from . import interpreting, overlap
 from ..fast import W4Weight
 from .w4_gemv_config import (GEMV_CONFIGS, GEMV_TABLE, GEMV_TABLE_F32, TABLE_ENV, GemvConfig, _fit,  # noqa: F401 - re-exported
-                             default_config, load_table, shared_memory_free)
+                             default_config, l2_override, load_table, shared_memory_free)
 
 GEMV_MAX_ROWS = 4
 CODE_MASK = 0x00780000
@@ -396,7 +396,8 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, w_ptr
                          BLOCK_K: tl.constexpr, MASK_N: tl.constexpr, HAS_TAIL: tl.constexpr,
                          PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RES: tl.constexpr, SPLIT: tl.constexpr, INPUT: tl.constexpr, DT: tl.constexpr,
-                         RBLOCK: tl.constexpr, HALF: tl.constexpr, USE_ASM: tl.constexpr):
+                         RBLOCK: tl.constexpr, HALF: tl.constexpr, USE_ASM: tl.constexpr, L2: tl.constexpr,
+                         PDL: tl.constexpr):
     """``y[m, rows] (+)= x[m] @ W[rows]^T`` for ``m < M`` (``M <= 4``); a program owns ``SUB`` (1..4) sub-tiles
     of ``SUB_N`` consecutive rows.
 
@@ -424,7 +425,14 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, w_ptr
     is the float32 residual stream and the input its RMSNorm with the weight at ``w_ptr`` (each program first
     reads its rows of ``x`` whole for their ``rsqrt(mean(x^2) + eps)``, in chunks of ``RBLOCK``: 16 KB a row at
     ``K = 4096``, from L2); 2: ``x_ptr`` is the float32 ``gate_up [M, 2K]`` and the input ``silu(gate) * up``.
-    Both rounded to ``DT`` as :mod:`runtime.kernels.misc` rounds its outputs."""
+    Both rounded to ``DT`` as :mod:`runtime.kernels.misc` rounds its outputs.
+
+    ``PDL`` (:mod:`runtime.kernels.overlap`): the kernel lets the next one launch at once, and waits for the one
+    before it only after its weight reads have been issued (the first step's tiles with ``PREFETCH``, the L2
+    prefetches with ``L2``): nothing it reads before that is written by the decode step. ``L2``: thread 0 of each
+    program first asks the L2 for the program's whole code range, row by row (``cp.async.bulk.prefetch.L2``; needs
+    ``K % 32 == 0`` and 16-byte aligned rows, see :func:`_launch`)."""
+    overlap.launch_dependents(PDL)
     WPG: tl.constexpr = GROUP // 8  # words per group
     GPC: tl.constexpr = BLOCK_K // GROUP  # groups per step
     BW: tl.constexpr = BLOCK_K // 8  # words per step
@@ -439,6 +447,24 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, w_ptr
         P2 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 2 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
     if SUB > 3:
         P3 = _sub_ptrs(qw_ptr, s_ptr, z_ptr, row0 + 3 * SUB_N, N, stride_qn, stride_sn, stride_zn, cw, SUB_N)
+    if SPLIT > 1:  # words [kw_lo, kw_end) of range j; kw_end: a multiple of BW (past KW after the tail step)
+        steps = (KW + BW - 1) // BW
+        j = tl.program_id(1)
+        kw_lo = (j * (steps // SPLIT) + tl.minimum(j, steps % SPLIT)) * BW
+        kw_end = kw_lo + (steps // SPLIT + (j < steps % SPLIT).to(tl.int32)) * BW
+    else:
+        kw_lo = 0
+        kw_end = KW
+    if L2:  # the program's codes, row by row, into L2 (before the wait: the weights are not written by the step)
+        for r in range(row0, tl.minimum(row0 + SUB * SUB_N, N)):
+            overlap.prefetch_range(qw_ptr + r.to(tl.int64) * stride_qn, kw_lo, kw_end, KW, 4)
+    if PREFETCH:
+        if SPLIT > 1:  # an empty range (kw_lo = kw_end = steps * BW) loads the last step instead
+            first = tl.minimum(kw_lo, kw_end - BW)
+        else:
+            first = 0
+        T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, first, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
+    overlap.wait_prior(PDL)  # x, y (and the fused inputs' buffers) are written by earlier kernels
     R = (eps, eps, eps, eps)  # placeholders, read only if INPUT == 1
     if INPUT == 1:
         r1, r2, r3 = eps, eps, eps
@@ -452,20 +478,7 @@ def _w4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, w_ptr
     zero = tl.zeros((SUB_N, GPC, WPG), dtype=tl.float32)
     A0 = (zero, zero, zero, zero)
     A1, A2, A3 = A0, A0, A0
-    if SPLIT > 1:  # words [kw_lo, kw_end) of range j; kw_end: a multiple of BW (past KW after the tail step)
-        steps = (KW + BW - 1) // BW
-        j = tl.program_id(1)
-        kw_lo = (j * (steps // SPLIT) + tl.minimum(j, steps % SPLIT)) * BW
-        kw_end = kw_lo + (steps // SPLIT + (j < steps % SPLIT).to(tl.int32)) * BW
-    else:
-        kw_lo = 0
-        kw_end = KW
     if PREFETCH:
-        if SPLIT > 1:  # an empty range (kw_lo = kw_end = steps * BW) loads the last step instead
-            first = tl.minimum(kw_lo, kw_end - BW)
-        else:
-            first = 0
-        T0, T1, T2, T3 = _load_tiles(P0, P1, P2, P3, first, cw, rg, KW, G, WPG, SUB, MASK_N, HAS_TAIL)
         for kw0 in range(kw_lo, kw_end, BW):
             if SPLIT > 1:
                 nxt = tl.minimum(kw0 + BW, kw_end - BW)  # within the range (a tail step: masked as below)
@@ -498,6 +511,14 @@ def shape_ok(m: int, k: int, qweight: torch.Tensor) -> bool:
     return (1 <= m <= GEMV_MAX_ROWS and k > 0 and k % 8 == 0 and qweight.dim() == 2
             and qweight.dtype == torch.uint8 and qweight.shape[1] == k // 2 and qweight.stride(1) == 1
             and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0)
+
+
+def l2_ok(qweight: torch.Tensor) -> bool:
+    """Whether the L2 prefetch of :func:`_w4_gemv_rows_kernel` may run on ``qweight``: a Hopper GPU
+    (:func:`runtime.kernels.overlap.hopper`) and every row's byte range 16-byte aligned with a length that is a
+    multiple of 16 (``K % 32 == 0``, 16-byte aligned rows)."""
+    return (overlap.hopper(qweight.device) and qweight.shape[1] % 16 == 0 and qweight.stride(0) % 16 == 0
+            and qweight.data_ptr() % 16 == 0)
 
 
 def gemv_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -568,6 +589,7 @@ def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulat
            else default_config(n, k, m, group_size, half_input(x2.dtype, fused)))
     if not accumulate:  # y = x @ W^T (+ bias) (+ residual) in any dtype: the programs own their rows, no atomics
         cfg = cfg._replace(split=1)
+    cfg = l2_override(cfg)
     sub_n = cfg.block_n // cfg.sub
     if cfg.block_n % cfg.sub or sub_n & (sub_n - 1) or not 1 <= cfg.sub <= 4:
         raise ValueError(f"config {cfg}: block_n / sub must be a power of two, sub 1..4")
@@ -586,8 +608,9 @@ def _launch(x2, qweight, scales, zeros, group_size, y, bias, residual, accumulat
         ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split,
         INPUT=fused.kind, DT=TL_DTYPES[fused.dt], RBLOCK=min(triton.next_power_of_2(k), 128 * cfg.num_warps),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HALF=half_math(cfg, x2.dtype, fused), USE_ASM=not interpreting(),
-        enable_fp_fusion=True)  # FFMA (Triton 3.10 turns fusion off by default)
+        HALF=half_math(cfg, x2.dtype, fused), USE_ASM=not interpreting(), L2=bool(cfg.l2) and l2_ok(qweight),
+        enable_fp_fusion=True,  # FFMA (Triton 3.10 turns fusion off by default)
+        **overlap.launch_options(x2.device, "gemv"))
     return y
 
 
@@ -643,8 +666,10 @@ def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 
 @dataclass
 class GemvW4(W4Weight):
-    """A :class:`W4Weight` whose decode-step ``accumulate`` runs on :func:`w4_gemv_accumulate` when
-    :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the split-K kernel; same tensors, no copy. The fused
+    """A :class:`W4Weight` whose decode-step ``accumulate`` runs on the tensor-core GEMV
+    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..8 rows, group 128, ``K % 32 == 0``, unless
+    ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
+    split-K kernel; same tensors, no copy. The fused
     forms (:meth:`accumulate_rmsnorm`, :meth:`accumulate_silu`) run only on the GEMV (:meth:`fuses_inputs`)."""
 
     @classmethod
@@ -655,6 +680,11 @@ class GemvW4(W4Weight):
         return W4Weight(self.qweight, self.scales, self.zeros, self.in_features, self.group_size, self.bias)
 
     def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        from . import w4_mma
+
+        if w4_mma.mma_enabled() and w4_mma.mma_ok(x, self.qweight, self.scales, self.zeros, self.group_size,
+                                                   self.bias):
+            return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out)
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

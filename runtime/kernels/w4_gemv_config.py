@@ -24,7 +24,9 @@ class GemvConfig(NamedTuple):
     hence the last bits of ``out``, may vary from run to run). ``split = 1``: the plain row-owning kernel.
     ``half``: products in float16 for float16 inputs (``f16x2`` FMAs, 3.6 instructions a code instead of 4.6;
     error 3-4e-4 relative, bounded by 1e-3 in the tests, instead of ~1e-7, see
-    :func:`runtime.kernels.w4_gemv._half_dot`); other dtypes keep the float32 form."""
+    :func:`runtime.kernels.w4_gemv._half_dot`); other dtypes keep the float32 form. ``l2``: each program first
+    asks the L2 for its whole code range (:func:`runtime.kernels.overlap.prefetch_l2`; Hopper GPUs, ``K % 32 == 0``;
+    ignored elsewhere). ``WKVQ_GEMV_L2`` (``0``/``1``) overrides it for every config (:func:`l2_override`)."""
 
     block_n: int
     block_k: int
@@ -34,12 +36,14 @@ class GemvConfig(NamedTuple):
     prefetch: bool = False
     split: int = 1  # after the first six fields, so that their tuples stay valid
     half: bool = False
+    l2: bool = False
 
     def label(self) -> str:
         pf = "_pf" if self.prefetch else ""
         sp = f"_x{self.split}" if self.split != 1 else ""  # split 1: the labels of earlier records
         hf = "_h" if self.half else ""
-        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}{sp}{hf}"
+        l2 = "_l2" if self.l2 else ""
+        return f"n{self.block_n}/{self.sub}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{pf}{sp}{hf}{l2}"
 
 
 def shared_memory_free(cfg: GemvConfig, group_size: int = 128) -> bool:
@@ -80,6 +84,13 @@ GEMV_TABLE_F32: dict[tuple[int, int, int], GemvConfig] = {
 }
 # a sweep record (benchmarks/w4_gemv_bench.py --json) whose best configs take precedence over GEMV_TABLE
 TABLE_ENV = "WKVQ_GEMV_TABLE"
+L2_ENV = "WKVQ_GEMV_L2"
+
+
+def l2_override(cfg: GemvConfig) -> GemvConfig:
+    """``cfg`` with ``l2`` set by ``WKVQ_GEMV_L2`` (``1`` on, ``0`` off; unset or anything else: as it is)."""
+    value = os.environ.get(L2_ENV)
+    return cfg._replace(l2=value == "1") if value in ("0", "1") else cfg
 
 
 def load_table(path: str | Path) -> dict[tuple[int, int, int], GemvConfig]:

@@ -1,0 +1,457 @@
+"""INT4 group-128 GEMV/skinny GEMM for the decode step on the tensor cores (1 to 8 rows of ``x``, CUDA sm_80+).
+
+``out [M, N] (float32) += x [M, K] @ W^T`` with ``W = (q - zero) * scale`` on the artifact's layout as it is
+(:mod:`runtime.kernels.w4`: ``qweight uint8 [N, K/2]``, channel ``2j`` in the low nibble of byte ``j``, i.e. word
+``w`` of a row read as int32 holds channels ``8w .. 8w+7`` at bits ``4i``; ``scales float16 [N, G]``, ``zeros uint8
+[N, G]``, group 128).
+
+Why: at batch 1 the row-streaming GEMV (:mod:`runtime.kernels.w4_gemv`) is bound by its arithmetic, not by its
+reads (``benchmarks/gemv_probe.py`` on the H200: with every load an L1/L2 hit it still takes ~80% of its time,
+while a kernel that only reads the same words takes ~55%). Its ~3.6 instructions a code are mostly the per-code
+multiply-adds. Here the products run on the tensor cores: each warp owns ``16 * TILES`` rows and walks the
+groups of its ``K`` range; per group every thread loads 16 bytes of codes of each of its rows (rows ``g`` and
+``g + 8`` of each 16-row tile, ``g = lane / 4``, word ``4 t .. 4 t + 3`` with ``t = lane % 4``), turns each word
+into four ``f16x2`` pairs of ``q - z`` (exact small integers: a ``lop3`` into the mantissa of 1024 then ``sub``, or
+of 1024 with the code times 16 then one ``fma`` by 1/16; 9 instructions a word), and feeds them as the A operand
+of ``mma.sync.m16n8k16`` (f16 inputs, f32 accumulation). The ``K`` slots of an MMA are any 16 channels as long as
+the B operand (``x``) uses the same ones: thread ``t`` holds, in every row, the channels of its own words, and the
+``x`` pairs ``(x_i, x_{i+4})`` of those words (one 16-byte load per word and four ``prmt``). Column ``n`` of B is
+row ``n`` of ``x`` (zero from ``M`` on), so up to 8 rows of ``x`` cost the same as one. After a group's 8 MMAs
+(per tile) the f32 result is scaled by the rows' float16 scales (float32 FMA) into the accumulators. ~1.5-2.2
+instructions a code against ~3.6 (local sm_90 SASS), and no rounding but float32's: the products are exact.
+
+The per-lane work (rows, pointers, the MMAs) is inline PTX; Triton runs the loop over groups, holds one value per
+thread in ``[32 * WARPS]`` tensors (one element per thread) and writes the results (the epilogue's PTX says which
+row and column each thread's values belong to). Triton's interpreter cannot run PTX: there the decode step keeps
+the row-streaming GEMV (:func:`mma_ok` is false), and the tests of this kernel run on CUDA only.
+
+Programs: ``(cdiv(N, 16 * TILES * WARPS), SPLIT)``; program ``(i, j)`` owns rows ``[i 16 TILES WARPS, ...)`` and
+range ``j`` of ``SPLIT`` contiguous ranges of the groups; with ``SPLIT > 1`` the partial sums are added with float32
+``atomic_add``. Rows past ``N`` read row ``N - 1`` and are not written; a ragged last group (``K % 128``, a multiple
+of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import env_tables, interpreting, sweep_table
+
+GROUP = 128
+MMA_MAX_ROWS = 8
+MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-streaming kernel
+
+
+def mma_enabled() -> bool:
+    """Whether :class:`runtime.kernels.w4_gemv.GemvW4` puts its projections on this kernel where :func:`mma_ok`
+    (``WKVQ_MMA`` not ``0``)."""
+    return os.environ.get(MMA_ENV, "1") != "0"
+
+
+class MmaConfig(NamedTuple):
+    """``warps`` per program, ``tiles`` of 16 rows per warp, ``split``: contiguous ranges of the groups (programs
+    per row block, float32 atomics when > 1), ``depth``: groups whose loads are in flight while a group is computed
+    (1 or 2; registers carried around the loop)."""
+
+    warps: int = 4
+    tiles: int = 1
+    split: int = 1
+    depth: int = 1
+
+    def label(self) -> str:
+        return f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
+
+
+# candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
+MMA_CONFIGS = [MmaConfig(w, t, s, d) for w in (2, 4, 8) for t in (1, 2) for s in (1, 2, 4, 8, 16) for d in (1, 2)]
+# (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py,
+# records benchmarks/results/r15/w4_mma_r3.json (M = 1, all depths) and w4_mma_r2.json (M = 8, depth 1)); other
+# shapes: default_mma_config's guess
+MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
+    (12288, 4096, 1): MmaConfig(2, 2, 4),  # 11.20 us, 2352 GB/s (row-streaming GEMV 13.76)
+    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.75 us, 1527 GB/s (6.40)
+    (22016, 4096, 1): MmaConfig(4, 2, 2),  # 20.56 us, 2296 GB/s (22.96)
+    (4096, 11008, 1): MmaConfig(2, 2, 16),  # 10.42 us, 2264 GB/s (12.37)
+    (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
+    (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
+    (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
+    (4096, 11008, 8): MmaConfig(4, 2, 16),  # 11.82 us, 1997 GB/s (25.32)
+}
+TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
+
+
+def load_table(path) -> dict[tuple[int, int, int], MmaConfig]:
+    """The best config per ``(N, K, M)`` of a sweep record written by ``benchmarks/w4_mma_bench.py --json``."""
+    return sweep_table(path, lambda key, row: (tuple(int(v) for v in key.split("x")), MmaConfig(*row["config"])),
+                       "a w4_mma", "benchmarks/w4_mma_bench.py")
+
+
+def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
+    """The config of the sweep records named by ``WKVQ_MMA_TABLE`` (several separated by ``os.pathsep``), then of
+    :data:`MMA_TABLE`, else a guess: 4 warps of one tile, the groups split until there are about 4 programs per
+    multiprocessor (at most 8 ranges, at least 2 groups a range)."""
+    table = {**MMA_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
+    cfg = table.get((n, k, m)) or table.get((n, k, 0))
+    if cfg is not None:
+        return cfg
+    blocks = triton.cdiv(n, 64)
+    groups = triton.cdiv(k, GROUP)
+    split = 1
+    while split < 8 and blocks * split < 4 * sms and groups // (2 * split) >= 2:
+        split *= 2
+    return MmaConfig(4, 1, split)
+
+
+# ------------------------------------------------------------------------------------------------ inline PTX
+
+
+def _prologue_asm(tiles: int) -> tuple[str, str, int]:
+    """PTX that gives each thread its pointers: per tile and half (rows ``g``, ``g + 8``) the code, scale and zero
+    row pointers (rows clamped to ``N - 1``; the code pointer at word ``4 t``), the ``x`` pointer (row ``g`` clamped
+    to ``M - 1``, channel ``32 t``: column ``g`` of B, whose results from ``M`` on are not written) and ``t``.
+    Returns (asm, constraints, number of outputs)."""
+    outs = 6 * tiles + 2
+    a = [f"${i}" for i in range(outs)]
+    inp = {name: f"${outs + i}" for i, name in enumerate(
+        ("row0", "qw", "s", "z", "x", "n", "sq", "ss", "sz", "sx", "m"))}
+    lines = [
+        "{",
+        ".reg .u32 lane, tid, warp, g, t, row, rowc, nm1, mm1, nx;",
+        ".reg .u64 off, p, tmp64;",
+        f".reg .u64 o<{outs}>;",
+        "mov.u32 lane, %laneid;",
+        "mov.u32 tid, %tid.x;",
+        "shr.u32 warp, tid, 5;",
+        "shr.u32 g, lane, 2;",
+        "and.b32 t, lane, 3;",
+        f"sub.u32 nm1, {inp['n']}, 1;",
+        f"mad.lo.u32 row, warp, {16 * tiles}, {inp['row0']};",
+        "add.u32 row, row, g;",
+    ]
+    k = 0
+    for r in range(tiles):
+        for h in (0, 8):
+            lines += [
+                f"add.u32 rowc, row, {16 * r + h};",
+                "min.u32 rowc, rowc, nm1;",
+                f"mul.wide.u32 off, rowc, {inp['sq']};",
+                f"add.u64 p, {inp['qw']}, off;",
+                "mul.wide.u32 off, t, 16;",
+                f"add.u64 o{k}, p, off;",
+                f"mul.wide.u32 off, rowc, {inp['ss']};",
+                f"add.u64 o{k + 1}, {inp['s']}, off;",
+                f"mul.wide.u32 off, rowc, {inp['sz']};",
+                f"add.u64 o{k + 2}, {inp['z']}, off;",
+            ]
+            k += 3
+    lines += [
+        f"sub.u32 mm1, {inp['m']}, 1;",
+        "min.u32 nx, g, mm1;",
+        f"mul.wide.u32 off, nx, {inp['sx']};",
+        f"add.u64 p, {inp['x']}, off;",
+        "mul.wide.u32 off, t, 64;",
+        f"add.u64 o{k}, p, off;",
+    ]
+    lines += [f"mov.u64 {a[i]}, o{i};" for i in range(k + 1)]
+    lines += [f"mov.u32 {a[k + 1]}, t;", "}"]
+    cons = ",".join(["=l"] * (k + 1) + ["=r"] + ["r", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r"])
+    return "\n".join(lines), cons, outs
+
+
+def _load_asm(tiles: int, ragged: bool) -> tuple[str, str, int]:
+    """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
+    ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
+    bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
+    ``t``, the group index, ``K``. ``ragged`` (``K % 128 != 0``): a thread whose channels lie past ``K`` reads no
+    codes and zeros for ``x`` (predicated loads); otherwise the loads are unconditional. Outputs, in order: ``x``
+    words, then per tile the 8 code words, the scales word, the zeros word. Returns (asm, constraints, outputs)."""
+    nout = 16 + 10 * tiles
+    outs = [f"${i}" for i in range(nout)]
+    idx = nout
+    ptrs = []  # per tile and half: (codes, scales, zeros)
+    for _ in range(2 * tiles):
+        ptrs.append((f"${idx}", f"${idx + 1}", f"${idx + 2}"))
+        idx += 3
+    px, t, gi, kk = (f"${idx + i}" for i in range(4))
+    pred = "@pk " if ragged else ""
+    L = ["{", ".reg .pred pk;", ".reg .u32 c0;", ".reg .b16 z16a, z16b, s16a, s16b;", ".reg .u32 za, zb;",
+         ".reg .u64 off, ad, offc, offs, offz;", f".reg .b32 v<{nout}>;"]
+    if ragged:
+        L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};"]
+        L += [f"mov.b32 v{i}, 0;" for i in range(16)]
+    L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
+    for v in range(4):
+        L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, [ad+{16 * v}];")
+    L += [f"mul.wide.u32 offc, {gi}, 64;", f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
+    for r in range(tiles):
+        (ca, sa, za), (cb, sb, zb) = ptrs[2 * r], ptrs[2 * r + 1]
+        o = 16 + 10 * r
+        if ragged:
+            L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
+        L += [f"add.u64 ad, {ca}, offc;", f"{pred}ld.global.nc.v4.u32 {{v{o},v{o + 1},v{o + 2},v{o + 3}}}, [ad];",
+              f"add.u64 ad, {cb}, offc;", f"{pred}ld.global.nc.v4.u32 {{v{o + 4},v{o + 5},v{o + 6},v{o + 7}}}, [ad];",
+              f"add.u64 ad, {sa}, offs;", "ld.global.nc.b16 s16a, [ad];",
+              f"add.u64 ad, {sb}, offs;", "ld.global.nc.b16 s16b, [ad];",
+              f"mov.b32 v{o + 8}, {{s16a, s16b}};",
+              f"add.u64 ad, {za}, offz;", "ld.global.nc.u8 z16a, [ad];",
+              f"add.u64 ad, {zb}, offz;", "ld.global.nc.u8 z16b, [ad];",
+              f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
+    L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
+    L.append("}")
+    cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
+    return "\n".join(L), cons, nout
+
+
+def _compute_asm(tiles: int) -> tuple[str, str]:
+    """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
+    the ``4 tiles`` float32 accumulators and the outputs of :func:`_load_asm`; outputs the accumulators plus the
+    group's products times the rows' scales. Accumulator ``4 r + c`` of tile ``r``: ``c`` 0/1 row ``g``, columns
+    ``2t``/``2t + 1``; ``c`` 2/3 row ``g + 8``."""
+    nacc = 4 * tiles
+    outs = [f"${i}" for i in range(nacc)]
+    acc_in = [f"${nacc + i}" for i in range(nacc)]
+    base_in = 2 * nacc
+    xin = [f"${base_in + i}" for i in range(16)]
+    L = [
+        "{",
+        ".reg .u32 tmp, zq;",
+        ".reg .b32 mag, m0, m1, k16;",
+        ".reg .b16 lo16, hi16;",
+        ".reg .b32 xp<16>, h<8>, zs<2>, zf<2>;",
+        ".reg .f32 d<4>, sc<2>;",
+        f".reg .f32 r<{nacc}>;",
+        "mov.b32 mag, 0x64006400;",
+        "mov.b32 m0, 0x000F000F;",
+        "mov.b32 m1, 0x00F000F0;",
+        "mov.b32 k16, 0x2C002C00;",  # float16 1/16 in both halves
+    ]
+    # x pairs (x_i, x_{i+4}) of each of the thread's four words: xp[4 wd + p]
+    for wd in range(4):
+        a, b, c, d = (xin[4 * wd + i] for i in range(4))
+        L += [f"prmt.b32 xp{4 * wd}, {a}, {c}, 0x5410;", f"prmt.b32 xp{4 * wd + 1}, {a}, {c}, 0x7632;",
+              f"prmt.b32 xp{4 * wd + 2}, {b}, {d}, 0x5410;", f"prmt.b32 xp{4 * wd + 3}, {b}, {d}, 0x7632;"]
+    for r in range(tiles):
+        o = base_in + 16 + 10 * r
+        w = [f"${o + i}" for i in range(8)]
+        spk, zpk = f"${o + 8}", f"${o + 9}"
+        L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;"]
+        for half in range(2):
+            L += [f"bfe.u32 zq, {zpk}, {16 * half}, 8;",
+                  "add.u32 tmp, zq, 0x6400;",  # float16 1024 + z
+                  f"prmt.b32 zs{half}, tmp, tmp, 0x1010;",
+                  "mad.lo.u32 tmp, zq, 16, 0xD400;",  # float16 -(64 + z)
+                  f"prmt.b32 zf{half}, tmp, tmp, 0x1010;"]
+        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)]
+        for wd in range(4):
+            for half in range(2):
+                wr, hb = w[4 * half + wd], 4 * half
+                L += [f"lop3.b32 h{hb}, {wr}, m0, mag, 0xEA;", f"sub.f16x2 h{hb}, h{hb}, zs{half};",
+                      f"lop3.b32 h{hb + 1}, {wr}, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 1}, h{hb + 1}, k16, zf{half};",
+                      f"shr.u32 tmp, {wr}, 8;",
+                      f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"sub.f16x2 h{hb + 2}, h{hb + 2}, zs{half};",
+                      f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 3}, h{hb + 3}, k16, zf{half};"]
+            mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {d0,d1,d2,d3}"
+            L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{4 * wd},xp{4 * wd + 1}}}, {{d0,d1,d2,d3}};",
+                  f"{mma}, {{h2,h6,h3,h7}}, {{xp{4 * wd + 2},xp{4 * wd + 3}}}, {{d0,d1,d2,d3}};"]
+        b = 4 * r
+        L += [f"fma.rn.f32 r{b}, sc0, d0, {acc_in[b]};", f"fma.rn.f32 r{b + 1}, sc0, d1, {acc_in[b + 1]};",
+              f"fma.rn.f32 r{b + 2}, sc1, d2, {acc_in[b + 2]};", f"fma.rn.f32 r{b + 3}, sc1, d3, {acc_in[b + 3]};"]
+    L += [f"mov.f32 {outs[i]}, r{i};" for i in range(nacc)]
+    L.append("}")
+    cons = ",".join(["=f"] * nacc + ["f"] * nacc + ["r"] * (16 + 10 * tiles))
+    return "\n".join(L), cons
+
+
+EPILOGUE_ASM = """{
+.reg .u32 lane, tid, warp;
+mov.u32 lane, %laneid;
+mov.u32 tid, %tid.x;
+shr.u32 warp, tid, 5;
+shr.u32 $0, lane, 2;
+and.b32 $1, lane, 3;
+shl.b32 $1, $1, 1;
+mov.u32 $2, warp;
+}"""
+
+
+@functools.cache
+def _asm(tiles: int, ragged: bool):
+    pro, pro_cons, _ = _prologue_asm(tiles)
+    load, load_cons, _ = _load_asm(tiles, ragged)
+    comp, comp_cons = _compute_asm(tiles)
+    return pro, pro_cons, load, load_cons, comp, comp_cons
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+
+
+@triton.jit
+def _store_acc(y_ptr, acc, row, n, N, M, stride_ym, SPLIT: tl.constexpr):
+    mask = (row < N) & (n < M)
+    ptr = y_ptr + n * stride_ym + row
+    if SPLIT > 1:
+        tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
+    else:  # the thread owns (n, row): a plain read-modify-write
+        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _load1(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr):
+    """:func:`_load_asm` (one tile) of group ``gi`` (a tensor)."""
+    return tl.inline_asm_elementwise(LOAD, LOAD_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
+                                     dtype=(tl.int32,) * 26, is_pure=True, pack=1)
+
+
+@triton.jit
+def _comp1(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
+    """:func:`_compute_asm` (one tile): the accumulators ``A`` after the group loaded in ``V``."""
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], V[0], V[1], V[2], V[3], V[4], V[5],
+                                      V[6], V[7], V[8], V[9], V[10], V[11], V[12], V[13], V[14],
+                                      V[15], V[16], V[17], V[18], V[19], V[20], V[21], V[22], V[23],
+                                      V[24], V[25]],
+                                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _load2(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr):
+    """:func:`_load_asm` (two tiles) of group ``gi`` (a tensor)."""
+    return tl.inline_asm_elementwise(LOAD, LOAD_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9],
+                                      P[10], P[11], P[12], P[13], gi, K],
+                                     dtype=(tl.int32,) * 36, is_pure=True, pack=1)
+
+
+@triton.jit
+def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
+    """:func:`_compute_asm` (two tiles): the accumulators ``A`` after the group loaded in ``V``."""
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], V[0], V[1],
+                                      V[2], V[3], V[4], V[5], V[6], V[7], V[8], V[9], V[10], V[11],
+                                      V[12], V[13], V[14], V[15], V[16], V[17], V[18], V[19], V[20],
+                                      V[21], V[22], V[23], V[24], V[25], V[26], V[27], V[28], V[29],
+                                      V[30], V[31], V[32], V[33], V[34], V[35]],
+                                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                   WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr,
+                   PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
+                   COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr):
+    """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
+    in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
+    :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
+    the products of group ``i`` (loop-carried registers: ``DEPTH`` groups in flight per warp while it computes; the
+    last ones re-read the range's last group, cached)."""
+    NT: tl.constexpr = 32 * WARPS
+    i, j = tl.program_id(0), tl.program_id(1)
+    row0 = i * (16 * TILES * WARPS)
+    g_lo = j * G // SPLIT
+    g_hi = (j + 1) * G // SPLIT
+    lane = tl.zeros((NT,), tl.int32) + row0  # one element per thread: carries row0 into the PTX
+    P = tl.inline_asm_elementwise(
+        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
+        dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    zero = tl.zeros((NT,), tl.float32)
+    if TILES == 1:
+        A = (zero, zero, zero, zero)
+        V = _load1(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS)
+        if DEPTH == 1:
+            for gi in range(g_lo, g_hi):
+                U = _load1(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS)
+                if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
+                    A = _comp1(A, V, COMP, COMP_CONS)
+                V = U
+        else:
+            W = _load1(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS)
+            for gi in range(g_lo, g_hi):
+                U = _load1(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS)
+                if gi != K:
+                    A = _comp1(A, V, COMP, COMP_CONS)
+                V = W
+                W = U
+    else:
+        A = (zero, zero, zero, zero, zero, zero, zero, zero)
+        V = _load2(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS)
+        if DEPTH == 1:
+            for gi in range(g_lo, g_hi):
+                U = _load2(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS)
+                if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
+                    A = _comp2(A, V, COMP, COMP_CONS)
+                V = U
+        else:
+            W = _load2(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS)
+            for gi in range(g_lo, g_hi):
+                U = _load2(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS)
+                if gi != K:
+                    A = _comp2(A, V, COMP, COMP_CONS)
+                V = W
+                W = U
+    g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
+    row = row0 + warp * (16 * TILES) + g
+    _store_acc(y_ptr, A[0], row, n, N, M, stride_ym, SPLIT)
+    _store_acc(y_ptr, A[1], row, n + 1, N, M, stride_ym, SPLIT)
+    _store_acc(y_ptr, A[2], row + 8, n, N, M, stride_ym, SPLIT)
+    _store_acc(y_ptr, A[3], row + 8, n + 1, N, M, stride_ym, SPLIT)
+    if TILES == 2:
+        _store_acc(y_ptr, A[4], row + 16, n, N, M, stride_ym, SPLIT)
+        _store_acc(y_ptr, A[5], row + 16, n + 1, N, M, stride_ym, SPLIT)
+        _store_acc(y_ptr, A[6], row + 24, n, N, M, stride_ym, SPLIT)
+        _store_acc(y_ptr, A[7], row + 24, n + 1, N, M, stride_ym, SPLIT)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+@functools.cache
+def _sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+           bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`w4_mma_accumulate` takes these operands: a CUDA sm_80+ device outside the interpreter, float16
+    ``x2 [M, K]`` with ``1 <= M <= 8``, 16-byte aligned rows (``x`` stride a multiple of 8 elements), group 128,
+    ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows, no bias."""
+    dev = x2.device
+    if interpreting() or dev.type != "cuda" or bias is not None or group_size != GROUP:
+        return False
+    if not _sm80(dev.index if dev.index is not None else torch.cuda.current_device()):
+        return False
+    m, k = x2.shape if x2.dim() == 2 else (0, 0)
+    return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and k % 32 == 0 and x2.stride(1) == 1
+            and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
+            and qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[1] * 2 == k
+            and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
+            and scales.dtype == torch.float16 and zeros.dtype == torch.uint8
+            and scales.shape == zeros.shape == (qweight.shape[0], -(-k // GROUP))
+            and scales.stride(1) == 1 and zeros.stride(1) == 1)
+
+
+def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None) -> torch.Tensor:
+    """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``."""
+    if not mma_ok(x2, qweight, scales, zeros, group_size):
+        raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
+                         f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
+                         f"{x2.device}, qweight {qweight.dtype} {list(qweight.shape)}, group {group_size}")
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
+    cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
+    if cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2):
+        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth 1 or 2")
+    pro, pro_cons, load, load_cons, comp, comp_cons = _asm(cfg.tiles, k % GROUP != 0)
+    g = scales.shape[1]
+    grid = (triton.cdiv(n, 16 * cfg.tiles * cfg.warps), min(cfg.split, g))
+    _w4_mma_kernel[grid](
+        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, qweight.stride(0), scales.stride(0) * 2,
+        zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PRO=pro, PRO_CONS=pro_cons,
+        LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
+        num_warps=cfg.warps)
+    return out

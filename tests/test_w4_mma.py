@@ -1,0 +1,112 @@
+"""The tensor-core INT4 GEMV (:mod:`runtime.kernels.w4_mma`) against the float64 product of the dequantized weight.
+
+Its work is inline PTX (``mma.sync``), which Triton's interpreter cannot run: the kernel tests need a CUDA GPU
+(sm_80+) and skip otherwise; the host-side checks run everywhere. Error bound: the products ``(q - z) x`` are exact
+(small integers times float16), sums and scales in float32: < 1e-4 relative (``benchmarks/w4_mma_bench.py``
+records the measured error of every config).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import quant
+
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+gpu = pytest.mark.skipif(not CUDA, reason="the tensor-core GEMV is inline PTX: CUDA sm_80+ only")
+TOL = 1e-4
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _weight(n, k, seed=0, device="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zero = quant.weight_qparams(w, 4, 128)
+    q = quant.quantize_weight(w, scale, zero, 4, 128)
+    s, z = scale.half(), zero.to(torch.uint8)
+    ref = quant.dequantize_weight(q, s, z, 128, torch.float64)
+    return quant.pack(q, 4).to(device), s.to(device), z.to(device), ref.to(device)
+
+
+def test_mma_ok_off_cuda_and_config_guess():
+    """No tensor-core path on CPU tensors (the interpreter cannot run PTX); the measured table, else a guess that
+    splits the groups until there are about 4 programs per multiprocessor."""
+    from runtime.kernels.w4_mma import MMA_TABLE, MmaConfig, default_mma_config, mma_ok
+
+    qw, s, z, _ = _weight(64, 256, device="cpu")
+    assert not mma_ok(torch.randn(1, 256, dtype=torch.float16), qw, s, z, 128)
+    assert default_mma_config(4096, 4096, 1) == MMA_TABLE[4096, 4096, 1]
+    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 1, 8)  # 64 row blocks x 8 = 512 programs
+    assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528
+    assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
+    assert MmaConfig(2, 2, 4).label() == "w2_t2_x4" and MmaConfig(2, 2, 4, 2).label() == "w2_t2_x4_d2"
+
+
+def test_mma_sweep_record_table(tmp_path, monkeypatch):
+    """A sweep record named by WKVQ_MMA_TABLE decides its shapes; a broken one is a one-line error."""
+    import json
+
+    from runtime.kernels import w4_mma
+
+    rec = tmp_path / "mma.json"
+    rec.write_text(json.dumps({"best": {"4096x4096x1": {"config": [8, 2, 16, 2], "us": 5.0}}}))
+    monkeypatch.setenv(w4_mma.TABLE_ENV, str(rec))
+    assert w4_mma.default_mma_config(4096, 4096, 1) == w4_mma.MmaConfig(8, 2, 16, 2)
+    assert w4_mma.default_mma_config(4096, 4096, 8) == w4_mma.MMA_TABLE[4096, 4096, 8]  # not in the record
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    monkeypatch.setenv(w4_mma.TABLE_ENV, str(bad))
+    with pytest.raises(ValueError, match="not a w4_mma sweep record"):
+        w4_mma.default_mma_config(4096, 4096, 1)
+
+
+@gpu
+@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 1, 8), (8, 2, 2), (4, 2, 3, 2), (2, 1, 8, 2), None])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(37, 576), (64, 1408), (300, 4096), (96, 320)])
+def test_mma_matches_reference(n, k, m, config):
+    """Ragged N (rows past N read row N - 1, not written), ragged last groups (576 = 4.5 groups, 320 = 2.5),
+    1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp."""
+    from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
+
+    qw, s, z, w = _weight(n, k, seed=n + k)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    assert mma_ok(x, qw, s, z, 128)
+    out = w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+    assert _rel(out, base.double() + x.double() @ w.T) < TOL
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)])
+def test_mma_7b_shapes(n, k, m):
+    from converter.bench_kernels import random_weight
+    from runtime.kernels.w4_mma import w4_mma_accumulate
+
+    torch.manual_seed(0)
+    qw, s, z = random_weight(n, k)
+    w = quant.dequantize_weight(quant.unpack(qw, 4, k), s, z, 128, torch.float64)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    assert _rel(w4_mma_accumulate(x, qw, s, z, 128, base.clone()), base.double() + x.double() @ w.T) < TOL
+
+
+@gpu
+def test_mma_rejects_what_it_cannot_take():
+    """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
+    from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
+
+    qw, s, z, _ = _weight(64, 256)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    assert mma_ok(x, qw, s, z, 128)
+    assert not mma_ok(x.float(), qw, s, z, 128)
+    assert not mma_ok(torch.randn(9, 256, device="cuda", dtype=torch.float16), qw, s, z, 128)
+    assert not mma_ok(x, qw, s, z, 128, bias=torch.zeros(64, device="cuda"))
+    assert not mma_ok(x, qw, s, z, 64)
+    q2, s2, z2, _ = _weight(64, 240)
+    assert not mma_ok(torch.randn(1, 240, device="cuda", dtype=torch.float16), q2, s2, z2, 128)
+    with pytest.raises(ValueError, match="w4_mma needs CUDA sm_80"):
+        w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
