@@ -108,14 +108,25 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--splits", default="1,2,4,8,16", help="the candidates' splits to time")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--tiles", default="1,2")
+    ap.add_argument("--depths", default="1,2")
+    ap.add_argument("--l2", default="0,1")
+    ap.add_argument("--chains", default="1,2")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES_7B))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("w4_mma_bench: needs a CUDA device")
     ms = [int(m) for m in args.ms.split(",")]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "rows": []}
-    for n, k in SHAPES_7B:
-        splits = {int(v) for v in args.splits.split(",")}
-        result["rows"] += bench_shape(n, k, ms, [c for c in mm.MMA_CONFIGS if c.split in splits])
+    pick = {f: {int(v) for v in getattr(args, f).split(",")} for f in ("splits", "warps", "tiles", "depths", "l2",
+                                                                         "chains")}
+    cands = [c for c in mm.MMA_CONFIGS if c.split in pick["splits"] and c.warps in pick["warps"]
+             and c.tiles in pick["tiles"] and c.depth in pick["depths"] and int(c.l2) in pick["l2"]
+             and c.chains in pick["chains"]]
+    result["candidates"] = len(cands)
+    for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
+        result["rows"] += bench_shape(n, k, ms, cands)
         result["best"] = best_table(result["rows"])
         Path(args.json).write_text(json.dumps(result, indent=1))
         for m in ms:

@@ -65,12 +65,14 @@ def test_mma_sweep_record_table(tmp_path, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 1, 8), (8, 2, 2), (4, 2, 3, 2), (2, 1, 8, 2), None])
+@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 1, 8), (8, 2, 2), (4, 2, 3, 2), (2, 1, 8, 2),
+                                    (4, 2, 3, 1, True, 2), (2, 1, 8, 2, True, 1), None])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k", [(37, 576), (64, 1408), (300, 4096), (96, 320)])
 def test_mma_matches_reference(n, k, m, config):
     """Ragged N (rows past N read row N - 1, not written), ragged last groups (576 = 4.5 groups, 320 = 2.5),
-    1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp."""
+    1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp, one or two groups loaded
+    ahead, the L2 prefetch (Hopper), two accumulator chains."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + k)

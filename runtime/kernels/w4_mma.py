@@ -34,6 +34,7 @@ of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import NamedTuple
 
@@ -41,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import env_tables, interpreting, sweep_table
+from . import env_tables, interpreting, overlap, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
@@ -57,19 +58,25 @@ def mma_enabled() -> bool:
 class MmaConfig(NamedTuple):
     """``warps`` per program, ``tiles`` of 16 rows per warp, ``split``: contiguous ranges of the groups (programs
     per row block, float32 atomics when > 1), ``depth``: groups whose loads are in flight while a group is computed
-    (1 or 2; registers carried around the loop)."""
+    (1 or 2; registers carried around the loop), ``l2``: each warp first asks the L2 for its rows' codes over the
+    program's groups (Hopper only; :func:`_prefetch_asm`), ``chains``: MMA accumulator chains (1 or 2,
+    :func:`_compute_asm`)."""
 
     warps: int = 4
     tiles: int = 1
     split: int = 1
     depth: int = 1
+    l2: bool = False
+    chains: int = 1
 
     def label(self) -> str:
-        return f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
+        return (f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
+                + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else ""))
 
 
 # candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
-MMA_CONFIGS = [MmaConfig(w, t, s, d) for w in (2, 4, 8) for t in (1, 2) for s in (1, 2, 4, 8, 16) for d in (1, 2)]
+MMA_CONFIGS = [MmaConfig(w, t, s, d, l2, c) for w, t, s, d, l2, c in itertools.product(
+    (2, 4, 8), (1, 2), (1, 2, 4, 8, 16), (1, 2), (False, True), (1, 2))]
 # (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py,
 # records benchmarks/results/r15/w4_mma_r3.json (M = 1, all depths) and w4_mma_r2.json (M = 8, depth 1)); other
 # shapes: default_mma_config's guess
@@ -164,6 +171,37 @@ def _prologue_asm(tiles: int) -> tuple[str, str, int]:
     return "\n".join(lines), cons, outs
 
 
+def _prefetch_asm(tiles: int) -> str:
+    """PTX (sm_90) in which lane ``l < 16 tiles`` of each warp asks the L2 for row ``l`` of the warp's rows over the
+    program's groups (``cp.async.bulk.prefetch.L2``: bytes ``[64 g_lo, min(64 g_hi, K/2))`` of the row). Inputs:
+    ``row0``, the codes, ``N``, the row stride, ``g_lo``, ``g_hi``, ``K/2``; the output (0) means nothing."""
+    rows = 16 * tiles
+    return "\n".join([
+        "{",
+        ".reg .u32 lane, tid, warp, row, lo, hi;",
+        ".reg .u64 off, p;",
+        ".reg .pred q;",
+        "mov.u32 lane, %laneid;",
+        "mov.u32 tid, %tid.x;",
+        "shr.u32 warp, tid, 5;",
+        f"mad.lo.u32 row, warp, {rows}, $1;",
+        "add.u32 row, row, lane;",
+        "shl.b32 lo, $5, 6;",
+        "shl.b32 hi, $6, 6;",
+        "min.u32 hi, hi, $7;",
+        "sub.u32 hi, hi, lo;",
+        f"setp.lt.u32 q, lane, {rows};",
+        "setp.lt.and.u32 q, row, $3, q;",
+        "setp.gt.and.s32 q, hi, 0, q;",
+        "mul.wide.u32 off, row, $4;",
+        "add.u64 p, $2, off;",
+        "cvt.u64.u32 off, lo;",
+        "add.u64 p, p, off;",
+        "@q cp.async.bulk.prefetch.L2.global [p], hi;",
+        "mov.u32 $0, 0;",
+        "}"])
+
+
 def _load_asm(tiles: int, ragged: bool) -> tuple[str, str, int]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
@@ -208,11 +246,12 @@ def _load_asm(tiles: int, ragged: bool) -> tuple[str, str, int]:
     return "\n".join(L), cons, nout
 
 
-def _compute_asm(tiles: int) -> tuple[str, str]:
+def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
     """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
     the ``4 tiles`` float32 accumulators and the outputs of :func:`_load_asm`; outputs the accumulators plus the
     group's products times the rows' scales. Accumulator ``4 r + c`` of tile ``r``: ``c`` 0/1 row ``g``, columns
-    ``2t``/``2t + 1``; ``c`` 2/3 row ``g + 8``."""
+    ``2t``/``2t + 1``; ``c`` 2/3 row ``g + 8``. ``chains`` 2: the MMAs of odd and even words accumulate separately
+    (two dependency chains of 4 instead of one of 8; 4 more registers)."""
     nacc = 4 * tiles
     outs = [f"${i}" for i in range(nacc)]
     acc_in = [f"${nacc + i}" for i in range(nacc)]
@@ -224,7 +263,7 @@ def _compute_asm(tiles: int) -> tuple[str, str]:
         ".reg .b32 mag, m0, m1, k16;",
         ".reg .b16 lo16, hi16;",
         ".reg .b32 xp<16>, h<8>, zs<2>, zf<2>;",
-        ".reg .f32 d<4>, sc<2>;",
+        ".reg .f32 d<4>, e<4>, sc<2>;",
         f".reg .f32 r<{nacc}>;",
         "mov.b32 mag, 0x64006400;",
         "mov.b32 m0, 0x000F000F;",
@@ -247,7 +286,7 @@ def _compute_asm(tiles: int) -> tuple[str, str]:
                   f"prmt.b32 zs{half}, tmp, tmp, 0x1010;",
                   "mad.lo.u32 tmp, zq, 16, 0xD400;",  # float16 -(64 + z)
                   f"prmt.b32 zf{half}, tmp, tmp, 0x1010;"]
-        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)]
+        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
         for wd in range(4):
             for half in range(2):
                 wr, hb = w[4 * half + wd], 4 * half
@@ -256,9 +295,12 @@ def _compute_asm(tiles: int) -> tuple[str, str]:
                       f"shr.u32 tmp, {wr}, 8;",
                       f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"sub.f16x2 h{hb + 2}, h{hb + 2}, zs{half};",
                       f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 3}, h{hb + 3}, k16, zf{half};"]
-            mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {d0,d1,d2,d3}"
-            L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{4 * wd},xp{4 * wd + 1}}}, {{d0,d1,d2,d3}};",
-                  f"{mma}, {{h2,h6,h3,h7}}, {{xp{4 * wd + 2},xp{4 * wd + 3}}}, {{d0,d1,d2,d3}};"]
+            c = "d" if chains == 1 or wd % 2 == 0 else "e"  # chains 2: independent MMAs in flight
+            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{c}0,{c}1,{c}2,{c}3}}"
+            L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{4 * wd},xp{4 * wd + 1}}}, {{{c}0,{c}1,{c}2,{c}3}};",
+                  f"{mma}, {{h2,h6,h3,h7}}, {{xp{4 * wd + 2},xp{4 * wd + 3}}}, {{{c}0,{c}1,{c}2,{c}3}};"]
+        if chains == 2:
+            L += [f"add.f32 d{i}, d{i}, e{i};" for i in range(4)]
         b = 4 * r
         L += [f"fma.rn.f32 r{b}, sc0, d0, {acc_in[b]};", f"fma.rn.f32 r{b + 1}, sc0, d1, {acc_in[b + 1]};",
               f"fma.rn.f32 r{b + 2}, sc1, d2, {acc_in[b + 2]};", f"fma.rn.f32 r{b + 3}, sc1, d3, {acc_in[b + 3]};"]
@@ -281,11 +323,11 @@ mov.u32 $2, warp;
 
 
 @functools.cache
-def _asm(tiles: int, ragged: bool):
+def _asm(tiles: int, ragged: bool, chains: int = 1):
     pro, pro_cons, _ = _prologue_asm(tiles)
     load, load_cons, _ = _load_asm(tiles, ragged)
-    comp, comp_cons = _compute_asm(tiles)
-    return pro, pro_cons, load, load_cons, comp, comp_cons
+    comp, comp_cons = _compute_asm(tiles, chains)
+    return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -341,7 +383,8 @@ def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
 def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr,
                    PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
-                   COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr):
+                   COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr,
+                   PF: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -353,6 +396,9 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     g_lo = j * G // SPLIT
     g_hi = (j + 1) * G // SPLIT
     lane = tl.zeros((NT,), tl.int32) + row0  # one element per thread: carries row0 into the PTX
+    if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
+        tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     P = tl.inline_asm_elementwise(
         PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
         dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
@@ -444,14 +490,15 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
-    if cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2):
-        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth 1 or 2")
-    pro, pro_cons, load, load_cons, comp, comp_cons = _asm(cfg.tiles, k % GROUP != 0)
+    if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
+            or cfg.chains not in (1, 2)):
+        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2")
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains)
     g = scales.shape[1]
     grid = (triton.cdiv(n, 16 * cfg.tiles * cfg.warps), min(cfg.split, g))
     _w4_mma_kernel[grid](
         x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, qweight.stride(0), scales.stride(0) * 2,
         zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
-        num_warps=cfg.warps)
+        L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, num_warps=cfg.warps)
     return out

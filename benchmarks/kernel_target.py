@@ -1,0 +1,46 @@
+"""A few launches of one decode kernel at a LLaMA-2-7B projection shape, for a profiler to attach to, e.g.
+
+    ncu --section SpeedOfLight --section WarpStateStats --section Occupancy -k regex:_w4_mma -c 1 \
+        python3 benchmarks/kernel_target.py --kernel mma --shape 22016x4096
+
+``--kernel``: ``mma`` (runtime.kernels.w4_mma, table config) or ``gemv`` (runtime.kernels.w4_gemv, table config).
+CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converter.bench_kernels import random_weight
+from runtime.kernels import w4_gemv, w4_mma
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", default="mma", choices=("mma", "gemv"))
+    ap.add_argument("--shape", default="22016x4096")
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_target: needs a CUDA device")
+    n, k = (int(v) for v in args.shape.split("x"))
+    qw, s, z = random_weight(n, k)
+    x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
+    out = torch.zeros(args.m, n, device="cuda")
+    for _ in range(args.calls):
+        if args.kernel == "mma":
+            w4_mma.w4_mma_accumulate(x, qw, s, z, 128, out)
+        else:
+            w4_gemv.w4_gemv_accumulate(x, qw, s, z, 128, out)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
