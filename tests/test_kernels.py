@@ -172,6 +172,26 @@ def test_decode_attention_l2_prefetch_matches_reference(loads, ahead, hq, hkv, g
     assert _rel(decode_attention(*args, cfg), ref) < 1e-4, cfg
 
 
+@pytest.mark.parametrize("hq,hkv,group,length,key_scale,splits,b", [
+    (4, 2, None, 150, 40, 2, 2), (6, 2, None, 37, 2, 8, 1), (2, 2, 16, 130, 2, 1, 1), (8, 2, None, 0, 2, 4, 1)])
+def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length, key_scale, splits, b, monkeypatch):
+    """``AttnConfig.combine``: the last program of each head merges the splits (no combine kernel); the per-head
+    counts are left at zero, so a second launch (as the next layer's) gives the same result; ``WKVQ_ATTN_COMBINE``
+    switches it in attn_config."""
+    from runtime.kernels import kv4
+
+    args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
+    for loads in ("late", "prefetch"):
+        cfg = kv4.AttnConfig(splits=splits, block_s=16, num_warps=1, loads=loads, row_max=True, combine=True)
+        for _ in range(2):
+            assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
+        assert not kv4._head_counts(DEV, b * hq)[:b * hq].any()
+    monkeypatch.setenv(kv4.COMBINE_ENV, "1")
+    assert kv4.attn_config(1, 32, 2048).combine and kv4.AttnConfig(combine=True).label().endswith("_comb")
+    monkeypatch.setenv(kv4.COMBINE_ENV, "0")
+    assert not kv4.attn_config(1, 32, 2048).combine
+
+
 def test_overlap_flags(monkeypatch):
     """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
     (off by default, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a

@@ -276,9 +276,10 @@ def _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G: tl.constex
 @triton.jit
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
+                       cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
-                       ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr):
+                       ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -303,7 +304,11 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     the start, and for tile ``i + L2_AHEAD`` at step ``i`` (:func:`_prefetch_tokens`; needs ``S % 8 == 0``).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the kernel waits for the kernels before it only after reading the
     length and issuing those prefetches: the past slots and the length are not written by the decode step's
-    kernels (the length only by a torch op between steps), the query is."""
+    kernels (the length only by a torch op between steps), the query is.
+
+    ``COMBINE``: the last program of each query head to finish (an ``acq_rel`` count per head in ``cnt_ptr``, which
+    that program sets back to 0) merges the head's partial results itself (:func:`_combine_head`), instead of
+    :func:`_attn_combine_kernel`: one launch fewer per layer."""
     overlap.launch_dependents(PDL)
     NW: tl.constexpr = D // 8
     GS: tl.constexpr = D // G
@@ -390,6 +395,44 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     tl.store(out + 5, 16.0 * tl.sum(A[5], 0) + base)
     tl.store(out + 6, 16.0 * tl.sum(A[6], 0) + base)
     tl.store(out + 7, 16.0 * tl.sum(A[7], 0) + base)
+    if COMBINE:
+        tl.debug_barrier()  # every thread's partials stored before the count (released by it)
+        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NSPLIT - 1:  # the head's last program
+            _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
+                          sm_scale, HQ, HKV, D, QG, NSPLIT, True)
+            tl.store(cnt_ptr + bh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr, sm_scale,
+                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr,
+                  CG: tl.constexpr):
+    """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
+    static shift and scale of the values applied, written to ``out``. ``CG``: the partials are read past L1 (written
+    by other programs of the same kernel)."""
+    kh = h // QG
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * HQ + h) * D + d)
+    k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
+    v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
+    s_cur = tl.sum(q * k_cur, 0) * sm_scale
+    part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
+    if CG:
+        ms = tl.load(m_ptr + part, cache_modifier=".cg")
+        ls = tl.load(l_ptr + part, cache_modifier=".cg")
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], cache_modifier=".cg")
+    else:
+        ms = tl.load(m_ptr + part)
+        ls = tl.load(l_ptr + part)
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :])
+    big = tl.maximum(tl.max(ms, 0), s_cur)
+    w = tl.exp(ms - big) * ls  # weight of each split's probability mass
+    w_cur = tl.exp(s_cur - big)
+    scale = tl.exp(ms - big)
+    past = tl.sum(scale[:, None] * acc, 0)
+    mass = tl.sum(w, 0)
+    num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
+    tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -398,24 +441,8 @@ def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscal
                          NSPLIT: tl.constexpr, PDL: tl.constexpr):
     overlap.launch_dependents(PDL)
     overlap.wait_prior(PDL)  # everything read here is written by the kernels before
-    b, h = tl.program_id(0), tl.program_id(1)
-    kh = h // QG
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (b * HQ + h) * D + d)
-    k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
-    v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
-    s_cur = tl.sum(q * k_cur, 0) * sm_scale
-    part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
-    ms = tl.load(m_ptr + part)
-    big = tl.maximum(tl.max(ms, 0), s_cur)
-    w = tl.exp(ms - big) * tl.load(l_ptr + part)  # weight of each split's probability mass
-    w_cur = tl.exp(s_cur - big)
-    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :])
-    scale = tl.exp(ms - big)
-    past = tl.sum(scale[:, None] * acc, 0)
-    mass = tl.sum(w, 0)
-    num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
-    tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
+    _combine_head(tl.program_id(0), tl.program_id(1), q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
+                  vshift_ptr, out_ptr, sm_scale, HQ, HKV, D, QG, NSPLIT, False)
 
 
 def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens: int = 256) -> int:
@@ -438,7 +465,9 @@ class AttnConfig:
     ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
     kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
     token row of the tile instead of one per program; ``l2_ahead``: L2 prefetches this many tiles ahead (0: none;
-    Hopper GPUs only; ``WKVQ_ATTN_L2`` overrides it, :func:`attn_config`)."""
+    Hopper GPUs only; ``WKVQ_ATTN_L2`` overrides it, :func:`attn_config`); ``combine``: the split kernel merges the
+    splits itself (its last program per head) instead of a second kernel (``WKVQ_ATTN_COMBINE`` ``0``/``1``
+    overrides it)."""
 
     splits: int = 0
     block_s: int = 32
@@ -447,6 +476,7 @@ class AttnConfig:
     row_max: bool = False
     min_tokens: int = 256
     l2_ahead: int = 0
+    combine: bool = False
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -464,10 +494,12 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: min_tokens must be a positive int, got {self.min_tokens!r}")
         if not (isinstance(self.l2_ahead, int) and 0 <= self.l2_ahead <= 64):
             raise ValueError(f"AttnConfig: l2_ahead must be an int in 0..64, got {self.l2_ahead!r}")
+        if not isinstance(self.combine, bool):
+            raise ValueError(f"AttnConfig: combine must be a bool, got {self.combine!r}")
 
     def label(self) -> str:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
-        l2 = f"_l2a{self.l2_ahead}" if self.l2_ahead else ""
+        l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
 
@@ -476,16 +508,20 @@ class AttnConfig:
 # 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT: the tile that won all four cases (16 tokens,
 # 1 warp, prefetch, per-row maximum) with the splits of num_splits, within 3% of each case's best in the same sweep
 # (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
+# combine: the splits merged by the split kernel's last program per head (fifteenth session, no sweep: one launch
+# fewer per layer; measured end to end in BENCHMARKS.md)
+_TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
-    (1, 2048): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 11.32 us (16.76)
-    (1, 32768): AttnConfig(splits=32, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 82.00 us (138.22)
-    (8, 2048): AttnConfig(splits=4, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 44.67 us (79.78)
-    (8, 32768): AttnConfig(splits=16, block_s=16, num_warps=1, loads="prefetch", row_max=True),  # 571.33 us (916.40)
+    (1, 2048): AttnConfig(splits=16, **_TILE),  # 11.32 us (16.76)
+    (1, 32768): AttnConfig(splits=32, **_TILE),  # 82.00 us (138.22)
+    (8, 2048): AttnConfig(splits=4, **_TILE),  # 44.67 us (79.78)
+    (8, 32768): AttnConfig(splits=16, **_TILE),  # 571.33 us (916.40)
 }
-ATTN_DEFAULT = AttnConfig(block_s=16, num_warps=1, loads="prefetch", row_max=True)
+ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
 L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
+COMBINE_ENV = "WKVQ_ATTN_COMBINE"  # 0 / 1: overrides AttnConfig.combine in attn_config
 
 
 def context_bucket(max_len: int) -> int:
@@ -517,6 +553,9 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnCon
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))
+    fused = os.environ.get(COMBINE_ENV, "")
+    if fused in ("0", "1"):
+        cfg = replace(cfg, combine=fused == "1")
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))
     return cfg
@@ -550,12 +589,29 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
                          f"head_dim {d}, group size {d // g}")
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
     pdl = overlap.launch_options(q.device, "attn")
+    out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
+    cnt = _head_counts(q.device, b * hq) if cfg.combine else m
     _attn_split_kernel[(b * hq, cfg.splits)](
         q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
+        length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale, v_shift, out,
+        HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
         LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
-        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(q.device) else 0, **pdl)
-    out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
-    _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
-                                  HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits, **pdl)
+        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(q.device) else 0, COMBINE=cfg.combine, **pdl)
+    if not cfg.combine:
+        _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
+                                      HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits, **pdl)
     return out
+
+
+_COUNTS: dict[str, torch.Tensor] = {}
+
+
+def _head_counts(device, n: int) -> torch.Tensor:
+    """A zeroed ``int32 [>= n]`` buffer of per-head counts for the fused combine, one per device, kept for the
+    process: every launch leaves it zeroed (the last program of each head resets its count), so launches in
+    stream order share it and a captured CUDA graph needs no memset."""
+    key = str(torch.device(device))
+    buf = _COUNTS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf

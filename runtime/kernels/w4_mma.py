@@ -77,14 +77,15 @@ class MmaConfig(NamedTuple):
 # candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
 MMA_CONFIGS = [MmaConfig(w, t, s, d, l2, c) for w, t, s, d, l2, c in itertools.product(
     (2, 4, 8), (1, 2), (1, 2, 4, 8, 16), (1, 2), (False, True), (1, 2))]
-# (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py,
-# records benchmarks/results/r15/w4_mma_r3.json (M = 1, all depths) and w4_mma_r2.json (M = 8, depth 1)); other
-# shapes: default_mma_config's guess
+# (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py;
+# records in benchmarks/results/r15: M = 1 from w4_mma_r4.json (warps 2/4, splits 2-16, L2 prefetch and two MMA
+# chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
+# w4_mma_r2.json); other shapes: default_mma_config's guess
 MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (12288, 4096, 1): MmaConfig(2, 2, 4),  # 11.20 us, 2352 GB/s (row-streaming GEMV 13.76)
-    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.75 us, 1527 GB/s (6.40)
-    (22016, 4096, 1): MmaConfig(4, 2, 2),  # 20.56 us, 2296 GB/s (22.96)
-    (4096, 11008, 1): MmaConfig(2, 2, 16),  # 10.42 us, 2264 GB/s (12.37)
+    (12288, 4096, 1): MmaConfig(2, 2, 4),  # 11.03 us, 2389 GB/s (row-streaming GEMV 13.68)
+    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.78 us, 1519 GB/s (6.42)
+    (22016, 4096, 1): MmaConfig(4, 2, 2),  # 19.48 us, 2423 GB/s (22.92)
+    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.09 us, 2338 GB/s (12.26)
     (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
     (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
     (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
