@@ -411,7 +411,8 @@ def _int_list(ctx, param, value):
 @click.option("--batches", default="1,8", show_default=True, callback=_int_list)
 @click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
 @click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,
-              callback=_row_list, help="Also wkvq-gemlite (projections on GemLite, optional package), wkvq-gemv (experimental GEMV).")
+              callback=_row_list,
+              help="Also wkvq-gemlite (projections on GemLite, optional package), wkvq-splitk (split-K projections).")
 @click.option("--steps", type=int, default=20, show_default=True, callback=_positive)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=Path("bench.json"),
               show_default=True, help="Write the results here (updated after every row).")

@@ -6,10 +6,11 @@ on weight values). Paths:
 * ``fp16_eager``: transformers, DynamicCache, fp16, eager.
 * ``fp16_compiled``: transformers StaticCache + ``torch.compile(mode="reduce-overhead")``, fp16.
 * ``int4_tinygemm``: decoder Linears as ``aten._weight_int4pack_mm`` (int4 g128), bf16 StaticCache, compiled.
-* ``wkvq``: :class:`runtime.fast.FastLlama` (Triton INT4 + 4-bit POQ cache) in a CUDA graph.
+* ``wkvq``: :class:`runtime.fast.FastLlama` (INT4 projections on the tensor-core GEMV :mod:`runtime.kernels.w4_mma`
+  up to 8 rows, 4-bit POQ attention, Triton) in a CUDA graph. Until the eleventh session ``wkvq`` was the split-K
+  projections, now ``wkvq-splitk``, and the GEMV path was ``wkvq-gemv`` (kept: the same as ``wkvq`` now).
 * ``wkvq-gemlite``: ``wkvq`` with the INT4 projections on GemLite (optional package, not a default path).
-* ``wkvq-gemv``: ``wkvq`` with the INT4 projections on the row-owning GEMV up to 4 rows (experimental, not a
-  default path; :mod:`runtime.kernels.w4_gemv`).
+* ``wkvq-splitk``: ``wkvq`` with the split-K ``tl.dot`` projections (:mod:`runtime.kernels.w4`).
 
 The baselines prefill the prompt for real; ``wkvq`` fills its 4-bit cache with random codes
 (the decode step reads the same bytes either way). ms/token is the median step time over
@@ -34,8 +35,8 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "tiny": (256, 2, 4, 2, 512, 1000),
 }
-PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite", "wkvq-gemv")
-DEFAULT_PATHS = PATHS[:4]  # wkvq-gemlite needs the optional gemlite package; wkvq-gemv is experimental
+PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite", "wkvq-gemv", "wkvq-splitk")
+DEFAULT_PATHS = PATHS[:4]  # wkvq-gemlite needs the optional gemlite package; wkvq-gemv and -splitk: for comparison
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def _weight_bytes(model: FastLlama) -> int:
     return n
 
 
-def wkvq_decode_graph(config, batch: int, prompt: int, steps: int, projections: str = "triton"):
+def wkvq_decode_graph(config, batch: int, prompt: int, steps: int, projections: str = "gemv"):
     """``(model, cache, graph, ids)``: a random W4KV4 model of ``config`` on ``projections``, its cache filled with
     ``prompt`` random tokens and room for ``steps`` more (+ 8), the decode step captured, random token ids."""
     max_len = prompt + steps + 8
@@ -84,7 +84,9 @@ def wkvq_decode_graph(config, batch: int, prompt: int, steps: int, projections: 
     return model, cache, graph, torch.randint(0, config.vocab_size, (batch,), device=DEV)
 
 
-def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "triton") -> dict:
+def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "gemv") -> dict:
+    """The W4KV4 decode step on ``projections`` (default "gemv": the tensor-core GEMV up to 8 rows, as
+    ``FastLlama.from_hf`` chooses on CUDA)."""
     model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, steps, projections)
     start = cache.length
     ms = _median_steps(lambda: graph.step(ids), steps)
@@ -99,8 +101,13 @@ def run_wkvq_gemlite(config, batch: int, prompt: int, steps: int) -> dict:
 
 
 def run_wkvq_gemv(config, batch: int, prompt: int, steps: int) -> dict:
-    """``wkvq`` with the projections on the row-owning GEMV up to 4 rows (runtime.kernels.w4_gemv, experimental)."""
+    """``wkvq`` under its name of the seventh to eleventh sessions (the "gemv" projections, now the default)."""
     return run_wkvq(config, batch, prompt, steps, projections="gemv")
+
+
+def run_wkvq_splitk(config, batch: int, prompt: int, steps: int) -> dict:
+    """``wkvq`` with the split-K ``tl.dot`` projections (runtime.kernels.w4; ``wkvq`` until the eleventh session)."""
+    return run_wkvq(config, batch, prompt, steps, projections="triton")
 
 
 def _median_steps(fn, steps: int) -> float:
@@ -206,4 +213,5 @@ def run_int4_tinygemm(config, batch, prompt, steps):
 
 
 RUNNERS = {"fp16_eager": run_fp16_eager, "fp16_compiled": run_fp16_compiled, "int4_tinygemm": run_int4_tinygemm,
-           "wkvq": run_wkvq, "wkvq-gemlite": run_wkvq_gemlite, "wkvq-gemv": run_wkvq_gemv}
+           "wkvq": run_wkvq, "wkvq-gemlite": run_wkvq_gemlite, "wkvq-gemv": run_wkvq_gemv,
+           "wkvq-splitk": run_wkvq_splitk}

@@ -153,9 +153,9 @@ class FastLlama:
 
     @classmethod
     def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None,
-                projections: str = "triton") -> "FastLlama":
+                projections: str | None = None) -> "FastLlama":
         """Wrap a loaded W4KV4 ``LlamaForCausalLM`` (see the module docstring); ``projections``: see
-        :meth:`with_projections`."""
+        :meth:`with_projections`; None: "gemv" on the kernel path on CUDA (the fastest measured), else "triton"."""
         cfg, dec = model.config, model.model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kq = dec.layers[0].self_attn.kv_quant
@@ -173,14 +173,18 @@ class FastLlama:
         cos, sin = dec.rotary_emb(probe, torch.arange(max_positions, device=probe.device)[None])
         fast = cls(fc, dec.embed_tokens.weight, layers, dec.norm.weight, model.lm_head.weight,
                    cos[0].float().contiguous(), sin[0].float().contiguous(), use_kernels)
+        if projections is None:
+            projections = "gemv" if fast.use_kernels and fast.device.type == "cuda" else "triton"
         return fast.with_projections(projections)
 
     def with_projections(self, backend: str) -> "FastLlama":
-        """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, the
-        default), "gemlite" (optional package, CUDA: :mod:`runtime.kernels.gemlite_backend`; shapes it does
-        not take stay on "triton") or "gemv" (experimental, :mod:`runtime.kernels.w4_gemv` for up to 4 rows,
-        "triton" above; the norms and SiLU product inside the GEMVs only as ``WKVQ_FUSE`` asks,
-        :meth:`_fused_inputs`). The eager path is unchanged. Returns ``self``."""
+        """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, split-K
+        on the tensor cores through ``tl.dot``), "gemlite" (optional package, CUDA:
+        :mod:`runtime.kernels.gemlite_backend`; shapes it does not take stay on "triton") or "gemv" (the default of
+        :meth:`from_hf` on CUDA: :class:`runtime.kernels.w4_gemv.GemvW4`, i.e. the inline-PTX tensor-core GEMV
+        :mod:`runtime.kernels.w4_mma` for 1..8 float16 rows at group 128, the row-streaming GEMV for other inputs of
+        up to 4 rows, "triton" above; the norms and SiLU product inside the row-streaming GEMVs only as ``WKVQ_FUSE``
+        asks, :meth:`_fused_inputs`). The eager path is unchanged. Returns ``self``."""
         if backend not in PROJECTIONS:
             raise ValueError(f"unknown projections backend {backend!r}; allowed: {', '.join(PROJECTIONS)}")
         plain = lambda w: w.plain() if hasattr(w, "plain") else w  # noqa: E731 - the weight without a backend

@@ -356,7 +356,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     import runtime
     from converter.convert import ConvertConfig, convert
     from runtime.fast import FUSE_ENV, FastLlama
-    from runtime.kernels.w4_gemv import TABLE_ENV
+    from runtime.kernels.w4_gemv import TABLE_ENV, GemvW4
     from tests.helpers import make_tiny_llama
 
     configs = {"256x128x0": [64, 128, 4], "128x128x0": [128, 128, 4], "384x128x0": [128, 128, 4],
@@ -368,6 +368,9 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
     model, _ = runtime.load(art, device=DEV, dtype=DTYPE)
     eager = FastLlama.from_hf(model, 8, use_kernels=False)
+    assert not isinstance(eager.layers[0].qkv, GemvW4)
+    # from_hf's default projections: "gemv" on CUDA, "triton" elsewhere (also under the interpreter)
+    assert isinstance(FastLlama.from_hf(model, 8).layers[0].qkv, GemvW4) == (DEV.type == "cuda")
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
     monkeypatch.delenv(FUSE_ENV, raising=False)

@@ -508,7 +508,7 @@ class AttnConfig:
 # 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT: the tile that won all four cases (16 tokens,
 # 1 warp, prefetch, per-row maximum) with the splits of num_splits, within 3% of each case's best in the same sweep
 # (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
-# combine: the splits merged by the split kernel's last program per head (fifteenth session, no sweep: one launch
+# combine: the splits merged by the split kernel's last program per head (twelfth session, no sweep: one launch
 # fewer per layer; measured end to end in BENCHMARKS.md)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
