@@ -133,8 +133,9 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth):
     if not os.path.exists(cuobjdump):
         pytest.skip("Triton's bundled cuobjdump is not there")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged)
-    consts = dict(WARPS=4, TILES=tiles, SPLIT=4, PRO=pro, PRO_CONS=pro_cons, LOAD=load, LOAD_CONS=load_cons,
-                  COMP=comp, COMP_CONS=comp_cons, EPI=w4_mma.EPILOGUE_ASM, DEPTH=depth, L2=True, PF=pf)
+    consts = {"WARPS": 4, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
+              "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
+              "DEPTH": depth, "L2": True, "PF": pf}
     names = list(w4_mma._w4_mma_kernel.arg_names)
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
@@ -142,7 +143,7 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth):
                     constexprs={(names.index(k),): v for k, v in consts.items()})
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    except Exception as e:  # noqa: BLE001 - a Triton without this compile API: nothing to check here
+    except Exception as e:  # a Triton without this compile API: nothing to check here
         if "ptxas" in str(e).lower() or "PTX" in str(e):
             raise
         pytest.skip(f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:120]}")
