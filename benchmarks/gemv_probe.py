@@ -31,7 +31,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.bench_kernels import SHAPES_7B, graph_ms, random_weight
+from converter.bench_kernels import SHAPES_7B, graph_ms, weight_ring
 from runtime.kernels.w4_gemv import default_config, w4_gemv_accumulate
 
 RING_BYTES = 256 << 20
@@ -60,12 +60,6 @@ def _flat_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + i, tl.sum(tl.load(w_ptr + offs, mask=offs < n, other=0), 0))
 
 
-def _ring(n: int, k: int) -> list:
-    one = sum(t.numel() * t.element_size() for t in random_weight(8, k))  # per 8 rows
-    size = one * n // 8
-    return [random_weight(n, k) for _ in range(max(1, -(-RING_BYTES // size)))], size
-
-
 def _per_call(launch, items) -> float:
     def step():
         for it in items:
@@ -74,7 +68,7 @@ def _per_call(launch, items) -> float:
 
 
 def probe_shape(n: int, k: int) -> dict:
-    ring, nbytes = _ring(n, k)
+    ring, nbytes = weight_ring(n, k, RING_BYTES)
     cfg = default_config(n, k, 1, 128, True)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     out = torch.zeros(1, n, device="cuda")

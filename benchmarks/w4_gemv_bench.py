@@ -30,8 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
 from converter.bench import copy_bandwidth  # noqa: E402
-from converter.bench_kernels import (SHAPES_7B, _nbytes, _reference, error_line, graph_ms, in_workers,  # noqa: E402
-                                     random_weight)
+from converter.bench_kernels import (  # noqa: E402
+    SHAPES_7B,
+    error_line,
+    in_workers,
+    projection_case,
+    random_weight,
+    ring_check_time,
+    weight_ring,
+)
 from runtime.kernels import w4  # noqa: E402
 from runtime.kernels import w4_gemv as gv  # noqa: E402
 
@@ -45,10 +52,6 @@ QUICK = [gv.GemvConfig(*c) for c in ((16, 512, 4, 1, 1, False), (32, 512, 4, 1, 
                                      # split over K (atomic float32 adds): 256 / 512 programs at N = 4096
                                      (32, 512, 4, 1, 2, True, 2), (32, 512, 4, 1, 2, True, 4),
                                      (16, 512, 4, 1, 1, False, 2))]
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 def _compile(shapes, ms, items) -> list[tuple[int, str]]:
@@ -73,14 +76,11 @@ def precompile(cands, shapes, ms, workers: int) -> dict[int, str]:
 
 
 def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]:
-    first = random_weight(n, k)
-    nbytes = _nbytes(*first)
-    ring = [first] + [random_weight(n, k) for _ in range(max(1, -(-RING_BYTES // nbytes)) - 1)]
+    ring, nbytes = weight_ring(n, k, RING_BYTES)
+    first = ring[0]
     rows = []
     for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        ref = _reference(x, *first, dtype=torch.float64)
-        out = torch.zeros(m, n, device="cuda")
+        x, ref, out = projection_case(first, m)
         default = gv.default_config(n, k, m, 128)
         runs = [("w4_gemv", "default", default)] + [("w4_gemv", "cand", c) for i, c in enumerate(cands)
                                                    if i not in failed]
@@ -95,15 +95,7 @@ def bench_shape(n: int, k: int, ms, cands, failed: dict[int, str]) -> list[dict]
                     w4.w4_accumulate(x, qw, sc, zr, 128, out, config=cfg)
                 label = "splitk_n{}_g{}_w{}".format(*cfg)
             try:
-                out.zero_()
-                launch(*first)
-                err = _rel(out, ref)
-
-                def step():
-                    for w in ring:
-                        launch(*w)
-
-                t = graph_ms(step, reps=30) / len(ring)
+                err, t = ring_check_time(launch, ring, out, ref)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 log.warning("%s %s %dx%d m=%d: %s: %s", kernel, label, n, k, m, type(e).__name__, e)
                 continue

@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gemlite_tune import RING_BYTES
 from converter.bench_kernels import (
     SHAPES_7B,
-    _nbytes,
-    _reference,
     error_line,
-    graph_ms,
-    random_weight,
+    projection_case,
+    ring_check_time,
+    weight_ring,
 )
 from runtime.kernels import w4
 from runtime.kernels import w4_gemv as gv
@@ -40,19 +39,12 @@ from runtime.kernels import w4_mma as mm
 MAX_REL_ERR = {"w4_mma": 1e-4, "w4_gemv": 1e-3, "w4_splitk": 1e-4}
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def bench_shape(n: int, k: int, ms, cands) -> list[dict]:
-    first = random_weight(n, k)
-    nbytes = _nbytes(*first)
-    ring = [first] + [random_weight(n, k) for _ in range(max(1, -(-RING_BYTES // nbytes)) - 1)]
+    ring, nbytes = weight_ring(n, k, RING_BYTES)
+    first = ring[0]
     rows = []
     for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        ref = _reference(x, *first, dtype=torch.float64)
-        out = torch.zeros(m, n, device="cuda")
+        x, ref, out = projection_case(first, m)
         runs = [("w4_mma", c) for c in cands]
         if m <= gv.GEMV_MAX_ROWS:
             runs.append(("w4_gemv", gv.default_config(n, k, m, 128)))
@@ -72,15 +64,7 @@ def bench_shape(n: int, k: int, ms, cands) -> list[dict]:
                     w4.w4_accumulate(x, qw, sc, zr, 128, out, config=cfg)
                 label = "splitk_n{}_g{}_w{}".format(*cfg)
             try:
-                out.zero_()
-                launch(*first)
-                err = _rel(out, ref)
-
-                def step():
-                    for w in ring:
-                        launch(*w)
-
-                t = graph_ms(step, reps=30) / len(ring)
+                err, t = ring_check_time(launch, ring, out, ref)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 rows.append(dict(kernel=kernel, n=n, k=k, m=m, config=label, error=error_line(e)))
                 print(f"  {kernel} {label} {n}x{k} m={m}: {error_line(e)}", flush=True)

@@ -31,6 +31,37 @@ def graph_ms(fn, reps: int = 20) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
+def weight_ring(n: int, k: int, min_bytes: int = 256 << 20) -> tuple[list, int]:
+    """Distinct random INT4 weights ``[n, k]`` (:func:`random_weight`) of at least ``min_bytes`` in all (larger than
+    the H200's L2, so that a replay over them reads DRAM), and the bytes of one."""
+    first = random_weight(n, k)
+    nbytes = _nbytes(*first)
+    return [first] + [random_weight(n, k) for _ in range(max(1, -(-min_bytes // nbytes)) - 1)], nbytes
+
+
+def projection_case(weight, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``weight`` (codes, scales, zeros of ``[N, K]``) and ``m`` rows: a random float16 ``x [m, K]``, the float64
+    reference ``x @ W^T`` and a float32 ``out [m, N]`` to accumulate into."""
+    n, k = weight[0].shape[0], weight[0].shape[1] * 2
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    return x, _reference(x, *weight, dtype=torch.float64), torch.zeros(m, n, device="cuda")
+
+
+def ring_check_time(launch, ring: list, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``launch(*weights)`` adds into ``out``: (its relative error against ``ref`` from a zeroed ``out`` with the
+    ring's first weights, ms per call over the ``ring`` of weights by CUDA-graph replay, every call reading DRAM when
+    the ring is larger than the L2)."""
+    out.zero_()
+    launch(*ring[0])
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+    def step():
+        for w in ring:
+            launch(*w)
+
+    return err, graph_ms(step, reps=30) / len(ring)
+
+
 def in_workers(fn, items: list, workers: int) -> list:
     """``fn(chunk) -> list`` over ``items`` in ``workers`` spawned processes (round-robin chunks; ``fn`` a module-level
     function or a partial of one), the lists concatenated; in this process for ``workers <= 1``. For compiling

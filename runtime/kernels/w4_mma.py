@@ -381,6 +381,22 @@ def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
 
 
 @triton.jit
+def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
+    if TILES == 1:
+        return _load1(P, gi, K, LOAD, LOAD_CONS)
+    else:
+        return _load2(P, gi, K, LOAD, LOAD_CONS)
+
+
+@triton.jit
+def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr):
+    if TILES == 1:
+        return _comp1(A, V, COMP, COMP_CONS)
+    else:
+        return _comp2(A, V, COMP, COMP_CONS)
+
+
+@triton.jit
 def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr,
                    PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
@@ -406,38 +422,23 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     zero = tl.zeros((NT,), tl.float32)
     if TILES == 1:
         A = (zero, zero, zero, zero)
-        V = _load1(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS)
-        if DEPTH == 1:
-            for gi in range(g_lo, g_hi):
-                U = _load1(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS)
-                if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
-                    A = _comp1(A, V, COMP, COMP_CONS)
-                V = U
-        else:
-            W = _load1(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS)
-            for gi in range(g_lo, g_hi):
-                U = _load1(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS)
-                if gi != K:
-                    A = _comp1(A, V, COMP, COMP_CONS)
-                V = W
-                W = U
     else:
         A = (zero, zero, zero, zero, zero, zero, zero, zero)
-        V = _load2(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS)
-        if DEPTH == 1:
-            for gi in range(g_lo, g_hi):
-                U = _load2(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS)
-                if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
-                    A = _comp2(A, V, COMP, COMP_CONS)
-                V = U
-        else:
-            W = _load2(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS)
-            for gi in range(g_lo, g_hi):
-                U = _load2(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS)
-                if gi != K:
-                    A = _comp2(A, V, COMP, COMP_CONS)
-                V = W
-                W = U
+    V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
+    if DEPTH == 1:
+        for gi in range(g_lo, g_hi):
+            U = _load(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+            if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
+                A = _comp(A, V, COMP, COMP_CONS, TILES)
+            V = U
+    else:
+        W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+        for gi in range(g_lo, g_hi):
+            U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+            if gi != K:
+                A = _comp(A, V, COMP, COMP_CONS, TILES)
+            V = W
+            W = U
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
     row = row0 + warp * (16 * TILES) + g
     _store_acc(y_ptr, A[0], row, n, N, M, stride_ym, SPLIT)
