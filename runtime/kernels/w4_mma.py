@@ -60,7 +60,10 @@ class MmaConfig(NamedTuple):
     per row block, float32 atomics when > 1), ``depth``: groups whose loads are in flight while a group is computed
     (1 or 2; registers carried around the loop), ``l2``: each warp first asks the L2 for its rows' codes over the
     program's groups (Hopper only; :func:`_prefetch_asm`), ``chains``: MMA accumulator chains (1 or 2,
-    :func:`_compute_asm`)."""
+    :func:`_compute_asm`), ``stages``: 0, or 2-6 groups of codes and ``x`` in flight through ``cp.async`` copies into
+    shared memory that each thread writes and reads alone (:func:`_issue_asm`, :func:`_read_asm`; ``depth`` is then
+    unused; at most 48 KB of shared memory a program). Not yet run on a GPU (twelfth session: written and compiled
+    for sm_90 without one); the table's configs do not use it."""
 
     warps: int = 4
     tiles: int = 1
@@ -68,15 +71,34 @@ class MmaConfig(NamedTuple):
     depth: int = 1
     l2: bool = False
     chains: int = 1
+    stages: int = 0
 
     def label(self) -> str:
         return (f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
-                + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else ""))
+                + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else "")
+                + (f"_s{self.stages}" if self.stages else ""))
+
+
+STAGE_LIMIT = 44 << 10  # the stages' static shared memory: under the 48 KB a kernel may declare, with room for Triton's
+
+
+def stages_fit(cfg: MmaConfig) -> bool:
+    """Whether ``cfg``'s stages fit in :data:`STAGE_LIMIT` bytes of shared memory (always without stages)."""
+    return cfg.stages * 32 * cfg.warps * stage_bytes(cfg.tiles) <= STAGE_LIMIT
+
+
+def stage_bytes(tiles: int) -> int:
+    """Shared memory per thread and stage of the cp.async pipeline: ``x`` (64 bytes) and 16 bytes of codes per row
+    the thread holds (2 per tile)."""
+    return 64 + 32 * tiles
 
 
 # candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
 MMA_CONFIGS = [MmaConfig(w, t, s, d, l2, c) for w, t, s, d, l2, c in itertools.product(
     (2, 4, 8), (1, 2), (1, 2, 4, 8, 16), (1, 2), (False, True), (1, 2))]
+# the cp.async pipeline (not yet run on a GPU): 2-4 stages where they fit
+MMA_CONFIGS += [cfg for w, t, s, st in itertools.product((2, 4), (1, 2), (2, 4, 8, 16), (2, 3, 4))
+                if stages_fit(cfg := MmaConfig(w, t, s, stages=st))]
 # (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py;
 # records in benchmarks/results/r15: M = 1 from w4_mma_r4.json (warps 2/4, splits 2-16, L2 prefetch and two MMA
 # chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
@@ -323,12 +345,96 @@ mov.u32 $2, warp;
 }"""
 
 
+STAGE_BUF = "wkvq_mma_stage"  # the shared memory the cp.async pipeline's PTX declares (in the prologue's block)
+
+
+def _issue_asm(tiles: int, ragged: bool, stage_stride: int) -> tuple[str, str]:
+    """PTX (sm_80) in which a thread starts copying group ``gi``'s ``x`` slice and codes into its own slots of stage
+    ``stage`` (``cp.async.cg``, 16 bytes each; ``STAGE_BUF`` at ``stage * stage_stride + tid * stage_bytes``) and
+    commits them as one group (an empty one when the flag ``valid`` is 0, so that every iteration commits one).
+    ``ragged``: a slice past ``K`` is filled with zeros (source size 0, from the row's start). Inputs: the prologue's
+    code pointers and ``x`` pointer, ``t``, ``gi``, ``valid``, ``stage``, ``K``; the output (0) means nothing."""
+    nptr = 2 * tiles
+    ptrs = [f"${1 + i}" for i in range(nptr)]
+    px, t, gi, valid, stage, kk = (f"${1 + nptr + i}" for i in range(6))
+    b = stage_bytes(tiles)
+    L = ["{", ".reg .pred pv, pk;", ".reg .u32 sa, tid, c0, n;", ".reg .u64 off, ad;",
+         f"setp.ne.u32 pv, {valid}, 0;", "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};",
+         f"mad.lo.u32 sa, {stage}, {stage_stride}, sa;", f"mad.lo.u32 sa, tid, {b}, sa;"]
+    if ragged:
+        L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};",
+              "selp.u32 n, 16, 0, pk;"]
+        size = ", n"
+    else:
+        size = ""
+    L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
+    if ragged:
+        L.append(f"@!pk mov.u64 ad, {px};")
+    L += [f"@pv cp.async.cg.shared.global [sa+{16 * v}], [ad+{16 * v}], 16{size};" for v in range(4)]
+    L.append(f"mul.wide.u32 off, {gi}, 64;")
+    for i, ptr in enumerate(ptrs):
+        L += [f"add.u64 ad, {ptr}, off;"]
+        if ragged:
+            L.append(f"@!pk mov.u64 ad, {ptr};")
+        L.append(f"@pv cp.async.cg.shared.global [sa+{64 + 16 * i}], [ad], 16{size};")
+    L += ["cp.async.commit_group;", "mov.u32 $0, 0;", "}"]
+    cons = ",".join(["=r"] + ["l"] * nptr + ["l", "r", "r", "r", "r", "r"])
+    return "\n".join(L), cons
+
+
+def _read_asm(tiles: int, stages: int, stage_stride: int) -> tuple[str, str]:
+    """PTX in which a thread waits until at most ``stages - 1`` of its copy groups are pending (so the oldest, group
+    ``gi``, has landed) and reads its slots of stage ``stage``: outputs the 16 ``x`` words, then 8 code words per
+    tile. Input: ``stage``, and a value of the issue that precedes it (an ordering dependency)."""
+    nout = 16 + 8 * tiles
+    b = stage_bytes(tiles)
+    stage = f"${nout}"
+    L = ["{", ".reg .u32 sa, tid;", f".reg .b32 v<{nout}>;", f"cp.async.wait_group {stages - 1};",
+         "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};", f"mad.lo.u32 sa, {stage}, {stage_stride}, sa;",
+         f"mad.lo.u32 sa, tid, {b}, sa;"]
+    L += [f"ld.shared.v4.u32 {{v{4 * i},v{4 * i + 1},v{4 * i + 2},v{4 * i + 3}}}, [sa+{16 * i}];"
+          for i in range(nout // 4)]
+    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
+    return "\n".join(L), ",".join(["=r"] * nout + ["r", "r"])
+
+
+def _sz_asm(tiles: int) -> tuple[str, str]:
+    """PTX of a thread's scales and zero points of group ``gi`` (per tile one word of the rows' float16 scales and
+    one of their uint8 zero points, as :func:`_load_asm`). Inputs: the prologue's scale and zero pointers, ``gi``."""
+    nout = 2 * tiles
+    ptrs = [(f"${nout + 4 * r}", f"${nout + 4 * r + 1}", f"${nout + 4 * r + 2}", f"${nout + 4 * r + 3}")
+            for r in range(tiles)]
+    gi = f"${nout + 4 * tiles}"
+    L = ["{", ".reg .b16 za, zb, sa, sb;", ".reg .u64 offs, offz, ad;", f".reg .b32 v<{nout}>;",
+         f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
+    for r, (ps_a, pz_a, ps_b, pz_b) in enumerate(ptrs):
+        L += [f"add.u64 ad, {ps_a}, offs;", "ld.global.nc.b16 sa, [ad];", f"add.u64 ad, {ps_b}, offs;",
+              "ld.global.nc.b16 sb, [ad];", f"mov.b32 v{2 * r}, {{sa, sb}};",
+              f"add.u64 ad, {pz_a}, offz;", "ld.global.nc.u8 za, [ad];", f"add.u64 ad, {pz_b}, offz;",
+              "ld.global.nc.u8 zb, [ad];", f"mov.b32 v{2 * r + 1}, {{za, zb}};"]
+    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
+    return "\n".join(L), ",".join(["=r"] * nout + ["l"] * (4 * tiles) + ["r"])
+
+
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1):
     pro, pro_cons, _ = _prologue_asm(tiles)
     load, load_cons, _ = _load_asm(tiles, ragged)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
+
+
+@functools.cache
+def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
+    """The cp.async pipeline's PTX: the prologue with the shared memory declared at the function's scope (so that
+    the later blocks can name it), the issue, read and scale/zero blocks, with their constraints."""
+    stride = threads * stage_bytes(tiles)
+    pro, pro_cons, _ = _prologue_asm(tiles)
+    pro = f".shared .align 16 .b8 {STAGE_BUF}[{stages * stride}];\n" + pro
+    issue, issue_cons = _issue_asm(tiles, ragged, stride)
+    read, read_cons = _read_asm(tiles, stages, stride)
+    sz, sz_cons = _sz_asm(tiles)
+    return pro, pro_cons, issue, issue_cons, read, read_cons, sz, sz_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -381,6 +487,95 @@ def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
 
 
 @triton.jit
+def _issue1(P, gi, valid, stage, K, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(ISSUE, ISSUE_CONS, [P[0], P[3], P[6], P[7], gi, valid, stage, K],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sz1(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(SZA, SZA_CONS, [P[1], P[2], P[4], P[5], gi],
+                                     dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+
+
+@triton.jit
+def _comps1(A, R, Z, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7],
+                                      R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17], R[18],
+                                      R[19], R[20], R[21], R[22], R[23], Z[0], Z[1]],
+                                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _issue2(P, gi, valid, stage, K, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(ISSUE, ISSUE_CONS, [P[0], P[3], P[6], P[9], P[12], P[13], gi, valid, stage, K],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sz2(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(SZA, SZA_CONS, [P[1], P[2], P[4], P[5], P[7], P[8], P[10], P[11], gi],
+                                     dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _comps2(A, R, Z, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], R[0], R[1], R[2], R[3],
+                                      R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14],
+                                      R[15], R[16], R[17], R[18], R[19], R[20], R[21], R[22], R[23], Z[0], Z[1],
+                                      R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31], Z[2], Z[3]],
+                                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
+                READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr,
+                COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr):
+    """One group of the cp.async pipeline: issue group ``gi + STAGES - 1`` (an empty commit past the range), wait
+    for group ``gi`` and read it from shared memory, load the next group's scales and zeros, compute ``gi``."""
+    j = gi - g_lo
+    nx = gi + STAGES - 1
+    if TILES == 1:
+        tok = _issue1(P, lane * 0 + tl.minimum(nx, g_hi - 1), lane * 0 + (nx < g_hi).to(tl.int32),
+                      lane * 0 + (j + STAGES - 1) % STAGES, K, ISSUE, ISSUE_CONS)
+        R = tl.inline_asm_elementwise(READ, READ_CONS, [lane * 0 + j % STAGES, tok], dtype=(tl.int32,) * 24,
+                                      is_pure=False, pack=1)
+        Zn = _sz1(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), SZA, SZA_CONS)
+        if gi != K:  # always: a block boundary, see _w4_mma_kernel
+            A = _comps1(A, R, Z, COMP, COMP_CONS)
+    else:
+        tok = _issue2(P, lane * 0 + tl.minimum(nx, g_hi - 1), lane * 0 + (nx < g_hi).to(tl.int32),
+                      lane * 0 + (j + STAGES - 1) % STAGES, K, ISSUE, ISSUE_CONS)
+        R = tl.inline_asm_elementwise(READ, READ_CONS, [lane * 0 + j % STAGES, tok], dtype=(tl.int32,) * 32,
+                                      is_pure=False, pack=1)
+        Zn = _sz2(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), SZA, SZA_CONS)
+        if gi != K:
+            A = _comps2(A, R, Z, COMP, COMP_CONS)
+    return A, Zn
+
+
+@triton.jit
+def _stage_first(P, g_lo, g_hi, K, lane, i: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
+                 TILES: tl.constexpr):
+    """The pipeline's prologue: issue group ``g_lo + i`` into stage ``i`` (an empty commit past the range)."""
+    gp = g_lo + i
+    if TILES == 1:
+        _issue1(P, lane * 0 + tl.minimum(gp, g_hi - 1), lane * 0 + (gp < g_hi).to(tl.int32), lane * 0 + i, K, ISSUE,
+                ISSUE_CONS)
+    else:
+        _issue2(P, lane * 0 + tl.minimum(gp, g_hi - 1), lane * 0 + (gp < g_hi).to(tl.int32), lane * 0 + i, K, ISSUE,
+                ISSUE_CONS)
+
+
+@triton.jit
+def _sz(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr, TILES: tl.constexpr):
+    if TILES == 1:
+        return _sz1(P, gi, SZA, SZA_CONS)
+    else:
+        return _sz2(P, gi, SZA, SZA_CONS)
+
+
+@triton.jit
 def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
     if TILES == 1:
         return _load1(P, gi, K, LOAD, LOAD_CONS)
@@ -401,7 +596,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr,
                    PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
                    COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr,
-                   PF: tl.constexpr):
+                   PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
+                   READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -424,14 +620,22 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         A = (zero, zero, zero, zero)
     else:
         A = (zero, zero, zero, zero, zero, zero, zero, zero)
-    V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
-    if DEPTH == 1:
+    if STAGES > 0:  # the cp.async pipeline (the prologue PRO declared its shared memory)
+        for i in tl.static_range(STAGES - 1):
+            _stage_first(P, g_lo, g_hi, K, lane, i, ISSUE, ISSUE_CONS, TILES)
+        Z = _sz(P, lane * 0 + g_lo, SZA, SZA_CONS, TILES)
+        for gi in range(g_lo, g_hi):
+            A, Z = _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
+                               SZA_CONS, COMP, COMP_CONS, TILES)
+    elif DEPTH == 1:
+        V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
         for gi in range(g_lo, g_hi):
             U = _load(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
             if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
             V = U
     else:
+        V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
         W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
         for gi in range(g_lo, g_hi):
             U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
@@ -493,14 +697,19 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
-            or cfg.chains not in (1, 2)):
-        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2")
+            or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)):
+        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
+                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains)
+    stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
+    if cfg.stages:
+        pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     g = scales.shape[1]
     grid = (triton.cdiv(n, 16 * cfg.tiles * cfg.warps), min(cfg.split, g))
     _w4_mma_kernel[grid](
         x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, qweight.stride(0), scales.stride(0) * 2,
         zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
-        L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, num_warps=cfg.warps)
+        L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
+        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], num_warps=cfg.warps)
     return out
