@@ -568,14 +568,6 @@ def _stage_first(P, g_lo, g_hi, K, lane, i: tl.constexpr, ISSUE: tl.constexpr, I
 
 
 @triton.jit
-def _sz(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr, TILES: tl.constexpr):
-    if TILES == 1:
-        return _sz1(P, gi, SZA, SZA_CONS)
-    else:
-        return _sz2(P, gi, SZA, SZA_CONS)
-
-
-@triton.jit
 def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
     if TILES == 1:
         return _load1(P, gi, K, LOAD, LOAD_CONS)
@@ -623,7 +615,10 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     if STAGES > 0:  # the cp.async pipeline (the prologue PRO declared its shared memory)
         for i in tl.static_range(STAGES - 1):
             _stage_first(P, g_lo, g_hi, K, lane, i, ISSUE, ISSUE_CONS, TILES)
-        Z = _sz(P, lane * 0 + g_lo, SZA, SZA_CONS, TILES)
+        if TILES == 1:
+            Z = _sz1(P, lane * 0 + g_lo, SZA, SZA_CONS)
+        else:
+            Z = _sz2(P, lane * 0 + g_lo, SZA, SZA_CONS)
         for gi in range(g_lo, g_hi):
             A, Z = _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                                SZA_CONS, COMP, COMP_CONS, TILES)
