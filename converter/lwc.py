@@ -156,7 +156,6 @@ class LWCLinear(nn.Module):
             self.offset = nn.Parameter(torch.zeros(w.shape, device=w.device))
         self.held: torch.Tensor | None = None  # the fake-quantized weight while :func:`held_weights` holds it
 
-
     @property
     def rounds(self) -> bool:
         """Whether a rounding offset applies (learnable, or frozen decisions)."""

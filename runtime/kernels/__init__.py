@@ -24,6 +24,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def cuda_major(device) -> int:
+    """The major compute capability of ``device`` when the kernels compile for it (a CUDA device, outside Triton's
+    interpreter), else 0: what the inline PTX of a kernel needs (e.g. 8 for ``mma.sync``, 9 for PDL)."""
+    device = torch.device(device)
+    if interpreting() or device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return _major(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def available(device) -> bool:
     """Whether the Triton kernels can run on tensors on ``device``."""
     device = torch.device(device)

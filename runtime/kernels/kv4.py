@@ -399,17 +399,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         tl.debug_barrier()  # every thread's partials stored before the count (released by it)
         if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NSPLIT - 1:  # the head's last program
             _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
-                          sm_scale, HQ, HKV, D, QG, NSPLIT, True)
+                          sm_scale, HQ, HKV, D, QG, NSPLIT, ".cg")
             tl.store(cnt_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
 def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr, sm_scale,
                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr,
-                  CG: tl.constexpr):
+                  CACHE: tl.constexpr):
     """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
-    static shift and scale of the values applied, written to ``out``. ``CG``: the partials are read past L1 (written
-    by other programs of the same kernel)."""
+    static shift and scale of the values applied, written to ``out``. ``CACHE``: the partials' load cache modifier
+    (``".cg"``, past L1, when other programs of the same kernel wrote them)."""
     kh = h // QG
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (b * HQ + h) * D + d)
@@ -417,14 +417,9 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
     v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
     s_cur = tl.sum(q * k_cur, 0) * sm_scale
     part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
-    if CG:
-        ms = tl.load(m_ptr + part, cache_modifier=".cg")
-        ls = tl.load(l_ptr + part, cache_modifier=".cg")
-        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], cache_modifier=".cg")
-    else:
-        ms = tl.load(m_ptr + part)
-        ls = tl.load(l_ptr + part)
-        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :])
+    ms = tl.load(m_ptr + part, cache_modifier=CACHE)
+    ls = tl.load(l_ptr + part, cache_modifier=CACHE)
+    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], cache_modifier=CACHE)
     big = tl.maximum(tl.max(ms, 0), s_cur)
     w = tl.exp(ms - big) * ls  # weight of each split's probability mass
     w_cur = tl.exp(s_cur - big)
@@ -442,7 +437,7 @@ def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscal
     overlap.launch_dependents(PDL)
     overlap.wait_prior(PDL)  # everything read here is written by the kernels before
     _combine_head(tl.program_id(0), tl.program_id(1), q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
-                  vshift_ptr, out_ptr, sm_scale, HQ, HKV, D, QG, NSPLIT, False)
+                  vshift_ptr, out_ptr, sm_scale, HQ, HKV, D, QG, NSPLIT, "")
 
 
 def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens: int = 256) -> int:

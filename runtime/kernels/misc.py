@@ -14,9 +14,9 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.c
     overlap.launch_dependents(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0)  # the norm weight: not written by the step
-    overlap.wait_prior(PDL)
     mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # the norm weight: not written by the step
+    overlap.wait_prior(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, 0) / N
     y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)

@@ -27,11 +27,10 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import cuda_major
 
 PDL_ENV = "WKVQ_PDL"
 
@@ -46,18 +45,10 @@ def _triton_has_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-@functools.cache
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def hopper(device) -> bool:
     """Whether ``device`` is a CUDA GPU of compute capability 9 or newer, outside Triton's interpreter (the
     PTX of :func:`prefetch_l2` and PDL need sm_90)."""
-    device = torch.device(device)
-    if interpreting() or device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    return _hopper(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_major(device) >= 9
 
 
 KINDS = ("gemv", "attn", "rope", "norm", "silu")  # the decode step's kernels, by what they do

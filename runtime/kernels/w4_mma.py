@@ -17,7 +17,7 @@ of ``mma.sync.m16n8k16`` (f16 inputs, f32 accumulation). The ``K`` slots of an M
 the B operand (``x``) uses the same ones: thread ``t`` holds, in every row, the channels of its own words, and the
 ``x`` pairs ``(x_i, x_{i+4})`` of those words (one 16-byte load per word and four ``prmt``). Column ``n`` of B is
 row ``n`` of ``x`` (zero from ``M`` on), so up to 8 rows of ``x`` cost the same as one. After a group's 8 MMAs
-(per tile) the f32 result is scaled by the rows' float16 scales (float32 FMA) into the accumulators. ~1.5-2.2
+(per tile) the f32 result is scaled by the rows' float16 scales (float32 FMA) into the accumulators. ~2.0-2.1
 instructions a code against ~3.6 (local sm_90 SASS), and no rounding but float32's: the products are exact.
 
 The per-lane work (rows, pointers, the MMAs) is inline PTX; Triton runs the loop over groups, holds one value per
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import env_tables, interpreting, overlap, sweep_table
+from . import cuda_major, env_tables, overlap, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
@@ -62,7 +62,7 @@ class MmaConfig(NamedTuple):
     program's groups (Hopper only; :func:`_prefetch_asm`), ``chains``: MMA accumulator chains (1 or 2,
     :func:`_compute_asm`), ``stages``: 0, or 2-6 groups of codes and ``x`` in flight through ``cp.async`` copies into
     shared memory that each thread writes and reads alone (:func:`_issue_asm`, :func:`_read_asm`; ``depth`` is then
-    unused; at most 48 KB of shared memory a program). Not yet run on a GPU (twelfth session: written and compiled
+    unused; at most :data:`STAGE_LIMIT` bytes of shared memory a program). Not yet run on a GPU (twelfth session: written and compiled
     for sm_90 without one); the table's configs do not use it."""
 
     warps: int = 4
@@ -141,11 +141,11 @@ def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-def _prologue_asm(tiles: int) -> tuple[str, str, int]:
+def _prologue_asm(tiles: int) -> tuple[str, str]:
     """PTX that gives each thread its pointers: per tile and half (rows ``g``, ``g + 8``) the code, scale and zero
     row pointers (rows clamped to ``N - 1``; the code pointer at word ``4 t``), the ``x`` pointer (row ``g`` clamped
     to ``M - 1``, channel ``32 t``: column ``g`` of B, whose results from ``M`` on are not written) and ``t``.
-    Returns (asm, constraints, number of outputs)."""
+    Returns (asm, constraints)."""
     outs = 6 * tiles + 2
     a = [f"${i}" for i in range(outs)]
     inp = {name: f"${outs + i}" for i, name in enumerate(
@@ -153,7 +153,7 @@ def _prologue_asm(tiles: int) -> tuple[str, str, int]:
     lines = [
         "{",
         ".reg .u32 lane, tid, warp, g, t, row, rowc, nm1, mm1, nx;",
-        ".reg .u64 off, p, tmp64;",
+        ".reg .u64 off, p;",
         f".reg .u64 o<{outs}>;",
         "mov.u32 lane, %laneid;",
         "mov.u32 tid, %tid.x;",
@@ -191,7 +191,7 @@ def _prologue_asm(tiles: int) -> tuple[str, str, int]:
     lines += [f"mov.u64 {a[i]}, o{i};" for i in range(k + 1)]
     lines += [f"mov.u32 {a[k + 1]}, t;", "}"]
     cons = ",".join(["=l"] * (k + 1) + ["=r"] + ["r", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r"])
-    return "\n".join(lines), cons, outs
+    return "\n".join(lines), cons
 
 
 def _prefetch_asm(tiles: int) -> str:
@@ -225,13 +225,13 @@ def _prefetch_asm(tiles: int) -> str:
         "}"])
 
 
-def _load_asm(tiles: int, ragged: bool) -> tuple[str, str, int]:
+def _load_asm(tiles: int, ragged: bool) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
     ``t``, the group index, ``K``. ``ragged`` (``K % 128 != 0``): a thread whose channels lie past ``K`` reads no
     codes and zeros for ``x`` (predicated loads); otherwise the loads are unconditional. Outputs, in order: ``x``
-    words, then per tile the 8 code words, the scales word, the zeros word. Returns (asm, constraints, outputs)."""
+    words, then per tile the 8 code words, the scales word, the zeros word. Returns (asm, constraints)."""
     nout = 16 + 10 * tiles
     outs = [f"${i}" for i in range(nout)]
     idx = nout
@@ -266,7 +266,7 @@ def _load_asm(tiles: int, ragged: bool) -> tuple[str, str, int]:
     L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
     L.append("}")
     cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
-    return "\n".join(L), cons, nout
+    return "\n".join(L), cons
 
 
 def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
@@ -418,8 +418,8 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1):
-    pro, pro_cons, _ = _prologue_asm(tiles)
-    load, load_cons, _ = _load_asm(tiles, ragged)
+    pro, pro_cons = _prologue_asm(tiles)
+    load, load_cons = _load_asm(tiles, ragged)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
@@ -429,7 +429,7 @@ def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
     """The cp.async pipeline's PTX: the prologue with the shared memory declared at the function's scope (so that
     the later blocks can name it), the issue, read and scale/zero blocks, with their constraints."""
     stride = threads * stage_bytes(tiles)
-    pro, pro_cons, _ = _prologue_asm(tiles)
+    pro, pro_cons = _prologue_asm(tiles)
     pro = f".shared .align 16 .b8 {STAGE_BUF}[{stages * stride}];\n" + pro
     issue, issue_cons = _issue_asm(tiles, ragged, stride)
     read, read_cons = _read_asm(tiles, stages, stride)
@@ -654,20 +654,12 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
 # ------------------------------------------------------------------------------------------------ host side
 
 
-@functools.cache
-def _sm80(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 8
-
-
 def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
            bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`w4_mma_accumulate` takes these operands: a CUDA sm_80+ device outside the interpreter, float16
     ``x2 [M, K]`` with ``1 <= M <= 8``, 16-byte aligned rows (``x`` stride a multiple of 8 elements), group 128,
     ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows, no bias."""
-    dev = x2.device
-    if interpreting() or dev.type != "cuda" or bias is not None or group_size != GROUP:
-        return False
-    if not _sm80(dev.index if dev.index is not None else torch.cuda.current_device()):
+    if cuda_major(x2.device) < 8 or bias is not None or group_size != GROUP:
         return False
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
     return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and k % 32 == 0 and x2.stride(1) == 1
