@@ -3,7 +3,8 @@
     ncu --section SpeedOfLight --section WarpStateStats --section Occupancy -k regex:_w4_mma -c 1 \
         python3 benchmarks/kernel_target.py --kernel mma --shape 22016x4096
 
-``--kernel``: ``mma`` (runtime.kernels.w4_mma, table config) or ``gemv`` (runtime.kernels.w4_gemv, table config).
+``--kernel``: ``mma`` (runtime.kernels.w4_mma) or ``gemv`` (runtime.kernels.w4_gemv), at the table config or
+``--config`` (the config's fields, comma-separated, e.g. ``2,2,8,1,0,1,2`` for an ``MmaConfig`` with two stages).
 CUDA only.
 """
 
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--shape", default="22016x4096")
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--config", default=None, help="the kernel's config fields, comma-separated (default: table)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernel_target: needs a CUDA device")
@@ -34,11 +36,12 @@ def main() -> None:
     qw, s, z = random_weight(n, k)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     out = torch.zeros(args.m, n, device="cuda")
+    cfg = tuple(int(v) for v in args.config.split(",")) if args.config else None
     for _ in range(args.calls):
         if args.kernel == "mma":
-            w4_mma.w4_mma_accumulate(x, qw, s, z, 128, out)
+            w4_mma.w4_mma_accumulate(x, qw, s, z, 128, out, config=cfg)
         else:
-            w4_gemv.w4_gemv_accumulate(x, qw, s, z, 128, out)
+            w4_gemv.w4_gemv_accumulate(x, qw, s, z, 128, out, config=cfg)
     torch.cuda.synchronize()
 
 

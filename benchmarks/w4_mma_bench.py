@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--l2", default="0,1")
     ap.add_argument("--chains", default="1,2")
     ap.add_argument("--stages", default="0", help="0: the register prefetch (depth); 2-4: the cp.async pipeline")
+    ap.add_argument("--persist", default="0", help="0: the split grid; else stream-K programs a multiprocessor")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES_7B))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -105,10 +106,10 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "rows": []}
     pick = {f: {int(v) for v in getattr(args, f).split(",")} for f in ("splits", "warps", "tiles", "depths", "l2",
-                                                                         "chains", "stages")}
+                                                                         "chains", "stages", "persist")}
     cands = [c for c in mm.MMA_CONFIGS if c.split in pick["splits"] and c.warps in pick["warps"]
              and c.tiles in pick["tiles"] and c.depth in pick["depths"] and int(c.l2) in pick["l2"]
-             and c.chains in pick["chains"] and c.stages in pick["stages"]]
+             and c.chains in pick["chains"] and c.stages in pick["stages"] and c.persist in pick["persist"]]
     result["candidates"] = len(cands)
     for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
         result["rows"] += bench_shape(n, k, ms, cands)

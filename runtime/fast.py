@@ -24,12 +24,14 @@ from .static_cache import StaticPOQCache
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("triton", "gemlite", "gemv")
-# Input transforms the gemv projections may compute in their loads (FastLlama._fused_inputs): "norm" (qkv and
-# gate_up norm x themselves) and "silu" (down computes silu(gate) * up). None by default: both measured slower at
-# 7B b1 p2048 on an H200 (eighth session, BENCHMARKS.md): 2.83 ms a step unfused, 3.16 ms with "silu" (every
-# program recomputes its slice of the product), 4.21 ms with both (every program first reads its rows of x whole
-# for their rsqrt). WKVQ_FUSE picks them: "norm", "silu", "norm,silu" or "none".
-FUSIONS = ("norm", "silu")
+# Fusions of the decode step (FastLlama._fused_inputs). Input transforms the gemv projections may compute in their
+# loads: "norm" (qkv and gate_up norm x themselves) and "silu" (down computes silu(gate) * up); both measured
+# slower at 7B b1 p2048 on an H200 (eighth session, BENCHMARKS.md): 2.83 ms a step unfused, 3.16 ms with "silu"
+# (every program recomputes its slice of the product), 4.21 ms with both (every program first reads its rows of x
+# whole for their rsqrt). "rope": the attention kernel ropes q/k/v from qkv and appends the token to the cache
+# itself (kv4.rope_attention, no rope_append launch; the norm kernels zero qkv and gate_up), any projections, not
+# with "norm" (no norm kernel left to zero qkv). WKVQ_FUSE picks them: e.g. "rope", "norm,silu" or "none".
+FUSIONS = ("norm", "silu", "rope")
 FUSE_DEFAULT: tuple[str, ...] = ()
 FUSE_ENV = "WKVQ_FUSE"
 
@@ -252,13 +254,15 @@ class FastLlama:
         float32 buffers (qkv, gate_up) that their reader zeroes again after use. With :meth:`_fused_inputs`
         "norm" the qkv and gate_up GEMVs norm ``x`` themselves; with "silu" the down GEMV computes
         ``silu(gate) * up``, so rope_append zeroes ``gate_up`` (after the previous layer's down projection, before
-        this gate_up)."""
+        this gate_up); with "rope" the attention kernel reads ``qkv`` itself (:func:`kv4.rope_attention`), the norm
+        before qkv zeroes ``qkv`` (read by the previous layer's attention) and, with "silu", the norm before
+        gate_up zeroes ``gate_up``."""
         from .kernels import kv4, misc
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
-        norm, silu = "norm" in fused, "silu" in fused
+        norm, silu, rope = "norm" in fused, "silu" in fused, "rope" in fused
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -266,15 +270,20 @@ class FastLlama:
             if norm:
                 layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
             else:
-                layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt), qkv)
-            q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.kv_bits,
-                                              clear=True, clear_extra=gate_up if silu else None)
-            a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
+                layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
+            if rope:
+                a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
+                                       splits, bits=c.kv_bits)
+            else:
+                q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
+                                                  c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
+                a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x)
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:
-                layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up)
+                layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt, clear=gate_up if rope and silu and i
+                                                      else None), gate_up)
             if silu:
                 layer.down.accumulate_silu(gate_up, dt, x)
             else:
@@ -283,15 +292,17 @@ class FastLlama:
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
     def _fused_inputs(self, m: int) -> frozenset[str]:
-        """The input transforms (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) that the decode
-        step of ``m`` rows computes inside its projections: none unless every qkv, gate_up and down is a
-        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them."""
+        """The fusions (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) of the decode step of
+        ``m`` rows: the input transforms ("norm", "silu") only where every qkv, gate_up and down is a
+        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept."""
         from .kernels.w4_gemv import GemvW4
 
         chosen = fuse_choice(os.environ.get(FUSE_ENV))
-        ok = chosen and all(isinstance(w, GemvW4) and w.fuses_inputs(m)
-                            for la in self.layers for w in (la.qkv, la.gate_up, la.down))
-        return chosen if ok else frozenset()
+        inputs = chosen - {"rope"}
+        if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
+                              for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
+            inputs = frozenset()
+        return inputs | ({"rope"} if "rope" in chosen and "norm" not in inputs else set())
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the

@@ -192,6 +192,45 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
     assert not kv4.attn_config(1, 32, 2048).combine
 
 
+@pytest.mark.parametrize("combine,loads", [(True, "prefetch"), (False, "late")])
+@pytest.mark.parametrize("hq,hkv,group,length,splits,b", [(6, 2, None, 37, 4, 2), (4, 4, 16, 130, 2, 1),
+                                                          (8, 2, None, 0, 2, 1)])
+def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, length, splits, b, combine, loads):
+    """The fused decode attention (:func:`rope_attention`: rope, append and attention in one launch) against
+    :func:`rope_append` then :func:`decode_attention` on a copy of the cache: the same output (float32 rounding
+    apart: the query's shift term is summed in another order) and the same stored bytes at every slot, over a past
+    of ``length`` tokens (none, one split holding all of it, several); ``qkv`` is left as it was."""
+    from runtime.kernels.kv4 import (
+        AttnConfig,
+        decode_attention,
+        rope_append,
+        rope_attention,
+    )
+
+    d, s = 32, 160
+    kq = _quantizer(hkv, d, group)
+    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    caches = [StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(2)]
+    keys, values = torch.randn(b, hkv, length, d, device=DEV), torch.randn(b, hkv, length, d, device=DEV)
+    for c in caches:
+        if length:
+            c.write(0, kq, keys, values, 0)
+        c.advance(length)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
+    cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
+    cfg = AttnConfig(splits=splits, block_s=16, num_warps=1, loads=loads, row_max=True, combine=combine)
+    q, k_cur, v_cur = rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
+    ref = decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5, torch.float32, cfg)
+    before = qkv.clone()
+    out = rope_attention(qkv, cos, sin, caches[1].pos, caches[1].layers[0], params, hq, d ** -0.5, torch.float32, cfg)
+    assert _rel(out, ref) < 1e-5 and torch.equal(qkv, before)
+    for a, r in zip(caches[1].layers[0].tensors(), caches[0].layers[0].tensors()):
+        assert torch.equal(a, r)
+    with pytest.raises(ValueError, match="qkv must be float32"):
+        rope_attention(qkv[:, :-1], cos, sin, caches[1].pos, caches[1].layers[0], params, hq, d ** -0.5,
+                       torch.float32, cfg)
+
+
 def test_overlap_flags(monkeypatch):
     """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
     (off by default, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
@@ -279,6 +318,11 @@ def test_rmsnorm_and_silu_mul():
     x, w = torch.randn(3, 200, device=DEV, dtype=DTYPE), torch.randn(200, device=DEV, dtype=DTYPE)
     h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
     assert _rel(rmsnorm(x, w, 1e-5), w * h.to(DTYPE)) < TOL
+    wide = torch.randn(3, 700, device=DEV)  # clear: columns 0..599 of each row (three blocks of 256), not 600..
+    y = rmsnorm(x, w, 1e-5, clear=wide[:, :600])
+    assert _rel(y, w * h.to(DTYPE)) < TOL and not wide[:, :600].any() and wide[:, 600:].all()
+    with pytest.raises(ValueError, match="clear must be"):
+        rmsnorm(x, w, 1e-5, clear=wide[:2])
     gu = torch.randn(3, 2 * 1500, device=DEV, dtype=DTYPE)
     g, u = gu.float().chunk(2, -1)
     assert _rel(silu_mul(gu), F.silu(g) * u) < TOL

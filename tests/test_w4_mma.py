@@ -44,6 +44,7 @@ def test_mma_ok_off_cuda_and_config_guess():
     assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528
     assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
     assert MmaConfig(2, 2, 4).label() == "w2_t2_x4" and MmaConfig(2, 2, 4, 2).label() == "w2_t2_x4_d2"
+    assert MmaConfig(2, 2, 1, persist=8).label() == "w2_t2_x1_p8"
     from runtime.kernels.w4_mma import stages_fit
 
     assert stages_fit(MmaConfig(4, 1, 4, stages=3)) and not stages_fit(MmaConfig(4, 2, 4, stages=4))
@@ -70,13 +71,15 @@ def test_mma_sweep_record_table(tmp_path, monkeypatch):
 @gpu
 @pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 1, 8), (8, 2, 2), (4, 2, 3, 2), (2, 1, 8, 2),
                                     (4, 2, 3, 1, True, 2), (2, 1, 8, 2, True, 1), (4, 1, 3, 1, False, 1, 3),
-                                    (2, 2, 2, 1, False, 1, 4), None])
+                                    (2, 2, 2, 1, False, 1, 4), (2, 2, 1, 1, False, 1, 0, 8),
+                                    (1, 1, 1, 1, False, 1, 0, 1), (4, 1, 1, 1, False, 1, 3, 2), None])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k", [(37, 576), (64, 1408), (300, 4096), (96, 320)])
 def test_mma_matches_reference(n, k, m, config):
     """Ragged N (rows past N read row N - 1, not written), ragged last groups (576 = 4.5 groups, 320 = 2.5),
     1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp, one or two groups loaded
-    ahead, the L2 prefetch (Hopper), two accumulator chains, the cp.async pipeline (3 and 4 stages)."""
+    ahead, the L2 prefetch (Hopper), two accumulator chains, the cp.async pipeline (3 and 4 stages), stream-K grids
+    (1, 2 and 8 programs a multiprocessor: shares of one group, and shares across row blocks)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + k)
@@ -118,9 +121,10 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps", [(1, False, 1, 0, 4), (2, True, 2, 0, 4),
-                                                        (1, True, 1, 3, 4), (2, False, 1, 4, 2)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps):
+@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist", [
+    (1, False, 1, 0, 4, False), (2, True, 2, 0, 4, False), (1, True, 1, 3, 4, False), (2, False, 1, 4, 2, False),
+    (2, False, 1, 0, 2, True), (1, True, 1, 3, 4, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
     tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills)."""
@@ -145,7 +149,7 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps):
     consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
-              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5]}
+              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist}
     names = list(w4_mma._w4_mma_kernel.arg_names)
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
@@ -169,4 +173,5 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps):
     assert sass.count("HMMA.16816.F32") == 8 * tiles
     assert "LOCAL:0" in usage
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it
-        assert sass.count("LDGSTS.E.BYPASS.128") == stages * (4 + 2 * tiles)
+        assert sass.count("LDGSTS.E.BYPASS.128") == stages * 2 * tiles
+        assert sass.count("LDGSTS.E.128") == stages * 4

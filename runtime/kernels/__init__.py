@@ -38,6 +38,19 @@ def cuda_major(device) -> int:
     return _major(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device) -> int:
+    """Multiprocessors of ``device`` (cached; 4 off CUDA, for Triton's interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def available(device) -> bool:
     """Whether the Triton kernels can run on tensors on ``device``."""
     device = torch.device(device)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import env_tables, overlap, sweep_table
+from . import env_tables, multiprocessors, overlap, sweep_table
 
 
 @triton.jit
@@ -81,6 +81,27 @@ def _zero_part(ptr, n, part, PARTS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _append_kv(row, b, kh, pos, jj, cos_row, sin_row, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr,
+               kshift_ptr, vscale_ptr, vshift_ptr, S, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+               G: tl.constexpr, QMAX: tl.constexpr):
+    """KV head ``kh`` of the token in ``row`` (a ``qkv`` row): its key roped, key and value quantized into slot
+    ``pos`` of the cache (:func:`_quant_store`). Returns the full-precision ``(ke, ko, ve, vo)`` (even/odd
+    channels ``[G, GSH]``, ``jj`` their packed byte index)."""
+    HALF: tl.constexpr = D // 2
+    ke = _rope(row + (HQ + kh) * D, 2 * jj, cos_row, sin_row, HALF, D)
+    ko = _rope(row + (HQ + kh) * D, 2 * jj + 1, cos_row, sin_row, HALF, D)
+    vrow = row + (HQ + HKV + kh) * D
+    ve = tl.load(vrow + 2 * jj).to(tl.float32)
+    vo = tl.load(vrow + 2 * jj + 1).to(tl.float32)
+    slot = (b * HKV + kh) * S + pos
+    _quant_store(ke, ko, jj, kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF,
+                 ks_ptr + slot * G, km_ptr + slot * G, G, QMAX)
+    _quant_store(ve, vo, jj, vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF,
+                 vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
+    return ke, ko, ve, vo
+
+
+@triton.jit
 def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcur_ptr,
                         kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,
                         kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, stride_qkv, S,
@@ -109,11 +130,8 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
             _clear(row + h * D, jj, qe)
     else:
         kh = h - HQ
-        ke = _rope(row + h * D, 2 * jj, cos_row, sin_row, HALF, D)
-        ko = _rope(row + h * D, 2 * jj + 1, cos_row, sin_row, HALF, D)
-        vrow = row + (HQ + HKV + kh) * D
-        ve = tl.load(vrow + 2 * jj).to(tl.float32)
-        vo = tl.load(vrow + 2 * jj + 1).to(tl.float32)
+        ke, ko, ve, vo = _append_kv(row, b, kh, pos, jj, cos_row, sin_row, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr,
+                                    vm_ptr, kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, S, HQ, HKV, D, G, QMAX)
         cur = (b * HKV + kh) * D
         tl.store(kcur_ptr + cur + 2 * jj, ke)
         tl.store(kcur_ptr + cur + 2 * jj + 1, ko)
@@ -121,12 +139,7 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
         tl.store(vcur_ptr + cur + 2 * jj + 1, vo)
         if CLEAR:
             _clear(row + h * D, jj, ke)
-            _clear(vrow, jj, ve)
-        slot = (b * HKV + kh) * S + pos
-        _quant_store(ke, ko, jj, kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF,
-                     ks_ptr + slot * G, km_ptr + slot * G, G, QMAX)
-        _quant_store(ve, vo, jj, vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF,
-                     vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
+            _clear(row + (HQ + HKV + kh) * D, jj, ve)
 
 
 def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4, clear: bool = False,
@@ -277,9 +290,11 @@ def _attn_step(T, m_i, l_i, A, QS, qsw, const, vs_ptr, vm_ptr, gw, G: tl.constex
 def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                        len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale,
                        cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
+                       qkv_ptr, cos_ptr, sin_ptr, stride_qkv, kc8_ptr, vc8_ptr,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
-                       ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr):
+                       ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr,
+                       ROPE: tl.constexpr):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -308,7 +323,13 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
     ``COMBINE``: the last program of each query head to finish (an ``acq_rel`` count per head in ``cnt_ptr``, which
     that program sets back to 0) merges the head's partial results itself (:func:`_combine_head`), instead of
-    :func:`_attn_combine_kernel`: one launch fewer per layer."""
+    :func:`_attn_combine_kernel`: one launch fewer per layer.
+
+    ``ROPE`` (:func:`rope_attention`): the query, the current key and value come from the projection's output
+    ``qkv`` (roped here at position ``length``, as :func:`_rope_append_kernel` ropes them; ``q_ptr``, ``kcur_ptr``
+    and ``vcur_ptr`` unused), and the first split of the first query head of each KV head appends the token's key
+    and value to the cache at slot ``length`` (:func:`_append_kv`), which no program reads in this step (past
+    only): one launch fewer per layer."""
     overlap.launch_dependents(PDL)
     NW: tl.constexpr = D // 8
     GS: tl.constexpr = D // G
@@ -327,19 +348,42 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     wi = tl.arange(0, NW)
     gw = (wi * 8) // GS  # group of each word
     q_row, sc_row, sh_row = q_ptr + bh * D + wi * 8, kscale_ptr + kh * D + wi * 8, kshift_ptr + kh * D + wi * 8
-    qs0 = tl.load(q_row) * tl.load(sc_row) * sm_scale
-    qs1 = tl.load(q_row + 1) * tl.load(sc_row + 1) * sm_scale
-    qs2 = tl.load(q_row + 2) * tl.load(sc_row + 2) * sm_scale
-    qs3 = tl.load(q_row + 3) * tl.load(sc_row + 3) * sm_scale
-    qs4 = tl.load(q_row + 4) * tl.load(sc_row + 4) * sm_scale
-    qs5 = tl.load(q_row + 5) * tl.load(sc_row + 5) * sm_scale
-    qs6 = tl.load(q_row + 6) * tl.load(sc_row + 6) * sm_scale
-    qs7 = tl.load(q_row + 7) * tl.load(sc_row + 7) * sm_scale
+    if ROPE:
+        cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
+        row = qkv_ptr + b * stride_qkv
+        q0 = _rope(row + h * D, wi * 8, cos_row, sin_row, D // 2, D)
+        q1 = _rope(row + h * D, wi * 8 + 1, cos_row, sin_row, D // 2, D)
+        q2 = _rope(row + h * D, wi * 8 + 2, cos_row, sin_row, D // 2, D)
+        q3 = _rope(row + h * D, wi * 8 + 3, cos_row, sin_row, D // 2, D)
+        q4 = _rope(row + h * D, wi * 8 + 4, cos_row, sin_row, D // 2, D)
+        q5 = _rope(row + h * D, wi * 8 + 5, cos_row, sin_row, D // 2, D)
+        q6 = _rope(row + h * D, wi * 8 + 6, cos_row, sin_row, D // 2, D)
+        q7 = _rope(row + h * D, wi * 8 + 7, cos_row, sin_row, D // 2, D)
+        const = (q0 * tl.load(sh_row) + q1 * tl.load(sh_row + 1) + q2 * tl.load(sh_row + 2)
+                 + q3 * tl.load(sh_row + 3) + q4 * tl.load(sh_row + 4) + q5 * tl.load(sh_row + 5)
+                 + q6 * tl.load(sh_row + 6) + q7 * tl.load(sh_row + 7))
+        const = tl.sum(const, 0) * sm_scale
+        if (h % QG == 0) & (sp == 0):  # the token's key and value into the cache (slot length: past only)
+            jj = tl.arange(0, G)[:, None] * (D // 2 // G) + tl.arange(0, D // 2 // G)[None, :]
+            _append_kv(row, b, kh, length, jj, cos_row, sin_row, kc8_ptr, ks_ptr, km_ptr, vc8_ptr, vs_ptr, vm_ptr,
+                       kscale_ptr, kshift_ptr, vscale_ptr, vshift_ptr, S, HQ, HKV, D, G, 15)
+    else:
+        q0, q1, q2, q3 = tl.load(q_row), tl.load(q_row + 1), tl.load(q_row + 2), tl.load(q_row + 3)
+        q4, q5, q6, q7 = tl.load(q_row + 4), tl.load(q_row + 5), tl.load(q_row + 6), tl.load(q_row + 7)
+        d8 = tl.arange(0, 8)
+        const = tl.sum(tl.sum(tl.load(q_row[:, None] + d8[None, :]) * tl.load(sh_row[:, None] + d8[None, :]), 1),
+                       0)
+        const = const * sm_scale
+    qs0 = q0 * tl.load(sc_row) * sm_scale
+    qs1 = q1 * tl.load(sc_row + 1) * sm_scale
+    qs2 = q2 * tl.load(sc_row + 2) * sm_scale
+    qs3 = q3 * tl.load(sc_row + 3) * sm_scale
+    qs4 = q4 * tl.load(sc_row + 4) * sm_scale
+    qs5 = q5 * tl.load(sc_row + 5) * sm_scale
+    qs6 = q6 * tl.load(sc_row + 6) * sm_scale
+    qs7 = q7 * tl.load(sc_row + 7) * sm_scale
     qsw = qs0 + qs1 + qs2 + qs3 + qs4 + qs5 + qs6 + qs7  # [NW]
     QS = (qs0, qs1, qs2, qs3, qs4, qs5, qs6, qs7)
-    d8 = tl.arange(0, 8)
-    const = tl.sum(tl.sum(tl.load(q_row[:, None] + d8[None, :]) * tl.load(sh_row[:, None] + d8[None, :]), 1), 0)
-    const = const * sm_scale
     if ROW_MAX:  # finite start: a row that never holds a token keeps exp(-inf - m) = 0
         m_i = tl.full((BLOCK_S,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_S,), tl.float32)
@@ -399,22 +443,31 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         tl.debug_barrier()  # every thread's partials stored before the count (released by it)
         if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NSPLIT - 1:  # the head's last program
             _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
-                          sm_scale, HQ, HKV, D, QG, NSPLIT, ".cg")
+                          sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
+                          ROPE)
             tl.store(cnt_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
 def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr, sm_scale,
-                  HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr,
-                  CACHE: tl.constexpr):
+                  qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr):
     """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
     static shift and scale of the values applied, written to ``out``. ``CACHE``: the partials' load cache modifier
-    (``".cg"``, past L1, when other programs of the same kernel wrote them)."""
+    (``".cg"``, past L1, when other programs of the same kernel wrote them). ``ROPE``: the query and the current
+    key and value from ``qkv`` (roped at position ``pos``), else from ``q``, ``k_cur``, ``v_cur``."""
     kh = h // QG
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (b * HQ + h) * D + d)
-    k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
-    v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
+    if ROPE:
+        pos = tl.load(pos_ptr)
+        cos_row, sin_row, row = cos_ptr + pos * D, sin_ptr + pos * D, qkv_ptr + b * stride_qkv
+        q = _rope(row + h * D, d, cos_row, sin_row, D // 2, D)
+        k_cur = _rope(row + (HQ + kh) * D, d, cos_row, sin_row, D // 2, D)
+        v_cur = tl.load(row + (HQ + HKV + kh) * D + d).to(tl.float32)
+    else:
+        q = tl.load(q_ptr + (b * HQ + h) * D + d)
+        k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
+        v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
     s_cur = tl.sum(q * k_cur, 0) * sm_scale
     part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
     ms = tl.load(m_ptr + part, cache_modifier=CACHE)
@@ -432,12 +485,14 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
 
 @triton.jit
 def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
-                         sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr,
-                         NSPLIT: tl.constexpr, PDL: tl.constexpr):
+                         sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
+                         HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr,
+                         PDL: tl.constexpr, ROPE: tl.constexpr):
     overlap.launch_dependents(PDL)
     overlap.wait_prior(PDL)  # everything read here is written by the kernels before
     _combine_head(tl.program_id(0), tl.program_id(1), q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
-                  vshift_ptr, out_ptr, sm_scale, HQ, HKV, D, QG, NSPLIT, "")
+                  vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG,
+                  NSPLIT, "", ROPE)
 
 
 def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens: int = 256) -> int:
@@ -531,12 +586,6 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
                        "an attention", "benchmarks/attn_bench.py")
 
 
-def multiprocessors(device) -> int:
-    """Multiprocessors of ``device`` (4 off CUDA, for Triton's interpreter)."""
-    device = torch.device(device)
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnConfig:
     """The config at ``batch`` and a cache of ``max_len`` slots: the sweep records named by the environment
     variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`; several separated by ``os.pathsep``), then
@@ -566,35 +615,69 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
     ``FastLlama.splits_for``, chosen there from the same config). ``block_s``, ``num_warps``: override the config's.
     """
     b, hq, d = q.shape
+    return _attention(b, hq, d, q, k_cur, v_cur, None, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
+                      num_warps)
+
+
+def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scale: float, out_dtype,
+                   splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None,
+                   bits: int = 4):
+    """:func:`rope_append` and :func:`decode_attention` in one kernel launch: the attention programs rope the
+    token's query, key and value from the projection's output ``qkv [B, (Hq + 2 Hkv) D]`` (float32) at position
+    ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
+    (POQ), and one program per KV head appends the token's key and value at slot ``pos``, as :func:`rope_append`
+    would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates). Returns ``[B, Hq,
+    D]`` in ``out_dtype``; ``pos`` is not advanced."""
+    b, hkv, d = qkv.shape[0], store.k_codes.shape[1], 2 * store.k_codes.shape[-1]
+    if bits != 4:
+        raise ValueError(f"the KV kernels store 4-bit codes, got kv bits {bits}")
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * hkv) * d or qkv.stride(1) != 1 or qkv.dtype != torch.float32:
+        raise ValueError(f"qkv must be float32 [{b}, {(num_heads + 2 * hkv) * d}] with unit stride, got {qkv.dtype} "
+                         f"{list(qkv.shape)}")
+    return _attention(b, num_heads, d, None, None, None, (qkv, cos, sin), store, pos, kv_params, sm_scale, out_dtype,
+                      splits, block_s, num_warps)
+
+
+def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
+               num_warps):
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
+    device = store.k_codes.device
     if isinstance(splits, AttnConfig):
         cfg = splits
     else:
         cfg = replace(attn_config(b, hq, s), splits=splits)
     cfg = replace(cfg, block_s=block_s or cfg.block_s, num_warps=num_warps or cfg.num_warps)
     if cfg.splits == 0:
-        cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(q.device), cfg.min_tokens))
+        cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(device), cfg.min_tokens))
     qg = hq // hkv
-    m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=q.device)
+    m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=device)
     l_ = torch.empty_like(m)
-    acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
     if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
-    pdl = overlap.launch_options(q.device, "attn")
-    out = torch.empty(b, hq, d, dtype=out_dtype, device=q.device)
-    cnt = _head_counts(q.device, b * hq) if cfg.combine else m
+    pdl = overlap.launch_options(device, "attn")
+    out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
+    cnt = _head_counts(device, b * hq) if cfg.combine else m
+    if rope is None:  # the rope arguments unused
+        rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
+    else:
+        qkv, cos, sin = rope
+        rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
+        q = k_cur = v_cur = m  # unused: the kernel reads qkv
     _attn_split_kernel[(b * hq, cfg.splits)](
         q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale, v_shift, out,
+        length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale, v_shift, out, *rope_args,
         HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
         LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
-        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(q.device) else 0, COMBINE=cfg.combine, **pdl)
+        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
+        ROPE=rope is not None, **pdl)
     if not cfg.combine:
-        _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale,
-                                      HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=cfg.splits, **pdl)
+        _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
+                                      rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,
+                                      NSPLIT=cfg.splits, ROPE=rope is not None, **pdl)
     return out
 
 

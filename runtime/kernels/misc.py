@@ -10,7 +10,8 @@ from . import overlap
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, clr_ptr, clr_n, stride_clr,
+                    BLOCK: tl.constexpr, CLEAR: tl.constexpr, PDL: tl.constexpr):
     overlap.launch_dependents(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -21,15 +22,29 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, N, eps, stride_x, stride_y, BLOCK: tl.c
     var = tl.sum(x * x, 0) / N
     y = (x * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + cols, w * y, mask=mask)
+    if CLEAR:  # row `row` of another buffer
+        for c0 in range(0, clr_n, BLOCK):
+            c = c0 + cols
+            tl.store(clr_ptr + row * stride_clr + c, tl.zeros((BLOCK,), clr_ptr.dtype.element_ty), mask=c < clr_n)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None) -> torch.Tensor:
-    """LLaMA RMSNorm of ``x [..., N]`` (float32 statistics, result in ``out_dtype``, default ``x.dtype``)."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None,
+            clear: torch.Tensor | None = None) -> torch.Tensor:
+    """LLaMA RMSNorm of ``x [..., N]`` (float32 statistics, result in ``out_dtype``, default ``x.dtype``).
+    ``clear``: a ``[rows, n]`` buffer (unit stride along ``n``; ``rows`` those of ``x``) to zero in the same launch,
+    e.g. the decode step's ``qkv`` accumulation buffer, free again once the previous layer's attention has read it
+    (:func:`runtime.kernels.kv4.rope_attention`)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
-    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0),
-                                    BLOCK=triton.next_power_of_2(n), **overlap.launch_options(x.device, "norm"))
+    if clear is not None and (clear.dim() != 2 or clear.shape[0] != x2.shape[0] or clear.stride(1) != 1):
+        raise ValueError(f"clear must be [{x2.shape[0]}, n] with unit stride along n, got {list(clear.shape)} "
+                         f"strides {clear.stride()}")
+    clr = clear if clear is not None else y
+    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0), clr,
+                                    clr.shape[1] if clear is not None else 0, clr.stride(0),
+                                    BLOCK=triton.next_power_of_2(n), CLEAR=clear is not None,
+                                    **overlap.launch_options(x.device, "norm"))
     return y.reshape(x.shape)
 
 

@@ -27,7 +27,9 @@ the row-streaming GEMV (:func:`mma_ok` is false), and the tests of this kernel r
 
 Programs: ``(cdiv(N, 16 * TILES * WARPS), SPLIT)``; program ``(i, j)`` owns rows ``[i 16 TILES WARPS, ...)`` and
 range ``j`` of ``SPLIT`` contiguous ranges of the groups; with ``SPLIT > 1`` the partial sums are added with float32
-``atomic_add``. Rows past ``N`` read row ``N - 1`` and are not written; a ragged last group (``K % 128``, a multiple
+``atomic_add``. With ``MmaConfig.persist`` (stream-K) the grid is ``persist`` programs a multiprocessor instead,
+each taking an equal contiguous share of the ``(row block, group)`` pairs (row block major) and adding its partial
+sums with atomics. Rows past ``N`` read row ``N - 1`` and are not written; a ragged last group (``K % 128``, a multiple
 of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
 """
 
@@ -42,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, env_tables, overlap, sweep_table
+from . import cuda_major, env_tables, multiprocessors, overlap, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
@@ -62,8 +64,11 @@ class MmaConfig(NamedTuple):
     program's groups (Hopper only; :func:`_prefetch_asm`), ``chains``: MMA accumulator chains (1 or 2,
     :func:`_compute_asm`), ``stages``: 0, or 2-6 groups of codes and ``x`` in flight through ``cp.async`` copies into
     shared memory that each thread writes and reads alone (:func:`_issue_asm`, :func:`_read_asm`; ``depth`` is then
-    unused; at most :data:`STAGE_LIMIT` bytes of shared memory a program). Not yet run on a GPU (twelfth session: written and compiled
-    for sm_90 without one); the table's configs do not use it."""
+    unused; at most :data:`STAGE_LIMIT` bytes of shared memory a program): 94 registers instead of 128 at two
+    tiles, but measured 5-25% slower than the register prefetch at every 7B shape (thirteenth session,
+    benchmarks/results/r16), so no table config uses it. ``persist``: 0, or a stream-K grid of ``persist`` programs
+    a multiprocessor that share the ``(row block, group)`` pairs equally (``split`` unused; float32 atomics): no
+    partly filled last wave; won at the large M = 1 shapes."""
 
     warps: int = 4
     tiles: int = 1
@@ -72,11 +77,12 @@ class MmaConfig(NamedTuple):
     l2: bool = False
     chains: int = 1
     stages: int = 0
+    persist: int = 0
 
     def label(self) -> str:
         return (f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
                 + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else "")
-                + (f"_s{self.stages}" if self.stages else ""))
+                + (f"_s{self.stages}" if self.stages else "") + (f"_p{self.persist}" if self.persist else ""))
 
 
 STAGE_LIMIT = 44 << 10  # the stages' static shared memory: under the 48 KB a kernel may declare, with room for Triton's
@@ -96,17 +102,22 @@ def stage_bytes(tiles: int) -> int:
 # candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
 MMA_CONFIGS = [MmaConfig(w, t, s, d, l2, c) for w, t, s, d, l2, c in itertools.product(
     (2, 4, 8), (1, 2), (1, 2, 4, 8, 16), (1, 2), (False, True), (1, 2))]
-# the cp.async pipeline (not yet run on a GPU): 2-4 stages where they fit
+# the cp.async pipeline: 2-4 stages where they fit
 MMA_CONFIGS += [cfg for w, t, s, st in itertools.product((2, 4), (1, 2), (2, 4, 8, 16), (2, 3, 4))
                 if stages_fit(cfg := MmaConfig(w, t, s, stages=st))]
+# stream-K grids: programs a multiprocessor (register-limited residency: 128 registers at two tiles, 16 warps)
+MMA_CONFIGS += [MmaConfig(w, t, 1, stages=st, persist=p) for w, t, st, p in itertools.product(
+    (1, 2, 4), (1, 2), (0, 2), (1, 2, 3, 4, 6, 8, 12, 16)) if w * p <= 32]
 # (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py;
 # records in benchmarks/results/r15: M = 1 from w4_mma_r4.json (warps 2/4, splits 2-16, L2 prefetch and two MMA
 # chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
-# w4_mma_r2.json); other shapes: default_mma_config's guess
+# w4_mma_r2.json; r16: the stream-K grids at M = 1 (w4_mma_persist_m1.json: qkv and gate_up; o and down kept
+# their split grids, 0.0-0.4 us apart) and M = 8 (w4_mma_persist_m8.json: no win)); other shapes:
+# default_mma_config's guess
 MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (12288, 4096, 1): MmaConfig(2, 2, 4),  # 11.03 us, 2389 GB/s (row-streaming GEMV 13.68)
+    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.87 us, 2424 GB/s (split grid 11.22, GEMV 13.72)
     (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.78 us, 1519 GB/s (6.42)
-    (22016, 4096, 1): MmaConfig(4, 2, 2),  # 19.48 us, 2423 GB/s (22.92)
+    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 18.67 us, 2529 GB/s (split grid 19.48-20.61, GEMV 22.93)
     (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.09 us, 2338 GB/s (12.26)
     (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
     (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
@@ -348,19 +359,21 @@ mov.u32 $2, warp;
 STAGE_BUF = "wkvq_mma_stage"  # the shared memory the cp.async pipeline's PTX declares (in the prologue's block)
 
 
-def _issue_asm(tiles: int, ragged: bool, stage_stride: int) -> tuple[str, str]:
+def _issue_asm(tiles: int, ragged: bool, threads: int) -> tuple[str, str]:
     """PTX (sm_80) in which a thread starts copying group ``gi``'s ``x`` slice and codes into its own slots of stage
-    ``stage`` (``cp.async.cg``, 16 bytes each; ``STAGE_BUF`` at ``stage * stage_stride + tid * stage_bytes``) and
+    ``stage`` (``cp.async.cg``, 16 bytes each; slot ``v`` of thread ``tid`` at ``STAGE_BUF + stage * stage_stride +
+    (v * threads + tid) * 16``: slot-major, so that a warp's copies and reads cover 512 contiguous bytes, free of bank
+    conflicts — a thread-major layout measured 9x slower, 88% of its shared wavefronts excessive) and
     commits them as one group (an empty one when the flag ``valid`` is 0, so that every iteration commits one).
     ``ragged``: a slice past ``K`` is filled with zeros (source size 0, from the row's start). Inputs: the prologue's
     code pointers and ``x`` pointer, ``t``, ``gi``, ``valid``, ``stage``, ``K``; the output (0) means nothing."""
     nptr = 2 * tiles
     ptrs = [f"${1 + i}" for i in range(nptr)]
     px, t, gi, valid, stage, kk = (f"${1 + nptr + i}" for i in range(6))
-    b = stage_bytes(tiles)
+    slot = 16 * threads
     L = ["{", ".reg .pred pv, pk;", ".reg .u32 sa, tid, c0, n;", ".reg .u64 off, ad;",
          f"setp.ne.u32 pv, {valid}, 0;", "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};",
-         f"mad.lo.u32 sa, {stage}, {stage_stride}, sa;", f"mad.lo.u32 sa, tid, {b}, sa;"]
+         f"mad.lo.u32 sa, {stage}, {threads * stage_bytes(tiles)}, sa;", "mad.lo.u32 sa, tid, 16, sa;"]
     if ragged:
         L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};",
               "selp.u32 n, 16, 0, pk;"]
@@ -370,29 +383,30 @@ def _issue_asm(tiles: int, ragged: bool, stage_stride: int) -> tuple[str, str]:
     L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
     if ragged:
         L.append(f"@!pk mov.u64 ad, {px};")
-    L += [f"@pv cp.async.cg.shared.global [sa+{16 * v}], [ad+{16 * v}], 16{size};" for v in range(4)]
+    # x through L1 (.ca: a warp's lanes share 4 addresses; .cg made every lane its own L2 request, 56% of the
+    # sectors excess, ncu), the codes through L2 only (.cg: read once; .ca measured 15-45% slower)
+    L += [f"@pv cp.async.ca.shared.global [sa+{slot * v}], [ad+{16 * v}], 16{size};" for v in range(4)]
     L.append(f"mul.wide.u32 off, {gi}, 64;")
     for i, ptr in enumerate(ptrs):
         L += [f"add.u64 ad, {ptr}, off;"]
         if ragged:
             L.append(f"@!pk mov.u64 ad, {ptr};")
-        L.append(f"@pv cp.async.cg.shared.global [sa+{64 + 16 * i}], [ad], 16{size};")
+        L.append(f"@pv cp.async.cg.shared.global [sa+{slot * (4 + i)}], [ad], 16{size};")
     L += ["cp.async.commit_group;", "mov.u32 $0, 0;", "}"]
     cons = ",".join(["=r"] + ["l"] * nptr + ["l", "r", "r", "r", "r", "r"])
     return "\n".join(L), cons
 
 
-def _read_asm(tiles: int, stages: int, stage_stride: int) -> tuple[str, str]:
+def _read_asm(tiles: int, stages: int, threads: int) -> tuple[str, str]:
     """PTX in which a thread waits until at most ``stages - 1`` of its copy groups are pending (so the oldest, group
     ``gi``, has landed) and reads its slots of stage ``stage``: outputs the 16 ``x`` words, then 8 code words per
     tile. Input: ``stage``, and a value of the issue that precedes it (an ordering dependency)."""
     nout = 16 + 8 * tiles
-    b = stage_bytes(tiles)
     stage = f"${nout}"
     L = ["{", ".reg .u32 sa, tid;", f".reg .b32 v<{nout}>;", f"cp.async.wait_group {stages - 1};",
-         "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};", f"mad.lo.u32 sa, {stage}, {stage_stride}, sa;",
-         f"mad.lo.u32 sa, tid, {b}, sa;"]
-    L += [f"ld.shared.v4.u32 {{v{4 * i},v{4 * i + 1},v{4 * i + 2},v{4 * i + 3}}}, [sa+{16 * i}];"
+         "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};",
+         f"mad.lo.u32 sa, {stage}, {threads * stage_bytes(tiles)}, sa;", "mad.lo.u32 sa, tid, 16, sa;"]
+    L += [f"ld.shared.v4.u32 {{v{4 * i},v{4 * i + 1},v{4 * i + 2},v{4 * i + 3}}}, [sa+{16 * threads * i}];"
           for i in range(nout // 4)]
     L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
     return "\n".join(L), ",".join(["=r"] * nout + ["r", "r"])
@@ -431,8 +445,8 @@ def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
     stride = threads * stage_bytes(tiles)
     pro, pro_cons = _prologue_asm(tiles)
     pro = f".shared .align 16 .b8 {STAGE_BUF}[{stages * stride}];\n" + pro
-    issue, issue_cons = _issue_asm(tiles, ragged, stride)
-    read, read_cons = _read_asm(tiles, stages, stride)
+    issue, issue_cons = _issue_asm(tiles, ragged, threads)
+    read, read_cons = _read_asm(tiles, stages, threads)
     sz, sz_cons = _sz_asm(tiles)
     return pro, pro_cons, issue, issue_cons, read, read_cons, sz, sz_cons
 
@@ -441,10 +455,10 @@ def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
 
 
 @triton.jit
-def _store_acc(y_ptr, acc, row, n, N, M, stride_ym, SPLIT: tl.constexpr):
+def _store_acc(y_ptr, acc, row, n, N, M, stride_ym, ATOMIC: tl.constexpr):
     mask = (row < N) & (n < M)
     ptr = y_ptr + n * stride_ym + row
-    if SPLIT > 1:
+    if ATOMIC:
         tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
     else:  # the thread owns (n, row): a plain read-modify-write
         tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc, mask=mask)
@@ -584,22 +598,13 @@ def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr
 
 
 @triton.jit
-def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-                   WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr,
-                   PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
-                   COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr,
-                   PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
-                   READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
-    """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
-    in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
-    :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
-    the products of group ``i`` (loop-carried registers: ``DEPTH`` groups in flight per warp while it computes; the
-    last ones re-read the range's last group, cached)."""
-    NT: tl.constexpr = 32 * WARPS
-    i, j = tl.program_id(0), tl.program_id(1)
-    row0 = i * (16 * TILES * WARPS)
-    g_lo = j * G // SPLIT
-    g_hi = (j + 1) * G // SPLIT
+def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
+           g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
+           PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
+           COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
+           STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
+           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
+    """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``."""
     lane = tl.zeros((NT,), tl.int32) + row0  # one element per thread: carries row0 into the PTX
     if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
         tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
@@ -640,15 +645,55 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             W = U
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
     row = row0 + warp * (16 * TILES) + g
-    _store_acc(y_ptr, A[0], row, n, N, M, stride_ym, SPLIT)
-    _store_acc(y_ptr, A[1], row, n + 1, N, M, stride_ym, SPLIT)
-    _store_acc(y_ptr, A[2], row + 8, n, N, M, stride_ym, SPLIT)
-    _store_acc(y_ptr, A[3], row + 8, n + 1, N, M, stride_ym, SPLIT)
+    _store_acc(y_ptr, A[0], row, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[1], row, n + 1, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[2], row + 8, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[3], row + 8, n + 1, N, M, stride_ym, ATOMIC)
     if TILES == 2:
-        _store_acc(y_ptr, A[4], row + 16, n, N, M, stride_ym, SPLIT)
-        _store_acc(y_ptr, A[5], row + 16, n + 1, N, M, stride_ym, SPLIT)
-        _store_acc(y_ptr, A[6], row + 24, n, N, M, stride_ym, SPLIT)
-        _store_acc(y_ptr, A[7], row + 24, n + 1, N, M, stride_ym, SPLIT)
+        _store_acc(y_ptr, A[4], row + 16, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[5], row + 16, n + 1, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[6], row + 24, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[7], row + 24, n + 1, N, M, stride_ym, ATOMIC)
+
+
+
+
+@triton.jit
+def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                   WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PERSIST: tl.constexpr,
+                   PRO: tl.constexpr, PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr,
+                   COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
+                   L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
+                   ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
+                   SZA_CONS: tl.constexpr):
+    """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
+    in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
+    :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
+    the products of group ``i`` (loop-carried registers: ``DEPTH`` groups in flight per warp while it computes; the
+    last ones re-read the range's last group, cached). ``PERSIST``: a 1-D grid of programs that split the
+    ``(row block, group)`` pairs, row block major, into equal contiguous shares (stream-K: every program the same
+    number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block)."""
+    NT: tl.constexpr = 32 * WARPS
+    ROWS: tl.constexpr = 16 * TILES * WARPS
+    if PERSIST:
+        p, P = tl.program_id(0), tl.num_programs(0)
+        work = tl.cdiv(N, ROWS) * G
+        w = p * work // P
+        w_end = (p + 1) * work // P
+        while w < w_end:
+            rb = w // G
+            g_lo = w - rb * G
+            g_hi = tl.minimum(G, g_lo + (w_end - w))
+            _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
+                   stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS)
+            w += g_hi - g_lo
+    else:
+        i, j = tl.program_id(0), tl.program_id(1)
+        _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+               i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
+               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
+               SZA_CONS)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -684,18 +729,24 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
-            or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)):
+            or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)
+            or not 0 <= cfg.persist <= 32):
         raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
-                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory")
+                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     g = scales.shape[1]
-    grid = (triton.cdiv(n, 16 * cfg.tiles * cfg.warps), min(cfg.split, g))
+    blocks = triton.cdiv(n, 16 * cfg.tiles * cfg.warps)
+    if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
+        grid = (min(cfg.persist * multiprocessors(x2.device), blocks * g), 1)
+    else:
+        grid = (blocks, min(cfg.split, g))
     _w4_mma_kernel[grid](
         x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, qweight.stride(0), scales.stride(0) * 2,
-        zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PRO=pro, PRO_CONS=pro_cons,
+        zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
+        PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
         READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], num_warps=cfg.warps)
