@@ -112,13 +112,14 @@ MMA_CONFIGS += [MmaConfig(w, t, 1, stages=st, persist=p) for w, t, st, p in iter
 # records in benchmarks/results/r15: M = 1 from w4_mma_r4.json (warps 2/4, splits 2-16, L2 prefetch and two MMA
 # chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
 # w4_mma_r2.json; r16: the stream-K grids at M = 1 (w4_mma_persist_m1.json: qkv and gate_up; o and down kept
-# their split grids, 0.0-0.4 us apart) and M = 8 (w4_mma_persist_m8.json: no win)); other shapes:
+# their split grids, 0.0-0.4 us apart) and M = 8 (w4_mma_persist_m8.json: no win); the M = 1 times are those of
+# w4_mma_zp3_m1.json, after the 3-instruction zero-point constants); other shapes:
 # default_mma_config's guess
 MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.87 us, 2424 GB/s (split grid 11.22, GEMV 13.72)
-    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.78 us, 1519 GB/s (6.42)
-    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 18.67 us, 2529 GB/s (split grid 19.48-20.61, GEMV 22.93)
-    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.09 us, 2338 GB/s (12.26)
+    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.60 us, 2487 GB/s (split grid 11.22, GEMV 13.76)
+    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.77 us, 1523 GB/s (stream-K 5.76, GEMV 6.41)
+    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 17.74 us, 2661 GB/s (split grid 19.45, GEMV 22.93)
+    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.15 us, 2326 GB/s (stream-K 11.11, GEMV 12.31)
     (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
     (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
     (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
@@ -294,7 +295,7 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
     L = [
         "{",
         ".reg .u32 tmp, zq;",
-        ".reg .b32 mag, m0, m1, k16;",
+        ".reg .b32 mag, m0, m1, k16, zero;",
         ".reg .b16 lo16, hi16;",
         ".reg .b32 xp<16>, h<8>, zs<2>, zf<2>;",
         ".reg .f32 d<4>, e<4>, sc<2>;",
@@ -303,6 +304,7 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
         "mov.b32 m0, 0x000F000F;",
         "mov.b32 m1, 0x00F000F0;",
         "mov.b32 k16, 0x2C002C00;",  # float16 1/16 in both halves
+        "mov.b32 zero, 0;",
     ]
     # x pairs (x_i, x_{i+4}) of each of the thread's four words: xp[4 wd + p]
     for wd in range(4):
@@ -314,12 +316,10 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
         w = [f"${o + i}" for i in range(8)]
         spk, zpk = f"${o + 8}", f"${o + 9}"
         L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;"]
-        for half in range(2):
-            L += [f"bfe.u32 zq, {zpk}, {16 * half}, 8;",
-                  "add.u32 tmp, zq, 0x6400;",  # float16 1024 + z
-                  f"prmt.b32 zs{half}, tmp, tmp, 0x1010;",
-                  "mad.lo.u32 tmp, zq, 16, 0xD400;",  # float16 -(64 + z)
-                  f"prmt.b32 zf{half}, tmp, tmp, 0x1010;"]
+        for half in range(2):  # the row's z (byte 2 half of the word) in both 16-bit halves, then per half
+            L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # without carries (z < 256):
+                  f"add.u32 zs{half}, zq, 0x64006400;",  # float16 1024 + z
+                  f"mad.lo.u32 zf{half}, zq, 16, 0xD400D400;"]  # float16 -(64 + z)
         L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
         for wd in range(4):
             for half in range(2):
