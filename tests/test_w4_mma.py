@@ -121,13 +121,15 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist", [
-    (1, False, 1, 0, 4, False), (2, True, 2, 0, 4, False), (1, True, 1, 3, 4, False), (2, False, 1, 4, 2, False),
-    (2, False, 1, 0, 2, True), (1, True, 1, 3, 4, True)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist):
+@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed", [
+    (1, False, 1, 0, 4, False, False), (2, True, 2, 0, 4, False, True), (1, True, 1, 3, 4, False, False),
+    (2, False, 1, 4, 2, False, False), (2, False, 1, 0, 2, True, True), (1, True, 1, 3, 4, True, False),
+    (1, False, 1, 0, 1, True, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
-    tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills)."""
+    tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
+    at immediate offsets."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -141,7 +143,9 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         pytest.skip("Triton's bundled cuobjdump is not there")
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged)
+    # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
+    strides = (5504, 172, 86) if fixed else None
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides)
     stage = ("", "r", "", "r", "", "r")
     if stages:
         assert w4_mma.stages_fit(w4_mma.MmaConfig(warps, tiles, 4, stages=stages))
@@ -149,7 +153,8 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
-              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist}
+              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
+              "FIXED": fixed}
     names = list(w4_mma._w4_mma_kernel.arg_names)
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
@@ -170,8 +175,11 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
                                check=True).stdout
     finally:
         os.remove(cubin)
-    assert sass.count("HMMA.16816.F32") == 8 * tiles
+    # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one
+    assert sass.count("HMMA.16816.F32") == 8 * tiles * (3 if depth == 1 and not stages else 1)
     assert "LOCAL:0" in usage
+    if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
+        assert "+0xac00]" in sass
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it
         assert sass.count("LDGSTS.E.BYPASS.128") == stages * 2 * tiles
         assert sass.count("LDGSTS.E.128") == stages * 4

@@ -29,7 +29,13 @@ Programs: ``(cdiv(N, 16 * TILES * WARPS), SPLIT)``; program ``(i, j)`` owns rows
 range ``j`` of ``SPLIT`` contiguous ranges of the groups; with ``SPLIT > 1`` the partial sums are added with float32
 ``atomic_add``. With ``MmaConfig.persist`` (stream-K) the grid is ``persist`` programs a multiprocessor instead,
 each taking an equal contiguous share of the ``(row block, group)`` pairs (row block major) and adding its partial
-sums with atomics. Rows past ``N`` read row ``N - 1`` and are not written; a ragged last group (``K % 128``, a multiple
+sums with atomics. The loop runs two groups an iteration, so that each group's loads land in the registers the
+group before last was computed from (one iteration of one group needed ~29 register copies of the prefetched words),
+and the launch's row strides are compiled into the loads (immediate offsets from each tensor's first row: one
+address add per tensor and group), the last row block then shifted down to end at ``N`` (its rows below the block
+recomputed, not written). Local sm_90 SASS at two tiles: 230 instructions a group of 128 codes per thread, 1.8 a
+code (290 before the thirteenth session). Rows past ``N`` (tiny ``N``, or with stages) read row ``N - 1`` and are
+not written; a ragged last group (``K % 128``, a multiple
 of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
 """
 
@@ -113,13 +119,13 @@ MMA_CONFIGS += [MmaConfig(w, t, 1, stages=st, persist=p) for w, t, st, p in iter
 # chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
 # w4_mma_r2.json; r16: the stream-K grids at M = 1 (w4_mma_persist_m1.json: qkv and gate_up; o and down kept
 # their split grids, 0.0-0.4 us apart) and M = 8 (w4_mma_persist_m8.json: no win); the M = 1 times are those of
-# w4_mma_zp3_m1.json, after the 3-instruction zero-point constants); other shapes:
+# w4_mma_unroll_m1.json, after the zero-point, immediate-offset and two-groups-an-iteration changes); other shapes:
 # default_mma_config's guess
 MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.60 us, 2487 GB/s (split grid 11.22, GEMV 13.76)
-    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.77 us, 1523 GB/s (stream-K 5.76, GEMV 6.41)
-    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 17.74 us, 2661 GB/s (split grid 19.45, GEMV 22.93)
-    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.15 us, 2326 GB/s (stream-K 11.11, GEMV 12.31)
+    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.36 us, 2544 GB/s (split grid 12.74, GEMV 13.81)
+    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.48 us, 1602 GB/s (stream-K 5.88, GEMV 6.47)
+    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 16.75 us, 2818 GB/s (split grid 19.17, GEMV 22.93)
+    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.38 us, 2274 GB/s (stream-K 10.61, GEMV 12.41)
     (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
     (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
     (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
@@ -237,13 +243,18 @@ def _prefetch_asm(tiles: int) -> str:
         "}"])
 
 
-def _load_asm(tiles: int, ragged: bool) -> tuple[str, str]:
+def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
     ``t``, the group index, ``K``. ``ragged`` (``K % 128 != 0``): a thread whose channels lie past ``K`` reads no
     codes and zeros for ``x`` (predicated loads); otherwise the loads are unconditional. Outputs, in order: ``x``
-    words, then per tile the 8 code words, the scales word, the zeros word. Returns (asm, constraints)."""
+    words, then per tile the 8 code words, the scales word, the zeros word. Returns (asm, constraints).
+
+    ``strides`` (bytes between rows of codes, scales, zeros; the launch's, known when the kernel is compiled): the
+    rows ``g + 8 h`` are read at immediate offsets from the first row's pointers (one 64-bit add per tensor and
+    group instead of one per row; the other rows' pointers go unused and ptxas drops them). Needs every row of the
+    block inside ``N`` (the kernel then shifts the last block down, ``FIXED``)."""
     nout = 16 + 10 * tiles
     outs = [f"${i}" for i in range(nout)]
     idx = nout
@@ -262,6 +273,25 @@ def _load_asm(tiles: int, ragged: bool) -> tuple[str, str]:
     for v in range(4):
         L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, [ad+{16 * v}];")
     L += [f"mul.wide.u32 offc, {gi}, 64;", f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
+    if strides is not None:
+        sq, ss, sz = strides
+        (ca, sa, za) = ptrs[0]
+        L += [".reg .u64 pc, ps, pz;", f"add.u64 pc, {ca}, offc;", f"add.u64 ps, {sa}, offs;",
+              f"add.u64 pz, {za}, offz;"]
+        for r in range(tiles):
+            o, ra, rb = 16 + 10 * r, 16 * r, 16 * r + 8
+            if ragged:
+                L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
+            L += [f"{pred}ld.global.nc.v4.u32 {{v{o},v{o + 1},v{o + 2},v{o + 3}}}, [pc+{ra * sq}];",
+                  f"{pred}ld.global.nc.v4.u32 {{v{o + 4},v{o + 5},v{o + 6},v{o + 7}}}, [pc+{rb * sq}];",
+                  f"ld.global.nc.b16 s16a, [ps+{ra * ss}];", f"ld.global.nc.b16 s16b, [ps+{rb * ss}];",
+                  f"mov.b32 v{o + 8}, {{s16a, s16b}};",
+                  f"ld.global.nc.u8 z16a, [pz+{ra * sz}];", f"ld.global.nc.u8 z16b, [pz+{rb * sz}];",
+                  f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
+        L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
+        L.append("}")
+        cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
+        return "\n".join(L), cons
     for r in range(tiles):
         (ca, sa, za), (cb, sb, zb) = ptrs[2 * r], ptrs[2 * r + 1]
         o = 16 + 10 * r
@@ -431,9 +461,9 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
 
 
 @functools.cache
-def _asm(tiles: int, ragged: bool, chains: int = 1):
+def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None):
     pro, pro_cons = _prologue_asm(tiles)
-    load, load_cons = _load_asm(tiles, ragged)
+    load, load_cons = _load_asm(tiles, ragged, strides)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
@@ -455,8 +485,8 @@ def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
 
 
 @triton.jit
-def _store_acc(y_ptr, acc, row, n, N, M, stride_ym, ATOMIC: tl.constexpr):
-    mask = (row < N) & (n < M)
+def _store_acc(y_ptr, acc, row, lo, n, N, M, stride_ym, ATOMIC: tl.constexpr):
+    mask = (row >= lo) & (row < N) & (n < M)
     ptr = y_ptr + n * stride_ym + row
     if ATOMIC:
         tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
@@ -603,9 +633,15 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
-           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
-    """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``."""
-    lane = tl.zeros((NT,), tl.int32) + row0  # one element per thread: carries row0 into the PTX
+           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr):
+    """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
+    ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
+    down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists."""
+    if FIXED:
+        rowp = tl.minimum(row0, N - NT // 2 * TILES)
+    else:
+        rowp = row0
+    lane = tl.zeros((NT,), tl.int32) + rowp  # one element per thread: carries the block's first row into the PTX
     if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
         tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
                                   dtype=tl.int32, is_pure=False, pack=1)
@@ -627,13 +663,17 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         for gi in range(g_lo, g_hi):
             A, Z = _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                                SZA_CONS, COMP, COMP_CONS, TILES)
-    elif DEPTH == 1:
+    elif DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
         V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
-        for gi in range(g_lo, g_hi):
-            U = _load(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+        for gi in range(g_lo, g_hi - 1, 2):
+            U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
             if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
-            V = U
+            V = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+            if gi != K:
+                A = _comp(A, U, COMP, COMP_CONS, TILES)
+        if (g_hi - g_lo) % 2 == 1:  # the range's last group (V: group g_hi - 1)
+            A = _comp(A, V, COMP, COMP_CONS, TILES)
     else:
         V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
         W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
@@ -644,16 +684,16 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             V = W
             W = U
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
-    row = row0 + warp * (16 * TILES) + g
-    _store_acc(y_ptr, A[0], row, n, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[1], row, n + 1, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[2], row + 8, n, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[3], row + 8, n + 1, N, M, stride_ym, ATOMIC)
+    row = rowp + warp * (16 * TILES) + g
+    _store_acc(y_ptr, A[0], row, row0, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[1], row, row0, n + 1, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[2], row + 8, row0, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[3], row + 8, row0, n + 1, N, M, stride_ym, ATOMIC)
     if TILES == 2:
-        _store_acc(y_ptr, A[4], row + 16, n, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[5], row + 16, n + 1, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[6], row + 24, n, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[7], row + 24, n + 1, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[4], row + 16, row0, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[5], row + 16, row0, n + 1, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[6], row + 24, row0, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[7], row + 24, row0, n + 1, N, M, stride_ym, ATOMIC)
 
 
 
@@ -665,7 +705,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
                    L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
                    ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
-                   SZA_CONS: tl.constexpr):
+                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -686,14 +726,14 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             g_hi = tl.minimum(G, g_lo + (w_end - w))
             _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
                    stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS)
+                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED)
             w += g_hi - g_lo
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-               SZA_CONS)
+               SZA_CONS, FIXED)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -733,12 +773,15 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             or not 0 <= cfg.persist <= 32):
         raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
                          f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32")
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains)
+    rows = 16 * cfg.tiles * cfg.warps
+    fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
+    strides = (qweight.stride(0), scales.stride(0) * 2, zeros.stride(0)) if fixed else None
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     g = scales.shape[1]
-    blocks = triton.cdiv(n, 16 * cfg.tiles * cfg.warps)
+    blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
         grid = (min(cfg.persist * multiprocessors(x2.device), blocks * g), 1)
     else:
@@ -749,5 +792,5 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
-        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], num_warps=cfg.warps)
+        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, num_warps=cfg.warps)
     return out
