@@ -197,9 +197,10 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
                                                           (8, 2, None, 0, 2, 1)])
 def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, length, splits, b, combine, loads):
     """The fused decode attention (:func:`rope_attention`: rope, append and attention in one launch) against
-    :func:`rope_append` then :func:`decode_attention` on a copy of the cache: the same output (float32 rounding
-    apart: the query's shift term is summed in another order) and the same stored bytes at every slot, over a past
-    of ``length`` tokens (none, one split holding all of it, several); ``qkv`` is left as it was."""
+    :func:`rope_append` then :func:`decode_attention` on a copy of the cache: the same output (the same float32
+    operations in the same order: equal under the interpreter; on a GPU each kernel's FMA contraction is its
+    compiler's, so within 1e-6) and the same stored bytes at every slot, over a past of ``length`` tokens (none,
+    one split holding all of it, several); ``qkv`` is left as it was."""
     from runtime.kernels.kv4 import (
         AttnConfig,
         decode_attention,
@@ -223,7 +224,7 @@ def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, lengt
     ref = decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5, torch.float32, cfg)
     before = qkv.clone()
     out = rope_attention(qkv, cos, sin, caches[1].pos, caches[1].layers[0], params, hq, d ** -0.5, torch.float32, cfg)
-    assert _rel(out, ref) < 1e-5 and torch.equal(qkv, before)
+    assert (torch.equal(out, ref) if DEV.type == "cpu" else _rel(out, ref) < 1e-6) and torch.equal(qkv, before)
     for a, r in zip(caches[1].layers[0].tensors(), caches[0].layers[0].tensors()):
         assert torch.equal(a, r)
     with pytest.raises(ValueError, match="qkv must be float32"):

@@ -359,10 +359,6 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         q5 = _rope(row + h * D, wi * 8 + 5, cos_row, sin_row, D // 2, D)
         q6 = _rope(row + h * D, wi * 8 + 6, cos_row, sin_row, D // 2, D)
         q7 = _rope(row + h * D, wi * 8 + 7, cos_row, sin_row, D // 2, D)
-        const = (q0 * tl.load(sh_row) + q1 * tl.load(sh_row + 1) + q2 * tl.load(sh_row + 2)
-                 + q3 * tl.load(sh_row + 3) + q4 * tl.load(sh_row + 4) + q5 * tl.load(sh_row + 5)
-                 + q6 * tl.load(sh_row + 6) + q7 * tl.load(sh_row + 7))
-        const = tl.sum(const, 0) * sm_scale
         if (h % QG == 0) & (sp == 0):  # the token's key and value into the cache (slot length: past only)
             jj = tl.arange(0, G)[:, None] * (D // 2 // G) + tl.arange(0, D // 2 // G)[None, :]
             _append_kv(row, b, kh, length, jj, cos_row, sin_row, kc8_ptr, ks_ptr, km_ptr, vc8_ptr, vs_ptr, vm_ptr,
@@ -370,10 +366,10 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     else:
         q0, q1, q2, q3 = tl.load(q_row), tl.load(q_row + 1), tl.load(q_row + 2), tl.load(q_row + 3)
         q4, q5, q6, q7 = tl.load(q_row + 4), tl.load(q_row + 5), tl.load(q_row + 6), tl.load(q_row + 7)
-        d8 = tl.arange(0, 8)
-        const = tl.sum(tl.sum(tl.load(q_row[:, None] + d8[None, :]) * tl.load(sh_row[:, None] + d8[None, :]), 1),
-                       0)
-        const = const * sm_scale
+    const = (q0 * tl.load(sh_row) + q1 * tl.load(sh_row + 1) + q2 * tl.load(sh_row + 2) + q3 * tl.load(sh_row + 3)
+             + q4 * tl.load(sh_row + 4) + q5 * tl.load(sh_row + 5) + q6 * tl.load(sh_row + 6)
+             + q7 * tl.load(sh_row + 7))
+    const = tl.sum(const, 0) * sm_scale  # the query's dot product with the keys' static shift
     qs0 = q0 * tl.load(sc_row) * sm_scale
     qs1 = q1 * tl.load(sc_row + 1) * sm_scale
     qs2 = q2 * tl.load(sc_row + 2) * sm_scale
