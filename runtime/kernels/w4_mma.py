@@ -346,8 +346,8 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
         w = [f"${o + i}" for i in range(8)]
         spk, zpk = f"${o + 8}", f"${o + 9}"
         L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;"]
-        for half in range(2):  # the row's z (byte 2 half of the word) in both 16-bit halves, then per half
-            L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # without carries (z < 256):
+        for half in range(2):  # z of row g (byte 0) or g + 8 (byte 2) into both 16-bit halves, then in both
+            L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # halves without carries (z < 256):
                   f"add.u32 zs{half}, zq, 0x64006400;",  # float16 1024 + z
                   f"mad.lo.u32 zf{half}, zq, 16, 0xD400D400;"]  # float16 -(64 + z)
         L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
