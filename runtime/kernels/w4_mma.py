@@ -273,38 +273,28 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     for v in range(4):
         L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, [ad+{16 * v}];")
     L += [f"mul.wide.u32 offc, {gi}, 64;", f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
-    if strides is not None:
-        sq, ss, sz = strides
-        (ca, sa, za) = ptrs[0]
-        L += [".reg .u64 pc, ps, pz;", f"add.u64 pc, {ca}, offc;", f"add.u64 ps, {sa}, offs;",
-              f"add.u64 pz, {za}, offz;"]
-        for r in range(tiles):
-            o, ra, rb = 16 + 10 * r, 16 * r, 16 * r + 8
-            if ragged:
-                L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
-            L += [f"{pred}ld.global.nc.v4.u32 {{v{o},v{o + 1},v{o + 2},v{o + 3}}}, [pc+{ra * sq}];",
-                  f"{pred}ld.global.nc.v4.u32 {{v{o + 4},v{o + 5},v{o + 6},v{o + 7}}}, [pc+{rb * sq}];",
-                  f"ld.global.nc.b16 s16a, [ps+{ra * ss}];", f"ld.global.nc.b16 s16b, [ps+{rb * ss}];",
-                  f"mov.b32 v{o + 8}, {{s16a, s16b}};",
-                  f"ld.global.nc.u8 z16a, [pz+{ra * sz}];", f"ld.global.nc.u8 z16b, [pz+{rb * sz}];",
-                  f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
-        L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
-        L.append("}")
-        cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
-        return "\n".join(L), cons
+    offs, bases = ("offc", "offs", "offz"), ("pc", "ps", "pz")  # per tensor: codes, scales, zeros
+    if strides is not None:  # one pointer per tensor (the first row's), the rows at immediate offsets from it
+        L += [".reg .u64 pc, ps, pz;"] + [f"add.u64 {b}, {p}, {o};" for b, p, o in zip(bases, ptrs[0], offs)]
+
+    def at(half: int, tensor: int) -> tuple[list[str], str]:
+        """The lines before a load of ``tensor`` for row half ``half`` (``2 r + h``), and its address."""
+        if strides is not None:
+            return [], f"[{bases[tensor]}+{8 * half * strides[tensor]}]"
+        return [f"add.u64 ad, {ptrs[half][tensor]}, {offs[tensor]};"], "[ad]"
+
     for r in range(tiles):
-        (ca, sa, za), (cb, sb, zb) = ptrs[2 * r], ptrs[2 * r + 1]
-        o = 16 + 10 * r
+        o, ha, hb = 16 + 10 * r, 2 * r, 2 * r + 1
         if ragged:
             L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
-        L += [f"add.u64 ad, {ca}, offc;", f"{pred}ld.global.nc.v4.u32 {{v{o},v{o + 1},v{o + 2},v{o + 3}}}, [ad];",
-              f"add.u64 ad, {cb}, offc;", f"{pred}ld.global.nc.v4.u32 {{v{o + 4},v{o + 5},v{o + 6},v{o + 7}}}, [ad];",
-              f"add.u64 ad, {sa}, offs;", "ld.global.nc.b16 s16a, [ad];",
-              f"add.u64 ad, {sb}, offs;", "ld.global.nc.b16 s16b, [ad];",
-              f"mov.b32 v{o + 8}, {{s16a, s16b}};",
-              f"add.u64 ad, {za}, offz;", "ld.global.nc.u8 z16a, [ad];",
-              f"add.u64 ad, {zb}, offz;", "ld.global.nc.u8 z16b, [ad];",
-              f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
+        for h, regs in ((ha, f"v{o},v{o + 1},v{o + 2},v{o + 3}"), (hb, f"v{o + 4},v{o + 5},v{o + 6},v{o + 7}")):
+            pre, ad = at(h, 0)
+            L += pre + [f"{pred}ld.global.nc.v4.u32 {{{regs}}}, {ad};"]
+        for tensor, (kind, ra, rb, w) in ((1, ("b16", "s16a", "s16b", o + 8)), (2, ("u8", "z16a", "z16b", o + 9))):
+            for h, reg in ((ha, ra), (hb, rb)):
+                pre, ad = at(h, tensor)
+                L += pre + [f"ld.global.nc.{kind} {reg}, {ad};"]
+            L.append(f"mov.b32 v{w}, {{{ra}, {rb}}};")
     L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
     L.append("}")
     cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
