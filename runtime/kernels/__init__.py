@@ -24,6 +24,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare ``cuda``): the key of the cached queries below."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -35,7 +40,7 @@ def cuda_major(device) -> int:
     device = torch.device(device)
     if interpreting() or device.type != "cuda" or not torch.cuda.is_available():
         return 0
-    return _major(device.index if device.index is not None else torch.cuda.current_device())
+    return _major(_index(device))
 
 
 @functools.cache
@@ -48,7 +53,7 @@ def multiprocessors(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 4
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _sms(_index(device))
 
 
 def available(device) -> bool:
