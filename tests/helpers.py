@@ -93,3 +93,22 @@ def load_benchmark(name: str, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, bench)
     spec.loader.exec_module(bench)
     return bench
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (Frobenius norms) in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def quantized_weight(n: int, k: int, group: int = 128, seed: int = 0, device="cpu"):
+    """A random ``[n, k]`` weight quantized to 4 bits (round to nearest, asymmetric, ``group``): packed codes, float16
+    scales, uint8 zeros, and the dequantized float64 matrix, on ``device``."""
+    from runtime import quant
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    scale, zero = quant.weight_qparams(w, 4, group)
+    q = quant.quantize_weight(w, scale, zero, 4, group)
+    s, z = scale.half(), zero.to(torch.uint8)
+    ref = quant.dequantize_weight(q, s, z, group, torch.float64)
+    return quant.pack(q, 4).to(device), s.to(device), z.to(device), ref.to(device)

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from runtime import kernels, quant
+from tests.helpers import quantized_weight
+from tests.helpers import rel_error as _rel
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not kernels.available(DEV), reason="needs CUDA + Triton (or TRITON_INTERPRET=1)")
@@ -23,10 +25,6 @@ DTYPE = torch.float16 if DEV.type == "cuda" else torch.float32
 TOL = 1e-5  # relative norm error against the float64 reference (module docstring)
 HALF_TOL = 1e-3  # GemvConfig.half: float16 products (~3e-4 measured; _half_dot)
 SHAPES_7B = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))  # qkv, o, gate_up, down
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _tol(m, n, k, dtype, group=128):
@@ -38,14 +36,8 @@ def _tol(m, n, k, dtype, group=128):
 
 
 def _weight(n, k, group, seed=0):
-    """Packed codes, scales, zeros of a random weight and its dequantized float64 matrix."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    scale, zero = quant.weight_qparams(w, 4, group)
-    q = quant.quantize_weight(w, scale, zero, 4, group)
-    s, z = scale.half(), zero.to(torch.uint8)
-    ref_w = quant.dequantize_weight(q, s, z, group, torch.float64)
-    return quant.pack(q, 4).to(DEV), s.to(DEV), z.to(DEV), ref_w.to(DEV)
+    """Packed codes, scales, zeros of a random weight and its dequantized float64 matrix, on the test device."""
+    return quantized_weight(n, k, group, seed, DEV)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])

@@ -12,24 +12,16 @@ import pytest
 import torch
 
 from runtime import quant
+from tests.helpers import quantized_weight
+from tests.helpers import rel_error as _rel
 
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 gpu = pytest.mark.skipif(not CUDA, reason="the tensor-core GEMV is inline PTX: CUDA sm_80+ only")
 TOL = 1e-4
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _weight(n, k, seed=0, device="cuda"):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    scale, zero = quant.weight_qparams(w, 4, 128)
-    q = quant.quantize_weight(w, scale, zero, 4, 128)
-    s, z = scale.half(), zero.to(torch.uint8)
-    ref = quant.dequantize_weight(q, s, z, 128, torch.float64)
-    return quant.pack(q, 4).to(device), s.to(device), z.to(device), ref.to(device)
+    return quantized_weight(n, k, 128, seed, device)
 
 
 def test_mma_ok_off_cuda_and_config_guess():
