@@ -31,7 +31,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.bench_kernels import SHAPES_7B, graph_ms, weight_ring
+from converter.bench_kernels import SHAPES_7B, ring_ms, weight_ring
 from runtime.kernels.w4_gemv import default_config, w4_gemv_accumulate
 
 RING_BYTES = 256 << 20
@@ -61,10 +61,7 @@ def _flat_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 def _per_call(launch, items) -> float:
-    def step():
-        for it in items:
-            launch(it)
-    return graph_ms(step, reps=30) / len(items) * 1e3  # us
+    return ring_ms(launch, items) * 1e3  # us
 
 
 def probe_shape(n: int, k: int) -> dict:

@@ -47,19 +47,23 @@ def projection_case(weight, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, _reference(x, *weight, dtype=torch.float64), torch.zeros(m, n, device="cuda")
 
 
+def ring_ms(launch, items: list) -> float:
+    """ms per ``launch(item)`` over ``items`` (e.g. a ring of weights larger than the L2, so that every call reads
+    DRAM), by CUDA-graph replay of one pass over them."""
+    def step():
+        for it in items:
+            launch(it)
+
+    return graph_ms(step, reps=30) / len(items)
+
+
 def ring_check_time(launch, ring: list, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """``launch(*weights)`` adds into ``out``: (its relative error against ``ref`` from a zeroed ``out`` with the
-    ring's first weights, ms per call over the ``ring`` of weights by CUDA-graph replay, every call reading DRAM when
-    the ring is larger than the L2)."""
+    ring's first weights, ms per call over the ``ring`` of weights, :func:`ring_ms`)."""
     out.zero_()
     launch(*ring[0])
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-    def step():
-        for w in ring:
-            launch(*w)
-
-    return err, graph_ms(step, reps=30) / len(ring)
+    return err, ring_ms(lambda w: launch(*w), ring)
 
 
 def in_workers(fn, items: list, workers: int) -> list:
