@@ -48,6 +48,9 @@ HEADS, HEAD_DIM = 32, 128  # LLaMA-2-7B; --dry: 2 heads of 32
 # The eighth session's sweep (block_s >= 16) was won by the smallest tile, 16 x 1 warp, at every case; 8 x 1 and 8 x 2,
 # then added, came after it (b1 p2048: 12.29 us against 11.22)
 TILES = ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))
+# (tokens a stage, stages) of the tensor-core kernel (runtime/kernels/kv4_mma.py; --mma all)
+MMA_TILES = ((16, 2), (16, 4), (16, 8), (16, 16), (32, 2), (32, 3), (32, 4), (32, 8), (64, 2), (64, 3),
+             (64, 4), (128, 2))
 QUICK = (kv4.AttnConfig(), kv4.AttnConfig(loads="early"), kv4.AttnConfig(loads="prefetch"),
          kv4.AttnConfig(loads="prefetch", row_max=True), kv4.AttnConfig(block_s=16, num_warps=2, loads="prefetch",
                                                                         row_max=True))
@@ -82,6 +85,12 @@ def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
         grid = [kv4.AttnConfig(n, bs, w, loads, bool(rm))
                 for n, (bs, w), loads, rm in itertools.product(splits, tiles, args.loads.split(","),
                                                                [int(v) for v in args.row_max.split(",")])]
+    if args.mma_only:
+        grid = []
+    if args.mma:
+        pairs = MMA_TILES if args.mma == "all" else [tuple(int(v) for v in p.split("x")) for p in args.mma.split(",")]
+        grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True) for n, (bs, st) in itertools.product(
+            splits, pairs) if st * bs * 136 + 128 <= 48 << 10]
     return [default] + [c for c in dict.fromkeys(grid) if c != default]
 
 
@@ -198,8 +207,12 @@ def print_table(rows: list[dict], top: int) -> None:
         for r in sel[:top] + [r for r in sel[top:] if r["default"]]:
             print(f"  {'default' if r['default'] else '':8s} {r['label']:36s} {r['us']:9.2f} {r['GBps']:8.0f}   "
                   f"{r['rel_err']:.1e}")
+        mma = [r for r in sel if r["config"].get("mma")]
+        if mma:
+            print(f"  best tensor-core config:                {mma[0]['us']:9.2f} us  {mma[0]['label']}")
         for loads, rm in itertools.product(kv4.LOADS, (False, True)):
-            opt = [r for r in sel if r["config"]["loads"] == loads and r["config"]["row_max"] == rm]
+            opt = [r for r in sel if r["config"]["loads"] == loads and r["config"]["row_max"] == rm
+                   and not r["config"].get("mma")]
             if opt:
                 print(f"  best with loads={loads:8s} row_max={rm!s:5s}: {opt[0]['us']:9.2f} us  {opt[0]['label']}")
         for r in rows:
@@ -217,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiles", default="", help="block_s x num_warps pairs, e.g. 16x2,32x4 (default: TILES)")
     ap.add_argument("--loads", default=",".join(kv4.LOADS), help="of " + ", ".join(kv4.LOADS))
     ap.add_argument("--row-max", default="0,1", help="0, 1 or both")
+    ap.add_argument("--mma", default="", help="tensor-core kernel configs (AttnConfig.mma, fused combine): tokens x "
+                    "stages pairs, e.g. 16x4,32x4, or 'all' (MMA_TILES), at every split count")
+    ap.add_argument("--mma-only", action="store_true", help="no split-kernel grid: the default config and --mma")
     ap.add_argument("--quick", action="store_true", help="a few configs per case at 3 split counts (a smoke test)")
     ap.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--reps", type=int, default=10, help="ms of graph replays per timing (x10 replays)")

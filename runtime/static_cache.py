@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from . import quant
 from .kvquant import STATS_DTYPE
 
+# buffers hold max_len rounded up to this many slots: every head's rows start 16-byte aligned in the stats, as the
+# bulk copies of runtime.kernels.kv4_mma need (at most 15 unused slots a head)
+SLOT_ALIGN = 16
+
 
 @dataclass
 class LayerStore:
@@ -47,7 +51,8 @@ class LayerStore:
 
 
 class StaticPOQCache:
-    """Fixed buffers for ``num_layers`` layers, ``batch`` sequences of equal length, ``max_len`` tokens.
+    """Fixed buffers for ``num_layers`` layers, ``batch`` sequences of equal length, ``max_len`` tokens (the
+    buffers' slot count rounded up to :data:`SLOT_ALIGN`).
 
     ``length`` (Python int) and ``pos`` (``int32 [1]`` on the device, for graph-captured steps) count
     the tokens stored so far.
@@ -61,7 +66,8 @@ class StaticPOQCache:
         if max_len <= 0 or batch <= 0:
             raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
         self.bits, self.head_dim, self.group_size, self.max_len = quant.check_bits(bits), head_dim, group, max_len
-        self.layers = [LayerStore.empty(batch, kv_heads, max_len, head_dim, head_dim // group, bits, device)
+        slots = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
+        self.layers = [LayerStore.empty(batch, kv_heads, slots, head_dim, head_dim // group, bits, device)
                        for _ in range(num_layers)]
         self.pos = torch.zeros(1, dtype=torch.int32, device=device)
         self.length = 0

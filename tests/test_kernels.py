@@ -115,9 +115,8 @@ def test_rope_append_clears_an_extra_buffer():
         rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq, clear_extra=wide[:1])
 
 
-def _attention_case(hq, hkv, group, length, key_scale, b=2):
-    """Inputs of :func:`decode_attention` over ``length`` cached tokens (of 160 slots) and the reference output."""
-    d, s = 32, 160
+def _attention_case(hq, hkv, group, length, key_scale, b=2, d=32, s=160):
+    """Inputs of :func:`decode_attention` over ``length`` cached tokens (of ``s`` slots) and the reference output."""
     kq = _quantizer(hkv, d, group)
     cache = StaticPOQCache(1, b, s, hkv, d, group, device=DEV)
     if length:
@@ -190,6 +189,51 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
     assert kv4.attn_config(1, 32, 2048).combine and kv4.AttnConfig(combine=True).label().endswith("_comb")
     monkeypatch.setenv(kv4.COMBINE_ENV, "0")
     assert not kv4.attn_config(1, 32, 2048).combine
+
+
+MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
+
+
+@pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
+@pytest.mark.parametrize("tile,stages", [(16, 2), (32, 4), (64, 3)])
+@pytest.mark.parametrize("hq,hkv,length,key_scale,splits,b", [
+    (2, 2, 150, 40, 2, 2),  # scores spread: rescales; several tiles a split
+    (3, 1, 37, 2, 8, 1),  # 3 query heads a KV head; empty splits; a ragged last tile
+    (4, 1, 1000, 4, 1, 1),  # one split: the ring of stages wraps many times
+    (2, 1, 0, 2, 4, 1),  # no past: only the current token
+    (8, 8, 333, 10, 4, 2)])
+def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages):
+    """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, tensor-core scores and
+    values with float16 hi/lo splits) against the float32 reference, with the fused and the separate combine; the
+    fused one leaves the per-head counts at zero."""
+    from runtime.kernels import kv4, kv4_mma
+
+    args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
+    assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv, False)
+    for combine in (False, True, True):
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine)
+        assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
+    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
+
+
+def test_mma_config_checks_and_fallback():
+    """``AttnConfig.mma`` fields are checked; where the tensor-core kernel does not take the shape (here head_dim 32,
+    and on CPU the interpreter) the split kernel runs ATTN_DEFAULT's tile at the config's splits: the reference's
+    output; a block_s / num_warps override asks for the split kernel."""
+    from runtime.kernels import kv4, kv4_mma
+
+    for bad in (dict(block_s=8), dict(stages=1), dict(stages=17), dict(block_s=128, stages=3)):
+        with pytest.raises(ValueError, match="AttnConfig"):
+            kv4.AttnConfig(mma=True, **bad)
+    assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2).label() == "sp4_mma_s64_st2"
+    assert kv4._split_kernel(kv4.AttnConfig(splits=4, block_s=64, mma=True, combine=True)) == dataclasses.replace(
+        kv4.ATTN_DEFAULT, splits=4, combine=True)
+    args, ref = _attention_case(4, 2, None, 150, 40, 2)
+    assert not kv4_mma.mma_attention_ok(args[3], 32, 1, 2, False)
+    for combine in (False, True):
+        cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
+        assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4
+        assert _rel(kv4.decode_attention(*args, cfg.splits, block_s=8), ref) < 1e-4
 
 
 @pytest.mark.parametrize("combine,loads", [(True, "prefetch"), (False, "late")])

@@ -49,6 +49,19 @@ def test_overflow_is_refused():
         cache.advance(1)
 
 
+def test_slots_padded_to_the_alignment_but_max_len_holds():
+    """The buffers hold max_len rounded up to SLOT_ALIGN slots (aligned bulk copies per head), while writes and
+    advances past max_len are still refused."""
+    from runtime.static_cache import SLOT_ALIGN
+
+    cache = StaticPOQCache(1, 2, 37, 3, 8)
+    assert SLOT_ALIGN == 16 and cache.max_len == 37
+    assert all(t.shape[2] == 48 for t in cache.layers[0].tensors())
+    with pytest.raises(ValueError, match="overflows"):
+        cache.write(0, KVQuantizer(3, 8), torch.zeros(2, 3, 38, 8), torch.zeros(2, 3, 38, 8), 0)
+    assert StaticPOQCache(1, 1, 32, 1, 8).layers[0].k_codes.shape[2] == 32
+
+
 def test_token_by_token_equals_wkvq_sim(tiny):
     model, fast = tiny
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))

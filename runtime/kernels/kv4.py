@@ -513,7 +513,10 @@ class AttnConfig:
     token row of the tile instead of one per program; ``l2_ahead``: L2 prefetches this many tiles ahead (0: none;
     Hopper GPUs only; ``WKVQ_ATTN_L2`` overrides it, :func:`attn_config`); ``combine``: the split kernel merges the
     splits itself (its last program per head) instead of a second kernel (``WKVQ_ATTN_COMBINE`` ``0``/``1``
-    overrides it)."""
+    overrides it); ``mma``: the tensor-core kernel of :mod:`runtime.kernels.kv4_mma` where it takes the shape
+    (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
+    ``stages``: the ring's stages; ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
+    with :data:`ATTN_DEFAULT`'s tile."""
 
     splits: int = 0
     block_s: int = 32
@@ -523,6 +526,8 @@ class AttnConfig:
     min_tokens: int = 256
     l2_ahead: int = 0
     combine: bool = False
+    mma: bool = False
+    stages: int = 4
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -542,10 +547,20 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: l2_ahead must be an int in 0..64, got {self.l2_ahead!r}")
         if not isinstance(self.combine, bool):
             raise ValueError(f"AttnConfig: combine must be a bool, got {self.combine!r}")
+        if not isinstance(self.mma, bool):
+            raise ValueError(f"AttnConfig: mma must be a bool, got {self.mma!r}")
+        if self.mma and self.block_s not in (16, 32, 64, 128):
+            raise ValueError(f"AttnConfig: with mma, block_s must be 16, 32, 64 or 128, got {self.block_s}")
+        if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
+            raise ValueError(f"AttnConfig: stages must be an int in 2..16, got {self.stages!r}")
+        if self.mma and self.stages * self.block_s * 136 + 128 > 48 << 10:
+            raise ValueError(f"AttnConfig: {self.stages} stages of {self.block_s} tokens exceed 48 KB of shared memory")
 
     def label(self) -> str:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
+        if self.mma:
+            return f"{splits}_mma_s{self.block_s}_st{self.stages}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
 
@@ -556,12 +571,17 @@ class AttnConfig:
 # (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
 # combine: the splits merged by the split kernel's last program per head (twelfth session, no sweep: one launch
 # fewer per layer; measured end to end in BENCHMARKS.md)
+# mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session, records benchmarks/results/r17/
+# attn_mma_b*.json: 56 configs of tokens a stage x stages x splits, fused combine) won all four cases; shapes it
+# does not take (head_dim != 128, KV groups, > 4 query heads a KV head, a GPU before sm_90, the interpreter) run
+# the split kernel with ATTN_DEFAULT's tile at the entry's splits (the times in brackets: that kernel, 13th session)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
+_MMA = {"mma": True, "stages": 2, "combine": True}
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
-    (1, 2048): AttnConfig(splits=16, **_TILE),  # 11.32 us (16.76)
-    (1, 32768): AttnConfig(splits=32, **_TILE),  # 82.00 us (138.22)
-    (8, 2048): AttnConfig(splits=4, **_TILE),  # 44.67 us (79.78)
-    (8, 32768): AttnConfig(splits=16, **_TILE),  # 571.33 us (916.40)
+    (1, 2048): AttnConfig(splits=16, block_s=32, **_MMA),  # 9.75 us (9.97)
+    (1, 32768): AttnConfig(splits=32, block_s=64, **_MMA),  # 49.81 us, 2864 GB/s (79.77)
+    (8, 2048): AttnConfig(splits=4, block_s=64, **_MMA),  # 29.08 us, 2470 GB/s (42.66)
+    (8, 32768): AttnConfig(splits=16, block_s=64, **_MMA),  # 351.62 us, 3246 GB/s (571.55)
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
@@ -634,6 +654,14 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
                       splits, block_s, num_warps)
 
 
+def _split_kernel(cfg: AttnConfig) -> AttnConfig:
+    """``cfg`` for the split kernel: a tensor-core config (``mma``) becomes :data:`ATTN_DEFAULT`'s tile with its
+    splits, combine and L2 prefetch."""
+    if not cfg.mma:
+        return cfg
+    return replace(ATTN_DEFAULT, splits=cfg.splits, combine=cfg.combine, l2_ahead=cfg.l2_ahead)
+
+
 def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
                num_warps):
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
@@ -642,7 +670,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         cfg = splits
     else:
         cfg = replace(attn_config(b, hq, s), splits=splits)
-    cfg = replace(cfg, block_s=block_s or cfg.block_s, num_warps=num_warps or cfg.num_warps)
+    if block_s or num_warps:  # the split kernel's tile asked for
+        cfg = replace(_split_kernel(cfg), block_s=block_s or cfg.block_s, num_warps=num_warps or cfg.num_warps)
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(device), cfg.min_tokens))
     qg = hq // hkv
@@ -653,6 +682,14 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
+    if cfg.mma and rope is None:
+        from . import kv4_mma
+
+        if kv4_mma.mma_attention_ok(store, d, g, qg, False):
+            return kv4_mma.attention(q, k_cur, v_cur, store, length, kv_params, sm_scale, out_dtype, cfg.splits,
+                                     cfg.block_s, cfg.stages, cfg.combine,
+                                     _head_counts(device, b * hkv) if cfg.combine else None)
+    cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
     pdl = overlap.launch_options(device, "attn")
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)

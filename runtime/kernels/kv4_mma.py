@@ -1,0 +1,435 @@
+"""POQ decode attention on the tensor cores, fed by bulk copies into shared memory (CUDA sm_90+).
+
+The same result as :func:`runtime.kernels.kv4.decode_attention` (the splits' partial results, merged with the
+current token by :func:`runtime.kernels.kv4._combine_head`) for head_dim 128, one step/minimum per token (KV group
+= head_dim) and up to 4 query heads per KV head.
+
+Why: the split kernel of :mod:`runtime.kernels.kv4` holds its tiles in registers and spends ~3 instructions a
+code on float32 arithmetic; at 7B b1 p32768 it reads the 4-bit cache at ~1.7 TB/s, at p2048 at ~0.8 TB/s (a
+chain of dependent loads per program). Here:
+
+* **Loads**: one lane per program issues ``cp.async.bulk`` copies of whole tiles (the key and value codes of
+  ``TILE`` tokens, 64 bytes each, contiguous in the cache, and their four float16 stats) into a ring of ``STAGES``
+  shared-memory stages, each with an ``mbarrier`` that counts the bytes; ``STAGES - 1`` tiles are in flight while
+  one is computed, without registers. The cache's slots are padded to a multiple of 16
+  (:class:`runtime.static_cache.StaticPOQCache`), so every copy is 16-byte aligned.
+* **Scores** ``q' . c`` (``q' = q * s * sm_scale``, the static scale folded in) by ``mma.sync.m16n8k16`` with the
+  query as A (row ``g``: the query's float16 part, row ``g + 8``: the float16 rounding error of it, so the products
+  sum to ``q'`` to ~2^-22) and 8 tokens' codes as B (thread ``(g, t)``, ``g = lane / 4``, ``t = lane % 4``, gives
+  token ``g``'s words ``4t .. 4t + 3``, unpacked to exact float16 pairs as in :mod:`runtime.kernels.w4_mma`: the
+  ``K`` slots of an MMA are any 16 channels as long as A uses the same ones). The C fragment leaves each thread the
+  scores of tokens ``2t, 2t + 1`` — exactly the B fragment the value MMA needs: no shuffles.
+* **Values** ``sum_j p_j step_j c_j`` by ``mma.sync`` with 16 dims of the codes as A (rows; each token's codes
+  paired with the next token's by ``prmt``) and ``p step`` as B (column ``n``: thread group ``n``; even columns
+  the float16 value, odd ones its rounding error, again ~2^-22), so each thread's C holds, per dim, the two
+  halves of one query's sum.
+* Online softmax in float32 (base-2 exponentials), the maximum shared by the 4 threads of a token quad by two
+  shuffles, the accumulators rescaled only when it grows by more than 8 (``exp(8)`` bounds the unscaled weights
+  and their float16 products).
+
+Query heads: row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread ``(g, t)`` keeps the
+softmax state of that query, while its value accumulators (columns ``2t, 2t + 1``) belong to query ``t % QG``:
+rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when ``QG == 1``). One program per
+(sequence, KV head, split), one warp; its last program per KV head (a count, as in kv4) merges the splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import cuda_major, overlap
+from .kv4 import _attn_combine_kernel, _combine_head
+
+HEAD_DIM = 128
+_D = tl.constexpr(HEAD_DIM)
+MAX_QG = 4
+SMEM = "wkvq_attn_smem"  # the shared memory the init PTX declares at the function's scope
+BAR_BYTES = 128  # the stages' mbarriers (8 bytes each) before the stages' data
+_BAR = tl.constexpr(BAR_BYTES)
+_STAGE_PER_TOKEN = tl.constexpr(2 * 64 + 4 * 2)  # stage_bytes(tile) = tile * this
+
+
+def stage_bytes(tile: int) -> int:
+    """Shared bytes a stage of ``tile`` tokens: key codes, value codes (64 bytes a token each), then the key
+    steps, key minima, value steps and value minima (float16, ``2 tile`` bytes each)."""
+    return tile * _STAGE_PER_TOKEN.value
+
+
+def smem_bytes(tile: int, stages: int) -> int:
+    return BAR_BYTES + stages * stage_bytes(tile)
+
+
+def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rope: bool) -> bool:
+    """Whether :func:`attention` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
+    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies), and the
+    query/key/value given apart (not the ``rope`` fusion)."""
+    codes = store.k_codes
+    return (not rope and codes.is_cuda and cuda_major(codes.device) >= 9 and head_dim == HEAD_DIM and groups == 1
+            and 1 <= qg <= MAX_QG and codes.shape[2] % 8 == 0 and codes.is_contiguous()
+            and all(t.is_contiguous() for t in (store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min)))
+
+
+# ------------------------------------------------------------------------------------------------ inline PTX
+
+
+def _init_asm(tile: int, stages: int) -> str:
+    """PTX that declares the shared ring (function scope), lets lane 0 initialise the stages' mbarriers (one
+    arrival each: the lane that issues the copies), and returns the ring's shared address. Constraints ``=r,r``."""
+    inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], 1;" for s in range(stages)]
+    return "\n".join([
+        f".shared .align 128 .b8 {SMEM}[{smem_bytes(tile, stages)}];",
+        "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
+        f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
+        "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
+
+
+def _issue_asm(tile: int) -> str:
+    """PTX in which lane 0 (when the flag ``go`` is set) starts the copies of one tile into a stage: ``n`` tokens
+    from token row ``row`` (codes ``64 n`` bytes, stats rounded up to 8 tokens: the slots are a multiple of 8, so
+    this stays inside the head) and expects their bytes on the stage's mbarrier. Inputs: ``go``, the mbarrier and
+    stage addresses, ``row``, ``n``, the six cache pointers. Constraints: :data:`ISSUE_CONS`."""
+    c = 64 * tile
+    return "\n".join([
+        "{", ".reg .pred p;", ".reg .u32 lane, nc, n8, tot;", ".reg .u64 off, src;",
+        "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;", "setp.ne.and.u32 p, $1, 0, p;",
+        "bar.warp.sync -1;",  # every lane done with the stage (its reads consumed) before it is overwritten
+        "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;",
+        "shl.b32 tot, nc, 1;", "mad.lo.u32 tot, n8, 4, tot;",
+        "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
+        "mul.wide.u32 off, $4, 64;",
+        "add.u64 src, $6, off;",
+        "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
+        "add.u64 src, $7, off;",
+        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
+        "mul.wide.u32 off, $4, 2;",
+        *[line for i, ptr in enumerate(("$8", "$9", "$10", "$11")) for line in (
+            f"add.u64 src, {ptr}, off;",
+            (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{2 * c + 2 * tile * i}], "
+             "[src], n8, [$2];"))],
+        "mov.u32 $0, 0;", "}"])
+
+
+
+MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+
+
+def _unpack(word: str, out: tuple[str, str, str, str], tmp: str) -> list[str]:
+    """Four exact float16 pairs of a word's nibbles: ``out[i]`` = (nibble ``i``, nibble ``i + 4``) of each 16-bit
+    half, i.e. ``(c_i, c_{i+4})`` of a word of 8 codes (low nibble: ``lop3`` into the mantissa of 1024 and ``sub``
+    1024; high nibble: into the mantissa as 16 c, times 1/16 minus 64). 9 instructions."""
+    return [f"lop3.b32 {out[0]}, {word}, m0, mag, 0xEA;", f"sub.f16x2 {out[0]}, {out[0]}, mag;",
+            f"lop3.b32 {out[1]}, {word}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out[1]}, {out[1]}, k16, k64;",
+            f"shr.u32 {tmp}, {word}, 8;",
+            f"lop3.b32 {out[2]}, {tmp}, m0, mag, 0xEA;", f"sub.f16x2 {out[2]}, {out[2]}, mag;",
+            f"lop3.b32 {out[3]}, {tmp}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out[3]}, {out[3]}, k16, k64;"]
+
+
+def _nibble(word: str, high: int, out: str) -> list[str]:
+    """The exact float16 pair of nibble 0 (``high`` 0) or 1 (``high`` 1) of each 16-bit half of ``word``."""
+    if high:
+        return [f"lop3.b32 {out}, {word}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out}, {out}, k16, k64;"]
+    return [f"lop3.b32 {out}, {word}, m0, mag, 0xEA;", f"sub.f16x2 {out}, {out}, mag;"]
+
+
+def _step_asm(tile: int, qg: int) -> tuple[str, str]:
+    """PTX of one tile for one thread (the whole warp runs it together: ``mma.sync``, shuffles): wait for the
+    stage's mbarrier (phase parity), then per 16 tokens the score MMAs, the online softmax, the value MMAs.
+
+    Inputs: mbarrier address, parity, stage address, ``n`` valid tokens of the tile, the 16 + 16 query fragments
+    (:func:`_attn_mma_kernel`), ``qsum`` (the query's ``sum q'``: the keys' minima term), ``const`` (the query's dot
+    product with the keys' static shift), then the state: ``m`` (running maximum, base-e units), ``l`` (this
+    thread's sum of weights), ``pmin`` (its sum of ``p * value minimum``), 32 value accumulators. Outputs: the
+    state. Returns (asm, constraints)."""
+    nst = 35
+    bar, par, sdata, n = (f"${nst + i}" for i in range(4))
+    qh = [f"${nst + 4 + i}" for i in range(16)]
+    ql = [f"${nst + 20 + i}" for i in range(16)]
+    qsum, const = f"${nst + 36}", f"${nst + 37}"
+    st_in = [f"${nst + 38 + i}" for i in range(nst)]
+    c = 64 * tile
+    L = ["{",
+         ".reg .pred pw, pr, pa, po, pk<4>;",
+         ".reg .u32 lane, g, t, t2, ka, va, sa, src, tmp, nn, nm;",
+         (".reg .b32 mag, m0, m1, k16, k64, kw<8>, h<4>, vw<8>, pp<4>, vh<4>, ps<4>, hb<2>, lb<2>, bb<2>, sk<2>,"
+          " mk<2>, sv<2>, mv<2>;"),
+         ".reg .b16 lo16, hi16;",
+         (".reg .f32 m, l, pm, al, alo, mt, mn, ml, x, cst, d<8>, sc<4>, p<4>, f<4>, kst<4>, kmn<4>, vst<4>,"
+          " vmn<4>, xv<4>, r<4>;"),
+         ".reg .f32 acc<32>;",
+         "mov.b32 mag, 0x64006400;", "mov.b32 m0, 0x000F000F;", "mov.b32 m1, 0x00F000F0;",
+         "mov.b32 k16, 0x2C002C00;", "mov.b32 k64, 0xD400D400;",
+         "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "shl.b32 t2, t, 1;",
+         "shl.b32 src, t, 3;",  # lane 8t: a thread whose score rows are the query of this thread's columns
+         "and.b32 tmp, g, 1;", "setp.ne.u32 po, tmp, 0;",  # odd g: this thread's B column is the rounding error
+         f"mad.lo.u32 ka, g, 64, {sdata};", "mad.lo.u32 ka, t, 16, ka;",
+         f"mad.lo.u32 va, t2, 64, {sdata};", "mad.lo.u32 va, g, 8, va;", f"add.u32 va, va, {c};",
+         f"mad.lo.u32 sa, t2, 2, {sdata};", f"add.u32 sa, sa, {2 * c};",
+         f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
+         f"mov.f32 cst, {const};",
+         *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
+         # wait for the stage's copies
+         "WAIT:",
+         f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
+         "@!pw bra WAIT;"]
+    for j in range(tile // 16):
+        kb, vb, sb = 1024 * j, 1024 * j, 32 * j  # 16 tokens: 1024 bytes of codes, 32 of a stat
+        # ---- scores of blocks 0 and 1 (tokens 16j + 8b + col)
+        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{kb}];",
+              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{kb + 512}];"]
+        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(8)]
+        for w in range(4):
+            for b in range(2):
+                L += _unpack(f"kw{4 * b + w}", ("h0", "h1", "h2", "h3"), "tmp")
+                cc = f"{{d{4 * b},d{4 * b + 1},d{4 * b + 2},d{4 * b + 3}}}"
+                for u in range(2):
+                    a = f"{{{qh[4 * w + 2 * u]},{ql[4 * w + 2 * u]},{qh[4 * w + 2 * u + 1]},{ql[4 * w + 2 * u + 1]}}}"
+                    L.append(f"{MMA} {cc}, {a}, {{h{2 * u},h{2 * u + 1}}}, {cc};")
+        # stats of tokens 2t, 2t + 1 of each block (float16 pairs)
+        for b in range(2):
+            L += [f"ld.shared.b32 sk{b}, [sa+{sb + 16 * b}];", f"ld.shared.b32 mk{b}, [sa+{sb + 16 * b + 2 * tile}];",
+                  f"ld.shared.b32 sv{b}, [sa+{sb + 16 * b + 4 * tile}];",
+                  f"ld.shared.b32 mv{b}, [sa+{sb + 16 * b + 6 * tile}];"]
+            for reg, dst in ((f"sk{b}", "kst"), (f"mk{b}", "kmn"), (f"sv{b}", "vst"), (f"mv{b}", "vmn")):
+                L += [f"mov.b32 {{lo16, hi16}}, {reg};", f"cvt.f32.f16 {dst}{2 * b}, lo16;",
+                      f"cvt.f32.f16 {dst}{2 * b + 1}, hi16;"]
+        # scores (hi + lo rows), masked past n
+        L.append(f"sub.s32 nn, {n}, {16 * j};")
+        for e in range(4):  # e = 2b + (0: token 2t, 1: token 2t + 1)
+            b, odd = divmod(e, 2)
+            L += [f"add.f32 sc{e}, d{4 * b + odd}, d{4 * b + 2 + odd};",
+                  f"fma.rn.f32 x, kmn{e}, {qsum}, cst;", f"fma.rn.f32 sc{e}, kst{e}, sc{e}, x;",
+                  f"sub.s32 nm, nn, {8 * b + odd};", f"setp.lt.s32 pk{e}, t2, nm;",
+                  f"selp.f32 sc{e}, sc{e}, 0fFF800000, pk{e};",
+                  f"selp.f32 vst{e}, vst{e}, 0f00000000, pk{e};", f"selp.f32 vmn{e}, vmn{e}, 0f00000000, pk{e};"]
+        L += ["max.f32 mt, sc0, sc1;", "max.f32 x, sc2, sc3;", "max.f32 mt, mt, x;",
+              "shfl.sync.bfly.b32 x, mt, 1, 0x1f, -1;", "max.f32 mt, mt, x;",
+              "shfl.sync.bfly.b32 x, mt, 2, 0x1f, -1;", "max.f32 mt, mt, x;",
+              # lazy rescale: a new maximum only when the tile's exceeds it by more than 8
+              "add.f32 x, m, 0f41000000;", "setp.gt.f32 pr, mt, x;", "selp.f32 mn, mt, m, pr;",
+              "sub.f32 x, m, mn;", "mul.f32 x, x, 0f3FB8AA3B;", "ex2.approx.ftz.f32 al, x;",
+              "selp.f32 al, al, 0f3F800000, pr;", "mov.f32 m, mn;",
+              "mul.f32 l, l, al;", "mul.f32 pm, pm, al;"]
+        if qg == 1:
+            L.append("mov.f32 alo, al;")
+        else:
+            L.append("shfl.sync.idx.b32 alo, al, src, 0x1f, -1;")
+        L += ["setp.neu.f32 pa, alo, 0f3F800000;", f"@!pa bra SKIP{j};",
+              *[f"mul.f32 acc{i}, acc{i}, alo;" for i in range(32)], f"SKIP{j}:",
+              "mul.f32 ml, m, 0fBFB8AA3B;"]  # -m log2(e)
+        for e in range(4):
+            L += [f"fma.rn.f32 x, sc{e}, 0f3FB8AA3B, ml;", f"ex2.approx.ftz.f32 p{e}, x;",
+                  f"add.f32 l, l, p{e};", f"fma.rn.f32 pm, p{e}, vmn{e}, pm;", f"mul.f32 xv{e}, p{e}, vst{e};"]
+        # B of the value MMAs: (p step) of tokens 2t, 2t + 1 per block, float16 (even g) or its rounding error (odd)
+        for b in range(2):
+            L += [f"cvt.rn.f16x2.f32 hb{b}, xv{2 * b + 1}, xv{2 * b};",
+                  f"mov.b32 {{lo16, hi16}}, hb{b};", "cvt.f32.f16 f0, lo16;", "cvt.f32.f16 f1, hi16;",
+                  f"sub.f32 r0, xv{2 * b}, f0;", f"sub.f32 r1, xv{2 * b + 1}, f1;",
+                  f"cvt.rn.f16x2.f32 lb{b}, r1, r0;", f"selp.b32 bb{b}, lb{b}, hb{b}, po;"]
+        # ---- values: words 2g, 2g + 1 of tokens 2t, 2t + 1 (block 0) and 8 + 2t, 9 + 2t (block 1)
+        L += [f"ld.shared.v2.b32 {{vw0,vw1}}, [va+{vb}];", f"ld.shared.v2.b32 {{vw2,vw3}}, [va+{vb + 64}];",
+              f"ld.shared.v2.b32 {{vw4,vw5}}, [va+{vb + 512}];", f"ld.shared.v2.b32 {{vw6,vw7}}, [va+{vb + 576}];"]
+        for half, sel in ((0, "0x5410"), (1, "0x7632")):
+            # pp[2 pair + k]: word k of the pair's two tokens, nibbles 4 half .. 4 half + 3 of each side by side
+            # (low 16 bits: the pair's first token); ps: the same shifted right by 8 (nibbles 2, 3)
+            for pair in range(2):
+                for k in range(2):
+                    L += [f"prmt.b32 pp{2 * pair + k}, vw{4 * pair + k}, vw{4 * pair + 2 + k}, {sel};",
+                          f"shr.u32 ps{2 * pair + k}, pp{2 * pair + k}, 8;"]
+            for e in range(4):  # nibble 4 half + e: dims 16 g + i (word 0) and 16 g + 8 + i (word 1), i = 4 half + e
+                for pk in range(4):
+                    L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}")
+                i = 4 * half + e
+                cc = f"{{acc{4 * i},acc{4 * i + 1},acc{4 * i + 2},acc{4 * i + 3}}}"
+                L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb0,bb1}}, {cc};")
+    L += ["mov.f32 $0, m;", "mov.f32 $1, l;", "mov.f32 $2, pm;", *[f"mov.f32 ${3 + i}, acc{i};" for i in range(32)],
+          "}"]
+    cons = ",".join(["=f"] * nst + ["r", "r", "r", "r"] + ["r"] * 32 + ["f", "f"] + ["f"] * nst)
+    return "\n".join(L), cons
+
+
+LANE_ASM = tl.constexpr("{ .reg .u32 lane; mov.u32 lane, %laneid; shr.u32 $0, lane, 2; and.b32 $1, lane, 3; }")
+QUAD_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 1, 0x1f, -1; add.f32 a, a, $1;"
+                " shfl.sync.bfly.b32 b, a, 2, 0x1f, -1; add.f32 $0, a, b; }")
+# the value of lane 8t (t = lane % 4): the score rows of that lane are the query of this lane's value columns
+FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 s, lane, 3; shl.b32 s, s, 3;"
+               " shfl.sync.idx.b32 $0, $1, s, 0x1f, -1; }")
+
+
+@functools.cache
+def _asm(tile: int, stages: int, qg: int):
+    step, step_cons = _step_asm(tile, qg)
+    return _init_asm(tile, stages), _issue_asm(tile), step, step_cons
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+
+
+@triton.jit
+def _issue(base, it, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE: tl.constexpr,
+           STAGES: tl.constexpr, ISSUE: tl.constexpr):
+    """Lane 0 starts the copies of tile ``it`` of the slice (when it exists) into stage ``it % STAGES``."""
+    st = it % STAGES
+    n = tl.minimum(span - it * TILE, TILE)
+    tl.inline_asm_elementwise(ISSUE, "=r,r,r,r,r,r,l,l,l,l,l,l",
+                              [base * 0 + (it < ntiles).to(tl.int32), base + 8 * st,
+                               base + _BAR + st * (TILE * _STAGE_PER_TOKEN), row0 + it * TILE, n, kc_ptr, vc_ptr, ks_ptr,
+                               km_ptr, vs_ptr, vm_ptr], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pack_pair(a, b):
+    """float16 ``a`` (low half) and ``b`` (high half) as one int32."""
+    return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _query_word(q_row, sc_row, sh_row, e, sm_scale):
+    """The query fragments of the 8 channels ``e .. e + 7`` (a tensor per thread): the float16 pairs ``(q'_i,
+    q'_{i+4})``, ``i < 4``, of ``q' = q s sm_scale`` (hi: rounded, lo: the rounding error), and the thread's parts
+    of ``sum q'`` and ``sm_scale sum q delta``."""
+    q0, q1, q2, q3 = tl.load(q_row + e), tl.load(q_row + e + 1), tl.load(q_row + e + 2), tl.load(q_row + e + 3)
+    q4, q5, q6, q7 = tl.load(q_row + e + 4), tl.load(q_row + e + 5), tl.load(q_row + e + 6), tl.load(q_row + e + 7)
+    shift = (q0 * tl.load(sh_row + e) + q1 * tl.load(sh_row + e + 1) + q2 * tl.load(sh_row + e + 2)
+             + q3 * tl.load(sh_row + e + 3) + q4 * tl.load(sh_row + e + 4) + q5 * tl.load(sh_row + e + 5)
+             + q6 * tl.load(sh_row + e + 6) + q7 * tl.load(sh_row + e + 7)) * sm_scale
+    x0, x1 = q0 * tl.load(sc_row + e) * sm_scale, q1 * tl.load(sc_row + e + 1) * sm_scale
+    x2, x3 = q2 * tl.load(sc_row + e + 2) * sm_scale, q3 * tl.load(sc_row + e + 3) * sm_scale
+    x4, x5 = q4 * tl.load(sc_row + e + 4) * sm_scale, q5 * tl.load(sc_row + e + 5) * sm_scale
+    x6, x7 = q6 * tl.load(sc_row + e + 6) * sm_scale, q7 * tl.load(sc_row + e + 7) * sm_scale
+    h0, h1, h2, h3 = x0.to(tl.float16), x1.to(tl.float16), x2.to(tl.float16), x3.to(tl.float16)
+    h4, h5, h6, h7 = x4.to(tl.float16), x5.to(tl.float16), x6.to(tl.float16), x7.to(tl.float16)
+    hi = (_pack_pair(h0, h4), _pack_pair(h1, h5), _pack_pair(h2, h6), _pack_pair(h3, h7))
+    lo = (_pack_pair((x0 - h0.to(tl.float32)).to(tl.float16), (x4 - h4.to(tl.float32)).to(tl.float16)),
+          _pack_pair((x1 - h1.to(tl.float32)).to(tl.float16), (x5 - h5.to(tl.float32)).to(tl.float16)),
+          _pack_pair((x2 - h2.to(tl.float32)).to(tl.float16), (x6 - h6.to(tl.float32)).to(tl.float16)),
+          _pack_pair((x3 - h3.to(tl.float32)).to(tl.float16), (x7 - h7.to(tl.float32)).to(tl.float16)))
+    return hi, lo, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, shift
+
+
+@triton.jit
+def _store_dims(acc_ptr, row, i, A, pq, mask):
+    """Dims ``i`` and ``8 + i`` of the thread's 16 (``row``: their pointer at dim 0): the two halves of each
+    column pair plus the minimum term."""
+    tl.store(row + i, A[4 * i] + A[4 * i + 1] + pq, mask=mask)
+    tl.store(row + 8 + i, A[4 * i + 2] + A[4 * i + 3] + pq, mask=mask)
+
+
+@triton.jit
+def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
+                     m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
+                     out_ptr, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr, TILE: tl.constexpr,
+                     NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr,
+                     INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr):
+    """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
+    ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head."""
+    overlap.launch_dependents(PDL)
+    D: tl.constexpr = _D
+    bk, sp = tl.program_id(0), tl.program_id(1)
+    b, kh = bk // HKV, bk % HKV
+    length = tl.load(len_ptr)
+    chunk = tl.cdiv(tl.cdiv(length, NSPLIT), TILE) * TILE
+    start = sp * chunk
+    span = tl.minimum(start + chunk, length) - start
+    ntiles = tl.cdiv(tl.maximum(span, 0), TILE)
+    row0 = (b * HKV + kh) * S + start
+    z = tl.zeros((32,), tl.int32)
+    g, t = tl.inline_asm_elementwise(LANE_ASM, "=r,=r,r", [z], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    base = tl.inline_asm_elementwise(INIT, "=r,r", [z], dtype=tl.int32, is_pure=False, pack=1)
+    for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
+        _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
+    overlap.wait_prior(PDL)
+    qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
+    q_row = q_ptr + (b * HQ + qh) * D + 32 * t
+    sc_row, sh_row = kscale_ptr + kh * D + 32 * t, kshift_ptr + kh * D + 32 * t
+    H0, L0, s0, c0 = _query_word(q_row, sc_row, sh_row, 0, sm_scale)
+    H1, L1, s1, c1 = _query_word(q_row, sc_row, sh_row, 8, sm_scale)
+    H2, L2, s2, c2 = _query_word(q_row, sc_row, sh_row, 16, sm_scale)
+    H3, L3, s3, c3 = _query_word(q_row, sc_row, sh_row, 24, sm_scale)
+    qsum = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [s0 + s1 + s2 + s3], dtype=tl.float32, is_pure=False,
+                                     pack=1)
+    const = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [c0 + c1 + c2 + c3], dtype=tl.float32, is_pure=False,
+                                      pack=1)
+    f0 = tl.zeros((32,), tl.float32)
+    m_i = f0 - 1.0e30
+    l_i = f0
+    pm = f0
+    A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
+         f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
+    for it in range(ntiles):
+        _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
+               STAGES, ISSUE)
+        st = it % STAGES
+        R = tl.inline_asm_elementwise(
+            STEP, STEP_CONS,
+            [base + 8 * st, z + (it // STAGES) % 2, base + _BAR + st * (TILE * _STAGE_PER_TOKEN),
+             z + tl.minimum(span - it * TILE, TILE),
+             H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
+             H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
+             L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
+             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14], A[15],
+             A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28], A[29],
+             A[30], A[31]],
+            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        m_i, l_i, pm = R[0], R[1], R[2]
+        A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
+             R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
+             R[32], R[33], R[34])
+    lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
+    pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
+    pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)
+    # m, l of query j from lane (g = 2j, t = 0); the values of query t (t < QG) from every g: dims 16g .. 16g + 15
+    head_q = (b * HQ + kh * QG + g // 2) * NSPLIT + sp
+    ml_mask = (t == 0) & (g % 2 == 0) & (g // 2 < QG)
+    tl.store(m_ptr + head_q, m_i, mask=ml_mask)
+    tl.store(l_ptr + head_q, lq, mask=ml_mask)
+    row = acc_ptr + ((b * HQ + kh * QG + t) * NSPLIT + sp) * D + 16 * g
+    vmask = t < QG
+    _store_dims(acc_ptr, row, 0, A, pq, vmask)
+    _store_dims(acc_ptr, row, 1, A, pq, vmask)
+    _store_dims(acc_ptr, row, 2, A, pq, vmask)
+    _store_dims(acc_ptr, row, 3, A, pq, vmask)
+    _store_dims(acc_ptr, row, 4, A, pq, vmask)
+    _store_dims(acc_ptr, row, 5, A, pq, vmask)
+    _store_dims(acc_ptr, row, 6, A, pq, vmask)
+    _store_dims(acc_ptr, row, 7, A, pq, vmask)
+    if COMBINE:
+        tl.debug_barrier()  # every thread's partials stored before the count (released by it)
+        if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel") == NSPLIT - 1:  # the KV head's last program
+            for j in tl.static_range(QG):
+                _combine_head(b, kh * QG + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
+                              vshift_ptr, out_ptr, sm_scale, q_ptr, q_ptr, q_ptr, len_ptr, 0, HQ, HKV, D, QG, NSPLIT,
+                              ".cg", False)
+            tl.store(cnt_ptr + bk, 0)  # ready for the next launch
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+
+def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype, splits: int, tile: int,
+              stages: int, combine: bool, counts) -> torch.Tensor:
+    """:func:`runtime.kernels.kv4.decode_attention` on this kernel (see :func:`mma_attention_ok`); ``counts``: a
+    zeroed int32 buffer of at least ``B * Hkv`` per-head counts when ``combine``. Returns ``[B, Hq, D]``."""
+    b, hq, d = q.shape
+    hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
+    qg = hq // hkv
+    device = q.device
+    m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
+    out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
+    k_scale, k_shift, v_scale, v_shift = kv_params
+    init, issue, step, step_cons = _asm(tile, stages, qg)
+    pdl = overlap.launch_options(device, "attn")
+    _attn_mma_kernel[(b * hkv, splits)](
+        q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
+        length, m, l_, acc, s, sm_scale, counts if combine else m, k_cur, v_cur, v_scale, v_shift, out,
+        HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, INIT=init, ISSUE=issue,
+        STEP=step, STEP_CONS=step_cons, num_warps=1, **pdl)
+    if not combine:
+        _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, m, m, m, length,
+                                      0, HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits, ROPE=False, **pdl)
+    return out
