@@ -195,23 +195,24 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
 
 
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
-@pytest.mark.parametrize("tile,stages", [(16, 2), (32, 4), (64, 3)])
+@pytest.mark.parametrize("tile,stages,bulk", [(16, 2, False), (32, 4, False), (64, 3, False), (128, 2, False),
+                                             (64, 2, True)])
 @pytest.mark.parametrize("hq,hkv,length,key_scale,splits,b", [
     (2, 2, 150, 40, 2, 2),  # scores spread: rescales; several tiles a split
     (3, 1, 37, 2, 8, 1),  # 3 query heads a KV head; empty splits; a ragged last tile
     (4, 1, 1000, 4, 1, 1),  # one split: the ring of stages wraps many times
     (2, 1, 0, 2, 4, 1),  # no past: only the current token
     (8, 8, 333, 10, 4, 2)])
-def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages):
-    """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, tensor-core scores and
-    values with float16 hi/lo splits) against the float32 reference, with the fused and the separate combine; the
-    fused one leaves the per-head counts at zero."""
+def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages, bulk):
+    """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, the stats by each lane's
+    ``cp.async`` or by bulk copies, tensor-core scores and values with float16 hi/lo splits) against the float32
+    reference, with the fused and the separate combine; the fused one leaves the per-head counts at zero."""
     from runtime.kernels import kv4, kv4_mma
 
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
     assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv, False)
     for combine in (False, True, True):
-        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine)
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, bulk_stats=bulk)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 

@@ -76,10 +76,12 @@ def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rope: bool) -> 
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-def _init_asm(tile: int, stages: int) -> str:
-    """PTX that declares the shared ring (function scope), lets lane 0 initialise the stages' mbarriers (one
-    arrival each: the lane that issues the copies), and returns the ring's shared address. Constraints ``=r,r``."""
-    inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], 1;" for s in range(stages)]
+def _init_asm(tile: int, stages: int, bulk_stats: bool) -> str:
+    """PTX that declares the shared ring (function scope), lets lane 0 initialise the stages' mbarriers (the
+    arrivals of a phase: lane 0's, plus one per lane for its stats copies unless ``bulk_stats``,
+    :func:`_issue_asm`), and returns the ring's shared address. Constraints ``=r,r``."""
+    count = 1 if bulk_stats else 33
+    inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], {count};" for s in range(stages)]
     return "\n".join([
         f".shared .align 128 .b8 {SMEM}[{smem_bytes(tile, stages)}];",
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
@@ -87,31 +89,51 @@ def _init_asm(tile: int, stages: int) -> str:
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
 
 
-def _issue_asm(tile: int) -> str:
-    """PTX in which lane 0 (when the flag ``go`` is set) starts the copies of one tile into a stage: ``n`` tokens
-    from token row ``row`` (codes ``64 n`` bytes, stats rounded up to 8 tokens: the slots are a multiple of 8, so
-    this stays inside the head) and expects their bytes on the stage's mbarrier. Inputs: ``go``, the mbarrier and
-    stage addresses, ``row``, ``n``, the six cache pointers. Constraints: :data:`ISSUE_CONS`."""
+def _issue_asm(tile: int, bulk_stats: bool) -> str:
+    """PTX that starts the copies of one tile into a stage (when the flag ``go`` is set): ``n`` tokens from token
+    row ``row``. Lane 0 expects the bulk copies' bytes on the stage's mbarrier and issues them: the key and value
+    codes (``64 n`` bytes each) and, with ``bulk_stats``, the four stats (rounded up to 8 tokens: the slots are a
+    multiple of 8, so this stays inside the head). Without it every lane copies ``tile / 4`` bytes of the stats
+    with ``cp.async`` (the ``8 tile`` bytes of the four stats of the stage, the part of ``n`` rounded up to 8
+    tokens) and arrives on the mbarrier when they land (``cp.async.mbarrier.arrive.noinc``: the mbarrier counts 33
+    arrivals, :func:`_init_asm`): 2 bulk copies a tile instead of 6 (each costs the issuing warp ~60 cycles).
+    Inputs: ``go``, the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers (codes, then key step,
+    key minimum, value step, value minimum)."""
     c = 64 * tile
-    return "\n".join([
-        "{", ".reg .pred p;", ".reg .u32 lane, nc, n8, tot;", ".reg .u64 off, src;",
-        "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;", "setp.ne.and.u32 p, $1, 0, p;",
-        "bar.warp.sync -1;",  # every lane done with the stage (its reads consumed) before it is overwritten
-        "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;",
-        "shl.b32 tot, nc, 1;", "mad.lo.u32 tot, n8, 4, tot;",
-        "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
-        "mul.wide.u32 off, $4, 64;",
-        "add.u64 src, $6, off;",
-        "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
-        "add.u64 src, $7, off;",
-        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
-        "mul.wide.u32 off, $4, 2;",
-        *[line for i, ptr in enumerate(("$8", "$9", "$10", "$11")) for line in (
-            f"add.u64 src, {ptr}, off;",
-            (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{2 * c + 2 * tile * i}], "
-             "[src], n8, [$2];"))],
-        "mov.u32 $0, 0;", "}"])
-
+    L = ["{", ".reg .pred p, pg, pv, q<4>;", ".reg .u32 lane, nc, n8, tot, so, o, r;", ".reg .u64 off, src, sp;",
+         "mov.u32 lane, %laneid;", "setp.ne.u32 pg, $1, 0;", "setp.eq.and.u32 p, lane, 0, pg;",
+         "bar.warp.sync -1;",  # every lane done with the stage (its reads consumed) before it is overwritten
+         "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;",
+         "shl.b32 tot, nc, 1;"]
+    if bulk_stats:
+        L.append("mad.lo.u32 tot, n8, 4, tot;")
+    L += ["@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
+          "mul.wide.u32 off, $4, 64;",
+          "add.u64 src, $6, off;",
+          "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
+          "add.u64 src, $7, off;",
+          f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
+          "mul.wide.u32 off, $4, 2;"]
+    if bulk_stats:
+        for i, ptr in enumerate(("$8", "$9", "$10", "$11")):
+            L += [f"add.u64 src, {ptr}, off;",
+                  (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{2 * c + 2 * tile * i}],"
+                   " [src], n8, [$2];")]
+    else:
+        size = tile // 4  # bytes a lane: 8 tile bytes of stats over 32 lanes
+        part = min(size, 16)
+        L += [f"mul.lo.u32 so, lane, {size};",  # the lane's offset in the stage's stats
+              f"shr.u32 r, so, {(2 * tile).bit_length() - 1};", f"and.b32 o, so, {2 * tile - 1};",
+              "setp.eq.u32 q0, r, 0;", "setp.eq.u32 q1, r, 1;", "setp.eq.u32 q2, r, 2;",
+              "selp.b64 sp, $10, $11, q2;", "selp.b64 sp, $9, sp, q1;", "selp.b64 sp, $8, sp, q0;",
+              "add.u64 sp, sp, off;", "cvt.u64.u32 off, o;", "add.u64 sp, sp, off;", f"add.u32 so, so, {2 * c};",
+              "add.u32 so, so, $3;"]
+        for k in range(size // part):
+            L += [f"add.u32 r, o, {k * part};", "setp.lt.and.u32 pv, r, n8, pg;",
+                  f"@pv cp.async.ca.shared.global [so+{k * part}], [sp+{k * part}], {part};"]
+        L.append("@pg cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$2];")
+    L += ["mov.u32 $0, 0;", "}"]
+    return "\n".join(L)
 
 
 MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
@@ -137,14 +159,18 @@ def _nibble(word: str, high: int, out: str) -> list[str]:
 
 def _step_asm(tile: int, qg: int) -> tuple[str, str]:
     """PTX of one tile for one thread (the whole warp runs it together: ``mma.sync``, shuffles): wait for the
-    stage's mbarrier (phase parity), then per 16 tokens the score MMAs, the online softmax, the value MMAs.
+    stage's mbarrier (phase parity), then the score MMAs of every 16 tokens of the tile, the online softmax once
+    for the tile (one maximum: two shuffles; one rescale), the value MMAs of every 16 tokens. The tile is one
+    basic block after the wait (no branch: the rescale multiplies by 1 when the maximum holds), so ptxas overlaps
+    the independent MMA chains of its 16-token blocks (a branch per 16 tokens measured ~0.44 us a block: latency).
 
     Inputs: mbarrier address, parity, stage address, ``n`` valid tokens of the tile, the 16 + 16 query fragments
     (:func:`_attn_mma_kernel`), ``qsum`` (the query's ``sum q'``: the keys' minima term), ``const`` (the query's dot
     product with the keys' static shift), then the state: ``m`` (running maximum, base-e units), ``l`` (this
     thread's sum of weights), ``pmin`` (its sum of ``p * value minimum``), 32 value accumulators. Outputs: the
     state. Returns (asm, constraints)."""
-    nst = 35
+    nst, nsub = 35, tile // 16
+    ns = 4 * nsub  # scores a thread holds: tokens 2t, 2t + 1 of each 8-token block
     bar, par, sdata, n = (f"${nst + i}" for i in range(4))
     qh = [f"${nst + 4 + i}" for i in range(16)]
     ql = [f"${nst + 20 + i}" for i in range(16)]
@@ -152,13 +178,13 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
     st_in = [f"${nst + 38 + i}" for i in range(nst)]
     c = 64 * tile
     L = ["{",
-         ".reg .pred pw, pr, pa, po, pk<4>;",
-         ".reg .u32 lane, g, t, t2, ka, va, sa, src, tmp, nn, nm;",
-         (".reg .b32 mag, m0, m1, k16, k64, kw<8>, h<4>, vw<8>, pp<4>, vh<4>, ps<4>, hb<2>, lb<2>, bb<2>, sk<2>,"
-          " mk<2>, sv<2>, mv<2>;"),
+         f".reg .pred pw, pr, po, pk<{ns}>;",
+         ".reg .u32 lane, g, t, t2, ka, va, sa, src, tmp, nm;",
+         (f".reg .b32 mag, m0, m1, k16, k64, kw<8>, h<4>, vw<8>, pp<4>, vh<4>, ps<4>, hb, lb, bb<{2 * nsub}>,"
+          f" sk<{2 * nsub}>, mk<{2 * nsub}>, sv<{2 * nsub}>, mv<{2 * nsub}>;"),
          ".reg .b16 lo16, hi16;",
-         (".reg .f32 m, l, pm, al, alo, mt, mn, ml, x, cst, d<8>, sc<4>, p<4>, f<4>, kst<4>, kmn<4>, vst<4>,"
-          " vmn<4>, xv<4>, r<4>;"),
+         (f".reg .f32 m, l, pm, al, alo, mt, mn, ml, x, cst, f0, f1, r0, r1, d<{8 * nsub}>, sc<{ns}>, p<{ns}>,"
+          f" kst<{ns}>, kmn<{ns}>, vst<{ns}>, vmn<{ns}>, xv<{ns}>;"),
          ".reg .f32 acc<32>;",
          "mov.b32 mag, 0x64006400;", "mov.b32 m0, 0x000F000F;", "mov.b32 m1, 0x00F000F0;",
          "mov.b32 k16, 0x2C002C00;", "mov.b32 k64, 0xD400D400;",
@@ -175,61 +201,58 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
          "WAIT:",
          f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
          "@!pw bra WAIT;"]
-    for j in range(tile // 16):
-        kb, vb, sb = 1024 * j, 1024 * j, 32 * j  # 16 tokens: 1024 bytes of codes, 32 of a stat
-        # ---- scores of blocks 0 and 1 (tokens 16j + 8b + col)
-        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{kb}];",
-              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{kb + 512}];"]
-        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(8)]
+    # ---- raw scores: block 2j + b (tokens 16j + 8b + col), accumulators d[4 (2j + b) ..]
+    for j in range(nsub):
+        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{1024 * j}];",
+              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{1024 * j + 512}];"]
+        L += [f"mov.f32 d{8 * j + i}, 0f00000000;" for i in range(8)]
         for w in range(4):
             for b in range(2):
                 L += _unpack(f"kw{4 * b + w}", ("h0", "h1", "h2", "h3"), "tmp")
-                cc = f"{{d{4 * b},d{4 * b + 1},d{4 * b + 2},d{4 * b + 3}}}"
+                o = 4 * (2 * j + b)
+                cc = f"{{d{o},d{o + 1},d{o + 2},d{o + 3}}}"
                 for u in range(2):
                     a = f"{{{qh[4 * w + 2 * u]},{ql[4 * w + 2 * u]},{qh[4 * w + 2 * u + 1]},{ql[4 * w + 2 * u + 1]}}}"
                     L.append(f"{MMA} {cc}, {a}, {{h{2 * u},h{2 * u + 1}}}, {cc};")
-        # stats of tokens 2t, 2t + 1 of each block (float16 pairs)
-        for b in range(2):
-            L += [f"ld.shared.b32 sk{b}, [sa+{sb + 16 * b}];", f"ld.shared.b32 mk{b}, [sa+{sb + 16 * b + 2 * tile}];",
-                  f"ld.shared.b32 sv{b}, [sa+{sb + 16 * b + 4 * tile}];",
-                  f"ld.shared.b32 mv{b}, [sa+{sb + 16 * b + 6 * tile}];"]
-            for reg, dst in ((f"sk{b}", "kst"), (f"mk{b}", "kmn"), (f"sv{b}", "vst"), (f"mv{b}", "vmn")):
-                L += [f"mov.b32 {{lo16, hi16}}, {reg};", f"cvt.f32.f16 {dst}{2 * b}, lo16;",
-                      f"cvt.f32.f16 {dst}{2 * b + 1}, hi16;"]
-        # scores (hi + lo rows), masked past n
-        L.append(f"sub.s32 nn, {n}, {16 * j};")
-        for e in range(4):  # e = 2b + (0: token 2t, 1: token 2t + 1)
-            b, odd = divmod(e, 2)
-            L += [f"add.f32 sc{e}, d{4 * b + odd}, d{4 * b + 2 + odd};",
+    # ---- stats of tokens 2t, 2t + 1 of each block (float16 pairs), scores (hi + lo rows) masked from n
+    for blk in range(2 * nsub):
+        off = 16 * blk
+        L += [f"ld.shared.b32 sk{blk}, [sa+{off}];", f"ld.shared.b32 mk{blk}, [sa+{off + 2 * tile}];",
+              f"ld.shared.b32 sv{blk}, [sa+{off + 4 * tile}];", f"ld.shared.b32 mv{blk}, [sa+{off + 6 * tile}];"]
+        for reg, dst in ((f"sk{blk}", "kst"), (f"mk{blk}", "kmn"), (f"sv{blk}", "vst"), (f"mv{blk}", "vmn")):
+            L += [f"mov.b32 {{lo16, hi16}}, {reg};", f"cvt.f32.f16 {dst}{2 * blk}, lo16;",
+                  f"cvt.f32.f16 {dst}{2 * blk + 1}, hi16;"]
+        for odd in range(2):
+            e = 2 * blk + odd
+            L += [f"add.f32 sc{e}, d{4 * blk + odd}, d{4 * blk + 2 + odd};",
                   f"fma.rn.f32 x, kmn{e}, {qsum}, cst;", f"fma.rn.f32 sc{e}, kst{e}, sc{e}, x;",
-                  f"sub.s32 nm, nn, {8 * b + odd};", f"setp.lt.s32 pk{e}, t2, nm;",
+                  f"sub.s32 nm, {n}, {8 * blk + odd};", f"setp.lt.s32 pk{e}, t2, nm;",
                   f"selp.f32 sc{e}, sc{e}, 0fFF800000, pk{e};",
                   f"selp.f32 vst{e}, vst{e}, 0f00000000, pk{e};", f"selp.f32 vmn{e}, vmn{e}, 0f00000000, pk{e};"]
-        L += ["max.f32 mt, sc0, sc1;", "max.f32 x, sc2, sc3;", "max.f32 mt, mt, x;",
-              "shfl.sync.bfly.b32 x, mt, 1, 0x1f, -1;", "max.f32 mt, mt, x;",
-              "shfl.sync.bfly.b32 x, mt, 2, 0x1f, -1;", "max.f32 mt, mt, x;",
-              # lazy rescale: a new maximum only when the tile's exceeds it by more than 8
-              "add.f32 x, m, 0f41000000;", "setp.gt.f32 pr, mt, x;", "selp.f32 mn, mt, m, pr;",
-              "sub.f32 x, m, mn;", "mul.f32 x, x, 0f3FB8AA3B;", "ex2.approx.ftz.f32 al, x;",
-              "selp.f32 al, al, 0f3F800000, pr;", "mov.f32 m, mn;",
-              "mul.f32 l, l, al;", "mul.f32 pm, pm, al;"]
-        if qg == 1:
-            L.append("mov.f32 alo, al;")
-        else:
-            L.append("shfl.sync.idx.b32 alo, al, src, 0x1f, -1;")
-        L += ["setp.neu.f32 pa, alo, 0f3F800000;", f"@!pa bra SKIP{j};",
-              *[f"mul.f32 acc{i}, acc{i}, alo;" for i in range(32)], f"SKIP{j}:",
-              "mul.f32 ml, m, 0fBFB8AA3B;"]  # -m log2(e)
-        for e in range(4):
-            L += [f"fma.rn.f32 x, sc{e}, 0f3FB8AA3B, ml;", f"ex2.approx.ftz.f32 p{e}, x;",
-                  f"add.f32 l, l, p{e};", f"fma.rn.f32 pm, p{e}, vmn{e}, pm;", f"mul.f32 xv{e}, p{e}, vst{e};"]
-        # B of the value MMAs: (p step) of tokens 2t, 2t + 1 per block, float16 (even g) or its rounding error (odd)
-        for b in range(2):
-            L += [f"cvt.rn.f16x2.f32 hb{b}, xv{2 * b + 1}, xv{2 * b};",
-                  f"mov.b32 {{lo16, hi16}}, hb{b};", "cvt.f32.f16 f0, lo16;", "cvt.f32.f16 f1, hi16;",
-                  f"sub.f32 r0, xv{2 * b}, f0;", f"sub.f32 r1, xv{2 * b + 1}, f1;",
-                  f"cvt.rn.f16x2.f32 lb{b}, r1, r0;", f"selp.b32 bb{b}, lb{b}, hb{b}, po;"]
-        # ---- values: words 2g, 2g + 1 of tokens 2t, 2t + 1 (block 0) and 8 + 2t, 9 + 2t (block 1)
+    # ---- the tile's maximum over the quad's tokens; lazy rescale (a new maximum only when it grows by > 8)
+    L.append("max.f32 mt, sc0, sc1;")
+    L += [f"max.f32 mt, mt, sc{e};" for e in range(2, ns)]
+    L += ["shfl.sync.bfly.b32 x, mt, 1, 0x1f, -1;", "max.f32 mt, mt, x;",
+          "shfl.sync.bfly.b32 x, mt, 2, 0x1f, -1;", "max.f32 mt, mt, x;",
+          "add.f32 x, m, 0f41000000;", "setp.gt.f32 pr, mt, x;", "selp.f32 mn, mt, m, pr;",
+          "sub.f32 x, m, mn;", "mul.f32 x, x, 0f3FB8AA3B;", "ex2.approx.ftz.f32 al, x;",
+          "selp.f32 al, al, 0f3F800000, pr;", "mov.f32 m, mn;",
+          "mul.f32 l, l, al;", "mul.f32 pm, pm, al;",
+          "mov.f32 alo, al;" if qg == 1 else "shfl.sync.idx.b32 alo, al, src, 0x1f, -1;",
+          *[f"mul.f32 acc{i}, acc{i}, alo;" for i in range(32)],
+          "mul.f32 ml, m, 0fBFB8AA3B;"]  # -m log2(e)
+    for e in range(ns):
+        L += [f"fma.rn.f32 x, sc{e}, 0f3FB8AA3B, ml;", f"ex2.approx.ftz.f32 p{e}, x;",
+              f"add.f32 l, l, p{e};", f"fma.rn.f32 pm, p{e}, vmn{e}, pm;", f"mul.f32 xv{e}, p{e}, vst{e};"]
+    # B of the value MMAs: (p step) of tokens 2t, 2t + 1 per block, float16 (even g) or its rounding error (odd g)
+    for blk in range(2 * nsub):
+        L += [f"cvt.rn.f16x2.f32 hb, xv{2 * blk + 1}, xv{2 * blk};",
+              "mov.b32 {lo16, hi16}, hb;", "cvt.f32.f16 f0, lo16;", "cvt.f32.f16 f1, hi16;",
+              f"sub.f32 r0, xv{2 * blk}, f0;", f"sub.f32 r1, xv{2 * blk + 1}, f1;",
+              "cvt.rn.f16x2.f32 lb, r1, r0;", f"selp.b32 bb{blk}, lb, hb, po;"]
+    # ---- values: words 2g, 2g + 1 of tokens 2t, 2t + 1 (block 2j) and 8 + 2t, 9 + 2t (block 2j + 1)
+    for j in range(nsub):
+        vb = 1024 * j
         L += [f"ld.shared.v2.b32 {{vw0,vw1}}, [va+{vb}];", f"ld.shared.v2.b32 {{vw2,vw3}}, [va+{vb + 64}];",
               f"ld.shared.v2.b32 {{vw4,vw5}}, [va+{vb + 512}];", f"ld.shared.v2.b32 {{vw6,vw7}}, [va+{vb + 576}];"]
         for half, sel in ((0, "0x5410"), (1, "0x7632")):
@@ -244,7 +267,7 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
                     L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}")
                 i = 4 * half + e
                 cc = f"{{acc{4 * i},acc{4 * i + 1},acc{4 * i + 2},acc{4 * i + 3}}}"
-                L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb0,bb1}}, {cc};")
+                L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb{2 * j},bb{2 * j + 1}}}, {cc};")
     L += ["mov.f32 $0, m;", "mov.f32 $1, l;", "mov.f32 $2, pm;", *[f"mov.f32 ${3 + i}, acc{i};" for i in range(32)],
           "}"]
     cons = ",".join(["=f"] * nst + ["r", "r", "r", "r"] + ["r"] * 32 + ["f", "f"] + ["f"] * nst)
@@ -260,9 +283,9 @@ FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int):
+def _asm(tile: int, stages: int, qg: int, bulk_stats: bool = False):
     step, step_cons = _step_asm(tile, qg)
-    return _init_asm(tile, stages), _issue_asm(tile), step, step_cons
+    return _init_asm(tile, stages, bulk_stats), _issue_asm(tile, bulk_stats), step, step_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -410,7 +433,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
 
 
 def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype, splits: int, tile: int,
-              stages: int, combine: bool, counts) -> torch.Tensor:
+              stages: int, combine: bool, counts, bulk_stats: bool = False) -> torch.Tensor:
     """:func:`runtime.kernels.kv4.decode_attention` on this kernel (see :func:`mma_attention_ok`); ``counts``: a
     zeroed int32 buffer of at least ``B * Hkv`` per-head counts when ``combine``. Returns ``[B, Hq, D]``."""
     b, hq, d = q.shape
@@ -422,7 +445,7 @@ def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dt
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    init, issue, step, step_cons = _asm(tile, stages, qg)
+    init, issue, step, step_cons = _asm(tile, stages, qg, bulk_stats)
     pdl = overlap.launch_options(device, "attn")
     _attn_mma_kernel[(b * hkv, splits)](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
