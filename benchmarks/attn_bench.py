@@ -89,8 +89,8 @@ def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
         grid = []
     if args.mma:
         pairs = MMA_TILES if args.mma == "all" else [tuple(int(v) for v in p.split("x")) for p in args.mma.split(",")]
-        grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, bulk_stats=bulk)
-                 for n, (bs, st), bulk in itertools.product(splits, pairs, (False, True) if args.bulk_stats else (False,))
+        grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, copies=cp)
+                 for n, (bs, st), cp in itertools.product(splits, pairs, args.copies.split(","))
                  if st * bs * 136 + 128 <= 48 << 10]
     return [default] + [c for c in dict.fromkeys(grid) if c != default]
 
@@ -233,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--row-max", default="0,1", help="0, 1 or both")
     ap.add_argument("--mma", default="", help="tensor-core kernel configs (AttnConfig.mma, fused combine): tokens x "
                     "stages pairs, e.g. 16x4,32x4, or 'all' (MMA_TILES), at every split count")
-    ap.add_argument("--bulk-stats", action="store_true", help="--mma configs with the stats by bulk copies as well")
+    ap.add_argument("--copies", default="mixed", help="--mma configs' AttnConfig.copies, comma-separated")
     ap.add_argument("--mma-only", action="store_true", help="no split-kernel grid: the default config and --mma")
     ap.add_argument("--quick", action="store_true", help="a few configs per case at 3 split counts (a smoke test)")
     ap.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1), help="compile processes")

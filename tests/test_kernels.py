@@ -195,8 +195,8 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
 
 
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
-@pytest.mark.parametrize("tile,stages,bulk", [(16, 2, False), (32, 4, False), (64, 3, False), (128, 2, False),
-                                             (64, 2, True)])
+@pytest.mark.parametrize("tile,stages,bulk", [(16, 2, "mixed"), (32, 4, "mixed"), (64, 3, "mixed"),
+                                             (128, 2, "mixed"), (64, 2, "bulk"), (32, 2, "lanes"), (128, 2, "lanes")])
 @pytest.mark.parametrize("hq,hkv,length,key_scale,splits,b", [
     (2, 2, 150, 40, 2, 2),  # scores spread: rescales; several tiles a split
     (3, 1, 37, 2, 8, 1),  # 3 query heads a KV head; empty splits; a ragged last tile
@@ -212,7 +212,7 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
     assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv, False)
     for combine in (False, True, True):
-        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, bulk_stats=bulk)
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 

@@ -10,8 +10,9 @@ import subprocess
 import pytest
 
 
-@pytest.mark.parametrize("tile,stages,qg,bulk", [(16, 2, 1, False), (32, 4, 3, False), (64, 2, 4, False),
-                                               (128, 2, 1, False), (64, 3, 1, True)])
+@pytest.mark.parametrize("tile,stages,qg,bulk", [(16, 2, 1, "mixed"), (32, 4, 3, "mixed"), (64, 2, 4, "mixed"),
+                                               (128, 2, 1, "mixed"), (64, 3, 1, "bulk"), (32, 2, 1, "lanes"),
+                                               (128, 2, 3, "lanes")])
 def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, tmp_path):
     """The PTX is valid for sm_90; per tile 24 HMMA per 16 tokens (16 for the scores, 8 for the values); per issue
     2 bulk copies of codes and the stats by each lane's ``cp.async`` (16 bytes at most an instruction), or 6 bulk
@@ -48,8 +49,8 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, tmp_path):
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                            check=True).stdout
     assert sass.count("HMMA.16816.F32") == 24 * tile // 16
-    assert sass.count("UBLKCP") == (6 if bulk else 2) * stages
-    assert (sass.count("LDGSTS") == 0) == bulk  # ptxas may split a predicated copy in two: no exact count
+    assert sass.count("UBLKCP") == {"bulk": 6, "mixed": 2, "lanes": 0}[bulk] * stages
+    assert (sass.count("LDGSTS") == 0) == (bulk == "bulk")  # ptxas may split a predicated copy: no exact count
     shared = int(usage.split("SHARED:")[1].split()[0])  # the ring, plus Triton's scratch of the fused combine
     assert kv4_mma.smem_bytes(tile, stages) <= shared <= kv4_mma.smem_bytes(tile, stages) + 4096
     assert "LOCAL:0" in usage

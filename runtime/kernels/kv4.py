@@ -515,7 +515,8 @@ class AttnConfig:
     splits itself (its last program per head) instead of a second kernel (``WKVQ_ATTN_COMBINE`` ``0``/``1``
     overrides it); ``mma``: the tensor-core kernel of :mod:`runtime.kernels.kv4_mma` where it takes the shape
     (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
-    ``stages``: the ring's stages; ``bulk_stats``: the stats by bulk copies too, not by every lane's ``cp.async``;
+    ``stages``: the ring's stages; ``copies``: one of :data:`runtime.kernels.kv4_mma.COPIES` (bulk copies or every
+    lane's ``cp.async``);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
     with :data:`ATTN_DEFAULT`'s tile."""
 
@@ -529,7 +530,7 @@ class AttnConfig:
     combine: bool = False
     mma: bool = False
     stages: int = 4
-    bulk_stats: bool = False
+    copies: str = "mixed"
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -553,6 +554,8 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: mma must be a bool, got {self.mma!r}")
         if self.mma and self.block_s not in (16, 32, 64, 128):
             raise ValueError(f"AttnConfig: with mma, block_s must be 16, 32, 64 or 128, got {self.block_s}")
+        if self.copies not in ("mixed", "bulk", "lanes"):
+            raise ValueError(f"AttnConfig: copies must be mixed, bulk or lanes, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
             raise ValueError(f"AttnConfig: stages must be an int in 2..16, got {self.stages!r}")
         if self.mma and self.stages * self.block_s * 136 + 128 > 48 << 10:
@@ -562,7 +565,7 @@ class AttnConfig:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
-            return f"{splits}_mma_s{self.block_s}_st{self.stages}{'_bulk' if self.bulk_stats else ''}{l2}"
+            return f"{splits}_mma_s{self.block_s}_st{self.stages}{'' if self.copies == 'mixed' else '_' + self.copies}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
 
@@ -690,7 +693,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         if kv4_mma.mma_attention_ok(store, d, g, qg, False):
             return kv4_mma.attention(q, k_cur, v_cur, store, length, kv_params, sm_scale, out_dtype, cfg.splits,
                                      cfg.block_s, cfg.stages, cfg.combine,
-                                     _head_counts(device, b * hkv) if cfg.combine else None, cfg.bulk_stats)
+                                     _head_counts(device, b * hkv) if cfg.combine else None, cfg.copies)
     cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
     pdl = overlap.launch_options(device, "attn")

@@ -76,11 +76,11 @@ def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rope: bool) -> 
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-def _init_asm(tile: int, stages: int, bulk_stats: bool) -> str:
+def _init_asm(tile: int, stages: int, copies: str) -> str:
     """PTX that declares the shared ring (function scope), lets lane 0 initialise the stages' mbarriers (the
-    arrivals of a phase: lane 0's, plus one per lane for its stats copies unless ``bulk_stats``,
+    arrivals of a phase: lane 0's, plus one per lane for its ``cp.async`` copies unless ``copies`` is "bulk",
     :func:`_issue_asm`), and returns the ring's shared address. Constraints ``=r,r``."""
-    count = 1 if bulk_stats else 33
+    count = 1 if copies == "bulk" else 33
     inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], {count};" for s in range(stages)]
     return "\n".join([
         f".shared .align 128 .b8 {SMEM}[{smem_bytes(tile, stages)}];",
@@ -89,48 +89,68 @@ def _init_asm(tile: int, stages: int, bulk_stats: bool) -> str:
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
 
 
-def _issue_asm(tile: int, bulk_stats: bool) -> str:
+COPIES = ("mixed", "bulk", "lanes")  # AttnConfig.copies: how a tile's codes and stats reach shared memory
+
+
+def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, valid: str) -> list[str]:
+    """Every lane's ``cp.async`` share of a ``size``-byte region of the stage at byte ``region`` (16-byte chunks,
+    lane ``l`` takes chunks ``l, l + 32, ..``; ``size < 512``: ``size / 32`` bytes a lane), read from ``ptr`` at the
+    tile's first row (``row_bytes`` a token), those chunks below ``valid`` bytes only."""
+    part = min(16, size // 32)
+    L = [f"mul.wide.u32 off, $4, {row_bytes};", f"add.u64 sp, {ptr}, off;", f"mul.lo.u32 o, lane, {part};",
+         "cvt.u64.u32 off, o;", "add.u64 sp, sp, off;", f"add.u32 so, $3, {region};", "add.u32 so, so, o;"]
+    for k in range(size // (32 * part)):
+        step = 32 * part * k
+        L += [f"add.u32 r, o, {step};", f"setp.lt.and.u32 pv, r, {valid}, pg;",
+              f"@pv cp.async.{'cg' if part == 16 else 'ca'}.shared.global [so+{step}], [sp+{step}], {part};"]
+    return L
+
+
+def _issue_asm(tile: int, copies: str) -> str:
     """PTX that starts the copies of one tile into a stage (when the flag ``go`` is set): ``n`` tokens from token
-    row ``row``. Lane 0 expects the bulk copies' bytes on the stage's mbarrier and issues them: the key and value
-    codes (``64 n`` bytes each) and, with ``bulk_stats``, the four stats (rounded up to 8 tokens: the slots are a
-    multiple of 8, so this stays inside the head). Without it every lane copies ``tile / 4`` bytes of the stats
-    with ``cp.async`` (the ``8 tile`` bytes of the four stats of the stage, the part of ``n`` rounded up to 8
-    tokens) and arrives on the mbarrier when they land (``cp.async.mbarrier.arrive.noinc``: the mbarrier counts 33
-    arrivals, :func:`_init_asm`): 2 bulk copies a tile instead of 6 (each costs the issuing warp ~60 cycles).
-    Inputs: ``go``, the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers (codes, then key step,
-    key minimum, value step, value minimum)."""
+    row ``row``: the key and value codes (``64 n`` bytes each) and the four stats (``2 n`` bytes each, rounded up
+    to 8 tokens: the slots are a multiple of 8, so this stays inside the head). ``copies`` (:data:`COPIES`):
+    "bulk": lane 0 issues 6 ``cp.async.bulk`` copies and expects their bytes on the stage's mbarrier; "mixed": the
+    codes so, the stats by every lane's ``cp.async`` (``tile / 4`` bytes a lane); "lanes": all by every lane's
+    ``cp.async`` (16-byte chunks). A lane's ``cp.async`` copies arrive on the mbarrier when they land
+    (``cp.async.mbarrier.arrive.noinc``: the mbarrier then counts 33 arrivals, :func:`_init_asm`). Inputs: ``go``,
+    the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers (codes, then key step, key minimum,
+    value step, value minimum)."""
     c = 64 * tile
-    L = ["{", ".reg .pred p, pg, pv, q<4>;", ".reg .u32 lane, nc, n8, tot, so, o, r;", ".reg .u64 off, src, sp;",
+    L = ["{", ".reg .pred p, pg, pv;", ".reg .u32 lane, nc, n8, tot, so, o, r;", ".reg .u64 off, src, sp;",
          "mov.u32 lane, %laneid;", "setp.ne.u32 pg, $1, 0;", "setp.eq.and.u32 p, lane, 0, pg;",
          "bar.warp.sync -1;",  # every lane done with the stage (its reads consumed) before it is overwritten
-         "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;",
-         "shl.b32 tot, nc, 1;"]
-    if bulk_stats:
-        L.append("mad.lo.u32 tot, n8, 4, tot;")
-    L += ["@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
-          "mul.wide.u32 off, $4, 64;",
-          "add.u64 src, $6, off;",
-          "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
-          "add.u64 src, $7, off;",
-          f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
-          "mul.wide.u32 off, $4, 2;"]
-    if bulk_stats:
+         "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;"]
+    if copies == "lanes":
+        L.append("@p mbarrier.arrive.shared::cta.b64 _, [$2];")
+        L += _lane_copies(tile, 0, c, "$6", 64, "nc") + _lane_copies(tile, c, c, "$7", 64, "nc")
+    else:
+        L += ["shl.b32 tot, nc, 1;"] + (["mad.lo.u32 tot, n8, 4, tot;"] if copies == "bulk" else [])
+        L += ["@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
+              "mul.wide.u32 off, $4, 64;",
+              "add.u64 src, $6, off;",
+              "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
+              "add.u64 src, $7, off;",
+              f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
+              "mul.wide.u32 off, $4, 2;"]
+    if copies == "bulk":
         for i, ptr in enumerate(("$8", "$9", "$10", "$11")):
             L += [f"add.u64 src, {ptr}, off;",
                   (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{2 * c + 2 * tile * i}],"
                    " [src], n8, [$2];")]
     else:
-        size = tile // 4  # bytes a lane: 8 tile bytes of stats over 32 lanes
-        part = min(size, 16)
-        L += [f"mul.lo.u32 so, lane, {size};",  # the lane's offset in the stage's stats
-              f"shr.u32 r, so, {(2 * tile).bit_length() - 1};", f"and.b32 o, so, {2 * tile - 1};",
-              "setp.eq.u32 q0, r, 0;", "setp.eq.u32 q1, r, 1;", "setp.eq.u32 q2, r, 2;",
-              "selp.b64 sp, $10, $11, q2;", "selp.b64 sp, $9, sp, q1;", "selp.b64 sp, $8, sp, q0;",
-              "add.u64 sp, sp, off;", "cvt.u64.u32 off, o;", "add.u64 sp, sp, off;", f"add.u32 so, so, {2 * c};",
-              "add.u32 so, so, $3;"]
-        for k in range(size // part):
-            L += [f"add.u32 r, o, {k * part};", "setp.lt.and.u32 pv, r, n8, pg;",
-                  f"@pv cp.async.ca.shared.global [so+{k * part}], [sp+{k * part}], {part};"]
+        for i, ptr in enumerate(("$8", "$9", "$10", "$11")):
+            if tile > 64:  # per stat: 2 tile bytes over the lanes
+                L += _lane_copies(tile, 2 * c + 2 * tile * i, 2 * tile, ptr, 2, "n8")
+        if tile <= 64:  # all four stats in one pass: lane l copies tile / 4 bytes (4, 8, 16)
+            size = tile // 4
+            L += [f"mul.lo.u32 so, lane, {size};",  # the lane's offset in the stage's stats
+                  f"shr.u32 r, so, {(2 * tile).bit_length() - 1};", f"and.b32 o, so, {2 * tile - 1};",
+                  ".reg .pred q<3>;", "setp.eq.u32 q0, r, 0;", "setp.eq.u32 q1, r, 1;", "setp.eq.u32 q2, r, 2;",
+                  "selp.b64 sp, $10, $11, q2;", "selp.b64 sp, $9, sp, q1;", "selp.b64 sp, $8, sp, q0;",
+                  "mul.wide.u32 off, $4, 2;", "add.u64 sp, sp, off;", "cvt.u64.u32 off, o;", "add.u64 sp, sp, off;",
+                  f"add.u32 so, so, {2 * c};", "add.u32 so, so, $3;", "setp.lt.and.u32 pv, o, n8, pg;",
+                  f"@pv cp.async.{'cg' if size == 16 else 'ca'}.shared.global [so], [sp], {size};"]
         L.append("@pg cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$2];")
     L += ["mov.u32 $0, 0;", "}"]
     return "\n".join(L)
@@ -283,9 +303,9 @@ FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, bulk_stats: bool = False):
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed"):
     step, step_cons = _step_asm(tile, qg)
-    return _init_asm(tile, stages, bulk_stats), _issue_asm(tile, bulk_stats), step, step_cons
+    return _init_asm(tile, stages, copies), _issue_asm(tile, copies), step, step_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -433,7 +453,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
 
 
 def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype, splits: int, tile: int,
-              stages: int, combine: bool, counts, bulk_stats: bool = False) -> torch.Tensor:
+              stages: int, combine: bool, counts, copies: str = "mixed") -> torch.Tensor:
     """:func:`runtime.kernels.kv4.decode_attention` on this kernel (see :func:`mma_attention_ok`); ``counts``: a
     zeroed int32 buffer of at least ``B * Hkv`` per-head counts when ``combine``. Returns ``[B, Hq, D]``."""
     b, hq, d = q.shape
@@ -445,7 +465,7 @@ def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dt
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    init, issue, step, step_cons = _asm(tile, stages, qg, bulk_stats)
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies)
     pdl = overlap.launch_options(device, "attn")
     _attn_mma_kernel[(b * hkv, splits)](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
