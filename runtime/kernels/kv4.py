@@ -576,17 +576,18 @@ class AttnConfig:
 # (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
 # combine: the splits merged by the split kernel's last program per head (twelfth session, no sweep: one launch
 # fewer per layer; measured end to end in BENCHMARKS.md)
-# mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session, records benchmarks/results/r17/
-# attn_mma_b*.json: 56 configs of tokens a stage x stages x splits, fused combine) won all four cases; shapes it
-# does not take (head_dim != 128, KV groups, > 4 query heads a KV head, a GPU before sm_90, the interpreter) run
-# the split kernel with ATTN_DEFAULT's tile at the entry's splits (the times in brackets: that kernel, 13th session)
+# mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session: graph-timed sweeps of tokens a stage
+# x stages x splits x copies, fused combine, records benchmarks/results/r17/attn_mma4_b1.json (b1) and
+# attn_mma3_b8.json (b8)) won all four cases; shapes it does not take (head_dim != 128, KV groups, > 4 query heads
+# a KV head, a GPU before sm_90, the interpreter) run the split kernel with ATTN_DEFAULT's tile at the entry's
+# splits. In brackets: the split kernel's table config (13th session's table, same sweep harness)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 _MMA = {"mma": True, "stages": 2, "combine": True}
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
-    (1, 2048): AttnConfig(splits=16, block_s=32, **_MMA),  # 9.75 us (9.97)
-    (1, 32768): AttnConfig(splits=32, block_s=64, **_MMA),  # 49.81 us, 2864 GB/s (79.77)
-    (8, 2048): AttnConfig(splits=4, block_s=64, **_MMA),  # 29.08 us, 2470 GB/s (42.66)
-    (8, 32768): AttnConfig(splits=16, block_s=64, **_MMA),  # 351.62 us, 3246 GB/s (571.55)
+    (1, 2048): AttnConfig(splits=16, block_s=32, copies="lanes", **_MMA),  # 8.94 us (9.97)
+    (1, 32768): AttnConfig(splits=32, block_s=64, **_MMA),  # 46.57 us, 3063 GB/s (79.77)
+    (8, 2048): AttnConfig(splits=4, block_s=64, **_MMA),  # 27.27 us, 2633 GB/s (42.66)
+    (8, 32768): AttnConfig(splits=16, block_s=64, **_MMA),  # 344.95 us, 3309 GB/s (571.55)
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
