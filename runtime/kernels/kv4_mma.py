@@ -1,4 +1,4 @@
-"""POQ decode attention on the tensor cores, fed by bulk copies into shared memory (CUDA sm_90+).
+"""POQ decode attention on the tensor cores, fed by async copies into shared memory (CUDA sm_90+).
 
 The same result as :func:`runtime.kernels.kv4.decode_attention` (the splits' partial results, merged with the
 current token by :func:`runtime.kernels.kv4._combine_head`) for head_dim 128, one step/minimum per token (KV group
@@ -8,11 +8,13 @@ Why: the split kernel of :mod:`runtime.kernels.kv4` holds its tiles in registers
 code on float32 arithmetic; at 7B b1 p32768 it reads the 4-bit cache at ~1.7 TB/s, at p2048 at ~0.8 TB/s (a
 chain of dependent loads per program). Here:
 
-* **Loads**: one lane per program issues ``cp.async.bulk`` copies of whole tiles (the key and value codes of
-  ``TILE`` tokens, 64 bytes each, contiguous in the cache, and their four float16 stats) into a ring of ``STAGES``
-  shared-memory stages, each with an ``mbarrier`` that counts the bytes; ``STAGES - 1`` tiles are in flight while
-  one is computed, without registers. The cache's slots are padded to a multiple of 16
-  (:class:`runtime.static_cache.StaticPOQCache`), so every copy is 16-byte aligned.
+* **Loads**: whole tiles (the key and value codes of ``TILE`` tokens, 64 bytes each, contiguous in the cache, and
+  their four float16 stats) go into a ring of ``STAGES`` shared-memory stages, each with an ``mbarrier``; ``STAGES
+  - 1`` tiles are in flight while one is computed, without registers. ``copies`` (:data:`COPIES`): lane 0 issues
+  ``cp.async.bulk`` copies (the mbarrier counts their bytes) of the codes and the stats ("bulk"), of the codes only
+  while every lane copies its share of the stats with ``cp.async`` ("mixed", the default), or every lane copies
+  everything ("lanes"); a lane's ``cp.async`` copies arrive on the mbarrier when they land. The cache's slots are
+  padded to a multiple of 16 (:class:`runtime.static_cache.StaticPOQCache`), so every copy is 16-byte aligned.
 * **Scores** ``q' . c`` (``q' = q * s * sm_scale``, the static scale folded in) by ``mma.sync.m16n8k16`` with the
   query as A (row ``g``: the query's float16 part, row ``g + 8``: the float16 rounding error of it, so the products
   sum to ``q'`` to ~2^-22) and 8 tokens' codes as B (thread ``(g, t)``, ``g = lane / 4``, ``t = lane % 4``, gives
@@ -23,9 +25,13 @@ chain of dependent loads per program). Here:
   paired with the next token's by ``prmt``) and ``p step`` as B (column ``n``: thread group ``n``; even columns
   the float16 value, odd ones its rounding error, again ~2^-22), so each thread's C holds, per dim, the two
   halves of one query's sum.
-* Online softmax in float32 (base-2 exponentials), the maximum shared by the 4 threads of a token quad by two
-  shuffles, the accumulators rescaled only when it grows by more than 8 (``exp(8)`` bounds the unscaled weights
-  and their float16 products).
+* Online softmax in float32 (base-2 exponentials), once a tile: the maximum shared by the 4 threads of a token
+  quad by two shuffles, a new maximum only when it grows by more than 8 (``exp(8)`` bounds the unscaled weights
+  and their float16 products), the accumulators multiplied by the factor (1 when it holds) without a branch, so a
+  tile is one basic block and its 16-token blocks' MMA chains overlap.
+
+Measured on an H200 (fourteenth session, BENCHMARKS.md): 7B b1 p32768 46.5 µs a layer (3.07 TB/s) against the
+split kernel's 79.8; b8 p32768 345 against 572; b1 p2048 8.9 against 10.0 (a fixed cost of ~4.8 µs dominates).
 
 Query heads: row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread ``(g, t)`` keeps the
 softmax state of that query, while its value accumulators (columns ``2t, 2t + 1``) belong to query ``t % QG``:
