@@ -91,7 +91,7 @@ def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
         pairs = MMA_TILES if args.mma == "all" else [tuple(int(v) for v in p.split("x")) for p in args.mma.split(",")]
         grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, copies=cp)
                  for n, (bs, st), cp in itertools.product(splits, pairs, args.copies.split(","))
-                 if st * bs * 136 + 128 <= 48 << 10]
+                 if kv4.mma_smem_bytes(bs, st) <= kv4.MMA_SMEM_LIMIT]
     return [default] + [c for c in dict.fromkeys(grid) if c != default]
 
 

@@ -501,6 +501,15 @@ def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens:
 
 
 LOADS = ("late", "early", "prefetch")  # AttnConfig.loads -> the split kernel's LOADS 0, 1, 2
+COPIES = ("mixed", "bulk", "lanes")  # AttnConfig.copies: how the tensor-core kernel's tiles reach shared memory
+MMA_BAR_BYTES = 128  # the tensor-core kernel's stage mbarriers (8 bytes each, <= 16 stages) before its stages
+MMA_STAGE_BYTES = 2 * 64 + 4 * 2  # its shared bytes a token of a stage: key and value codes, four float16 stats
+MMA_SMEM_LIMIT = 48 << 10  # the static shared memory a kernel may declare
+
+
+def mma_smem_bytes(tile: int, stages: int) -> int:
+    """Shared memory of the tensor-core kernel's ring (:mod:`runtime.kernels.kv4_mma`)."""
+    return MMA_BAR_BYTES + stages * tile * MMA_STAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -515,7 +524,7 @@ class AttnConfig:
     splits itself (its last program per head) instead of a second kernel (``WKVQ_ATTN_COMBINE`` ``0``/``1``
     overrides it); ``mma``: the tensor-core kernel of :mod:`runtime.kernels.kv4_mma` where it takes the shape
     (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
-    ``stages``: the ring's stages; ``copies``: one of :data:`runtime.kernels.kv4_mma.COPIES` (bulk copies or every
+    ``stages``: the ring's stages; ``copies``: one of :data:`COPIES` (bulk copies or every
     lane's ``cp.async``);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
     with :data:`ATTN_DEFAULT`'s tile."""
@@ -554,18 +563,19 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: mma must be a bool, got {self.mma!r}")
         if self.mma and self.block_s not in (16, 32, 64, 128):
             raise ValueError(f"AttnConfig: with mma, block_s must be 16, 32, 64 or 128, got {self.block_s}")
-        if self.copies not in ("mixed", "bulk", "lanes"):
-            raise ValueError(f"AttnConfig: copies must be mixed, bulk or lanes, got {self.copies!r}")
+        if self.copies not in COPIES:
+            raise ValueError(f"AttnConfig: copies must be one of {', '.join(COPIES)}, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
             raise ValueError(f"AttnConfig: stages must be an int in 2..16, got {self.stages!r}")
-        if self.mma and self.stages * self.block_s * 136 + 128 > 48 << 10:
+        if self.mma and mma_smem_bytes(self.block_s, self.stages) > MMA_SMEM_LIMIT:
             raise ValueError(f"AttnConfig: {self.stages} stages of {self.block_s} tokens exceed 48 KB of shared memory")
 
     def label(self) -> str:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
-            return f"{splits}_mma_s{self.block_s}_st{self.stages}{'' if self.copies == 'mixed' else '_' + self.copies}{l2}"
+            copies = "" if self.copies == "mixed" else "_" + self.copies
+            return f"{splits}_mma_s{self.block_s}_st{self.stages}{copies}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
 

@@ -10,10 +10,11 @@ chain of dependent loads per program). Here:
 
 * **Loads**: whole tiles (the key and value codes of ``TILE`` tokens, 64 bytes each, contiguous in the cache, and
   their four float16 stats) go into a ring of ``STAGES`` shared-memory stages, each with an ``mbarrier``; ``STAGES
-  - 1`` tiles are in flight while one is computed, without registers. ``copies`` (:data:`COPIES`): lane 0 issues
-  ``cp.async.bulk`` copies (the mbarrier counts their bytes) of the codes and the stats ("bulk"), of the codes only
-  while every lane copies its share of the stats with ``cp.async`` ("mixed", the default), or every lane copies
-  everything ("lanes"); a lane's ``cp.async`` copies arrive on the mbarrier when they land. The cache's slots are
+  - 1`` tiles are in flight while one is computed, without registers. ``copies``
+  (:data:`runtime.kernels.kv4.COPIES`): lane 0 issues ``cp.async.bulk`` copies (the mbarrier counts their bytes) of
+  the codes and the stats ("bulk"), of the codes only while every lane copies its share of the stats with
+  ``cp.async`` ("mixed", the default), or every lane copies everything ("lanes"); a lane's ``cp.async`` copies
+  arrive on the mbarrier when they land. The cache's slots are
   padded to a multiple of 16 (:class:`runtime.static_cache.StaticPOQCache`), so every copy is 16-byte aligned.
 * **Scores** ``q' . c`` (``q' = q * s * sm_scale``, the static scale folded in) by ``mma.sync.m16n8k16`` with the
   query as A (row ``g``: the query's float16 part, row ``g + 8``: the float16 rounding error of it, so the products
@@ -48,25 +49,17 @@ import triton
 import triton.language as tl
 
 from . import cuda_major, overlap
-from .kv4 import _attn_combine_kernel, _combine_head
+from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _attn_combine_kernel, _combine_head
+from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
 _D = tl.constexpr(HEAD_DIM)
 MAX_QG = 4
 SMEM = "wkvq_attn_smem"  # the shared memory the init PTX declares at the function's scope
-BAR_BYTES = 128  # the stages' mbarriers (8 bytes each) before the stages' data
-_BAR = tl.constexpr(BAR_BYTES)
-_STAGE_PER_TOKEN = tl.constexpr(2 * 64 + 4 * 2)  # stage_bytes(tile) = tile * this
-
-
-def stage_bytes(tile: int) -> int:
-    """Shared bytes a stage of ``tile`` tokens: key codes, value codes (64 bytes a token each), then the key
-    steps, key minima, value steps and value minima (float16, ``2 tile`` bytes each)."""
-    return tile * _STAGE_PER_TOKEN.value
-
-
-def smem_bytes(tile: int, stages: int) -> int:
-    return BAR_BYTES + stages * stage_bytes(tile)
+# a stage of TILE tokens: key codes, value codes (64 bytes a token each), then the key steps, key minima, value
+# steps and value minima (float16, 2 TILE bytes each), after the MMA_BAR_BYTES of the stages' mbarriers
+_BAR = tl.constexpr(MMA_BAR_BYTES)
+_STAGE_PER_TOKEN = tl.constexpr(MMA_STAGE_BYTES)
 
 
 def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rope: bool) -> bool:
@@ -95,9 +88,6 @@ def _init_asm(tile: int, stages: int, copies: str) -> str:
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
 
 
-COPIES = ("mixed", "bulk", "lanes")  # AttnConfig.copies: how a tile's codes and stats reach shared memory
-
-
 def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, valid: str) -> list[str]:
     """Every lane's ``cp.async`` share of a ``size``-byte region of the stage at byte ``region`` (16-byte chunks,
     lane ``l`` takes chunks ``l, l + 32, ..``; ``size < 512``: ``size / 32`` bytes a lane), read from ``ptr`` at the
@@ -115,13 +105,13 @@ def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, va
 def _issue_asm(tile: int, copies: str) -> str:
     """PTX that starts the copies of one tile into a stage (when the flag ``go`` is set): ``n`` tokens from token
     row ``row``: the key and value codes (``64 n`` bytes each) and the four stats (``2 n`` bytes each, rounded up
-    to 8 tokens: the slots are a multiple of 8, so this stays inside the head). ``copies`` (:data:`COPIES`):
-    "bulk": lane 0 issues 6 ``cp.async.bulk`` copies and expects their bytes on the stage's mbarrier; "mixed": the
-    codes so, the stats by every lane's ``cp.async`` (``tile / 4`` bytes a lane); "lanes": all by every lane's
-    ``cp.async`` (16-byte chunks). A lane's ``cp.async`` copies arrive on the mbarrier when they land
-    (``cp.async.mbarrier.arrive.noinc``: the mbarrier then counts 33 arrivals, :func:`_init_asm`). Inputs: ``go``,
-    the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers (codes, then key step, key minimum,
-    value step, value minimum)."""
+    to 8 tokens: the slots are a multiple of 8, so this stays inside the head). ``copies``
+    (:data:`runtime.kernels.kv4.COPIES`): "bulk": lane 0 issues 6 ``cp.async.bulk`` copies and expects their bytes
+    on the stage's mbarrier; "mixed": the codes so, the stats by every lane's ``cp.async`` (``tile / 4`` bytes a
+    lane); "lanes": all by every lane's ``cp.async`` (16-byte chunks). A lane's ``cp.async`` copies arrive on the
+    mbarrier when they land (``cp.async.mbarrier.arrive.noinc``: the mbarrier then counts 33 arrivals,
+    :func:`_init_asm`). Inputs: ``go``, the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers
+    (codes, then key step, key minimum, value step, value minimum)."""
     c = 64 * tile
     L = ["{", ".reg .pred p, pg, pv;", ".reg .u32 lane, nc, n8, tot, so, o, r;", ".reg .u64 off, src, sp;",
          "mov.u32 lane, %laneid;", "setp.ne.u32 pg, $1, 0;", "setp.eq.and.u32 p, lane, 0, pg;",
@@ -318,15 +308,22 @@ def _asm(tile: int, stages: int, qg: int, copies: str = "mixed"):
 
 
 @triton.jit
+def _stage(base, st, TILE: tl.constexpr):
+    """The shared address of stage ``st``'s data (its mbarrier: ``base + 8 st``)."""
+    return base + _BAR + st * (TILE * _STAGE_PER_TOKEN)
+
+
+@triton.jit
 def _issue(base, it, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE: tl.constexpr,
            STAGES: tl.constexpr, ISSUE: tl.constexpr):
-    """Lane 0 starts the copies of tile ``it`` of the slice (when it exists) into stage ``it % STAGES``."""
+    """Starts the copies (:func:`_issue_asm`) of tile ``it`` of the slice (when it exists) into stage
+    ``it % STAGES``."""
     st = it % STAGES
     n = tl.minimum(span - it * TILE, TILE)
     tl.inline_asm_elementwise(ISSUE, "=r,r,r,r,r,r,l,l,l,l,l,l",
-                              [base * 0 + (it < ntiles).to(tl.int32), base + 8 * st,
-                               base + _BAR + st * (TILE * _STAGE_PER_TOKEN), row0 + it * TILE, n, kc_ptr, vc_ptr, ks_ptr,
-                               km_ptr, vs_ptr, vm_ptr], dtype=tl.int32, is_pure=False, pack=1)
+                              [base * 0 + (it < ntiles).to(tl.int32), base + 8 * st, _stage(base, st, TILE),
+                               row0 + it * TILE, n,
+                               kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -414,7 +411,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         st = it % STAGES
         R = tl.inline_asm_elementwise(
             STEP, STEP_CONS,
-            [base + 8 * st, z + (it // STAGES) % 2, base + _BAR + st * (TILE * _STAGE_PER_TOKEN),
+            [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
              z + tl.minimum(span - it * TILE, TILE),
              H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
              H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
