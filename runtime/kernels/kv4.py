@@ -691,10 +691,6 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(device), cfg.min_tokens))
     qg = hq // hkv
-    m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=device)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
-    k_scale, k_shift, v_scale, v_shift = kv_params
     if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
@@ -706,6 +702,10 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
                                      cfg.block_s, cfg.stages, cfg.combine,
                                      _head_counts(device, b * hkv) if cfg.combine else None, cfg.copies)
     cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
+    m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=device)
+    l_ = torch.empty_like(m)
+    acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
+    k_scale, k_shift, v_scale, v_shift = kv_params
     k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
     pdl = overlap.launch_options(device, "attn")
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
