@@ -1,5 +1,9 @@
 """4-bit POQ KV cache kernels: fused rope + quantize-and-append, and split-K decode attention.
 
+:func:`decode_attention` runs, per :class:`AttnConfig` (the table :data:`ATTN_TABLE`), either the split kernel
+here (any head_dim, KV groups and GQA; the interpreter) or, with ``mma``, the tensor-core kernel of
+:mod:`runtime.kernels.kv4_mma` (sm_90, head_dim 128, per-token stats, <= 4 query heads a KV head).
+
 Cache layout (see :mod:`runtime.static_cache`): codes ``uint8 [B, Hkv, S, D/2]`` packed with
 :func:`runtime.quant.pack` (channel ``2j`` in the low nibble), ``step`` and ``minimum``
 ``float16 [B, Hkv, S, G]`` over ``G`` groups of ``D / G`` channels of the smoothed vector
