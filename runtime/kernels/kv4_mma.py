@@ -155,22 +155,20 @@ def _issue_asm(tile: int, copies: str) -> str:
 MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
 
-def _unpack(word: str, out: tuple[str, str, str, str], tmp: str) -> list[str]:
-    """Four exact float16 pairs of a word's nibbles: ``out[i]`` = (nibble ``i``, nibble ``i + 4``) of each 16-bit
-    half, i.e. ``(c_i, c_{i+4})`` of a word of 8 codes (low nibble: ``lop3`` into the mantissa of 1024 and ``sub``
-    1024; high nibble: into the mantissa as 16 c, times 1/16 minus 64). 9 instructions."""
-    return [f"lop3.b32 {out[0]}, {word}, m0, mag, 0xEA;", f"sub.f16x2 {out[0]}, {out[0]}, mag;",
-            f"lop3.b32 {out[1]}, {word}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out[1]}, {out[1]}, k16, k64;",
-            f"shr.u32 {tmp}, {word}, 8;",
-            f"lop3.b32 {out[2]}, {tmp}, m0, mag, 0xEA;", f"sub.f16x2 {out[2]}, {out[2]}, mag;",
-            f"lop3.b32 {out[3]}, {tmp}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out[3]}, {out[3]}, k16, k64;"]
-
-
 def _nibble(word: str, high: int, out: str) -> list[str]:
-    """The exact float16 pair of nibble 0 (``high`` 0) or 1 (``high`` 1) of each 16-bit half of ``word``."""
+    """The exact float16 pair of nibble 0 (``high`` 0) or 1 (``high`` 1) of each 16-bit half of ``word`` (low
+    nibble: ``lop3`` into the mantissa of 1024 and ``sub`` 1024; high nibble: into the mantissa as 16 c, times 1/16
+    minus 64)."""
     if high:
         return [f"lop3.b32 {out}, {word}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out}, {out}, k16, k64;"]
     return [f"lop3.b32 {out}, {word}, m0, mag, 0xEA;", f"sub.f16x2 {out}, {out}, mag;"]
+
+
+def _unpack(word: str, out: tuple[str, str, str, str], tmp: str) -> list[str]:
+    """Four exact float16 pairs of a word's nibbles (:func:`_nibble`): ``out[i]`` = (nibble ``i``, nibble ``i + 4``)
+    of each 16-bit half, i.e. ``(c_i, c_{i+4})`` of a word of 8 codes. 9 instructions."""
+    return (_nibble(word, 0, out[0]) + _nibble(word, 1, out[1]) + [f"shr.u32 {tmp}, {word}, 8;"]
+            + _nibble(tmp, 0, out[2]) + _nibble(tmp, 1, out[3]))
 
 
 def _step_asm(tile: int, qg: int) -> tuple[str, str]:
@@ -333,6 +331,14 @@ def _pack_pair(a, b):
 
 
 @triton.jit
+def _hi_lo(a, b):
+    """The float16 pair ``(a, b)`` rounded (hi), and the pair of its rounding errors (lo), each as one int32."""
+    ha, hb = a.to(tl.float16), b.to(tl.float16)
+    la, lb = (a - ha.to(tl.float32)).to(tl.float16), (b - hb.to(tl.float32)).to(tl.float16)
+    return _pack_pair(ha, hb), _pack_pair(la, lb)
+
+
+@triton.jit
 def _query_word(q_row, sc_row, sh_row, e, sm_scale):
     """The query fragments of the 8 channels ``e .. e + 7`` (a tensor per thread): the float16 pairs ``(q'_i,
     q'_{i+4})``, ``i < 4``, of ``q' = q s sm_scale`` (hi: rounded, lo: the rounding error), and the thread's parts
@@ -346,18 +352,15 @@ def _query_word(q_row, sc_row, sh_row, e, sm_scale):
     x2, x3 = q2 * tl.load(sc_row + e + 2) * sm_scale, q3 * tl.load(sc_row + e + 3) * sm_scale
     x4, x5 = q4 * tl.load(sc_row + e + 4) * sm_scale, q5 * tl.load(sc_row + e + 5) * sm_scale
     x6, x7 = q6 * tl.load(sc_row + e + 6) * sm_scale, q7 * tl.load(sc_row + e + 7) * sm_scale
-    h0, h1, h2, h3 = x0.to(tl.float16), x1.to(tl.float16), x2.to(tl.float16), x3.to(tl.float16)
-    h4, h5, h6, h7 = x4.to(tl.float16), x5.to(tl.float16), x6.to(tl.float16), x7.to(tl.float16)
-    hi = (_pack_pair(h0, h4), _pack_pair(h1, h5), _pack_pair(h2, h6), _pack_pair(h3, h7))
-    lo = (_pack_pair((x0 - h0.to(tl.float32)).to(tl.float16), (x4 - h4.to(tl.float32)).to(tl.float16)),
-          _pack_pair((x1 - h1.to(tl.float32)).to(tl.float16), (x5 - h5.to(tl.float32)).to(tl.float16)),
-          _pack_pair((x2 - h2.to(tl.float32)).to(tl.float16), (x6 - h6.to(tl.float32)).to(tl.float16)),
-          _pack_pair((x3 - h3.to(tl.float32)).to(tl.float16), (x7 - h7.to(tl.float32)).to(tl.float16)))
-    return hi, lo, x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, shift
+    hi0, lo0 = _hi_lo(x0, x4)
+    hi1, lo1 = _hi_lo(x1, x5)
+    hi2, lo2 = _hi_lo(x2, x6)
+    hi3, lo3 = _hi_lo(x3, x7)
+    return (hi0, hi1, hi2, hi3), (lo0, lo1, lo2, lo3), x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, shift
 
 
 @triton.jit
-def _store_dims(acc_ptr, row, i, A, pq, mask):
+def _store_dims(row, i, A, pq, mask):
     """Dims ``i`` and ``8 + i`` of the thread's 16 (``row``: their pointer at dim 0): the two halves of each
     column pair plus the minimum term."""
     tl.store(row + i, A[4 * i] + A[4 * i + 1] + pq, mask=mask)
@@ -434,14 +437,14 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     tl.store(l_ptr + head_q, lq, mask=ml_mask)
     row = acc_ptr + ((b * HQ + kh * QG + t) * NSPLIT + sp) * D + 16 * g
     vmask = t < QG
-    _store_dims(acc_ptr, row, 0, A, pq, vmask)
-    _store_dims(acc_ptr, row, 1, A, pq, vmask)
-    _store_dims(acc_ptr, row, 2, A, pq, vmask)
-    _store_dims(acc_ptr, row, 3, A, pq, vmask)
-    _store_dims(acc_ptr, row, 4, A, pq, vmask)
-    _store_dims(acc_ptr, row, 5, A, pq, vmask)
-    _store_dims(acc_ptr, row, 6, A, pq, vmask)
-    _store_dims(acc_ptr, row, 7, A, pq, vmask)
+    _store_dims(row, 0, A, pq, vmask)
+    _store_dims(row, 1, A, pq, vmask)
+    _store_dims(row, 2, A, pq, vmask)
+    _store_dims(row, 3, A, pq, vmask)
+    _store_dims(row, 4, A, pq, vmask)
+    _store_dims(row, 5, A, pq, vmask)
+    _store_dims(row, 6, A, pq, vmask)
+    _store_dims(row, 7, A, pq, vmask)
     if COMBINE:
         tl.debug_barrier()  # every thread's partials stored before the count (released by it)
         if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel") == NSPLIT - 1:  # the KV head's last program
