@@ -334,8 +334,8 @@ def _pack_pair(a, b):
 def _hi_lo(a, b):
     """The float16 pair ``(a, b)`` rounded (hi), and the pair of its rounding errors (lo), each as one int32."""
     ha, hb = a.to(tl.float16), b.to(tl.float16)
-    la, lb = (a - ha.to(tl.float32)).to(tl.float16), (b - hb.to(tl.float32)).to(tl.float16)
-    return _pack_pair(ha, hb), _pack_pair(la, lb)
+    return _pack_pair(ha, hb), _pack_pair((a - ha.to(tl.float32)).to(tl.float16),
+                                          (b - hb.to(tl.float32)).to(tl.float16))
 
 
 @triton.jit
