@@ -210,7 +210,7 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     from runtime.kernels import kv4, kv4_mma
 
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
-    assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv, False)
+    assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv)
     for combine in (False, True, True):
         cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
@@ -230,7 +230,7 @@ def test_mma_config_checks_and_fallback():
     assert kv4._split_kernel(kv4.AttnConfig(splits=4, block_s=64, mma=True, combine=True)) == dataclasses.replace(
         kv4.ATTN_DEFAULT, splits=4, combine=True)
     args, ref = _attention_case(4, 2, None, 150, 40, 2)
-    assert not kv4_mma.mma_attention_ok(args[3], 32, 1, 2, False)
+    assert not kv4_mma.mma_attention_ok(args[3], 32, 1, 2)
     for combine in (False, True):
         cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4

@@ -440,12 +440,26 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     tl.store(out + 6, 16.0 * tl.sum(A[6], 0) + base)
     tl.store(out + 7, 16.0 * tl.sum(A[7], 0) + base)
     if COMBINE:
-        tl.debug_barrier()  # every thread's partials stored before the count (released by it)
-        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == NSPLIT - 1:  # the head's last program
-            _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
-                          sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
+        _combine_if_last(cnt_ptr + bh, b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
+                         out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, 1,
+                         ROPE)
+
+
+@triton.jit
+def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
+                     out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
+                     HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
+                     ROPE: tl.constexpr):
+    """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
+    at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
+    HEADS - 1`` of sequence ``b`` (:func:`_combine_head`)."""
+    tl.debug_barrier()  # every thread's partials stored before the count (released by it)
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
+        for j in tl.static_range(HEADS):
+            _combine_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
+                          sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
                           ROPE)
-            tl.store(cnt_ptr + bh, 0)  # ready for the next launch
+        tl.store(count_ptr, 0)
 
 
 @triton.jit
@@ -698,35 +712,36 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
         raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
                          f"head_dim {d}, group size {d // g}")
-    if cfg.mma and rope is None:
-        from . import kv4_mma
+    from . import kv4_mma  # it imports this module: not at the top
 
-        if kv4_mma.mma_attention_ok(store, d, g, qg, False):
-            return kv4_mma.attention(q, k_cur, v_cur, store, length, kv_params, sm_scale, out_dtype, cfg.splits,
-                                     cfg.block_s, cfg.stages, cfg.combine,
-                                     _head_counts(device, b * hkv) if cfg.combine else None, cfg.copies)
-    cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
+    mma = cfg.mma and rope is None and kv4_mma.mma_attention_ok(store, d, g, qg)
+    if not mma:
+        cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
     m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=device)
     l_ = torch.empty_like(m)
     acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
-    k_scale, k_shift, v_scale, v_shift = kv_params
-    k_words, v_words = store.k_codes.view(torch.int32), store.v_codes.view(torch.int32)
-    pdl = overlap.launch_options(device, "attn")
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
-    cnt = _head_counts(device, b * hq) if cfg.combine else m
+    k_scale, k_shift, v_scale, v_shift = kv_params
+    pdl = overlap.launch_options(device, "attn")
     if rope is None:  # the rope arguments unused
         rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
     else:
         qkv, cos, sin = rope
         rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
-    _attn_split_kernel[(b * hq, cfg.splits)](
-        q, k_words, store.k_step, store.k_min, v_words, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale, v_shift, out, *rope_args,
-        HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
-        LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
-        L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
-        ROPE=rope is not None, **pdl)
+    if mma:  # counts per KV head
+        cnt = _head_counts(device, b * hkv) if cfg.combine else m
+        kv4_mma.launch(q, k_cur, v_cur, store, length, kv_params, sm_scale, m, l_, acc, out, cnt, cfg.splits,
+                       cfg.block_s, cfg.stages, cfg.combine, cfg.copies)
+    else:
+        cnt = _head_counts(device, b * hq) if cfg.combine else m
+        _attn_split_kernel[(b * hq, cfg.splits)](
+            q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32),
+            store.v_step, store.v_min, k_scale, k_shift, length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale,
+            v_shift, out, *rope_args, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
+            LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
+            L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
+            ROPE=rope is not None, **pdl)
     if not cfg.combine:
         _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
                                       rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,

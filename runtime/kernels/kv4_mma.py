@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
 from . import cuda_major, overlap
-from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _attn_combine_kernel, _combine_head
+from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
@@ -62,12 +61,12 @@ _BAR = tl.constexpr(MMA_BAR_BYTES)
 _STAGE_PER_TOKEN = tl.constexpr(MMA_STAGE_BYTES)
 
 
-def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rope: bool) -> bool:
-    """Whether :func:`attention` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
-    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies), and the
-    query/key/value given apart (not the ``rope`` fusion)."""
+def mma_attention_ok(store, head_dim: int, groups: int, qg: int) -> bool:
+    """Whether :func:`launch` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
+    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies). The
+    query, key and value come apart (the ``rope`` fusion stays on the split kernel)."""
     codes = store.k_codes
-    return (not rope and codes.is_cuda and cuda_major(codes.device) >= 9 and head_dim == HEAD_DIM and groups == 1
+    return (codes.is_cuda and cuda_major(codes.device) >= 9 and head_dim == HEAD_DIM and groups == 1
             and 1 <= qg <= MAX_QG and codes.shape[2] % 8 == 0 and codes.is_contiguous()
             and all(t.is_contiguous() for t in (store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min)))
 
@@ -445,40 +444,28 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     _store_dims(row, 5, A, pq, vmask)
     _store_dims(row, 6, A, pq, vmask)
     _store_dims(row, 7, A, pq, vmask)
-    if COMBINE:
-        tl.debug_barrier()  # every thread's partials stored before the count (released by it)
-        if tl.atomic_add(cnt_ptr + bk, 1, sem="acq_rel") == NSPLIT - 1:  # the KV head's last program
-            for j in tl.static_range(QG):
-                _combine_head(b, kh * QG + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
-                              vshift_ptr, out_ptr, sm_scale, q_ptr, q_ptr, q_ptr, len_ptr, 0, HQ, HKV, D, QG, NSPLIT,
-                              ".cg", False)
-            tl.store(cnt_ptr + bk, 0)  # ready for the next launch
+    if COMBINE:  # the KV head's last program merges its query heads
+        _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
+                         vshift_ptr, out_ptr, sm_scale, q_ptr, q_ptr, q_ptr, len_ptr, 0, HQ, HKV, D, QG, NSPLIT, QG,
+                         False)
 
 
 # ------------------------------------------------------------------------------------------------ host side
 
 
-def attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, out_dtype, splits: int, tile: int,
-              stages: int, combine: bool, counts, copies: str = "mixed") -> torch.Tensor:
-    """:func:`runtime.kernels.kv4.decode_attention` on this kernel (see :func:`mma_attention_ok`); ``counts``: a
-    zeroed int32 buffer of at least ``B * Hkv`` per-head counts when ``combine``. Returns ``[B, Hq, D]``."""
-    b, hq, d = q.shape
+def launch(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, m, l_, acc, out, counts, splits: int,
+           tile: int, stages: int, combine: bool, copies: str = "mixed") -> None:
+    """The kernel for :func:`runtime.kernels.kv4.decode_attention` (see :func:`mma_attention_ok`): the splits'
+    partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and, with ``combine``, their merge into
+    ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv`` per-KV-head counts; without
+    ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`)."""
+    b, hq, _ = q.shape
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
-    device = q.device
-    m = torch.empty(b, hq, splits, dtype=torch.float32, device=device)
-    l_ = torch.empty_like(m)
-    acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=device)
-    out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
     init, issue, step, step_cons = _asm(tile, stages, qg, copies)
-    pdl = overlap.launch_options(device, "attn")
     _attn_mma_kernel[(b * hkv, splits)](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, counts if combine else m, k_cur, v_cur, v_scale, v_shift, out,
+        length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, INIT=init, ISSUE=issue,
-        STEP=step, STEP_CONS=step_cons, num_warps=1, **pdl)
-    if not combine:
-        _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, m, m, m, length,
-                                      0, HQ=hq, HKV=hkv, D=d, QG=qg, NSPLIT=splits, ROPE=False, **pdl)
-    return out
+        STEP=step, STEP_CONS=step_cons, num_warps=1, **overlap.launch_options(q.device, "attn"))
