@@ -56,6 +56,14 @@ def multiprocessors(device) -> int:
     return _sms(_index(device))
 
 
+def check_row_buffer(name: str, buf: torch.Tensor, rows: int) -> None:
+    """Raise unless ``buf`` is a ``[rows, n]`` buffer with unit stride along ``n`` (one a kernel zeroes row by row
+    in the same launch as its own work)."""
+    if buf.dim() != 2 or buf.shape[0] != rows or buf.stride(1) != 1:
+        raise ValueError(f"{name} must be [{rows}, n] with unit stride along n, got {list(buf.shape)} "
+                         f"strides {buf.stride()}")
+
+
 def available(device) -> bool:
     """Whether the Triton kernels can run on tensors on ``device``."""
     device = torch.device(device)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import env_tables, multiprocessors, overlap, sweep_table
+from . import check_row_buffer, env_tables, multiprocessors, overlap, sweep_table
 
 
 @triton.jit
@@ -168,9 +168,8 @@ def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int 
     k_cur = torch.empty(b, hkv, d, dtype=torch.float32, device=qkv.device)
     v_cur = torch.empty_like(k_cur)
     ex = clear_extra if clear_extra is not None else q
-    if clear_extra is not None and (ex.dim() != 2 or ex.shape[0] != b or ex.stride(1) != 1):
-        raise ValueError(f"clear_extra must be [{b}, n] with unit stride along n, got {list(ex.shape)} "
-                         f"strides {ex.stride()}")
+    if clear_extra is not None:
+        check_row_buffer("clear_extra", ex, b)
     ex_n = ex.shape[1] if clear_extra is not None else 0
     _rope_append_kernel[(b, num_heads + hkv)](
         qkv, cos, sin, pos, q, k_cur, v_cur, store.k_codes, store.k_step, store.k_min,

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import overlap
+from . import check_row_buffer, overlap
 
 
 @triton.jit
@@ -37,9 +37,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None,
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
-    if clear is not None and (clear.dim() != 2 or clear.shape[0] != x2.shape[0] or clear.stride(1) != 1):
-        raise ValueError(f"clear must be [{x2.shape[0]}, n] with unit stride along n, got {list(clear.shape)} "
-                         f"strides {clear.stride()}")
+    if clear is not None:
+        check_row_buffer("clear", clear, x2.shape[0])
     clr = clear if clear is not None else y
     _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, n, eps, x2.stride(0), y.stride(0), clr,
                                     clr.shape[1] if clear is not None else 0, clr.stride(0),
