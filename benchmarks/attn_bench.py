@@ -78,21 +78,26 @@ def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
     """The default config (:func:`runtime.kernels.kv4.attn_config`) first, then the sweep's grid (or ``QUICK``)."""
     default = kv4.attn_config(case.batch, heads, case.context + 1, sms)
     splits = [int(v) for v in args.splits.split(",")] if args.splits else splits_range(case, heads, sms)
-    if args.quick:
+    if args.mma_only:
+        grid = []
+    elif args.quick:
         grid = [dataclasses.replace(c, splits=n) for n in splits[:3] for c in QUICK]
     else:
-        tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else TILES
+        tiles = _pairs(args.tiles) if args.tiles else TILES
         grid = [kv4.AttnConfig(n, bs, w, loads, bool(rm))
                 for n, (bs, w), loads, rm in itertools.product(splits, tiles, args.loads.split(","),
                                                                [int(v) for v in args.row_max.split(",")])]
-    if args.mma_only:
-        grid = []
     if args.mma:
-        pairs = MMA_TILES if args.mma == "all" else [tuple(int(v) for v in p.split("x")) for p in args.mma.split(",")]
+        pairs = MMA_TILES if args.mma == "all" else _pairs(args.mma)
         grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, copies=cp)
                  for n, (bs, st), cp in itertools.product(splits, pairs, args.copies.split(","))
                  if kv4.mma_smem_bytes(bs, st) <= kv4.MMA_SMEM_LIMIT]
     return [default] + [c for c in dict.fromkeys(grid) if c != default]
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """``"16x2,32x4"`` -> ``[(16, 2), (32, 4)]``."""
+    return [tuple(int(v) for v in p.split("x")) for p in text.split(",")]
 
 
 def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
@@ -244,9 +249,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "wall-clock times (default cases 1 x 100)")
     args = ap.parse_args(argv)
     bad = [v for v in args.loads.split(",") if v not in kv4.LOADS] + [
-        v for v in args.row_max.split(",") if v not in ("0", "1")]
+        v for v in args.row_max.split(",") if v not in ("0", "1")] + [
+        v for v in args.copies.split(",") if v not in kv4.COPIES]
     if bad:
-        ap.error(f"unknown --loads / --row-max values {bad}; allowed: {', '.join(kv4.LOADS)} / 0, 1")
+        ap.error(f"unknown --loads / --row-max / --copies values {bad}; allowed: {', '.join(kv4.LOADS)} / 0, 1 / "
+                 f"{', '.join(kv4.COPIES)}")
     if args.dry:
         args.batches, args.contexts = ("1", "100") if (args.batches, args.contexts) == ("1,8", "2048,32768") else (
             args.batches, args.contexts)
