@@ -112,3 +112,37 @@ def quantized_weight(n: int, k: int, group: int = 128, seed: int = 0, device="cp
     s, z = scale.half(), zero.to(torch.uint8)
     ref = quant.dequantize_weight(q, s, z, group, torch.float64)
     return quant.pack(q, 4).to(device), s.to(device), z.to(device), ref.to(device)
+
+
+def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, tmp_path: Path) -> tuple[str, str]:
+    """Compile the Triton kernel ``fn`` for sm_90 without a GPU (Triton's bundled ptxas) and return its SASS and
+    resource usage (Triton's bundled ``cuobjdump``). ``consts``: the constexpr arguments; ``kinds``: the other
+    arguments' signature types (``default_kind`` for those not named). Skips the test where this Triton lacks the
+    tools or the compile API; a PTX error fails it."""
+    import os
+    import subprocess
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("Triton's bundled cuobjdump is not there")
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in consts else kinds.get(n, default_kind) for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    except Exception as e:  # a Triton without this compile API: nothing to check here
+        if "ptxas" in str(e).lower() or "PTX" in str(e):
+            raise
+        pytest.skip(f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:120]}")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(k.asm["cubin"])
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    return sass, usage

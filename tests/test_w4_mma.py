@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime import quant
-from tests.helpers import quantized_weight
+from tests.helpers import quantized_weight, sm90_sass
 from tests.helpers import rel_error as _rel
 
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
@@ -117,24 +117,14 @@ def test_mma_rejects_what_it_cannot_take():
     (1, False, 1, 0, 4, False, False), (2, True, 2, 0, 4, False, True), (1, True, 1, 3, 4, False, False),
     (2, False, 1, 4, 2, False, False), (2, False, 1, 0, 2, True, True), (1, True, 1, 3, 4, True, False),
     (1, False, 1, 0, 1, True, True)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed):
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, tmp_path):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
     tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
     at immediate offsets."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from runtime.kernels import w4_mma
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        pytest.skip("Triton's bundled cuobjdump is not there")
     # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
     strides = (5504, 172, 86) if fixed else None
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides)
@@ -147,26 +137,8 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": fixed}
-    names = list(w4_mma._w4_mma_kernel.arg_names)
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-    src = ASTSource(fn=w4_mma._w4_mma_kernel, signature=sig,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
-    try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    except Exception as e:  # a Triton without this compile API: nothing to check here
-        if "ptxas" in str(e).lower() or "PTX" in str(e):
-            raise
-        pytest.skip(f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:120]}")
-    cubin = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"w4_mma_{os.getpid()}_{tiles}.cubin")
-    with open(cubin, "wb") as f:
-        f.write(k.asm["cubin"])
-    try:
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-    finally:
-        os.remove(cubin)
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one
     assert sass.count("HMMA.16816.F32") == 8 * tiles * (3 if depth == 1 and not stages else 1)
     assert "LOCAL:0" in usage
