@@ -31,8 +31,10 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # whole for their rsqrt). "rope": the attention kernel ropes q/k/v from qkv and appends the token to the cache
 # itself (kv4.rope_attention, no rope_append launch; the norm kernels zero qkv and gate_up), any projections, not
 # with "norm" (no norm kernel left to zero qkv). WKVQ_FUSE picks them: e.g. "rope", "norm,silu" or "none".
+# "rope" is the default since the tensor-core attention takes it (fifteenth session, H200, 7B b1: 2.115 -> 2.064
+# ms a step at p2048, 3.391 -> 3.307 at p32768; it was neutral on the split kernel, thirteenth session).
 FUSIONS = ("norm", "silu", "rope")
-FUSE_DEFAULT: tuple[str, ...] = ()
+FUSE_DEFAULT: tuple[str, ...] = ("rope",)
 FUSE_ENV = "WKVQ_FUSE"
 
 

@@ -217,6 +217,42 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
+@pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
+@pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
+@pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
+                                                    (1, 1, 700, 1, 1)])
+def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies):
+    """The tensor-core kernel's ``ROPE`` form (:func:`rope_attention`: it ropes the query from ``qkv`` itself, one
+    extra program per KV head appends the token) against :func:`rope_append` then the same kernel on a copy of the
+    cache: the same output (to 1e-5: the rope's FMA contraction is each kernel's compiler's) and the same stored
+    bytes at every slot, with the fused and the separate combine; ``qkv`` is left as it was, the counts at zero."""
+    from runtime.kernels import kv4, kv4_mma
+
+    d, s = 128, 1040
+    kq = _quantizer(hkv, d, None)
+    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    caches = [StaticPOQCache(1, b, s, hkv, d, None, device=DEV) for _ in range(3)]
+    keys, values = torch.randn(b, hkv, length, d, device=DEV) * 4, torch.randn(b, hkv, length, d, device=DEV)
+    for c in caches:
+        if length:
+            c.write(0, kq, keys, values, 0)
+        c.advance(length)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
+    cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
+    assert kv4_mma.mma_attention_ok(caches[0].layers[0], d, 1, hq // hkv, (qkv, cos, sin, *params[:2]))
+    before = qkv.clone()
+    for combine, cache in ((True, caches[1]), (False, caches[2])):
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=copies)
+        q, k_cur, v_cur = kv4.rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
+        ref = kv4.decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5,
+                                   torch.float32, cfg)
+        out = kv4.rope_attention(qkv, cos, sin, cache.pos, cache.layers[0], params, hq, d ** -0.5, torch.float32, cfg)
+        assert _rel(out, ref) < 1e-5 and torch.equal(qkv, before), cfg
+        for a, r in zip(cache.layers[0].tensors(), caches[0].layers[0].tensors()):
+            assert torch.equal(a, r)
+    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
+
+
 def test_mma_config_checks_and_fallback():
     """``AttnConfig.mma`` fields are checked; where the tensor-core kernel does not take the shape (here head_dim 32,
     and on CPU the interpreter) the split kernel runs ATTN_DEFAULT's tile at the config's splits: the reference's

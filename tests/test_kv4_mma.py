@@ -9,23 +9,26 @@ import pytest
 from tests.helpers import sm90_sass
 
 
-@pytest.mark.parametrize("tile,stages,qg,bulk", [(16, 2, 1, "mixed"), (32, 4, 3, "mixed"), (64, 2, 4, "mixed"),
-                                               (128, 2, 1, "mixed"), (64, 3, 1, "bulk"), (32, 2, 1, "lanes"),
-                                               (128, 2, 3, "lanes")])
-def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, tmp_path):
+@pytest.mark.parametrize("tile,stages,qg,bulk,rope", [(16, 2, 1, "mixed", False), (32, 4, 3, "mixed", False),
+                                                    (64, 2, 4, "mixed", True), (128, 2, 1, "mixed", False),
+                                                    (64, 3, 1, "bulk", False), (32, 2, 1, "lanes", True),
+                                                    (128, 2, 3, "lanes", False)])
+def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, tmp_path):
     """The PTX is valid for sm_90; per tile 24 HMMA per 16 tokens (16 for the scores, 8 for the values); per issue
     2 bulk copies of codes and the stats by each lane's ``cp.async`` (16 bytes at most an instruction), or 6 bulk
     copies with ``bulk``, issued ``stages - 1`` times before the loop and once in it; the shared ring as declared;
-    no local memory (spills)."""
+    no local memory (spills); the query's rows by 16-byte loads (its 32 channels a thread and their static key
+    scales and shifts; with ``rope`` also the rotate-half partners, cos and sin)."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
     init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk)
     consts = {"HQ": 4 * qg, "HKV": 4, "QG": qg, "TILE": tile, "NSPLIT": 8, "STAGES": stages, "PDL": False,
-              "COMBINE": True, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons}
+              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32"}
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
+    kinds["stride_qkv"] = "i32"
     sass, usage = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
     assert sass.count("HMMA.16816.F32") == 24 * tile // 16
     assert sass.count("UBLKCP") == {"bulk": 6, "mixed": 2, "lanes": 0}[bulk] * stages
@@ -33,3 +36,4 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, tmp_path):
     shared = int(usage.split("SHARED:")[1].split()[0])  # the ring, plus Triton's scratch of the fused combine
     assert kv4_mma.smem_bytes(tile, stages) <= shared <= kv4_mma.smem_bytes(tile, stages) + 4096
     assert "LOCAL:0" in usage
+    assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)

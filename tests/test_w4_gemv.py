@@ -340,7 +340,8 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     """Two layers of a tiny model (down: K = 192, a ragged group) on the gemv projections: the decode step with
     the norms and/or the SiLU product in the GEMVs (WKVQ_FUSE; with "silu", gate_up zeroed by rope_append between
     the layers), or the rope and the cache append in the attention kernel ("rope": qkv, and with "silu" gate_up,
-    zeroed by the norms of the next layer) against the same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` kernels, the default), and both
+    zeroed by the norms of the next layer) against the same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` /
+    ``rope_append`` kernels; the default fuses the rope), and both
     against the eager path. A sweep record gives the tiny shapes few programs (the interpreter's time is per
     program), down split over K."""
     import dataclasses
@@ -367,7 +368,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
     monkeypatch.delenv(FUSE_ENV, raising=False)
-    assert not fast._fused_inputs(2)  # the default: none
+    assert fast._fused_inputs(2) == {"rope"}  # the default
     monkeypatch.setenv(FUSE_ENV, fuse)
     named = set(fuse.split(","))
     # "rope" needs no GEMV (5 rows: the input transforms are off) and is dropped beside "norm"
@@ -459,10 +460,10 @@ def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
 
 
 def test_fuse_choice():
-    """WKVQ_FUSE: unset or empty is the default (none), 'none' is none, names are checked with a one-line error."""
+    """WKVQ_FUSE: unset or empty is the default ("rope"), 'none' is none, names are checked with a one-line error."""
     from runtime.fast import FUSE_DEFAULT, fuse_choice
 
-    assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT) == set()
+    assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT) == {"rope"}
     assert fuse_choice("none") == set() and fuse_choice("silu") == {"silu"}
     assert fuse_choice(" norm , silu ") == {"norm", "silu"}
     with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, or none"):

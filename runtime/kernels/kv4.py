@@ -713,7 +713,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
                          f"head_dim {d}, group size {d // g}")
     from . import kv4_mma  # it imports this module: not at the top
 
-    mma = cfg.mma and rope is None and kv4_mma.mma_attention_ok(store, d, g, qg)
+    rows = (q,) if rope is None else rope
+    mma = cfg.mma and kv4_mma.mma_attention_ok(store, d, g, qg, (*rows, *kv_params[:2]))
     if not mma:
         cfg = _split_kernel(cfg)  # a shape the tensor-core kernel does not take
     m = torch.empty(b, hq, cfg.splits, dtype=torch.float32, device=device)
@@ -730,8 +731,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
     if mma:  # counts per KV head
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
-        kv4_mma.launch(q, k_cur, v_cur, store, length, kv_params, sm_scale, m, l_, acc, out, cnt, cfg.splits,
-                       cfg.block_s, cfg.stages, cfg.combine, cfg.copies)
+        kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
+                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

@@ -34,6 +34,11 @@ chain of dependent loads per program). Here:
 Measured on an H200 (fourteenth session, BENCHMARKS.md): 7B b1 p32768 46.5 µs a layer (3.07 TB/s) against the
 split kernel's 79.8; b8 p32768 345 against 572; b1 p2048 8.9 against 10.0 (a fixed cost of ~4.8 µs dominates).
 
+With ``rope`` (:func:`runtime.kernels.kv4.rope_attention`, the decode step's default) the programs rope the
+query from the projection's output themselves and one more program per KV head appends the token's key and value
+(no ``rope_append`` launch: 7B b1 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768, fifteenth
+session). The query's rows are read 8 channels (two 16-byte loads) at a time.
+
 Query heads: row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread ``(g, t)`` keeps the
 softmax state of that query, while its value accumulators (columns ``2t, 2t + 1``) belong to query ``t % QG``:
 rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when ``QG == 1``). One program per
@@ -44,11 +49,12 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
 from . import cuda_major, overlap
-from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _combine_if_last
+from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
@@ -61,14 +67,23 @@ _BAR = tl.constexpr(MMA_BAR_BYTES)
 _STAGE_PER_TOKEN = tl.constexpr(MMA_STAGE_BYTES)
 
 
-def mma_attention_ok(store, head_dim: int, groups: int, qg: int) -> bool:
+def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rows=()) -> bool:
     """Whether :func:`launch` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
-    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies). The
-    query, key and value come apart (the ``rope`` fusion stays on the split kernel)."""
+    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies), and
+    ``rows`` (the float32 tensors whose head rows it reads 8 channels at a time, :func:`_ld8`: the query or
+    ``qkv``, ``cos``, ``sin``, the static key scale and shift) 16-byte aligned with unit stride in their last dim
+    and rows a multiple of 16 bytes apart."""
     codes = store.k_codes
     return (codes.is_cuda and cuda_major(codes.device) >= 9 and head_dim == HEAD_DIM and groups == 1
             and 1 <= qg <= MAX_QG and codes.shape[2] % 8 == 0 and codes.is_contiguous()
-            and all(t.is_contiguous() for t in (store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min)))
+            and all(t.is_contiguous() for t in (store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min))
+            and all(_rows_aligned(t) for t in rows))
+
+
+def _rows_aligned(t) -> bool:
+    """float32, unit stride in the last dim, the others multiples of 4 elements, 16-byte aligned."""
+    return (t.dtype == torch.float32 and t.stride(-1) == 1 and all(st % 4 == 0 for st in t.stride()[:-1])
+            and t.data_ptr() % 16 == 0)
 
 
 # ------------------------------------------------------------------------------------------------ inline PTX
@@ -337,25 +352,57 @@ def _hi_lo(a, b):
                                           (b - hb.to(tl.float32)).to(tl.float16))
 
 
+LD8_ASM = tl.constexpr("ld.global.v4.f32 {$0,$1,$2,$3}, [$8]; ld.global.v4.f32 {$4,$5,$6,$7}, [$8+16];")
+
+
 @triton.jit
-def _query_word(q_row, sc_row, sh_row, e, sm_scale):
-    """The query fragments of the 8 channels ``e .. e + 7`` (a tensor per thread): the float16 pairs ``(q'_i,
-    q'_{i+4})``, ``i < 4``, of ``q' = q s sm_scale`` (hi: rounded, lo: the rounding error), and the thread's parts
-    of ``sum q'`` and ``sm_scale sum q delta``."""
-    q0, q1, q2, q3 = tl.load(q_row + e), tl.load(q_row + e + 1), tl.load(q_row + e + 2), tl.load(q_row + e + 3)
-    q4, q5, q6, q7 = tl.load(q_row + e + 4), tl.load(q_row + e + 5), tl.load(q_row + e + 6), tl.load(q_row + e + 7)
-    shift = (q0 * tl.load(sh_row + e) + q1 * tl.load(sh_row + e + 1) + q2 * tl.load(sh_row + e + 2)
-             + q3 * tl.load(sh_row + e + 3) + q4 * tl.load(sh_row + e + 4) + q5 * tl.load(sh_row + e + 5)
-             + q6 * tl.load(sh_row + e + 6) + q7 * tl.load(sh_row + e + 7)) * sm_scale
-    x0, x1 = q0 * tl.load(sc_row + e) * sm_scale, q1 * tl.load(sc_row + e + 1) * sm_scale
-    x2, x3 = q2 * tl.load(sc_row + e + 2) * sm_scale, q3 * tl.load(sc_row + e + 3) * sm_scale
-    x4, x5 = q4 * tl.load(sc_row + e + 4) * sm_scale, q5 * tl.load(sc_row + e + 5) * sm_scale
-    x6, x7 = q6 * tl.load(sc_row + e + 6) * sm_scale, q7 * tl.load(sc_row + e + 7) * sm_scale
+def _ld8(ptr):
+    """The 8 float32 at ``ptr`` (a pointer per thread, 16-byte aligned: :func:`mma_attention_ok`): two vector
+    loads instead of eight scalar ones."""
+    return tl.inline_asm_elementwise(LD8_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,l", [ptr], dtype=(tl.float32,) * 8,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _query8(q_row, e, t, cos_row, sin_row, ROPE: tl.constexpr):
+    """Channels ``32 t + e .. 32 t + e + 7`` of the query: read at ``q_row`` (the head's channel ``32 t``), or with
+    ``ROPE`` roped from the projection's output (``q_row``: the head's channel 0 in ``qkv``; HF rotate-half, the
+    arithmetic of :func:`runtime.kernels.kv4._rope`) at the position of ``cos_row``, ``sin_row``."""
+    if ROPE:
+        x = _ld8(q_row + 32 * t + e)
+        y = _ld8(q_row + (32 * t + 64) % 128 + e)  # the rotate-half partners
+        c = _ld8(cos_row + 32 * t + e)
+        s = _ld8(sin_row + 32 * t + e)
+        sign = tl.where(t < 2, -1.0, 1.0)
+        return (x[0] * c[0] + sign * y[0] * s[0], x[1] * c[1] + sign * y[1] * s[1],
+                x[2] * c[2] + sign * y[2] * s[2], x[3] * c[3] + sign * y[3] * s[3],
+                x[4] * c[4] + sign * y[4] * s[4], x[5] * c[5] + sign * y[5] * s[5],
+                x[6] * c[6] + sign * y[6] * s[6], x[7] * c[7] + sign * y[7] * s[7])
+    else:
+        return _ld8(q_row + e)
+
+
+@triton.jit
+def _query_word(q, sc, sh, sm_scale):
+    """The query fragments of 8 channels ``q`` (their static key scales ``sc`` and shifts ``sh``; tuples of 8, a
+    tensor per thread): the float16 pairs ``(q'_i, q'_{i+4})``, ``i < 4``, of ``q' = q s sm_scale`` (hi: rounded,
+    lo: the rounding error), and the thread's parts of ``sum q'`` and ``sm_scale sum q delta``."""
+    shift = (q[0] * sh[0] + q[1] * sh[1] + q[2] * sh[2] + q[3] * sh[3] + q[4] * sh[4] + q[5] * sh[5]
+             + q[6] * sh[6] + q[7] * sh[7]) * sm_scale
+    x0, x1, x2, x3 = q[0] * sc[0] * sm_scale, q[1] * sc[1] * sm_scale, q[2] * sc[2] * sm_scale, q[3] * sc[3] * sm_scale
+    x4, x5, x6, x7 = q[4] * sc[4] * sm_scale, q[5] * sc[5] * sm_scale, q[6] * sc[6] * sm_scale, q[7] * sc[7] * sm_scale
     hi0, lo0 = _hi_lo(x0, x4)
     hi1, lo1 = _hi_lo(x1, x5)
     hi2, lo2 = _hi_lo(x2, x6)
     hi3, lo3 = _hi_lo(x3, x7)
     return (hi0, hi1, hi2, hi3), (lo0, lo1, lo2, lo3), x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, shift
+
+
+@triton.jit
+def _query_fragments(q_row, sc_row, sh_row, e, t, cos_row, sin_row, sm_scale, ROPE: tl.constexpr):
+    """:func:`_query_word` of channels ``32 t + e ..`` (:func:`_query8`; ``sc_row``, ``sh_row``: the KV head's
+    static key scale and shift at channel ``32 t``)."""
+    return _query_word(_query8(q_row, e, t, cos_row, sin_row, ROPE), _ld8(sc_row + e), _ld8(sh_row + e), sm_scale)
 
 
 @triton.jit
@@ -369,15 +416,47 @@ def _store_dims(row, i, A, pq, mask):
 @triton.jit
 def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
                      m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
-                     out_ptr, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr, TILE: tl.constexpr,
-                     NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr,
-                     INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr):
+                     out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
+                     QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
+                     PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
+                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
-    ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head."""
+    ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
+
+    ``ROPE`` (:func:`runtime.kernels.kv4.rope_attention`): the query, the current key and value come from the
+    projection's output ``qkv`` (roped at position ``length``; ``q_ptr``, ``kcur_ptr``, ``vcur_ptr`` unused), and
+    one more program per KV head (split ``NSPLIT``) appends the token's key and value to the cache at slot
+    ``length`` (:func:`runtime.kernels.kv4._append_kv`), which no program of this launch reads (past only; the
+    stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
+    launch goes, and the append's latency is off the attention programs' chains."""
     overlap.launch_dependents(PDL)
-    D: tl.constexpr = _D
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
+    if sp < NSPLIT:
+        _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+                len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
+                out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
+                ROPE, INIT, ISSUE, STEP, STEP_CONS)
+    else:
+        if ROPE:  # split NSPLIT: the append
+            overlap.wait_prior(PDL)
+            length = tl.load(len_ptr)
+            jj = tl.arange(0, 64)[None, :]  # the packed bytes of one group ([G, D / 2 / G], G = 1)
+            _append_kv(qkv_ptr + b * stride_qkv, b, kh, length, jj, cos_ptr + length * _D, sin_ptr + length * _D,
+                       kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, vscale_ptr,
+                       vshift_ptr, S, HQ, HKV, _D, 1, 15)
+
+
+@triton.jit
+def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
+            m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
+            qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
+            TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+            COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
+            STEP_CONS: tl.constexpr):
+    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
+    D: tl.constexpr = _D
+    bk = b * HKV + kh
     length = tl.load(len_ptr)
     chunk = tl.cdiv(tl.cdiv(length, NSPLIT), TILE) * TILE
     start = sp * chunk
@@ -391,12 +470,16 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
     overlap.wait_prior(PDL)
     qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
-    q_row = q_ptr + (b * HQ + qh) * D + 32 * t
+    cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
+    if ROPE:
+        q_row = qkv_ptr + b * stride_qkv + qh * D + t * 0
+    else:
+        q_row = q_ptr + (b * HQ + qh) * D + 32 * t
     sc_row, sh_row = kscale_ptr + kh * D + 32 * t, kshift_ptr + kh * D + 32 * t
-    H0, L0, s0, c0 = _query_word(q_row, sc_row, sh_row, 0, sm_scale)
-    H1, L1, s1, c1 = _query_word(q_row, sc_row, sh_row, 8, sm_scale)
-    H2, L2, s2, c2 = _query_word(q_row, sc_row, sh_row, 16, sm_scale)
-    H3, L3, s3, c3 = _query_word(q_row, sc_row, sh_row, 24, sm_scale)
+    H0, L0, s0, c0 = _query_fragments(q_row, sc_row, sh_row, 0, t, cos_row, sin_row, sm_scale, ROPE)
+    H1, L1, s1, c1 = _query_fragments(q_row, sc_row, sh_row, 8, t, cos_row, sin_row, sm_scale, ROPE)
+    H2, L2, s2, c2 = _query_fragments(q_row, sc_row, sh_row, 16, t, cos_row, sin_row, sm_scale, ROPE)
+    H3, L3, s3, c3 = _query_fragments(q_row, sc_row, sh_row, 24, t, cos_row, sin_row, sm_scale, ROPE)
     qsum = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [s0 + s1 + s2 + s3], dtype=tl.float32, is_pure=False,
                                      pack=1)
     const = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [c0 + c1 + c2 + c3], dtype=tl.float32, is_pure=False,
@@ -446,26 +529,29 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     _store_dims(row, 7, A, pq, vmask)
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
-                         vshift_ptr, out_ptr, sm_scale, q_ptr, q_ptr, q_ptr, len_ptr, 0, HQ, HKV, D, QG, NSPLIT, QG,
-                         False)
+                         vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
+                         NSPLIT, QG, ROPE)
 
 
 # ------------------------------------------------------------------------------------------------ host side
 
 
-def launch(q, k_cur, v_cur, store, length, kv_params, sm_scale: float, m, l_, acc, out, counts, splits: int,
-           tile: int, stages: int, combine: bool, copies: str = "mixed") -> None:
-    """The kernel for :func:`runtime.kernels.kv4.decode_attention` (see :func:`mma_attention_ok`): the splits'
-    partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and, with ``combine``, their merge into
-    ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv`` per-KV-head counts; without
-    ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`)."""
-    b, hq, _ = q.shape
+def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
+           counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed") -> None:
+    """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
+    ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
+    :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
+    with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
+    per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
+    qkv, cos, sin = rope if rope is not None else (m, m, m)
     init, issue, step, step_cons = _asm(tile, stages, qg, copies)
-    _attn_mma_kernel[(b * hkv, splits)](
+    _attn_mma_kernel[(b * hkv, splits + (rope is not None))](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out,
-        HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, INIT=init, ISSUE=issue,
-        STEP=step, STEP_CONS=step_cons, num_warps=1, **overlap.launch_options(q.device, "attn"))
+        length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
+        qkv.stride(0) if rope is not None else 0,
+        HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
+        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1,
+        **overlap.launch_options(store.k_codes.device, "attn"))
