@@ -38,6 +38,7 @@ VARIANTS = {
     "pdl-attn": {**OFF, "WKVQ_PDL": "attn"},
     "pdl-small": {**OFF, "WKVQ_PDL": "rope,norm,silu"},
     "pdl-nogemv": {**OFF, "WKVQ_PDL": "attn,rope,norm,silu"},
+    "pdl-default": {**OFF, "WKVQ_PDL": "gemv,norm,silu"},  # overlap.PDL_DEFAULT
     "gemv_l2": {**OFF, "WKVQ_GEMV_L2": "1"},
     "attn_l2a4": {**OFF, "WKVQ_ATTN_L2": "4"},
 }

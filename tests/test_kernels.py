@@ -315,13 +315,14 @@ def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, lengt
 
 def test_overlap_flags(monkeypatch):
     """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
-    (off by default, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
+    (unset: the projections, norms and SiLU, ``0`` none, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
     number."""
     from runtime.kernels import kv4, overlap
 
     monkeypatch.setenv(overlap.PDL_ENV, "1")
     assert not overlap.hopper("cpu") and overlap.launch_options("cpu", "gemv") == {"PDL": False}
-    assert overlap.pdl_kinds(None) == overlap.pdl_kinds("0") == frozenset()
+    assert overlap.pdl_kinds(None) == overlap.pdl_kinds(" ") == overlap.PDL_DEFAULT == {"gemv", "norm", "silu"}
+    assert overlap.pdl_kinds("0") == frozenset()
     assert overlap.pdl_kinds("1") == frozenset(overlap.KINDS)
     assert overlap.pdl_kinds("gemv, attn") == {"gemv", "attn"}
     with pytest.raises(ValueError, match="WKVQ_PDL='gemm': use 0, 1 or"):

@@ -440,13 +440,13 @@ def test_all_candidate_configs_cuda():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("env", [{}, {"WKVQ_MMA": "0"}, {"WKVQ_PDL": "1"},
+@pytest.mark.parametrize("env", [{}, {"WKVQ_PDL": "0"}, {"WKVQ_MMA": "0"}, {"WKVQ_PDL": "1"},
                                  {"WKVQ_MMA": "0", "WKVQ_PDL": "1", "WKVQ_GEMV_L2": "1", "WKVQ_ATTN_L2": "2"}])
 def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
     """One layer of a tiny converted model, every projection a :class:`GemvW4` (down: K = 320, a ragged group):
-    on the tensor-core GEMV (default) or the row-streaming one (``WKVQ_MMA=0``); with and without PDL and the L2
-    prefetches (:mod:`runtime.kernels.overlap`; all on: the kernels' order in a CUDA graph with every kernel
-    launched early)."""
+    on the tensor-core GEMV (default) or the row-streaming one (``WKVQ_MMA=0``); with the default PDL (projections,
+    norms, SiLU), none, and with the L2 prefetches (:mod:`runtime.kernels.overlap`; all on: the kernels' order in a
+    CUDA graph with every kernel launched early)."""
     from runtime.kernels.w4_gemv import GemvW4
     from tests.helpers import fast_decode_errors
 

@@ -136,7 +136,7 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": fixed}
+              "FIXED": fixed, "PDL": False}
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one

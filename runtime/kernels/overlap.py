@@ -17,9 +17,14 @@ cost ~1-3 us on an H200 in which no other kernel runs. Two Hopper features let t
   the previous kernel's tail.
 
 Both are off under Triton's interpreter (it runs neither PTX nor grid dependency control) and where the Triton or
-the GPU lacks them. ``WKVQ_PDL`` turns PDL on (``1``, or a list of kernel kinds, :func:`pdl_kinds`; off by default:
-measured slower at 7B b1 p2048, see runtime/kernels/NOTES.md); the prefetches are config fields of the kernels that
-issue them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
+the GPU lacks them. ``WKVQ_PDL`` picks the kernel kinds that use PDL (:func:`pdl_kinds`); by default
+:data:`PDL_DEFAULT`, the projections, norms and SiLU product: each of them starts while the one before ends, so the
+launch and the first loads of a GEMV overlap the small kernel before it. Measured on an H200 (fifteenth session,
+runtime/kernels/NOTES.md round 13), 7B b1: 2.05 -> 1.90 ms a step at p2048, 3.31 -> 3.19-3.23 at p32768; PDL on
+only one side of those pairs ("gemv", or "norm,silu") was slower than none, and with the attention too ("1")
+slower still (p32768 4.5-4.6 ms): launched early, its programs are placed on the multiprocessors that the GEMV before
+it frees first, unevenly (a hypothesis, not measured). The prefetches are config fields of the kernels that issue
+them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
 """
 
 from __future__ import annotations
@@ -52,13 +57,16 @@ def hopper(device) -> bool:
 
 
 KINDS = ("gemv", "attn", "rope", "norm", "silu")  # the decode step's kernels, by what they do
+PDL_DEFAULT = frozenset({"gemv", "norm", "silu"})  # WKVQ_PDL unset or empty
 
 
 def pdl_kinds(value: str | None) -> frozenset[str]:
-    """The kernel kinds that ``WKVQ_PDL`` turns PDL on for: ``1`` all of :data:`KINDS`, ``0`` (or unset) none, else
-    a comma-separated list of them; anything else is a one-line ``ValueError``."""
-    value = (value or "0").strip()
-    if value in ("0", ""):
+    """The kernel kinds that ``WKVQ_PDL`` turns PDL on for: unset or empty :data:`PDL_DEFAULT`, ``1`` all of
+    :data:`KINDS`, ``0`` none, else a comma-separated list of them; anything else is a one-line ``ValueError``."""
+    value = (value or "").strip()
+    if value == "":
+        return PDL_DEFAULT
+    if value == "0":
         return frozenset()
     if value == "1":
         return frozenset(KINDS)
@@ -74,11 +82,18 @@ def pdl(device, kind: str) -> bool:
     return kind in pdl_kinds(os.environ.get(PDL_ENV)) and hopper(device) and _triton_has_pdl()
 
 
+TRIGGER_ENV = "WKVQ_PDL_TRIGGER"  # kinds that let the next kernel launch early without launching early themselves
+
+
 def launch_options(device, kind: str) -> dict:
     """Keyword arguments of a launch of a ``kind`` kernel for :func:`pdl`: ``PDL`` (the kernels' constexpr) and
-    ``launch_pdl`` (Triton's launch option, only where it exists)."""
-    on = pdl(device, kind)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    ``launch_pdl`` (Triton's launch option, only where it exists). A kind named by ``WKVQ_PDL_TRIGGER`` (same
+    syntax) but not by ``WKVQ_PDL`` is compiled with the trigger and the wait (a no-op) and launched as usual:
+    only the kernel after it starts early."""
+    if pdl(device, kind):
+        return {"PDL": True, "launch_pdl": True}
+    trigger = kind in pdl_kinds(os.environ.get(TRIGGER_ENV) or "0") and hopper(device) and _triton_has_pdl()
+    return {"PDL": trigger}
 
 
 @triton.jit

@@ -695,14 +695,18 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
                    L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
                    ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
-                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr):
+                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
     the products of group ``i`` (loop-carried registers: ``DEPTH`` groups in flight per warp while it computes; the
     last ones re-read the range's last group, cached). ``PERSIST``: a 1-D grid of programs that split the
     ``(row block, group)`` pairs, row block major, into equal contiguous shares (stream-K: every program the same
-    number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block)."""
+    number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
+    ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
+    before it first thing (its loads of ``x`` and of the weights are one PTX block)."""
+    overlap.launch_dependents(PDL)
+    overlap.wait_prior(PDL)
     NT: tl.constexpr = 32 * WARPS
     ROWS: tl.constexpr = 16 * TILES * WARPS
     if PERSIST:
@@ -782,5 +786,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
-        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, num_warps=cfg.warps)
+        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, num_warps=cfg.warps,
+        **overlap.launch_options(x2.device, "gemv"))
     return out
