@@ -429,6 +429,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     ``length`` (:func:`runtime.kernels.kv4._append_kv`), which no program of this launch reads (past only; the
     stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
     launch goes, and the append's latency is off the attention programs' chains."""
+    overlap.launch_dependents(PDL)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
     if sp < NSPLIT:
@@ -444,7 +445,6 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
             _append_kv(qkv_ptr + b * stride_qkv, b, kh, length, jj, cos_ptr + length * _D, sin_ptr + length * _D,
                        kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, vscale_ptr,
                        vshift_ptr, S, HQ, HKV, _D, 1, 15)
-            overlap.launch_dependents(PDL)
 
 
 @triton.jit
@@ -509,7 +509,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
-    overlap.launch_dependents(PDL)  # late (PDL): the next kernel's programs wait through the stores and combine only
     lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
     pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
     pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)

@@ -22,9 +22,9 @@ the GPU lacks them. ``WKVQ_PDL`` picks the kernel kinds that use PDL (:func:`pdl
 launch and the first loads of a GEMV overlap the small kernel before it. Measured on an H200 (fifteenth session,
 runtime/kernels/NOTES.md round 13), 7B b1: 2.05 -> 1.90 ms a step at p2048, 3.31 -> 3.19-3.23 at p32768; PDL on
 only one side of those pairs ("gemv", or "norm,silu") was slower than none, and with the attention too ("1")
-slower still (p32768 4.5-4.6 ms): launched early, its programs are placed on the multiprocessors that the GEMV before
-it frees first, unevenly (a hypothesis, not measured). The prefetches are config fields of the kernels that issue
-them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
+slower still (p32768 4.5-4.6 ms; also with the attention's trigger after its loop, and 4.0 with the attention
+launched as usual but letting the output projection start early): why is not measured. The prefetches are config
+fields of the kernels that issue them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
 """
 
 from __future__ import annotations
@@ -82,18 +82,11 @@ def pdl(device, kind: str) -> bool:
     return kind in pdl_kinds(os.environ.get(PDL_ENV)) and hopper(device) and _triton_has_pdl()
 
 
-TRIGGER_ENV = "WKVQ_PDL_TRIGGER"  # kinds that let the next kernel launch early without launching early themselves
-
-
 def launch_options(device, kind: str) -> dict:
     """Keyword arguments of a launch of a ``kind`` kernel for :func:`pdl`: ``PDL`` (the kernels' constexpr) and
-    ``launch_pdl`` (Triton's launch option, only where it exists). A kind named by ``WKVQ_PDL_TRIGGER`` (same
-    syntax) but not by ``WKVQ_PDL`` is compiled with the trigger and the wait (a no-op) and launched as usual:
-    only the kernel after it starts early."""
-    if pdl(device, kind):
-        return {"PDL": True, "launch_pdl": True}
-    trigger = kind in pdl_kinds(os.environ.get(TRIGGER_ENV) or "0") and hopper(device) and _triton_has_pdl()
-    return {"PDL": trigger}
+    ``launch_pdl`` (Triton's launch option, only where it exists)."""
+    on = pdl(device, kind)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 @triton.jit
