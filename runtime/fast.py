@@ -31,18 +31,19 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # whole for their rsqrt). "rope": the attention kernel ropes q/k/v from qkv and appends the token to the cache
 # itself (kv4.rope_attention, no rope_append launch; the norm kernels zero qkv and gate_up), any projections, not
 # with "norm" (no norm kernel left to zero qkv). WKVQ_FUSE picks them: e.g. "rope", "norm,silu" or "none".
-# "rope" is the default since the tensor-core attention takes it (fifteenth session, H200, 7B b1: 2.115 -> 2.064
-# ms a step at p2048, 3.391 -> 3.307 at p32768; it was neutral on the split kernel, thirteenth session).
+# "rope" is the default at one row (FUSE_DEFAULT) since the tensor-core attention takes it (fifteenth session, H200,
+# 7B b1: 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768); at b8 it was slower at p2048 (3.06-3.11
+# against 2.96-2.97) and even at p32768 (13.3-13.5 both), and on the split kernel neutral (thirteenth session).
 FUSIONS = ("norm", "silu", "rope")
-FUSE_DEFAULT: tuple[str, ...] = ("rope",)
+FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
 FUSE_ENV = "WKVQ_FUSE"
 
 
-def fuse_choice(value: str | None) -> frozenset[str]:
+def fuse_choice(value: str | None, rows: int = 1) -> frozenset[str]:
     """The fusions named by ``value`` (``WKVQ_FUSE``: comma-separated :data:`FUSIONS`, or ``none``); unset or
-    empty: :data:`FUSE_DEFAULT`."""
+    empty: :data:`FUSE_DEFAULT` at ``rows`` rows."""
     if not value or not value.strip():
-        return frozenset(FUSE_DEFAULT)
+        return frozenset(FUSE_DEFAULT.get(rows, ()))
     names = {v.strip() for v in value.split(",") if v.strip()} - {"none"}
     bad = sorted(names - set(FUSIONS))
     if bad:
@@ -299,7 +300,7 @@ class FastLlama:
         :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept."""
         from .kernels.w4_gemv import GemvW4
 
-        chosen = fuse_choice(os.environ.get(FUSE_ENV))
+        chosen = fuse_choice(os.environ.get(FUSE_ENV), m)
         inputs = chosen - {"rope"}
         if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                               for la in self.layers for w in (la.qkv, la.gate_up, la.down)):

@@ -368,7 +368,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
     monkeypatch.delenv(FUSE_ENV, raising=False)
-    assert fast._fused_inputs(2) == {"rope"}  # the default
+    assert fast._fused_inputs(1) == {"rope"} and not fast._fused_inputs(2)  # the default
     monkeypatch.setenv(FUSE_ENV, fuse)
     named = set(fuse.split(","))
     # "rope" needs no GEMV (5 rows: the input transforms are off) and is dropped beside "norm"
@@ -460,10 +460,12 @@ def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
 
 
 def test_fuse_choice():
-    """WKVQ_FUSE: unset or empty is the default ("rope"), 'none' is none, names are checked with a one-line error."""
+    """WKVQ_FUSE: unset or empty is the default ("rope" at one row, none at more), 'none' is none, names are checked
+    with a one-line error."""
     from runtime.fast import FUSE_DEFAULT, fuse_choice
 
-    assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT) == {"rope"}
+    assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT[1]) == {"rope"}
+    assert fuse_choice(None, 8) == fuse_choice("", 2) == set()
     assert fuse_choice("none") == set() and fuse_choice("silu") == {"silu"}
     assert fuse_choice(" norm , silu ") == {"norm", "silu"}
     with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, or none"):
