@@ -33,7 +33,7 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # with "norm" (no norm kernel left to zero qkv). WKVQ_FUSE picks them: e.g. "rope", "norm,silu" or "none".
 # "rope" is the default at one row (FUSE_DEFAULT) since the tensor-core attention takes it (fifteenth session, H200,
 # 7B b1: 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768); at b8 it was slower at p2048 (3.06-3.11
-# against 2.96-2.97) and even at p32768 (13.3-13.5 both), and on the split kernel neutral (thirteenth session).
+# against 2.96-3.05) and even at p32768 (13.0-13.5 both), and on the split kernel neutral (thirteenth session).
 FUSIONS = ("norm", "silu", "rope")
 FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
 FUSE_ENV = "WKVQ_FUSE"
