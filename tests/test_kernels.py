@@ -217,6 +217,21 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
+def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
+    """Inputs of :func:`rope_attention`: the four static KV parameters, ``copies`` caches of ``s`` slots holding
+    the same ``length`` past tokens, ``qkv [b, (hq + 2 hkv) d]`` and random ``cos``, ``sin [s, d]``."""
+    kq = _quantizer(hkv, d, group)
+    caches = [StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(copies)]
+    keys, values = torch.randn(b, hkv, length, d, device=DEV) * key_scale, torch.randn(b, hkv, length, d, device=DEV)
+    for c in caches:
+        if length:
+            c.write(0, kq, keys, values, 0)
+        c.advance(length)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
+    return ((kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift), caches, qkv, torch.randn(s, d, device=DEV),
+            torch.randn(s, d, device=DEV))
+
+
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
 @pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
 @pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
@@ -228,17 +243,8 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
     bytes at every slot, with the fused and the separate combine; ``qkv`` is left as it was, the counts at zero."""
     from runtime.kernels import kv4, kv4_mma
 
-    d, s = 128, 1040
-    kq = _quantizer(hkv, d, None)
-    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
-    caches = [StaticPOQCache(1, b, s, hkv, d, None, device=DEV) for _ in range(3)]
-    keys, values = torch.randn(b, hkv, length, d, device=DEV) * 4, torch.randn(b, hkv, length, d, device=DEV)
-    for c in caches:
-        if length:
-            c.write(0, kq, keys, values, 0)
-        c.advance(length)
-    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
-    cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
+    d = 128
+    params, caches, qkv, cos, sin = _rope_case(hq, hkv, None, length, b, d, 1040, 3, key_scale=4)
     assert kv4_mma.mma_attention_ok(caches[0].layers[0], d, 1, hq // hkv, (qkv, cos, sin, *params[:2]))
     before = qkv.clone()
     for combine, cache in ((True, caches[1]), (False, caches[2])):
@@ -289,17 +295,8 @@ def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, lengt
         rope_attention,
     )
 
-    d, s = 32, 160
-    kq = _quantizer(hkv, d, group)
-    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
-    caches = [StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(2)]
-    keys, values = torch.randn(b, hkv, length, d, device=DEV), torch.randn(b, hkv, length, d, device=DEV)
-    for c in caches:
-        if length:
-            c.write(0, kq, keys, values, 0)
-        c.advance(length)
-    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
-    cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
+    d = 32
+    params, caches, qkv, cos, sin = _rope_case(hq, hkv, group, length, b, d, 160, 2)
     cfg = AttnConfig(splits=splits, block_s=16, num_warps=1, loads=loads, row_max=True, combine=combine)
     q, k_cur, v_cur = rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
     ref = decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5, torch.float32, cfg)
