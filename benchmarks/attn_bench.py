@@ -15,6 +15,9 @@ is rewritten after every case; its "best" table (fastest correct config per batc
 ``WKVQ_ATTN_TABLE=record.json`` makes the decode step use (:func:`runtime.kernels.kv4.load_table`). Prints one table per
 case (fastest first, and the default config), the best time per loads/row_max option, and ``ATTN_TABLE`` entries.
 ``--dry``: the same code path on CPU under ``TRITON_INTERPRET=1`` at a tiny shape, timed by wall clock (a smoke test).
+``--rope``: times :func:`runtime.kernels.kv4.rope_attention` instead (the decode step's default at one row: the
+query, key and value roped from the projection's output and the token appended by the attention kernel itself),
+checked against the same reference with the query, key and value roped in torch.
 """
 
 from __future__ import annotations
@@ -101,27 +104,35 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
-    """Worker: run each ``(config, cache size)`` once on a small cache of the same Triton specialisation (size mod 16),
-    so that it lands in Triton's on-disk cache; returns ``(config, error text)`` of those that fail."""
+    """Worker: run each ``(config, cache size, rope)`` once on a small cache of the same Triton specialisation (size
+    mod 16), so that it lands in Triton's on-disk cache; returns ``(config, error text)`` of those that fail."""
     bad = []
-    for cfg, size in items:
+    for cfg, size, rope in items:
         small = 64 if size % 16 == 0 else 64 + size % 16
         try:
-            q, k_cur, v_cur, params, cache = _inputs(1, small - 1, HEADS, HEAD_DIM, "cuda", 1)
+            inputs = _inputs(1, small - 1, HEADS, HEAD_DIM, "cuda", 1, rope)
             for dtype in (torch.float32, torch.float16):
-                kv4.decode_attention(q, k_cur, v_cur, cache.layers[0], cache.pos, params, HEAD_DIM ** -0.5, dtype, cfg)
+                attend(inputs, inputs[4].layers[0], dtype, cfg)
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported, the config is skipped
             bad.append((cfg, error_line(e)))
     return bad
 
 
-def precompile(items: list[tuple[kv4.AttnConfig, int]], workers: int) -> dict[kv4.AttnConfig, str]:
+def precompile(items: list[tuple[kv4.AttnConfig, int, bool]], workers: int) -> dict[kv4.AttnConfig, str]:
     return dict(in_workers(_compile, items, workers))
 
 
-def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int):
-    """Query, current key/value, smoothing params and a random cache of ``layers`` layers holding ``context`` tokens."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF rotate-half rope of ``x [..., d]`` at the position of ``cos``, ``sin [d]``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int, rope: bool = False):
+    """Query, current key/value, smoothing params, a random cache of ``layers`` layers holding ``context`` tokens and,
+    with ``rope``, ``(qkv, cos, sin)``: the projection's output whose roped parts (at position ``context``) are the
+    query, key and value."""
     g = torch.Generator(device=device).manual_seed(0)
     q = 4 * torch.randn(batch, heads, d, device=device, generator=g)  # spread scores: the running maximum moves
     k_cur, v_cur = (torch.randn(batch, heads, d, device=device, generator=g) for _ in range(2))
@@ -130,7 +141,26 @@ def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int):
               torch.randn(heads, d, device=device, generator=g))
     cache = StaticPOQCache(layers, batch, context + 1, heads, d, device=device)
     _fill_random(cache, context)
-    return q, k_cur, v_cur, params, cache
+    rope_in = None
+    if rope:
+        angle = torch.rand(context + 1, d, device=device, generator=g) * 6.3
+        cos, sin = angle.cos(), angle.sin()
+        qkv = torch.cat([q, k_cur, v_cur], 1).reshape(batch, -1).contiguous()
+        q, k_cur = (_rotate(x, cos[context], sin[context]) for x in (q, k_cur))
+        rope_in = (qkv, cos, sin)
+    return q, k_cur, v_cur, params, cache, rope_in
+
+
+def attend(inputs, store, dtype, cfg: kv4.AttnConfig) -> torch.Tensor:
+    """The timed call on ``store`` (a layer of the ring) with :func:`_inputs`: :func:`kv4.rope_attention` where they
+    hold ``qkv`` (it also appends the token at slot ``context``, which no call reads), else
+    :func:`kv4.decode_attention`."""
+    q, k_cur, v_cur, params, cache, rope_in = inputs
+    d = q.shape[-1]
+    if rope_in is not None:
+        qkv, cos, sin = rope_in
+        return kv4.rope_attention(qkv, cos, sin, cache.pos, store, params, q.shape[1], d ** -0.5, dtype, cfg)
+    return kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, d ** -0.5, dtype, cfg)
 
 
 def reference(q, k_cur, v_cur, params, store, context: int) -> torch.Tensor:
@@ -151,20 +181,22 @@ def bench_case(case: Case, cands, failed: dict, args, device) -> list[dict]:
     heads, d = (2, 32) if args.dry else (HEADS, HEAD_DIM)
     probe = StaticPOQCache(1, case.batch, case.context + 1, heads, d, device="meta")
     layers = 1 if args.dry else max(1, -(-(args.ring_mb << 20) // probe.nbytes()))
-    q, k_cur, v_cur, params, ring = _inputs(case.batch, case.context, heads, d, device, layers)
+    inputs = _inputs(case.batch, case.context, heads, d, device, layers, args.rope)
+    q, k_cur, v_cur, params, ring, _ = inputs
     ref = reference(q, k_cur, v_cur, params, ring.layers[0], case.context)
     nbytes = probe.nbytes() * case.context // (case.context + 1)
     rows = []
     for i, cfg in enumerate(cands):
         row = dict(batch=case.batch, context=case.context, key=case.key, config=dataclasses.asdict(cfg),
-                   label=cfg.label(), default=i == 0, ring=layers, us=None, GBps=None, rel_err=None, ok=False)
+                   label=cfg.label(), default=i == 0, ring=layers, us=None, GBps=None, rel_err=None, ok=False,
+                   rope=args.rope)
         rows.append(row)
         if cfg in failed:
             row["error"] = failed[cfg]
             continue
 
         def call(store, dtype=torch.float16, cfg=cfg):
-            return kv4.decode_attention(q, k_cur, v_cur, store, ring.pos, params, d ** -0.5, dtype, cfg)
+            return attend(inputs, store, dtype, cfg)
 
         def step():
             for store in ring.layers:
@@ -245,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=10, help="ms of graph replays per timing (x10 replays)")
     ap.add_argument("--ring-mb", type=int, default=RING_BYTES >> 20, help="caches per case: at least this many MB")
     ap.add_argument("--top", type=int, default=12, help="rows per table")
+    ap.add_argument("--rope", action="store_true", help="time kv4.rope_attention (rope and append in the kernel)")
     ap.add_argument("--dry", action="store_true", help="CPU smoke test under TRITON_INTERPRET=1: 2 heads of 32, "
                     "wall-clock times (default cases 1 x 100)")
     args = ap.parse_args(argv)
@@ -276,12 +309,12 @@ def main(argv=None) -> None:
     cands = {case: candidates(case, heads, sms, args) for case in cases}
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu (interpreter)" if args.dry else
               torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "sms": sms,
-              "heads": heads, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
+              "heads": heads, "rope": args.rope, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
     t0 = time.time()
     failed = {}
     if not args.dry:
-        failed = precompile(list(dict.fromkeys((cfg, case.context + 1) for case in cases for cfg in cands[case])),
-                            args.workers)
+        failed = precompile(list(dict.fromkeys((cfg, case.context + 1, args.rope) for case in cases
+                                               for cfg in cands[case])), args.workers)
         log.info("compiled %d configs in %.0f s; %d failed", len({c for cs in cands.values() for c in cs}),
                  time.time() - t0, len(failed))
     for case in cases:

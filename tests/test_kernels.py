@@ -375,7 +375,8 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
 
 def test_attn_bench_dry_run(tmp_path, capsys):
     """benchmarks/attn_bench.py end to end on CPU (--dry: interpreter, tiny shape): every config checked and
-    timed, and its record's best table readable by kv4.load_table; bad flags and no CUDA are one-line exits."""
+    timed, and its record's best table readable by kv4.load_table; with --rope the rope-attention kernel against
+    the torch-roped reference; bad flags and no CUDA are one-line exits."""
     if DEV.type == "cuda":
         pytest.skip("--dry is the interpreter's path")
     from benchmarks import attn_bench
@@ -390,6 +391,9 @@ def test_attn_bench_dry_run(tmp_path, capsys):
     assert len(record["rows"]) == 1 + len(attn_bench.QUICK) and all(r["ok"] and r["us"] > 0 for r in record["rows"])
     assert set(kv4.load_table(tmp_path / "r.json")) == {(1, 128)}
     assert "ATTN_TABLE = {" in capsys.readouterr().out
+    attn_bench.main(["--dry", "--quick", "--splits", "2", "--rope", "--json", str(tmp_path / "rope.json")])
+    rows = json.loads((tmp_path / "rope.json").read_text())["rows"]
+    assert len(rows) == 1 + len(attn_bench.QUICK) and all(r["ok"] and r["rope"] and r["us"] > 0 for r in rows)
 
 
 def test_rmsnorm_and_silu_mul():
