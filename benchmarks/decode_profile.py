@@ -6,7 +6,9 @@ kernel name, per step.
 
 Prints one row per kernel name (time per step, calls per step, share of the summed kernel time) and the
 step's wall time by graph replay (the gap to the summed kernel time is launch latency and idle time between
-kernels). CUDA only.
+kernels). CUDA only. With PDL (``WKVQ_PDL``, on by default for the projections, norms and SiLU) a kernel launched
+early counts its wait for the one before in its time, and the summed time exceeds the wall time: run with
+``WKVQ_PDL=0`` for each kernel's own cost (the record notes which it was).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converter.bench import SHAPES, llama_config  # noqa: E402
 from converter.bench_paths import wkvq_decode_graph  # noqa: E402
+from runtime.kernels import overlap  # noqa: E402
 
 
 def kernel_times(prof, steps: int) -> list[dict]:
@@ -64,6 +67,10 @@ def main() -> None:
         torch.cuda.synchronize()
     rows = kernel_times(prof, args.steps)
     total = sum(r["us"] for r in rows)
+    pdl = sorted(k for k in overlap.KINDS if overlap.pdl("cuda", k))
+    if pdl:
+        print(f"PDL on for {', '.join(pdl)} (WKVQ_PDL): those kernels' times include their early launch's wait; "
+              "WKVQ_PDL=0 gives each kernel's own cost")
     print(f"{args.shape} b{args.batch} p{args.prompt} projections={args.projections}: step {wall_us:.1f} us wall, "
           f"{total:.1f} us summed kernel time, {sum(r['calls'] for r in rows):.0f} kernels per step")
     print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
@@ -72,7 +79,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "shape": args.shape,
          "batch": args.batch, "prompt": args.prompt, "projections": args.projections, "steps": args.steps,
-         "wall_us": wall_us, "kernel_us": total, "kernels": rows}, indent=1))
+         "pdl": pdl, "wall_us": wall_us, "kernel_us": total, "kernels": rows}, indent=1))
 
 
 if __name__ == "__main__":
