@@ -441,7 +441,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
             length = tl.load(len_ptr)
-            jj = tl.arange(0, 64)[None, :]  # the packed bytes of one group ([G, D / 2 / G], G = 1)
+            jj = tl.arange(0, _D // 2)[None, :]  # the packed bytes of one group ([G, D / 2 / G], G = 1)
             _append_kv(qkv_ptr + b * stride_qkv, b, kh, length, jj, cos_ptr + length * _D, sin_ptr + length * _D,
                        kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, vscale_ptr,
                        vshift_ptr, S, HQ, HKV, _D, 1, 15)
@@ -472,7 +472,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
     cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
     if ROPE:
-        q_row = qkv_ptr + b * stride_qkv + qh * D + t * 0
+        q_row = qkv_ptr + b * stride_qkv + qh * D
     else:
         q_row = q_ptr + (b * HQ + qh) * D + 32 * t
     sc_row, sh_row = kscale_ptr + kh * D + 32 * t, kshift_ptr + kh * D + 32 * t
