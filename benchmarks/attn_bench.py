@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -112,7 +113,7 @@ def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
         try:
             inputs = _inputs(1, small - 1, HEADS, HEAD_DIM, "cuda", 1, rope)
             for dtype in (torch.float32, torch.float16):
-                attend(inputs, inputs[4].layers[0], dtype, cfg)
+                attend(inputs, inputs.cache.layers[0], dtype, cfg)
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported, the config is skipped
             bad.append((cfg, error_line(e)))
@@ -129,7 +130,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
-def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int, rope: bool = False):
+class Inputs(NamedTuple):
+    """What :func:`attend` calls the kernel with (:func:`_inputs`)."""
+
+    q: torch.Tensor
+    k_cur: torch.Tensor
+    v_cur: torch.Tensor
+    params: tuple
+    cache: StaticPOQCache
+    rope: tuple | None  # (qkv, cos, sin) for kv4.rope_attention, else None
+
+
+def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int, rope: bool = False) -> Inputs:
     """Query, current key/value, smoothing params, a random cache of ``layers`` layers holding ``context`` tokens and,
     with ``rope``, ``(qkv, cos, sin)``: the projection's output whose roped parts (at position ``context``) are the
     query, key and value."""
@@ -148,17 +160,17 @@ def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int, r
         qkv = torch.cat([q, k_cur, v_cur], 1).reshape(batch, -1).contiguous()
         q, k_cur = (_rotate(x, cos[context], sin[context]) for x in (q, k_cur))
         rope_in = (qkv, cos, sin)
-    return q, k_cur, v_cur, params, cache, rope_in
+    return Inputs(q, k_cur, v_cur, params, cache, rope_in)
 
 
-def attend(inputs, store, dtype, cfg: kv4.AttnConfig) -> torch.Tensor:
+def attend(inputs: Inputs, store, dtype, cfg: kv4.AttnConfig) -> torch.Tensor:
     """The timed call on ``store`` (a layer of the ring) with :func:`_inputs`: :func:`kv4.rope_attention` where they
     hold ``qkv`` (it also appends the token at slot ``context``, which no call reads), else
     :func:`kv4.decode_attention`."""
-    q, k_cur, v_cur, params, cache, rope_in = inputs
+    q, k_cur, v_cur, params, cache, rope = inputs
     d = q.shape[-1]
-    if rope_in is not None:
-        qkv, cos, sin = rope_in
+    if rope is not None:
+        qkv, cos, sin = rope
         return kv4.rope_attention(qkv, cos, sin, cache.pos, store, params, q.shape[1], d ** -0.5, dtype, cfg)
     return kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, d ** -0.5, dtype, cfg)
 
@@ -182,8 +194,8 @@ def bench_case(case: Case, cands, failed: dict, args, device) -> list[dict]:
     probe = StaticPOQCache(1, case.batch, case.context + 1, heads, d, device="meta")
     layers = 1 if args.dry else max(1, -(-(args.ring_mb << 20) // probe.nbytes()))
     inputs = _inputs(case.batch, case.context, heads, d, device, layers, args.rope)
-    q, k_cur, v_cur, params, ring, _ = inputs
-    ref = reference(q, k_cur, v_cur, params, ring.layers[0], case.context)
+    ring = inputs.cache
+    ref = reference(inputs.q, inputs.k_cur, inputs.v_cur, inputs.params, ring.layers[0], case.context)
     nbytes = probe.nbytes() * case.context // (case.context + 1)
     rows = []
     for i, cfg in enumerate(cands):
