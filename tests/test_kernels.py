@@ -172,7 +172,9 @@ def test_decode_attention_l2_prefetch_matches_reference(loads, ahead, hq, hkv, g
 
 
 @pytest.mark.parametrize("hq,hkv,group,length,key_scale,splits,b", [
-    (4, 2, None, 150, 40, 2, 2), (6, 2, None, 37, 2, 8, 1), (2, 2, 16, 130, 2, 1, 1), (8, 2, None, 0, 2, 4, 1)])
+    (4, 2, None, 150, 40, 2, 2), (6, 2, None, 37, 2, 8, 1), (2, 2, 16, 130, 2, 1, 1), (8, 2, None, 0, 2, 4, 1),
+    (4, 2, None, 150, 40, 3, 1),  # a split count that is no power of two (the combine pads it)
+    (2, 1, None, 150, 4, 40, 1)])  # more splits than the combine takes at once (COMBINE_CHUNK): three chunks
 def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length, key_scale, splits, b, monkeypatch):
     """``AttnConfig.combine``: the last program of each head merges the splits (no combine kernel); the per-head
     counts are left at zero, so a second launch (as the next layer's) gives the same result; ``WKVQ_ATTN_COMBINE``
@@ -202,7 +204,9 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
     (3, 1, 37, 2, 8, 1),  # 3 query heads a KV head; empty splits; a ragged last tile
     (4, 1, 1000, 4, 1, 1),  # one split: the ring of stages wraps many times
     (2, 1, 0, 2, 4, 1),  # no past: only the current token
-    (8, 8, 333, 10, 4, 2)])
+    (8, 8, 333, 10, 4, 2),
+    (2, 1, 1000, 4, 44, 1),  # no power of two, and more than COMBINE_CHUNK splits (the combine in chunks)
+    (4, 2, 150, 40, 3, 2)])
 def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages, bulk):
     """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, the stats by each lane's
     ``cp.async`` or by bulk copies, tensor-core scores and values with float16 hi/lo splits) against the float32
@@ -235,7 +239,7 @@ def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
 @pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
 @pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
-                                                    (1, 1, 700, 1, 1)])
+                                                    (1, 1, 700, 1, 1), (2, 1, 900, 48, 1)])
 def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies):
     """The tensor-core kernel's ``ROPE`` form (:func:`rope_attention`: it ropes the query from ``qkv`` itself, one
     extra program per KV head appends the token) against :func:`rope_append` then the same kernel on a copy of the
@@ -348,7 +352,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
     assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
-    for bad in (dict(splits=12), dict(block_s=4), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
+    for bad in (dict(splits=-1), dict(splits=kv4.MAX_SPLITS + 1), dict(block_s=4), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
                 dict(min_tokens=0)):
         with pytest.raises(ValueError, match="AttnConfig: " + next(iter(bad))):
             kv4.AttnConfig(**bad)

@@ -482,16 +482,27 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
         k_cur = tl.load(kcur_ptr + (b * HKV + kh) * D + d)
         v_cur = tl.load(vcur_ptr + (b * HKV + kh) * D + d)
     s_cur = tl.sum(q * k_cur, 0) * sm_scale
-    part = (b * HQ + h) * NSPLIT + tl.arange(0, NSPLIT)
-    ms = tl.load(m_ptr + part, cache_modifier=CACHE)
-    ls = tl.load(l_ptr + part, cache_modifier=CACHE)
-    acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], cache_modifier=CACHE)
+    # any split count (the power-of-two padding masked out); the partial sums in chunks of at most COMBINE_CHUNK
+    # splits, so the registers stay those of 16 rows of D floats however many splits there are
+    NP2: tl.constexpr = triton.next_power_of_2(NSPLIT)
+    CH: tl.constexpr = min(NP2, COMBINE_CHUNK)
+    first = (b * HQ + h) * NSPLIT
+    sp = tl.arange(0, NP2)
+    live = sp < NSPLIT
+    ms = tl.load(m_ptr + first + sp, mask=live, other=-1.0e30, cache_modifier=CACHE)
+    ls = tl.load(l_ptr + first + sp, mask=live, other=0.0, cache_modifier=CACHE)
     big = tl.maximum(tl.max(ms, 0), s_cur)
     w = tl.exp(ms - big) * ls  # weight of each split's probability mass
     w_cur = tl.exp(s_cur - big)
-    scale = tl.exp(ms - big)
-    past = tl.sum(scale[:, None] * acc, 0)
     mass = tl.sum(w, 0)
+    past = tl.zeros((D,), tl.float32)
+    for c0 in tl.static_range(0, NSPLIT, CH):
+        j = c0 + tl.arange(0, CH)
+        ok = j < NSPLIT
+        mj = tl.load(m_ptr + first + j, mask=ok, other=-1.0e30, cache_modifier=CACHE)
+        acc = tl.load(acc_ptr + (first + j)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=CACHE)
+        past += tl.sum(tl.exp(mj - big)[:, None] * acc, 0)
     num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
     tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
 
@@ -517,6 +528,8 @@ def num_splits(batch: int, heads: int, max_len: int, sms: int = 132, min_tokens:
     return n
 
 
+MAX_SPLITS = 256  # slices of the past per query head
+COMBINE_CHUNK = tl.constexpr(16)  # the combine's partial sums, splits at a time (registers: 16 x D floats a head)
 LOADS = ("late", "early", "prefetch")  # AttnConfig.loads -> the split kernel's LOADS 0, 1, 2
 COPIES = ("mixed", "bulk", "lanes")  # AttnConfig.copies: how the tensor-core kernel's tiles reach shared memory
 MMA_BAR_BYTES = 128  # the tensor-core kernel's stage mbarriers (8 bytes each, <= 16 stages) before its stages
@@ -533,7 +546,8 @@ def mma_smem_bytes(tile: int, stages: int) -> int:
 class AttnConfig:
     """How :func:`decode_attention` runs (:func:`_attn_split_kernel`); the defaults are the kernel of rounds 2-6.
 
-    ``splits``: slices of the past per query head, a power of two, or 0 for :func:`num_splits` with more than
+    ``splits``: slices of the past per query head (1..:data:`MAX_SPLITS`; any count, e.g. one that fills a wave of
+    programs exactly), or 0 for :func:`num_splits` with more than
     ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
     kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
     token row of the tile instead of one per program; ``l2_ahead``: L2 prefetches this many tiles ahead (0: none;
@@ -560,8 +574,8 @@ class AttnConfig:
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
-        if not (self.splits == 0 or pow2(self.splits)):
-            raise ValueError(f"AttnConfig: splits must be 0 (num_splits) or a power of two, got {self.splits}")
+        if not (isinstance(self.splits, int) and 0 <= self.splits <= MAX_SPLITS):
+            raise ValueError(f"AttnConfig: splits must be 0 (num_splits) or 1..{MAX_SPLITS}, got {self.splits}")
         if not (pow2(self.block_s) and 8 <= self.block_s <= 256):
             raise ValueError(f"AttnConfig: block_s must be a power of two in 8..256, got {self.block_s}")
         if self.num_warps not in (1, 2, 4, 8, 16):
