@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sixteenth session, one H200 (device tool, carry .gpu/whl): split counts that fill one wave of the tensor-core
+# attention (any count now), and the GEMVs' L2 prefetch before the PDL wait. Results in $OUT (default /root/out).
+#   part A: bash benchmarks/h200_round16.sh tests attn      part B: bash benchmarks/h200_round16.sh e2e
+set -uo pipefail
+o=${OUT:-/root/out}; mkdir -p "$o"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+t0=$(date +%s); mark() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+bench() { python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6; }
+for part in "$@"; do case $part in
+tests)
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "mma_attention or mma_rope or fused_combine" > "$o/tests_attn.txt" 2>&1; mark "attn tests: $(tail -1 "$o/tests_attn.txt")"
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py > "$o/tests_mma.txt" 2>&1
+  mark "w4_mma tests: $(tail -1 "$o/tests_mma.txt")" ;;
+attn)
+  python3 benchmarks/attn_bench.py --rope --mma 64x2,32x2 --copies mixed,lanes --mma-only --batches 1 \
+    --contexts 32768 --splits 32,40,44,48,64 --json "$o/attn_b1_32k.json" > "$o/attn_b1_32k.txt" 2>&1
+  mark "b1 32k"; grep -A6 "1x32768" "$o/attn_b1_32k.txt" | head -8
+  python3 benchmarks/attn_bench.py --rope --mma 32x2,64x2 --copies lanes --mma-only --batches 1 --contexts 2048 \
+    --splits 16,20,24,32 --json "$o/attn_b1_2k.json" > "$o/attn_b1_2k.txt" 2>&1
+  mark "b1 2k"; grep -A4 "1x2048" "$o/attn_b1_2k.txt" | head -6
+  python3 benchmarks/attn_bench.py --mma 64x2 --mma-only --batches 8 --contexts 2048,32768 --splits 4,6,8,12,16,24 \
+    --json "$o/attn_b8.json" > "$o/attn_b8.txt" 2>&1
+  mark "b8"; grep -A4 "8x" "$o/attn_b8.txt" | head -12 ;;
+e2e)
+  tables=$o/attn_b1_32k.json:$o/attn_b1_2k.json:$o/attn_b8.json
+  bench --batches 1 --prompts 2048,32768 --json "$o/b1_base.json"; mark "b1 base"
+  WKVQ_ATTN_TABLE=$tables bench --batches 1 --prompts 2048,32768 --json "$o/b1_splits.json"; mark "b1 splits"
+  WKVQ_ATTN_TABLE=$tables WKVQ_MMA_L2=1 bench --batches 1 --prompts 2048,32768 --json "$o/b1_splits_l2.json"
+  mark "b1 splits + l2" ;;
+esac; done
