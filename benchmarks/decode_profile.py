@@ -9,6 +9,10 @@ step's wall time by graph replay (the gap to the summed kernel time is launch la
 kernels). CUDA only. With PDL (``WKVQ_PDL``, on by default for the projections, norms and SiLU) a kernel launched
 early counts its wait for the one before in its time, and the summed time exceeds the wall time: run with
 ``WKVQ_PDL=0`` for each kernel's own cost (the record notes which it was).
+
+Then the last step's timeline (:func:`step_timeline`): the idle time between kernels, per kernel name the idle
+time before its starts and its overlap with the kernels before it (PDL), and one layer's kernels with their
+start, duration and gap.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converter.bench import SHAPES, llama_config  # noqa: E402
 from converter.bench_paths import wkvq_decode_graph  # noqa: E402
-from runtime.kernels import overlap  # noqa: E402
 
 
 def kernel_times(prof, steps: int) -> list[dict]:
@@ -38,6 +41,55 @@ def kernel_times(prof, steps: int) -> list[dict]:
             us[ev.name] += ev.device_time / steps if hasattr(ev, "device_time") else ev.cuda_time / steps
             calls[ev.name] += 1
     return sorted(({"name": n, "us": us[n], "calls": calls[n] / steps} for n in us), key=lambda r: -r["us"])
+
+
+def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> list[dict]:
+    """The last step's kernels in start order (``kernels``: ``(name, start_us, end_us)`` of ``steps`` equal
+    steps), each with its ``start`` from the step's first start, its ``dur`` and its ``gap``: its start less the
+    latest end of the kernels before it in the step (positive: the GPU ran none of them in between; negative:
+    it started that much before the last one ended, e.g. launched early by PDL)."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    if not kernels or len(kernels) % steps:
+        raise ValueError(f"{len(kernels)} kernel events do not split into {steps} equal steps")
+    last = kernels[-(len(kernels) // steps):]
+    t0, busy = last[0][1], last[0][1]
+    rows = []
+    for name, start, end in last:
+        rows.append({"name": name, "start": start - t0, "dur": end - start, "gap": start - busy})
+        busy = max(busy, end)
+    return rows
+
+
+def timeline_summary(rows: list[dict]) -> list[dict]:
+    """Per kernel name of a :func:`step_timeline`: calls, time, the idle time before its starts (positive gaps)
+    and its overlap with the kernels before it (negative gaps), per step; most idle first."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        o = out.setdefault(r["name"], {"name": r["name"], "calls": 0, "us": 0.0, "idle_before": 0.0,
+                                       "overlap": 0.0})
+        o["calls"] += 1
+        o["us"] += r["dur"]
+        o["idle_before"] += max(r["gap"], 0.0)
+        o["overlap"] += max(-r["gap"], 0.0)
+    return sorted(out.values(), key=lambda o: -o["idle_before"])
+
+
+def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
+    """The step's idle time, the per-kernel summary and ``width`` kernels from two before the middle call of
+    the kernel named ``anchor`` (e.g. the attention: about one layer)."""
+    idle = sum(max(r["gap"], 0.0) for r in rows)
+    span = max(r["start"] + r["dur"] for r in rows)
+    print(f"\ntimeline of the last step: span {span:.1f} us, idle {idle:.1f} us between kernels")
+    print(f"{'calls':>6} {'us':>8} {'idle before':>12} {'overlap':>8}  kernel")
+    for o in timeline_summary(rows):
+        print(f"{o['calls']:6d} {o['us']:8.1f} {o['idle_before']:12.1f} {o['overlap']:8.1f}  {o['name'][:80]}")
+    at = [i for i, r in enumerate(rows) if r["name"] == anchor]
+    if at:
+        i0 = max(at[len(at) // 2] - 2, 0)
+        print(f"\none layer (from two kernels before the middle {anchor[:40]}):")
+        print(f"{'start':>9} {'dur':>7} {'gap':>7}  kernel")
+        for r in rows[i0:i0 + width]:
+            print(f"{r['start']:9.1f} {r['dur']:7.1f} {r['gap']:7.1f}  {r['name'][:80]}")
 
 
 def main() -> None:
@@ -65,7 +117,11 @@ def main() -> None:
         for _ in range(args.steps):
             graph.step(ids)
         torch.cuda.synchronize()
+    from runtime.kernels import overlap  # Triton: not needed by the timeline's functions
+
     rows = kernel_times(prof, args.steps)
+    timeline = step_timeline([(ev.name, ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                              if ev.device_type == torch.autograd.DeviceType.CUDA], args.steps)
     total = sum(r["us"] for r in rows)
     pdl = sorted(k for k in overlap.KINDS if overlap.pdl("cuda", k))
     if pdl:
@@ -76,10 +132,13 @@ def main() -> None:
     print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
     for r in rows:
         print(f"{r['us']:9.1f} {r['calls']:6.0f} {r['us'] / max(total, 1e-9):6.1%}  {r['name'][:110]}")
+    attn = [r["name"] for r in rows if "attn" in r["name"]]
+    print_timeline(timeline, attn[0] if attn else rows[0]["name"])
     Path(args.json).write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "shape": args.shape,
          "batch": args.batch, "prompt": args.prompt, "projections": args.projections, "steps": args.steps,
-         "pdl": pdl, "wall_us": wall_us, "kernel_us": total, "kernels": rows}, indent=1))
+         "pdl": pdl, "wall_us": wall_us, "kernel_us": total, "kernels": rows,
+         "timeline": [{**r, "name": r["name"][:120]} for r in timeline]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sixteenth session, one H200 (device tool, carry .gpu/whl): split counts that fill one wave of the tensor-core
 # attention (any count now), and the GEMVs' L2 prefetch before the PDL wait. Results in $OUT (default /root/out).
-#   part A: bash benchmarks/h200_round16.sh tests attn      part B: bash benchmarks/h200_round16.sh e2e
+#   bash benchmarks/h200_round16.sh tests attn;  ... e2e;  ... profile
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
@@ -24,10 +24,19 @@ attn)
   python3 benchmarks/attn_bench.py --mma 64x2 --mma-only --batches 8 --contexts 2048,32768 --splits 4,6,8,12,16,24 \
     --json "$o/attn_b8.json" > "$o/attn_b8.txt" 2>&1
   mark "b8"; grep -A4 "8x" "$o/attn_b8.txt" | head -12 ;;
-e2e)
-  tables=$o/attn_b1_32k.json:$o/attn_b1_2k.json:$o/attn_b8.json
-  bench --batches 1 --prompts 2048,32768 --json "$o/b1_base.json"; mark "b1 base"
-  WKVQ_ATTN_TABLE=$tables bench --batches 1 --prompts 2048,32768 --json "$o/b1_splits.json"; mark "b1 splits"
-  WKVQ_ATTN_TABLE=$tables WKVQ_MMA_L2=1 bench --batches 1 --prompts 2048,32768 --json "$o/b1_splits_l2.json"
-  mark "b1 splits + l2" ;;
+e2e)  # the GEMVs' early L2 prefetch (WKVQ_MMA_L2=1) against the table (none), alternated
+  for i in 1 2; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/b1_base$i.json"; mark "b1 base $i"
+    WKVQ_MMA_L2=1 bench --batches 1 --prompts 2048,32768 --json "$o/b1_l2_$i.json"; mark "b1 l2 $i"
+  done ;;
+profile)  # the step's timeline: idle time between kernels, PDL's overlaps, one layer
+  for p in 2048 32768; do
+    python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p$p.json" > "$o/prof_p$p.txt" 2>&1
+    WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p${p}_pdl0.json" \
+      > "$o/prof_p${p}_pdl0.txt" 2>&1
+    mark "profile p$p"
+  done
+  WKVQ_PDL=1 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_pdl1.json" \
+    > "$o/prof_p32768_pdl1.txt" 2>&1
+  mark "profile p32768 PDL 1"; tail -32 "$o/prof_p32768.txt" ;;
 esac; done

@@ -450,3 +450,4 @@ def test_quantlinear_cuda_dispatch_matches_dequantized():
     x = torch.randn(3, 1, 576, device=DEV, dtype=torch.float16)
     ref = x.double() @ m.dequantized_weight(torch.float64).T
     assert m._fused_ok(x) and _rel(m(x), ref) < TOL
+

@@ -367,3 +367,25 @@ def test_smollm2_end_to_end(smollm2_rtn_artifact):
     c = model.config
     fp16_cache = 2 * c.num_hidden_layers * c.num_key_value_heads * ids.shape[1] * c.head_dim * 2
     assert cache.nbytes / fp16_cache <= 0.32  # (32 B of codes + 4 B of stats) / 128 B per token and head
+
+
+def test_decode_profile_timeline(capsys):
+    """benchmarks/decode_profile.py's step timeline (pure, no GPU): the last of equal steps in start order, gaps
+    against the latest end so far (idle when positive, PDL's early start when negative), per-name sums, and the
+    one-layer window around the anchor's middle call."""
+    from benchmarks import decode_profile as dp
+
+    step = [("norm", 0.0, 2.0), ("gemv", 1.5, 10.0), ("attn", 12.0, 20.0), ("gemv", 21.0, 25.0)]
+    events = step + [(n, a + 100.0, b + 100.0) for n, a, b in step]
+    rows = dp.step_timeline(events[::-1], 2)  # any order in
+    assert [(r["name"], r["start"], r["dur"], r["gap"]) for r in rows] == [
+        ("norm", 0.0, 2.0, 0.0), ("gemv", 1.5, 8.5, -0.5), ("attn", 12.0, 8.0, 2.0), ("gemv", 21.0, 4.0, 1.0)]
+    summary = {o["name"]: o for o in dp.timeline_summary(rows)}
+    assert summary["gemv"]["calls"] == 2 and summary["gemv"]["us"] == 12.5
+    assert summary["gemv"]["idle_before"] == 1.0 and summary["gemv"]["overlap"] == 0.5
+    assert dp.timeline_summary(rows)[0]["name"] == "attn"  # most idle before it
+    with pytest.raises(ValueError, match="do not split into 3 equal steps"):
+        dp.step_timeline(events, 3)
+    dp.print_timeline(rows, "attn", width=3)
+    out = capsys.readouterr().out
+    assert "span 25.0 us, idle 3.0 us" in out and out.rstrip().splitlines()[-1].split()[:3] == ["12.0", "8.0", "2.0"]
