@@ -39,4 +39,9 @@ profile)  # the step's timeline: idle time between kernels, PDL's overlaps, one 
   WKVQ_PDL=1 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_pdl1.json" \
     > "$o/prof_p32768_pdl1.txt" 2>&1
   mark "profile p32768 PDL 1"; tail -32 "$o/prof_p32768.txt" ;;
+first)  # the GEMVs' L2 prefetch of only their first two groups before the PDL wait (WKVQ_MMA_L2=first)
+  for i in 1 2; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/b1_base_f$i.json"; mark "b1 base $i"
+    WKVQ_MMA_L2=first bench --batches 1 --prompts 2048,32768 --json "$o/b1_first_$i.json"; mark "b1 first $i"
+  done ;;
 esac; done
