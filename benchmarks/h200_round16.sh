@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Sixteenth session, one H200 (device tool, carry .gpu/whl): split counts that fill one wave of the tensor-core
 # attention (any count now), and the GEMVs' L2 prefetch before the PDL wait. Results in $OUT (default /root/out).
-#   bash benchmarks/h200_round16.sh tests attn;  ... e2e;  ... profile
+#   bash benchmarks/h200_round16.sh tests attn;  ... e2e;  ... profile;  ... first
+# The parts e2e and first ran with a w4_mma that read WKVQ_MMA_L2 (the GEMVs' L2 prefetch before the PDL wait: of
+# the program's whole share, or of its first two groups); measured no gain (NOTES.md round 14) and removed again,
+# so on later trees those parts time the same kernels twice.
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1

@@ -71,9 +71,9 @@ def test_mma_sweep_record_table(tmp_path, monkeypatch):
 def test_mma_matches_reference(n, k, m, config):
     """Ragged N (rows past N read row N - 1, not written), ragged last groups (576 = 4.5 groups, 320 = 2.5),
     1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp, one or two groups loaded
-    ahead, the L2 prefetch (Hopper; with PDL, the default on Hopper, of the program's whole share before its wait,
-    stream-K shares too), two accumulator chains, the cp.async pipeline (3 and 4 stages), stream-K grids
-    (1, 2 and 8 programs a multiprocessor: shares of one group, and shares across row blocks)."""
+    ahead, the L2 prefetch (Hopper; stream-K shares too), two accumulator chains, the cp.async pipeline (3 and 4
+    stages), stream-K grids (1, 2, 3, 8 and 16 programs a multiprocessor: shares of one group, and shares across
+    row blocks)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + k)
@@ -115,17 +115,15 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,pdl", [
-    (1, False, 1, 0, 4, False, False, False), (2, True, 2, 0, 4, False, True, False),
-    (1, True, 1, 3, 4, False, False, False), (2, False, 1, 4, 2, False, False, False),
-    (2, False, 1, 0, 2, True, True, False), (1, True, 1, 3, 4, True, False, False), (1, False, 1, 0, 1, True, True, False),
-    (2, False, 1, 0, 1, True, True, True), (2, False, 1, 0, 4, False, True, True)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, pdl, tmp_path):
+@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed", [
+    (1, False, 1, 0, 4, False, False), (2, True, 2, 0, 4, False, True), (1, True, 1, 3, 4, False, False),
+    (2, False, 1, 4, 2, False, False), (2, False, 1, 0, 2, True, True), (1, True, 1, 3, 4, True, False),
+    (1, False, 1, 0, 1, True, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, tmp_path):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
     tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
-    at immediate offsets; ``pdl``: the L2 prefetches of the program's share before the wait for the kernel before
-    (UBLKPF before the first ACQBULK), none after it."""
+    at immediate offsets."""
     pytest.importorskip("triton")
     from runtime.kernels import w4_mma
 
@@ -140,15 +138,12 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": fixed, "PDL": pdl}
+              "FIXED": fixed, "PDL": False}
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one
     assert sass.count("HMMA.16816.F32") == 8 * tiles * (3 if depth == 1 and not stages else 1)
     assert "LOCAL:0" in usage
-    if pdl:
-        wait = sass.index("ACQBULK")
-        assert "UBLKPF.L2" in sass[:wait] and "UBLKPF.L2" not in sass[wait:]
     if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
         assert "+0xac00]" in sass
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it

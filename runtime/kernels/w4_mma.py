@@ -131,7 +131,6 @@ MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
     (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
     (4096, 11008, 8): MmaConfig(4, 2, 16),  # 11.82 us, 1997 GB/s (25.32)
 }
-L2_ENV = "WKVQ_MMA_L2"  # 0 / 1 / first: every config's l2 prefetch off / on / first two groups (unset: the table's)
 TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
 
 
@@ -619,56 +618,6 @@ def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr
 
 
 @triton.jit
-def _first_row(row0, N, NT: tl.constexpr, TILES: tl.constexpr, FIXED: tl.constexpr):
-    """The first row a block starting at ``row0`` reads (``FIXED``: a last block shifted down to end at ``N``)."""
-    if FIXED:
-        return tl.minimum(row0, N - NT // 2 * TILES)
-    else:
-        return row0
-
-
-@triton.jit
-def _prefetch_rows(qw_ptr, N, K, stride_qn, row0, g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr,
-                   PF: tl.constexpr, FIXED: tl.constexpr):
-    """The codes of the block at ``row0`` over groups ``[g_lo, g_hi)`` asked of the L2 (:func:`_prefetch_asm`)."""
-    lane = tl.zeros((NT,), tl.int32) + _first_row(row0, N, NT, TILES, FIXED)
-    tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_share(qw_ptr, N, K, G, stride_qn, NT: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
-                    PERSIST: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, FIRST: tl.constexpr):
-    """:func:`_prefetch_rows` of every range this program computes (the same ranges as :func:`_w4_mma_kernel`),
-    or with ``FIRST > 0`` of only the first ``FIRST`` groups of its first range."""
-    ROWS: tl.constexpr = 16 * TILES * (NT // 32)
-    if PERSIST:
-        p, P = tl.program_id(0), tl.num_programs(0)
-        work = tl.cdiv(N, ROWS) * G
-        w = p * work // P
-        w_end = (p + 1) * work // P
-        if FIRST > 0:
-            w_end = tl.minimum(w_end, w + FIRST)
-            rb = w // G
-            g_lo = w - rb * G
-            _prefetch_rows(qw_ptr, N, K, stride_qn, rb * ROWS, g_lo, tl.minimum(G, g_lo + (w_end - w)), NT, TILES, PF,
-                           FIXED)
-        else:
-            while w < w_end:
-                rb = w // G
-                g_lo = w - rb * G
-                g_hi = tl.minimum(G, g_lo + (w_end - w))
-                _prefetch_rows(qw_ptr, N, K, stride_qn, rb * ROWS, g_lo, g_hi, NT, TILES, PF, FIXED)
-                w += g_hi - g_lo
-    else:
-        i, j = tl.program_id(0), tl.program_id(1)
-        g_lo, g_hi = j * G // SPLIT, (j + 1) * G // SPLIT
-        if FIRST > 0:
-            g_hi = tl.minimum(g_hi, g_lo + FIRST)
-        _prefetch_rows(qw_ptr, N, K, stride_qn, i * ROWS, g_lo, g_hi, NT, TILES, PF, FIXED)
-
-
-@triton.jit
 def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
            g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
@@ -678,10 +627,14 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists."""
-    rowp = _first_row(row0, N, NT, TILES, FIXED)
+    if FIXED:
+        rowp = tl.minimum(row0, N - NT // 2 * TILES)
+    else:
+        rowp = row0
     lane = tl.zeros((NT,), tl.int32) + rowp  # one element per thread: carries the block's first row into the PTX
     if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
-        _prefetch_rows(qw_ptr, N, K, stride_qn, row0, g_lo, g_hi, NT, TILES, PF, FIXED)
+        tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     P = tl.inline_asm_elementwise(
         PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
         dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
@@ -742,7 +695,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
                    L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
                    ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
-                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, PF_FIRST: tl.constexpr = 0):
+                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -751,15 +704,10 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``(row block, group)`` pairs, row block major, into equal contiguous shares (stream-K: every program the same
     number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
-    before it first thing (its loads of ``x`` and of the weights are one PTX block); with ``L2`` it first asks the
-    L2 for the codes of its whole share, or of the first ``PF_FIRST`` groups (:func:`_prefetch_share`; the weights
-    are not written by the step), so that they stream in during the previous kernel's tail."""
+    before it first thing (its loads of ``x`` and of the weights are one PTX block)."""
     overlap.launch_dependents(PDL)
-    NT: tl.constexpr = 32 * WARPS
-    if L2 and PDL:  # before the wait: the ranges' own prefetches are then left out
-        _prefetch_share(qw_ptr, N, K, G, stride_qn, NT, TILES, SPLIT, PERSIST, PF, FIXED, PF_FIRST)
     overlap.wait_prior(PDL)
-    L2_RANGE: tl.constexpr = L2 and not PDL
+    NT: tl.constexpr = 32 * WARPS
     ROWS: tl.constexpr = 16 * TILES * WARPS
     if PERSIST:
         p, P = tl.program_id(0), tl.num_programs(0)
@@ -772,13 +720,13 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             g_hi = tl.minimum(G, g_lo + (w_end - w))
             _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
                    stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                   COMP_CONS, EPI, DEPTH, L2_RANGE, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED)
+                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED)
             w += g_hi - g_lo
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
-               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2_RANGE, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
+               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                SZA_CONS, FIXED)
 
 
@@ -814,9 +762,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
-    l2_env = os.environ.get(L2_ENV, "")
-    if config is None and l2_env in ("0", "1", "first"):
-        cfg = cfg._replace(l2=l2_env != "0")
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
             or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)
             or not 0 <= cfg.persist <= 32):
@@ -841,7 +786,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
-        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed,
-        PF_FIRST=2 if l2_env == "first" else 0, num_warps=cfg.warps,
+        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, num_warps=cfg.warps,
         **overlap.launch_options(x2.device, "gemv"))
     return out
