@@ -47,4 +47,20 @@ first)  # the GEMVs' L2 prefetch of only their first two groups before the PDL w
     bench --batches 1 --prompts 2048,32768 --json "$o/b1_base_f$i.json"; mark "b1 base $i"
     WKVQ_MMA_L2=first bench --batches 1 --prompts 2048,32768 --json "$o/b1_first_$i.json"; mark "b1 first $i"
   done ;;
+attnpdl)  # the attention launched early (PDL "attn") without letting the o GEMV start early ("attn_trigger"),
+  # its programs capped at the grid's even share a multiprocessor (WKVQ_ATTN_CAP, default on) or not
+  A=gemv,norm,silu,attn
+  WKVQ_PDL=$A timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "mma_rope or fast_decode" > "$o/tests_attnpdl.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_attnpdl.txt")"
+  for i in 1 2; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/b1_def_$i.json"; mark "b1 default $i"
+    WKVQ_PDL=$A bench --batches 1 --prompts 2048,32768 --json "$o/b1_attn_cap_$i.json"; mark "b1 attn, cap $i"
+  done
+  WKVQ_PDL=$A WKVQ_ATTN_CAP=0 bench --batches 1 --prompts 2048,32768 --json "$o/b1_attn_nocap.json"
+  mark "b1 attn, no cap"
+  WKVQ_PDL=$A,attn_trigger bench --batches 1 --prompts 2048,32768 --json "$o/b1_attn_trigger_cap.json"
+  mark "b1 attn + trigger, cap"
+  WKVQ_PDL=$A python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_attn.json" \
+    > "$o/prof_p32768_attn.txt" 2>&1
+  mark "profile"; tail -12 "$o/prof_p32768_attn.txt" ;;
 esac; done

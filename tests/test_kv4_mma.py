@@ -9,20 +9,21 @@ import pytest
 from tests.helpers import sm90_sass
 
 
-@pytest.mark.parametrize("tile,stages,qg,bulk,rope", [(16, 2, 1, "mixed", False), (32, 4, 3, "mixed", False),
-                                                    (64, 2, 4, "mixed", True), (128, 2, 1, "mixed", False),
-                                                    (64, 3, 1, "bulk", False), (32, 2, 1, "lanes", True),
-                                                    (128, 2, 3, "lanes", False)])
-def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, tmp_path):
+@pytest.mark.parametrize("tile,stages,qg,bulk,rope,cap", [
+    (16, 2, 1, "mixed", False, 0), (32, 4, 3, "mixed", False, 0), (64, 2, 4, "mixed", True, 0),
+    (128, 2, 1, "mixed", False, 0), (64, 3, 1, "bulk", False, 0), (32, 2, 1, "lanes", True, 0),
+    (128, 2, 3, "lanes", False, 0), (64, 2, 1, "mixed", True, 8), (32, 2, 1, "lanes", True, 5)])
+def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, tmp_path):
     """The PTX is valid for sm_90; per tile 24 HMMA per 16 tokens (16 for the scores, 8 for the values); per issue
     2 bulk copies of codes and the stats by each lane's ``cp.async`` (16 bytes at most an instruction), or 6 bulk
     copies with ``bulk``, issued ``stages - 1`` times before the loop and once in it; the shared ring as declared;
     no local memory (spills); the query's rows by 16-byte loads (its 32 channels a thread and their static key
-    scales and shifts; with ``rope`` also the rotate-half partners, cos and sin)."""
+    scales and shifts; with ``rope`` also the rotate-half partners, cos and sin); with a ``cap`` of programs a
+    multiprocessor, the ring declared that large (:func:`cap_bytes`)."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk)
+    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk, cap)
     consts = {"HQ": 4 * qg, "HKV": 4, "QG": qg, "TILE": tile, "NSPLIT": 8, "STAGES": stages, "PDL": False,
               "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
@@ -34,6 +35,21 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, tmp_path)
     assert sass.count("UBLKCP") == {"bulk": 6, "mixed": 2, "lanes": 0}[bulk] * stages
     assert (sass.count("LDGSTS") == 0) == (bulk == "bulk")  # ptxas may split a predicated copy: no exact count
     shared = int(usage.split("SHARED:")[1].split()[0])  # the ring, plus Triton's scratch of the fused combine
-    assert kv4_mma.smem_bytes(tile, stages) <= shared <= kv4_mma.smem_bytes(tile, stages) + 4096
+    ring = kv4_mma.cap_bytes(kv4_mma.smem_bytes(tile, stages), cap)
+    assert ring <= shared <= ring + 4096 and (ring > kv4_mma.smem_bytes(tile, stages)) == (cap > 0)
     assert "LOCAL:0" in usage
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
+
+
+def test_cap_bytes():
+    """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB with the
+    1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already
+    allows no more (cap 12 at 17.5 KB), where it would pass the static limit (cap 3), or without a cap."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    ring = kv4_mma.smem_bytes(64, 2)
+    for cap in (5, 8):
+        per = kv4_mma.cap_bytes(ring, cap) + 2 * kv4_mma.CTA_RESERVED
+        assert cap * per <= kv4_mma.SM_SHARED < (cap + 1) * (per - kv4_mma.CTA_RESERVED)
+    assert kv4_mma.cap_bytes(ring, 0) == kv4_mma.cap_bytes(ring, 12) == kv4_mma.cap_bytes(ring, 3) == ring

@@ -48,12 +48,13 @@ rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, overlap
+from . import cuda_major, multiprocessors, overlap
 from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
@@ -89,17 +90,36 @@ def _rows_aligned(t) -> bool:
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-def _init_asm(tile: int, stages: int, copies: str) -> str:
-    """PTX that declares the shared ring (function scope), lets lane 0 initialise the stages' mbarriers (the
-    arrivals of a phase: lane 0's, plus one per lane for its ``cp.async`` copies unless ``copies`` is "bulk",
-    :func:`_issue_asm`), and returns the ring's shared address. Constraints ``=r,r``."""
+SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor
+CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
+CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
+
+
+def cap_bytes(ring: int, cap: int) -> int:
+    """Shared bytes to declare for a ring of ``ring`` bytes so that at most ``cap`` programs fit on one
+    multiprocessor (``ring`` where that needs no padding, or more than :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before
+    frees room first, up to the residency limit: a cap at the grid's even share keeps a one-wave grid balanced."""
+    padded = SM_SHARED // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
+    return padded if ring < padded <= CAP_LIMIT else ring
+
+
+def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
+    """PTX that declares the shared ring (function scope; :func:`cap_bytes` of it with a ``cap``), lets lane 0
+    initialise the stages' mbarriers (the arrivals of a phase: lane 0's, plus one per lane for its ``cp.async``
+    copies unless ``copies`` is "bulk", :func:`_issue_asm`), and returns the ring's shared address. Constraints
+    ``=r,r``."""
     count = 1 if copies == "bulk" else 33
     inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], {count};" for s in range(stages)]
     return "\n".join([
-        f".shared .align 128 .b8 {SMEM}[{smem_bytes(tile, stages)}];",
+        f".shared .align 128 .b8 {SMEM}[{cap_bytes(smem_bytes(tile, stages), cap)}];",
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
         f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
+
+
+def _cap_on() -> bool:
+    """``WKVQ_ATTN_CAP`` (default 1): with PDL, cap the programs a multiprocessor at the grid's even share."""
+    return os.environ.get("WKVQ_ATTN_CAP", "1") != "0"
 
 
 def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, valid: str) -> list[str]:
@@ -311,9 +331,9 @@ FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, copies: str = "mixed"):
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0):
     step, step_cons = _step_asm(tile, qg)
-    return _init_asm(tile, stages, copies), _issue_asm(tile, copies), step, step_cons
+    return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies), step, step_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -419,7 +439,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
-                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr):
+                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -429,7 +449,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     ``length`` (:func:`runtime.kernels.kv4._append_kv`), which no program of this launch reads (past only; the
     stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
     launch goes, and the append's latency is off the attention programs' chains."""
-    overlap.launch_dependents(PDL)
+    overlap.launch_dependents(TRIGGER)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
     if sp < NSPLIT:
@@ -547,11 +567,14 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
-    init, issue, step, step_cons = _asm(tile, stages, qg, copies)
+    programs = b * hkv * (splits + (rope is not None))
+    opts = overlap.launch_options(store.k_codes.device, "attn")
+    cap = -(-programs // multiprocessors(store.k_codes.device)) if opts["PDL"] and _cap_on() else 0
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap)
     _attn_mma_kernel[(b * hkv, splits + (rope is not None))](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1,
-        **overlap.launch_options(store.k_codes.device, "attn"))
+        TRIGGER=overlap.pdl(store.k_codes.device, "attn_trigger"), **opts)

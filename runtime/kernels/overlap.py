@@ -56,7 +56,8 @@ def hopper(device) -> bool:
     return cuda_major(device) >= 9
 
 
-KINDS = ("gemv", "attn", "rope", "norm", "silu")  # the decode step's kernels, by what they do
+KINDS = ("gemv", "attn", "attn_trigger", "rope", "norm", "silu")  # the decode step's kernels, by what they do
+# ("attn_trigger": the tensor-core attention lets the next kernel launch early; "attn": it is launched early)
 PDL_DEFAULT = frozenset({"gemv", "norm", "silu"})  # WKVQ_PDL unset or empty
 
 
