@@ -63,4 +63,12 @@ attnpdl)  # the attention launched early (PDL "attn") without letting the o GEMV
   WKVQ_PDL=$A python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_attn.json" \
     > "$o/prof_p32768_attn.txt" 2>&1
   mark "profile"; tail -12 "$o/prof_p32768_attn.txt" ;;
+attnpdl2)  # more pairs of default / "attn" PDL with the cap, b1 and b8
+  A=gemv,norm,silu,attn
+  for i in 1 2 3; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/b1_def2_$i.json"; mark "b1 default $i"
+    WKVQ_PDL=$A bench --batches 1 --prompts 2048,32768 --json "$o/b1_attn2_$i.json"; mark "b1 attn $i"
+  done
+  bench --batches 8 --prompts 2048,32768 --json "$o/b8_def.json"; mark "b8 default"
+  WKVQ_PDL=$A bench --batches 8 --prompts 2048,32768 --json "$o/b8_attn.json"; mark "b8 attn" ;;
 esac; done
