@@ -71,4 +71,11 @@ attnpdl2)  # more pairs of default / "attn" PDL with the cap, b1 and b8
   done
   bench --batches 8 --prompts 2048,32768 --json "$o/b8_def.json"; mark "b8 default"
   WKVQ_PDL=$A bench --batches 8 --prompts 2048,32768 --json "$o/b8_attn.json"; mark "b8 attn" ;;
+final)  # the w4_mma tests on the final tree, then the record table
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py > "$o/tests_mma_final.txt" 2>&1
+  mark "w4_mma tests: $(tail -1 "$o/tests_mma_final.txt")"
+  for s in 7b 13b; do
+    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
+      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
+  done ;;
 esac; done
