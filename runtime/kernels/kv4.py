@@ -297,7 +297,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
                        ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr,
-                       ROPE: tl.constexpr):
+                       ROPE: tl.constexpr, TRIGGER: tl.constexpr = False):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -332,8 +332,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     ``qkv`` (roped here at position ``length``, as :func:`_rope_append_kernel` ropes them; ``q_ptr``, ``kcur_ptr``
     and ``vcur_ptr`` unused), and the first split of the first query head of each KV head appends the token's key
     and value to the cache at slot ``length`` (:func:`_append_kv`), which no program reads in this step (past
-    only): one launch fewer per layer."""
-    overlap.launch_dependents(PDL)
+    only): one launch fewer per layer. ``TRIGGER``: the next kernel may launch early (PDL)."""
+    overlap.launch_dependents(TRIGGER)
     NW: tl.constexpr = D // 8
     GS: tl.constexpr = D // G
     bh, sp = tl.program_id(0), tl.program_id(1)
@@ -511,8 +511,8 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
 def _attn_combine_kernel(q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                          sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                          HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr,
-                         PDL: tl.constexpr, ROPE: tl.constexpr):
-    overlap.launch_dependents(PDL)
+                         PDL: tl.constexpr, ROPE: tl.constexpr, TRIGGER: tl.constexpr = False):
+    overlap.launch_dependents(TRIGGER)
     overlap.wait_prior(PDL)  # everything read here is written by the kernels before
     _combine_head(tl.program_id(0), tl.program_id(1), q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                   vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG,
@@ -736,7 +736,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    pdl = overlap.launch_options(device, "attn")
+    pdl = overlap.launch_options(device, "attn")  # launched early; the last kernel lets the next one launch early
+    trigger = overlap.pdl(device, "attn_trigger")  # only with "attn_trigger" (kv4_mma.launch likewise)
     if rope is None:  # the rope arguments unused
         rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
     else:
@@ -755,11 +756,11 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
             v_shift, out, *rope_args, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
             LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
             L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
-            ROPE=rope is not None, **pdl)
+            ROPE=rope is not None, TRIGGER=trigger if cfg.combine else pdl["PDL"], **pdl)
     if not cfg.combine:
         _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
                                       rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,
-                                      NSPLIT=cfg.splits, ROPE=rope is not None, **pdl)
+                                      NSPLIT=cfg.splits, ROPE=rope is not None, TRIGGER=trigger, **pdl)
     return out
 
 

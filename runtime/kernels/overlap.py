@@ -21,10 +21,14 @@ the GPU lacks them. ``WKVQ_PDL`` picks the kernel kinds that use PDL (:func:`pdl
 :data:`PDL_DEFAULT`, the projections, norms and SiLU product: each of them starts while the one before ends, so the
 launch and the first loads of a GEMV overlap the small kernel before it. Measured on an H200 (fifteenth session,
 runtime/kernels/NOTES.md round 13), 7B b1: 2.05 -> 1.90 ms a step at p2048, 3.31 -> 3.19-3.23 at p32768; PDL on
-only one side of those pairs ("gemv", or "norm,silu") was slower than none, and with the attention too ("1")
-slower still (p32768 4.5-4.6 ms; also with the attention's trigger after its loop, and 4.0 with the attention
-launched as usual but letting the output projection start early): why is not measured. The prefetches are config
-fields of the kernels that issue them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
+only one side of those pairs ("gemv", or "norm,silu") was slower than none. The attention is two kinds: "attn",
+launched early (its programs issue their first tiles, then wait), and "attn_trigger", letting the next kernel (the
+output projection) launch early. Early-launched programs land where the kernel before frees room first, up to the
+residency limit, which unbalanced the attention's one-wave grid (sixteenth session: p32768 3.76 ms against 3.23);
+the tensor-core attention therefore caps its programs a multiprocessor at the grid's even share when launched early
+(``kv4_mma.cap_bytes``). With the cap "attn" measured -0.07 ms at p32768 and +0.02 at p2048 (not in the default);
+"attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
+them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ def hopper(device) -> bool:
 
 
 KINDS = ("gemv", "attn", "attn_trigger", "rope", "norm", "silu")  # the decode step's kernels, by what they do
-# ("attn_trigger": the tensor-core attention lets the next kernel launch early; "attn": it is launched early)
 PDL_DEFAULT = frozenset({"gemv", "norm", "silu"})  # WKVQ_PDL unset or empty
 
 
