@@ -117,7 +117,9 @@ def main() -> None:
         for _ in range(args.steps):
             graph.step(ids)
         torch.cuda.synchronize()
-    from runtime.kernels import overlap  # Triton: not needed by the timeline's functions
+    from runtime.kernels import (
+        overlap,  # Triton: not needed by the timeline's functions
+    )
 
     rows = kernel_times(prof, args.steps)
     timeline = step_timeline([(ev.name, ev.time_range.start, ev.time_range.end) for ev in prof.events()

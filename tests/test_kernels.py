@@ -352,8 +352,8 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
     assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
-    for bad in (dict(splits=-1), dict(splits=kv4.MAX_SPLITS + 1), dict(block_s=4), dict(num_warps=3), dict(loads="eager"), dict(row_max=1),
-                dict(min_tokens=0)):
+    for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},
+                {"loads": "eager"}, {"row_max": 1}, {"min_tokens": 0}):
         with pytest.raises(ValueError, match="AttnConfig: " + next(iter(bad))):
             kv4.AttnConfig(**bad)
     assert kv4.num_splits(1, 32, 2076) == 16 and kv4.num_splits(1, 32, 2076, min_tokens=128) == 32

@@ -90,15 +90,17 @@ def _rows_aligned(t) -> bool:
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor
+SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is used with PDL only: Hopper)
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
+CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
 
 
 def cap_bytes(ring: int, cap: int) -> int:
     """Shared bytes to declare for a ring of ``ring`` bytes so that at most ``cap`` programs fit on one
-    multiprocessor (``ring`` where that needs no padding, or more than :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before
-    frees room first, up to the residency limit: a cap at the grid's even share keeps a one-wave grid balanced."""
+    multiprocessor: just over the share of ``cap + 1`` (``ring`` where that is no more than ``ring``, or more than
+    :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before frees room first, up
+    to the residency limit: a cap at the grid's even share keeps a one-wave grid balanced."""
     padded = SM_SHARED // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
     return padded if ring < padded <= CAP_LIMIT else ring
 
@@ -118,8 +120,9 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
 
 
 def _cap_on() -> bool:
-    """``WKVQ_ATTN_CAP`` (default 1): with PDL, cap the programs a multiprocessor at the grid's even share."""
-    return os.environ.get("WKVQ_ATTN_CAP", "1") != "0"
+    """``WKVQ_ATTN_CAP`` (default 1): when launched early (PDL), the programs a multiprocessor capped at the
+    grid's even share (:func:`cap_bytes`)."""
+    return os.environ.get(CAP_ENV, "1") != "0"
 
 
 def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, valid: str) -> list[str]:
