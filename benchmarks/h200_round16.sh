@@ -78,4 +78,15 @@ final)  # the w4_mma tests on the final tree, then the record table
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
       --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done ;;
+early)  # AttnConfig.early (the table's b1 p32768 entry) as the default: GPU tests, 7B b1, 13B b1 p32768 with it
+  # and without (WKVQ_PDL set explicitly to the default kinds: no early launch)
+  timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "mma_rope and 64" \
+    > "$o/tests_early.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_early.txt")"
+  bench --batches 1 --prompts 2048,32768 --json "$o/b1_early_default.json"; mark "7b"
+  for i in 1; do
+    python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 32768 \
+      --json "$o/b1_13b_early.json" 2>&1 | tail -1; mark "13b early"
+    WKVQ_PDL=gemv,norm,silu python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 \
+      --prompts 32768 --json "$o/b1_13b_noearly.json" 2>&1 | tail -1; mark "13b not early"
+  done ;;
 esac; done
