@@ -451,32 +451,3 @@ def test_quantlinear_cuda_dispatch_matches_dequantized():
     ref = x.double() @ m.dequantized_weight(torch.float64).T
     assert m._fused_ok(x) and _rel(m(x), ref) < TOL
 
-
-
-def test_attention_early_launch_choice(monkeypatch):
-    """Who launches the tensor-core attention early (PDL): with ``WKVQ_PDL`` unset its table config
-    (``AttnConfig.early``: b1 p32768 only), set the kind "attn" (on every shape, off without it); "attn_trigger"
-    alone lets the next kernel launch early. Host side only: the launch is recorded, not run."""
-    from runtime.kernels import kv4, kv4_mma, overlap
-
-    calls = []
-    monkeypatch.setattr(kv4_mma, "mma_attention_ok", lambda *a: True)
-    monkeypatch.setattr(kv4_mma, "launch", lambda *a: calls.append(a[-2:]))
-    monkeypatch.setattr(overlap, "hopper", lambda device: True)
-    monkeypatch.setattr(overlap, "_triton_has_pdl", lambda: True)
-    monkeypatch.delenv(kv4.TABLE_ENV, raising=False)
-    assert kv4.ATTN_TABLE[1, 32768].early and not kv4.ATTN_TABLE[1, 2048].early
-    assert kv4.AttnConfig(early=True).label().endswith("_early")
-    with pytest.raises(ValueError, match="AttnConfig: early"):
-        kv4.AttnConfig(early=1)
-    args, _ = _attention_case(2, 2, None, 10, 1, 1, d=128, s=64)
-    long, short = kv4.ATTN_TABLE[1, 32768], kv4.ATTN_TABLE[1, 2048]
-    for env, cfg, want in ((None, long, (True, False)), (None, short, (False, False)),
-                           ("gemv,norm,silu", long, (False, False)), ("gemv,attn", short, (True, False)),
-                           ("attn_trigger", short, (False, True))):
-        if env is None:
-            monkeypatch.delenv(overlap.PDL_ENV, raising=False)
-        else:
-            monkeypatch.setenv(overlap.PDL_ENV, env)
-        kv4.decode_attention(*args, dataclasses.replace(cfg, splits=2))
-        assert calls.pop() == want, (env, cfg)

@@ -558,9 +558,7 @@ class AttnConfig:
     ``stages``: the ring's stages; ``copies``: one of :data:`COPIES` (bulk copies or every
     lane's ``cp.async``);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
-    with :data:`ATTN_DEFAULT`'s tile. ``early``: the tensor-core kernel is launched early (PDL: while the projection
-    before it ends; its programs capped at the grid's even share a multiprocessor, :func:`runtime.kernels.kv4_mma.
-    cap_bytes`) where ``WKVQ_PDL`` is unset (set, its kind "attn" decides, for either kernel)."""
+    with :data:`ATTN_DEFAULT`'s tile."""
 
     splits: int = 0
     block_s: int = 32
@@ -573,7 +571,6 @@ class AttnConfig:
     mma: bool = False
     stages: int = 4
     copies: str = "mixed"
-    early: bool = False
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -601,15 +598,12 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: copies must be one of {', '.join(COPIES)}, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
             raise ValueError(f"AttnConfig: stages must be an int in 2..16, got {self.stages!r}")
-        if not isinstance(self.early, bool):
-            raise ValueError(f"AttnConfig: early must be a bool, got {self.early!r}")
         if self.mma and mma_smem_bytes(self.block_s, self.stages) > MMA_SMEM_LIMIT:
             raise ValueError(f"AttnConfig: {self.stages} stages of {self.block_s} tokens exceed 48 KB of shared memory")
 
     def label(self) -> str:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
-        l2 = ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
-              + ("_early" if self.early else ""))
+        l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
             copies = "" if self.copies == "mixed" else "_" + self.copies
             return f"{splits}_mma_s{self.block_s}_st{self.stages}{copies}{l2}"
@@ -628,13 +622,11 @@ class AttnConfig:
 # attn_mma3_b8.json (b8)) won all four cases; shapes it does not take (head_dim != 128, KV groups, > 4 query heads
 # a KV head, a GPU before sm_90, the interpreter) run the split kernel with ATTN_DEFAULT's tile at the entry's
 # splits. In brackets: the split kernel's table config (13th session's table, same sweep harness)
-# early: launched early, end to end at 7B b1 p32768 3.13-3.19 ms a step against 3.19-3.25 (sixteenth session,
-# benchmarks/results/r19); at b1 p2048 +0.02 ms and at b8 neutral, so only there
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 _MMA = {"mma": True, "stages": 2, "combine": True}
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
     (1, 2048): AttnConfig(splits=16, block_s=32, copies="lanes", **_MMA),  # 8.94 us (9.97)
-    (1, 32768): AttnConfig(splits=32, block_s=64, early=True, **_MMA),  # 46.57 us, 3063 GB/s (79.77)
+    (1, 32768): AttnConfig(splits=32, block_s=64, **_MMA),  # 46.57 us, 3063 GB/s (79.77)
     (8, 2048): AttnConfig(splits=4, block_s=64, **_MMA),  # 27.27 us, 2633 GB/s (42.66)
     (8, 32768): AttnConfig(splits=16, block_s=64, **_MMA),  # 344.95 us, 3309 GB/s (571.55)
 }
@@ -745,7 +737,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
     pdl = overlap.launch_options(device, "attn")  # launched early; the last kernel lets the next one launch early
-    trigger = overlap.pdl(device, "attn_trigger")  # only with "attn_trigger"
+    trigger = overlap.pdl(device, "attn_trigger")  # only with "attn_trigger" (kv4_mma.launch likewise)
     if rope is None:  # the rope arguments unused
         rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
     else:
@@ -754,9 +746,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
     if mma:  # counts per KV head
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
-        early = pdl["PDL"] or (cfg.early and overlap.pdl_default(device))
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
-                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, early, trigger)
+                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

@@ -26,8 +26,7 @@ launched early (its programs issue their first tiles, then wait), and "attn_trig
 output projection) launch early. Early-launched programs land where the kernel before frees room first, up to the
 residency limit, which unbalanced the attention's one-wave grid (sixteenth session: p32768 3.76 ms against 3.23);
 the tensor-core attention therefore caps its programs a multiprocessor at the grid's even share when launched early
-(``kv4_mma.cap_bytes``). With the cap "attn" measured -0.07 ms at p32768 and +0.02 at p2048, so it is not in the
-default set; the attention table launches it early where it measured faster (``AttnConfig.early``, b1 p32768);
+(``kv4_mma.cap_bytes``). With the cap "attn" measured -0.07 ms at p32768 and +0.02 at p2048 (not in the default);
 "attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
 them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
 """
@@ -87,21 +86,11 @@ def pdl(device, kind: str) -> bool:
     return kind in pdl_kinds(os.environ.get(PDL_ENV)) and hopper(device) and _triton_has_pdl()
 
 
-def pdl_default(device) -> bool:
-    """Whether ``WKVQ_PDL`` is unset (or empty) and ``device`` can launch with PDL: where a kernel's config may
-    turn PDL on for itself (``AttnConfig.early``)."""
-    return not (os.environ.get(PDL_ENV) or "").strip() and hopper(device) and _triton_has_pdl()
-
-
-def options(on: bool) -> dict:
-    """Keyword arguments of a launch with PDL ``on`` or off: ``PDL`` (the kernels' constexpr) and ``launch_pdl``
-    (Triton's launch option, only where it exists)."""
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
-
-
 def launch_options(device, kind: str) -> dict:
-    """:func:`options` of a launch of a ``kind`` kernel (:func:`pdl`)."""
-    return options(pdl(device, kind))
+    """Keyword arguments of a launch of a ``kind`` kernel for :func:`pdl`: ``PDL`` (the kernels' constexpr) and
+    ``launch_pdl`` (Triton's launch option, only where it exists)."""
+    on = pdl(device, kind)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 @triton.jit
