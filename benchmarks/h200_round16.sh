@@ -78,7 +78,8 @@ final)  # the w4_mma tests on the final tree, then the record table
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
       --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done ;;
-early)  # AttnConfig.early (the table's b1 p32768 entry) as the default: GPU tests, 7B b1, 13B b1 p32768 with it
+early)  # AttnConfig.early (the table's b1 p32768 entry; reverted after this run) as the default: GPU tests, 7B b1,
+  # 13B b1 p32768 with it
   # and without (WKVQ_PDL set explicitly to the default kinds: no early launch)
   timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "mma_rope and 64" \
     > "$o/tests_early.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_early.txt")"
