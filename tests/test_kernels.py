@@ -451,3 +451,31 @@ def test_quantlinear_cuda_dispatch_matches_dequantized():
     ref = x.double() @ m.dequantized_weight(torch.float64).T
     assert m._fused_ok(x) and _rel(m(x), ref) < TOL
 
+
+
+def test_attention_pdl_arguments(monkeypatch):
+    """What the decode attention passes the tensor-core launch (host side only: the launches are recorded, not
+    run): launched early with the PDL kind "attn"; its kernel lets the next one launch early with "attn_trigger",
+    or, when a separate combine kernel merges its splits, wherever it is launched early itself."""
+    from runtime.kernels import kv4, kv4_mma, overlap
+
+    calls, combines = [], []
+
+    class _Combine:  # stands for the separate combine kernel: records its PDL arguments
+        def __getitem__(self, grid):
+            return lambda *a, **kw: combines.append((kw["PDL"], kw["TRIGGER"]))
+
+    monkeypatch.setattr(kv4_mma, "mma_attention_ok", lambda *a: True)
+    monkeypatch.setattr(kv4_mma, "launch", lambda *a: calls.append(a[-2:]))
+    monkeypatch.setattr(kv4, "_attn_combine_kernel", _Combine())
+    monkeypatch.setattr(overlap, "hopper", lambda device: True)
+    monkeypatch.setattr(overlap, "_triton_has_pdl", lambda: True)
+    args, _ = _attention_case(2, 2, None, 10, 1, 1, d=128, s=64)
+    for env, combine, want, want_combine in (("0", True, (False, False), None), ("attn", True, (True, False), None),
+                                             ("attn,attn_trigger", True, (True, True), None),
+                                             ("attn", False, (True, True), (True, False)),
+                                             ("attn,attn_trigger", False, (True, True), (True, True))):
+        monkeypatch.setenv(overlap.PDL_ENV, env)
+        cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
+        kv4.decode_attention(*args, cfg)
+        assert calls.pop() == want and (combines.pop() if combines else None) == want_combine, (env, combine)

@@ -546,9 +546,8 @@ def mma_smem_bytes(tile: int, stages: int) -> int:
 class AttnConfig:
     """How :func:`decode_attention` runs (:func:`_attn_split_kernel`); the defaults are the kernel of rounds 2-6.
 
-    ``splits``: slices of the past per query head (1..:data:`MAX_SPLITS`; any count, e.g. one that fills a wave of
-    programs exactly), or 0 for :func:`num_splits` with more than
-    ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
+    ``splits``: slices of the past per query head (1..:data:`MAX_SPLITS`, any count), or 0 for :func:`num_splits`
+    with more than ``min_tokens`` slots a slice. ``block_s``: tokens per step (a power of two, 8..256); ``num_warps`` of the split
     kernel; ``loads``: one of :data:`LOADS` (when a tile's loads are issued); ``row_max``: a running maximum per
     token row of the tile instead of one per program; ``l2_ahead``: L2 prefetches this many tiles ahead (0: none;
     Hopper GPUs only; ``WKVQ_ATTN_L2`` overrides it, :func:`attn_config`); ``combine``: the split kernel merges the
@@ -736,8 +735,11 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    pdl = overlap.launch_options(device, "attn")  # launched early; the last kernel lets the next one launch early
-    trigger = overlap.pdl(device, "attn_trigger")  # only with "attn_trigger" (kv4_mma.launch likewise)
+    pdl = overlap.launch_options(device, "attn")  # launched early
+    # the attention's last kernel lets the next one launch early only with "attn_trigger"; a first kernel whose
+    # splits the combine kernel merges lets that one launch early wherever the attention uses PDL
+    trigger = overlap.pdl(device, "attn_trigger")
+    first_trigger = trigger if cfg.combine else pdl["PDL"]
     if rope is None:  # the rope arguments unused
         rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
     else:
@@ -747,7 +749,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if mma:  # counts per KV head
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
-                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies)
+                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](
@@ -756,7 +758,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
             v_shift, out, *rope_args, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
             LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
             L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
-            ROPE=rope is not None, TRIGGER=trigger if cfg.combine else pdl["PDL"], **pdl)
+            ROPE=rope is not None, TRIGGER=first_trigger, **pdl)
     if not cfg.combine:
         _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
                                       rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,

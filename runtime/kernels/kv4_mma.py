@@ -560,24 +560,26 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
-           counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed") -> None:
+           counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
+           trigger: bool = False) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
     with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
-    per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`)."""
+    per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
+    ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at the grid's even share
+    (:func:`cap_bytes`, unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
-    programs = b * hkv * (splits + (rope is not None))
-    opts = overlap.launch_options(store.k_codes.device, "attn")
-    cap = -(-programs // multiprocessors(store.k_codes.device)) if opts["PDL"] and _cap_on() else 0
+    grid = (b * hkv, splits + (rope is not None))
+    cap = -(-grid[0] * grid[1] // multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap)
-    _attn_mma_kernel[(b * hkv, splits + (rope is not None))](
+    _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
-        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1,
-        TRIGGER=overlap.pdl(store.k_codes.device, "attn_trigger"), **opts)
+        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger,
+        **overlap.options(pdl))

@@ -86,11 +86,15 @@ def pdl(device, kind: str) -> bool:
     return kind in pdl_kinds(os.environ.get(PDL_ENV)) and hopper(device) and _triton_has_pdl()
 
 
+def options(on: bool) -> dict:
+    """Keyword arguments of a launch with PDL ``on`` or off: ``PDL`` (the kernels' constexpr) and ``launch_pdl``
+    (Triton's launch option, only where it exists)."""
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 def launch_options(device, kind: str) -> dict:
-    """Keyword arguments of a launch of a ``kind`` kernel for :func:`pdl`: ``PDL`` (the kernels' constexpr) and
-    ``launch_pdl`` (Triton's launch option, only where it exists)."""
-    on = pdl(device, kind)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    """:func:`options` of a launch of a ``kind`` kernel (:func:`pdl`)."""
+    return options(pdl(device, kind))
 
 
 @triton.jit
