@@ -221,21 +221,6 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
-@pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
-@pytest.mark.parametrize("fold", ["none", "attn"])
-@pytest.mark.parametrize("hq,hkv,length,key_scale,splits,tile", [(2, 2, 150, 40, 2, 64), (4, 1, 1000, 4, 3, 32),
-                                                                 (3, 1, 37, 2, 8, 16)])
-def test_mma_attention_fold_on_and_off(hq, hkv, length, key_scale, splits, tile, fold, monkeypatch):
-    """Both forms of the value products (WKVQ_FOLD: the value codes as the unpacking leaves them, their columns'
-    sums taken off at the end; or the magic numbers subtracted from every code pair) against the reference."""
-    from runtime.kernels import kv4
-
-    monkeypatch.setenv("WKVQ_FOLD", fold)
-    args, ref = _attention_case(hq, hkv, None, length, key_scale, 2, d=128, s=1030)
-    cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=2, combine=True)
-    assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4
-
-
 def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
     """Inputs of :func:`rope_attention`: the four static KV parameters, ``copies`` caches of ``s`` slots holding
     the same ``length`` past tokens, ``qkv [b, (hq + 2 hkv) d]`` and random ``cos``, ``sin [s, d]``."""

@@ -98,41 +98,6 @@ def test_mma_7b_shapes(n, k, m):
 
 
 @gpu
-@pytest.mark.parametrize("fold", ["none", "gemv"])
-@pytest.mark.parametrize("config", [(4, 1, 1), (1, 2, 1, 1, False, 1, 0, 3), (2, 2, 2, 1, False, 1, 3)])
-@pytest.mark.parametrize("m", [1, 8])
-def test_mma_fold_on_and_off(config, m, fold, monkeypatch):
-    """Both forms of the products (WKVQ_FOLD: the codes as the unpacking leaves them, the constant taken off once a
-    group and tile; or subtracted from every code pair) against the reference, ragged K included, and with an
-    activation outlier (a channel 300x the others, as LLaMA's massive activations): the folded sums carry ``1024
-    x``, still within the bound."""
-    from runtime.kernels.w4_mma import w4_mma_accumulate
-
-    monkeypatch.setenv("WKVQ_FOLD", fold)
-    for n, k in ((300, 4096), (96, 320)):
-        qw, s, z, w = _weight(n, k, seed=n + k)
-        x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
-        x[:, 5] *= 300
-        out = w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config)
-        assert _rel(out, base.double() + x.double() @ w.T) < TOL, (n, k)
-
-
-def test_fold_kinds(monkeypatch):
-    """WKVQ_FOLD: a comma-separated list of kinds, none, or the default; an unknown kind is a one-line error."""
-    from runtime.kernels import FOLD_DEFAULT, fold_on
-
-    monkeypatch.delenv("WKVQ_FOLD", raising=False)
-    assert fold_on("gemv") == ("gemv" in FOLD_DEFAULT) and fold_on("attn") == ("attn" in FOLD_DEFAULT)
-    monkeypatch.setenv("WKVQ_FOLD", "none")
-    assert not fold_on("gemv") and not fold_on("attn")
-    monkeypatch.setenv("WKVQ_FOLD", " attn ")
-    assert fold_on("attn") and not fold_on("gemv")
-    monkeypatch.setenv("WKVQ_FOLD", "gemv,mlp")
-    with pytest.raises(ValueError, match="unknown kind.*mlp"):
-        fold_on("gemv")
-
-
-@gpu
 def test_mma_rejects_what_it_cannot_take():
     """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
@@ -150,24 +115,21 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,fold", [
-    (1, False, 1, 0, 4, False, False, True), (2, True, 2, 0, 4, False, True, False),
-    (1, True, 1, 3, 4, False, False, True), (2, False, 1, 4, 2, False, False, False),
-    (2, False, 1, 0, 2, True, True, True), (1, True, 1, 3, 4, True, False, False), (1, False, 1, 0, 1, True, True, True),
-    (2, False, 1, 0, 1, True, True, False)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, fold, tmp_path):
+@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed", [
+    (1, False, 1, 0, 4, False, False), (2, True, 2, 0, 4, False, True), (1, True, 1, 3, 4, False, False),
+    (2, False, 1, 4, 2, False, False), (2, False, 1, 0, 2, True, True), (1, True, 1, 3, 4, True, False),
+    (1, False, 1, 0, 1, True, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, tmp_path):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
-    tensors (8 HMMA per tile and group, not a multiple of that; with ``fold`` 8 more a group for the sums of ``x``,
-    and no half-precision subtraction of the codes' magic numbers), no local memory (spills); ``fixed``: the rows'
-    loads at immediate offsets."""
+    tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
+    at immediate offsets."""
     pytest.importorskip("triton")
     from runtime.kernels import w4_mma
 
     # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
     strides = (5504, 172, 86) if fixed else None
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, fold)
-    assert comp.count("sub.f16x2") + comp.count("fma.rn.f16x2") == (0 if fold else 32 * tiles)
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides)
     stage = ("", "r", "", "r", "", "r")
     if stages:
         assert w4_mma.stages_fit(w4_mma.MmaConfig(warps, tiles, 4, stages=stages))
@@ -180,7 +142,7 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one
-    assert sass.count("HMMA.16816.F32") == (8 * tiles + 8 * fold) * (3 if depth == 1 and not stages else 1)
+    assert sass.count("HMMA.16816.F32") == 8 * tiles * (3 if depth == 1 and not stages else 1)
     assert "LOCAL:0" in usage
     if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
         assert "+0xac00]" in sass

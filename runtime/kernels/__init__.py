@@ -56,24 +56,6 @@ def multiprocessors(device) -> int:
     return _sms(_index(device))
 
 
-FOLD_ENV = "WKVQ_FOLD"
-FOLD_KINDS = ("gemv", "attn")
-FOLD_DEFAULT = "gemv,attn"
-
-
-def fold_on(kind: str) -> bool:
-    """Whether the kernels of ``kind`` (one of :data:`FOLD_KINDS`) feed the 4-bit codes to their MMAs as the
-    unpacking ``lop3`` leaves them (``1024 + c``, ``1024 + 16 c``) and take the constant this adds off once per
-    group or tile, instead of subtracting it from every code pair (``WKVQ_FOLD``: a comma-separated list of kinds,
-    ``none`` for none; default :data:`FOLD_DEFAULT`). A one-line ``ValueError`` names an unknown kind."""
-    value = os.environ.get(FOLD_ENV, FOLD_DEFAULT)
-    kinds = {k.strip() for k in value.split(",") if k.strip()} - {"none"}
-    if bad := kinds - set(FOLD_KINDS):
-        raise ValueError(f"{FOLD_ENV}={value!r}: unknown kind(s) {', '.join(sorted(bad))}; use a comma-separated "
-                         f"list of {', '.join(FOLD_KINDS)}, or none")
-    return kind in kinds
-
-
 def check_row_buffer(name: str, buf: torch.Tensor, rows: int) -> None:
     """Raise unless ``buf`` is a ``[rows, n]`` buffer with unit stride along ``n`` (one a kernel zeroes row by row
     in the same launch as its own work)."""

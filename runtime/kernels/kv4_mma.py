@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, fold_on, multiprocessors, overlap
+from . import cuda_major, multiprocessors, overlap
 from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
@@ -192,12 +192,10 @@ def _issue_asm(tile: int, copies: str) -> str:
 MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 
 
-def _nibble(word: str, high: int, out: str, fold: bool = False) -> list[str]:
+def _nibble(word: str, high: int, out: str) -> list[str]:
     """The exact float16 pair of nibble 0 (``high`` 0) or 1 (``high`` 1) of each 16-bit half of ``word`` (low
     nibble: ``lop3`` into the mantissa of 1024 and ``sub`` 1024; high nibble: into the mantissa as 16 c, times 1/16
-    minus 64). ``fold``: the ``lop3`` only, ``1024 + c`` or ``1024 + 16 c`` (:func:`_step_asm` takes the rest off)."""
-    if fold:
-        return [f"lop3.b32 {out}, {word}, {'m1' if high else 'm0'}, mag, 0xEA;"]
+    minus 64)."""
     if high:
         return [f"lop3.b32 {out}, {word}, m1, mag, 0xEA;", f"fma.rn.f16x2 {out}, {out}, k16, k64;"]
     return [f"lop3.b32 {out}, {word}, m0, mag, 0xEA;", f"sub.f16x2 {out}, {out}, mag;"]
@@ -210,7 +208,7 @@ def _unpack(word: str, out: tuple[str, str, str, str], tmp: str) -> list[str]:
             + _nibble(tmp, 0, out[2]) + _nibble(tmp, 1, out[3]))
 
 
-def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
+def _step_asm(tile: int, qg: int) -> tuple[str, str]:
     """PTX of one tile for one thread (the whole warp runs it together: ``mma.sync``, shuffles): wait for the
     stage's mbarrier (phase parity), then the score MMAs of every 16 tokens of the tile, the online softmax once
     for the tile (one maximum: two shuffles; one rescale), the value MMAs of every 16 tokens. The tile is one
@@ -219,19 +217,10 @@ def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
 
     Inputs: mbarrier address, parity, stage address, ``n`` valid tokens of the tile, the 16 + 16 query fragments
     (:func:`_attn_mma_kernel`), ``qsum`` (the query's ``sum q'``: the keys' minima term), ``const`` (the query's dot
-    product with the keys' static shift), then the state: ``m`` (running maximum, base-e units), ``l`` (this thread's sum of weights), ``pmin`` (its sum of ``p *
-    value minimum``), 32 value accumulators, and ``bsum`` (``fold``: the sums of the value MMAs' B columns ``2t``,
-    ``2t + 1``; passed through otherwise). Outputs: the state. Returns (asm, constraints).
-
-    ``fold``: the value codes enter the MMAs as the ``lop3`` leaves them (:func:`_nibble`): ``1024 + c`` (even
-    nibbles) and ``1024 + 16 c`` (odd ones), so every accumulator carries 1024 times its B column's sum (the odd
-    nibbles' dims also 16 times their value); one more MMA a 16-token block, with a constant A of ones, keeps those
-    sums (``bsum``, rescaled with the accumulators), and the program takes them off at its end
-    (:func:`_store_dims`): 32 instructions fewer a 16-token block and thread (15 %), and the float32 sums carry
-    ``1024 p step`` (relative error ~1e-6 instead of ~1e-7, whatever the scores). The keys stay as they are: the
-    same fold there would leave an error relative to the spread of the scores (their float32 sums carry ``1024
-    q'``), ~1e-3 of the output at the tests' widest scores."""
-    nst, nsub = 37, tile // 16
+    product with the keys' static shift), then the state: ``m`` (running maximum, base-e units), ``l`` (this
+    thread's sum of weights), ``pmin`` (its sum of ``p * value minimum``), 32 value accumulators. Outputs: the
+    state. Returns (asm, constraints)."""
+    nst, nsub = 35, tile // 16
     ns = 4 * nsub  # scores a thread holds: tokens 2t, 2t + 1 of each 8-token block
     bar, par, sdata, n = (f"${nst + i}" for i in range(4))
     qh = [f"${nst + 4 + i}" for i in range(16)]
@@ -247,7 +236,7 @@ def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
          ".reg .b16 lo16, hi16;",
          (f".reg .f32 m, l, pm, al, alo, mt, mn, ml, x, cst, f0, f1, r0, r1, d<{8 * nsub}>, sc<{ns}>, p<{ns}>,"
           f" kst<{ns}>, kmn<{ns}>, vst<{ns}>, vmn<{ns}>, xv<{ns}>;"),
-         ".reg .f32 acc<32>, bs<4>;", ".reg .b32 one;", "mov.b32 one, 0x3C003C00;",
+         ".reg .f32 acc<32>;",
          "mov.b32 mag, 0x64006400;", "mov.b32 m0, 0x000F000F;", "mov.b32 m1, 0x00F000F0;",
          "mov.b32 k16, 0x2C002C00;", "mov.b32 k64, 0xD400D400;",
          "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "shl.b32 t2, t, 1;",
@@ -259,8 +248,6 @@ def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
          f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
          f"mov.f32 cst, {const};",
          *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
-         f"mov.f32 bs0, {st_in[35]};", f"mov.f32 bs1, {st_in[36]};", "mov.f32 bs2, 0f00000000;",
-         "mov.f32 bs3, 0f00000000;",
          # wait for the stage's copies
          "WAIT:",
          f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
@@ -304,7 +291,6 @@ def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
           "mul.f32 l, l, al;", "mul.f32 pm, pm, al;",
           "mov.f32 alo, al;" if qg == 1 else "shfl.sync.idx.b32 alo, al, src, 0x1f, -1;",
           *[f"mul.f32 acc{i}, acc{i}, alo;" for i in range(32)],
-          *(["mul.f32 bs0, bs0, alo;", "mul.f32 bs1, bs1, alo;"] if fold else []),
           "mul.f32 ml, m, 0fBFB8AA3B;"]  # -m log2(e)
     for e in range(ns):
         L += [f"fma.rn.f32 x, sc{e}, 0f3FB8AA3B, ml;", f"ex2.approx.ftz.f32 p{e}, x;",
@@ -329,14 +315,12 @@ def _step_asm(tile: int, qg: int, fold: bool = False) -> tuple[str, str]:
                           f"shr.u32 ps{2 * pair + k}, pp{2 * pair + k}, 8;"]
             for e in range(4):  # nibble 4 half + e: dims 16 g + i (word 0) and 16 g + 8 + i (word 1), i = 4 half + e
                 for pk in range(4):
-                    L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}", fold)
+                    L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}")
                 i = 4 * half + e
                 cc = f"{{acc{4 * i},acc{4 * i + 1},acc{4 * i + 2},acc{4 * i + 3}}}"
                 L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb{2 * j},bb{2 * j + 1}}}, {cc};")
-        if fold:  # the B columns' sums of this block (rows all alike: bs0, bs1 = columns 2t, 2t + 1)
-            L.append(f"{MMA} {{bs0,bs1,bs2,bs3}}, {{one,one,one,one}}, {{bb{2 * j},bb{2 * j + 1}}}, {{bs0,bs1,bs2,bs3}};")
     L += ["mov.f32 $0, m;", "mov.f32 $1, l;", "mov.f32 $2, pm;", *[f"mov.f32 ${3 + i}, acc{i};" for i in range(32)],
-          "mov.f32 $35, bs0;", "mov.f32 $36, bs1;", "}"]
+          "}"]
     cons = ",".join(["=f"] * nst + ["r", "r", "r", "r"] + ["r"] * 32 + ["f", "f"] + ["f"] * nst)
     return "\n".join(L), cons
 
@@ -350,8 +334,8 @@ FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, fold: bool = False):
-    step, step_cons = _step_asm(tile, qg, fold)
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0):
+    step, step_cons = _step_asm(tile, qg)
     return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies), step, step_cons
 
 
@@ -445,17 +429,11 @@ def _query_fragments(q_row, sc_row, sh_row, e, t, cos_row, sin_row, sm_scale, RO
 
 
 @triton.jit
-def _store_dims(row, i, A, pq, mask, corr, FOLD: tl.constexpr):
+def _store_dims(row, i, A, pq, mask):
     """Dims ``i`` and ``8 + i`` of the thread's 16 (``row``: their pointer at dim 0): the two halves of each
-    column pair plus the minimum term. ``FOLD`` (:func:`_step_asm`): less ``corr`` (1024 times the columns' B
-    sums), and /16 for odd ``i`` (the high nibbles)."""
-    if FOLD:
-        f: tl.constexpr = 0.0625 if i % 2 == 1 else 1.0
-        tl.store(row + i, ((A[4 * i] + A[4 * i + 1]) - corr) * f + pq, mask=mask)
-        tl.store(row + 8 + i, ((A[4 * i + 2] + A[4 * i + 3]) - corr) * f + pq, mask=mask)
-    else:
-        tl.store(row + i, A[4 * i] + A[4 * i + 1] + pq, mask=mask)
-        tl.store(row + 8 + i, A[4 * i + 2] + A[4 * i + 3] + pq, mask=mask)
+    column pair plus the minimum term."""
+    tl.store(row + i, A[4 * i] + A[4 * i + 1] + pq, mask=mask)
+    tl.store(row + 8 + i, A[4 * i + 2] + A[4 * i + 3] + pq, mask=mask)
 
 
 @triton.jit
@@ -464,8 +442,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
-                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
-                     FOLD: tl.constexpr = False):
+                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -482,7 +459,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, FOLD)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -499,7 +476,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
-            STEP_CONS: tl.constexpr, FOLD: tl.constexpr):
+            STEP_CONS: tl.constexpr):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -534,7 +511,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     m_i = f0 - 1.0e30
     l_i = f0
     pm = f0
-    bs0, bs1 = f0, f0
     A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
     for it in range(ntiles):
@@ -550,13 +526,12 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
              L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
              A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14], A[15],
              A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28], A[29],
-             A[30], A[31], bs0, bs1],
-            dtype=(tl.float32,) * 37, is_pure=False, pack=1)
+             A[30], A[31]],
+            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
         m_i, l_i, pm = R[0], R[1], R[2]
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
-        bs0, bs1 = R[35], R[36]
     lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
     pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
     pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)
@@ -567,15 +542,14 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     tl.store(l_ptr + head_q, lq, mask=ml_mask)
     row = acc_ptr + ((b * HQ + kh * QG + t) * NSPLIT + sp) * D + 16 * g
     vmask = t < QG
-    corr = 1024.0 * (bs0 + bs1)
-    _store_dims(row, 0, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 1, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 2, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 3, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 4, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 5, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 6, A, pq, vmask, corr, FOLD)
-    _store_dims(row, 7, A, pq, vmask, corr, FOLD)
+    _store_dims(row, 0, A, pq, vmask)
+    _store_dims(row, 1, A, pq, vmask)
+    _store_dims(row, 2, A, pq, vmask)
+    _store_dims(row, 3, A, pq, vmask)
+    _store_dims(row, 4, A, pq, vmask)
+    _store_dims(row, 5, A, pq, vmask)
+    _store_dims(row, 6, A, pq, vmask)
+    _store_dims(row, 7, A, pq, vmask)
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
@@ -601,12 +575,11 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv, splits + (rope is not None))
     cap = -(-grid[0] * grid[1] // multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
-    fold = fold_on("attn")
-    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, fold)
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
-        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, FOLD=fold,
+        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger,
         **overlap.options(pdl))

@@ -50,11 +50,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, env_tables, fold_on, multiprocessors, overlap, sweep_table
+from . import cuda_major, env_tables, multiprocessors, overlap, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
-MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
 MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-streaming kernel
 
 
@@ -302,21 +301,12 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     return "\n".join(L), cons
 
 
-def _compute_asm(tiles: int, chains: int = 1, fold: bool = False) -> tuple[str, str]:
+def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
     """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
     the ``4 tiles`` float32 accumulators and the outputs of :func:`_load_asm`; outputs the accumulators plus the
     group's products times the rows' scales. Accumulator ``4 r + c`` of tile ``r``: ``c`` 0/1 row ``g``, columns
     ``2t``/``2t + 1``; ``c`` 2/3 row ``g + 8``. ``chains`` 2: the MMAs of odd and even words accumulate separately
-    (two dependency chains of 4 instead of one of 8; 4 more registers).
-
-    ``fold`` (:func:`fold_asm`): the codes enter the MMAs as the ``lop3`` leaves them, ``1024 + c`` (even
-    channels of a word) and ``1024 + 16 c`` (odd ones, whose ``x`` is taken times 1/16), 5 instructions a word
-    instead of 9; the constant ``1024 sum x_even + 64 sum x_odd + z sum x`` per row and column that this adds is
-    taken off by starting each tile's MMA chain from its negative: ``-K`` and ``-X`` (``K = 1024 sum x_even + 64
-    sum x_odd``, ``X = sum x``) come from 8 MMAs a group shared by the tiles, whose A is constant (row ``g``:
-    -1024 in every slot, the odd slots' ``x`` being already /16; row ``g + 8``: -1 and -16), so the thread gets
-    them for exactly its own columns ``2t``, ``2t + 1``. Exact products still; the float32 sums now carry the
-    magnitude of ``1024 x``: ~1e-6 to 1e-5 relative error instead of ~1e-7."""
+    (two dependency chains of 4 instead of one of 8; 4 more registers)."""
     nacc = 4 * tiles
     outs = [f"${i}" for i in range(nacc)]
     acc_in = [f"${nacc + i}" for i in range(nacc)]
@@ -341,46 +331,26 @@ def _compute_asm(tiles: int, chains: int = 1, fold: bool = False) -> tuple[str, 
         a, b, c, d = (xin[4 * wd + i] for i in range(4))
         L += [f"prmt.b32 xp{4 * wd}, {a}, {c}, 0x5410;", f"prmt.b32 xp{4 * wd + 1}, {a}, {c}, 0x7632;",
               f"prmt.b32 xp{4 * wd + 2}, {b}, {d}, 0x5410;", f"prmt.b32 xp{4 * wd + 3}, {b}, {d}, 0x7632;"]
-    if fold:  # the odd channels' x / 16 (the B slots facing 1024 + 16 c); -K (row g) and -X (row g + 8)
-        L += [".reg .b32 cn0, cn1, cn3;", ".reg .f32 kx<4>, zg<2>;",
-              "mov.b32 cn0, 0xE400E400;", "mov.b32 cn1, 0xBC00BC00;", "mov.b32 cn3, 0xCC00CC00;"]
-        L += [f"mul.rn.f16x2 xp{4 * wd + p}, xp{4 * wd + p}, k16;" for wd in range(4) for p in (1, 3)]
-        L += [f"mov.f32 kx{i}, 0f00000000;" for i in range(4)]
-        kx = "{kx0,kx1,kx2,kx3}"
-        L += [f"{MMA} {kx}, {{cn0,cn1,cn0,cn3}}, {{xp{4 * wd + p},xp{4 * wd + p + 1}}}, {kx};"
-              for wd in range(4) for p in (0, 2)]
     for r in range(tiles):
         o = base_in + 16 + 10 * r
         w = [f"${o + i}" for i in range(8)]
         spk, zpk = f"${o + 8}", f"${o + 9}"
         L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;"]
-        if fold:  # the chain starts at -(K + z X): z of row g (bits 0-7) and g + 8 (bits 16-23)
-            L += [f"bfe.u32 zq, {zpk}, 0, 8;", "cvt.rn.f32.u32 zg0, zq;",
-                  f"bfe.u32 zq, {zpk}, 16, 8;", "cvt.rn.f32.u32 zg1, zq;",
-                  "fma.rn.f32 d0, zg0, kx2, kx0;", "fma.rn.f32 d1, zg0, kx3, kx1;",
-                  "fma.rn.f32 d2, zg1, kx2, kx0;", "fma.rn.f32 d3, zg1, kx3, kx1;"]
-        else:
-            for half in range(2):  # z of row g (byte 0) or g + 8 (byte 2) into both 16-bit halves, then in both
-                L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # halves without carries (z < 256):
-                      f"add.u32 zs{half}, zq, 0x64006400;",  # float16 1024 + z
-                      f"mad.lo.u32 zf{half}, zq, 16, 0xD400D400;"]  # float16 -(64 + z)
-            L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)]
-        L += [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
+        for half in range(2):  # z of row g (byte 0) or g + 8 (byte 2) into both 16-bit halves, then in both
+            L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # halves without carries (z < 256):
+                  f"add.u32 zs{half}, zq, 0x64006400;",  # float16 1024 + z
+                  f"mad.lo.u32 zf{half}, zq, 16, 0xD400D400;"]  # float16 -(64 + z)
+        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
         for wd in range(4):
             for half in range(2):
                 wr, hb = w[4 * half + wd], 4 * half
-                if fold:
-                    L += [f"lop3.b32 h{hb}, {wr}, m0, mag, 0xEA;", f"lop3.b32 h{hb + 1}, {wr}, m1, mag, 0xEA;",
-                          f"shr.u32 tmp, {wr}, 8;",
-                          f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;"]
-                    continue
                 L += [f"lop3.b32 h{hb}, {wr}, m0, mag, 0xEA;", f"sub.f16x2 h{hb}, h{hb}, zs{half};",
                       f"lop3.b32 h{hb + 1}, {wr}, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 1}, h{hb + 1}, k16, zf{half};",
                       f"shr.u32 tmp, {wr}, 8;",
                       f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"sub.f16x2 h{hb + 2}, h{hb + 2}, zs{half};",
                       f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 3}, h{hb + 3}, k16, zf{half};"]
             c = "d" if chains == 1 or wd % 2 == 0 else "e"  # chains 2: independent MMAs in flight
-            mma = f"{MMA} {{{c}0,{c}1,{c}2,{c}3}}"
+            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{c}0,{c}1,{c}2,{c}3}}"
             L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{4 * wd},xp{4 * wd + 1}}}, {{{c}0,{c}1,{c}2,{c}3}};",
                   f"{mma}, {{h2,h6,h3,h7}}, {{xp{4 * wd + 2},xp{4 * wd + 3}}}, {{{c}0,{c}1,{c}2,{c}3}};"]
         if chains == 2:
@@ -481,10 +451,10 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
 
 
 @functools.cache
-def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None, fold: bool = False):
+def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None):
     pro, pro_cons = _prologue_asm(tiles)
     load, load_cons = _load_asm(tiles, ragged, strides)
-    comp, comp_cons = _compute_asm(tiles, chains, fold)
+    comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
 
@@ -800,8 +770,7 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     rows = 16 * cfg.tiles * cfg.warps
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     strides = (qweight.stride(0), scales.stride(0) * 2, zeros.stride(0)) if fixed else None
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides,
-                                                               fold_on("gemv"))
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
