@@ -7,7 +7,15 @@ import contextlib
 import torch
 from torch import nn
 
-from runtime.fast import DecodeGraph, FastConfig, FastLayer, FastLlama, W4Weight
+from runtime import quant
+from runtime.fast import (
+    DecodeGraph,
+    FastConfig,
+    FastLayer,
+    FastLlama,
+    W4Weight,
+    weight_layout,
+)
 from runtime.kvquant import KVQuantizer
 
 DEV = "cuda"
@@ -27,10 +35,15 @@ def _default_dtype(dtype):
 
 
 def random_w4(out_f: int, in_f: int, group: int = 128) -> W4Weight:
+    """A random packed weight in the layout ``FastLlama.from_hf`` gives the fused weights on CUDA
+    (:func:`runtime.fast.weight_layout`, ``WKVQ_LAYOUT``)."""
     g = -(-in_f // group)
-    return W4Weight(torch.randint(0, 256, (out_f, (in_f + 1) // 2), dtype=torch.uint8, device=DEV),
-                    (torch.rand(out_f, g, device=DEV) * 2e-3 + 1e-3).half(),
-                    torch.randint(0, 16, (out_f, g), dtype=torch.uint8, device=DEV), in_f, group)
+    parts = (torch.randint(0, 256, (out_f, (in_f + 1) // 2), dtype=torch.uint8, device=DEV),
+             (torch.rand(out_f, g, device=DEV) * 2e-3 + 1e-3).half(),
+             torch.randint(0, 16, (out_f, g), dtype=torch.uint8, device=DEV))
+    if weight_layout(DEV, True, group) == "group":
+        parts = quant.group_major(*parts, group)
+    return W4Weight(*parts, in_f, group)
 
 
 def random_fast_llama(config, max_positions: int) -> FastLlama:

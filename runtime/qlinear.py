@@ -43,7 +43,7 @@ class QuantLinear(nn.Module):
         return m
 
     def codes(self) -> torch.Tensor:
-        return quant.unpack(self.qweight, self.bits, self.in_features)
+        return quant.unpack(quant.row_major_codes(self.qweight), self.bits, self.in_features)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return quant.dequantize_weight(self.codes(), self.scales, self.zeros, self.group_size, dtype)

@@ -28,34 +28,44 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("layout", ["row", "group"])
 @pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128)])
-def test_w4_linear(m, n, k):
+def test_w4_linear(m, n, k, layout):
+    """Every kernel of w4_linear (one row, K % 8 != 0: the GEMV; up to 16: split-K; more: the GEMM) on the
+    artifact's row-major layout and on the group-major one (quant.group_major; ragged groups padded)."""
     from runtime.kernels.w4 import w4_linear
 
     w = torch.randn(n, k, device=DEV)
     scale, zero = quant.weight_qparams(w, 4, 128)
     q = quant.quantize_weight(w, scale, zero, 4, 128)
     qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z)
     x, bias, res = (torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(n, device=DEV, dtype=DTYPE),
                     torch.randn(m, n, device=DEV, dtype=DTYPE))
     ref = x.double() @ quant.dequantize_weight(q, s, z, 128).double().T + bias.double() + res.double()
     assert _rel(w4_linear(x, qw, s, z, 128, bias, res), ref) < TOL
 
 
+@pytest.mark.parametrize("layout,group", [("row", 128), ("group", 128), ("group", 64)])
 @pytest.mark.parametrize("config", [(16, 2, 4), (16, 4, 4), (32, 1, 4)])
 @pytest.mark.parametrize("m,k", [(1, 576), (3, 1024)])
-def test_w4_accumulate_configs_and_ragged_groups(config, m, k):
-    """Every program shape of the split-K kernel (groups per program 1/2/4, groups past K masked)."""
+def test_w4_accumulate_configs_and_ragged_groups(config, m, k, layout, group):
+    """Every program shape of the split-K kernel (groups per program 1/2/4, groups past K masked), on both
+    layouts (quant.group_major: a row slice of it too, as the fused weights' views)."""
     from runtime.kernels.w4 import w4_accumulate
 
     n = 40
-    w = torch.randn(n, k, device=DEV)
-    scale, zero = quant.weight_qparams(w, 4, 128)
-    q = quant.quantize_weight(w, scale, zero, 4, 128)
+    w = torch.randn(n + 8, k, device=DEV)
+    scale, zero = quant.weight_qparams(w, 4, group)
+    q = quant.quantize_weight(w, scale, zero, 4, group)
     qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z, group)
+    qw, s, z, q = qw[8:], s[8:], z[8:], q[8:]
     x, base = torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(m, n, device=DEV)
-    ref = base.double() + x.double() @ quant.dequantize_weight(q, s, z, 128).double().T
-    out = w4_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+    ref = base.double() + x.double() @ quant.dequantize_weight(q, s, z, group).double().T
+    out = w4_accumulate(x, qw, s, z, group, base.clone(), config=config)
     assert out.dtype == torch.float32 and _rel(out, ref) < TOL
 
 
@@ -416,8 +426,11 @@ def test_rmsnorm_and_silu_mul():
     assert _rel(silu_mul(gu), F.silu(g) * u) < TOL
 
 
-def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path):
-    """A 1-layer model with power-of-two heads: kernel decode steps vs the eager reference path."""
+@pytest.mark.parametrize("layout", ["row", "group"])
+def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monkeypatch):
+    """A 1-layer model with power-of-two heads: kernel decode steps vs the eager reference path, with the fused
+    weights in either layout (WKVQ_LAYOUT; the eager path reads the group-major one through row_major_codes)."""
+    monkeypatch.setenv("WKVQ_LAYOUT", layout)
     import runtime
     from converter.convert import ConvertConfig, convert
     from runtime.fast import DecodeGraph, FastLlama
@@ -428,6 +441,7 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path):
     art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
     model, _ = runtime.load(art, device=DEV, dtype=DTYPE)
     eager = FastLlama.from_hf(model, 32, use_kernels=False)
+    assert eager.layers[0].qkv.qweight.dim() == (3 if layout == "group" else 2)
     fast = FastLlama(eager.config, eager.embed, eager.layers, eager.norm, eager.lm_head, eager.cos, eager.sin, True)
     ids = torch.randint(3, 300, (2, 8), device=DEV)
     ce, cf = eager.new_cache(2, 16), fast.new_cache(2, 16)

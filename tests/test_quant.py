@@ -139,3 +139,24 @@ def test_rounding_offset_gets_the_straight_through_gradient():
     v = torch.zeros(4, 128, requires_grad=True)
     quant.fake_quantize_weight(w, 4, 128, offset=v).sum().backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,k,group", [(40, 320, 128), (24, 256, 128), (8, 200, 64)])
+def test_group_major_layout_round_trip(n, k, group):
+    """quant.group_major: codes [N, G, group/2] with each group's rows contiguous (a ragged group padded with zero
+    bytes), scales and zeros transposed in memory; row_major_codes gives back the packed rows (and the padding),
+    row slices stay views; group_strides names both layouts' strides."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = quant.pack(q, 4)
+    s, z = torch.rand(n, -(-k // group)).half(), torch.randint(0, 16, (n, -(-k // group)), dtype=torch.uint8)
+    gq, gs, gz = quant.group_major(packed, s, z, group)
+    g = -(-k // group)
+    assert gq.shape == (n, g, group // 2) and gq.stride() == (group // 2, n * group // 2, 1)
+    assert gs.stride() == gz.stride() == (1, n) and torch.equal(gs, s) and torch.equal(gz, z)
+    rows = quant.row_major_codes(gq)
+    assert torch.equal(rows[:, :packed.shape[1]], packed) and not rows[:, packed.shape[1]:].any()
+    assert torch.equal(quant.unpack(rows, 4, k), q)
+    assert gq[5:9].data_ptr() == gq.data_ptr() + 5 * group // 2  # a row slice is a view
+    assert quant.group_strides(packed, s, z, group) == (packed.shape[1], group // 2, g, 1, g, 1)
+    assert quant.group_strides(gq, gs, gz, group) == (group // 2, n * group // 2, 1, n, 1, n)
+    assert quant.row_major_codes(packed) is packed

@@ -389,3 +389,20 @@ def test_decode_profile_timeline(capsys):
     dp.print_timeline(rows, "attn", width=3)
     out = capsys.readouterr().out
     assert "span 25.0 us, idle 3.0 us" in out and out.rstrip().splitlines()[-1].split()[:3] == ["12.0", "8.0", "2.0"]
+
+
+def test_weight_layout(monkeypatch):
+    """The fused weights' layout: group-major on CUDA with the kernels at group 128, row-major elsewhere;
+    WKVQ_LAYOUT overrides, an unknown value is a one-line error."""
+    from runtime.fast import weight_layout
+
+    monkeypatch.delenv("WKVQ_LAYOUT", raising=False)
+    assert weight_layout("cuda", True, 128) == "group"
+    assert weight_layout("cuda", False, 128) == weight_layout("cuda", True, 64) == weight_layout("cpu", True, 128) == "row"
+    monkeypatch.setenv("WKVQ_LAYOUT", "group")
+    assert weight_layout("cpu", False, 64) == "group"
+    monkeypatch.setenv("WKVQ_LAYOUT", "row")
+    assert weight_layout("cuda", True, 128) == "row"
+    monkeypatch.setenv("WKVQ_LAYOUT", "tiled")
+    with pytest.raises(ValueError, match="WKVQ_LAYOUT='tiled': use one of row, group"):
+        weight_layout("cuda", True, 128)

@@ -440,7 +440,8 @@ def test_all_candidate_configs_cuda():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("env", [{}, {"WKVQ_PDL": "0"}, {"WKVQ_MMA": "0"}, {"WKVQ_PDL": "1"},
+@pytest.mark.parametrize("env", [{}, {"WKVQ_PDL": "0"}, {"WKVQ_MMA": "0"}, {"WKVQ_PDL": "1"}, {"WKVQ_LAYOUT": "group"},
+                                 {"WKVQ_LAYOUT": "group", "WKVQ_MMA": "0"},
                                  {"WKVQ_MMA": "0", "WKVQ_PDL": "1", "WKVQ_GEMV_L2": "1", "WKVQ_ATTN_L2": "2"}])
 def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
     """One layer of a tiny converted model, every projection a :class:`GemvW4` (down: K = 320, a ragged group):

@@ -98,6 +98,28 @@ def test_mma_7b_shapes(n, k, m):
 
 
 @gpu
+@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 2, 1, 1, False, 1, 0, 3), (1, 1, 1, 2, False, 2, 0, 16),
+                                    None])
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n,k", [(37, 576), (300, 4096), (96, 320)])
+def test_mma_group_major_layout(n, k, m, config):
+    """The group-major copy of a weight (quant.group_major: each group's rows contiguous) gives the same products
+    as the artifact's row-major layout: ragged N and K, split and stream-K grids; the stages and the L2 prefetch,
+    which read rows, refuse it in one line."""
+    from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
+
+    qw, s, z, w = _weight(n, k, seed=n + k)
+    gq, gs, gz = quant.group_major(qw, s, z)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    assert mma_ok(x, gq, gs, gz, 128)
+    row = w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+    grp = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
+    assert _rel(grp, base.double() + x.double() @ w.T) < TOL and _rel(grp, row) < 1e-6
+    with pytest.raises(ValueError, match="row-major layout only"):
+        w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=(4, 1, 1, 1, False, 1, 3))
+
+
+@gpu
 def test_mma_rejects_what_it_cannot_take():
     """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate

@@ -110,7 +110,8 @@ def supported(w: W4Weight, dtype: torch.dtype) -> bool:
     """Whether ``w`` maps onto GemLite (else the :mod:`runtime.kernels.w4` kernels keep it)."""
     k = w.in_features
     return (dtype in DTYPES and w.group_size in SUPPORTED_GROUPS and k % w.group_size == 0 and k % 32 == 0
-            and w.qweight.dtype == torch.uint8 and tuple(w.qweight.shape) == (w.scales.shape[0], k // 2)
+            and w.qweight.dtype == torch.uint8
+            and (w.qweight.shape[0], math.prod(w.qweight.shape[1:])) == (w.scales.shape[0], k // 2)
             and w.scales.shape == w.zeros.shape and w.scales.shape[1] == k // w.group_size)
 
 
@@ -186,7 +187,7 @@ def to_gemlite(w: W4Weight, dtype: torch.dtype):
     linear = gemlite.GemLiteLinear(W_nbits=4, group_size=w.group_size, in_features=k, out_features=n,
                                    input_dtype=gemlite.DType.BF16 if dtype == torch.bfloat16 else gemlite.DType.FP16,
                                    output_dtype=gemlite.DType.FP32)
-    codes = quant.unpack(w.qweight, 4, k)
+    codes = quant.unpack(quant.row_major_codes(w.qweight), 4, k)
     linear.pack(codes, w.scales.half(), w.zeros.half(), bias=None, fma_mode=False)
     if linear.W_group_mode != 3 or linear.elements_per_sample != 8:
         raise ValueError(f"gemlite packed W_group_mode {linear.W_group_mode}, elements_per_sample "

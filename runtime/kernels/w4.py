@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from . import interpreting
 
 SUPPORTED_GROUPS = (32, 64, 128, 256)
@@ -31,7 +32,7 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)
 
 @triton.jit
 def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
-               stride_xm, stride_qn, stride_sn, stride_zn, stride_rm, stride_ym,
+               stride_xm, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, stride_rm, stride_ym,
                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     HALF: tl.constexpr = GROUP // 2
@@ -46,10 +47,10 @@ def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
         x_rows = x_ptr + rm[:, None] * stride_xm
         xe = tl.load(x_rows + ke[None, :], mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
         xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
-        qb = tl.load(qw_ptr + rn[None, :] * stride_qn + kb[:, None], mask=mask_n[None, :] & (ke < K)[:, None],
-                     other=0)
-        s = tl.load(s_ptr + rn * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * stride_zn + g, mask=mask_n, other=0).to(tl.float32)
+        qb = tl.load(qw_ptr + rn[None, :] * stride_qn + g * stride_qg + rb[:, None],
+                     mask=mask_n[None, :] & (ke < K)[:, None], other=0)
+        s = tl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
         wl = (((qb & 15).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
         wh = (((qb >> 4).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
         acc += tl.dot(xe, wl)
@@ -64,7 +65,8 @@ def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
 
 @triton.jit
 def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
-                    stride_xm, stride_qn, stride_sn, stride_zn, stride_rm, stride_ym,
+                    stride_xm, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, stride_rm,
+                    stride_ym,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KG: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     """One row of ``x`` per program (rows fastest, so their programs share the weight tile in L2);
@@ -74,7 +76,8 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn < N
     gi = tl.arange(0, KG)
-    jj = gi[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte offset within the tile [KG, HALF]
+    jj = gi[:, None] * HALF + tl.arange(0, HALF)[None, :]  # channel pair within the tile [KG, HALF]
+    jq = gi[:, None] * stride_qg + tl.arange(0, HALF)[None, :]  # its byte offset from the tile's first group
     acc = tl.zeros((BLOCK_N, KG, HALF), dtype=tl.float32)
     n3 = rn[:, None, None]
     for g0 in range(0, tl.cdiv(K, GROUP), KG):
@@ -83,10 +86,12 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
         xe = tl.load(x_ptr + m * stride_xm + ke, mask=ke < K, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + m * stride_xm + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
         wmask = mask_n[:, None, None] & (ke < K)[None, :, :]
-        qb = tl.load(qw_ptr + n3 * stride_qn + kb[None, :, :], mask=wmask, other=0)
+        qb = tl.load(qw_ptr + n3 * stride_qn + g0 * stride_qg + jq[None, :, :], mask=wmask, other=0)
         gmask = mask_n[:, None] & ((g0 + gi) * GROUP < K)[None, :]
-        s = tl.load(s_ptr + rn[:, None] * stride_sn + g0 + gi[None, :], mask=gmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn[:, None] * stride_zn + g0 + gi[None, :], mask=gmask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + (g0 + gi[None, :]) * stride_sg, mask=gmask,
+                    other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * stride_zn + (g0 + gi[None, :]) * stride_zg, mask=gmask,
+                    other=0).to(tl.float32)
         lo = (qb & 15).to(tl.float32) - z[:, :, None]
         hi = (qb >> 4).to(tl.float32) - z[:, :, None]
         acc += s[:, :, None] * (lo * xe[None, :, :] + hi * xo[None, :, :])
@@ -149,7 +154,7 @@ def _offset_codes(words, OFFSET: tl.constexpr, dt: tl.constexpr, USE_ASM: tl.con
 
 
 @triton.jit
-def _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+def _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, stride_qg, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
     """Code words ``int32 [BLOCK_N, GROUP/8]`` of group ``g`` (zeros past ``K``)."""
     NW: tl.constexpr = GROUP // 8
     rw = tl.arange(0, NW)
@@ -158,12 +163,12 @@ def _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, GROUP: tl.constexpr, EV
         wmask = gmask[:, None]
     else:
         wmask = gmask[:, None] & ((g * NW + rw) < K // 8)[None, :]
-    return tl.load(qw_ptr + rn[:, None] * stride_qn + g * NW + rw[None, :], mask=wmask, other=0)
+    return tl.load(qw_ptr + rn[:, None] * stride_qn + g * stride_qg + rw[None, :], mask=wmask, other=0)
 
 
 @triton.jit
-def _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_xm, stride_sn, stride_zn,
-                  GROUP: tl.constexpr, EVEN_K: tl.constexpr):
+def _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_xm, stride_sn, stride_sg, stride_zn,
+                  stride_zg, GROUP: tl.constexpr, EVEN_K: tl.constexpr):
     """``x [16, GROUP]`` (rows past ``M`` zero), scales and zero points ``float32 [BLOCK_N]`` of group ``g``."""
     rk = tl.arange(0, GROUP)
     gmask = mask_n & (tl.full(rn.shape, g, tl.int32) < G)
@@ -172,8 +177,8 @@ def _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_x
     else:
         xmask = mask_m[:, None] & ((g * GROUP + rk) < K)[None, :]
     x = tl.load(x_ptr + rm[:, None] * stride_xm + g * GROUP + rk[None, :], mask=xmask, other=0.0)
-    s = tl.load(s_ptr + rn * stride_sn + g, mask=gmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rn * stride_zn + g, mask=gmask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=gmask, other=0).to(tl.float32)
     return x, s, z
 
 
@@ -188,7 +193,7 @@ def _group_product(words, x, s, z, OFFSET: tl.constexpr, USE_ASM: tl.constexpr, 
 
 @triton.jit
 def _w4_splitk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
-                      stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                      stride_xm, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPP: tl.constexpr, EVEN_K: tl.constexpr,
                       HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr):
     """``y [M, N] (float32) += x @ W^T`` for ``M <= 16``: ``BLOCK_N`` rows x ``GPP`` (1, 2 or 4) groups per program.
@@ -204,22 +209,22 @@ def _w4_splitk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
     rm = tl.arange(0, 16)
     mask_n, mask_m = rn < N, rm < M
     g = pid_k * GPP
-    w0 = _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, GROUP, EVEN_K)
+    w0 = _group_words(qw_ptr, rn, mask_n, g, K, G, stride_qn, stride_qg, GROUP, EVEN_K)
     if GPP > 1:
-        w1 = _group_words(qw_ptr, rn, mask_n, g + 1, K, G, stride_qn, GROUP, EVEN_K)
+        w1 = _group_words(qw_ptr, rn, mask_n, g + 1, K, G, stride_qn, stride_qg, GROUP, EVEN_K)
     if GPP > 2:
-        w2 = _group_words(qw_ptr, rn, mask_n, g + 2, K, G, stride_qn, GROUP, EVEN_K)
-        w3 = _group_words(qw_ptr, rn, mask_n, g + 3, K, G, stride_qn, GROUP, EVEN_K)
+        w2 = _group_words(qw_ptr, rn, mask_n, g + 2, K, G, stride_qn, stride_qg, GROUP, EVEN_K)
+        w3 = _group_words(qw_ptr, rn, mask_n, g + 3, K, G, stride_qn, stride_qg, GROUP, EVEN_K)
     x0, s0, z0 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g, K, G, stride_xm, stride_sn,
-                               stride_zn, GROUP, EVEN_K)
+                               stride_sg, stride_zn, stride_zg, GROUP, EVEN_K)
     if GPP > 1:
         x1, s1, z1 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 1, K, G, stride_xm, stride_sn,
-                                   stride_zn, GROUP, EVEN_K)
+                                   stride_sg, stride_zn, stride_zg, GROUP, EVEN_K)
     if GPP > 2:
         x2, s2, z2 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 2, K, G, stride_xm, stride_sn,
-                                   stride_zn, GROUP, EVEN_K)
+                                   stride_sg, stride_zn, stride_zg, GROUP, EVEN_K)
         x3, s3, z3 = _group_params(x_ptr, s_ptr, z_ptr, rn, rm, mask_n, mask_m, g + 3, K, G, stride_xm, stride_sn,
-                                   stride_zn, GROUP, EVEN_K)
+                                   stride_sg, stride_zn, stride_zg, GROUP, EVEN_K)
     acc = _group_product(w0, x0, s0, z0, OFFSET, USE_ASM, BF16)
     if GPP > 1:
         acc += _group_product(w1, x1, s1, z1, OFFSET, USE_ASM, BF16)
@@ -249,9 +254,17 @@ _w4_tuned = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "BLOCK_M"])(
 
 def check_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
              group_size: int) -> None:
+    """Raise unless the operands are a packed INT4 weight of ``in_features`` inputs: codes ``uint8 [out,
+    ceil(K/2)]`` (row-major) or ``[out, G, group/2]`` with unit stride in the last dim (group-major,
+    :func:`runtime.quant.group_major`), ``scales``, ``zeros`` ``[out, G]``."""
     if group_size not in SUPPORTED_GROUPS:
         raise ValueError(f"the INT4 kernel supports group sizes {SUPPORTED_GROUPS}, got {group_size}")
-    if qweight.dtype != torch.uint8 or qweight.shape[1] != (in_features + 1) // 2:
+    g = -(-in_features // group_size)
+    if qweight.dim() == 3:
+        if qweight.dtype != torch.uint8 or qweight.shape[1:] != (g, group_size // 2) or qweight.stride(2) != 1:
+            raise ValueError(f"a group-major qweight must be uint8 [out, {g}, {group_size // 2}] with unit stride in "
+                             f"its last dim, got {qweight.dtype} {list(qweight.shape)} strides {qweight.stride()}")
+    elif qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != (in_features + 1) // 2:
         raise ValueError(f"qweight must be uint8 [out, {(in_features + 1) // 2}], "
                          f"got {qweight.dtype} {list(qweight.shape)}")
     if scales.shape != zeros.shape or scales.shape[0] != qweight.shape[0]:
@@ -279,7 +292,8 @@ def splitk_ok(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     k = x2.shape[-1]
     dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if interpreting() else ())
     return (x2.shape[0] <= SPLITK_MAX_ROWS and k % 8 == 0 and x2.dtype in dtypes
-            and qweight.storage_offset() % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1)
+            and qweight.storage_offset() % 4 == 0 and qweight.stride(-1) == 1
+            and all(st % 4 == 0 for st in qweight.stride()[:-1]))
 
 
 def w4_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -300,9 +314,10 @@ def w4_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     g = scales.shape[1]
     bn, gpp, warps = config or ((16, 1, 4) if interpreting() else SPLITK_TABLE.get((n, k), SPLITK_DEFAULT))
     words = qweight.view(torch.int32)
+    sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, group_size)
     _w4_splitk_kernel[(triton.cdiv(n, bn), triton.cdiv(g, gpp))](
         x2, words, scales, zeros, bias if bias is not None else out, out, m, n, k, g,
-        x2.stride(0), words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        x2.stride(0), sq // 4, sqg // 4, ss, ssg, sz, szg, out.stride(0),
         GROUP=group_size, BLOCK_N=bn, GPP=gpp, EVEN_K=k % group_size == 0, HAS_BIAS=bias is not None,
         USE_ASM=not interpreting(),
         BF16=x2.dtype == torch.bfloat16, num_warps=warps)
@@ -325,8 +340,8 @@ def w4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n).contiguous() if residual is not None else y
     bm = _block_m(m)
-    args = (x2, qweight, scales, zeros, bias if bias is not None else y, res, y, m, n, k,
-            x2.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), y.stride(0))
+    args = (x2, qweight, scales, zeros, bias if bias is not None else y, res, y, m, n, k, x2.stride(0),
+            *quant.group_strides(qweight, scales, zeros, group_size), res.stride(0), y.stride(0))
     flags = dict(GROUP=group_size, BLOCK_M=bm, HAS_BIAS=bias is not None, HAS_RES=residual is not None)
     if m <= GEMV_MAX_ROWS:
         if interpreting():

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import quant
 from . import cuda_major, env_tables, multiprocessors, overlap, sweep_table
 
 GROUP = 128
@@ -243,7 +244,8 @@ def _prefetch_asm(tiles: int) -> str:
         "}"])
 
 
-def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None) -> tuple[str, str]:
+def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
+              gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
@@ -254,7 +256,9 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     ``strides`` (bytes between rows of codes, scales, zeros; the launch's, known when the kernel is compiled): the
     rows ``g + 8 h`` are read at immediate offsets from the first row's pointers (one 64-bit add per tensor and
     group instead of one per row; the other rows' pointers go unused and ptxas drops them). Needs every row of the
-    block inside ``N`` (the kernel then shifts the last block down, ``FIXED``)."""
+    block inside ``N`` (the kernel then shifts the last block down, ``FIXED``). ``gstrides``: bytes between groups
+    of codes, scales, zeros (64, 2, 1 in the artifact's row-major layout; :func:`runtime.quant.group_major` puts
+    each group's rows next to each other)."""
     nout = 16 + 10 * tiles
     outs = [f"${i}" for i in range(nout)]
     idx = nout
@@ -272,7 +276,8 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
     for v in range(4):
         L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, [ad+{16 * v}];")
-    L += [f"mul.wide.u32 offc, {gi}, 64;", f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
+    L += [f"mul.wide.u32 offc, {gi}, {gstrides[0]};", f"mul.wide.u32 offs, {gi}, {gstrides[1]};",
+          f"mul.wide.u32 offz, {gi}, {gstrides[2]};"]
     offs, bases = ("offc", "offs", "offz"), ("pc", "ps", "pz")  # per tensor: codes, scales, zeros
     if strides is not None:  # one pointer per tensor (the first row's), the rows at immediate offsets from it
         L += [".reg .u64 pc, ps, pz;"] + [f"add.u64 {b}, {p}, {o};" for b, p, o in zip(bases, ptrs[0], offs)]
@@ -451,9 +456,10 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
 
 
 @functools.cache
-def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None):
+def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
+         gstrides: tuple[int, int, int] = (64, 2, 1)):
     pro, pro_cons = _prologue_asm(tiles)
-    load, load_cons = _load_asm(tiles, ragged, strides)
+    load, load_cons = _load_asm(tiles, ragged, strides, gstrides)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
@@ -741,13 +747,17 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if cuda_major(x2.device) < 8 or bias is not None or group_size != GROUP:
         return False
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
+    g = -(-k // GROUP)
+    if qweight.dim() == 3:  # group-major (group_major): [N, G, 64], each group's rows contiguous
+        codes_ok = (qweight.shape[1:] == (g, GROUP // 2) and qweight.stride(2) == 1 and qweight.stride(0) % 16 == 0
+                    and qweight.stride(1) % 16 == 0)
+    else:
+        codes_ok = qweight.dim() == 2 and qweight.shape[1] * 2 == k and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0
     return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and k % 32 == 0 and x2.stride(1) == 1
             and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
-            and qweight.dtype == torch.uint8 and qweight.dim() == 2 and qweight.shape[1] * 2 == k
-            and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
+            and qweight.dtype == torch.uint8 and codes_ok and qweight.data_ptr() % 16 == 0
             and scales.dtype == torch.float16 and zeros.dtype == torch.uint8
-            and scales.shape == zeros.shape == (qweight.shape[0], -(-k // GROUP))
-            and scales.stride(1) == 1 and zeros.stride(1) == 1)
+            and scales.shape == zeros.shape == (qweight.shape[0], g))
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -770,7 +780,13 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     rows = 16 * cfg.tiles * cfg.warps
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     strides = (qweight.stride(0), scales.stride(0) * 2, zeros.stride(0)) if fixed else None
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides)
+    _, sqg, _, ssg, _, szg = quant.group_strides(qweight, scales, zeros, GROUP)
+    gstrides = (sqg, 2 * ssg, szg)  # bytes
+    if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
+        raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
+                         f"this weight is group-major (group strides {gstrides})")
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides,
+                                                               gstrides)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
