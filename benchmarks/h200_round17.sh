@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Seventeenth session, one H200 (device tool, carry .gpu/whl): the codes fed to the MMAs as the unpacking leaves
 # them (WKVQ_FOLD, runtime/kernels/__init__.py), against the per-pair subtraction. Results in $OUT (default /root/out).
-#   bash benchmarks/h200_round17.sh tests kern e2e
+#   bash benchmarks/h200_round17.sh tests kern   (WKVQ_FOLD, reverted after this run: on later trees it times one form)
+#   bash benchmarks/h200_round17.sh layout layout_e2e stats sweep final
+# 13B sweep (ran by hand): python3 benchmarks/w4_mma_bench.py --ms 1,8 --splits 1,4,8,16 --warps 1,2,4,8 --tiles 2
+#   --depths 1 --l2 0 --chains 1 --persist 0,4,8,16 --top 3 --shapes 15360x5120,5120x5120,27648x5120,5120x13824
+#   --json mma_group_sweep_13b.json
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
@@ -44,4 +48,17 @@ layout_e2e)  # the step with the fused weights group-major (default) and row-maj
   done
   bench --batches 8 --prompts 2048,32768 --json "$o/b8_group.json"; mark "b8 group"
   WKVQ_LAYOUT=row bench --batches 8 --prompts 2048,32768 --json "$o/b8_row.json"; mark "b8 row" ;;
+stats)  # what the attention's reads of the four per-token stats arrays cost (shared stats: L2-resident)
+  python3 benchmarks/attn_stats_probe.py --json "$o/attn_stats_probe.json" 2>&1 | grep -v Warn; mark "stats probe" ;;
+sweep)  # the GEMV configs on the group-major layout (the table was swept on the row-major one)
+  python3 benchmarks/w4_mma_bench.py --ms 1,8 --splits 1,2,4,8,16 --warps 1,2,4,8 --tiles 1,2 --depths 1 --l2 0 \
+    --chains 1 --persist 0,4,8,12,16 --top 4 --json "$o/mma_group_sweep.json" > "$o/mma_group_sweep.txt" 2>&1
+  mark "sweep"; sed -n '/MMA_TABLE = {/,/}/p' "$o/mma_group_sweep.txt" ;;
+final)  # the GPU tests of the kernels and decode graphs on the final tree, then the record table
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py tests/test_w4_gemv.py \
+    tests/test_kernels.py > "$o/tests_final.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_final.txt")"
+  for s in 7b 13b; do
+    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
+      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
+  done ;;
 esac; done

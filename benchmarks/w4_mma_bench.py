@@ -32,6 +32,7 @@ from converter.bench_kernels import (
     ring_check_time,
     weight_ring,
 )
+from runtime import quant
 from runtime.kernels import w4
 from runtime.kernels import w4_gemv as gv
 from runtime.kernels import w4_mma as mm
@@ -39,8 +40,12 @@ from runtime.kernels import w4_mma as mm
 MAX_REL_ERR = {"w4_mma": 1e-4, "w4_gemv": 1e-3, "w4_splitk": 1e-4}
 
 
-def bench_shape(n: int, k: int, ms, cands) -> list[dict]:
+def bench_shape(n: int, k: int, ms, cands, layout: str = "group") -> list[dict]:
+    """Rows of the sweep at one shape; ``layout``: the tensor-core GEMV's weights "group"-major (as the decode step
+    holds them on CUDA, ``runtime.fast.weight_layout``) or "row"-major (the artifact's); the other kernels read
+    row-major."""
     ring, nbytes = weight_ring(n, k, RING_BYTES)
+    mma_ring = [quant.group_major(*w) for w in ring] if layout == "group" else ring
     first = ring[0]
     rows = []
     for m in ms:
@@ -64,7 +69,7 @@ def bench_shape(n: int, k: int, ms, cands) -> list[dict]:
                     w4.w4_accumulate(x, qw, sc, zr, 128, out, config=cfg)
                 label = "splitk_n{}_g{}_w{}".format(*cfg)
             try:
-                err, t = ring_check_time(launch, ring, out, ref)
+                err, t = ring_check_time(launch, mma_ring if kernel == "w4_mma" else ring, out, ref)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 rows.append(dict(kernel=kernel, n=n, k=k, m=m, config=label, error=error_line(e)))
                 print(f"  {kernel} {label} {n}x{k} m={m}: {error_line(e)}", flush=True)
@@ -100,11 +105,13 @@ def main() -> None:
     ap.add_argument("--stages", default="0", help="0: the register prefetch (depth); 2-4: the cp.async pipeline")
     ap.add_argument("--persist", default="0", help="0: the split grid; else stream-K programs a multiprocessor")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES_7B))
+    ap.add_argument("--layout", default="group", choices=("group", "row"), help="the w4_mma weights' layout")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("w4_mma_bench: needs a CUDA device")
     ms = [int(m) for m in args.ms.split(",")]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "rows": []}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "rows": [],
+              "layout": args.layout}
     pick = {f: {int(v) for v in getattr(args, f).split(",")} for f in ("splits", "warps", "tiles", "depths", "l2",
                                                                          "chains", "stages", "persist")}
     cands = [c for c in mm.MMA_CONFIGS if c.split in pick["splits"] and c.warps in pick["warps"]
@@ -112,7 +119,7 @@ def main() -> None:
              and c.chains in pick["chains"] and c.stages in pick["stages"] and c.persist in pick["persist"]]
     result["candidates"] = len(cands)
     for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
-        result["rows"] += bench_shape(n, k, ms, cands)
+        result["rows"] += bench_shape(n, k, ms, cands, args.layout)
         result["best"] = best_table(result["rows"])
         Path(args.json).write_text(json.dumps(result, indent=1))
         for m in ms:

@@ -115,22 +115,28 @@ MMA_CONFIGS += [cfg for w, t, s, st in itertools.product((2, 4), (1, 2), (2, 4, 
 # stream-K grids: programs a multiprocessor (register-limited residency: 128 registers at two tiles, 16 warps)
 MMA_CONFIGS += [MmaConfig(w, t, 1, stages=st, persist=p) for w, t, st, p in itertools.product(
     (1, 2, 4), (1, 2), (0, 2), (1, 2, 3, 4, 6, 8, 12, 16)) if w * p <= 32]
-# (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py;
-# records in benchmarks/results/r15: M = 1 from w4_mma_r4.json (warps 2/4, splits 2-16, L2 prefetch and two MMA
-# chains on and off: neither won by more than 0.1 us) and w4_mma_r3.json (depth 2 never won); M = 8 from
-# w4_mma_r2.json; r16: the stream-K grids at M = 1 (w4_mma_persist_m1.json: qkv and gate_up; o and down kept
-# their split grids, 0.0-0.4 us apart) and M = 8 (w4_mma_persist_m8.json: no win); the M = 1 times are those of
-# w4_mma_unroll_m1.json, after the zero-point, immediate-offset and two-groups-an-iteration changes); other shapes:
-# default_mma_config's guess
+# (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py).
+# Seventeenth session (records benchmarks/results/r20): on the group-major layout the decode step holds on CUDA
+# (runtime.quant.group_major), 7B from mma_group_sweep.json, 13B from mma_group_sweep_13b.json; the 7B M = 1
+# configs of the row-major sweeps (r15/r16) stayed within 0.1 us of the best, the M = 8 ones lost 1.5-4.6 us to
+# the stream-K grids. Other shapes: default_mma_config's guess.
 MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 10.36 us, 2544 GB/s (split grid 12.74, GEMV 13.81)
-    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 5.48 us, 1602 GB/s (stream-K 5.88, GEMV 6.47)
-    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 16.75 us, 2818 GB/s (split grid 19.17, GEMV 22.93)
-    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 10.38 us, 2274 GB/s (stream-K 10.61, GEMV 12.41)
-    (12288, 4096, 8): MmaConfig(2, 2, 4),  # 12.02 us, 2192 GB/s (split-K 28.47)
-    (4096, 4096, 8): MmaConfig(8, 2, 8),  # 6.29 us, 1397 GB/s (11.40)
-    (22016, 4096, 8): MmaConfig(2, 2, 2),  # 21.81 us, 2164 GB/s (43.94)
-    (4096, 11008, 8): MmaConfig(4, 2, 16),  # 11.82 us, 1997 GB/s (25.32)
+    (12288, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 9.17 us, 2874 GB/s (row-major: 9.84)
+    (4096, 4096, 1): MmaConfig(4, 2, 16),  # 4.13 us, 2129 GB/s (4.55)
+    (22016, 4096, 1): MmaConfig(1, 2, 1, persist=16),  # 14.71 us, 3209 GB/s (16.15)
+    (4096, 11008, 1): MmaConfig(4, 2, 16),  # 8.45 us, 2793 GB/s (9.64)
+    (12288, 4096, 8): MmaConfig(4, 2, 1, persist=4),  # 9.70 us, 2717 GB/s (split grid w2_t2_x4: 11.24)
+    (4096, 4096, 8): MmaConfig(2, 2, 16),  # 4.81 us, 1825 GB/s (w8_t2_x8: 7.24)
+    (22016, 4096, 8): MmaConfig(4, 2, 1, persist=4),  # 15.51 us, 3043 GB/s (w2_t2_x2: 20.11)
+    (4096, 11008, 8): MmaConfig(2, 2, 16),  # 9.03 us, 2613 GB/s
+    (15360, 5120, 1): MmaConfig(4, 2, 4),  # 12.69 us, 3243 GB/s
+    (5120, 5120, 1): MmaConfig(2, 2, 16),  # 6.44 us, 2129 GB/s
+    (27648, 5120, 1): MmaConfig(4, 2, 1, persist=4),  # 21.19 us, 3496 GB/s
+    (5120, 13824, 1): MmaConfig(4, 2, 1, persist=4),  # 11.93 us, 3106 GB/s
+    (15360, 5120, 8): MmaConfig(2, 2, 1, persist=8),  # 13.76 us, 2993 GB/s
+    (5120, 5120, 8): MmaConfig(4, 2, 1, persist=4),  # 6.99 us, 1963 GB/s
+    (27648, 5120, 8): MmaConfig(4, 2, 1, persist=4),  # 22.63 us, 3275 GB/s
+    (5120, 13824, 8): MmaConfig(4, 2, 1, persist=4),  # 12.54 us, 2953 GB/s
 }
 TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
 
