@@ -15,7 +15,9 @@ and ``zeros uint8 [N, G]``. ``K`` may end in a ragged group. Three kernels:
   tensor cores.
 
 The CUDA path reads the artifact's layout as it is (no repacking): a row's bytes are read as int32
-words, word ``w`` holding input channels ``8w .. 8w+7`` at bits ``4i``.
+words, word ``w`` holding input channels ``8w .. 8w+7`` at bits ``4i``. Every kernel also takes the group-major
+copy of :func:`runtime.quant.group_major` (codes ``[N, G, group/2]``, each group's rows contiguous; the fused
+projections' layout on CUDA): the loads step from group to group by the tensors' group strides.
 """
 
 from __future__ import annotations
