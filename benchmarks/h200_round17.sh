@@ -61,4 +61,12 @@ final)  # the GPU tests of the kernels and decode graphs on the final tree, then
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
       --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done ;;
+ncu)  # what bounds the attention at b1 p32768 and the gate_up GEMV (M = 1, group-major)
+  N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats"
+  timeout 200 $N $S -k regex:_attn_mma -c 1 python3 benchmarks/kernel_target.py --kernel attn > "$o/ncu_attn.txt" 2>&1
+  mark "ncu attn"; grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers|Warp Cycles Per Issued|Issue Slots|Stall|Theoretical Occ" "$o/ncu_attn.txt" | head -30
+  timeout 150 $N $S -k regex:_w4_mma -c 1 python3 benchmarks/kernel_target.py --kernel mma --shape 22016x4096 \
+    > "$o/ncu_gate_up.txt" 2>&1
+  mark "ncu gate_up"; grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots" "$o/ncu_gate_up.txt" | head -12 ;;
 esac; done

@@ -406,3 +406,21 @@ def test_weight_layout(monkeypatch):
     monkeypatch.setenv("WKVQ_LAYOUT", "tiled")
     with pytest.raises(ValueError, match="WKVQ_LAYOUT='tiled': use one of row, group"):
         weight_layout("cuda", True, 128)
+
+
+def test_quantlinear_reads_group_major_buffers():
+    """A QuantLinear re-pointed to row slices of a group-major fused weight (as FastLlama.from_hf leaves the model's
+    projections on CUDA) gives the same codes and outputs as with its own row-major buffers."""
+    from runtime import quant
+    from runtime.qlinear import QuantLinear
+
+    w = torch.randn(24, 320)
+    scale, zero = quant.weight_qparams(w, 4, 128)
+    m = QuantLinear.from_codes(quant.quantize_weight(w, scale, zero, 4, 128), scale, zero, 4, 128)
+    x = torch.randn(3, 320)
+    ref, codes = m(x), m.codes()
+    other = torch.zeros(8, m.qweight.shape[1], dtype=torch.uint8)
+    fused = quant.group_major(torch.cat([other, m.qweight]), torch.cat([torch.ones(8, 3).half(), m.scales]),
+                              torch.cat([torch.zeros(8, 3, dtype=torch.uint8), m.zeros]))
+    m.qweight, m.scales, m.zeros = (t[8:] for t in fused)
+    assert m.qweight.dim() == 3 and torch.equal(m.codes(), codes) and torch.equal(m(x), ref)
