@@ -123,7 +123,10 @@ def fuse_quant_linears(linears, layout: str = "row") -> W4Weight:
     if any(m.in_features != first.in_features or m.group_size != first.group_size or m.bits != 4
            for m in linears):
         raise ValueError("fused projections must be 4-bit with one input size and group size")
-    parts = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("qweight", "scales", "zeros")}
+    packed = quant.packed_length(first.in_features, 4)
+    parts = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("scales", "zeros")}
+    # row-major codes, also from QuantLinears an earlier from_hf left as views of a group-major weight
+    parts = {"qweight": torch.cat([quant.row_major_codes(m.qweight)[:, :packed] for m in linears]), **parts}
     if layout == "group":
         parts = dict(zip(parts, quant.group_major(parts["qweight"], parts["scales"], parts["zeros"],
                                                   first.group_size)))

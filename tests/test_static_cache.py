@@ -105,3 +105,23 @@ def test_bench_config_and_table():
         dict(shape="7b", path="fp16_eager", batch=8, prompt=32768, status="oom", peak_GB=140.0)]}
     lines = format_table(result).splitlines()
     assert "2.500" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
+
+
+def test_fast_llama_group_major_layout_matches_row_major(tiny_rtn_artifact, monkeypatch):
+    """FastLlama.from_hf with the fused weights group-major (WKVQ_LAYOUT=group; the CUDA default) gives the same
+    logits on the eager path as row-major; wrapping the same model again (its QuantLinears now views of the
+    group-major weights) works in either layout, and the model's own forward still reads them."""
+    model, _ = runtime.load(tiny_rtn_artifact, device="cpu")
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.no_grad():
+        ref_hf = model(ids).logits
+    logits = {}
+    for layout in ("group", "row", "group"):
+        monkeypatch.setenv("WKVQ_LAYOUT", layout)
+        fast = FastLlama.from_hf(model, 16, use_kernels=False)
+        assert fast.layers[0].qkv.qweight.dim() == (3 if layout == "group" else 2)
+        logits.setdefault(layout, []).append(fast.forward(ids, fast.new_cache(2, 16)))
+    assert torch.allclose(logits["group"][0], logits["row"][0], atol=1e-5)
+    assert torch.allclose(logits["group"][1], logits["row"][0], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref_hf, atol=1e-5)
