@@ -5,12 +5,7 @@
 # The parts e2e and first ran with a w4_mma that read WKVQ_MMA_L2 (the GEMVs' L2 prefetch before the PDL wait: of
 # the program's whole share, or of its first two groups); measured no gain (NOTES.md round 14) and removed again,
 # so on later trees those parts time the same kernels twice.
-set -uo pipefail
-o=${OUT:-/root/out}; mkdir -p "$o"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-t0=$(date +%s); mark() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-bench() { python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6; }
+source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 tests)
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \

@@ -6,12 +6,7 @@
 # 13B sweep (ran by hand): python3 benchmarks/w4_mma_bench.py --ms 1,8 --splits 1,4,8,16 --warps 1,2,4,8 --tiles 2
 #   --depths 1 --l2 0 --chains 1 --persist 0,4,8,16 --top 3 --shapes 15360x5120,5120x5120,27648x5120,5120x13824
 #   --json mma_group_sweep_13b.json
-set -uo pipefail
-o=${OUT:-/root/out}; mkdir -p "$o"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-t0=$(date +%s); mark() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-bench() { python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6; }
+source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 tests)
   timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py > "$o/tests_mma.txt" 2>&1

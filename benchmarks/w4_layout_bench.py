@@ -19,13 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemlite_tune import RING_BYTES
-from converter.bench_kernels import (
-    SHAPES_7B,
-    error_line,
-    projection_case,
-    ring_check_time,
-    weight_ring,
-)
+from converter import bench_kernels as bk
 from runtime import quant
 from runtime.kernels import w4_mma as mm
 
@@ -33,21 +27,21 @@ LAYOUTS = ("row", "group")
 
 
 def bench_shape(n: int, k: int, ms, configs) -> list[dict]:
-    ring, nbytes = weight_ring(n, k, RING_BYTES)
+    ring, nbytes = bk.weight_ring(n, k, RING_BYTES)
     rings = {"row": ring, "group": [quant.group_major(*w) for w in ring]}
     rows = []
     for m in ms:
-        x, ref, out = projection_case(ring[0], m)
+        x, ref, out = bk.projection_case(ring[0], m)
         for cfg in [mm.default_mma_config(n, k, m)] + configs:
             for layout in LAYOUTS:
                 def launch(qw, sc, zr, cfg=cfg, x=x, out=out):
                     mm.w4_mma_accumulate(x, qw, sc, zr, 128, out, config=cfg)
                 row = {"n": n, "k": k, "m": m, "layout": layout, "config": cfg.label(), "fields": list(cfg)}
                 try:
-                    err, t = ring_check_time(launch, rings[layout], out, ref)
+                    err, t = bk.ring_check_time(launch, rings[layout], out, ref)
                 except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-                    rows.append(dict(row, error=error_line(e)))
-                    print(f"  {n}x{k} m={m} {layout} {cfg.label()}: {error_line(e)}", flush=True)
+                    rows.append(dict(row, error=bk.error_line(e)))
+                    print(f"  {n}x{k} m={m} {layout} {cfg.label()}: {bk.error_line(e)}", flush=True)
                     continue
                 rows.append(dict(row, us=t * 1e3, GBps=nbytes / t / 1e6, rel_err=err))
     del rings, ring
@@ -61,7 +55,7 @@ def main() -> None:
     ap.add_argument("--ms", default="1,8")
     ap.add_argument("--configs", default="1,2,1,1,0,1,0,16;4,2,16;2,2,16;1,2,1,1,0,1,0,8",
                     help="MmaConfig fields, ';'-separated (the table's config of each shape is always timed)")
-    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES_7B))
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in bk.SHAPES_7B))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("w4_layout_bench: needs a CUDA device")
