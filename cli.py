@@ -256,9 +256,13 @@ def _non_negative_float(ctx, param, value):
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Compute dtype [default: the artifact's on CUDA, float32 on CPU].")
 @click.option("--no-poq", is_flag=True, help="Past-Only Quantization off: the current token's K/V quantized too.")
+@click.option("--fast", is_flag=True,
+              help="Decode on runtime.fast.FastLlama: a static 4-bit POQ cache and, on CUDA, the Triton kernels with "
+                   "each step one CUDA-graph replay (the path `wkvq bench` times). Not with --no-poq.")
 @click.option("--revision", default=None, help="Branch, tag or commit when MODEL is a Hub id.")
 @debug_option
-def generate_cmd(model, prompt, max_new_tokens, chat, temperature, seed, device, dtype, no_poq, revision, debug):
+def generate_cmd(model, prompt, max_new_tokens, chat, temperature, seed, device, dtype, no_poq, fast, revision,
+                 debug):
     """Stream a completion of PROMPT by the artifact MODEL (directory or Hub id), 4-bit KV cache."""
     import torch
     from transformers import TextStreamer
@@ -266,13 +270,29 @@ def generate_cmd(model, prompt, max_new_tokens, chat, temperature, seed, device,
     from runtime import load
     from runtime.model import prompt_inputs, sampling_kwargs
 
+    if fast and no_poq:
+        raise click.UsageError("--fast decodes with Past-Only Quantization only; drop --no-poq or --fast")
     gen = sampling_kwargs(temperature, max_new_tokens)
     lm, tokenizer = load(model, device=device, dtype=dtype, poq=not no_poq, revision=revision)
     inputs = prompt_inputs(tokenizer, prompt, chat=chat, device=lm.device)
     if seed is not None:
         torch.manual_seed(seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    lm.generate(**inputs, **gen, streamer=streamer)
+    if not fast:
+        lm.generate(**inputs, **gen, streamer=streamer)
+        return
+    from runtime.fast import FastLlama
+    from runtime.fast import generate as fast_generate
+
+    ids = inputs["input_ids"]
+    cfg = lm.generation_config
+    sampled = temperature > 0
+    fl = FastLlama.from_hf(lm, ids.shape[1] + max_new_tokens)
+    streamer.put(ids.cpu())
+    fast_generate(fl, ids, max_new_tokens, temperature=temperature, top_k=(cfg.top_k or 0) if sampled else 0,
+                  top_p=(cfg.top_p or 1.0) if sampled else 1.0, eos_token_id=cfg.eos_token_id,
+                  on_token=lambda tok: streamer.put(tok.cpu()))
+    streamer.end()
 
 
 def _push_and_report(cfg) -> None:

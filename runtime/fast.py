@@ -388,16 +388,55 @@ class DecodeGraph:
 
 
 @torch.no_grad()
-def generate(model: FastLlama, ids: torch.Tensor, max_new_tokens: int, use_graph: bool = True) -> torch.Tensor:
-    """Greedy decoding of ``ids [B, T]`` (equal-length prompts): ``[B, max_new_tokens]`` new tokens."""
+def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits [B, vocab]``: the argmax at ``temperature`` 0, else a sample of
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (0: all) and then to the
+    smallest set whose probability reaches ``top_p`` (the order of transformers' warpers)."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, "
+                         f"{top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # tokens after the set has reached top_p (the first always stays)
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def generate(model: FastLlama, ids: torch.Tensor, max_new_tokens: int, use_graph: bool = True, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+             on_token=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decoding of ``ids [B, T]`` (equal-length prompts) on a static POQ cache: greedy, or sampled
+    (:func:`pick_tokens`); on CUDA with the kernels every step is one CUDA-graph replay (``use_graph``).
+    Returns ``[B, n]`` new tokens, ``n <= max_new_tokens``: it stops once every sequence has produced one of
+    ``eos_token_id`` (an int or a list; a finished sequence's later tokens are its first), and calls
+    ``on_token(tokens [B])`` after each step (e.g. a streamer)."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     logits = model.forward(ids, cache)
-    step = DecodeGraph(model, cache).step if use_graph and model.device.type == "cuda" else None
+    cuda_graph = use_graph and model.device.type == "cuda" and model.use_kernels
+    step = DecodeGraph(model, cache).step if cuda_graph else None
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos_t = torch.tensor(eos, device=ids.device, dtype=torch.long)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     out = []
     for _ in range(max_new_tokens):
-        tok = logits.argmax(-1)
+        tok = pick_tokens(logits, temperature, top_k, top_p, generator)
+        if eos:
+            tok = torch.where(done, eos_t[0], tok)
+            done |= torch.isin(tok, eos_t)
         out.append(tok)
-        if len(out) == max_new_tokens:
+        if on_token is not None:
+            on_token(tok)
+        if len(out) == max_new_tokens or bool(done.all()):
             break
         logits = step(tok) if step else model.decode_step(tok, cache)
     return torch.stack(out, dim=1)

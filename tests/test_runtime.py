@@ -424,3 +424,69 @@ def test_quantlinear_reads_group_major_buffers():
                               torch.cat([torch.zeros(8, 3, dtype=torch.uint8), m.zeros]))
     m.qweight, m.scales, m.zeros = (t[8:] for t in fused)
     assert m.qweight.dim() == 3 and torch.equal(m.codes(), codes) and torch.equal(m(x), ref)
+
+
+def test_pick_tokens():
+    """Greedy at temperature 0; top_k 1 or a tiny top_p is greedy too; samples stay inside the top_k / top_p sets;
+    bad arguments are one-line errors."""
+    from runtime.fast import pick_tokens
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    best = logits.argmax(-1)
+    assert torch.equal(pick_tokens(logits), best)
+    assert torch.equal(pick_tokens(logits, 1.0, top_k=1, generator=g), best)
+    assert torch.equal(pick_tokens(logits, 1.0, top_p=1e-6, generator=g), best)
+    top3 = logits.topk(3, -1).indices
+    for _ in range(20):
+        tok = pick_tokens(logits, 2.0, top_k=3, generator=g)
+        assert (top3 == tok[:, None]).any(-1).all()
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) <= 0.5  # the nucleus of 0.5
+    for _ in range(20):
+        tok = pick_tokens(logits, 1.0, top_p=0.5, generator=g)
+        rank = (order == tok[:, None]).float().argmax(-1)
+        assert keep.gather(-1, rank[:, None]).all()
+    for bad in ({"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match="temperature must be"):
+            pick_tokens(logits, **{"temperature": 1.0, **bad})
+
+
+def test_fast_generate_matches_hf_greedy_and_stops_at_eos(tiny_rtn_artifact):
+    """runtime.fast.generate (the static POQ cache; eager on CPU) decodes the same greedy tokens as the model's
+    generate() with the dynamic POQ cache, streams them, and stops once every sequence produced an eos token (a
+    finished sequence repeats it)."""
+    from runtime.fast import FastLlama
+    from runtime.fast import generate as fast_generate
+
+    model, tok = runtime.load(tiny_rtn_artifact, device="cpu")
+    ids = torch.cat([tok("The quick brown fox", return_tensors="pt")["input_ids"]] * 2)
+    ids[1, -1] = (ids[1, -1] + 7) % 200 + 3  # a second, different prompt of the same length
+    want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+    fast = FastLlama.from_hf(model, ids.shape[1] + 8, use_kernels=False)
+    seen = []
+    got = fast_generate(fast, ids, 8, on_token=seen.append)
+    assert torch.equal(got, want) and torch.equal(torch.stack(seen, 1), got)
+    eos = int(want[0, 2])
+    ends = [int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else 8 for row in want]
+    got = fast_generate(fast, ids, 8, eos_token_id=eos)
+    assert got.shape[1] == max(ends)
+    for row, ref, end in zip(got, want, ends):
+        assert torch.equal(row[:end], ref[:end]) and (row[end:] == eos).all()
+
+
+def test_cli_generate_fast_streams_the_same_completion(tiny_rtn_artifact):
+    """`wkvq generate --fast` (runtime.fast; eager on CPU) streams the completion of the default path; with
+    --no-poq it is a usage error."""
+    from cli import main
+
+    args = ["generate", str(tiny_rtn_artifact), "The quick brown fox", "--max-new-tokens", "10", "--device", "cpu"]
+    slow = CliRunner().invoke(main, args)
+    fast = CliRunner().invoke(main, [*args, "--fast"])
+    assert slow.exit_code == 0 and fast.exit_code == 0, fast.output
+    assert fast.output.strip() == slow.output.strip() and fast.output.strip()
+    res = CliRunner().invoke(main, [*args, "--fast", "--temperature", "0.8", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, [*args, "--fast", "--no-poq"])
+    assert res.exit_code == 2 and "--no-poq" in res.output
