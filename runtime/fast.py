@@ -35,6 +35,23 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # 7B b1: 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768); at b8 it was slower at p2048 (3.06-3.11
 # against 2.96-3.05) and even at p32768 (13.0-13.5 both), and on the split kernel neutral (thirteenth session).
 FUSIONS = ("norm", "silu", "rope")
+FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
+FUSE_ENV = "WKVQ_FUSE"
+
+
+def fuse_choice(value: str | None, rows: int = 1) -> frozenset[str]:
+    """The fusions named by ``value`` (``WKVQ_FUSE``: comma-separated :data:`FUSIONS`, or ``none``); unset or
+    empty: :data:`FUSE_DEFAULT` at ``rows`` rows."""
+    if not value or not value.strip():
+        return frozenset(FUSE_DEFAULT.get(rows, ()))
+    names = {v.strip() for v in value.split(",") if v.strip()} - {"none"}
+    bad = sorted(names - set(FUSIONS))
+    if bad:
+        raise ValueError(f"{FUSE_ENV}={value!r}: unknown fusion {', '.join(bad)}; use a comma-separated list of "
+                         f"{', '.join(FUSIONS)}, or none")
+    return frozenset(names)
+
+
 # The fused weights' layout in memory (the artifact stays row-major): "group" (runtime.quant.group_major: each
 # group's rows contiguous) where the CUDA kernels read them, "row" elsewhere. WKVQ_LAYOUT ("row" or "group")
 # overrides. On an H200 the tensor-core GEMV ran 7-17% faster on the group-major layout (seventeenth session).
@@ -51,21 +68,6 @@ def weight_layout(device, use_kernels: bool, group_size: int) -> str:
     if value:
         return value
     return "group" if use_kernels and torch.device(device).type == "cuda" and group_size == 128 else "row"
-FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
-FUSE_ENV = "WKVQ_FUSE"
-
-
-def fuse_choice(value: str | None, rows: int = 1) -> frozenset[str]:
-    """The fusions named by ``value`` (``WKVQ_FUSE``: comma-separated :data:`FUSIONS`, or ``none``); unset or
-    empty: :data:`FUSE_DEFAULT` at ``rows`` rows."""
-    if not value or not value.strip():
-        return frozenset(FUSE_DEFAULT.get(rows, ()))
-    names = {v.strip() for v in value.split(",") if v.strip()} - {"none"}
-    bad = sorted(names - set(FUSIONS))
-    if bad:
-        raise ValueError(f"{FUSE_ENV}={value!r}: unknown fusion {', '.join(bad)}; use a comma-separated list of "
-                         f"{', '.join(FUSIONS)}, or none")
-    return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,7 @@ def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
+@torch.no_grad()
 def generate(model: FastLlama, ids: torch.Tensor, max_new_tokens: int, use_graph: bool = True, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
              on_token=None, generator: torch.Generator | None = None) -> torch.Tensor:
