@@ -126,12 +126,12 @@ def fuse_quant_linears(linears, layout: str = "row") -> W4Weight:
            for m in linears):
         raise ValueError("fused projections must be 4-bit with one input size and group size")
     packed = quant.packed_length(first.in_features, 4)
-    parts = {name: torch.cat([getattr(m, name) for m in linears]) for name in ("scales", "zeros")}
     # row-major codes, also from QuantLinears an earlier from_hf left as views of a group-major weight
-    parts = {"qweight": torch.cat([quant.row_major_codes(m.qweight)[:, :packed] for m in linears]), **parts}
+    qweight = torch.cat([quant.row_major_codes(m.qweight)[:, :packed] for m in linears])
+    scales, zeros = (torch.cat([getattr(m, name) for m in linears]) for name in ("scales", "zeros"))
     if layout == "group":
-        parts = dict(zip(parts, quant.group_major(parts["qweight"], parts["scales"], parts["zeros"],
-                                                  first.group_size)))
+        qweight, scales, zeros = quant.group_major(qweight, scales, zeros, first.group_size)
+    parts = {"qweight": qweight, "scales": scales, "zeros": zeros}
     biases = [m.bias for m in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features, device=first.qweight.device, dtype=first.scales.dtype)

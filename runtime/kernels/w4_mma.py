@@ -750,16 +750,15 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
            bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`w4_mma_accumulate` takes these operands: a CUDA sm_80+ device outside the interpreter, float16
     ``x2 [M, K]`` with ``1 <= M <= 8``, 16-byte aligned rows (``x`` stride a multiple of 8 elements), group 128,
-    ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows, no bias."""
+    ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
+    (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
     if cuda_major(x2.device) < 8 or bias is not None or group_size != GROUP:
         return False
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
     g = -(-k // GROUP)
-    if qweight.dim() == 3:  # group-major (group_major): [N, G, 64], each group's rows contiguous
-        codes_ok = (qweight.shape[1:] == (g, GROUP // 2) and qweight.stride(2) == 1 and qweight.stride(0) % 16 == 0
-                    and qweight.stride(1) % 16 == 0)
-    else:
-        codes_ok = qweight.dim() == 2 and qweight.shape[1] * 2 == k and qweight.stride(1) == 1 and qweight.stride(0) % 16 == 0
+    shape = {2: (k // 2,), 3: (g, GROUP // 2)}.get(qweight.dim())  # row-major, or group-major (quant.group_major)
+    codes_ok = (tuple(qweight.shape[1:]) == shape and qweight.stride(-1) == 1
+                and all(st % 16 == 0 for st in qweight.stride()[:-1]))
     return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and k % 32 == 0 and x2.stride(1) == 1
             and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
             and qweight.dtype == torch.uint8 and codes_ok and qweight.data_ptr() % 16 == 0
@@ -786,9 +785,9 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                          f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32")
     rows = 16 * cfg.tiles * cfg.warps
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
-    strides = (qweight.stride(0), scales.stride(0) * 2, zeros.stride(0)) if fixed else None
-    _, sqg, _, ssg, _, szg = quant.group_strides(qweight, scales, zeros, GROUP)
-    gstrides = (sqg, 2 * ssg, szg)  # bytes
+    sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
+    row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
+    strides = row_strides if fixed else None
     if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
         raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
                          f"this weight is group-major (group strides {gstrides})")
@@ -804,8 +803,7 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     else:
         grid = (blocks, min(cfg.split, g))
     _w4_mma_kernel[grid](
-        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, qweight.stride(0), scales.stride(0) * 2,
-        zeros.stride(0), out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
+        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
