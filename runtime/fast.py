@@ -177,7 +177,11 @@ class FastLlama:
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin  # float32 [max_positions, head_dim]
         self.device = embed.device
-        self.use_kernels = kernels.available(self.device) if use_kernels is None else use_kernels
+        shape_ok = kernels.head_dim_ok(config.head_dim)
+        self.use_kernels = kernels.available(self.device) and shape_ok if use_kernels is None else use_kernels
+        if self.use_kernels and not shape_ok:
+            raise ValueError(f"the attention kernels need a power-of-two head_dim, this model has {config.head_dim}; "
+                             "pass use_kernels=False")
         if self.use_kernels and not kernels.available(self.device):
             raise ValueError(f"Triton kernels are not available on {self.device}")
 
@@ -190,8 +194,9 @@ class FastLlama:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kq = dec.layers[0].self_attn.kv_quant
         device = dec.embed_tokens.weight.device
-        layout = weight_layout(device, kernels.available(device) if use_kernels is None else use_kernels,
-                               dec.layers[0].self_attn.q_proj.group_size)
+        if use_kernels is None:  # as __init__ resolves it
+            use_kernels = kernels.available(device) and kernels.head_dim_ok(head_dim)
+        layout = weight_layout(device, use_kernels, dec.layers[0].self_attn.q_proj.group_size)
         fc = FastConfig(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                         cfg.num_hidden_layers, cfg.rms_norm_eps, kq.config.bits, kq.config.group_size)
         layers = []

@@ -188,7 +188,7 @@ def test_decode_attention_l2_prefetch_matches_reference(loads, ahead, hq, hkv, g
 def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length, key_scale, splits, b, monkeypatch):
     """``AttnConfig.combine``: the last program of each head merges the splits (no combine kernel); the per-head
     counts are left at zero, so a second launch (as the next layer's) gives the same result; ``WKVQ_ATTN_COMBINE``
-    switches it in attn_config."""
+    switches it in attn_config (and ``WKVQ_ATTN_KEYS_A`` the tensor-core kernel's ``keys_a``)."""
     from runtime.kernels import kv4
 
     args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
@@ -201,6 +201,9 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
     assert kv4.attn_config(1, 32, 2048).combine and kv4.AttnConfig(combine=True).label().endswith("_comb")
     monkeypatch.setenv(kv4.COMBINE_ENV, "0")
     assert not kv4.attn_config(1, 32, 2048).combine
+    for v in ("1", "0"):
+        monkeypatch.setenv(kv4.KEYS_A_ENV, v)
+        assert kv4.attn_config(1, 32, 32768).keys_a == (v == "1")
 
 
 MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
@@ -217,16 +220,19 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
     (8, 8, 333, 10, 4, 2),
     (2, 1, 1000, 4, 44, 1),  # no power of two, and more than COMBINE_CHUNK splits (the combine in chunks)
     (4, 2, 150, 40, 3, 2)])
-def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages, bulk):
+@pytest.mark.parametrize("keys_a", [False, True])
+def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages, bulk, keys_a):
     """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, the stats by each lane's
-    ``cp.async`` or by bulk copies, tensor-core scores and values with float16 hi/lo splits) against the float32
-    reference, with the fused and the separate combine; the fused one leaves the per-head counts at zero."""
+    ``cp.async`` or by bulk copies, tensor-core scores and values with float16 hi/lo splits; the query or the keys
+    as the score MMAs' A operand) against the float32 reference, with the fused and the separate combine; the
+    fused one leaves the per-head counts at zero."""
     from runtime.kernels import kv4, kv4_mma
 
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
     assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv)
     for combine in (False, True, True):
-        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk)
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk,
+                             keys_a=keys_a)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
@@ -250,7 +256,9 @@ def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
 @pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
 @pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
                                                     (1, 1, 700, 1, 1), (2, 1, 900, 48, 1)])
-def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies):
+@pytest.mark.parametrize("keys_a", [False, True])
+def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies,
+                                                               keys_a):
     """The tensor-core kernel's ``ROPE`` form (:func:`rope_attention`: it ropes the query from ``qkv`` itself, one
     extra program per KV head appends the token) against :func:`rope_append` then the same kernel on a copy of the
     cache: the same output (to 1e-5: the rope's FMA contraction is each kernel's compiler's) and the same stored
@@ -262,7 +270,8 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
     assert kv4_mma.mma_attention_ok(caches[0].layers[0], d, 1, hq // hkv, (qkv, cos, sin, *params[:2]))
     before = qkv.clone()
     for combine, cache in ((True, caches[1]), (False, caches[2])):
-        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=copies)
+        cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=copies,
+                             keys_a=keys_a)
         q, k_cur, v_cur = kv4.rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
         ref = kv4.decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5,
                                    torch.float32, cfg)
@@ -283,6 +292,9 @@ def test_mma_config_checks_and_fallback():
         with pytest.raises(ValueError, match="AttnConfig"):
             kv4.AttnConfig(mma=True, **bad)
     assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2).label() == "sp4_mma_s64_st2"
+    assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2, keys_a=True).label() == "sp4_mma_s64_st2_ka"
+    with pytest.raises(ValueError, match="keys_a"):
+        kv4.AttnConfig(mma=True, keys_a=1)
     assert kv4._split_kernel(kv4.AttnConfig(splits=4, block_s=64, mma=True, combine=True)) == dataclasses.replace(
         kv4.ATTN_DEFAULT, splits=4, combine=True)
     args, ref = _attention_case(4, 2, None, 150, 40, 2)

@@ -64,6 +64,12 @@ def check_row_buffer(name: str, buf: torch.Tensor, rows: int) -> None:
                          f"strides {buf.stride()}")
 
 
+def head_dim_ok(head_dim: int) -> bool:
+    """Whether the attention kernels take heads of ``head_dim`` channels: a power of two, at least 8 (their tiles
+    are ``tl.arange`` over a head's channels and its 4-bit words)."""
+    return head_dim >= 8 and head_dim & (head_dim - 1) == 0
+
+
 def available(device) -> bool:
     """Whether the Triton kernels can run on tensors on ``device``."""
     device = torch.device(device)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_row_buffer, env_tables, multiprocessors, overlap, sweep_table
+from . import check_row_buffer, env_tables, head_dim_ok, multiprocessors, overlap, sweep_table
 
 
 @triton.jit
@@ -555,7 +555,8 @@ class AttnConfig:
     overrides it); ``mma``: the tensor-core kernel of :mod:`runtime.kernels.kv4_mma` where it takes the shape
     (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
     ``stages``: the ring's stages; ``copies``: one of :data:`COPIES` (bulk copies or every
-    lane's ``cp.async``);
+    lane's ``cp.async``); ``keys_a``: the keys as the score MMAs' A operand, 16 tokens an MMA
+    (:func:`runtime.kernels.kv4_mma._step_asm_ka`; ``WKVQ_ATTN_KEYS_A`` ``0``/``1`` overrides it);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
     with :data:`ATTN_DEFAULT`'s tile."""
 
@@ -570,6 +571,7 @@ class AttnConfig:
     mma: bool = False
     stages: int = 4
     copies: str = "mixed"
+    keys_a: bool = False
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -593,6 +595,8 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: mma must be a bool, got {self.mma!r}")
         if self.mma and self.block_s not in (16, 32, 64, 128):
             raise ValueError(f"AttnConfig: with mma, block_s must be 16, 32, 64 or 128, got {self.block_s}")
+        if not isinstance(self.keys_a, bool):
+            raise ValueError(f"AttnConfig: keys_a must be a bool, got {self.keys_a!r}")
         if self.copies not in COPIES:
             raise ValueError(f"AttnConfig: copies must be one of {', '.join(COPIES)}, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
@@ -604,7 +608,7 @@ class AttnConfig:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
-            copies = "" if self.copies == "mixed" else "_" + self.copies
+            copies = ("" if self.copies == "mixed" else "_" + self.copies) + ("_ka" if self.keys_a else "")
             return f"{splits}_mma_s{self.block_s}_st{self.stages}{copies}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
@@ -623,17 +627,20 @@ class AttnConfig:
 # splits. In brackets: the split kernel's table config (13th session's table, same sweep harness)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 _MMA = {"mma": True, "stages": 2, "combine": True}
+# keys_a (eighteenth session, --rope at b1; records benchmarks/results/r21/attn_ka_b*.json): the keys as the score
+# MMAs' A operand won every case; in brackets the query-as-A config of the fourteenth session's table, same run
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
-    (1, 2048): AttnConfig(splits=16, block_s=32, copies="lanes", **_MMA),  # 8.94 us (9.97)
-    (1, 32768): AttnConfig(splits=32, block_s=64, **_MMA),  # 46.57 us, 3063 GB/s (79.77)
-    (8, 2048): AttnConfig(splits=4, block_s=64, **_MMA),  # 27.27 us, 2633 GB/s (42.66)
-    (8, 32768): AttnConfig(splits=16, block_s=64, **_MMA),  # 344.95 us, 3309 GB/s (571.55)
+    (1, 2048): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 9.54 us (sp16 s32 lanes: 10.08)
+    (1, 32768): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),  # 43.67 us, 3267 GB/s (48.11)
+    (8, 2048): AttnConfig(splits=4, block_s=64, keys_a=True, **_MMA),  # 24.89 us, 2886 GB/s (27.36)
+    (8, 32768): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 293.72 us, 3886 GB/s (332.20)
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
 L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
 COMBINE_ENV = "WKVQ_ATTN_COMBINE"  # 0 / 1: overrides AttnConfig.combine in attn_config
+KEYS_A_ENV = "WKVQ_ATTN_KEYS_A"  # 0 / 1: overrides AttnConfig.keys_a in attn_config
 
 
 def context_bucket(max_len: int) -> int:
@@ -662,6 +669,9 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnCon
     fused = os.environ.get(COMBINE_ENV, "")
     if fused in ("0", "1"):
         cfg = replace(cfg, combine=fused == "1")
+    keys_a = os.environ.get(KEYS_A_ENV, "")
+    if keys_a in ("0", "1"):
+        cfg = replace(cfg, keys_a=keys_a == "1")
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))
     return cfg
@@ -721,9 +731,9 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(b, hq, s, multiprocessors(device), cfg.min_tokens))
     qg = hq // hkv
-    if d % 8 or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
-        raise ValueError(f"the attention kernel needs head_dim and the KV group size multiples of 8, got "
-                         f"head_dim {d}, group size {d // g}")
+    if not head_dim_ok(d) or store.k_codes.shape[-1] * 2 != d or (d // g) % 8:
+        raise ValueError(f"the attention kernel needs a power-of-two head_dim and a KV group size that is a multiple "
+                         f"of 8, got head_dim {d}, group size {d // g}; run the model without the kernels")
     from . import kv4_mma  # it imports this module: not at the top
 
     rows = (q,) if rope is None else rope
@@ -749,7 +759,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if mma:  # counts per KV head
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
-                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger)
+                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
+                       cfg.keys_a)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

@@ -190,6 +190,9 @@ def _issue_asm(tile: int, copies: str) -> str:
 
 
 MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+# the registers :func:`_nibble` reads (declared .b32 by the step)
+_UNPACK_CONSTS = ("mov.b32 mag, 0x64006400;", "mov.b32 m0, 0x000F000F;", "mov.b32 m1, 0x00F000F0;",
+                  "mov.b32 k16, 0x2C002C00;", "mov.b32 k64, 0xD400D400;")
 
 
 def _nibble(word: str, high: int, out: str) -> list[str]:
@@ -206,6 +209,31 @@ def _unpack(word: str, out: tuple[str, str, str, str], tmp: str) -> list[str]:
     of each 16-bit half, i.e. ``(c_i, c_{i+4})`` of a word of 8 codes. 9 instructions."""
     return (_nibble(word, 0, out[0]) + _nibble(word, 1, out[1]) + [f"shr.u32 {tmp}, {word}, 8;"]
             + _nibble(tmp, 0, out[2]) + _nibble(tmp, 1, out[3]))
+
+
+def _values_asm(nsub: int) -> list[str]:
+    """The value MMAs of a tile of ``nsub`` 16-token blocks (:func:`_step_asm`): 16 dims of the codes as A, the
+    B fragments ``bb{2j}``, ``bb{2j + 1}`` (``p step`` of tokens ``2t, 2t + 1`` and ``2t + 8, 2t + 9`` of block
+    ``j``) into ``acc0 .. acc31``."""
+    L = []
+    for j in range(nsub):
+        vb = 1024 * j
+        L += [f"ld.shared.v2.b32 {{vw0,vw1}}, [va+{vb}];", f"ld.shared.v2.b32 {{vw2,vw3}}, [va+{vb + 64}];",
+              f"ld.shared.v2.b32 {{vw4,vw5}}, [va+{vb + 512}];", f"ld.shared.v2.b32 {{vw6,vw7}}, [va+{vb + 576}];"]
+        for half, sel in ((0, "0x5410"), (1, "0x7632")):
+            # pp[2 pair + k]: word k of the pair's two tokens, nibbles 4 half .. 4 half + 3 of each side by side
+            # (low 16 bits: the pair's first token); ps: the same shifted right by 8 (nibbles 2, 3)
+            for pair in range(2):
+                for k in range(2):
+                    L += [f"prmt.b32 pp{2 * pair + k}, vw{4 * pair + k}, vw{4 * pair + 2 + k}, {sel};",
+                          f"shr.u32 ps{2 * pair + k}, pp{2 * pair + k}, 8;"]
+            for e in range(4):  # nibble 4 half + e: dims 16 g + i (word 0) and 16 g + 8 + i (word 1), i = 4 half + e
+                for pk in range(4):
+                    L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}")
+                i = 4 * half + e
+                cc = f"{{acc{4 * i},acc{4 * i + 1},acc{4 * i + 2},acc{4 * i + 3}}}"
+                L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb{2 * j},bb{2 * j + 1}}}, {cc};")
+    return L
 
 
 def _step_asm(tile: int, qg: int) -> tuple[str, str]:
@@ -237,8 +265,7 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
          (f".reg .f32 m, l, pm, al, alo, mt, mn, ml, x, cst, f0, f1, r0, r1, d<{8 * nsub}>, sc<{ns}>, p<{ns}>,"
           f" kst<{ns}>, kmn<{ns}>, vst<{ns}>, vmn<{ns}>, xv<{ns}>;"),
          ".reg .f32 acc<32>;",
-         "mov.b32 mag, 0x64006400;", "mov.b32 m0, 0x000F000F;", "mov.b32 m1, 0x00F000F0;",
-         "mov.b32 k16, 0x2C002C00;", "mov.b32 k64, 0xD400D400;",
+         *_UNPACK_CONSTS,
          "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "shl.b32 t2, t, 1;",
          "shl.b32 src, t, 3;",  # lane 8t: a thread whose score rows are the query of this thread's columns
          "and.b32 tmp, g, 1;", "setp.ne.u32 po, tmp, 0;",  # odd g: this thread's B column is the rounding error
@@ -301,27 +328,117 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
               "mov.b32 {lo16, hi16}, hb;", "cvt.f32.f16 f0, lo16;", "cvt.f32.f16 f1, hi16;",
               f"sub.f32 r0, xv{2 * blk}, f0;", f"sub.f32 r1, xv{2 * blk + 1}, f1;",
               "cvt.rn.f16x2.f32 lb, r1, r0;", f"selp.b32 bb{blk}, lb, hb, po;"]
-    # ---- values: words 2g, 2g + 1 of tokens 2t, 2t + 1 (block 2j) and 8 + 2t, 9 + 2t (block 2j + 1)
-    for j in range(nsub):
-        vb = 1024 * j
-        L += [f"ld.shared.v2.b32 {{vw0,vw1}}, [va+{vb}];", f"ld.shared.v2.b32 {{vw2,vw3}}, [va+{vb + 64}];",
-              f"ld.shared.v2.b32 {{vw4,vw5}}, [va+{vb + 512}];", f"ld.shared.v2.b32 {{vw6,vw7}}, [va+{vb + 576}];"]
-        for half, sel in ((0, "0x5410"), (1, "0x7632")):
-            # pp[2 pair + k]: word k of the pair's two tokens, nibbles 4 half .. 4 half + 3 of each side by side
-            # (low 16 bits: the pair's first token); ps: the same shifted right by 8 (nibbles 2, 3)
-            for pair in range(2):
-                for k in range(2):
-                    L += [f"prmt.b32 pp{2 * pair + k}, vw{4 * pair + k}, vw{4 * pair + 2 + k}, {sel};",
-                          f"shr.u32 ps{2 * pair + k}, pp{2 * pair + k}, 8;"]
-            for e in range(4):  # nibble 4 half + e: dims 16 g + i (word 0) and 16 g + 8 + i (word 1), i = 4 half + e
-                for pk in range(4):
-                    L += _nibble(f"{'pp' if e < 2 else 'ps'}{pk}", e % 2, f"vh{pk}")
-                i = 4 * half + e
-                cc = f"{{acc{4 * i},acc{4 * i + 1},acc{4 * i + 2},acc{4 * i + 3}}}"
-                L.append(f"{MMA} {cc}, {{vh0,vh1,vh2,vh3}}, {{bb{2 * j},bb{2 * j + 1}}}, {cc};")
+    L += _values_asm(nsub)
     L += ["mov.f32 $0, m;", "mov.f32 $1, l;", "mov.f32 $2, pm;", *[f"mov.f32 ${3 + i}, acc{i};" for i in range(32)],
           "}"]
     cons = ",".join(["=f"] * nst + ["r", "r", "r", "r"] + ["r"] * 32 + ["f", "f"] + ["f"] * nst)
+    return "\n".join(L), cons
+
+
+def _step_asm_ka(tile: int, qg: int) -> tuple[str, str]:
+    """:func:`_step_asm` with the keys as the score MMAs' A operand (``keys_a``): 16 tokens' codes as A (thread
+    ``(g, t)``: tokens ``g`` and ``g + 8``, its words ``4t .. 4t + 3``, the loads of :func:`_step_asm`) and the
+    query as B (column ``n``: query ``(n / 2) % QG``, even columns the float16 value, odd ones its rounding
+    error), so one MMA covers 16 tokens instead of 8 (half the score MMAs) and each thread finishes, exponentiates
+    and keeps the stats of 2 tokens a 16-token block for its query ``t % QG`` instead of 4: per-token work and
+    registers halve. The weights reach the value MMAs' B fragment (tokens ``2t, 2t + 1`` and ``2t + 8, 2t + 9``)
+    by two shuffles a block (four above two query heads): the owner of tokens ``g, g + 8`` packs ``p step`` of both
+    as float16 and rounding error, and a thread takes the pair of its column's query and part from lanes ``8t +
+    tq``, ``8t + 4 + tq``. The maximum is shared over ``g`` (three shuffles); the value accumulators' columns
+    belong to the thread's own query, so the rescale needs no shuffle.
+
+    Inputs: mbarrier address, parity, stage address, ``n`` valid tokens, the 16 query B fragments (hi or lo by
+    ``g``'s parity), ``qsum`` and ``const`` of query ``t % QG``, the lane (``8t + tq``) of the first shuffle, then the
+    state as :func:`_step_asm`. Returns (asm, constraints)."""
+    nst, nsub = 35, tile // 16
+    ns = 2 * nsub  # tokens a thread owns: g and g + 8 of each 16-token block
+    bar, par, sdata, n = (f"${nst + i}" for i in range(4))
+    qb = [f"${nst + 4 + i}" for i in range(16)]
+    qsum, const, src = f"${nst + 20}", f"${nst + 21}", f"${nst + 22}"
+    st_in = [f"${nst + 23 + i}" for i in range(nst)]
+    c = 64 * tile
+    four = qg > 2  # the hi and lo pairs shuffled apart (no spare lane bit for the part)
+    L = ["{",
+         f".reg .pred pr, po, pw, pu, pk<{ns}>;",
+         ".reg .u32 lane, g, t, ka, va, sa, tmp, nm, srcb;",
+         (f".reg .b32 mag, m0, m1, k16, k64, kw<8>, h<4>, e<4>, vw<8>, pp<4>, vh<4>, ps<4>, hb, lb, ob, xa, xb,"
+          f" ya, yb, bb<{2 * nsub}>;"),
+         ".reg .b16 s16, lo16, hi16;",
+         (f".reg .f32 m, l, pm, al, mt, mn, ml, x, cst, f0, f1, r0, r1, d<{8 * nsub}>, sc<{ns}>, p<{ns}>,"
+          f" kst<{ns}>, kmn<{ns}>, vst<{ns}>, vmn<{ns}>, xv<{ns}>;"),
+         ".reg .f32 acc<32>;",
+         *_UNPACK_CONSTS,
+         "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;",
+         "and.b32 tmp, g, 1;", "setp.ne.u32 po, tmp, 0;",  # odd g: this thread's B columns are rounding errors
+         f"setp.ge.u32 pu, t, {qg};" if not four else "setp.ne.u32 pu, 0, 0;",  # owner lanes t >= QG send the lo pair
+         f"add.u32 srcb, {src}, 4;",
+         f"mad.lo.u32 ka, g, 64, {sdata};", "mad.lo.u32 ka, t, 16, ka;",
+         "shl.b32 tmp, t, 1;", f"mad.lo.u32 va, tmp, 64, {sdata};", "mad.lo.u32 va, g, 8, va;",
+         f"add.u32 va, va, {c};",
+         f"mad.lo.u32 sa, g, 2, {sdata};", f"add.u32 sa, sa, {2 * c};",
+         f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
+         f"mov.f32 cst, {const};",
+         *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
+         "WAIT:",
+         f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
+         "@!pw bra WAIT;"]
+    # ---- raw scores of block j (tokens 16j + g, 16j + 8 + g): two chains of 4 MMAs (u), accumulators d[8j + 4u ..]
+    for j in range(nsub):
+        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{1024 * j}];",
+              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{1024 * j + 512}];"]
+        L += [f"mov.f32 d{8 * j + i}, 0f00000000;" for i in range(8)]
+        for w in range(4):
+            L += _unpack(f"kw{w}", ("h0", "h1", "h2", "h3"), "tmp") + _unpack(f"kw{4 + w}", ("e0", "e1", "e2", "e3"),
+                                                                             "tmp")
+            for u in range(2):
+                o = 8 * j + 4 * u
+                cc = f"{{d{o},d{o + 1},d{o + 2},d{o + 3}}}"
+                a = f"{{h{2 * u},e{2 * u},h{2 * u + 1},e{2 * u + 1}}}"
+                L.append(f"{MMA} {cc}, {a}, {{{qb[4 * w + 2 * u]},{qb[4 * w + 2 * u + 1]}}}, {cc};")
+    # ---- stats and finished scores of tokens 16j + 8h + g (e = 2j + h), masked from n
+    for j in range(nsub):
+        for h in range(2):
+            e, tok = 2 * j + h, 16 * j + 8 * h
+            for k, dst in enumerate(("kst", "kmn", "vst", "vmn")):
+                L += [f"ld.shared.b16 s16, [sa+{2 * tok + 2 * tile * k}];", f"cvt.f32.f16 {dst}{e}, s16;"]
+            o = 8 * j + 2 * h
+            L += [f"add.f32 sc{e}, d{o}, d{o + 1};", f"add.f32 x, d{o + 4}, d{o + 5};", f"add.f32 sc{e}, sc{e}, x;",
+                  f"fma.rn.f32 x, kmn{e}, {qsum}, cst;", f"fma.rn.f32 sc{e}, kst{e}, sc{e}, x;",
+                  f"sub.s32 nm, {n}, {tok};", f"setp.lt.s32 pk{e}, g, nm;",
+                  f"selp.f32 sc{e}, sc{e}, 0fFF800000, pk{e};",
+                  f"selp.f32 vst{e}, vst{e}, 0f00000000, pk{e};", f"selp.f32 vmn{e}, vmn{e}, 0f00000000, pk{e};"]
+    # ---- the tile's maximum over the query's tokens (the 8 lanes g of a t); lazy rescale as _step_asm
+    L.append("max.f32 mt, sc0, sc1;")
+    L += [f"max.f32 mt, mt, sc{e};" for e in range(2, ns)]
+    for s in (4, 8, 16):
+        L += [f"shfl.sync.bfly.b32 x, mt, {s}, 0x1f, -1;", "max.f32 mt, mt, x;"]
+    L += ["add.f32 x, m, 0f41000000;", "setp.gt.f32 pr, mt, x;", "selp.f32 mn, mt, m, pr;",
+          "sub.f32 x, m, mn;", "mul.f32 x, x, 0f3FB8AA3B;", "ex2.approx.ftz.f32 al, x;",
+          "selp.f32 al, al, 0f3F800000, pr;", "mov.f32 m, mn;",
+          "mul.f32 l, l, al;", "mul.f32 pm, pm, al;",
+          *[f"mul.f32 acc{i}, acc{i}, al;" for i in range(32)],
+          "mul.f32 ml, m, 0fBFB8AA3B;"]
+    for e in range(ns):
+        L += [f"fma.rn.f32 x, sc{e}, 0f3FB8AA3B, ml;", f"ex2.approx.ftz.f32 p{e}, x;",
+              f"add.f32 l, l, p{e};", f"fma.rn.f32 pm, p{e}, vmn{e}, pm;", f"mul.f32 xv{e}, p{e}, vst{e};"]
+    # ---- B of the value MMAs: block j's (p step) of tokens (g, g + 8) packed here, taken by the lanes that need them
+    for j in range(nsub):
+        a, b = 2 * j, 2 * j + 1
+        L += [f"cvt.rn.f16x2.f32 hb, xv{b}, xv{a};", "mov.b32 {lo16, hi16}, hb;", "cvt.f32.f16 f0, lo16;",
+              "cvt.f32.f16 f1, hi16;", f"sub.f32 r0, xv{a}, f0;", f"sub.f32 r1, xv{b}, f1;",
+              "cvt.rn.f16x2.f32 lb, r1, r0;"]
+        if four:
+            L += [f"shfl.sync.idx.b32 xa, hb, {src}, 0x1f, -1;", "shfl.sync.idx.b32 xb, hb, srcb, 0x1f, -1;",
+                  f"shfl.sync.idx.b32 ya, lb, {src}, 0x1f, -1;", "shfl.sync.idx.b32 yb, lb, srcb, 0x1f, -1;",
+                  "selp.b32 xa, ya, xa, po;", "selp.b32 xb, yb, xb, po;"]
+        else:
+            L += ["selp.b32 ob, lb, hb, pu;", f"shfl.sync.idx.b32 xa, ob, {src}, 0x1f, -1;",
+                  "shfl.sync.idx.b32 xb, ob, srcb, 0x1f, -1;"]
+        L += [f"prmt.b32 bb{a}, xa, xb, 0x5410;", f"prmt.b32 bb{b}, xa, xb, 0x7632;"]
+    L += _values_asm(nsub)
+    L += ["mov.f32 $0, m;", "mov.f32 $1, l;", "mov.f32 $2, pm;", *[f"mov.f32 ${3 + i}, acc{i};" for i in range(32)],
+          "}"]
+    cons = ",".join(["=f"] * nst + ["r", "r", "r", "r"] + ["r"] * 16 + ["f", "f", "r"] + ["f"] * nst)
     return "\n".join(L), cons
 
 
@@ -331,11 +448,16 @@ QUAD_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 1, 0x1f
 # the value of lane 8t (t = lane % 4): the score rows of that lane are the query of this lane's value columns
 FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 s, lane, 3; shl.b32 s, s, 3;"
                " shfl.sync.idx.b32 $0, $1, s, 0x1f, -1; }")
+# keys_a: the sum over the 8 lanes g of a t (the tokens of a query), and the value of lane $2
+G_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 4, 0x1f, -1; add.f32 a, a, $1;"
+             " shfl.sync.bfly.b32 b, a, 8, 0x1f, -1; add.f32 a, a, b; shfl.sync.bfly.b32 b, a, 16, 0x1f, -1;"
+             " add.f32 $0, a, b; }")
+FROM_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0):
-    step, step_cons = _step_asm(tile, qg)
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, keys_a: bool = False):
+    step, step_cons = (_step_asm_ka if keys_a else _step_asm)(tile, qg)
     return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies), step, step_cons
 
 
@@ -442,7 +564,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
-                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False):
+                     ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
+                     KEYS_A: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -459,7 +582,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -476,7 +599,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
-            STEP_CONS: tl.constexpr):
+            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -507,6 +630,24 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                                      pack=1)
     const = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [c0 + c1 + c2 + c3], dtype=tl.float32, is_pure=False,
                                       pack=1)
+    if KEYS_A:  # the query as B (column g: hi or lo by g's parity); qsum, const of the thread's query t % QG
+        odd = g % 2 == 1
+        B0 = (tl.where(odd, L0[0], H0[0]), tl.where(odd, L0[1], H0[1]), tl.where(odd, L0[2], H0[2]),
+              tl.where(odd, L0[3], H0[3]))
+        B1 = (tl.where(odd, L1[0], H1[0]), tl.where(odd, L1[1], H1[1]), tl.where(odd, L1[2], H1[2]),
+              tl.where(odd, L1[3], H1[3]))
+        B2 = (tl.where(odd, L2[0], H2[0]), tl.where(odd, L2[1], H2[1]), tl.where(odd, L2[2], H2[2]),
+              tl.where(odd, L2[3], H2[3]))
+        B3 = (tl.where(odd, L3[0], H3[0]), tl.where(odd, L3[1], H3[1]), tl.where(odd, L3[2], H3[2]),
+              tl.where(odd, L3[3], H3[3]))
+        # the lane whose (p step) pair this thread's B column takes (_step_asm_ka): query (g / 2) % QG, and its
+        # part (hi / lo) in the owner's t where QG <= 2
+        src = 8 * t + (g // 2) % QG + (QG * (g % 2) if QG <= 2 else 0)
+        if QG > 1:  # lane 8 (t % QG): g = 2 (t % QG) holds query t % QG
+            qsum = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [qsum, 8 * (t % QG)], dtype=tl.float32,
+                                             is_pure=False, pack=1)
+            const = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [const, 8 * (t % QG)], dtype=tl.float32,
+                                              is_pure=False, pack=1)
     f0 = tl.zeros((32,), tl.float32)
     m_i = f0 - 1.0e30
     l_i = f0
@@ -517,27 +658,45 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
                STAGES, ISSUE)
         st = it % STAGES
-        R = tl.inline_asm_elementwise(
-            STEP, STEP_CONS,
-            [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
-             z + tl.minimum(span - it * TILE, TILE),
-             H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
-             H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
-             L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
-             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14], A[15],
-             A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28], A[29],
-             A[30], A[31]],
-            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        if KEYS_A:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 B0[0], B0[1], B0[2], B0[3], B1[0], B1[1], B1[2], B1[3], B2[0], B2[1], B2[2], B2[3],
+                 B3[0], B3[1], B3[2], B3[3], qsum, const, src, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        else:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
+                 H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
+                 L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
         m_i, l_i, pm = R[0], R[1], R[2]
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
-    lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
-    pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
-    pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)
-    # m, l of query j from lane (g = 2j, t = 0); the values of query t (t < QG) from every g: dims 16g .. 16g + 15
-    head_q = (b * HQ + kh * QG + g // 2) * NSPLIT + sp
-    ml_mask = (t == 0) & (g % 2 == 0) & (g // 2 < QG)
+    if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
+        lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
+        pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
+        head_q = (b * HQ + kh * QG + t) * NSPLIT + sp
+        ml_mask = (g == 0) & (t < QG)
+    else:
+        lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
+        pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
+        pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)
+        # m, l of query j from lane (g = 2j, t = 0); the values of query t (t < QG) from every g: dims 16g ..
+        head_q = (b * HQ + kh * QG + g // 2) * NSPLIT + sp
+        ml_mask = (t == 0) & (g % 2 == 0) & (g // 2 < QG)
     tl.store(m_ptr + head_q, m_i, mask=ml_mask)
     tl.store(l_ptr + head_q, lq, mask=ml_mask)
     row = acc_ptr + ((b * HQ + kh * QG + t) * NSPLIT + sp) * D + 16 * g
@@ -561,25 +720,26 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
-           trigger: bool = False) -> None:
+           trigger: bool = False, keys_a: bool = False) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
     with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
     per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at the grid's even share
-    (:func:`cap_bytes`, unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early."""
+    (:func:`cap_bytes`, unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early; ``keys_a``: the
+    keys as the score MMAs' A operand (:func:`_step_asm_ka`)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv, splits + (rope is not None))
     cap = -(-grid[0] * grid[1] // multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
-    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap)
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
-        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger,
+        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
         **overlap.options(pdl))

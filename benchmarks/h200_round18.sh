@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Eighteenth session, one H200 (device tool, carry .gpu/whl): the keys as the score MMAs' A operand in the
+# tensor-core attention (AttnConfig.keys_a, WKVQ_ATTN_KEYS_A) against the query as A. Results in $OUT.
+#   bash benchmarks/h200_round18.sh tests kern e2e ncu
+source "$(dirname "$0")/h200_lib.sh"
+for part in "$@"; do case $part in
+tests)  # the tensor-core attention (both forms) and the CUDA-graph generate
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "mma_attention or mma_rope or mma_config or fused_combine" > "$o/tests_attn.txt" 2>&1
+  mark "attn tests: $(tail -1 "$o/tests_attn.txt")"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_runtime.py -k "fast_generate" \
+    > "$o/tests_generate.txt" 2>&1; mark "generate tests: $(tail -1 "$o/tests_generate.txt")" ;;
+generate)  # only the generate tests (the first run's failure: head_dim 40 on the kernels, now refused)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_runtime.py -k "fast_generate or head_dim" \
+    > "$o/tests_generate.txt" 2>&1; mark "generate tests: $(tail -1 "$o/tests_generate.txt")" ;;
+kern)  # graph-timed, the rope form (the decode step's), keys_a 0 and 1 at the table's tiles and neighbours
+  python3 benchmarks/attn_bench.py --rope --mma 64x2,32x2,128x2 --copies mixed,lanes --keys-a 0,1 --mma-only \
+    --batches 1 --contexts 2048,32768 --splits 16,32 --json "$o/attn_ka_b1.json" > "$o/attn_ka_b1.txt" 2>&1
+  mark "attn b1"; grep -A6 "^1x" "$o/attn_ka_b1.txt" | grep -v "^--"
+  python3 benchmarks/attn_bench.py --mma 64x2,128x2 --keys-a 0,1 --mma-only --batches 8 --contexts 2048,32768 \
+    --splits 4,16 --json "$o/attn_ka_b8.json" > "$o/attn_ka_b8.txt" 2>&1
+  mark "attn b8"; grep -A5 "^8x" "$o/attn_ka_b8.txt" | grep -v "^--" ;;
+e2e)  # the step, keys_a on and off (the table's configs otherwise), alternated
+  for i in 1 2; do
+    WKVQ_ATTN_KEYS_A=1 bench --batches 1 --prompts 2048,32768 --json "$o/b1_ka_$i.json"; mark "b1 ka $i"
+    WKVQ_ATTN_KEYS_A=0 bench --batches 1 --prompts 2048,32768 --json "$o/b1_qa_$i.json"; mark "b1 qa $i"
+  done
+  WKVQ_ATTN_KEYS_A=1 bench --batches 8 --prompts 2048,32768 --json "$o/b8_ka.json"; mark "b8 ka"
+  WKVQ_ATTN_KEYS_A=0 bench --batches 8 --prompts 2048,32768 --json "$o/b8_qa.json"; mark "b8 qa" ;;
+ncu)  # the attention (b1 p32768, table config) with each form: where its warps wait
+  N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats"
+  M="--metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum"
+  for ka in 0 1; do
+    WKVQ_ATTN_KEYS_A=$ka timeout 200 $N $S $M -k regex:_attn_mma -c 1 python3 benchmarks/kernel_target.py \
+      --kernel attn > "$o/ncu_attn_ka$ka.txt" 2>&1
+    mark "ncu attn keys_a=$ka"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occ|Warp Cycles Per Issued|inst_executed" "$o/ncu_attn_ka$ka.txt" | head -8
+    grep -E "issue_stalled" "$o/ncu_attn_ka$ka.txt" | sort -k3 -n -r | head -8
+  done ;;
+esac; done
