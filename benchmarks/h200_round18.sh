@@ -27,6 +27,19 @@ e2e)  # the step, keys_a on and off (the table's configs otherwise), alternated
   done
   WKVQ_ATTN_KEYS_A=1 bench --batches 8 --prompts 2048,32768 --json "$o/b8_ka.json"; mark "b8 ka"
   WKVQ_ATTN_KEYS_A=0 bench --batches 8 --prompts 2048,32768 --json "$o/b8_qa.json"; mark "b8 qa" ;;
+splits)  # keys_a: split counts and tiles at b1 (its per-program chain is shorter)
+  python3 benchmarks/attn_bench.py --rope --mma 64x2,32x2,64x3 --keys-a 1 --mma-only --batches 1 --contexts 32768 \
+    --splits 24,32,40,48 --json "$o/attn_ka_splits_32k.json" > "$o/attn_ka_splits_32k.txt" 2>&1
+  mark "splits 32k"; grep -A6 "^1x" "$o/attn_ka_splits_32k.txt" | grep -v "^--"
+  python3 benchmarks/attn_bench.py --rope --mma 64x2,32x2,16x2 --keys-a 1 --mma-only --batches 1 --contexts 2048 \
+    --splits 8,16,24,32 --json "$o/attn_ka_splits_2k.json" > "$o/attn_ka_splits_2k.txt" 2>&1
+  mark "splits 2k"; grep -A6 "^1x" "$o/attn_ka_splits_2k.txt" | grep -v "^--" ;;
+pdl)  # the attention launched early (PDL, programs capped at the grid's even share) with keys_a
+  for i in 1 2; do
+    WKVQ_PDL=gemv,norm,silu,attn bench --batches 1 --prompts 2048,32768 --json "$o/b1_pdl_attn_$i.json"
+    mark "b1 pdl attn $i"
+    bench --batches 1 --prompts 2048,32768 --json "$o/b1_default_$i.json"; mark "b1 default $i"
+  done ;;
 ncu)  # the attention (b1 p32768, table config) with each form: where its warps wait
   N=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats"
@@ -36,5 +49,10 @@ ncu)  # the attention (b1 p32768, table config) with each form: where its warps 
       --kernel attn > "$o/ncu_attn_ka$ka.txt" 2>&1
     mark "ncu attn keys_a=$ka"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occ|Warp Cycles Per Issued|inst_executed" "$o/ncu_attn_ka$ka.txt" | head -8
     grep -E "issue_stalled" "$o/ncu_attn_ka$ka.txt" | sort -k3 -n -r | head -8
+  done ;;
+final)  # the record table (7B, 13B), on the final tree
+  for s in 7b 13b; do
+    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
+      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done ;;
 esac; done
