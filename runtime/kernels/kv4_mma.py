@@ -39,7 +39,11 @@ query from the projection's output themselves and one more program per KV head a
 (no ``rope_append`` launch: 7B b1 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768, fifteenth
 session). The query's rows are read 8 channels (two 16-byte loads) at a time.
 
-Query heads: row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread ``(g, t)`` keeps the
+``keys_a`` (:func:`_step_asm_ka`, the table's form since the eighteenth session): the keys' codes as the score MMAs'
+A operand (16 tokens an MMA) and the query as B: half the score MMAs, and each thread finishes the scores of 8
+tokens a 64-token tile instead of 16 (b1 p32768 48.1 -> 43.7 us, b8 p32768 332 -> 294).
+
+Query heads (query as A): row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread ``(g, t)`` keeps the
 softmax state of that query, while its value accumulators (columns ``2t, 2t + 1``) belong to query ``t % QG``:
 rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when ``QG == 1``). One program per
 (sequence, KV head, split), one warp; its last program per KV head (a count, as in kv4) merges the splits.
