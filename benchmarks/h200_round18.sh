@@ -50,6 +50,13 @@ ncu)  # the attention (b1 p32768, table config) with each form: where its warps 
     mark "ncu attn keys_a=$ka"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occ|Warp Cycles Per Issued|inst_executed" "$o/ncu_attn_ka$ka.txt" | head -8
     grep -E "issue_stalled" "$o/ncu_attn_ka$ka.txt" | sort -k3 -n -r | head -8
   done ;;
+pdl13)  # the same at the 13B shape (one run there was slower in the sixteenth session)
+  for i in 1 2; do
+    WKVQ_PDL=gemv,norm,silu,attn python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 \
+      --prompts 2048,32768 --json "$o/b1_13b_pdl_attn_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b pdl attn $i"
+    python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 2048,32768 \
+      --json "$o/b1_13b_default_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b default $i"
+  done ;;
 final)  # the record table (7B, 13B), on the final tree
   for s in 7b 13b; do
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
