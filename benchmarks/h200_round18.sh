@@ -57,6 +57,11 @@ pdl13)  # the same at the 13B shape (one run there was slower in the sixteenth s
     python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 2048,32768 \
       --json "$o/b1_13b_default_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b default $i"
   done ;;
+profile)  # where a step's time goes now (b1 p32768), with and without PDL
+  python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768.json" > "$o/prof_p32768.txt" 2>&1
+  WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_pdl0.json" \
+    > "$o/prof_p32768_pdl0.txt" 2>&1
+  mark "profile"; grep -v Warn "$o/prof_p32768_pdl0.txt" | head -60 ;;
 final)  # the record table (7B, 13B), on the final tree
   for s in 7b 13b; do
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
