@@ -492,7 +492,7 @@ def test_attention_pdl_arguments(monkeypatch):
             return lambda *a, **kw: combines.append((kw["PDL"], kw["TRIGGER"]))
 
     monkeypatch.setattr(kv4_mma, "mma_attention_ok", lambda *a: True)
-    monkeypatch.setattr(kv4_mma, "launch", lambda *a: calls.append(a[-2:]))
+    monkeypatch.setattr(kv4_mma, "launch", lambda *a, **kw: calls.append(a[-2:]))
     monkeypatch.setattr(kv4, "_attn_combine_kernel", _Combine())
     monkeypatch.setattr(overlap, "hopper", lambda device: True)
     monkeypatch.setattr(overlap, "_triton_has_pdl", lambda: True)
