@@ -62,6 +62,12 @@ profile)  # where a step's time goes now (b1 p32768), with and without PDL
   WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768_pdl0.json" \
     > "$o/prof_p32768_pdl0.txt" 2>&1
   mark "profile"; grep -v Warn "$o/prof_p32768_pdl0.txt" | head -60 ;;
+norm)  # rmsnorm's clear in programs of its own (GPU test, then the step and its profile)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "rmsnorm or pdl or decode_graph" \
+    > "$o/tests_norm.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_norm.txt")"
+  for i in 1 2; do bench --batches 1 --prompts 2048,32768 --json "$o/b1_norm_$i.json"; mark "b1 $i"; done
+  WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_norm_pdl0.json" \
+    > "$o/prof_norm_pdl0.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_norm_pdl0.txt" ;;
 final)  # the record table (7B, 13B), on the final tree
   for s in 7b 13b; do
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
