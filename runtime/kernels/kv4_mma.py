@@ -240,6 +240,22 @@ def _values_asm(nsub: int) -> list[str]:
     return L
 
 
+def _state_and_wait(st_in: list[str], const: str, bar: str, par: str) -> list[str]:
+    """A step's first lines after its setup: the running state from its inputs (``m``, ``l``, ``pm``, the 32
+    value accumulators; ``cst``), then the wait for the stage's copies (the mbarrier's phase ``par``)."""
+    return [f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
+            f"mov.f32 cst, {const};", *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
+            "WAIT:", f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};", "@!pw bra WAIT;"]
+
+
+def _key_loads(j: int) -> list[str]:
+    """The thread's key words of 16-token block ``j`` (tokens ``16j + g``: ``kw0..3``, ``16j + 8 + g``: ``kw4..7``,
+    its words ``4t .. 4t + 3``) and the block's 8 score accumulators ``d[8j ..]`` zeroed."""
+    return ([f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{1024 * j}];",
+             f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{1024 * j + 512}];"]
+            + [f"mov.f32 d{8 * j + i}, 0f00000000;" for i in range(8)])
+
+
 def _step_asm(tile: int, qg: int) -> tuple[str, str]:
     """PTX of one tile for one thread (the whole warp runs it together: ``mma.sync``, shuffles): wait for the
     stage's mbarrier (phase parity), then the score MMAs of every 16 tokens of the tile, the online softmax once
@@ -276,18 +292,10 @@ def _step_asm(tile: int, qg: int) -> tuple[str, str]:
          f"mad.lo.u32 ka, g, 64, {sdata};", "mad.lo.u32 ka, t, 16, ka;",
          f"mad.lo.u32 va, t2, 64, {sdata};", "mad.lo.u32 va, g, 8, va;", f"add.u32 va, va, {c};",
          f"mad.lo.u32 sa, t2, 2, {sdata};", f"add.u32 sa, sa, {2 * c};",
-         f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
-         f"mov.f32 cst, {const};",
-         *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
-         # wait for the stage's copies
-         "WAIT:",
-         f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
-         "@!pw bra WAIT;"]
+         *_state_and_wait(st_in, const, bar, par)]
     # ---- raw scores: block 2j + b (tokens 16j + 8b + col), accumulators d[4 (2j + b) ..]
     for j in range(nsub):
-        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{1024 * j}];",
-              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{1024 * j + 512}];"]
-        L += [f"mov.f32 d{8 * j + i}, 0f00000000;" for i in range(8)]
+        L += _key_loads(j)
         for w in range(4):
             for b in range(2):
                 L += _unpack(f"kw{4 * b + w}", ("h0", "h1", "h2", "h3"), "tmp")
@@ -380,17 +388,10 @@ def _step_asm_ka(tile: int, qg: int) -> tuple[str, str]:
          "shl.b32 tmp, t, 1;", f"mad.lo.u32 va, tmp, 64, {sdata};", "mad.lo.u32 va, g, 8, va;",
          f"add.u32 va, va, {c};",
          f"mad.lo.u32 sa, g, 2, {sdata};", f"add.u32 sa, sa, {2 * c};",
-         f"mov.f32 m, {st_in[0]};", f"mov.f32 l, {st_in[1]};", f"mov.f32 pm, {st_in[2]};",
-         f"mov.f32 cst, {const};",
-         *[f"mov.f32 acc{i}, {st_in[3 + i]};" for i in range(32)],
-         "WAIT:",
-         f"mbarrier.try_wait.parity.shared::cta.b64 pw, [{bar}], {par};",
-         "@!pw bra WAIT;"]
+         *_state_and_wait(st_in, const, bar, par)]
     # ---- raw scores of block j (tokens 16j + g, 16j + 8 + g): two chains of 4 MMAs (u), accumulators d[8j + 4u ..]
     for j in range(nsub):
-        L += [f"ld.shared.v4.b32 {{kw0,kw1,kw2,kw3}}, [ka+{1024 * j}];",
-              f"ld.shared.v4.b32 {{kw4,kw5,kw6,kw7}}, [ka+{1024 * j + 512}];"]
-        L += [f"mov.f32 d{8 * j + i}, 0f00000000;" for i in range(8)]
+        L += _key_loads(j)
         for w in range(4):
             L += _unpack(f"kw{w}", ("h0", "h1", "h2", "h3"), "tmp") + _unpack(f"kw{4 + w}", ("e0", "e1", "e2", "e3"),
                                                                              "tmp")
