@@ -93,12 +93,10 @@ def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
                                                                [int(v) for v in args.row_max.split(",")])]
     if args.mma:
         pairs = MMA_TILES if args.mma == "all" else _pairs(args.mma)
-        grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, copies=cp, keys_a=bool(ka),
-                                dynamic=bool(dy))
-                 for n, (bs, st), cp, ka, dy in itertools.product(splits, pairs, args.copies.split(","),
-                                                                   [int(v) for v in args.keys_a.split(",")],
-                                                                   [int(v) for v in args.dynamic.split(",")])
-                 if kv4.mma_smem_bytes(bs, st) <= kv4.MMA_SMEM_LIMIT and (st == 2 or not dy)]
+        grid += [kv4.AttnConfig(n, bs, mma=True, stages=st, combine=True, copies=cp, keys_a=bool(ka))
+                 for n, (bs, st), cp, ka in itertools.product(splits, pairs, args.copies.split(","),
+                                                               [int(v) for v in args.keys_a.split(",")])
+                 if kv4.mma_smem_bytes(bs, st) <= kv4.MMA_SMEM_LIMIT]
     return [default] + [c for c in dict.fromkeys(grid) if c != default]
 
 
@@ -287,7 +285,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "stages pairs, e.g. 16x4,32x4, or 'all' (MMA_TILES), at every split count")
     ap.add_argument("--copies", default="mixed", help="--mma configs' AttnConfig.copies, comma-separated")
     ap.add_argument("--keys-a", default="0", help="--mma configs' AttnConfig.keys_a: 0, 1 or both (0,1)")
-    ap.add_argument("--dynamic", default="0", help="--mma configs' AttnConfig.dynamic (two stages only): 0, 1, 0,1")
     ap.add_argument("--mma-only", action="store_true", help="no split-kernel grid: the default config and --mma")
     ap.add_argument("--quick", action="store_true", help="a few configs per case at 3 split counts (a smoke test)")
     ap.add_argument("--workers", type=int, default=min(15, os.cpu_count() or 1), help="compile processes")
@@ -301,10 +298,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [v for v in args.loads.split(",") if v not in kv4.LOADS] + [
         v for v in args.row_max.split(",") if v not in ("0", "1")] + [
         v for v in args.copies.split(",") if v not in kv4.COPIES] + [
-        v for v in args.keys_a.split(",") + args.dynamic.split(",") if v not in ("0", "1")]
+        v for v in args.keys_a.split(",") if v not in ("0", "1")]
     if bad:
-        ap.error(f"unknown --loads / --row-max / --copies / --keys-a / --dynamic values {bad}; allowed: "
-                 f"{', '.join(kv4.LOADS)} / 0, 1 / {', '.join(kv4.COPIES)} / 0, 1 / 0, 1")
+        ap.error(f"unknown --loads / --row-max / --copies / --keys-a values {bad}; allowed: {', '.join(kv4.LOADS)} "
+                 f"/ 0, 1 / {', '.join(kv4.COPIES)} / 0, 1")
     if args.dry:
         args.batches, args.contexts = ("1", "100") if (args.batches, args.contexts) == ("1,8", "2048,32768") else (
             args.batches, args.contexts)

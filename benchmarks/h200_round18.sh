@@ -68,21 +68,6 @@ norm)  # rmsnorm's clear in programs of its own (GPU test, then the step and its
   for i in 1 2; do bench --batches 1 --prompts 2048,32768 --json "$o/b1_norm_$i.json"; mark "b1 $i"; done
   WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_norm_pdl0.json" \
     > "$o/prof_norm_pdl0.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_norm_pdl0.txt" ;;
-dyn)  # dynamic tiles (AttnConfig.dynamic): GPU tests, graph-timed against the table, the step with the best
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-    -k "(dynamic_tiles and True and mixed) or (mma_rope and True-True) or mma_config" > "$o/tests_dyn.txt" 2>&1
-  mark "dyn tests: $(tail -1 "$o/tests_dyn.txt")"
-  python3 benchmarks/attn_bench.py --rope --mma 64x2 --keys-a 1 --dynamic 0,1 --mma-only --batches 1 \
-    --contexts 2048,32768 --splits 16,32 --json "$o/attn_dyn_b1.json" > "$o/attn_dyn_b1.txt" 2>&1
-  mark "attn b1"; grep -A4 "^1x" "$o/attn_dyn_b1.txt" | grep -v "^--"
-  python3 benchmarks/attn_bench.py --mma 64x2 --keys-a 1 --dynamic 1 --mma-only --batches 8 \
-    --contexts 2048,32768 --splits 4,16 --json "$o/attn_dyn_b8.json" > "$o/attn_dyn_b8.txt" 2>&1
-  mark "attn b8"; grep -A3 "^8x" "$o/attn_dyn_b8.txt" | grep -v "^--"
-  for i in 1 2; do
-    WKVQ_ATTN_TABLE="$o/attn_dyn_b1.json" bench --batches 1 --prompts 2048,32768 --json "$o/b1_dyn_$i.json"
-    mark "b1 best of the dyn sweep $i"
-    bench --batches 1 --prompts 2048,32768 --json "$o/b1_static_$i.json"; mark "b1 table $i"
-  done ;;
 final)  # the record table (7B, 13B), on the final tree
   for s in 7b 13b; do
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \

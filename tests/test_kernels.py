@@ -237,26 +237,6 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
     assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
-@pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
-@pytest.mark.parametrize("tile,copies", [(16, "mixed"), (64, "mixed"), (32, "lanes"), (128, "bulk")])
-@pytest.mark.parametrize("hq,hkv,length,key_scale,splits,b", [
-    (2, 2, 150, 40, 2, 2), (3, 1, 37, 2, 8, 1), (4, 1, 1000, 4, 1, 1), (2, 1, 0, 2, 4, 1), (8, 8, 333, 10, 4, 2),
-    (2, 1, 1000, 4, 44, 1), (4, 2, 150, 40, 3, 2)])
-@pytest.mark.parametrize("keys_a", [False, True])
-def test_mma_attention_dynamic_tiles_match_reference(hq, hkv, length, key_scale, splits, b, tile, copies, keys_a):
-    """``AttnConfig.dynamic``: a KV head's programs take its tiles from a counter as they go. Three launches in a
-    row give the reference's output (the last program resets the counter as well as the count: both left at
-    zero)."""
-    from runtime.kernels import kv4
-
-    args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
-    cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=2, combine=True, copies=copies,
-                         keys_a=keys_a, dynamic=True)
-    for _ in range(3):
-        assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
-    assert not kv4._head_counts(DEV, 2 * b * hkv)[:2 * b * hkv].any()
-
-
 def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
     """Inputs of :func:`rope_attention`: the four static KV parameters, ``copies`` caches of ``s`` slots holding
     the same ``length`` past tokens, ``qkv [b, (hq + 2 hkv) d]`` and random ``cos``, ``sin [s, d]``."""
@@ -276,9 +256,9 @@ def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
 @pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
 @pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
                                                     (1, 1, 700, 1, 1), (2, 1, 900, 48, 1)])
-@pytest.mark.parametrize("keys_a,dynamic", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("keys_a", [False, True])
 def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies,
-                                                               keys_a, dynamic):
+                                                               keys_a):
     """The tensor-core kernel's ``ROPE`` form (:func:`rope_attention`: it ropes the query from ``qkv`` itself, one
     extra program per KV head appends the token) against :func:`rope_append` then the same kernel on a copy of the
     cache: the same output (to 1e-5: the rope's FMA contraction is each kernel's compiler's) and the same stored
@@ -291,7 +271,7 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
     before = qkv.clone()
     for combine, cache in ((True, caches[1]), (False, caches[2])):
         cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=copies,
-                             keys_a=keys_a, dynamic=dynamic and combine and stages == 2)
+                             keys_a=keys_a)
         q, k_cur, v_cur = kv4.rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
         ref = kv4.decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5,
                                    torch.float32, cfg)
@@ -315,11 +295,6 @@ def test_mma_config_checks_and_fallback():
     assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2, keys_a=True).label() == "sp4_mma_s64_st2_ka"
     with pytest.raises(ValueError, match="keys_a"):
         kv4.AttnConfig(mma=True, keys_a=1)
-    assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2, combine=True, dynamic=True).label() == (
-        "sp4_mma_s64_st2_dyn_comb")
-    for bad in ({"dynamic": 1}, {"dynamic": True, "stages": 3}, {"dynamic": True, "combine": False}):
-        with pytest.raises(ValueError, match="dynamic"):
-            kv4.AttnConfig(**{"mma": True, "stages": 2, "combine": True, **bad})
     assert kv4._split_kernel(kv4.AttnConfig(splits=4, block_s=64, mma=True, combine=True)) == dataclasses.replace(
         kv4.ATTN_DEFAULT, splits=4, combine=True)
     args, ref = _attention_case(4, 2, None, 150, 40, 2)

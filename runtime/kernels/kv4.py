@@ -441,17 +441,17 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:
         _combine_if_last(cnt_ptr + bh, b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                          out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, 1,
-                         ROPE, cnt_ptr, False)
+                         ROPE)
 
 
 @triton.jit
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, reset_ptr, RESET: tl.constexpr):
+                     ROPE: tl.constexpr):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
-    at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch, and with ``RESET`` the int32 at
-    ``reset_ptr`` too) merges query heads ``h0 .. h0 + HEADS - 1`` of sequence ``b`` (:func:`_combine_head`)."""
+    at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
+    HEADS - 1`` of sequence ``b`` (:func:`_combine_head`)."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
         for j in tl.static_range(HEADS):
@@ -459,8 +459,6 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
                           ROPE)
         tl.store(count_ptr, 0)
-        if RESET:
-            tl.store(reset_ptr, 0)
 
 
 @triton.jit
@@ -558,8 +556,7 @@ class AttnConfig:
     (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
     ``stages``: the ring's stages; ``copies``: one of :data:`COPIES` (bulk copies or every
     lane's ``cp.async``); ``keys_a``: the keys as the score MMAs' A operand, 16 tokens an MMA
-    (:func:`runtime.kernels.kv4_mma._step_asm_ka`; ``WKVQ_ATTN_KEYS_A`` ``0``/``1`` overrides it); ``dynamic``
-    (two stages, ``combine``): a KV head's programs take its tiles from a counter as they go;
+    (:func:`runtime.kernels.kv4_mma._step_asm_ka`; ``WKVQ_ATTN_KEYS_A`` ``0``/``1`` overrides it);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
     with :data:`ATTN_DEFAULT`'s tile."""
 
@@ -575,7 +572,6 @@ class AttnConfig:
     stages: int = 4
     copies: str = "mixed"
     keys_a: bool = False
-    dynamic: bool = False
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -601,8 +597,6 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: with mma, block_s must be 16, 32, 64 or 128, got {self.block_s}")
         if not isinstance(self.keys_a, bool):
             raise ValueError(f"AttnConfig: keys_a must be a bool, got {self.keys_a!r}")
-        if not isinstance(self.dynamic, bool) or (self.dynamic and not (self.mma and self.stages == 2 and self.combine)):
-            raise ValueError(f"AttnConfig: dynamic (a bool) needs mma, two stages and combine, got {self.dynamic!r}")
         if self.copies not in COPIES:
             raise ValueError(f"AttnConfig: copies must be one of {', '.join(COPIES)}, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
@@ -614,8 +608,7 @@ class AttnConfig:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
-            copies = (("" if self.copies == "mixed" else "_" + self.copies) + ("_ka" if self.keys_a else "")
-                      + ("_dyn" if self.dynamic else ""))
+            copies = ("" if self.copies == "mixed" else "_" + self.copies) + ("_ka" if self.keys_a else "")
             return f"{splits}_mma_s{self.block_s}_st{self.stages}{copies}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
@@ -763,11 +756,11 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         qkv, cos, sin = rope
         rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
-    if mma:  # counts per KV head (and, with dynamic tiles, their tile counters after them)
-        cnt = _head_counts(device, b * hkv * (2 if cfg.dynamic else 1)) if cfg.combine else m
+    if mma:  # counts per KV head
+        cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
-                       keys_a=cfg.keys_a, dynamic=cfg.dynamic)
+                       keys_a=cfg.keys_a)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

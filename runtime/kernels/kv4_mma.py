@@ -458,11 +458,6 @@ G_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 4, 0x1f, -
              " shfl.sync.bfly.b32 b, a, 8, 0x1f, -1; add.f32 a, a, b; shfl.sync.bfly.b32 b, a, 16, 0x1f, -1;"
              " add.f32 $0, a, b; }")
 FROM_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
-# dynamic tiles: lane 0 takes the next index of the counter at $1 (relaxed: it only shares out work; no fence, and
-# its result is read, by TAKEN_ASM's shuffle, only a tile later, so the round trip hides under the tile)
-TAKE_ASM = tl.constexpr("{ .reg .pred p; .reg .u32 lane; mov.u32 lane, %laneid; setp.eq.u32 p, lane, 0;"
-            " mov.u32 $0, 0; @p atom.relaxed.gpu.global.add.u32 $0, [$1], 1; }")
-TAKEN_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, 0, 0x1f, -1;")
 
 
 @functools.cache
@@ -485,52 +480,12 @@ def _issue(base, it, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr,
            STAGES: tl.constexpr, ISSUE: tl.constexpr):
     """Starts the copies (:func:`_issue_asm`) of tile ``it`` of the slice (when it exists) into stage
     ``it % STAGES``."""
-    _issue_at(base, it % STAGES, it < ntiles, row0 + it * TILE, tl.minimum(span - it * TILE, TILE), kc_ptr, vc_ptr,
-              ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-
-
-@triton.jit
-def _issue_at(base, st, go, row, n, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE: tl.constexpr,
-              ISSUE: tl.constexpr):
-    """Starts the copies of the ``n`` tokens from cache row ``row`` into stage ``st`` where ``go``."""
+    st = it % STAGES
+    n = tl.minimum(span - it * TILE, TILE)
     tl.inline_asm_elementwise(ISSUE, "=r,r,r,r,r,r,l,l,l,l,l,l",
-                              [base * 0 + go.to(tl.int32), base + 8 * st, _stage(base, st, TILE), row, n,
+                              [base * 0 + (it < ntiles).to(tl.int32), base + 8 * st, _stage(base, st, TILE),
+                               row0 + it * TILE, n,
                                kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _take(ctr, z):
-    """Lane 0's next index of the tile counter at ``ctr`` (:data:`TAKE_ASM`; the other lanes' values are 0)."""
-    return tl.inline_asm_elementwise(TAKE_ASM, "=r,l", [ctr + z * 0], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _tile_step(bar, par, stage, n, H0, H1, H2, H3, L0, L1, L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A,
-               STEP: tl.constexpr, STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr):
-    """One tile of the step (:func:`_step_asm_ka` with ``KEYS_A``, else :func:`_step_asm`): the state ``m_i``,
-    ``l_i``, ``pm``, ``A`` (32 accumulators) after it."""
-    if KEYS_A:
-        R = tl.inline_asm_elementwise(
-            STEP, STEP_CONS,
-            [bar, par, stage, n, B0[0], B0[1], B0[2], B0[3], B1[0], B1[1], B1[2], B1[3], B2[0], B2[1], B2[2], B2[3],
-             B3[0], B3[1], B3[2], B3[3], qsum, const, src, m_i, l_i, pm,
-             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14], A[15],
-             A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28], A[29],
-             A[30], A[31]],
-            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
-    else:
-        R = tl.inline_asm_elementwise(
-            STEP, STEP_CONS,
-            [bar, par, stage, n, H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
-             H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
-             L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
-             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14], A[15],
-             A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28], A[29],
-             A[30], A[31]],
-            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
-    return R[0], R[1], R[2], (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15],
-                              R[16], R[17], R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27],
-                              R[28], R[29], R[30], R[31], R[32], R[33], R[34])
 
 
 @triton.jit
@@ -610,12 +565,12 @@ def _store_dims(row, i, A, pq, mask):
 
 @triton.jit
 def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
-                     m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, ctr_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
+                     m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
-                     KEYS_A: tl.constexpr = False, DYN: tl.constexpr = False):
+                     KEYS_A: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -630,9 +585,9 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     b, kh = bk // HKV, bk % HKV
     if sp < NSPLIT:
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
-                len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, ctr_ptr, kcur_ptr, vcur_ptr, vscale_ptr,
-                vshift_ptr, out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL,
-                COMBINE, ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, DYN)
+                len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
+                out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -645,11 +600,11 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
 
 @triton.jit
 def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
-            m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, ctr_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
-            out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
+            m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
+            qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
-            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, DYN: tl.constexpr):
+            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -662,18 +617,9 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     z = tl.zeros((32,), tl.int32)
     g, t = tl.inline_asm_elementwise(LANE_ASM, "=r,=r,r", [z], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     base = tl.inline_asm_elementwise(INIT, "=r,r", [z], dtype=tl.int32, is_pure=False, pack=1)
-    if DYN:  # two stages; tile sp first (the counter is taken after the wait: the launch before resets it)
-        total = tl.cdiv(length, TILE)
-        head_row = (b * HKV + kh) * S
-        cur = sp
-        _issue_at(base, 0, cur < total, head_row + cur * TILE, tl.minimum(length - cur * TILE, TILE), kc_ptr, vc_ptr,
-                  ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-    else:
-        for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
-            _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
+    for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
+        _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
     overlap.wait_prior(PDL)
-    if DYN:  # the second tile's index, its round trip under the query's loads
-        taken = _take(ctr_ptr + bk, z)
     qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
     cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
     if ROPE:
@@ -707,36 +653,43 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                                              is_pure=False, pack=1)
             const = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [const, 8 * (t % QG)], dtype=tl.float32,
                                               is_pure=False, pack=1)
-    else:  # unused by _step_asm
-        B0, B1, B2, B3, src = H0, H1, H2, H3, t
     f0 = tl.zeros((32,), tl.float32)
     m_i = f0 - 1.0e30
     l_i = f0
     pm = f0
     A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
-    if DYN:  # tiles taken from the KV head's counter as the program goes (the first: tile sp)
-        it = 0
-        while cur < total:
-            nxt = NSPLIT + tl.max(tl.inline_asm_elementwise(TAKEN_ASM, "=r,r", [taken], dtype=tl.int32,
-                                                            is_pure=False, pack=1), 0)
-            taken = _take(ctr_ptr + bk, z)  # the tile after next: its round trip under this tile
-            _issue_at(base, (it + 1) % 2, nxt < total, head_row + nxt * TILE, tl.minimum(length - nxt * TILE, TILE),
-                      kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-            st = it % 2
-            m_i, l_i, pm, A = _tile_step(base + 8 * st, z + (it // 2) % 2, _stage(base, st, TILE),
-                                         z + tl.minimum(length - cur * TILE, TILE), H0, H1, H2, H3, L0, L1, L2, L3,
-                                         B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A, STEP, STEP_CONS, KEYS_A)
-            cur = nxt
-            it += 1
-    else:
-        for it in range(ntiles):
-            _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
-                   STAGES, ISSUE)
-            st = it % STAGES
-            m_i, l_i, pm, A = _tile_step(base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
-                                         z + tl.minimum(span - it * TILE, TILE), H0, H1, H2, H3, L0, L1, L2, L3,
-                                         B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A, STEP, STEP_CONS, KEYS_A)
+    for it in range(ntiles):
+        _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
+               STAGES, ISSUE)
+        st = it % STAGES
+        if KEYS_A:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 B0[0], B0[1], B0[2], B0[3], B1[0], B1[1], B1[2], B1[3], B2[0], B2[1], B2[2], B2[3],
+                 B3[0], B3[1], B3[2], B3[3], qsum, const, src, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        else:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
+                 H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
+                 L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        m_i, l_i, pm = R[0], R[1], R[2]
+        A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
+             R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
+             R[32], R[33], R[34])
     if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
         lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
@@ -764,7 +717,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE, ctr_ptr + bk, DYN)
+                         NSPLIT, QG, ROPE)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -772,7 +725,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
-           trigger: bool = False, keys_a: bool = False, dynamic: bool = False) -> None:
+           trigger: bool = False, keys_a: bool = False) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -780,12 +733,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at the grid's even share
     (:func:`cap_bytes`, unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early; ``keys_a``: the
-    keys as the score MMAs' A operand (:func:`_step_asm_ka`); ``dynamic`` (two stages, ``combine``): the programs of a
-    KV head take its tiles from a counter, ``counts[B Hkv .. 2 B Hkv]``, as they go (the first: tile ``split``)
-    instead of each a contiguous slice."""
-    if dynamic and not (stages == 2 and combine):
-        raise ValueError(f"dynamic tiles need two stages and the fused combine, got {stages} stages, combine "
-                         f"{combine}")
+    keys as the score MMAs' A operand (:func:`_step_asm_ka`)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -795,9 +743,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
-        length, m, l_, acc, s, sm_scale, counts, counts[b * hkv:] if dynamic else counts, k_cur, v_cur, v_scale,
-        v_shift, out, qkv, cos, sin,
+        length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
-        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a, DYN=dynamic,
+        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
         **overlap.options(pdl))
