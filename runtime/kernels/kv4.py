@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_row_buffer, env_tables, head_dim_ok, multiprocessors, overlap, sweep_table
+from . import (
+    check_row_buffer,
+    env_tables,
+    head_dim_ok,
+    multiprocessors,
+    overlap,
+    sweep_table,
+)
 
 
 @triton.jit
