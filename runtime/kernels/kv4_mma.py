@@ -45,8 +45,9 @@ tokens a 64-token tile instead of 16 (b1 p32768 48.1 -> 43.7 us, b8 p32768 332 -
 
 Query heads (query as A): row ``g`` of the score MMA is query ``(g / 2) % QG`` of the KV head, so thread
 ``(g, t)`` keeps the softmax state of that query, while its value accumulators (columns ``2t, 2t + 1``) belong to
-query ``t % QG``: rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when ``QG == 1``). One program per
-(sequence, KV head, split), one warp; its last program per KV head (a count, as in kv4) merges the splits.
+query ``t % QG``: rescale factors and the minimum term come from lane ``8t`` (a shuffle; none when ``QG == 1``).
+One program per (sequence, KV head, split), one warp; its last program per KV head (a count, as in kv4) merges the
+splits.
 """
 
 from __future__ import annotations
