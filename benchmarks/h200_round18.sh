@@ -68,6 +68,10 @@ norm)  # rmsnorm's clear in programs of its own (GPU test, then the step and its
   for i in 1 2; do bench --batches 1 --prompts 2048,32768 --json "$o/b1_norm_$i.json"; mark "b1 $i"; done
   WKVQ_PDL=0 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_norm_pdl0.json" \
     > "$o/prof_norm_pdl0.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_norm_pdl0.txt" ;;
+fixed)  # the attention's fixed cost: short pasts and split counts (b1, keys as A, rope form)
+  python3 benchmarks/attn_bench.py --rope --mma 64x2 --keys-a 1 --mma-only --batches 1 \
+    --contexts 64,512,2048,8192 --splits 1,4,16,32 --top 16 --json "$o/attn_fixed.json" > "$o/attn_fixed.txt" 2>&1
+  mark "fixed"; grep -v Warn "$o/attn_fixed.txt" | grep -E "^1x|sp[0-9]" | head -40 ;;
 final)  # the record table (7B, 13B), on the final tree
   for s in 7b 13b; do
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
