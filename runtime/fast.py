@@ -170,6 +170,21 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def resolve_kernels(device, head_dim: int, use_kernels: bool | None) -> bool:
+    """Whether :class:`FastLlama` runs the Triton kernels: ``use_kernels``, or where it is None wherever they are
+    available and take heads of ``head_dim`` channels (:func:`runtime.kernels.head_dim_ok`). Asking for them where
+    they cannot run is a one-line ``ValueError``."""
+    shape_ok = kernels.head_dim_ok(head_dim)
+    if use_kernels is None:
+        return kernels.available(device) and shape_ok
+    if use_kernels and not shape_ok:
+        raise ValueError(f"the attention kernels need a power-of-two head_dim, this model has {head_dim}; "
+                         "pass use_kernels=False")
+    if use_kernels and not kernels.available(device):
+        raise ValueError(f"Triton kernels are not available on {device}")
+    return use_kernels
+
+
 class FastLlama:
     """Decoder weights (shared with the source model), rope tables and the two forward paths."""
 
@@ -177,13 +192,7 @@ class FastLlama:
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
         self.cos, self.sin = cos, sin  # float32 [max_positions, head_dim]
         self.device = embed.device
-        shape_ok = kernels.head_dim_ok(config.head_dim)
-        self.use_kernels = kernels.available(self.device) and shape_ok if use_kernels is None else use_kernels
-        if self.use_kernels and not shape_ok:
-            raise ValueError(f"the attention kernels need a power-of-two head_dim, this model has {config.head_dim}; "
-                             "pass use_kernels=False")
-        if self.use_kernels and not kernels.available(self.device):
-            raise ValueError(f"Triton kernels are not available on {self.device}")
+        self.use_kernels = resolve_kernels(self.device, config.head_dim, use_kernels)
 
     @classmethod
     def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None,
@@ -194,8 +203,7 @@ class FastLlama:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kq = dec.layers[0].self_attn.kv_quant
         device = dec.embed_tokens.weight.device
-        if use_kernels is None:  # as __init__ resolves it
-            use_kernels = kernels.available(device) and kernels.head_dim_ok(head_dim)
+        use_kernels = resolve_kernels(device, head_dim, use_kernels)  # before the layout: it depends on it
         layout = weight_layout(device, use_kernels, dec.layers[0].self_attn.q_proj.group_size)
         fc = FastConfig(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                         cfg.num_hidden_layers, cfg.rms_norm_eps, kq.config.bits, kq.config.group_size)
