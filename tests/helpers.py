@@ -52,6 +52,16 @@ def make_tiny_llama(path: Path, seed: int = 0, half_exact: bool = False, **overr
     return path
 
 
+def kernel_rtn_artifact(tmp_path: Path, layers: int = 1) -> Path:
+    """A tiny model whose shapes the decode kernels take (hidden 256, 4 heads of 64, 2 KV heads, MLP 320: the down
+    projection has a ragged group) with ``layers`` layers, converted with RTN into ``tmp_path / "q"``."""
+    from converter.convert import ConvertConfig, convert
+
+    src = make_tiny_llama(tmp_path / "m", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=320, num_hidden_layers=layers)
+    return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+
+
 def fast_decode_errors(tmp_path: Path, projections: str):
     """A one-layer tiny model (hidden 256, MLP 320: the down projection has a ragged group) converted with RTN,
     loaded on CUDA in float16, its decode step on ``projections`` against the eager path: returns the fast
@@ -59,13 +69,9 @@ def fast_decode_errors(tmp_path: Path, projections: str):
     import dataclasses
 
     import runtime
-    from converter.convert import ConvertConfig, convert
     from runtime.fast import DecodeGraph, FastLlama
 
-    src = make_tiny_llama(tmp_path / "m", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=320, num_hidden_layers=1)
-    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
-    model, _ = runtime.load(art, device="cuda", dtype=torch.float16)
+    model, _ = runtime.load(kernel_rtn_artifact(tmp_path), device="cuda", dtype=torch.float16)
     eager = FastLlama.from_hf(model, 32, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections(projections)

@@ -18,7 +18,7 @@ from runtime.artifact import ArtifactError
 from runtime.cache import PackedKV, PoqLayer
 from runtime.qlinear import QuantLinear
 from runtime.quant import dequantize_weight
-from tests.helpers import make_tiny_llama, tiny_config
+from tests.helpers import kernel_rtn_artifact, tiny_config
 
 REF_ATTENTION = "poq_segment_reference"
 
@@ -492,7 +492,6 @@ def test_cli_generate_fast_streams_the_same_completion(tiny_rtn_artifact):
     assert res.exit_code == 2 and "--no-poq" in res.output
 
 
-
 def test_fast_llama_takes_the_kernels_only_at_a_power_of_two_head_dim(tiny_rtn_artifact):
     """The attention kernels tile a head's channels (tl.arange): at the tiny model's head_dim 40 FastLlama runs
     without them where it chooses, and asking for them is a one-line error."""
@@ -511,13 +510,10 @@ def test_fast_generate_on_cuda_matches_its_eager_steps_and_the_cli_runs(tmp_path
     model's eager decode steps (the kernels either way; head_dim 64), and `wkvq generate --fast --device cuda`
     exits 0 with a completion."""
     from cli import main
-    from converter.convert import ConvertConfig, convert
     from runtime.fast import FastLlama
     from runtime.fast import generate as fast_generate
 
-    src = make_tiny_llama(tmp_path / "m", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=320, num_hidden_layers=2)
-    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    art = kernel_rtn_artifact(tmp_path, layers=2)
     model, tok = runtime.load(art, device="cuda")
     ids = tok("The quick brown fox", return_tensors="pt")["input_ids"].cuda()
     fast = FastLlama.from_hf(model, ids.shape[1] + 12)
