@@ -803,7 +803,8 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     else:
         grid = (blocks, min(cfg.split, g))
     _w4_mma_kernel[grid](
-        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
+        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), WARPS=cfg.warps,
+        TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
