@@ -451,13 +451,11 @@ def _step_asm_ka(tile: int, qg: int) -> tuple[str, str]:
 LANE_ASM = tl.constexpr("{ .reg .u32 lane; mov.u32 lane, %laneid; shr.u32 $0, lane, 2; and.b32 $1, lane, 3; }")
 QUAD_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 1, 0x1f, -1; add.f32 a, a, $1;"
                 " shfl.sync.bfly.b32 b, a, 2, 0x1f, -1; add.f32 $0, a, b; }")
-# the value of lane 8t (t = lane % 4): the score rows of that lane are the query of this lane's value columns
-FROM_8T_ASM = tl.constexpr("{ .reg .u32 lane, s; mov.u32 lane, %laneid; and.b32 s, lane, 3; shl.b32 s, s, 3;"
-               " shfl.sync.idx.b32 $0, $1, s, 0x1f, -1; }")
-# keys_a: the sum over the 8 lanes g of a t (the tokens of a query), and the value of lane $2
+# keys_a: the sum over the 8 lanes g of a t (the tokens of a query)
 G_SUM_ASM = tl.constexpr("{ .reg .f32 a, b; shfl.sync.bfly.b32 a, $1, 4, 0x1f, -1; add.f32 a, a, $1;"
              " shfl.sync.bfly.b32 b, a, 8, 0x1f, -1; add.f32 a, a, b; shfl.sync.bfly.b32 b, a, 16, 0x1f, -1;"
              " add.f32 $0, a, b; }")
+# the value of lane $2 (e.g. lane 8t, t = lane % 4, whose score rows are the query of this lane's value columns)
 FROM_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
 
 
@@ -699,7 +697,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     else:
         lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
-        pq = tl.inline_asm_elementwise(FROM_8T_ASM, "=f,f", [pq], dtype=tl.float32, is_pure=False, pack=1)
+        pq = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [pq, 8 * t], dtype=tl.float32, is_pure=False, pack=1)
         # m, l of query j from lane (g = 2j, t = 0); the values of query t (t < QG) from every g: dims 16g ..
         head_q = (b * HQ + kh * QG + g // 2) * NSPLIT + sp
         ml_mask = (t == 0) & (g % 2 == 0) & (g // 2 < QG)
