@@ -143,8 +143,8 @@ def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, 
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except Exception as e:  # a Triton without this compile API: nothing to check here
-        if "ptxas" in str(e).lower() or "PTX" in str(e):
-            raise
+        if "ptxas" in str(e).lower() or "PTX" in str(e) or type(e).__name__ == "CompilationError":
+            raise  # the kernel's own error (a CompilationError hid a test's missing constexprs for a session)
         pytest.skip(f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:120]}")
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(k.asm["cubin"])

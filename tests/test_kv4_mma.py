@@ -9,12 +9,14 @@ import pytest
 from tests.helpers import sm90_sass
 
 
+@pytest.mark.parametrize("keys_a", [False, True])
 @pytest.mark.parametrize("tile,stages,qg,bulk,rope,cap", [
     (16, 2, 1, "mixed", False, 0), (32, 4, 3, "mixed", False, 0), (64, 2, 4, "mixed", True, 0),
     (128, 2, 1, "mixed", False, 0), (64, 3, 1, "bulk", False, 0), (32, 2, 1, "lanes", True, 0),
     (128, 2, 3, "lanes", False, 0), (64, 2, 1, "mixed", True, 8), (32, 2, 1, "lanes", True, 5)])
-def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, tmp_path):
-    """The PTX is valid for sm_90; per tile 24 HMMA per 16 tokens (16 for the scores, 8 for the values); per issue
+def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys_a, tmp_path):
+    """The PTX is valid for sm_90; per tile 24 HMMA per 16 tokens (16 for the scores, 8 for the values; with
+    ``keys_a`` the keys as A: 8 for the scores); per issue
     2 bulk copies of codes and the stats by each lane's ``cp.async`` (16 bytes at most an instruction), or 6 bulk
     copies with ``bulk``, issued ``stages - 1`` times before the loop and once in it; the shared ring as declared;
     no local memory (spills); the query's rows by 16-byte loads (its 32 channels a thread and their static key
@@ -23,15 +25,16 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, tmp_
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk, cap)
+    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk, cap, keys_a)
     consts = {"HQ": 4 * qg, "HKV": 4, "QG": qg, "TILE": tile, "NSPLIT": 8, "STAGES": stages, "PDL": False,
-              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons}
+              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons,
+              "TRIGGER": False, "KEYS_A": keys_a}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32"}
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     kinds["stride_qkv"] = "i32"
     sass, usage = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
-    assert sass.count("HMMA.16816.F32") == 24 * tile // 16
+    assert sass.count("HMMA.16816.F32") == (16 if keys_a else 24) * tile // 16
     assert sass.count("UBLKCP") == {"bulk": 6, "mixed": 2, "lanes": 0}[bulk] * stages
     assert (sass.count("LDGSTS") == 0) == (bulk == "bulk")  # ptxas may split a predicated copy: no exact count
     shared = int(usage.split("SHARED:")[1].split()[0])  # the ring, plus Triton's scratch of the fused combine

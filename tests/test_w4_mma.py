@@ -137,21 +137,26 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed", [
-    (1, False, 1, 0, 4, False, False), (2, True, 2, 0, 4, False, True), (1, True, 1, 3, 4, False, False),
-    (2, False, 1, 4, 2, False, False), (2, False, 1, 0, 2, True, True), (1, True, 1, 3, 4, True, False),
-    (1, False, 1, 0, 1, True, True)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, tmp_path):
+@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,pre", [
+    (1, False, 1, 0, 4, False, False, False), (2, True, 2, 0, 4, False, True, False),
+    (1, True, 1, 3, 4, False, False, False), (2, False, 1, 4, 2, False, False, False),
+    (2, False, 1, 0, 2, True, True, False), (1, True, 1, 3, 4, True, False, False),
+    (1, False, 1, 0, 1, True, True, False), (2, False, 1, 0, 1, True, True, True), (1, True, 1, 0, 4, False, False, True),
+    (2, False, 1, 0, 4, False, True, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, pre, tmp_path):
     """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
     shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
     tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
-    at immediate offsets."""
+    at immediate offsets; ``pre``: the weight preload before the PDL wait (its range's first iteration peeled)."""
     pytest.importorskip("triton")
-    from runtime.kernels import w4_mma
+    from runtime.kernels import overlap, w4_mma
 
+    if pre and not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
     # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
     strides = (5504, 172, 86) if fixed else None
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides)
+    split = w4_mma._split_load_asm(tiles, ragged, strides) if pre else ("", "r", "", "r")
     stage = ("", "r", "", "r", "", "r")
     if stages:
         assert w4_mma.stages_fit(w4_mma.MmaConfig(warps, tiles, 4, stages=stages))
@@ -160,12 +165,22 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": fixed, "PDL": False}
+              "FIXED": fixed, "PDL": pre, "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2],
+              "LOADX_CONS": split[3], "PRE": pre}
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
-    # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one
-    assert sass.count("HMMA.16816.F32") == 8 * tiles * (3 if depth == 1 and not stages else 1)
+    # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one;
+    # pre: the peeled first iteration's two groups too, and (stream-K) a second copy of the range without them
+    # (whose tail ptxas may merge with the first's)
+    hmma = sass.count("HMMA.16816.F32")
+    if pre and persist:
+        assert hmma % (8 * tiles) == 0 and 7 <= hmma // (8 * tiles) <= 8
+    else:
+        assert hmma == 8 * tiles * (5 if pre else 3 if depth == 1 and not stages else 1)
     assert "LOCAL:0" in usage
+    if pre:  # the two groups' weight loads (codes, scales, zeros: 12 a tile), then the wait (ACQBULK), then x
+        before = sass[:sass.index("ACQBULK")]
+        assert before.count("LDG.E") == 12 * tiles and ".CONSTANT" not in before
     if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
         assert "+0xac00]" in sass
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it

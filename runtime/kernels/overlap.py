@@ -28,7 +28,9 @@ residency limit, which unbalanced the attention's one-wave grid (sixteenth sessi
 the tensor-core attention therefore caps its programs a multiprocessor at the grid's even share when launched early
 (``kv4_mma.cap_bytes``). With the cap "attn" measured -0.07 ms at p32768 and +0.02 at p2048 (not in the default);
 "attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
-them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``).
+them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``). The tensor-core GEMV (``w4_mma``) also loads its first two groups'
+weights into registers before its wait (``WKVQ_MMA_PRE``). A load meant to run before the wait must be a coherent
+``ld.global``: ptxas hoists the wait above ``.nc`` loads (and moves ``.nc`` loads placed after it above it).
 """
 
 from __future__ import annotations

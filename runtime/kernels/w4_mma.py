@@ -38,6 +38,12 @@ recomputed, not written). Local sm_90 SASS at two tiles: 230 instructions a grou
 code (290 before the thirteenth session). Rows past ``N`` (tiny ``N``, or with stages) read row ``N - 1`` and are
 not written; a ragged last group (``K % 128``, a multiple
 of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
+
+Launched with PDL (:mod:`runtime.kernels.overlap`), a program loads the codes, scales and zeros of its first two
+groups before it waits for the kernel before, and their ``x`` after (``PRE``; ``WKVQ_MMA_PRE=0`` waits first): the
+weights are not written by the step, so the first trip to DRAM overlaps the norm or SiLU kernel the GEMV waits for.
+Those loads are coherent ``ld.global``: ptxas moves ``griddepcontrol.wait`` above ``.nc`` loads, and ``.nc`` loads
+of ``x`` above the wait. 7B b1 p2048 on an H200: 1.74-1.79 -> 1.68-1.69 ms a step (nineteenth session).
 """
 
 from __future__ import annotations
@@ -57,6 +63,15 @@ from . import cuda_major, env_tables, multiprocessors, overlap, sweep_table
 GROUP = 128
 MMA_MAX_ROWS = 8
 MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-streaming kernel
+
+
+PRE_ENV = "WKVQ_MMA_PRE"  # 0: with PDL, wait for the kernel before first, then load (no weight preload)
+
+
+def preload_enabled() -> bool:
+    """Whether a GEMV launched with PDL loads its first two groups' weights before it waits for the kernel before
+    (``WKVQ_MMA_PRE`` not ``0``; depth 1 without stages only, :func:`_range`)."""
+    return os.environ.get(PRE_ENV, "1") != "0"
 
 
 def mma_enabled() -> bool:
@@ -252,7 +267,7 @@ def _prefetch_asm(tiles: int) -> str:
 
 
 def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
-              gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str]:
+              gstrides: tuple[int, int, int] = (64, 2, 1), part: str = "all") -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
@@ -265,10 +280,13 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     group instead of one per row; the other rows' pointers go unused and ptxas drops them). Needs every row of the
     block inside ``N`` (the kernel then shifts the last block down, ``FIXED``). ``gstrides``: bytes between groups
     of codes, scales, zeros (64, 2, 1 in the artifact's row-major layout; :func:`runtime.quant.group_major` puts
-    each group's rows next to each other)."""
+    each group's rows next to each other). ``part``: "all", or only the weight words ("w": codes, scales, zeros,
+    in the same order; what a program may read before the PDL wait) or only the ``x`` words ("x"); the inputs are
+    the same for every part."""
     nout = 16 + 10 * tiles
-    outs = [f"${i}" for i in range(nout)]
-    idx = nout
+    keep = {"all": range(nout), "w": range(16, nout), "x": range(16)}[part]
+    outs = [f"${i}" for i in range(len(keep))]
+    idx = len(keep)
     ptrs = []  # per tile and half: (codes, scales, zeros)
     for _ in range(2 * tiles):
         ptrs.append((f"${idx}", f"${idx + 1}", f"${idx + 2}"))
@@ -279,10 +297,12 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
          ".reg .u64 off, ad, offc, offs, offz;", f".reg .b32 v<{nout}>;"]
     if ragged:
         L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};"]
-        L += [f"mov.b32 v{i}, 0;" for i in range(16)]
-    L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
-    for v in range(4):
-        L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, [ad+{16 * v}];")
+    if part != "w":
+        L += [f"mov.b32 v{i}, 0;" for i in range(16)] if ragged else []
+        L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
+        for v in range(4):
+            L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, "
+                     f"[ad+{16 * v}];")
     L += [f"mul.wide.u32 offc, {gi}, {gstrides[0]};", f"mul.wide.u32 offs, {gi}, {gstrides[1]};",
           f"mul.wide.u32 offz, {gi}, {gstrides[2]};"]
     offs, bases = ("offc", "offs", "offz"), ("pc", "ps", "pz")  # per tensor: codes, scales, zeros
@@ -295,7 +315,7 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
             return [], f"[{bases[tensor]}+{8 * half * strides[tensor]}]"
         return [f"add.u64 ad, {ptrs[half][tensor]}, {offs[tensor]};"], "[ad]"
 
-    for r in range(tiles):
+    for r in range(tiles if part != "x" else 0):
         o, ha, hb = 16 + 10 * r, 2 * r, 2 * r + 1
         if ragged:
             L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
@@ -307,9 +327,9 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
                 pre, ad = at(h, tensor)
                 L += pre + [f"ld.global.nc.{kind} {reg}, {ad};"]
             L.append(f"mov.b32 v{w}, {{{ra}, {rb}}};")
-    L += [f"mov.b32 {outs[i]}, v{i};" for i in range(nout)]
+    L += [f"mov.b32 {out}, v{i};" for out, i in zip(outs, keep)]
     L.append("}")
-    cons = ",".join(["=r"] * nout + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
+    cons = ",".join(["=r"] * len(keep) + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
     return "\n".join(L), cons
 
 
@@ -472,6 +492,19 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
 
 
 @functools.cache
+def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
+                    gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str, str, str]:
+    """:func:`_load_asm`'s weight part and ``x`` part (the preload before the PDL wait): (w, w_cons, x, x_cons)."""
+    # coherent loads (ld.global, not .nc) in both: ptxas moves the wait above .nc loads placed before it, and
+    # .nc loads placed after it above the wait (the read-only path assumes data no kernel in flight writes)
+    out = []
+    for part in ("w", "x"):
+        asm, cons = _load_asm(tiles, ragged, strides, gstrides, part)
+        out += [asm.replace("ld.global.nc.", "ld.global."), cons]
+    return tuple(out)
+
+
+@functools.cache
 def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
     """The cp.async pipeline's PTX: the prologue with the shared memory declared at the function's scope (so that
     the later blocks can name it), the issue, read and scale/zero blocks, with their constraints."""
@@ -512,6 +545,37 @@ def _comp1(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
                                       V[15], V[16], V[17], V[18], V[19], V[20], V[21], V[22], V[23],
                                       V[24], V[25]],
                                      dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _loadw(P, gi, K, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, TILES: tl.constexpr):
+    """The weight part of :func:`_load_asm` (codes, scales, zeros) of group ``gi``: what may be read before the PDL
+    wait (not pure: otherwise the compiler sinks the loads below the wait)."""
+    if TILES == 1:
+        return tl.inline_asm_elementwise(LOADW, LOADW_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
+                                         dtype=(tl.int32,) * 10, is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(LOADW, LOADW_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8],
+                                                             P[9], P[10], P[11], P[12], P[13], gi, K],
+                                         dtype=(tl.int32,) * 20, is_pure=False, pack=1)
+
+
+@triton.jit
+def _loadx_join(P, gi, K, W, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr):
+    """The ``x`` part of :func:`_load_asm` of group ``gi``, joined with its weight part ``W`` (:func:`_loadw`) into
+    what :func:`_load` returns."""
+    if TILES == 1:
+        X = tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
+                                      dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+        return (X[0], X[1], X[2], X[3], X[4], X[5], X[6], X[7], X[8], X[9], X[10], X[11], X[12], X[13], X[14], X[15],
+                W[0], W[1], W[2], W[3], W[4], W[5], W[6], W[7], W[8], W[9])
+    else:
+        X = tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9],
+                                                          P[10], P[11], P[12], P[13], gi, K],
+                                      dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+        return (X[0], X[1], X[2], X[3], X[4], X[5], X[6], X[7], X[8], X[9], X[10], X[11], X[12], X[13], X[14], X[15],
+                W[0], W[1], W[2], W[3], W[4], W[5], W[6], W[7], W[8], W[9], W[10], W[11], W[12], W[13], W[14], W[15],
+                W[16], W[17], W[18], W[19])
 
 
 @triton.jit
@@ -636,10 +700,15 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
-           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr):
+           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
+           LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
+           PRE: tl.constexpr, PDL: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
-    down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists."""
+    down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
+    ``PRE`` (the register prefetch at depth 1 only): the weights of the range's first two groups are loaded, then
+    the program waits for the kernels before it (:func:`runtime.kernels.overlap.wait_prior`), then their ``x``:
+    the first weight bytes are on their way while the kernel before ends."""
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -667,8 +736,22 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             A, Z = _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                                SZA_CONS, COMP, COMP_CONS, TILES)
     elif DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
-        V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
-        for gi in range(g_lo, g_hi - 1, 2):
+        if PRE:  # the first iteration peeled: its two groups' weights read before the wait
+            g1 = tl.minimum(g_lo + 1, g_hi - 1)
+            Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
+            Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
+            overlap.wait_prior(PDL)
+            V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
+            U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
+            if g_hi - g_lo >= 2:
+                A = _comp(A, V, COMP, COMP_CONS, TILES)
+                V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+                A = _comp(A, U, COMP, COMP_CONS, TILES)
+            g_start = g_lo + 2
+        else:
+            V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
+            g_start = g_lo
+        for gi in range(g_start, g_hi - 1, 2):
             U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
             if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
@@ -708,7 +791,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
                    L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
                    ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
-                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr):
+                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
+                   LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -717,30 +801,42 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``(row block, group)`` pairs, row block major, into equal contiguous shares (stream-K: every program the same
     number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
-    before it first thing (its loads of ``x`` and of the weights are one PTX block)."""
+    before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1, no
+    stages) after loading the weights of its first range's first two groups (:func:`_range`)."""
     overlap.launch_dependents(PDL)
-    overlap.wait_prior(PDL)
+    if not PRE:
+        overlap.wait_prior(PDL)
     NT: tl.constexpr = 32 * WARPS
     ROWS: tl.constexpr = 16 * TILES * WARPS
     if PERSIST:
         p, P = tl.program_id(0), tl.num_programs(0)
         work = tl.cdiv(N, ROWS) * G
         w = p * work // P
-        w_end = (p + 1) * work // P
-        while w < w_end:
+        w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
+        if PRE:  # the first range apart: it preloads
             rb = w // G
             g_lo = w - rb * G
             g_hi = tl.minimum(G, g_lo + (w_end - w))
             _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
                    stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED)
+                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
+                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL)
+            w += g_hi - g_lo
+        while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
+            rb = w // G
+            g_lo = w - rb * G
+            g_hi = tl.minimum(G, g_lo + (w_end - w))
+            _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
+                   stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
+                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL)
             w += g_hi - g_lo
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-               SZA_CONS, FIXED)
+               SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -796,6 +892,10 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
+    pdl_opts = overlap.launch_options(x2.device, "gemv")
+    pre = pdl_opts["PDL"] and preload_enabled() and cfg.depth == 1 and not cfg.stages
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides) if pre
+                                            else ("", "r", "", "r"))
     g = scales.shape[1]
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
@@ -808,6 +908,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
-        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, num_warps=cfg.warps,
-        **overlap.launch_options(x2.device, "gemv"))
+        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw,
+        LOADW_CONS=loadw_cons, LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, num_warps=cfg.warps, **pdl_opts)
     return out
