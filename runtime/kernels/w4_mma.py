@@ -39,9 +39,10 @@ code (290 before the thirteenth session). Rows past ``N`` (tiny ``N``, or with s
 not written; a ragged last group (``K % 128``, a multiple
 of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
 
-Launched with PDL (:mod:`runtime.kernels.overlap`), a program loads the codes, scales and zeros of its first two
-groups before it waits for the kernel before, and their ``x`` after (``PRE``; ``WKVQ_MMA_PRE=0`` waits first): the
-weights are not written by the step, so the first trip to DRAM overlaps the norm or SiLU kernel the GEMV waits for.
+Launched with PDL (:mod:`runtime.kernels.overlap`) for one row of ``x``, a program loads the codes, scales and zeros
+of its first two groups before it waits for the kernel before, and their ``x`` after (``PRE``; ``WKVQ_MMA_PRE=0``
+waits first; slower at 8 rows): the weights are not written by the step, so the first trip to DRAM overlaps the norm
+or SiLU kernel the GEMV waits for.
 Those loads are coherent ``ld.global``: ptxas moves ``griddepcontrol.wait`` above ``.nc`` loads, and ``.nc`` loads
 of ``x`` above the wait. 7B b1 p2048 on an H200: 1.74-1.79 -> 1.68-1.69 ms a step (nineteenth session).
 """
@@ -69,8 +70,9 @@ PRE_ENV = "WKVQ_MMA_PRE"  # 0: with PDL, wait for the kernel before first, then 
 
 
 def preload_enabled() -> bool:
-    """Whether a GEMV launched with PDL loads its first two groups' weights before it waits for the kernel before
-    (``WKVQ_MMA_PRE`` not ``0``; depth 1 without stages only, :func:`_range`)."""
+    """Whether a GEMV of one row launched with PDL loads its first two groups' weights before it waits for the
+    kernel before (``WKVQ_MMA_PRE`` not ``0``; depth 1 without stages only, :func:`_range`). At 8 rows it measured
+    slower (7B b8 p2048 2.52-2.57 against 2.45-2.50 ms, nineteenth session), so one row only."""
     return os.environ.get(PRE_ENV, "1") != "0"
 
 
@@ -893,7 +895,7 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     pdl_opts = overlap.launch_options(x2.device, "gemv")
-    pre = pdl_opts["PDL"] and preload_enabled() and cfg.depth == 1 and not cfg.stages
+    pre = pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides) if pre
                                             else ("", "r", "", "r"))
     g = scales.shape[1]
