@@ -120,6 +120,34 @@ def test_mma_group_major_layout(n, k, m, config):
 
 
 @gpu
+@pytest.mark.parametrize("config", [(1, 2, 1, 1, False, 1, 0, 16, 4), (4, 2, 3, 1, False, 1, 0, 0, 3),
+                                    (2, 1, 1, 1, False, 1, 0, 3, 2), (1, 1, 1, 1, False, 1, 0, 8, 8),
+                                    (4, 2, 16, 1, False, 1, 0, 0, 4), (1, 2, 1, 1, False, 1, 0, 24, 4)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(304, 1408), (64, 4096), (4096, 1152)])
+def test_mma_bulk_ring(n, k, m, config):
+    """The bulk ring (MmaConfig.bulk: lane 0 copies each group's codes, scales and zeros into the warp's shared
+    ring) on group-major weights against the float64 reference and the register path: split grids (11 ranges of
+    one group: shorter than the ring), stream-K shares across row blocks, one and two tiles, 2-8 stages. A weight
+    it cannot take (fewer rows than a program's block, the row-major layout) is a one-line error."""
+    from runtime.kernels.w4_mma import MmaConfig, bulk_ok, w4_mma_accumulate
+
+    qw, s, z, w = _weight(n, k, seed=n + k)
+    gq, gs, gz = quant.group_major(qw, s, z)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    cfg = MmaConfig(*config)
+    if not bulk_ok(cfg, n, k, (64 * n, 2 * n, n)):
+        with pytest.raises(ValueError, match="bulk ring"):
+            w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
+        return
+    out = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
+    reg = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=cfg._replace(bulk=0))
+    assert _rel(out, base.double() + x.double() @ w.T) < TOL and _rel(out, reg) < 1e-6
+    with pytest.raises(ValueError, match="bulk ring"):
+        w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+
+
+@gpu
 def test_mma_rejects_what_it_cannot_take():
     """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
@@ -168,7 +196,7 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
               "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": fixed, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2],
-              "LOADX_CONS": split[3], "PRE": pre}
+              "LOADX_CONS": split[3], "PRE": pre, "BULK": 0, "BINIT": "", "BISSUE": "", "BREAD": "", "BREAD_CONS": "r"}
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one;
@@ -189,3 +217,36 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it
         assert sass.count("LDGSTS.E.BYPASS.128") == stages * 2 * tiles
         assert sass.count("LDGSTS.E.128") == stages * 4
+
+
+@pytest.mark.parametrize("tiles,warps,persist,bulk", [(2, 1, True, 4), (2, 4, True, 3), (1, 4, False, 8)])
+def test_mma_bulk_compiles_for_sm90(tiles, warps, persist, bulk, tmp_path):
+    """Without a GPU: the bulk ring's PTX is valid for sm_90; per group one ``cp.async.bulk`` each of codes, scales
+    and zeros (``bulk - 1`` groups before the loop, issued before the PDL wait, and one in it); the shared ring as
+    declared; no loads above the wait; no local memory."""
+    pytest.importorskip("triton")
+    from runtime.kernels import overlap, w4_mma
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    n = 12288
+    strides, gstrides = (64, 2, 1), (64 * n, 2 * n, n)
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, False, 1, strides, gstrides)
+    split = w4_mma._split_load_asm(tiles, False, strides, gstrides)
+    binit, bissue, bread, bread_cons = w4_mma._bulk_asm(tiles, bulk, warps)
+    stage = ("", "r", "", "r", "", "r")
+    consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 1 if persist else 4, "PRO": pro, "PRO_CONS": pro_cons,
+              "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
+              "DEPTH": 1, "L2": False, "PF": pf, "STAGES": 0, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
+              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
+              "FIXED": True, "PDL": True, "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2],
+              "LOADX_CONS": split[3], "PRE": False, "BULK": bulk, "BINIT": binit, "BISSUE": bissue, "BREAD": bread,
+              "BREAD_CONS": bread_cons}
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
+    before = sass[:sass.index("ACQBULK")]
+    assert sass.count("UBLKCP") == 3 * bulk and before.count("UBLKCP") == 3 * (bulk - 1)
+    assert "LDG" not in before and "LOCAL:0" in usage
+    assert sass.count("HMMA.16816.F32") == 8 * tiles
+    shared = int(usage.split("SHARED:")[1].split()[0])
+    assert warps * w4_mma.bulk_ring_bytes(tiles, bulk) <= shared <= warps * w4_mma.bulk_ring_bytes(tiles, bulk) + 1024

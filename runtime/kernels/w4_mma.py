@@ -93,7 +93,9 @@ class MmaConfig(NamedTuple):
     tiles, but measured 5-25% slower than the register prefetch at every 7B shape (thirteenth session,
     benchmarks/results/r16), so no table config uses it. ``persist``: 0, or a stream-K grid of ``persist`` programs
     a multiprocessor that share the ``(row block, group)`` pairs equally (``split`` unused; float32 atomics): no
-    partly filled last wave; won at the large M = 1 shapes."""
+    partly filled last wave; won at the large M = 1 shapes. ``bulk``: 0, or 2-8 stages of a shared ring per warp that lane
+    0 fills with one ``cp.async.bulk`` copy per group of the rows' codes, scales and zeros (group-major weights,
+    ``K % 128 == 0``, ``N % 16 == 0``; ``depth`` and ``stages`` unused; :func:`_bulk_issue_asm`)."""
 
     warps: int = 4
     tiles: int = 1
@@ -103,11 +105,13 @@ class MmaConfig(NamedTuple):
     chains: int = 1
     stages: int = 0
     persist: int = 0
+    bulk: int = 0
 
     def label(self) -> str:
         return (f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
                 + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else "")
-                + (f"_s{self.stages}" if self.stages else "") + (f"_p{self.persist}" if self.persist else ""))
+                + (f"_s{self.stages}" if self.stages else "") + (f"_p{self.persist}" if self.persist else "")
+                + (f"_b{self.bulk}" if self.bulk else ""))
 
 
 STAGE_LIMIT = 44 << 10  # the stages' static shared memory: under the 48 KB a kernel may declare, with room for Triton's
@@ -116,6 +120,16 @@ STAGE_LIMIT = 44 << 10  # the stages' static shared memory: under the 48 KB a ke
 def stages_fit(cfg: MmaConfig) -> bool:
     """Whether ``cfg``'s stages fit in :data:`STAGE_LIMIT` bytes of shared memory (always without stages)."""
     return cfg.stages * 32 * cfg.warps * stage_bytes(cfg.tiles) <= STAGE_LIMIT
+
+
+def bulk_ok(cfg: MmaConfig, n: int, k: int, gstrides: tuple[int, int, int]) -> bool:
+    """Whether ``cfg``'s bulk ring takes an ``[n, k]`` weight with group strides ``gstrides`` (bytes: codes,
+    scales, zeros): 2-8 stages, no cp.async stages, within :data:`STAGE_LIMIT` bytes of shared memory, the
+    group-major layout (each group's rows contiguous, :func:`runtime.quant.group_major`), ``n % 16 == 0`` (the
+    copies' 16-byte alignment) and at least one row block, whole groups."""
+    return (2 <= cfg.bulk <= 8 and not cfg.stages and cfg.warps * bulk_ring_bytes(cfg.tiles, cfg.bulk) <= STAGE_LIMIT
+            and gstrides == (64 * n, 2 * n, n) and n % 16 == 0 and n >= 16 * cfg.tiles * cfg.warps
+            and k % GROUP == 0)
 
 
 def stage_bytes(tiles: int) -> int:
@@ -484,6 +498,87 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
     return "\n".join(L), ",".join(["=r"] * nout + ["l"] * (4 * tiles) + ["r"])
 
 
+BULK_BUF = "wkvq_mma_bulk"  # the shared ring of the bulk-copy pipeline (declared by _bulk_init_asm)
+
+
+def bulk_stage_bytes(tiles: int) -> int:
+    """One stage of a warp's bulk ring: the codes of its ``16 tiles`` rows of one group (64 bytes a row), their
+    float16 scales and uint8 zero points, each part a multiple of 16 bytes."""
+    rows = 16 * tiles
+    return 64 * rows + 2 * rows + rows
+
+
+def bulk_ring_bytes(tiles: int, stages: int) -> int:
+    """A warp's ring: ``stages`` mbarriers (8 bytes each, padded to 16) and ``stages`` stages."""
+    return 16 * -(-stages // 2) + stages * bulk_stage_bytes(tiles)
+
+
+def _bulk_init_asm(tiles: int, stages: int, warps: int) -> str:
+    """PTX that declares the program's shared ring (function scope: ``warps`` rings of
+    :func:`bulk_ring_bytes`), lets lane 0 of each warp initialise its stages' mbarriers (one arrival a phase: lane
+    0's, with the bytes it expects) and returns the warp's ring address (its mbarriers first, then its stages).
+    Constraints ``=r,r``."""
+    ring = bulk_ring_bytes(tiles, stages)
+    return "\n".join([
+        f".shared .align 128 .b8 {BULK_BUF}[{warps * ring}];",
+        "{", ".reg .pred p;", ".reg .u32 lane, tid, warp, a;", "mov.u32 lane, %laneid;", "mov.u32 tid, %tid.x;",
+        "shr.u32 warp, tid, 5;", "setp.eq.u32 p, lane, 0;", f"mov.u32 a, {BULK_BUF};", f"mad.lo.u32 a, warp, {ring}, a;",
+        *[f"@p mbarrier.init.shared::cta.b64 [a+{8 * st}], 1;" for st in range(stages)],
+        "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;", "bar.warp.sync -1;",
+        "mov.u32 $0, a;", "}"])
+
+
+def _bulk_issue_asm(tiles: int) -> str:
+    """PTX in which lane 0 of the warp (when the flag ``go`` is set) starts the copies of one group into a stage of
+    its ring: the rows' codes (one ``64 * rows``-byte block of the group-major layout), scales and zero points
+    (``cp.async.bulk``, their bytes expected on the stage's mbarrier). Every lane first syncs with the warp (all
+    done reading the stage, consumed the iteration before). Inputs: ``go``, the mbarrier and stage addresses, the
+    sources of codes, scales, zeros. Output 0. Constraints ``=r,r,r,r,l,l,l``."""
+    rows = 16 * tiles
+    c, sc = 64 * rows, 2 * rows
+    return "\n".join([
+        "{", ".reg .pred p;", ".reg .u32 lane;", "mov.u32 lane, %laneid;", "setp.ne.u32 p, $1, 0;",
+        "setp.eq.and.u32 p, lane, 0, p;", "bar.warp.sync -1;",
+        f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], {c + sc + rows};",
+        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [$4], {c}, [$2];",
+        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [$5], {sc}, [$2];",
+        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c + sc}], [$6], {rows}, [$2];",
+        "mov.u32 $0, 0;", "}"])
+
+
+def _bulk_read_asm(tiles: int) -> tuple[str, str]:
+    """PTX in which a thread waits for a stage's copies (the mbarrier's phase ``parity``) and reads its words of
+    it: per tile the 8 code words of rows ``g`` and ``g + 8`` (words ``4t .. 4t + 3``), the scales word and the
+    zeros word, as :func:`_load_asm`'s weight part. Inputs: the mbarrier and stage addresses, ``parity``."""
+    rows = 16 * tiles
+    c, sc = 64 * rows, 2 * rows
+    nout = 10 * tiles
+    L = ["{", ".reg .pred pw;", ".reg .u32 lane, g, t, ca, sa, za;", ".reg .b16 s16a, s16b, z16a, z16b;",
+         f".reg .b32 v<{nout}>;",
+         "WAIT:", f"mbarrier.try_wait.parity.shared::cta.b64 pw, [${nout}], ${nout + 2};", "@!pw bra WAIT;",
+         "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;",
+         f"mad.lo.u32 ca, g, 64, ${nout + 1};", "mad.lo.u32 ca, t, 16, ca;",
+         f"mad.lo.u32 sa, g, 2, ${nout + 1};", f"add.u32 za, g, ${nout + 1};"]
+    for r in range(tiles):
+        o = 10 * r
+        for h in range(2):
+            row = 16 * r + 8 * h
+            L.append(f"ld.shared.v4.u32 {{v{o + 4 * h},v{o + 4 * h + 1},v{o + 4 * h + 2},v{o + 4 * h + 3}}}, "
+                     f"[ca+{64 * row}];")
+        L += [f"ld.shared.b16 s16a, [sa+{c + 2 * 16 * r}];", f"ld.shared.b16 s16b, [sa+{c + 2 * (16 * r + 8)}];",
+              f"mov.b32 v{o + 8}, {{s16a, s16b}};",
+              f"ld.shared.u8 z16a, [za+{c + sc + 16 * r}];", f"ld.shared.u8 z16b, [za+{c + sc + 16 * r + 8}];",
+              f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
+    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
+    return "\n".join(L), ",".join(["=r"] * nout + ["r", "r", "r"])
+
+
+@functools.cache
+def _bulk_asm(tiles: int, stages: int, warps: int) -> tuple[str, str, str, str]:
+    """The bulk-copy pipeline's PTX: (init, issue, read, read constraints)."""
+    return (_bulk_init_asm(tiles, stages, warps), _bulk_issue_asm(tiles), *_bulk_read_asm(tiles))
+
+
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
          gstrides: tuple[int, int, int] = (64, 2, 1)):
@@ -697,6 +792,31 @@ def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr
 
 
 @triton.jit
+def _bulk_issue(wbase, st, gi, go, rowp, N, qw_ptr, s_ptr, z_ptr, lane, STAGES: tl.constexpr, TILES: tl.constexpr,
+                BISSUE: tl.constexpr):
+    """:func:`_bulk_issue_asm`: group ``gi``'s codes, scales and zeros of rows ``[rowp, rowp + 16 TILES)`` (group-
+    major layout) into stage ``st`` of the warp's ring at ``wbase`` (when ``go``)."""
+    SB: tl.constexpr = 67 * 16 * TILES  # bulk_stage_bytes
+    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
+    g64 = gi.to(tl.int64)
+    z = lane * 0
+    tl.inline_asm_elementwise(BISSUE, "=r,r,r,r,l,l,l",
+                              [z + go.to(tl.int32), wbase + 8 * st, wbase + BAR + st * SB,
+                               qw_ptr + (g64 * N + rowp) * 64 + z, s_ptr + (g64 * N + rowp) + z,
+                               z_ptr + (g64 * N + rowp) + z], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _bulk_read(wbase, st, parity, STAGES: tl.constexpr, TILES: tl.constexpr, BREAD: tl.constexpr,
+               BREAD_CONS: tl.constexpr):
+    """:func:`_bulk_read_asm`: the thread's weight words of stage ``st`` once its copies have landed."""
+    SB: tl.constexpr = 67 * 16 * TILES
+    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
+    return tl.inline_asm_elementwise(BREAD, BREAD_CONS, [wbase + 8 * st, wbase + BAR + st * SB, wbase * 0 + parity],
+                                     dtype=(tl.int32,) * (10 * TILES), is_pure=False, pack=1)
+
+
+@triton.jit
 def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
            g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
@@ -704,13 +824,17 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
            READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
            LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
-           PRE: tl.constexpr, PDL: tl.constexpr):
+           PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
+           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
     ``PRE`` (the register prefetch at depth 1 only): the weights of the range's first two groups are loaded, then
     the program waits for the kernels before it (:func:`runtime.kernels.overlap.wait_prior`), then their ``x``:
-    the first weight bytes are on their way while the kernel before ends."""
+    the first weight bytes are on their way while the kernel before ends. ``BULK`` (stages of the bulk ring,
+    group-major weights, ``FIXED``): lane 0 of each warp copies each group's codes, scales and zeros into the warp's
+    shared ring (:func:`_bulk_issue_asm`, ``BULK - 1`` groups ahead, the first ones before the PDL wait); the
+    threads read their words from it (:func:`_bulk_read_asm`) and their ``x`` from global memory."""
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -727,7 +851,22 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         A = (zero, zero, zero, zero)
     else:
         A = (zero, zero, zero, zero, zero, zero, zero, zero)
-    if STAGES > 0:  # the cp.async pipeline (the prologue PRO declared its shared memory)
+    if BULK > 0:  # the bulk ring (BINIT declares its shared memory)
+        wbase = tl.inline_asm_elementwise(BINIT, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
+        wrow = rowp + (tl.arange(0, NT) // 32) * (16 * TILES)  # the thread's warp's first row (a thread an element)
+        for i in tl.static_range(BULK - 1):
+            _bulk_issue(wbase, i, tl.minimum(g_lo + i, g_hi - 1), g_lo + i < g_hi, wrow, N, qw_ptr, s_ptr, z_ptr,
+                        lane, BULK, TILES, BISSUE)
+        overlap.wait_prior(PDL)  # the weights' first copies are on their way (again: returns at once)
+        for gi in range(g_lo, g_hi):
+            j = gi - g_lo
+            nx = gi + BULK - 1
+            _bulk_issue(wbase, (j + BULK - 1) % BULK, tl.minimum(nx, g_hi - 1), nx < g_hi, wrow, N, qw_ptr, s_ptr,
+                        z_ptr, lane, BULK, TILES, BISSUE)
+            R = _bulk_read(wbase, j % BULK, (j // BULK) % 2, BULK, TILES, BREAD, BREAD_CONS)
+            V = _loadx_join(P, lane * 0 + gi, K, R, LOADX, LOADX_CONS, TILES)
+            A = _comp(A, V, COMP, COMP_CONS, TILES)
+    elif STAGES > 0:  # the cp.async pipeline (the prologue PRO declared its shared memory)
         for i in tl.static_range(STAGES - 1):
             _stage_first(P, g_lo, g_hi, K, lane, i, ISSUE, ISSUE_CONS, TILES)
         if TILES == 1:
@@ -794,7 +933,9 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
                    ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
                    SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
-                   LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr):
+                   LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
+                   BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
+                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r"):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -806,7 +947,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1, no
     stages) after loading the weights of its first range's first two groups (:func:`_range`)."""
     overlap.launch_dependents(PDL)
-    if not PRE:
+    if not PRE and BULK == 0:
         overlap.wait_prior(PDL)
     NT: tl.constexpr = 32 * WARPS
     ROWS: tl.constexpr = 16 * TILES * WARPS
@@ -815,14 +956,14 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         work = tl.cdiv(N, ROWS) * G
         w = p * work // P
         w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
-        if PRE:  # the first range apart: it preloads
+        if PRE and BULK == 0:  # the first range apart: it preloads (the bulk ring waits in every range)
             rb = w // G
             g_lo = w - rb * G
             g_hi = tl.minimum(G, g_lo + (w_end - w))
             _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
                    stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                    COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
-                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL)
+                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
             w += g_hi - g_lo
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             rb = w // G
@@ -831,14 +972,15 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
                    stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                    COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
-                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL)
+                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
             w += g_hi - g_lo
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-               SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL)
+               SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD,
+               BREAD_CONS)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -878,9 +1020,9 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
             or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)
-            or not 0 <= cfg.persist <= 32):
+            or not 0 <= cfg.persist <= 32 or not 0 <= cfg.bulk <= 8):
         raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
-                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32")
+                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32, bulk 0-8")
     rows = 16 * cfg.tiles * cfg.warps
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
@@ -895,9 +1037,17 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     pdl_opts = overlap.launch_options(x2.device, "gemv")
-    pre = pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides) if pre
-                                            else ("", "r", "", "r"))
+    bulk = ("", "", "", "r")
+    if cfg.bulk:
+        if not bulk_ok(cfg, n, k, gstrides):
+            raise ValueError(f"MmaConfig {cfg}: the bulk ring takes 2-8 stages without cp.async stages, within "
+                             f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
+                             f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
+        bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
+    pre = (pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
+           and not cfg.bulk)
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides)
+                                            if pre or cfg.bulk else ("", "r", "", "r"))
     g = scales.shape[1]
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
@@ -911,5 +1061,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
         READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw,
-        LOADW_CONS=loadw_cons, LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, num_warps=cfg.warps, **pdl_opts)
+        LOADW_CONS=loadw_cons, LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, BULK=cfg.bulk, BINIT=bulk[0],
+        BISSUE=bulk[1], BREAD=bulk[2], BREAD_CONS=bulk[3], num_warps=cfg.warps, **pdl_opts)
     return out
