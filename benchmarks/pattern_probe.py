@@ -9,7 +9,8 @@ each block read as 16 bytes a lane and folded into a running xor so that nothing
 
     python3 benchmarks/pattern_probe.py --shapes 22016x4096,12288x4096,4096x11008 --json pattern.json
 
-Prints GB/s per shape and pattern (graph-timed, median of ``--reps``) and writes the JSON record. CUDA only.
+Prints GB/s per shape and pattern (graph-timed, median of ``--reps``; a ring of buffers read in turn, so that
+the reads come from DRAM) and writes the JSON record. CUDA only.
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ def _read_kernel(buf_ptr, out_ptr, RB, G, N, MODE: tl.constexpr, ROWS: tl.conste
     tl.store(out_ptr + p * 128 + idx, acc)
 
 
-def _graph_ms(fn, reps: int) -> float:
-    fn()
+RING = 6  # buffers read in turn: each was last read 5 launches (>= 110 MB) before, out of the 50 MB L2
+
+
+def _graph_ms(fns, reps: int) -> float:
+    """Median ms a launch of the ``fns`` (one per buffer of the ring) captured in turn in a CUDA graph."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(4):
+        for fn in fns:
             fn()
     times = []
     for _ in range(reps):
@@ -68,7 +74,7 @@ def _graph_ms(fn, reps: int) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 4)
+        times.append(a.elapsed_time(b) / len(fns))
     return sorted(times)[len(times) // 2]
 
 
@@ -89,19 +95,21 @@ def main(argv=None) -> int:
         n, k = (int(v) for v in shape.split("x"))
         g = k // 128
         rb = n // 32
-        buf = torch.randint(-2**31, 2**31 - 1, (n * g * 16,), dtype=torch.int32, device="cuda")  # 64 n g bytes
-        nbytes = buf.numel() * 4
+        bufs = [torch.randint(-2**31, 2**31 - 1, (n * g * 16,), dtype=torch.int32, device="cuda")  # 64 n g bytes
+                for _ in range(RING)]
+        nbytes = bufs[0].numel() * 4
         for per in (int(v) for v in args.per_sm.split(",")):
             P = per * sms
             out = torch.empty(P * 128, dtype=torch.int32, device="cuda")
             res = {}
             for name, mode in (("gemv", 0), ("seq", 1)):
-                def fn(mode=mode, buf=buf, out=out, P=P, rb=rb, g=g, n=n):
+                def fn(buf, mode=mode, out=out, P=P, rb=rb, g=g, n=n):
                     _read_kernel[(P,)](buf, out, rb, g, n, MODE=mode, ROWS=32, num_warps=1)
-                res[name] = nbytes / (_graph_ms(fn, args.reps) * 1e-3) / 1e9
+                fns = [lambda buf=buf, fn=fn: fn(buf) for buf in bufs]
+                res[name] = nbytes / (_graph_ms(fns, args.reps) * 1e-3) / 1e9
             rows.append({"n": n, "k": k, "per_sm": per, **{f"{key}_GBps": v for key, v in res.items()}})
             print(f"{shape:>12} {per:6d} {res['gemv']:8.0f} {res['seq']:8.0f}")
-        del buf
+        del bufs
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return 0
