@@ -35,6 +35,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from converter.bench import _time_ms
 from runtime.kernels import overlap
 
 POLL_ASM = tl.constexpr("ld.acquire.gpu.global.u32 $0, [$1];")
@@ -83,15 +84,7 @@ def _graph_ms(fn, reps: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return _time_ms(g.replay, reps)
 
 
 def chain(kind: str, programs: int, steps: int):

@@ -1,9 +1,17 @@
 # Sourced by the benchmarks/h200_round*.sh scripts (device tool, carry .gpu/whl): the wheels of .gpu/whl into
 # /tmp/site, the environment, the output folder $o ($OUT, default /root/out), `mark` (seconds since the start and a
-# message) and `bench` (cli.py bench of the 7B shape on the wkvq-gemv path, 20 steps, plus the arguments given).
+# message), `bench` (cli.py bench of the 7B shape on the wkvq-gemv path, 20 steps, plus the arguments given) and
+# `record` (the record table).
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 t0=$(date +%s); mark() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 bench() { python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6; }
+# the record table: 7B and 13B on the wkvq-gemv path, batches 1 and 8, prompts 2048 and 32768 (bench_<shape>_final.json)
+record() {
+  for s in 7b 13b; do
+    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
+      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
+  done
+}

@@ -73,8 +73,5 @@ fixed)  # the attention's fixed cost: short pasts and split counts (b1, keys as 
     --contexts 64,512,2048,8192 --splits 1,4,16,32 --top 16 --json "$o/attn_fixed.json" > "$o/attn_fixed.txt" 2>&1
   mark "fixed"; grep -v Warn "$o/attn_fixed.txt" | grep -E "^1x|sp[0-9]" | head -40 ;;
 final)  # the record table (7B, 13B), on the final tree
-  for s in 7b 13b; do
-    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
-      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
-  done ;;
+  record ;;
 esac; done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nineteenth session, one H200 (device tool, carry .gpu/whl): the GEMVs' weight preload before the PDL wait
-# (w4_mma PRE, WKVQ_MMA_PRE) against waiting first. Results in $OUT.
-#   bash benchmarks/h200_round19.sh tests e2e
+# (w4_mma PRE, WKVQ_MMA_PRE) against waiting first; what a dependent step costs; fewer GEMV programs; the bulk
+# ring (MmaConfig.bulk); the projections' reads against a read-only kernel. Results in $OUT. Parts:
+#   tests e2e e2e8 boundary grids bulk pattern verify final, e.g. bash benchmarks/h200_round19.sh tests e2e
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 tests)  # the tensor-core GEMV with the preload (PDL on: the default) and without, and the decode step
@@ -51,8 +52,5 @@ verify)  # the final tree's GPU tests of the projections and the decode step
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "fast_decode or decode_graph or rmsnorm" \
     > "$o/tests_decode_final.txt" 2>&1; mark "decode tests: $(tail -1 "$o/tests_decode_final.txt")" ;;
 final)  # the record table (7B, 13B), on the final tree
-  for s in 7b 13b; do
-    python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
-      --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
-  done ;;
+  record ;;
 esac; done

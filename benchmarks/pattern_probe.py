@@ -26,6 +26,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from converter.bench import _time_ms
 from runtime.kernels import multiprocessors
 
 BLOCK = 2048  # bytes: 32 rows x 64 bytes, one warp's codes of one group
@@ -67,15 +68,7 @@ def _graph_ms(fns, reps: int) -> float:
     with torch.cuda.graph(g):
         for fn in fns:
             fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    return sorted(times)[len(times) // 2]
+    return _time_ms(g.replay, reps) / len(fns)
 
 
 def main(argv=None) -> int:
