@@ -165,6 +165,30 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
+def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persist=False, strides=None,
+              gstrides=(64, 2, 1), pdl=False, pre=False, l2=False, bulk=0):
+    """The sm_90 SASS and resource usage of the GEMV kernel compiled without a GPU (:func:`tests.helpers.sm90_sass`)
+    with the PTX the launch would give it: ``strides`` (row strides in bytes, the ``FIXED`` loads) or None, the
+    cp.async ``stages``, the weight preload (``pre``), the bulk ring (``bulk`` stages)."""
+    from runtime.kernels import w4_mma
+
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, gstrides)
+    split = w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre or bulk else ("", "r", "", "r")
+    stage = ("", "r", "", "r", "", "r")
+    if stages:
+        pro, pro_cons, *stage = w4_mma._stage_asm(tiles, ragged, stages, 32 * warps)
+    ring = w4_mma._bulk_asm(tiles, bulk, warps) if bulk else ("", "", "", "r")
+    consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
+              "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
+              "DEPTH": depth, "L2": l2, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
+              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
+              "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
+              "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
+              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3]}
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
+    return sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
+
+
 @pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,pre", [
     (1, False, 1, 0, 4, False, False, False), (2, True, 2, 0, 4, False, True, False),
     (1, True, 1, 3, 4, False, False, False), (2, False, 1, 4, 2, False, False, False),
@@ -183,22 +207,12 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     pdl = overlap._triton_has_pdl()
     if pre and not pdl:
         pytest.skip("this Triton has no grid dependency control")
-    # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
-    strides = (5504, 172, 86) if fixed else None
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides)
-    split = w4_mma._split_load_asm(tiles, ragged, strides) if pre else ("", "r", "", "r")
-    stage = ("", "r", "", "r", "", "r")
     if stages:
         assert w4_mma.stages_fit(w4_mma.MmaConfig(warps, tiles, 4, stages=stages))
-        pro, pro_cons, *stage = w4_mma._stage_asm(tiles, ragged, stages, 32 * warps)
-    consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
-              "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
-              "DEPTH": depth, "L2": not stages, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
-              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": fixed, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2],
-              "LOADX_CONS": split[3], "PRE": pre, "BULK": 0, "BINIT": "", "BISSUE": "", "BREAD": "", "BREAD_CONS": "r"}
-    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
+    # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
+    sass, usage = _mma_sass(tmp_path, warps=warps, tiles=tiles, ragged=ragged, depth=depth, stages=stages,
+                            persist=persist, strides=(5504, 172, 86) if fixed else None, pdl=pdl, pre=pre,
+                            l2=not stages)
     # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one;
     # pre: the peeled first iteration's two groups too, and (stream-K) a second copy of the range without them
     # (whose tail ptxas may merge with the first's)
@@ -230,20 +244,8 @@ def test_mma_bulk_compiles_for_sm90(tiles, warps, persist, bulk, tmp_path):
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
     n = 12288
-    strides, gstrides = (64, 2, 1), (64 * n, 2 * n, n)
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, False, 1, strides, gstrides)
-    split = w4_mma._split_load_asm(tiles, False, strides, gstrides)
-    binit, bissue, bread, bread_cons = w4_mma._bulk_asm(tiles, bulk, warps)
-    stage = ("", "r", "", "r", "", "r")
-    consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 1 if persist else 4, "PRO": pro, "PRO_CONS": pro_cons,
-              "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
-              "DEPTH": 1, "L2": False, "PF": pf, "STAGES": 0, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
-              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": True, "PDL": True, "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2],
-              "LOADX_CONS": split[3], "PRE": False, "BULK": bulk, "BINIT": binit, "BISSUE": bissue, "BREAD": bread,
-              "BREAD_CONS": bread_cons}
-    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
+    sass, usage = _mma_sass(tmp_path, warps=warps, tiles=tiles, persist=persist, strides=(64, 2, 1),
+                            gstrides=(64 * n, 2 * n, n), pdl=True, bulk=bulk)
     before = sass[:sass.index("ACQBULK")]
     assert sass.count("UBLKCP") == 3 * bulk and before.count("UBLKCP") == 3 * (bulk - 1)
     assert "LDG" not in before and "LOCAL:0" in usage

@@ -283,7 +283,8 @@ def _prefetch_asm(tiles: int) -> str:
 
 
 def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
-              gstrides: tuple[int, int, int] = (64, 2, 1), part: str = "all") -> tuple[str, str]:
+              gstrides: tuple[int, int, int] = (64, 2, 1), part: str = "all",
+              coherent: bool = False) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
@@ -298,9 +299,11 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     of codes, scales, zeros (64, 2, 1 in the artifact's row-major layout; :func:`runtime.quant.group_major` puts
     each group's rows next to each other). ``part``: "all", or only the weight words ("w": codes, scales, zeros,
     in the same order; what a program may read before the PDL wait) or only the ``x`` words ("x"); the inputs are
-    the same for every part."""
+    the same for every part. ``coherent``: ``ld.global`` instead of the read-only ``ld.global.nc`` (ptxas moves the
+    PDL wait above ``.nc`` loads placed before it, and ``.nc`` loads placed after it above the wait)."""
     nout = 16 + 10 * tiles
     keep = {"all": range(nout), "w": range(16, nout), "x": range(16)}[part]
+    ld = "ld.global" if coherent else "ld.global.nc"
     outs = [f"${i}" for i in range(len(keep))]
     idx = len(keep)
     ptrs = []  # per tile and half: (codes, scales, zeros)
@@ -317,7 +320,7 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
         L += [f"mov.b32 v{i}, 0;" for i in range(16)] if ragged else []
         L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
         for v in range(4):
-            L.append(f"{pred}ld.global.nc.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, "
+            L.append(f"{pred}{ld}.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, "
                      f"[ad+{16 * v}];")
     L += [f"mul.wide.u32 offc, {gi}, {gstrides[0]};", f"mul.wide.u32 offs, {gi}, {gstrides[1]};",
           f"mul.wide.u32 offz, {gi}, {gstrides[2]};"]
@@ -337,11 +340,11 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
             L += [f"mov.b32 v{o + i}, 0;" for i in range(8)]
         for h, regs in ((ha, f"v{o},v{o + 1},v{o + 2},v{o + 3}"), (hb, f"v{o + 4},v{o + 5},v{o + 6},v{o + 7}")):
             pre, ad = at(h, 0)
-            L += pre + [f"{pred}ld.global.nc.v4.u32 {{{regs}}}, {ad};"]
+            L += pre + [f"{pred}{ld}.v4.u32 {{{regs}}}, {ad};"]
         for tensor, (kind, ra, rb, w) in ((1, ("b16", "s16a", "s16b", o + 8)), (2, ("u8", "z16a", "z16b", o + 9))):
             for h, reg in ((ha, ra), (hb, rb)):
                 pre, ad = at(h, tensor)
-                L += pre + [f"ld.global.nc.{kind} {reg}, {ad};"]
+                L += pre + [f"{ld}.{kind} {reg}, {ad};"]
             L.append(f"mov.b32 v{w}, {{{ra}, {rb}}};")
     L += [f"mov.b32 {out}, v{i};" for out, i in zip(outs, keep)]
     L.append("}")
@@ -501,11 +504,16 @@ def _sz_asm(tiles: int) -> tuple[str, str]:
 BULK_BUF = "wkvq_mma_bulk"  # the shared ring of the bulk-copy pipeline (declared by _bulk_init_asm)
 
 
-def bulk_stage_bytes(tiles: int) -> int:
-    """One stage of a warp's bulk ring: the codes of its ``16 tiles`` rows of one group (64 bytes a row), their
-    float16 scales and uint8 zero points, each part a multiple of 16 bytes."""
+def _bulk_parts(tiles: int) -> tuple[int, int, int]:
+    """Bytes of a bulk stage's three parts, in this order: the codes of a warp's ``16 tiles`` rows of one group (64
+    bytes a row), their float16 scales, their uint8 zero points (each a multiple of 16 bytes)."""
     rows = 16 * tiles
-    return 64 * rows + 2 * rows + rows
+    return 64 * rows, 2 * rows, rows
+
+
+def bulk_stage_bytes(tiles: int) -> int:
+    """One stage of a warp's bulk ring (:func:`_bulk_parts`; :func:`_bulk_addrs` spells it for the kernel)."""
+    return sum(_bulk_parts(tiles))
 
 
 def bulk_ring_bytes(tiles: int, stages: int) -> int:
@@ -534,15 +542,14 @@ def _bulk_issue_asm(tiles: int) -> str:
     (``cp.async.bulk``, their bytes expected on the stage's mbarrier). Every lane first syncs with the warp (all
     done reading the stage, consumed the iteration before). Inputs: ``go``, the mbarrier and stage addresses, the
     sources of codes, scales, zeros. Output 0. Constraints ``=r,r,r,r,l,l,l``."""
-    rows = 16 * tiles
-    c, sc = 64 * rows, 2 * rows
+    c, sc, zc = _bulk_parts(tiles)
     return "\n".join([
         "{", ".reg .pred p;", ".reg .u32 lane;", "mov.u32 lane, %laneid;", "setp.ne.u32 p, $1, 0;",
         "setp.eq.and.u32 p, lane, 0, p;", "bar.warp.sync -1;",
-        f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], {c + sc + rows};",
+        f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], {c + sc + zc};",
         f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [$4], {c}, [$2];",
         f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [$5], {sc}, [$2];",
-        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c + sc}], [$6], {rows}, [$2];",
+        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c + sc}], [$6], {zc}, [$2];",
         "mov.u32 $0, 0;", "}"])
 
 
@@ -550,8 +557,7 @@ def _bulk_read_asm(tiles: int) -> tuple[str, str]:
     """PTX in which a thread waits for a stage's copies (the mbarrier's phase ``parity``) and reads its words of
     it: per tile the 8 code words of rows ``g`` and ``g + 8`` (words ``4t .. 4t + 3``), the scales word and the
     zeros word, as :func:`_load_asm`'s weight part. Inputs: the mbarrier and stage addresses, ``parity``."""
-    rows = 16 * tiles
-    c, sc = 64 * rows, 2 * rows
+    c, sc, _ = _bulk_parts(tiles)
     nout = 10 * tiles
     L = ["{", ".reg .pred pw;", ".reg .u32 lane, g, t, ca, sa, za;", ".reg .b16 s16a, s16b, z16a, z16b;",
          f".reg .b32 v<{nout}>;",
@@ -591,14 +597,10 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
 @functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
                     gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str, str, str]:
-    """:func:`_load_asm`'s weight part and ``x`` part (the preload before the PDL wait): (w, w_cons, x, x_cons)."""
-    # coherent loads (ld.global, not .nc) in both: ptxas moves the wait above .nc loads placed before it, and
-    # .nc loads placed after it above the wait (the read-only path assumes data no kernel in flight writes)
-    out = []
-    for part in ("w", "x"):
-        asm, cons = _load_asm(tiles, ragged, strides, gstrides, part)
-        out += [asm.replace("ld.global.nc.", "ld.global."), cons]
-    return tuple(out)
+    """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait, and the bulk
+    ring's ``x``): (w, w_cons, x, x_cons)."""
+    return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True),
+            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True))
 
 
 @functools.cache
@@ -792,16 +794,24 @@ def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr
 
 
 @triton.jit
+def _bulk_addrs(wbase, st, STAGES: tl.constexpr, TILES: tl.constexpr):
+    """The shared addresses of stage ``st``'s mbarrier and data in the warp's ring at ``wbase``
+    (:func:`bulk_ring_bytes`: the mbarriers, padded to 16 bytes, then stages of :func:`bulk_stage_bytes`)."""
+    SB: tl.constexpr = (64 + 2 + 1) * 16 * TILES
+    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
+    return wbase + 8 * st, wbase + BAR + st * SB
+
+
+@triton.jit
 def _bulk_issue(wbase, st, gi, go, rowp, N, qw_ptr, s_ptr, z_ptr, lane, STAGES: tl.constexpr, TILES: tl.constexpr,
                 BISSUE: tl.constexpr):
     """:func:`_bulk_issue_asm`: group ``gi``'s codes, scales and zeros of rows ``[rowp, rowp + 16 TILES)`` (group-
     major layout) into stage ``st`` of the warp's ring at ``wbase`` (when ``go``)."""
-    SB: tl.constexpr = 67 * 16 * TILES  # bulk_stage_bytes
-    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
+    bar, stage = _bulk_addrs(wbase, st, STAGES, TILES)
     g64 = gi.to(tl.int64)
     z = lane * 0
     tl.inline_asm_elementwise(BISSUE, "=r,r,r,r,l,l,l",
-                              [z + go.to(tl.int32), wbase + 8 * st, wbase + BAR + st * SB,
+                              [z + go.to(tl.int32), bar, stage,
                                qw_ptr + (g64 * N + rowp) * 64 + z, s_ptr + (g64 * N + rowp) + z,
                                z_ptr + (g64 * N + rowp) + z], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -810,9 +820,8 @@ def _bulk_issue(wbase, st, gi, go, rowp, N, qw_ptr, s_ptr, z_ptr, lane, STAGES: 
 def _bulk_read(wbase, st, parity, STAGES: tl.constexpr, TILES: tl.constexpr, BREAD: tl.constexpr,
                BREAD_CONS: tl.constexpr):
     """:func:`_bulk_read_asm`: the thread's weight words of stage ``st`` once its copies have landed."""
-    SB: tl.constexpr = 67 * 16 * TILES
-    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
-    return tl.inline_asm_elementwise(BREAD, BREAD_CONS, [wbase + 8 * st, wbase + BAR + st * SB, wbase * 0 + parity],
+    bar, stage = _bulk_addrs(wbase, st, STAGES, TILES)
+    return tl.inline_asm_elementwise(BREAD, BREAD_CONS, [bar, stage, wbase * 0 + parity],
                                      dtype=(tl.int32,) * (10 * TILES), is_pure=False, pack=1)
 
 
