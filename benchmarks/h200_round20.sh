@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Twentieth session, one H200 (device tool, carry .gpu/whl): the next projection asked of the L2 before a GEMV's
 # PDL wait (WKVQ_NEXT_PF, w4_mma NEXT) and the attention's cache copies evict_first (WKVQ_ATTN_EVICT_FIRST).
-# Results in $OUT. Parts: tests e2e probe final, e.g. bash benchmarks/h200_round20.sh tests e2e
+# Results in $OUT. Parts: tests e2e probe final, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
+# e2e and probe ran on commit 40c40be (the prefetch and benchmarks/next_probe.py; reverted after, being slower).
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 tests)  # the prefetch changes no result: the GEMV's tests, the decode step's with the prefetch on

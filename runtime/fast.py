@@ -70,29 +70,6 @@ def weight_layout(device, use_kernels: bool, group_size: int) -> str:
     return "group" if use_kernels and torch.device(device).type == "cuda" and group_size == 128 else "row"
 
 
-# L2 prefetch of the next projection (runtime.kernels.w4_mma.NextWeight): each tensor-core GEMV first asks the L2 for
-# the first MB of the projection after it (qkv -> o -> gate_up -> down -> the next layer's qkv), so that DRAM keeps
-# streaming weights across the kernel boundaries. WKVQ_NEXT_PF="MB[,last][,no_o]" ("last": evict_last lines; "no_o":
-# qkv does not ask for o, which the attention's cache reads could evict). Off when unset.
-NEXT_PF_ENV = "WKVQ_NEXT_PF"
-
-
-def next_prefetch(value: str | None) -> tuple[int, bool, bool]:
-    """``(bytes, evict_last, skip_o)`` of ``WKVQ_NEXT_PF`` (:data:`NEXT_PF_ENV`); ``(0, False, False)`` when unset.
-    A one-line ``ValueError`` names a bad value."""
-    if not value or not value.strip():
-        return 0, False, False
-    head, *flags = [v.strip() for v in value.split(",")]
-    bad = sorted(set(flags) - {"last", "no_o"})
-    try:
-        mb = float(head)
-    except ValueError:
-        mb = -1.0
-    if mb < 0 or bad:
-        raise ValueError(f"{NEXT_PF_ENV}={value!r}: use MB[,last][,no_o], e.g. 24 or 24,last")
-    return int(mb * (1 << 20)), "last" in flags, "no_o" in flags
-
-
 @dataclass(frozen=True)
 class FastConfig:
     """Shapes of the decoder (LLaMA family)."""
@@ -333,14 +310,12 @@ class FastLlama:
         norm, silu, rope = "norm" in fused, "silu" in fused, "rope" in fused
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
-        nxt = self._next_weights()
         for i, layer in enumerate(self.layers):
             store, params = cache.layers[i], layer.kv_params()
             if norm:
                 layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
             else:
-                layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv,
-                                     **nxt(i, 0))
+                layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
             if rope:
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
                                        splits, bits=c.kv_bits)
@@ -348,37 +323,18 @@ class FastLlama:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
-            layer.o.accumulate(a.view(x.shape[0], -1), x, **nxt(i, 1))
+            layer.o.accumulate(a.view(x.shape[0], -1), x)
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:
                 layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt, clear=gate_up if rope and silu and i
-                                                      else None), gate_up, **nxt(i, 2))
+                                                      else None), gate_up)
             if silu:
                 layer.down.accumulate_silu(gate_up, dt, x)
             else:
-                layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x, **nxt(i, 3))
+                layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
         cache.pos.add_(1)
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
-
-    def _next_weights(self):
-        """``f(layer, j)``: the keyword arguments of projection ``j`` (qkv, o, gate_up, down) of ``layer``'s
-        ``accumulate`` that ask the L2 for the projection after it (:func:`next_prefetch`); ``{}`` where off or
-        where the projection is not a :class:`~runtime.kernels.w4_gemv.GemvW4`."""
-        from .kernels.w4_gemv import GemvW4
-        from .kernels.w4_mma import NextWeight
-
-        nbytes, last, skip_o = next_prefetch(os.environ.get(NEXT_PF_ENV))
-        order = [w for la in self.layers for w in (la.qkv, la.o, la.gate_up, la.down)]
-
-        def kwargs(i: int, j: int) -> dict:
-            k = 4 * i + j
-            if not nbytes or k + 1 >= len(order) or not isinstance(order[k], GemvW4) or (skip_o and j == 0):
-                return {}
-            w = order[k + 1]
-            return {"next_weight": NextWeight(w.qweight, w.scales, w.zeros, nbytes, last)}
-
-        return kwargs
 
     def _fused_inputs(self, m: int) -> frozenset[str]:
         """The fusions (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) of the decode step of

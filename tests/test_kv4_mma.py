@@ -44,30 +44,6 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
 
 
-@pytest.mark.parametrize("bulk", ["mixed", "bulk"])
-def test_mma_attention_evict_first_compiles_for_sm90(bulk, tmp_path):
-    """``evict_first`` (``WKVQ_ATTN_EVICT_FIRST``): the bulk copies take an L2 cache policy (``createpolicy``); the PTX
-    is valid for sm_90, the copies as many as without it, and the policy operand reaches them."""
-    pytest.importorskip("triton")
-    from runtime.kernels import kv4_mma
-
-    out = {}
-    for ef in (False, True):
-        init, issue, step, step_cons = kv4_mma._asm(64, 3, 1, bulk, 0, True, ef)
-        assert ("createpolicy.fractional.L2::evict_first" in issue) == ef
-        consts = {"HQ": 4, "HKV": 4, "QG": 1, "TILE": 64, "NSPLIT": 8, "STAGES": 3, "PDL": False, "COMBINE": True,
-                  "ROPE": True, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons, "TRIGGER": False,
-                  "KEYS_A": True}
-        kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
-                 "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-        kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-        out[ef] = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)[0]
-    copies = {"bulk": 6, "mixed": 2}[bulk] * 3
-    assert out[False].count("UBLKCP") == out[True].count("UBLKCP") == copies
-    for ef, sass in out.items():  # the policy: a descriptor operand of each copy
-        assert all(("desc[" in line) == ef for line in sass.splitlines() if "UBLKCP" in line)
-
-
 def test_cap_bytes():
     """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB with the
     1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already

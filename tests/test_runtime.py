@@ -408,19 +408,6 @@ def test_weight_layout(monkeypatch):
         weight_layout("cuda", True, 128)
 
 
-def test_next_prefetch_choice():
-    """WKVQ_NEXT_PF: megabytes of the next projection a GEMV asks the L2 for, with flags; off when unset; a bad
-    value is a one-line error."""
-    from runtime.fast import next_prefetch
-
-    assert next_prefetch(None) == next_prefetch(" ") == (0, False, False)
-    assert next_prefetch("24") == (24 << 20, False, False)
-    assert next_prefetch("0.5,last,no_o") == (1 << 19, True, True)
-    for bad in ("x", "-1", "8,first"):
-        with pytest.raises(ValueError, match="use MB"):
-            next_prefetch(bad)
-
-
 def test_quantlinear_reads_group_major_buffers():
     """A QuantLinear re-pointed to row slices of a group-major fused weight (as FastLlama.from_hf leaves the model's
     projections on CUDA) gives the same codes and outputs as with its own row-major buffers."""

@@ -120,45 +120,6 @@ def test_mma_group_major_layout(n, k, m, config):
 
 
 @gpu
-@pytest.mark.parametrize("last", [False, True])
-@pytest.mark.parametrize("config", [(4, 2, 16), (1, 2, 1, 1, False, 1, 0, 16), None])
-@pytest.mark.parametrize("m", [1, 8])
-def test_mma_next_weight_prefetch(m, config, last):
-    """Asking the L2 for the next projection first (``NextWeight``: all of it, a share, or more bytes than it has)
-    changes no result; a weight that is not one dense block is refused in one line."""
-    from runtime.kernels.w4_mma import NextWeight, w4_mma_accumulate
-
-    n, k = 300, 4096
-    qw, s, z, w = _weight(n, k, seed=5)
-    gq, gs, gz = quant.group_major(qw, s, z)
-    nq, ns, nz = quant.group_major(*_weight(1000, 1408, seed=6)[:3])
-    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
-    ref = base.double() + x.double() @ w.T
-    for nbytes in (1 << 30, 12345, 16):
-        out = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config,
-                                next_weight=NextWeight(nq, ns, nz, nbytes, last))
-        assert _rel(out, ref) < TOL
-    with pytest.raises(ValueError, match="one dense 16-byte aligned block"):
-        w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config,
-                          next_weight=NextWeight(nq[::2], ns, nz, 1 << 20, last))
-
-
-def test_next_args_shares():
-    """The kernel's byte counts: the asked share of the codes, the same fraction of the scales and zeros, in
-    multiples of 16; nothing without a next weight."""
-    from runtime.kernels.w4_mma import NextWeight, next_args
-
-    q = torch.zeros(1000, 11, 64, dtype=torch.uint8)
-    sc, zc = torch.zeros(1000, 11, dtype=torch.float16), torch.zeros(1000, 11, dtype=torch.uint8)
-    gq, gs, gz = quant.group_major(q.view(1000, -1), sc, zc)
-    args, kind = next_args(NextWeight(gq, gs, gz, 704000 // 2, True), q)
-    assert kind == 2 and args[3:] == (352000, 10992, 5488)
-    args, kind = next_args(NextWeight(gq, gs, gz, 10 << 20), q)
-    assert kind == 1 and args[3:] == (704000, 22000, 10992)
-    assert next_args(None, q) == ((q, q, q, 0, 0, 0), 0)
-
-
-@gpu
 @pytest.mark.parametrize("config", [(1, 2, 1, 1, False, 1, 0, 16, 4), (4, 2, 3, 1, False, 1, 0, 0, 3),
                                     (2, 1, 1, 1, False, 1, 0, 3, 2), (1, 1, 1, 1, False, 1, 0, 8, 8),
                                     (4, 2, 16, 1, False, 1, 0, 0, 4), (1, 2, 1, 1, False, 1, 0, 24, 4)])
@@ -205,15 +166,13 @@ def test_mma_rejects_what_it_cannot_take():
 
 
 def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persist=False, strides=None,
-              gstrides=(64, 2, 1), pdl=False, pre=False, l2=False, bulk=0, nxt=0):
+              gstrides=(64, 2, 1), pdl=False, pre=False, l2=False, bulk=0):
     """The sm_90 SASS and resource usage of the GEMV kernel compiled without a GPU (:func:`tests.helpers.sm90_sass`)
     with the PTX the launch would give it: ``strides`` (row strides in bytes, the ``FIXED`` loads) or None, the
-    cp.async ``stages``, the weight preload (``pre``), the bulk ring (``bulk`` stages), the next weight's L2 prefetch
-    (``nxt``: the kernel's ``NEXT``)."""
+    cp.async ``stages``, the weight preload (``pre``), the bulk ring (``bulk`` stages)."""
     from runtime.kernels import w4_mma
 
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, gstrides,
-                                                                      bool(nxt) and pdl and not pre)
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, gstrides)
     split = w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre or bulk else ("", "r", "", "r")
     stage = ("", "r", "", "r", "", "r")
     if stages:
@@ -225,9 +184,8 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persis
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
               "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
-              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "NEXT": nxt}
-    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32", "nq_ptr": "*u8",
-            "ns_ptr": "*fp16", "nz_ptr": "*u8"}
+              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3]}
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
 
 
@@ -273,25 +231,6 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
     if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it
         assert sass.count("LDGSTS.E.BYPASS.128") == stages * 2 * tiles
         assert sass.count("LDGSTS.E.128") == stages * 4
-
-
-@pytest.mark.parametrize("persist,pre,nxt", [(True, True, 1), (True, False, 2), (False, False, 1)])
-def test_mma_next_prefetch_compiles_for_sm90(persist, pre, nxt, tmp_path):
-    """Without a GPU: with ``NEXT`` every program asks the L2 for three ranges (the next projection's codes, scales
-    and zeros: three bulk prefetches, with an ``evict_last`` policy at ``NEXT = 2``) before the PDL wait, and the
-    kernel's own loads are as without it (the preload's only above the wait; without the preload the loop's loads
-    are coherent, which ptxas keeps below the wait)."""
-    pytest.importorskip("triton")
-    from runtime.kernels import overlap
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    sass, usage = _mma_sass(tmp_path, warps=1, tiles=2, persist=persist, strides=(64, 2, 1),
-                            gstrides=(64 * 4096, 2 * 4096, 4096), pdl=True, pre=pre, nxt=nxt)
-    before = sass[:sass.index("ACQBULK")]
-    assert before.count("UBLKPF") == 3 and sass.count("UBLKPF") == 3, sass.count("UBLKPF")
-    assert before.count("LDG") == (24 if pre else 0)
-    assert "LOCAL:0" in usage
 
 
 @pytest.mark.parametrize("tiles,warps,persist,bulk", [(2, 1, True, 4), (2, 4, True, 3), (1, 4, False, 8)])

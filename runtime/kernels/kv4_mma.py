@@ -99,7 +99,6 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
-EVICT_ENV = "WKVQ_ATTN_EVICT_FIRST"  # 1: the cache's code copies evict_first in L2 (evict_first_on)
 
 
 def cap_bytes(ring: int, cap: int) -> int:
@@ -145,7 +144,7 @@ def _lane_copies(tile: int, region: int, size: int, ptr: str, row_bytes: int, va
     return L
 
 
-def _issue_asm(tile: int, copies: str, evict_first: bool = False) -> str:
+def _issue_asm(tile: int, copies: str) -> str:
     """PTX that starts the copies of one tile into a stage (when the flag ``go`` is set): ``n`` tokens from token
     row ``row``: the key and value codes (``64 n`` bytes each) and the four stats (``2 n`` bytes each, rounded up
     to 8 tokens: the slots are a multiple of 8, so this stays inside the head). ``copies``
@@ -154,16 +153,12 @@ def _issue_asm(tile: int, copies: str, evict_first: bool = False) -> str:
     lane); "lanes": all by every lane's ``cp.async`` (16-byte chunks). A lane's ``cp.async`` copies arrive on the
     mbarrier when they land (``cp.async.mbarrier.arrive.noinc``: the mbarrier then counts 33 arrivals,
     :func:`_init_asm`). Inputs: ``go``, the mbarrier and stage addresses, ``row``, ``n``, the six cache pointers
-    (codes, then key step, key minimum, value step, value minimum). ``evict_first``: the bulk copies' lines are
-    ``evict_first`` in L2 (a ``createpolicy`` cache hint: read once, they leave the L2 to the weights first)."""
+    (codes, then key step, key minimum, value step, value minimum)."""
     c = 64 * tile
-    hint, pol = (".L2::cache_hint", ", pol") if evict_first else ("", "")
     L = ["{", ".reg .pred p, pg, pv;", ".reg .u32 lane, nc, n8, tot, so, o, r;", ".reg .u64 off, src, sp;",
          "mov.u32 lane, %laneid;", "setp.ne.u32 pg, $1, 0;", "setp.eq.and.u32 p, lane, 0, pg;",
          "bar.warp.sync -1;",  # every lane done with the stage (its reads consumed) before it is overwritten
          "shl.b32 nc, $5, 6;", "add.u32 n8, $5, 7;", "and.b32 n8, n8, -8;", "shl.b32 n8, n8, 1;"]
-    if evict_first:
-        L += [".reg .b64 pol;", "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;"]
     if copies == "lanes":
         L.append("@p mbarrier.arrive.shared::cta.b64 _, [$2];")
         L += _lane_copies(tile, 0, c, "$6", 64, "nc") + _lane_copies(tile, c, c, "$7", 64, "nc")
@@ -172,16 +167,15 @@ def _issue_asm(tile: int, copies: str, evict_first: bool = False) -> str:
         L += ["@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], tot;",
               "mul.wide.u32 off, $4, 64;",
               "add.u64 src, $6, off;",
-              f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes{hint} [$3], [src], nc, [$2]{pol};",
+              "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [src], nc, [$2];",
               "add.u64 src, $7, off;",
-              f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes{hint} [$3+{c}], [src], nc, [$2]"
-              f"{pol};",
+              f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [src], nc, [$2];",
               "mul.wide.u32 off, $4, 2;"]
     if copies == "bulk":
         for i, ptr in enumerate(("$8", "$9", "$10", "$11")):
             L += [f"add.u64 src, {ptr}, off;",
-                  (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes{hint} "
-                   f"[$3+{2 * c + 2 * tile * i}], [src], n8, [$2]{pol};")]
+                  (f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{2 * c + 2 * tile * i}],"
+                   " [src], n8, [$2];")]
     else:
         for i, ptr in enumerate(("$8", "$9", "$10", "$11")):
             if tile > 64:  # per stat: 2 tile bytes over the lanes
@@ -466,16 +460,9 @@ FROM_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, keys_a: bool = False,
-         evict_first: bool = False):
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, keys_a: bool = False):
     step, step_cons = (_step_asm_ka if keys_a else _step_asm)(tile, qg)
-    return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies, evict_first), step, step_cons
-
-
-def evict_first_on() -> bool:
-    """``WKVQ_ATTN_EVICT_FIRST=1``: the cache's code copies are ``evict_first`` in L2 (:func:`_issue_asm`), so that
-    weights a GEMV asked the L2 for before the attention (``WKVQ_NEXT_PF``) outlive its stream. Off by default."""
-    return os.environ.get(EVICT_ENV, "0") == "1"
+    return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies), step, step_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -752,7 +739,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv, splits + (rope is not None))
     cap = -(-grid[0] * grid[1] // multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
-    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a, evict_first_on())
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,

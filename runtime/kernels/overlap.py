@@ -132,41 +132,6 @@ def prefetch_l2(ptr, nbytes):
 
 
 @triton.jit
-def prefetch_l2_last(ptr, nbytes):
-    """:func:`prefetch_l2` with the L2 eviction priority ``evict_last`` (``createpolicy``): the lines stay in L2
-    ahead of ``evict_normal`` and ``evict_first`` ones."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .pred p, q;
-        .reg .u32 t;
-        .reg .b64 pol;
-        mov.u32 t, %tid.x;
-        setp.eq.u32 p, t, 0;
-        setp.ne.u32 q, $2, 0;
-        and.pred p, p, q;
-        createpolicy.fractional.L2::evict_last.b64 pol, 1.0;
-        @p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol;
-        mov.u32 $0, 0;
-        }""",
-        constraints="=r,l,r", args=[ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_share(base, nbytes, p, P, LAST: tl.constexpr):
-    """Program ``p`` of ``P`` asks the L2 for its share of bytes ``[0, nbytes)`` from ``base`` (any pointer, 16-byte
-    aligned; shares cut at multiples of 16 bytes, the last one ends at ``nbytes`` rounded down to 16): one
-    bulk prefetch by thread 0, ``evict_last`` with ``LAST`` (:func:`prefetch_l2_last`)."""
-    base = base.to(tl.pointer_type(tl.uint8))
-    units = nbytes // 16
-    lo = (p.to(tl.int64) * units // P).to(tl.int32)
-    hi = ((p + 1).to(tl.int64) * units // P).to(tl.int32)
-    if LAST:
-        prefetch_l2_last(base + lo.to(tl.int64) * 16, (hi - lo) * 16)
-    else:
-        prefetch_l2(base + lo.to(tl.int64) * 16, (hi - lo) * 16)
-
-
-@triton.jit
 def prefetch_range(base, lo, hi, limit, ELEM: tl.constexpr):
     """:func:`prefetch_l2` of elements ``[lo, min(hi, limit))`` (``ELEM`` bytes each) from ``base`` (pointer to
     element 0, 16-byte aligned with ``lo * ELEM``), the byte count rounded down to a multiple of 16."""

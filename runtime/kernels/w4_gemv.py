@@ -679,15 +679,12 @@ class GemvW4(W4Weight):
     def plain(self) -> W4Weight:
         return W4Weight(self.qweight, self.scales, self.zeros, self.in_features, self.group_size, self.bias)
 
-    def accumulate(self, x: torch.Tensor, out: torch.Tensor, next_weight=None) -> torch.Tensor:
-        """``out += x @ W^T``; ``next_weight`` (:class:`runtime.kernels.w4_mma.NextWeight`): asked of the L2 first
-        where the tensor-core GEMV runs (a hint)."""
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         from . import w4_mma
 
         if w4_mma.mma_enabled() and w4_mma.mma_ok(x, self.qweight, self.scales, self.zeros, self.group_size,
                                                    self.bias):
-            return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
-                                            next_weight=next_weight)
+            return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out)
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

@@ -82,42 +82,6 @@ def mma_enabled() -> bool:
     return os.environ.get(MMA_ENV, "1") != "0"
 
 
-class NextWeight(NamedTuple):
-    """The projection a GEMV asks the L2 for before it waits for the kernel before (kernel ``NEXT``): its codes,
-    scales and zeros (each one dense block of memory: contiguous, or the group-major copy), the first ``nbytes``
-    bytes of the codes and the same share of the scales and zeros, and whether the lines are ``evict_last``."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    nbytes: int
-    last: bool = False
-
-
-def _dense_bytes(t: torch.Tensor) -> int:
-    """Bytes of ``t`` if its elements fill one block of memory from ``data_ptr`` (any order of strides), else 0."""
-    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
-    return t.numel() * t.element_size() if span == t.numel() else 0
-
-
-def next_args(nxt: NextWeight | None, fallback: torch.Tensor) -> tuple[tuple, int]:
-    """The kernel's ``nq_ptr .. nz_bytes`` arguments and ``NEXT`` for ``nxt`` (pointers ``fallback`` and 0 bytes
-    without it). A one-line ``ValueError`` names a tensor that is not one dense block or not 16-byte aligned."""
-    if nxt is None or nxt.nbytes <= 0:
-        return (fallback, fallback, fallback, 0, 0, 0), 0
-    sizes = []
-    for name in ("qweight", "scales", "zeros"):
-        t = getattr(nxt, name)
-        dense = _dense_bytes(t)
-        if not dense or t.data_ptr() % 16:
-            raise ValueError(f"the next weight's {name} must be one dense 16-byte aligned block of memory, got "
-                             f"shape {list(t.shape)} strides {list(t.stride())}")
-        sizes.append(dense)
-    frac = min(1.0, nxt.nbytes / sizes[0])
-    nbytes = [int(frac * b) // 16 * 16 for b in sizes]
-    return (nxt.qweight, nxt.scales, nxt.zeros, *nbytes), 2 if nxt.last else 1
-
-
 class MmaConfig(NamedTuple):
     """``warps`` per program, ``tiles`` of 16 rows per warp, ``split``: contiguous ranges of the groups (programs
     per row block, float32 atomics when > 1), ``depth``: groups whose loads are in flight while a group is computed
@@ -623,9 +587,9 @@ def _bulk_asm(tiles: int, stages: int, warps: int) -> tuple[str, str, str, str]:
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
-         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False):
+         gstrides: tuple[int, int, int] = (64, 2, 1)):
     pro, pro_cons = _prologue_asm(tiles)
-    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent)
+    load, load_cons = _load_asm(tiles, ragged, strides, gstrides)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
@@ -972,7 +936,6 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
 
 @triton.jit
 def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-                   nq_ptr, ns_ptr, nz_ptr, nq_bytes, ns_bytes, nz_bytes,
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PERSIST: tl.constexpr,
                    PRO: tl.constexpr, PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr,
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
@@ -981,7 +944,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
-                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r", NEXT: tl.constexpr = 0):
+                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r"):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -991,17 +954,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
     before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1, no
-    stages) after loading the weights of its first range's first two groups (:func:`_range`). ``NEXT`` (1, or 2 for
-    ``evict_last``): before anything else each program asks the L2 for its share of the next projection's first
-    ``nq_bytes`` codes, ``ns_bytes`` scales and ``nz_bytes`` zeros (:func:`runtime.kernels.overlap.prefetch_share`;
-    the weights are constant, so this needs no wait)."""
+    stages) after loading the weights of its first range's first two groups (:func:`_range`)."""
     overlap.launch_dependents(PDL)
-    if NEXT > 0:
-        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        npg = tl.num_programs(0) * tl.num_programs(1)
-        overlap.prefetch_share(nq_ptr, nq_bytes, pid, npg, NEXT == 2)
-        overlap.prefetch_share(ns_ptr, ns_bytes, pid, npg, NEXT == 2)
-        overlap.prefetch_share(nz_ptr, nz_bytes, pid, npg, NEXT == 2)
     if not PRE and BULK == 0:
         overlap.wait_prior(PDL)
     NT: tl.constexpr = 32 * WARPS
@@ -1062,10 +1016,8 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
-                      next_weight: NextWeight | None = None) -> torch.Tensor:
-    """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``.
-    ``next_weight``: asked of the L2 first (:class:`NextWeight`; a hint on sm_90+, ignored below)."""
+                      group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None) -> torch.Tensor:
+    """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``."""
     if not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1088,18 +1040,12 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
         raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
                          f"this weight is group-major (group strides {gstrides})")
-    pdl_opts = overlap.launch_options(x2.device, "gemv")
-    nargs, nxt = next_args(next_weight if overlap.hopper(x2.device) else None, qweight)
-    pre = (pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
-           and not cfg.bulk)
-    # the next weight's prefetch before the wait made ptxas hoist .nc loads of x above it (local sm_90 SASS): the
-    # loop's loads are coherent then, unless the preload's peeled first iteration reads x coherently anyway
-    coherent = bool(nxt) and pdl_opts["PDL"] and not pre
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides,
-                                                               gstrides, coherent)
+                                                               gstrides)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
+    pdl_opts = overlap.launch_options(x2.device, "gemv")
     bulk = ("", "", "", "r")
     if cfg.bulk:
         if not bulk_ok(cfg, n, k, gstrides):
@@ -1107,6 +1053,8 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                              f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
                              f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
         bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
+    pre = (pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
+           and not cfg.bulk)
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides)
                                             if pre or cfg.bulk else ("", "r", "", "r"))
     g = scales.shape[1]
@@ -1116,13 +1064,12 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     else:
         grid = (blocks, min(cfg.split, g))
     _w4_mma_kernel[grid](
-        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), *nargs,
-        WARPS=cfg.warps,
+        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), WARPS=cfg.warps,
         TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
         PRO=pro, PRO_CONS=pro_cons,
         LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
         L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
         READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw,
         LOADW_CONS=loadw_cons, LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, BULK=cfg.bulk, BINIT=bulk[0],
-        BISSUE=bulk[1], BREAD=bulk[2], BREAD_CONS=bulk[3], NEXT=nxt, num_warps=cfg.warps, **pdl_opts)
+        BISSUE=bulk[1], BREAD=bulk[2], BREAD_CONS=bulk[3], num_warps=cfg.warps, **pdl_opts)
     return out
