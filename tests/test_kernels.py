@@ -338,13 +338,14 @@ def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, lengt
 
 def test_overlap_flags(monkeypatch):
     """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
-    (unset: the projections, norms and SiLU, ``0`` none, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
+    (unset: the projections, norms, SiLU and the tensor-core attention, ``0`` none, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
     number."""
     from runtime.kernels import kv4, overlap
 
     monkeypatch.setenv(overlap.PDL_ENV, "1")
     assert not overlap.hopper("cpu") and overlap.launch_options("cpu", "gemv") == {"PDL": False}
-    assert overlap.pdl_kinds(None) == overlap.pdl_kinds(" ") == overlap.PDL_DEFAULT == {"gemv", "norm", "silu"}
+    assert (overlap.pdl_kinds(None) == overlap.pdl_kinds(" ") == overlap.PDL_DEFAULT
+            == {"gemv", "norm", "silu", "attn_mma"})
     assert overlap.pdl_kinds("0") == frozenset()
     assert overlap.pdl_kinds("1") == frozenset(overlap.KINDS)
     assert overlap.pdl_kinds("gemv, attn") == {"gemv", "attn"}
@@ -481,8 +482,9 @@ def test_quantlinear_cuda_dispatch_matches_dequantized():
 
 def test_attention_pdl_arguments(monkeypatch):
     """What the decode attention passes the tensor-core launch (host side only: the launches are recorded, not
-    run): launched early with the PDL kind "attn"; its kernel lets the next one launch early with "attn_trigger",
-    or, when a separate combine kernel merges its splits, wherever it is launched early itself."""
+    run): launched early with the PDL kind "attn_mma" (the default; "attn" is the split kernel's); its kernel lets
+    the next one launch early with "attn_trigger", or, when a separate combine kernel merges its splits, wherever it
+    is launched early itself."""
     from runtime.kernels import kv4, kv4_mma, overlap
 
     calls, combines = [], []
@@ -497,10 +499,12 @@ def test_attention_pdl_arguments(monkeypatch):
     monkeypatch.setattr(overlap, "hopper", lambda device: True)
     monkeypatch.setattr(overlap, "_triton_has_pdl", lambda: True)
     args, _ = _attention_case(2, 2, None, 10, 1, 1, d=128, s=64)
-    for env, combine, want, want_combine in (("0", True, (False, False), None), ("attn", True, (True, False), None),
-                                             ("attn,attn_trigger", True, (True, True), None),
-                                             ("attn", False, (True, True), (True, False)),
-                                             ("attn,attn_trigger", False, (True, True), (True, True))):
+    for env, combine, want, want_combine in (("0", True, (False, False), None),
+                                             ("attn_mma", True, (True, False), None),
+                                             ("", True, (True, False), None), ("attn", True, (False, False), None),
+                                             ("attn_mma,attn_trigger", True, (True, True), None),
+                                             ("attn_mma", False, (True, True), (True, False)),
+                                             ("attn_mma,attn_trigger", False, (True, True), (True, True))):
         monkeypatch.setenv(overlap.PDL_ENV, env)
         cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
         kv4.decode_attention(*args, cfg)

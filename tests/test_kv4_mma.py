@@ -44,6 +44,16 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
 
 
+def test_even_cap():
+    """The early launch's cap: the grid's even share of the multiprocessors, rounded up, plus one (7B b1 p32768:
+    1056 programs on 132 multiprocessors, 9; 13B: 1320, 11)."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    assert kv4_mma.CAP_SLACK == 1
+    assert kv4_mma.even_cap(1056, 132) == 9 and kv4_mma.even_cap(1320, 132) == 11 and kv4_mma.even_cap(1, 132) == 2
+
+
 def test_cap_bytes():
     """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB with the
     1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already

@@ -752,7 +752,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
     k_scale, k_shift, v_scale, v_shift = kv_params
-    pdl = overlap.launch_options(device, "attn")  # launched early
+    pdl = overlap.launch_options(device, "attn_mma" if mma else "attn")  # launched early
     # the attention's last kernel lets the next one launch early only with "attn_trigger"; a first kernel whose
     # splits the combine kernel merges lets that one launch early wherever the attention uses PDL
     trigger = overlap.pdl(device, "attn_trigger")

@@ -99,13 +99,24 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
+# Programs a multiprocessor over the grid's even share that the cap allows. At the even share exactly a
+# multiprocessor that the kernel before still holds when the last programs are placed makes them wait for it: 13B
+# b1 p32768 4.94 ms early against 4.65 launched late; one over it, 4.59-4.63 (7B 2.69-2.78 against 2.74-2.84),
+# two over it no better (twentieth session, benchmarks/results/r23).
+CAP_SLACK = 1
+
+
+def even_cap(programs: int, sms: int) -> int:
+    """Programs a multiprocessor that an early-launched grid of ``programs`` may place on one: its even share
+    plus :data:`CAP_SLACK`."""
+    return -(-programs // sms) + CAP_SLACK
 
 
 def cap_bytes(ring: int, cap: int) -> int:
     """Shared bytes to declare for a ring of ``ring`` bytes so that at most ``cap`` programs fit on one
     multiprocessor: just over the share of ``cap + 1`` (``ring`` where that is no more than ``ring``, or more than
     :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before frees room first, up
-    to the residency limit: a cap at the grid's even share keeps a one-wave grid balanced."""
+    to the residency limit: a cap near the grid's even share (:func:`even_cap`) keeps a one-wave grid balanced."""
     padded = SM_SHARED // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
     return padded if ring < padded <= CAP_LIMIT else ring
 
@@ -125,8 +136,8 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
 
 
 def _cap_on() -> bool:
-    """``WKVQ_ATTN_CAP`` (default 1): when launched early (PDL), the programs a multiprocessor capped at the
-    grid's even share (:func:`cap_bytes`)."""
+    """``WKVQ_ATTN_CAP`` (default 1): when launched early (PDL), the programs a multiprocessor capped near the
+    grid's even share (:func:`even_cap`, :func:`cap_bytes`)."""
     return os.environ.get(CAP_ENV, "1") != "0"
 
 
@@ -730,15 +741,15 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
     with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
     per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
-    ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at the grid's even share
-    (:func:`cap_bytes`, unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early; ``keys_a``: the
+    ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at one over the grid's even share
+    (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early; ``keys_a``: the
     keys as the score MMAs' A operand (:func:`_step_asm_ka`)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv, splits + (rope is not None))
-    cap = -(-grid[0] * grid[1] // multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
+    cap = even_cap(grid[0] * grid[1], multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,

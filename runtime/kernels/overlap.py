@@ -18,16 +18,19 @@ cost ~1-3 us on an H200 in which no other kernel runs. Two Hopper features let t
 
 Both are off under Triton's interpreter (it runs neither PTX nor grid dependency control) and where the Triton or
 the GPU lacks them. ``WKVQ_PDL`` picks the kernel kinds that use PDL (:func:`pdl_kinds`); by default
-:data:`PDL_DEFAULT`, the projections, norms and SiLU product: each of them starts while the one before ends, so the
-launch and the first loads of a GEMV overlap the small kernel before it. Measured on an H200 (fifteenth session,
-runtime/kernels/NOTES.md round 13), 7B b1: 2.05 -> 1.90 ms a step at p2048, 3.31 -> 3.19-3.23 at p32768; PDL on
-only one side of those pairs ("gemv", or "norm,silu") was slower than none. The attention is two kinds: "attn",
-launched early (its programs issue their first tiles, then wait), and "attn_trigger", letting the next kernel (the
-output projection) launch early. Early-launched programs land where the kernel before frees room first, up to the
-residency limit, which unbalanced the attention's one-wave grid (sixteenth session: p32768 3.76 ms against 3.23);
-the tensor-core attention therefore caps its programs a multiprocessor at the grid's even share when launched early
-(``kv4_mma.cap_bytes``). With the cap "attn" measured -0.07 ms at p32768 and +0.02 at p2048 (not in the default);
-"attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
+:data:`PDL_DEFAULT`, the projections, norms and SiLU product, and the tensor-core attention: each of them starts
+while the one before ends, so the launch and the first loads of a GEMV overlap the small kernel before it. Measured
+on an H200 (fifteenth session, runtime/kernels/NOTES.md round 13), 7B b1: 2.05 -> 1.90 ms a step at p2048, 3.31 ->
+3.19-3.23 at p32768; PDL on only one side of those pairs ("gemv", or "norm,silu") was slower than none. The
+attention is three kinds: "attn_mma" (the tensor-core kernel, ``kv4_mma``) and "attn" (the split kernel and the
+separate combine kernel), launched early (the programs issue their first tiles, then wait), and "attn_trigger",
+letting the next kernel (the output projection) launch early. Early-launched programs land where the kernel before
+frees room first, up to the residency limit, which unbalanced the attention's one-wave grid (sixteenth session:
+p32768 3.76 ms against 3.23); the tensor-core attention therefore caps its programs a multiprocessor when launched
+early (``kv4_mma.even_cap``, ``kv4_mma.cap_bytes``): at the grid's even share it was -0.07 ms at 7B p32768 but +0.3
+at 13B (the last programs waiting for a multiprocessor the GEMV before still held); one program over the even share,
+-0.05 ms at p32768 at 7B and at 13B, p2048 and batch 8 unchanged (twentieth session): in the default since then.
+The split kernel has no cap and stays off by default. "attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
 them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``). The tensor-core GEMV (``w4_mma``) also loads its first two groups'
 weights into registers before its wait (``WKVQ_MMA_PRE``). A load meant to run before the wait must be a coherent
 ``ld.global``: ptxas hoists the wait above ``.nc`` loads (and moves ``.nc`` loads placed after it above it).
@@ -62,8 +65,8 @@ def hopper(device) -> bool:
     return cuda_major(device) >= 9
 
 
-KINDS = ("gemv", "attn", "attn_trigger", "rope", "norm", "silu")  # the decode step's kernels, by what they do
-PDL_DEFAULT = frozenset({"gemv", "norm", "silu"})  # WKVQ_PDL unset or empty
+KINDS = ("gemv", "attn_mma", "attn", "attn_trigger", "rope", "norm", "silu")  # the decode step's kernels
+PDL_DEFAULT = frozenset({"gemv", "norm", "silu", "attn_mma"})  # WKVQ_PDL unset or empty
 
 
 def pdl_kinds(value: str | None) -> frozenset[str]:
