@@ -29,7 +29,8 @@ frees room first, up to the residency limit, which unbalanced the attention's on
 p32768 3.76 ms against 3.23); the tensor-core attention therefore caps its programs a multiprocessor when launched
 early (``kv4_mma.even_cap``, ``kv4_mma.cap_bytes``): at the grid's even share it was -0.07 ms at 7B p32768 but +0.3
 at 13B (the last programs waiting for a multiprocessor the GEMV before still held); one program over the even share,
--0.05 ms at p32768 at 7B and at 13B, p2048 and batch 8 unchanged (twentieth session): in the default since then.
+-0.05 ms at p32768 at 7B and at 13B, p2048 within the spread (perhaps +0.02), batch 8 unchanged (twentieth
+session): in the default since then.
 The split kernel has no cap and stays off by default. "attn_trigger" is slower (3.88 ms), not measured why. The prefetches are config fields of the kernels that issue
 them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``). The tensor-core GEMV (``w4_mma``) also loads its first two groups'
 weights into registers before its wait (``WKVQ_MMA_PRE``). A load meant to run before the wait must be a coherent
