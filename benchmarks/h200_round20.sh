@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Twentieth session, one H200 (device tool, carry .gpu/whl): the next projection asked of the L2 before a GEMV's
 # PDL wait (WKVQ_NEXT_PF, w4_mma NEXT) and the attention's cache copies evict_first (WKVQ_ATTN_EVICT_FIRST).
-# Results in $OUT. Parts: tests e2e probe early slack verify again final, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
+# Results in $OUT. Parts: tests e2e probe early slack verify again final splits, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
 # e2e and probe ran on commit 40c40be (the prefetch and benchmarks/next_probe.py; reverted after, being slower);
 # early and slack on commit f0be2a6 plus an environment knob WKVQ_ATTN_CAP_SLACK (programs over the even share),
 # since replaced by kv4_mma.CAP_SLACK = 1 with the tensor-core attention launched early by default ("attn_mma").
@@ -61,6 +61,13 @@ verify)  # the final tree's GPU tests of the attention (launched early by defaul
     > "$o/tests_decode_final.txt" 2>&1; mark "decode tests: $(tail -1 "$o/tests_decode_final.txt")" ;;
 again)  # the 7B batch-1 line twice more on the final tree
   for i in 1 2; do bench --batches 1 --prompts 2048,32768 --json "$o/b1_final_$i.json"; mark "b1 $i"; done ;;
+splits)  # b1 p32768 split counts with the attention launched early (the default now), alternated with the table's 32
+  V=benchmarks/variants
+  bench --batches 1 --prompts 32768 --json "$o/sp32_1.json"; mark "32"
+  for sp in 24 40 48; do
+    WKVQ_ATTN_TABLE=$V/attn_b1_32k_sp$sp.json bench --batches 1 --prompts 32768 --json "$o/sp${sp}.json"; mark "$sp"
+  done
+  bench --batches 1 --prompts 32768 --json "$o/sp32_2.json"; mark "32" ;;
 final)
   record ;;
 esac; done
