@@ -44,6 +44,29 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
 
 
+@pytest.mark.parametrize("rope,qg", [(True, 1), (True, 2), (False, 1), (False, 4)])
+def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, qg, tmp_path):
+    """Launched early (PDL: the decode step's default), an attention program may read before its wait only what no
+    kernel of the step writes: the cache length and its first tiles' copies of the past (``cp.async``). ptxas may
+    move ``.nc`` loads across ``griddepcontrol.wait``: the query (the projection's output) must stay below it."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma, overlap
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    init, issue, step, step_cons = kv4_mma._asm(64, 2, qg, "mixed", kv4_mma.even_cap(1056, 132), True)
+    consts = {"HQ": 32, "HKV": 32 // qg, "QG": qg, "TILE": 64, "NSPLIT": 32, "STAGES": 2, "PDL": True,
+              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons,
+              "TRIGGER": False, "KEYS_A": True}
+    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
+             "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
+    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
+    sass = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)[0]
+    before = sass[:sass.index("ACQBULK")]  # the attention programs' wait (the append program's comes later)
+    assert before.count("LDG.E ") == 1 and "LDG.E." not in before.replace("LDGSTS.E.", "")  # the length only
+    assert before.count("UBLKCP") == 2  # the first tile's key and value codes
+
+
 def test_even_cap():
     """The early launch's cap: the grid's even share of the multiprocessors, rounded up, plus one (7B b1 p32768:
     1056 programs on 132 multiprocessors, 9; 13B: 1320, 11)."""

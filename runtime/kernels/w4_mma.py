@@ -1015,6 +1015,48 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             and scales.shape == zeros.shape == (qweight.shape[0], g))
 
 
+def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
+                gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool) -> tuple[tuple[int, int], dict]:
+    """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
+    ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
+    launched with ``pdl`` on a ``hopper`` GPU. Pure: what :func:`w4_mma_accumulate` launches and what the sm_90 SASS
+    tests compile. A config the weight cannot take is a one-line ``ValueError``."""
+    rows = 16 * cfg.tiles * cfg.warps
+    fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
+    strides = row_strides if fixed else None
+    ragged = k % GROUP != 0
+    if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
+        raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
+                         f"this weight is group-major (group strides {gstrides})")
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides)
+    stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
+    if cfg.stages:
+        pro, pro_cons, *stage = _stage_asm(cfg.tiles, ragged, cfg.stages, 32 * cfg.warps)
+    bulk = ("", "", "", "r")
+    if cfg.bulk:
+        if not bulk_ok(cfg, n, k, gstrides):
+            raise ValueError(f"MmaConfig {cfg}: the bulk ring takes 2-8 stages without cp.async stages, within "
+                             f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
+                             f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
+        bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
+    pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages and not cfg.bulk
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides)
+                                            if pre or cfg.bulk else ("", "r", "", "r"))
+    g = -(-k // GROUP)
+    blocks = triton.cdiv(n, rows)
+    if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
+        grid = (min(cfg.persist * sms, blocks * g), 1)
+    else:
+        grid = (blocks, min(cfg.split, g))
+    return grid, dict(
+        WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0, PRO=pro, PRO_CONS=pro_cons,
+        LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
+        L2=bool(cfg.l2) and hopper, PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1], READ=stage[2],
+        READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw, LOADW_CONS=loadw_cons,
+        LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, BULK=cfg.bulk, BINIT=bulk[0], BISSUE=bulk[1], BREAD=bulk[2],
+        BREAD_CONS=bulk[3])
+
+
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None) -> torch.Tensor:
     """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``."""
@@ -1032,44 +1074,11 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             or not 0 <= cfg.persist <= 32 or not 0 <= cfg.bulk <= 8):
         raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
                          f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32, bulk 0-8")
-    rows = 16 * cfg.tiles * cfg.warps
-    fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
-    strides = row_strides if fixed else None
-    if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
-        raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
-                         f"this weight is group-major (group strides {gstrides})")
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, k % GROUP != 0, cfg.chains, strides,
-                                                               gstrides)
-    stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
-    if cfg.stages:
-        pro, pro_cons, *stage = _stage_asm(cfg.tiles, k % GROUP != 0, cfg.stages, 32 * cfg.warps)
     pdl_opts = overlap.launch_options(x2.device, "gemv")
-    bulk = ("", "", "", "r")
-    if cfg.bulk:
-        if not bulk_ok(cfg, n, k, gstrides):
-            raise ValueError(f"MmaConfig {cfg}: the bulk ring takes 2-8 stages without cp.async stages, within "
-                             f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
-                             f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
-        bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
-    pre = (pdl_opts["PDL"] and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages
-           and not cfg.bulk)
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, k % GROUP != 0, strides, gstrides)
-                                            if pre or cfg.bulk else ("", "r", "", "r"))
-    g = scales.shape[1]
-    blocks = triton.cdiv(n, rows)
-    if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
-        grid = (min(cfg.persist * multiprocessors(x2.device), blocks * g), 1)
-    else:
-        grid = (blocks, min(cfg.split, g))
-    _w4_mma_kernel[grid](
-        x2, qweight, scales, zeros, out, n, k, g, m, x2.stride(0) * 2, *row_strides, out.stride(0), WARPS=cfg.warps,
-        TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0,
-        PRO=pro, PRO_CONS=pro_cons,
-        LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
-        L2=bool(cfg.l2) and overlap.hopper(x2.device), PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1],
-        READ=stage[2], READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw,
-        LOADW_CONS=loadw_cons, LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, BULK=cfg.bulk, BINIT=bulk[0],
-        BISSUE=bulk[1], BREAD=bulk[2], BREAD_CONS=bulk[3], num_warps=cfg.warps, **pdl_opts)
+    grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
+                               overlap.hopper(x2.device))
+    _w4_mma_kernel[grid](x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides,
+                         out.stride(0), **consts, num_warps=cfg.warps, **pdl_opts)
     return out
