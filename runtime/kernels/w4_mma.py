@@ -1048,13 +1048,14 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         grid = (min(cfg.persist * sms, blocks * g), 1)
     else:
         grid = (blocks, min(cfg.split, g))
-    return grid, dict(
-        WARPS=cfg.warps, TILES=cfg.tiles, SPLIT=grid[1], PERSIST=cfg.persist > 0, PRO=pro, PRO_CONS=pro_cons,
-        LOAD=load, LOAD_CONS=load_cons, COMP=comp, COMP_CONS=comp_cons, EPI=EPILOGUE_ASM, DEPTH=cfg.depth,
-        L2=bool(cfg.l2) and hopper, PF=pf, STAGES=cfg.stages, ISSUE=stage[0], ISSUE_CONS=stage[1], READ=stage[2],
-        READ_CONS=stage[3], SZA=stage[4], SZA_CONS=stage[5], FIXED=fixed, LOADW=loadw, LOADW_CONS=loadw_cons,
-        LOADX=loadx, LOADX_CONS=loadx_cons, PRE=pre, BULK=cfg.bulk, BINIT=bulk[0], BISSUE=bulk[1], BREAD=bulk[2],
-        BREAD_CONS=bulk[3])
+    return grid, {
+        "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
+        "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
+        "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "STAGES": cfg.stages,
+        "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
+        "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
+        "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
+        "BREAD": bulk[2], "BREAD_CONS": bulk[3]}
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
