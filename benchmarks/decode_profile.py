@@ -45,9 +45,11 @@ def kernel_times(prof, steps: int) -> list[dict]:
 
 def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> list[dict]:
     """The last step's kernels in start order (``kernels``: ``(name, start_us, end_us)`` of ``steps`` equal
-    steps), each with its ``start`` from the step's first start, its ``dur`` and its ``gap``: its start less the
+    steps), each with its ``start`` from the step's first start, its ``dur``, its ``gap``: its start less the
     latest end of the kernels before it in the step (positive: the GPU ran none of them in between; negative:
-    it started that much before the last one ended, e.g. launched early by PDL)."""
+    it started that much before the last one ended, e.g. launched early by PDL), and what it ``adds``: its end
+    less that latest end, if later (the step's span is the first start to the last end, i.e. the sum of what
+    each kernel adds plus the idle gaps: with PDL a kernel's duration counts its wait, what it adds does not)."""
     kernels = sorted(kernels, key=lambda k: k[1])
     if not kernels or len(kernels) % steps:
         raise ValueError(f"{len(kernels)} kernel events do not split into {steps} equal steps")
@@ -55,20 +57,23 @@ def step_timeline(kernels: list[tuple[str, float, float]], steps: int) -> list[d
     t0, busy = last[0][1], last[0][1]
     rows = []
     for name, start, end in last:
-        rows.append({"name": name, "start": start - t0, "dur": end - start, "gap": start - busy})
+        rows.append({"name": name, "start": start - t0, "dur": end - start, "gap": start - busy,
+                     "adds": max(end - max(busy, start), 0.0)})
         busy = max(busy, end)
     return rows
 
 
 def timeline_summary(rows: list[dict]) -> list[dict]:
-    """Per kernel name of a :func:`step_timeline`: calls, time, the idle time before its starts (positive gaps)
-    and its overlap with the kernels before it (negative gaps), per step; most idle first."""
+    """Per kernel name of a :func:`step_timeline`: calls, time, what it adds to the step's span, the idle time
+    before its starts (positive gaps) and its overlap with the kernels before it (negative gaps), per step; most
+    idle first."""
     out: dict[str, dict] = {}
     for r in rows:
-        o = out.setdefault(r["name"], {"name": r["name"], "calls": 0, "us": 0.0, "idle_before": 0.0,
+        o = out.setdefault(r["name"], {"name": r["name"], "calls": 0, "us": 0.0, "adds": 0.0, "idle_before": 0.0,
                                        "overlap": 0.0})
         o["calls"] += 1
         o["us"] += r["dur"]
+        o["adds"] += r["adds"]
         o["idle_before"] += max(r["gap"], 0.0)
         o["overlap"] += max(-r["gap"], 0.0)
     return sorted(out.values(), key=lambda o: -o["idle_before"])
@@ -80,16 +85,17 @@ def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
     idle = sum(max(r["gap"], 0.0) for r in rows)
     span = max(r["start"] + r["dur"] for r in rows)
     print(f"\ntimeline of the last step: span {span:.1f} us, idle {idle:.1f} us between kernels")
-    print(f"{'calls':>6} {'us':>8} {'idle before':>12} {'overlap':>8}  kernel")
+    print(f"{'calls':>6} {'us':>8} {'adds':>8} {'idle before':>12} {'overlap':>8}  kernel")
     for o in timeline_summary(rows):
-        print(f"{o['calls']:6d} {o['us']:8.1f} {o['idle_before']:12.1f} {o['overlap']:8.1f}  {o['name'][:80]}")
+        print(f"{o['calls']:6d} {o['us']:8.1f} {o['adds']:8.1f} {o['idle_before']:12.1f} {o['overlap']:8.1f}  "
+              f"{o['name'][:80]}")
     at = [i for i, r in enumerate(rows) if r["name"] == anchor]
     if at:
         i0 = max(at[len(at) // 2] - 2, 0)
         print(f"\none layer (from two kernels before the middle {anchor[:40]}):")
-        print(f"{'start':>9} {'dur':>7} {'gap':>7}  kernel")
+        print(f"{'start':>9} {'dur':>7} {'gap':>7} {'adds':>7}  kernel")
         for r in rows[i0:i0 + width]:
-            print(f"{r['start']:9.1f} {r['dur']:7.1f} {r['gap']:7.1f}  {r['name'][:80]}")
+            print(f"{r['start']:9.1f} {r['dur']:7.1f} {r['gap']:7.1f} {r['adds']:7.1f}  {r['name'][:80]}")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Twentieth session, one H200 (device tool, carry .gpu/whl): the next projection asked of the L2 before a GEMV's
 # PDL wait (WKVQ_NEXT_PF, w4_mma NEXT) and the attention's cache copies evict_first (WKVQ_ATTN_EVICT_FIRST).
-# Results in $OUT. Parts: tests e2e probe early slack verify again final splits, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
+# Results in $OUT. Parts: tests e2e probe early slack verify again final splits profile, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
 # e2e and probe ran on commit 40c40be (the prefetch and benchmarks/next_probe.py; reverted after, being slower);
 # early and slack on commit f0be2a6 plus an environment knob WKVQ_ATTN_CAP_SLACK (programs over the even share),
 # since replaced by kv4_mma.CAP_SLACK = 1 with the tensor-core attention launched early by default ("attn_mma").
@@ -68,6 +68,13 @@ splits)  # b1 p32768 split counts with the attention launched early (the default
     WKVQ_ATTN_TABLE=$V/attn_b1_32k_sp$sp.json bench --batches 1 --prompts 32768 --json "$o/sp${sp}.json"; mark "$sp"
   done
   bench --batches 1 --prompts 32768 --json "$o/sp32_2.json"; mark "32" ;;
+profile)  # the final tree: the GEMV's tests after launch_plan, then where a step's time goes (what each kernel adds)
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py -k "reference or 7b_shapes or group_major" \
+    > "$o/tests_mma_plan.txt" 2>&1; mark "mma tests: $(tail -1 "$o/tests_mma_plan.txt")"
+  for p in 32768 2048; do
+    python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p$p.json" > "$o/prof_p$p.txt" 2>&1
+    mark "profile p$p"; grep -v Warn "$o/prof_p$p.txt" | sed -n '/^timeline/,$p' | head -30
+  done ;;
 final)
   record ;;
 esac; done

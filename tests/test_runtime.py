@@ -375,20 +375,24 @@ def test_decode_profile_timeline(capsys):
     one-layer window around the anchor's middle call."""
     from benchmarks import decode_profile as dp
 
-    step = [("norm", 0.0, 2.0), ("gemv", 1.5, 10.0), ("attn", 12.0, 20.0), ("gemv", 21.0, 25.0)]
+    step = [("norm", 0.0, 2.0), ("gemv", 1.5, 10.0), ("attn", 12.0, 20.0), ("gemv", 21.0, 25.0), ("norm", 22.0, 24.0)]
     events = step + [(n, a + 100.0, b + 100.0) for n, a, b in step]
     rows = dp.step_timeline(events[::-1], 2)  # any order in
-    assert [(r["name"], r["start"], r["dur"], r["gap"]) for r in rows] == [
-        ("norm", 0.0, 2.0, 0.0), ("gemv", 1.5, 8.5, -0.5), ("attn", 12.0, 8.0, 2.0), ("gemv", 21.0, 4.0, 1.0)]
+    assert [(r["name"], r["start"], r["dur"], r["gap"], r["adds"]) for r in rows] == [
+        ("norm", 0.0, 2.0, 0.0, 2.0), ("gemv", 1.5, 8.5, -0.5, 8.0), ("attn", 12.0, 8.0, 2.0, 8.0),
+        ("gemv", 21.0, 4.0, 1.0, 4.0), ("norm", 22.0, 2.0, -3.0, 0.0)]
+    assert sum(r["adds"] for r in rows) + 3.0 == 25.0  # the span: what the kernels add plus the idle gaps
     summary = {o["name"]: o for o in dp.timeline_summary(rows)}
-    assert summary["gemv"]["calls"] == 2 and summary["gemv"]["us"] == 12.5
+    assert summary["gemv"]["calls"] == 2 and summary["gemv"]["us"] == 12.5 and summary["gemv"]["adds"] == 12.0
+    assert summary["norm"]["adds"] == 2.0 and summary["norm"]["overlap"] == 3.0
     assert summary["gemv"]["idle_before"] == 1.0 and summary["gemv"]["overlap"] == 0.5
     assert dp.timeline_summary(rows)[0]["name"] == "attn"  # most idle before it
     with pytest.raises(ValueError, match="do not split into 3 equal steps"):
         dp.step_timeline(events, 3)
     dp.print_timeline(rows, "attn", width=3)
     out = capsys.readouterr().out
-    assert "span 25.0 us, idle 3.0 us" in out and out.rstrip().splitlines()[-1].split()[:3] == ["12.0", "8.0", "2.0"]
+    assert "span 25.0 us, idle 3.0 us" in out and out.rstrip().splitlines()[-1].split()[:4] == ["12.0", "8.0", "2.0",
+                                                                                                "8.0"]
 
 
 def test_weight_layout(monkeypatch):
