@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Twentieth session, one H200 (device tool, carry .gpu/whl): the next projection asked of the L2 before a GEMV's
 # PDL wait (WKVQ_NEXT_PF, w4_mma NEXT) and the attention's cache copies evict_first (WKVQ_ATTN_EVICT_FIRST).
-# Results in $OUT. Parts: tests e2e probe early slack verify again final splits profile, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
+# Results in $OUT. Parts: tests e2e probe early slack verify again final splits profile otrigger, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
 # e2e and probe ran on commit 40c40be (the prefetch and benchmarks/next_probe.py; reverted after, being slower);
 # early and slack on commit f0be2a6 plus an environment knob WKVQ_ATTN_CAP_SLACK (programs over the even share),
 # since replaced by kv4_mma.CAP_SLACK = 1 with the tensor-core attention launched early by default ("attn_mma").
@@ -74,6 +74,22 @@ profile)  # the final tree: the GEMV's tests after launch_plan, then where a ste
   for p in 32768 2048; do
     python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p$p.json" > "$o/prof_p$p.txt" 2>&1
     mark "profile p$p"; grep -v Warn "$o/prof_p$p.txt" | sed -n '/^timeline/,$p' | head -30
+  done ;;
+otrigger)  # NOT RUN in the twentieth session (no device time left): the attention letting o launch after its tiles
+  # (WKVQ_ATTN_TRIGGER_AT=end with the PDL kind attn_trigger), o on one-warp programs that fit beside the resident
+  # attention programs (benchmarks/variants/mma_7b_m1_o_w1_*.json), each alone and together, against the default
+  V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kv4_mma.py tests/test_kernels.py \
+    -k "fast_decode or decode_graph or trigger" > "$o/tests_otrigger.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_otrigger.txt")"
+  for i in 1 2; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/ot_default_$i.json"; mark "default $i"
+    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=end bench --batches 1 --prompts 2048,32768 --json "$o/ot_end_$i.json"; mark "end $i"
+    for c in x16 p16; do
+      WKVQ_MMA_TABLE=$V/mma_7b_m1_o_w1_$c.json bench --batches 1 --prompts 2048,32768 --json "$o/ot_w1_${c}_$i.json"
+      mark "o w1 $c $i"
+      WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=end WKVQ_MMA_TABLE=$V/mma_7b_m1_o_w1_$c.json bench --batches 1 \
+        --prompts 2048,32768 --json "$o/ot_end_w1_${c}_$i.json"; mark "end + o w1 $c $i"
+    done
   done ;;
 final)
   record ;;

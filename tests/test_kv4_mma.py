@@ -67,6 +67,34 @@ def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, 
     assert before.count("UBLKCP") == 2  # the first tile's key and value codes
 
 
+@pytest.mark.parametrize("trigger,end", [(False, False), (True, False), (True, True)])
+def test_mma_attention_trigger_placement(trigger, end, tmp_path, monkeypatch):
+    """Where a program lets the next kernel launch (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``): nowhere
+    without ``TRIGGER``, first thing with it, after the tile loop's last MMA with ``TRIGGER_END``
+    (``WKVQ_ATTN_TRIGGER_AT=end``; any other value than start or end is a one-line error)."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    init, issue, step, step_cons = kv4_mma._asm(64, 2, 1, "mixed", 9, True)
+    consts = {"HQ": 32, "HKV": 32, "QG": 1, "TILE": 64, "NSPLIT": 32, "STAGES": 2, "PDL": True, "COMBINE": True,
+              "ROPE": True, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons, "TRIGGER": trigger,
+              "KEYS_A": True, "TRIGGER_END": end}
+    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
+             "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
+    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
+    sass = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)[0]
+    at = sass.find("PREEXIT")
+    assert (at >= 0) == trigger
+    if trigger:
+        assert (at > sass.rindex("HMMA")) == end and (at < sass.index("ACQBULK")) == (not end)
+    for value, want in (("", "start"), ("end", "end"), (" start ", "start")):
+        monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, value)
+        assert kv4_mma.trigger_at() == want
+    monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, "tiles")
+    with pytest.raises(ValueError, match="WKVQ_ATTN_TRIGGER_AT='tiles': use start or end"):
+        kv4_mma.trigger_at()
+
+
 def test_even_cap():
     """The early launch's cap: the grid's even share of the multiprocessors, rounded up, plus one (7B b1 p32768:
     1056 programs on 132 multiprocessors, 9; 13B: 1320, 11)."""
