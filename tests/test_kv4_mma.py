@@ -9,6 +9,22 @@ import pytest
 from tests.helpers import sm90_sass
 
 
+def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
+               splits=8, pdl=False, trigger=False, trigger_end=False):
+    """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
+    (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
+    from runtime.kernels import kv4_mma
+
+    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, copies, cap, keys_a)
+    consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
+              "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
+              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_END": trigger_end}
+    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
+             "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
+    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
+    return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
+
+
 @pytest.mark.parametrize("keys_a", [False, True])
 @pytest.mark.parametrize("tile,stages,qg,bulk,rope,cap", [
     (16, 2, 1, "mixed", False, 0), (32, 4, 3, "mixed", False, 0), (64, 2, 4, "mixed", True, 0),
@@ -25,15 +41,8 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, bulk, cap, keys_a)
-    consts = {"HQ": 4 * qg, "HKV": 4, "QG": qg, "TILE": tile, "NSPLIT": 8, "STAGES": stages, "PDL": False,
-              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons,
-              "TRIGGER": False, "KEYS_A": keys_a}
-    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
-             "sm_scale": "fp32", "S": "i32"}
-    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-    kinds["stride_qkv"] = "i32"
-    sass, usage = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
+    sass, usage = _attn_sass(tmp_path, tile=tile, stages=stages, qg=qg, copies=bulk, rope=rope, cap=cap,
+                             keys_a=keys_a)
     assert sass.count("HMMA.16816.F32") == (16 if keys_a else 24) * tile // 16
     assert sass.count("UBLKCP") == {"bulk": 6, "mixed": 2, "lanes": 0}[bulk] * stages
     assert (sass.count("LDGSTS") == 0) == (bulk == "bulk")  # ptxas may split a predicated copy: no exact count
@@ -54,14 +63,8 @@ def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, 
 
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
-    init, issue, step, step_cons = kv4_mma._asm(64, 2, qg, "mixed", kv4_mma.even_cap(1056, 132), True)
-    consts = {"HQ": 32, "HKV": 32 // qg, "QG": qg, "TILE": 64, "NSPLIT": 32, "STAGES": 2, "PDL": True,
-              "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons,
-              "TRIGGER": False, "KEYS_A": True}
-    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
-             "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-    sass = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)[0]
+    sass = _attn_sass(tmp_path, qg=qg, rope=rope, cap=kv4_mma.even_cap(1056, 132), heads=32 // qg, splits=32,
+                      pdl=True)[0]
     before = sass[:sass.index("ACQBULK")]  # the attention programs' wait (the append program's comes later)
     assert before.count("LDG.E ") == 1 and "LDG.E." not in before.replace("LDGSTS.E.", "")  # the length only
     assert before.count("UBLKCP") == 2  # the first tile's key and value codes
@@ -75,14 +78,7 @@ def test_mma_attention_trigger_placement(trigger, end, tmp_path, monkeypatch):
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    init, issue, step, step_cons = kv4_mma._asm(64, 2, 1, "mixed", 9, True)
-    consts = {"HQ": 32, "HKV": 32, "QG": 1, "TILE": 64, "NSPLIT": 32, "STAGES": 2, "PDL": True, "COMBINE": True,
-              "ROPE": True, "INIT": init, "ISSUE": issue, "STEP": step, "STEP_CONS": step_cons, "TRIGGER": trigger,
-              "KEYS_A": True, "TRIGGER_END": end}
-    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
-             "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-    kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-    sass = sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)[0]
+    sass = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_end=end)[0]
     at = sass.find("PREEXIT")
     assert (at >= 0) == trigger
     if trigger:
