@@ -1,0 +1,56 @@
+"""The decode step's small kernels (:mod:`runtime.kernels.misc`: RMSNorm, the SiLU product) as launched with PDL,
+compiled for sm_90 without a GPU: what they read before ``griddepcontrol.wait`` (SASS ``ACQBULK``). Their input
+is what the kernel before writes; ptxas may move loads across the wait, so only the norm weight may be read above
+it. The tensor-core GEMV and attention have their own such tests (``tests/test_w4_mma.py``,
+``tests/test_kv4_mma.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import sm90_sass
+
+
+def _ops(sass: str) -> list[str]:
+    """The SASS instructions in order (without addresses and encodings)."""
+    out = []
+    for line in sass.splitlines():
+        line = line.strip()
+        if line.startswith("/*") and "*/" in line:
+            ins = line.split("*/", 1)[1].split(";")[0].strip()
+            if ins:
+                out.append(ins)
+    return out
+
+
+def _loads_before_last_wait(ops: list[str]) -> list[str]:
+    """The global loads placed before the last ``ACQBULK`` (every branch's wait comes before its reads)."""
+    last = max(i for i, op in enumerate(ops) if "ACQBULK" in op)
+    return [op for op in ops[:last] if "LDG" in op]
+
+
+def test_rmsnorm_reads_only_its_weight_before_the_wait(tmp_path):
+    """The norm's program loads the norm weight (float16, ``LDG.E.U16``) before its wait and ``x`` (float32) after;
+    the clearing programs read nothing."""
+    pytest.importorskip("triton")
+    from runtime.kernels import misc, overlap
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    kinds = {"x_ptr": "*fp32", "w_ptr": "*fp16", "y_ptr": "*fp16", "clr_ptr": "*fp32", "eps": "fp32"}
+    ops = _ops(sm90_sass(misc._rmsnorm_kernel, {"BLOCK": 4096, "PDL": True}, kinds, "i32", 4, tmp_path)[0])
+    before = _loads_before_last_wait(ops)
+    assert before and all(".U16" in op for op in before)  # the weight's halves only
+    assert any("LDG.E" in op and ".U16" not in op for op in ops)  # x is read, below the wait
+
+
+def test_silu_reads_nothing_before_the_wait(tmp_path):
+    pytest.importorskip("triton")
+    from runtime.kernels import misc, overlap
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    kinds = {"gu_ptr": "*fp32", "y_ptr": "*fp16"}
+    ops = _ops(sm90_sass(misc._silu_mul_kernel, {"BLOCK": 1024, "CLEAR": True, "PDL": True}, kinds, "i32", 4,
+                         tmp_path)[0])
+    assert not _loads_before_last_wait(ops) and any("LDG" in op for op in ops)
