@@ -35,10 +35,10 @@ VARIANTS = {
     "base2": OFF,
     "pdl": {**OFF, "WKVQ_PDL": "1"},
     "pdl-gemv": {**OFF, "WKVQ_PDL": "gemv"},
-    "pdl-attn": {**OFF, "WKVQ_PDL": "attn"},
+    "pdl-attn": {**OFF, "WKVQ_PDL": "attn,attn_mma"},
     "pdl-small": {**OFF, "WKVQ_PDL": "rope,norm,silu"},
-    "pdl-nogemv": {**OFF, "WKVQ_PDL": "attn,rope,norm,silu"},
-    "pdl-default": {**OFF, "WKVQ_PDL": "gemv,norm,silu"},  # overlap.PDL_DEFAULT
+    "pdl-nogemv": {**OFF, "WKVQ_PDL": "attn,attn_mma,rope,norm,silu"},
+    "pdl-default": {**OFF, "WKVQ_PDL": "gemv,norm,silu,attn_mma"},  # overlap.PDL_DEFAULT
     "gemv_l2": {**OFF, "WKVQ_GEMV_L2": "1"},
     "attn_l2a4": {**OFF, "WKVQ_ATTN_L2": "4"},
 }

@@ -348,6 +348,9 @@ def test_overlap_flags(monkeypatch):
             == {"gemv", "norm", "silu", "attn_mma"})
     assert overlap.pdl_kinds("0") == frozenset()
     assert overlap.pdl_kinds("1") == frozenset(overlap.KINDS)
+    from benchmarks.overlap_bench import VARIANTS  # its "pdl-default" variant is the default
+
+    assert overlap.pdl_kinds(VARIANTS["pdl-default"]["WKVQ_PDL"]) == overlap.PDL_DEFAULT
     assert overlap.pdl_kinds("gemv, attn") == {"gemv", "attn"}
     with pytest.raises(ValueError, match="WKVQ_PDL='gemm': use 0, 1 or"):
         overlap.pdl_kinds("gemm")
