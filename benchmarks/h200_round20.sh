@@ -75,20 +75,23 @@ profile)  # the final tree: the GEMV's tests after launch_plan, then where a ste
     python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p$p.json" > "$o/prof_p$p.txt" 2>&1
     mark "profile p$p"; grep -v Warn "$o/prof_p$p.txt" | sed -n '/^timeline/,$p' | head -30
   done ;;
-otrigger)  # NOT RUN in the twentieth session (no device time left): the attention letting o launch after its tiles
-  # (WKVQ_ATTN_TRIGGER_AT=end with the PDL kind attn_trigger), o on one-warp programs that fit beside the resident
-  # attention programs (benchmarks/variants/mma_7b_m1_o_w1_*.json), each alone and together, against the default
-  V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger
+otrigger)  # NOT RUN in the twentieth session (no device time left): the attention letting o launch early
+  # (PDL kind attn_trigger) after its tiles or two tiles before their end (WKVQ_ATTN_TRIGGER_AT=end|2), o on one-warp
+  # programs that fit beside the resident attention programs (benchmarks/variants/mma_7b_m1_o_w1_*.json), each alone
+  # and together, against the default, alternated
+  V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
   timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kv4_mma.py tests/test_kernels.py \
     -k "fast_decode or decode_graph or trigger" > "$o/tests_otrigger.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_otrigger.txt")"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels.py -k "fast_decode or decode_graph or mma_rope" > "$o/tests_otrigger_on.txt" 2>&1
+  mark "tests (trigger 2 tiles ahead, o w1): $(tail -1 "$o/tests_otrigger_on.txt")"
   for i in 1 2; do
     bench --batches 1 --prompts 2048,32768 --json "$o/ot_default_$i.json"; mark "default $i"
-    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=end bench --batches 1 --prompts 2048,32768 --json "$o/ot_end_$i.json"; mark "end $i"
-    for c in x16 p16; do
-      WKVQ_MMA_TABLE=$V/mma_7b_m1_o_w1_$c.json bench --batches 1 --prompts 2048,32768 --json "$o/ot_w1_${c}_$i.json"
-      mark "o w1 $c $i"
-      WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=end WKVQ_MMA_TABLE=$V/mma_7b_m1_o_w1_$c.json bench --batches 1 \
-        --prompts 2048,32768 --json "$o/ot_end_w1_${c}_$i.json"; mark "end + o w1 $c $i"
+    WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 --json "$o/ot_w1_$i.json"; mark "o w1 $i"
+    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 bench --batches 1 --prompts 2048,32768 --json "$o/ot_at2_$i.json"; mark "at 2 $i"
+    for at in end 2; do
+      WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=$at WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 \
+        --json "$o/ot_at${at}_w1_$i.json"; mark "at $at + o w1 $i"
     done
   done ;;
 final)

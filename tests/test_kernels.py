@@ -338,8 +338,9 @@ def test_rope_attention_matches_rope_append_then_attention(hq, hkv, group, lengt
 
 def test_overlap_flags(monkeypatch):
     """PDL and the L2 prefetches only on Hopper GPUs outside the interpreter; ``WKVQ_PDL`` names the kernel kinds
-    (unset: the projections, norms, SiLU and the tensor-core attention, ``0`` none, ``1`` all, a list, a one-line error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a
-    number."""
+    (unset: the projections, norms, SiLU and the tensor-core attention, ``0`` none, ``1`` all, a list, a one-line
+    error otherwise); ``WKVQ_ATTN_L2`` sets ``l2_ahead`` where it is a number."""
+    from benchmarks.overlap_bench import VARIANTS
     from runtime.kernels import kv4, overlap
 
     monkeypatch.setenv(overlap.PDL_ENV, "1")
@@ -348,9 +349,7 @@ def test_overlap_flags(monkeypatch):
             == {"gemv", "norm", "silu", "attn_mma"})
     assert overlap.pdl_kinds("0") == frozenset()
     assert overlap.pdl_kinds("1") == frozenset(overlap.KINDS)
-    from benchmarks.overlap_bench import VARIANTS  # its "pdl-default" variant is the default
-
-    assert overlap.pdl_kinds(VARIANTS["pdl-default"]["WKVQ_PDL"]) == overlap.PDL_DEFAULT
+    assert overlap.pdl_kinds(VARIANTS["pdl-default"]["WKVQ_PDL"]) == overlap.PDL_DEFAULT  # the bench's default
     assert overlap.pdl_kinds("gemv, attn") == {"gemv", "attn"}
     with pytest.raises(ValueError, match="WKVQ_PDL='gemm': use 0, 1 or"):
         overlap.pdl_kinds("gemm")

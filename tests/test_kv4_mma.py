@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_end=False):
+               splits=8, pdl=False, trigger=False, trigger_left=-1):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -18,7 +18,7 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, copies, cap, keys_a)
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
-              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_END": trigger_end}
+              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
@@ -70,25 +70,35 @@ def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, 
     assert before.count("UBLKCP") == 2  # the first tile's key and value codes
 
 
-@pytest.mark.parametrize("trigger,end", [(False, False), (True, False), (True, True)])
-def test_mma_attention_trigger_placement(trigger, end, tmp_path, monkeypatch):
+@pytest.mark.parametrize("trigger,left", [(False, -1), (True, -1), (True, 0), (True, 2)])
+def test_mma_attention_trigger_placement(trigger, left, tmp_path, monkeypatch):
     """Where a program lets the next kernel launch (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``): nowhere
-    without ``TRIGGER``, first thing with it, after the tile loop's last MMA with ``TRIGGER_END``
-    (``WKVQ_ATTN_TRIGGER_AT=end``; any other value than start or end is a one-line error)."""
+    without ``TRIGGER``; with it first thing (``TRIGGER_LEFT`` -1), after the tile loop's last MMA (0), or inside the
+    loop (after the wait, before its last MMA; predicated: one iteration) and once more after it for a program
+    without tiles (2). ``WKVQ_ATTN_TRIGGER_AT``: start,
+    end or a positive number of tiles; anything else is a one-line error."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    sass = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_end=end)[0]
-    at = sass.find("PREEXIT")
-    assert (at >= 0) == trigger
-    if trigger:
-        assert (at > sass.rindex("HMMA")) == end and (at < sass.index("ACQBULK")) == (not end)
-    for value, want in (("", "start"), ("end", "end"), (" start ", "start")):
+    sass = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)[0]
+    at = [i for i in range(len(sass)) if sass.startswith("PREEXIT", i)]
+    last_mma, wait = sass.rindex("HMMA"), sass.index("ACQBULK")
+    if not trigger:
+        assert not at
+    elif left < 0:
+        assert len(at) == 1 and at[0] < wait
+    elif left == 0:
+        assert len(at) == 1 and at[0] > last_mma
+    else:
+        assert len(at) == 2 and wait < at[0] < last_mma < at[1]
+        assert sass[sass.rindex("\n", 0, at[0]):at[0]].rstrip().endswith(("P0", "P1", "P2", "P3", "P4", "P5", "P6"))
+    for value, want in (("", -1), ("start", -1), (" end ", 0), ("3", 3)):
         monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, value)
         assert kv4_mma.trigger_at() == want
-    monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, "tiles")
-    with pytest.raises(ValueError, match="WKVQ_ATTN_TRIGGER_AT='tiles': use start or end"):
-        kv4_mma.trigger_at()
+    for bad in ("tiles", "0", "-2"):
+        monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, bad)
+        with pytest.raises(ValueError, match=f"WKVQ_ATTN_TRIGGER_AT='{bad}': use start, end or a positive number"):
+            kv4_mma.trigger_at()
 
 
 def test_even_cap():

@@ -99,7 +99,7 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
-TRIGGER_AT_ENV = "WKVQ_ATTN_TRIGGER_AT"  # start / end: where "attn_trigger" lets the next kernel launch (trigger_at)
+TRIGGER_AT_ENV = "WKVQ_ATTN_TRIGGER_AT"  # start / end / N: where "attn_trigger" lets the next kernel launch (trigger_at)
 # Programs a multiprocessor over the grid's even share that the cap allows. At the even share exactly a
 # multiprocessor that the kernel before still holds when the last programs are placed makes them wait for it: 13B
 # b1 p32768 4.94 ms early against 4.65 launched late; one over it, 4.59-4.63 (7B 2.69-2.78 against 2.74-2.84),
@@ -136,16 +136,20 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
 
 
-def trigger_at() -> str:
+def trigger_at() -> int:
     """``WKVQ_ATTN_TRIGGER_AT``: where a program of the tensor-core attention lets the next kernel launch when the
-    PDL kind "attn_trigger" is on: "start" (default, first thing) or "end" (after its tiles). A one-line
-    ``ValueError`` names another value. Measured in the nineteenth session with o on four-warp programs: not faster
-    (2.816 / 2.820 ms against 2.781 / 2.785 at 7B b1 p32768); with o on one-warp programs, which fit beside the
-    resident attention programs (NOTES.md round 18), not measured yet."""
+    PDL kind "attn_trigger" is on, as the kernel's ``TRIGGER_LEFT``: "start" (default, first thing: -1), "end" (after
+    its tiles: 0) or a positive number ``N`` (when ``N`` of its tiles are left, so that the next kernel's programs
+    launch and preload a few tiles before the attention ends). A one-line ``ValueError`` names another value.
+    Measured in the nineteenth session ("end", o on four-warp programs): not faster (2.816 / 2.820 ms against 2.781
+    / 2.785 at 7B b1 p32768); with o on one-warp programs, which fit beside the resident attention programs
+    (NOTES.md round 18), and a few tiles ahead: not measured yet."""
     value = os.environ.get(TRIGGER_AT_ENV, "").strip() or "start"
-    if value not in ("start", "end"):
-        raise ValueError(f"{TRIGGER_AT_ENV}={value!r}: use start or end")
-    return value
+    if value in ("start", "end"):
+        return -1 if value == "start" else 0
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{TRIGGER_AT_ENV}={value!r}: use start, end or a positive number of tiles before the end")
+    return int(value)
 
 
 def _cap_on() -> bool:
@@ -593,7 +597,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
-                     KEYS_A: tl.constexpr = False, TRIGGER_END: tl.constexpr = False):
+                     KEYS_A: tl.constexpr = False, TRIGGER_LEFT: tl.constexpr = -1):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -602,17 +606,18 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     one more program per KV head (split ``NSPLIT``) appends the token's key and value to the cache at slot
     ``length`` (:func:`runtime.kernels.kv4._append_kv`), which no program of this launch reads (past only; the
     stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
-    launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER_END`` (with
-    ``TRIGGER``): a program lets the next kernel launch after its tiles (before its partials' stores and the combine)
-    instead of first thing, so that the next kernel's programs arrive when the attention's are all placed."""
-    overlap.launch_dependents(TRIGGER and not TRIGGER_END)
+    launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER_LEFT`` (with
+    ``TRIGGER``, :func:`trigger_at`): -1, a program lets the next kernel launch first thing; 0, after its tiles
+    (before its partials' stores and the combine); ``N``, when ``N`` of its tiles are left: the next kernel's programs
+    arrive when the attention's are all placed (the append program lets it by ending)."""
+    overlap.launch_dependents(TRIGGER and TRIGGER_LEFT < 0)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
     if sp < NSPLIT:
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER and TRIGGER_END)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER_LEFT if TRIGGER else -1)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -629,9 +634,9 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
-            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LATE_TRIGGER: tl.constexpr = False):
-    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LATE_TRIGGER``: it lets the
-    next kernel launch after its tiles."""
+            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr = -1):
+    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LEFT`` >= 0: it lets the next
+    kernel launch when ``LEFT`` of its tiles are left (0: after them; at once with no tiles), exactly once."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
     length = tl.load(len_ptr)
@@ -685,7 +690,11 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     pm = f0
     A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
+    trig_it = tl.maximum(ntiles - LEFT, 0)
     for it in range(ntiles):
+        if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
+            if it == trig_it:
+                overlap.launch_dependents(True)
         _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
                STAGES, ISSUE)
         st = it % STAGES
@@ -716,7 +725,11 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
-    overlap.launch_dependents(LATE_TRIGGER)
+    if LEFT == 0:
+        overlap.launch_dependents(True)
+    elif LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
+        if ntiles == 0:  # no tile: the loop did not let it
+            overlap.launch_dependents(True)
     if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
         lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
@@ -768,12 +781,12 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     grid = (b * hkv, splits + (rope is not None))
     cap = even_cap(grid[0] * grid[1], multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
-    trigger_end = trigger and trigger_at() == "end"
+    trigger_left = trigger_at() if trigger else -1
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
-        TRIGGER_END=trigger_end,
+        TRIGGER_LEFT=trigger_left,
         **overlap.options(pdl))
