@@ -93,7 +93,9 @@ otrigger)  # NOT RUN in the twentieth session (no device time left): the attenti
       WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=$at WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 \
         --json "$o/ot_at${at}_w1_$i.json"; mark "at $at + o w1 $i"
     done
-  done ;;
+  done
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W python3 benchmarks/decode_profile.py --prompt 32768 \
+    --json "$o/prof_ot.json" > "$o/prof_ot.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_ot.txt" ;;
 final)
   record ;;
 esac; done
