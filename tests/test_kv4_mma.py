@@ -80,7 +80,8 @@ def test_mma_attention_trigger_placement(trigger, left, tmp_path, monkeypatch):
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
-    sass = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)[0]
+    sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)
+    assert "LOCAL:0" in usage  # no spills
     at = [i for i in range(len(sass)) if sass.startswith("PREEXIT", i)]
     last_mma, wait = sass.rindex("HMMA"), sass.index("ACQBULK")
     if not trigger:

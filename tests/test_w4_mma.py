@@ -234,17 +234,24 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
 
 
 def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
-    """Every config of the table as the decode step launches it (group-major weight, PDL on an H200's 132
+    """Every config of the table, and of the variant tables the benchmark scripts put in the step
+    (``benchmarks/variants/mma_*.json``), as the decode step launches it (group-major weight, PDL on an H200's 132
     multiprocessors; :func:`launch_plan`), compiled for sm_90: no load above the PDL wait but the preload's weights
-    (at one row). ptxas may move ``.nc`` loads across ``griddepcontrol.wait``, and ``x`` is what the kernel before
-    writes: a load of it above the wait would be a race that no numeric test reliably sees."""
+    (at one row), no spills. ptxas may move ``.nc`` loads across ``griddepcontrol.wait``, and ``x`` is what the
+    kernel before writes: a load of it above the wait would be a race that no numeric test reliably sees."""
     pytest.importorskip("triton")
+    from pathlib import Path
+
     from runtime.kernels import overlap, w4_mma
 
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
-    for (n, k, m), cfg in sorted(w4_mma.MMA_TABLE.items()):
+    configs = set(w4_mma.MMA_TABLE.items())
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "variants").glob("mma_*.json")):
+        configs |= set(w4_mma.load_table(path).items())
+    assert len(configs) > len(w4_mma.MMA_TABLE)
+    for (n, k, m), cfg in sorted(configs):
         grid, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True)
         assert grid[0] * grid[1] >= 132 and consts["PRE"] == (m == 1 and cfg.depth == 1)
         sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, ptrs, "i32", cfg.warps, tmp_path)
