@@ -10,9 +10,10 @@ kernels). CUDA only. With PDL (``WKVQ_PDL``, on by default for the projections, 
 early counts its wait for the one before in its time, and the summed time exceeds the wall time: run with
 ``WKVQ_PDL=0`` for each kernel's own cost (the record notes which it was).
 
-Then the last step's timeline (:func:`step_timeline`): the idle time between kernels, per kernel name the idle
-time before its starts and its overlap with the kernels before it (PDL), and one layer's kernels with their
-start, duration and gap.
+Then the last step's timeline (:func:`step_timeline`): the idle time between kernels, per kernel name what it adds
+to the step's span, the idle time before its starts and its overlap with the kernels before it (PDL), one layer's
+kernels with their start, duration, gap and what they add, and what each part of a layer adds (:func:`layer_roles`:
+the projections by their order in the layer).
 """
 
 from __future__ import annotations
@@ -79,6 +80,36 @@ def timeline_summary(rows: list[dict]) -> list[dict]:
     return sorted(out.values(), key=lambda o: -o["idle_before"])
 
 
+PROJECTION_KERNELS = ("_w4_mma_kernel", "_w4_splitk_kernel", "_w4_gemv_rows_kernel", "_w4_gemv_kernel", "gemlite")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # their order in a layer
+ROLES = ("norm", "qkv", "rope", "attention", "o", "gate_up", "silu", "down", "other")
+
+
+def role_of(name: str, projection_index: int) -> str:
+    """The part of a layer a kernel of a :func:`step_timeline` does: a projection by its order among the step's
+    projection kernels (``projection_index``: how many came before it), else by its name."""
+    if any(k in name for k in PROJECTION_KERNELS):
+        return PROJECTIONS[projection_index % len(PROJECTIONS)]
+    for key, role in (("rmsnorm", "norm"), ("silu", "silu"), ("rope_append", "rope"), ("attn", "attention")):
+        if key in name:
+            return role
+    return "other"
+
+
+def layer_roles(rows: list[dict], layers: int) -> list[dict]:
+    """What each part of a layer adds to the step (:func:`step_timeline`'s ``adds``), per step and per layer (the
+    step's ``layers``; "other" holds the embedding, the final norm's share of "norm" aside, and the lm_head), in
+    :data:`ROLES` order; parts that did not run are left out."""
+    out = {role: {"role": role, "calls": 0, "adds": 0.0} for role in ROLES}
+    done = 0
+    for r in rows:
+        role = role_of(r["name"], done)
+        done += role in PROJECTIONS
+        out[role]["calls"] += 1
+        out[role]["adds"] += r["adds"]
+    return [{**o, "per_layer": o["adds"] / layers} for o in out.values() if o["calls"]]
+
+
 def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
     """The step's idle time, the per-kernel summary and ``width`` kernels from two before the middle call of
     the kernel named ``anchor`` (e.g. the attention: about one layer)."""
@@ -142,10 +173,15 @@ def main() -> None:
         print(f"{r['us']:9.1f} {r['calls']:6.0f} {r['us'] / max(total, 1e-9):6.1%}  {r['name'][:110]}")
     attn = [r["name"] for r in rows if "attn" in r["name"]]
     print_timeline(timeline, attn[0] if attn else rows[0]["name"])
+    layers = llama_config(args.shape).num_hidden_layers
+    roles = layer_roles(timeline, layers)
+    print(f"\nwhat each part adds to the step ({layers} layers), us:")
+    print("  ".join(f"{o['role']} {o['per_layer']:.2f}/layer" for o in roles if o["role"] != "other")
+          + "  other " + f"{sum(o['adds'] for o in roles if o['role'] == 'other'):.1f}/step")
     Path(args.json).write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "shape": args.shape,
          "batch": args.batch, "prompt": args.prompt, "projections": args.projections, "steps": args.steps,
-         "pdl": pdl, "wall_us": wall_us, "kernel_us": total, "kernels": rows,
+         "pdl": pdl, "wall_us": wall_us, "kernel_us": total, "kernels": rows, "roles": roles,
          "timeline": [{**r, "name": r["name"][:120]} for r in timeline]}, indent=1))
 
 

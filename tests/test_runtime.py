@@ -395,6 +395,21 @@ def test_decode_profile_timeline(capsys):
                                                                                                 "8.0"]
 
 
+def test_decode_profile_layer_roles():
+    """benchmarks/decode_profile.py's per-part sums: the projections by their order in the layer (qkv, o, gate_up,
+    down, whatever their kernel), the attention, norms, SiLU and rope by name, the rest "other"; per layer."""
+    from benchmarks import decode_profile as dp
+
+    layer = [("_rmsnorm_kernel", 1.0), ("_w4_mma_kernel", 8.0), ("_attn_mma_kernel", 40.0), ("_w4_mma_kernel", 6.0),
+             ("_rmsnorm_kernel", 1.0), ("_w4_splitk_kernel", 14.0), ("_silu_mul_kernel", 1.5), ("_w4_mma_kernel", 7.5)]
+    rows = [{"name": n, "adds": a} for n, a in [("index_elementwise_kernel", 5.0)] + layer * 2 + [("nvjet", 66.0)]]
+    roles = {o["role"]: o for o in dp.layer_roles(rows, 2)}
+    assert list(roles) == ["norm", "qkv", "attention", "o", "gate_up", "silu", "down", "other"]
+    assert roles["qkv"]["per_layer"] == 8.0 and roles["o"]["per_layer"] == 6.0 and roles["gate_up"]["calls"] == 2
+    assert roles["down"]["adds"] == 15.0 and roles["norm"]["per_layer"] == 2.0 and roles["other"]["adds"] == 71.0
+    assert dp.role_of("_rope_append_kernel", 0) == "rope" and dp.role_of("_attn_combine_kernel", 0) == "attention"
+
+
 def test_weight_layout(monkeypatch):
     """The fused weights' layout: group-major on CUDA with the kernels at group 128, row-major elsewhere;
     WKVQ_LAYOUT overrides, an unknown value is a one-line error."""
