@@ -935,6 +935,28 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
 
 
 @triton.jit
+def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn,
+                 stride_ym, w, w_end, NT: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, PRO: tl.constexpr,
+                 PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
+                 COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
+                 STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
+                 READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
+                 LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
+                 PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
+                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr):
+    """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
+    :func:`_range` of those groups (atomics); returns the pair after it."""
+    rb = w // G
+    g_lo = w - rb * G
+    g_hi = tl.minimum(G, g_lo + (w_end - w))
+    _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+           rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
+           PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX,
+           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
+    return w + (g_hi - g_lo)
+
+
+@triton.jit
 def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PERSIST: tl.constexpr,
                    PRO: tl.constexpr, PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr,
@@ -966,23 +988,17 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         w = p * work // P
         w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
         if PRE and BULK == 0:  # the first range apart: it preloads (the bulk ring waits in every range)
-            rb = w // G
-            g_lo = w - rb * G
-            g_hi = tl.minimum(G, g_lo + (w_end - w))
-            _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
-                   stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
-                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
-            w += g_hi - g_lo
+            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
+                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                             COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
+                             SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE,
+                             BREAD, BREAD_CONS)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
-            rb = w // G
-            g_lo = w - rb * G
-            g_hi = tl.minimum(G, g_lo + (w_end - w))
-            _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
-                   stride_ym, rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                   COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED,
-                   LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
-            w += g_hi - g_lo
+            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
+                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                             COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
+                             SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE,
+                             BREAD, BREAD_CONS)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
