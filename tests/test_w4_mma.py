@@ -18,6 +18,7 @@ from tests.helpers import rel_error as _rel
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 gpu = pytest.mark.skipif(not CUDA, reason="the tensor-core GEMV is inline PTX: CUDA sm_80+ only")
 TOL = 1e-4
+MMA_PTRS = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}  # sm90_sass kinds
 
 
 def _weight(n, k, seed=0, device="cuda"):
@@ -185,8 +186,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persis
               "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
               "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
               "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3]}
-    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
-    return sm90_sass(w4_mma._w4_mma_kernel, consts, ptrs, "i32", warps, tmp_path)
+    return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
 @pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,pre", [
@@ -246,7 +246,6 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
 
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
-    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32"}
     configs = set(w4_mma.MMA_TABLE.items())
     for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "variants").glob("mma_*.json")):
         configs |= set(w4_mma.load_table(path).items())
@@ -254,7 +253,8 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
     for (n, k, m), cfg in sorted(configs):
         grid, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True)
         assert grid[0] * grid[1] >= 132 and consts["PRE"] == (m == 1 and cfg.depth == 1)
-        sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, ptrs, "i32", cfg.warps, tmp_path)
+        sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, MMA_PTRS, "i32", cfg.warps,
+                                tmp_path)
         before = sass[:sass.index("ACQBULK")]
         preload = 12 * cfg.tiles if consts["PRE"] else 0
         assert before.count("LDG") == preload and ".CONSTANT" not in before, (n, k, m, cfg)
