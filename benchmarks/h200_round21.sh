@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Twenty-first session, one H200 (device tool, carry .gpu/whl). Results in $OUT. Parts, e.g.
+# OUT=$OUT bash benchmarks/h200_round21.sh ottests ot1:
+#   ottests   the GPU tests of the attention's o trigger (round 20's otrigger, prepared, never run)
+#   otN       round N of the o-trigger comparison, alternated: default / o on one-warp programs / trigger two tiles
+#             ahead / trigger at the end + o one-warp / trigger two tiles ahead + o one-warp (7B b1 p2048,32768)
+#   otprof    the profile of the trigger two tiles ahead with o one-warp (7B b1 p32768)
+source "$(dirname "$0")/h200_lib.sh"
+V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
+for part in "$@"; do case $part in
+ottests)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kv4_mma.py tests/test_kernels.py \
+    -k "fast_decode or decode_graph or trigger" > "$o/tests_otrigger.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_otrigger.txt")"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels.py -k "fast_decode or decode_graph or mma_rope" > "$o/tests_otrigger_on.txt" 2>&1
+  mark "tests (trigger 2 tiles ahead, o w1): $(tail -1 "$o/tests_otrigger_on.txt")" ;;
+ot[0-9]*)
+  i=${part#ot}
+  bench --batches 1 --prompts 2048,32768 --json "$o/ot_default_$i.json"; mark "default $i"
+  WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 --json "$o/ot_w1_$i.json"; mark "o w1 $i"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 bench --batches 1 --prompts 2048,32768 --json "$o/ot_at2_$i.json"; mark "at 2 $i"
+  for at in end 2; do
+    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=$at WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 \
+      --json "$o/ot_at${at}_w1_$i.json"; mark "at $at + o w1 $i"
+  done ;;
+otprof)
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W python3 benchmarks/decode_profile.py --prompt 32768 \
+    --json "$o/prof_ot.json" > "$o/prof_ot.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_ot.txt" ;;
+final)
+  record ;;
+esac; done
