@@ -5,6 +5,9 @@
 #   otN       round N of the o-trigger comparison, alternated: default / o on one-warp programs / trigger two tiles
 #             ahead / trigger at the end + o one-warp / trigger two tiles ahead + o one-warp (7B b1 p2048,32768)
 #   otprof    the profile of the trigger two tiles ahead with o one-warp (7B b1 p32768)
+#   ahtests   the decode step's GPU tests with the attention asking the L2 for o's weights (WKVQ_ATTN_AHEAD)
+#   ahN       round N: default / WKVQ_ATTN_AHEAD=end / =2 / =4 (7B b1 p2048,32768)
+#   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
 for part in "$@"; do case $part in
@@ -26,6 +29,21 @@ ot[0-9]*)
 otprof)
   WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W python3 benchmarks/decode_profile.py --prompt 32768 \
     --json "$o/prof_ot.json" > "$o/prof_ot.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_ot.txt" ;;
+ahtests)
+  for at in end 2; do
+    WKVQ_ATTN_AHEAD=$at timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+      -k "fast_decode or decode_graph or mma_rope" > "$o/tests_ahead_$at.txt" 2>&1
+    mark "tests (ahead $at): $(tail -1 "$o/tests_ahead_$at.txt")"
+  done ;;
+ah[0-9]*)
+  i=${part#ah}
+  bench --batches 1 --prompts 2048,32768 --json "$o/ah_default_$i.json"; mark "default $i"
+  for at in end 2 4; do
+    WKVQ_ATTN_AHEAD=$at bench --batches 1 --prompts 2048,32768 --json "$o/ah_${at}_$i.json"; mark "ahead $at $i"
+  done ;;
+ahprof)
+  WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
+    > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;
 final)
   record ;;
 esac; done

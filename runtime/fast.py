@@ -318,7 +318,8 @@ class FastLlama:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
             if rope:
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
-                                       splits, bits=c.kv_bits)
+                                       splits, bits=c.kv_bits,
+                                       ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros))
             else:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
