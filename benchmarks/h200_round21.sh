@@ -7,6 +7,9 @@
 #   otprof    the profile of the trigger two tiles ahead with o one-warp (7B b1 p32768)
 #   ahtests   the decode step's GPU tests with the attention asking the L2 for o's weights (WKVQ_ATTN_AHEAD)
 #   ahN       round N: default / WKVQ_ATTN_AHEAD=end / =2 / =4 (7B b1 p2048,32768)
+#   comboN    round N: default / trigger 2 tiles ahead + o one-warp (T2W) / T2W + ahead end / T2W + ahead 2 /
+#             ahead end / ahead 2 (7B b1 p2048,32768), after the decode-graph tests with T2W + ahead 2 (first round)
+#   wide      the candidate T2W against the default at 7B b8 and 13B b1 (p2048,32768)
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -41,6 +44,30 @@ ah[0-9]*)
   for at in end 2 4; do
     WKVQ_ATTN_AHEAD=$at bench --batches 1 --prompts 2048,32768 --json "$o/ah_${at}_$i.json"; mark "ahead $at $i"
   done ;;
+combo[0-9]*)
+  i=${part#combo}
+  if [ "$i" = 1 ]; then
+    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W WKVQ_ATTN_AHEAD=2 timeout 150 python3 -m pytest -q -x \
+      -p no:cacheprovider tests/test_kernels.py -k "decode_graph" > "$o/tests_combo.txt" 2>&1
+    mark "decode graph tests (T2W + ahead 2): $(tail -1 "$o/tests_combo.txt")"
+  fi
+  bench --batches 1 --prompts 2048,32768 --json "$o/c_default_$i.json"; mark "default $i"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 \
+    --json "$o/c_t2w_$i.json"; mark "T2W $i"
+  for at in end 2; do
+    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W WKVQ_ATTN_AHEAD=$at bench --batches 1 \
+      --prompts 2048,32768 --json "$o/c_t2w_ah${at}_$i.json"; mark "T2W + ahead $at $i"
+  done
+  for at in end 2; do
+    WKVQ_ATTN_AHEAD=$at bench --batches 1 --prompts 2048,32768 --json "$o/c_ah${at}_$i.json"; mark "ahead $at $i"
+  done ;;
+wide)
+  bench --batches 8 --prompts 2048,32768 --json "$o/w_7b_b8_default.json"; mark "7b b8 default"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W bench --batches 8 --prompts 2048,32768 \
+    --json "$o/w_7b_b8_t2w.json"; mark "7b b8 T2W"
+  bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/w_13b_default.json"; mark "13b default"
+  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 bench --shapes 13b --batches 1 --prompts 2048,32768 \
+    --json "$o/w_13b_t2.json"; mark "13b T2" ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;
