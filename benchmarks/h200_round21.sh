@@ -10,6 +10,9 @@
 #   comboN    round N: default / trigger 2 tiles ahead + o one-warp (T2W) / T2W + ahead end / T2W + ahead 2 /
 #             ahead end / ahead 2 (7B b1 p2048,32768), after the decode-graph tests with T2W + ahead 2 (first round)
 #   wide      the candidate T2W against the default at 7B b8 and 13B b1 (p2048,32768)
+#   heads     the per-head ready flags (WKVQ_FUSE=rope,heads: o's programs wait for their heads, not the whole
+#             attention): GPU tests, then default / heads / heads + o one-warp alternated twice (7B b1), 13B b1
+#             default / heads, the profile with heads (7B b1 p32768)
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -68,6 +71,21 @@ wide)
   bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/w_13b_default.json"; mark "13b default"
   WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 bench --shapes 13b --batches 1 --prompts 2048,32768 \
     --json "$o/w_13b_t2.json"; mark "13b T2" ;;
+heads)
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "heads_ready or decode_graph or fast_decode or mma_rope" > "$o/tests_heads.txt" 2>&1
+  mark "tests: $(tail -1 "$o/tests_heads.txt")"; grep -B5 -A25 "Error\|FAIL" "$o/tests_heads.txt" | head -60
+  H=rope,heads
+  for i in 1 2; do
+    bench --batches 1 --prompts 2048,32768 --json "$o/h_default_$i.json"; mark "default $i"
+    WKVQ_FUSE=$H bench --batches 1 --prompts 2048,32768 --json "$o/h_heads_$i.json"; mark "heads $i"
+    WKVQ_FUSE=$H WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 --json "$o/h_heads_w1_$i.json"
+    mark "heads + o w1 $i"
+  done
+  bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h_13b_default.json"; mark "13b default"
+  WKVQ_FUSE=$H bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h_13b_heads.json"; mark "13b heads"
+  WKVQ_FUSE=$H python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_heads.json" \
+    > "$o/prof_heads.txt" 2>&1; mark "profile heads"; grep -A12 "^one layer" "$o/prof_heads.txt" ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;

@@ -34,7 +34,10 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # "rope" is the default at one row (FUSE_DEFAULT) since the tensor-core attention takes it (fifteenth session, H200,
 # 7B b1: 2.115 -> 2.064 ms a step at p2048, 3.391 -> 3.307 at p32768); at b8 it was slower at p2048 (3.06-3.11
 # against 2.96-3.05) and even at p32768 (13.0-13.5 both), and on the split kernel neutral (thirteenth session).
-FUSIONS = ("norm", "silu", "rope")
+# "heads" (with "rope"): the attention lets the output projection launch at once and flags each KV head when its
+# output is stored (cache.ready, the step's epoch cache.step); the projection's programs, at one row, wait for their
+# heads' flags instead of the whole attention (w4_mma_accumulate's ready).
+FUSIONS = ("norm", "silu", "rope", "heads")
 FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
 FUSE_ENV = "WKVQ_FUSE"
 
@@ -109,8 +112,10 @@ class W4Weight:
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y if residual is None else y + residual
 
-    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out [M, N] (float32) += x [M, K] @ W^T (+ bias)`` with the kernels (CUDA decode step)."""
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor, ready=None) -> torch.Tensor:
+        """``out [M, N] (float32) += x [M, K] @ W^T (+ bias)`` with the kernels (CUDA decode step). ``ready``: flags
+        that ``x``'s groups are written (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`); unused here, where the
+        kernel waits for the one before to complete, which implies them."""
         from .kernels import w4
 
         if w4.splitk_ok(x, self.qweight):
@@ -301,13 +306,14 @@ class FastLlama:
         ``silu(gate) * up``, so rope_append zeroes ``gate_up`` (after the previous layer's down projection, before
         this gate_up); with "rope" the attention kernel reads ``qkv`` itself (:func:`kv4.rope_attention`), the norm
         before qkv zeroes ``qkv`` (read by the previous layer's attention) and, with "silu", the norm before
-        gate_up zeroes ``gate_up``."""
+        gate_up zeroes ``gate_up``; with "heads" the output projection starts on each KV head's output as soon as
+        the attention flags it (``cache.ready`` at epoch ``cache.step``)."""
         from .kernels import kv4, misc
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
-        norm, silu, rope = "norm" in fused, "silu" in fused, "rope" in fused
+        norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -317,14 +323,16 @@ class FastLlama:
             else:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
             if rope:
+                ready = (cache.ready[i], cache.step) if heads else None
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
                                        splits, bits=c.kv_bits,
-                                       ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros))
+                                       ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros), ready=ready)
             else:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
-            layer.o.accumulate(a.view(x.shape[0], -1), x)
+            layer.o.accumulate(a.view(x.shape[0], -1), x,
+                               ready=(cache.ready[i], cache.step, c.heads // c.kv_heads) if heads else None)
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:
@@ -334,21 +342,26 @@ class FastLlama:
                 layer.down.accumulate_silu(gate_up, dt, x)
             else:
                 layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
-        cache.pos.add_(1)
+        cache.counters.add_(1)  # pos and step
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
     def _fused_inputs(self, m: int) -> frozenset[str]:
         """The fusions (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) of the decode step of
         ``m`` rows: the input transforms ("norm", "silu") only where every qkv, gate_up and down is a
-        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept."""
+        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept; "heads" with "rope",
+        where the output projections are :class:`~runtime.kernels.w4_gemv.GemvW4` and a head is one group of 128
+        channels."""
         from .kernels.w4_gemv import GemvW4
 
         chosen = fuse_choice(os.environ.get(FUSE_ENV), m)
-        inputs = chosen - {"rope"}
+        inputs = chosen - {"rope", "heads"}
         if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                               for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
             inputs = frozenset()
-        return inputs | ({"rope"} if "rope" in chosen and "norm" not in inputs else set())
+        rope = "rope" in chosen and "norm" not in inputs
+        heads = ("heads" in chosen and rope and self.config.head_dim == 128
+                 and all(isinstance(la.o, GemvW4) for la in self.layers))
+        return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set())
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the

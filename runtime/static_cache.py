@@ -55,7 +55,10 @@ class StaticPOQCache:
     buffers' slot count rounded up to :data:`SLOT_ALIGN`).
 
     ``length`` (Python int) and ``pos`` (``int32 [1]`` on the device, for graph-captured steps) count
-    the tokens stored so far.
+    the tokens stored so far. ``step`` (``int32 [1]``, next to ``pos``, so that one kernel advances both) counts the
+    decode steps run on the cache from 1 and is never set back (a CUDA graph's warm-up restores ``pos`` only): the
+    epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads]``) with which a decode step's
+    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`).
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -69,7 +72,9 @@ class StaticPOQCache:
         slots = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         self.layers = [LayerStore.empty(batch, kv_heads, slots, head_dim, head_dim // group, bits, device)
                        for _ in range(num_layers)]
-        self.pos = torch.zeros(1, dtype=torch.int32, device=device)
+        self.counters = torch.tensor([0, 1], dtype=torch.int32, device=device)  # pos, step
+        self.pos, self.step = self.counters[:1], self.counters[1:]
+        self.ready = torch.zeros(num_layers, batch * kv_heads, dtype=torch.int32, device=device)
         self.length = 0
 
     def nbytes(self) -> int:

@@ -469,6 +469,46 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
+    """Two layers of heads of 128 channels (the tensor-core attention; 2 query heads a KV head) on the gemv
+    projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
+    projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
+    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
+    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included)."""
+    import runtime
+    from converter.convert import ConvertConfig, convert
+    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
+    from runtime.kernels import kv4
+    from tests.helpers import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=640, num_hidden_layers=2)
+    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    model, _ = runtime.load(art, device=DEV, dtype=torch.float16)
+    eager = FastLlama.from_hf(model, 128, use_kernels=False)
+    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
+                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    monkeypatch.setenv(FUSE_ENV, "rope,heads")
+    assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
+    ids = torch.randint(3, 300, (batch, 56), device=DEV)
+    ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
+    assert kv4.attn_config(batch, 4, cf.layers[0].k_codes.shape[2]).mma
+    for c, m in ((ce, eager), (cf, fast), (cu, fast)):
+        m.forward(ids[:, :48], c)
+    steps = [fast.decode_step(ids[:, 48], cf)]
+    assert (cf.ready == 1).all() and cf.step.item() == 2
+    graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
+    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
+    assert cf.step.item() == 8 and (cf.ready == 7).all() and cf.pos.item() == cf.length == 53
+    monkeypatch.setenv(FUSE_ENV, "rope")
+    plain = [fast.decode_step(ids[:, i], cu) for i in range(48, 53)]
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
+    for a, b, r in zip(steps, plain, ref):
+        assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
 def test_quantlinear_cuda_dispatch_matches_dequantized():
     from runtime.qlinear import QuantLinear

@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1):
+               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -19,11 +19,11 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
               "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left,
-              "AHEAD": ahead}
+              "AHEAD": ahead, "READY": ready}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update({f"nx{i}_ptr": "*u8" for i in range(3)})
-    kinds.update({f"nx{i}_n": "i32" for i in range(3)})
+    kinds.update({f"nx{i}_n": "i32" for i in range(3)}, ready_ptr="*i32", ep_ptr="*i32")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
 
@@ -131,6 +131,21 @@ def test_mma_attention_ahead_placement(ahead, tmp_path, monkeypatch):
         monkeypatch.setenv(kv4_mma.AHEAD_ENV, bad)
         with pytest.raises(ValueError, match=f"WKVQ_ATTN_AHEAD='{bad}': use off, end or a positive number"):
             kv4_mma.ahead_at()
+
+
+def test_mma_attention_ready_flag(tmp_path):
+    """``READY``: the combining program of a KV head, after storing the merged heads, sets the head's flag to the
+    step's epoch with a release: after the output's stores a barrier, a GPU-scope fence, then one atomic exchange
+    more than without it."""
+    pytest.importorskip("triton")
+
+    off = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True)[0]
+    on, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ready=True)
+    assert "LOCAL:0" in usage
+    xchg = on.rindex("ATOMG.E.EXCH")
+    assert on.count("ATOMG.E.EXCH") == off.count("ATOMG.E.EXCH") + 1
+    fence = on.rindex("MEMBAR.ALL.GPU", 0, xchg)
+    assert on.rindex("STG.E.U16", 0, xchg) < on.rindex("BAR.SYNC", 0, fence) < fence
 
 
 def test_ahead_args():

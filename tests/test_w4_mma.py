@@ -8,6 +8,8 @@ records the measured error of every config).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -185,7 +187,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persis
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
               "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
-              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3]}
+              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -259,6 +261,33 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
         preload = 12 * cfg.tiles if consts["PRE"] else 0
         assert before.count("LDG") == preload and ".CONSTANT" not in before, (n, k, m, cfg)
         assert "LOCAL:0" in usage, (n, k, m, cfg)
+
+
+@pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 16), (2, 2, 16), (1, 2, 1, 1, False, 1, 0, 4)])
+def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
+    """With ``ready`` flags (the output projection after the attention, one row, the weight preload): each program
+    loads its first weights, the epoch, then spins on its groups' flags (acquire loads, a sleep between) before any
+    ``x``; every load coherent (``x`` changes while the kernel runs: no ``.nc`` load may be moved above the spin);
+    the PDL wait only after the last MMA. Without the preload (8 rows) the launch keeps the PDL wait (``RQG`` 0)."""
+    pytest.importorskip("triton")
+    from runtime.kernels import overlap, w4_mma
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    cfg = w4_mma.MmaConfig(*cfg)
+    n = k = 4096
+    plan = functools.partial(w4_mma.launch_plan, cfg, n, k, row_strides=(64, 2, 1), gstrides=(64 * n, 2 * n, n),
+                             sms=132, pdl=True, hopper=True)
+    assert plan(m=8, ready_qg=1)[1]["RQG"] == 0 and plan(m=1)[1]["RQG"] == 0
+    consts = plan(m=1, ready_qg=2)[1]
+    assert consts["RQG"] == 2 and consts["PRE"]
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True},
+                            {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32"}, "i32", cfg.warps, tmp_path)
+    spin = sass.index("LDG.E.STRONG.GPU")
+    assert sass[:spin].count("LDG") == 12 * cfg.tiles + 1  # the preload's weights and the epoch
+    assert spin < sass.index("BAR.SYNC", spin) < sass.index("LDG.E.128", spin)  # thread 0 spins, then the barrier
+    assert ".CONSTANT" not in sass and "NANOSLEEP" in sass and "LOCAL:0" in usage
+    assert sass.index("ACQBULK") > sass.rindex("HMMA")
 
 
 @pytest.mark.parametrize("tiles,warps,persist,bulk", [(2, 1, True, 4), (2, 4, True, 3), (1, 4, False, 8)])

@@ -455,10 +455,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr):
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
-    HEADS - 1`` of sequence ``b`` (:func:`_combine_head`)."""
+    HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
+    step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
+    is there for a reader that does not wait for the whole kernel (the output projection,
+    :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
+    earlier step never reads as set and nothing needs to clear them."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
         for j in tl.static_range(HEADS):
@@ -466,6 +470,9 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
                           ROPE)
         tl.store(count_ptr, 0)
+        if READY:
+            tl.debug_barrier()  # every thread's output stored before the flag (released by it)
+            tl.atomic_xchg(ready_ptr, tl.load(ep_ptr), sem="release")
 
 
 @triton.jit
@@ -700,15 +707,20 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
 
 def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scale: float, out_dtype,
                    splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None,
-                   bits: int = 4, ahead: tuple[torch.Tensor, ...] = ()):
+                   bits: int = 4, ahead: tuple[torch.Tensor, ...] = (),
+                   ready: tuple[torch.Tensor, torch.Tensor] | None = None):
     """:func:`rope_append` and :func:`decode_attention` in one kernel launch: the attention programs rope the
     token's query, key and value from the projection's output ``qkv [B, (Hq + 2 Hkv) D]`` (float32) at position
     ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
     (POQ), and one program per KV head appends the token's key and value at slot ``pos``, as :func:`rope_append`
     would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates). ``ahead``: up to three
     tensors the next kernel reads (the output projection's weights), which the tensor-core kernel's programs ask
-    the L2 for where ``WKVQ_ATTN_AHEAD`` says (:func:`runtime.kernels.kv4_mma.ahead_at`; off by default). Returns
-    ``[B, Hq, D]`` in ``out_dtype``; ``pos`` is not advanced."""
+    the L2 for where ``WKVQ_ATTN_AHEAD`` says (:func:`runtime.kernels.kv4_mma.ahead_at`; off by default).
+    ``ready = (flags, epoch)``: ``int32 [B * Hkv]`` per-KV-head flags, each set to the step's ``epoch`` (``int32
+    [1]``, a different value every step) once that head's output is stored (by the tensor-core kernel's combining
+    program, else after the launch): the output projection may then start on a head without waiting for the whole
+    attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). Returns ``[B, Hq, D]`` in ``out_dtype``; ``pos``
+    is not advanced."""
     b, hkv, d = qkv.shape[0], store.k_codes.shape[1], 2 * store.k_codes.shape[-1]
     if bits != 4:
         raise ValueError(f"the KV kernels store 4-bit codes, got kv bits {bits}")
@@ -716,7 +728,7 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
         raise ValueError(f"qkv must be float32 [{b}, {(num_heads + 2 * hkv) * d}] with unit stride, got {qkv.dtype} "
                          f"{list(qkv.shape)}")
     return _attention(b, num_heads, d, None, None, None, (qkv, cos, sin), store, pos, kv_params, sm_scale, out_dtype,
-                      splits, block_s, num_warps, ahead)
+                      splits, block_s, num_warps, ahead, ready)
 
 
 def _split_kernel(cfg: AttnConfig) -> AttnConfig:
@@ -728,7 +740,7 @@ def _split_kernel(cfg: AttnConfig) -> AttnConfig:
 
 
 def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
-               num_warps, ahead=()):
+               num_warps, ahead=(), ready=None):
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
     device = store.k_codes.device
     if isinstance(splits, AttnConfig):
@@ -759,6 +771,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     # splits the combine kernel merges lets that one launch early wherever the attention uses PDL
     trigger = overlap.pdl(device, "attn_trigger")
     first_trigger = trigger if cfg.combine else pdl["PDL"]
+    if ready is not None and mma and cfg.combine:  # the output projection waits for the heads' flags: launch it
+        first_trigger = first_trigger or pdl["PDL"]
     if rope is None:  # the rope arguments unused
         rope_args = (m, m, m, 0, store.k_codes, store.v_codes)
     else:
@@ -769,7 +783,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
-                       keys_a=cfg.keys_a, ahead=ahead if cfg.combine else ())
+                       keys_a=cfg.keys_a, ahead=ahead if cfg.combine else (), ready=ready if cfg.combine else None)
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](
@@ -783,6 +797,8 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
                                       rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,
                                       NSPLIT=cfg.splits, ROPE=rope is not None, TRIGGER=trigger, **pdl)
+    if ready is not None and not (mma and cfg.combine):  # no kernel set the flags: every head is ready now
+        ready[0].copy_(ready[1].expand_as(ready[0]))
     return out
 
 

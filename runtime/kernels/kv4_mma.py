@@ -629,7 +629,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, TRIGGER_LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
-                     nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1):
+                     nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None,
+                     ep_ptr=None, READY: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -643,7 +644,9 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     (before its partials' stores and the combine); ``N``, when ``N`` of its tiles are left: the next kernel's programs
     arrive when the attention's are all placed (the append program lets it by ending). ``AHEAD`` (:func:`ahead_at`):
     -1 nothing; else each attention program asks the L2 for its share of the ``nx*_n`` bytes at ``nx*_ptr`` (the
-    next kernel's weights) after its tiles (0) or when ``AHEAD`` of them are left (:func:`_ask_ahead`)."""
+    next kernel's weights) after its tiles (0) or when ``AHEAD`` of them are left (:func:`_ask_ahead`). ``READY``
+    (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
+    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`)."""
     overlap.launch_dependents(TRIGGER and TRIGGER_LEFT < 0)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
@@ -652,7 +655,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
                 ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER_LEFT if TRIGGER else -1, nx0_ptr, nx0_n, nx1_ptr,
-                nx1_n, nx2_ptr, nx2_n, AHEAD)
+                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -670,7 +673,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
-            nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1):
+            nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None, ep_ptr=None,
+            READY: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LEFT`` >= 0: it lets the next
     kernel launch when ``LEFT`` of its tiles are left (0: after them; at once with no tiles), exactly once;
     ``AHEAD`` >= 0: likewise, it asks the L2 for its share of the next kernel's tensors (:func:`_ask_ahead`)."""
@@ -804,7 +808,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE)
+                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -812,7 +816,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
-           trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = ()) -> None:
+           trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = (),
+           ready: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -822,7 +827,9 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early
     (where: :func:`trigger_at`); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
     ``ahead``: up to three contiguous tensors the next kernel reads, asked of the L2 where :func:`ahead_at` says (on
-    Hopper, where each is 16-byte aligned; else not asked)."""
+    Hopper, where each is 16-byte aligned; else not asked); ``ready = (flags, epoch)`` (with ``combine``): ``int32
+    [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
+    output is stored."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -839,7 +846,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
         TRIGGER_LEFT=trigger_left, nx0_ptr=nx[0], nx0_n=nx[1], nx1_ptr=nx[2], nx1_n=nx[3], nx2_ptr=nx[4], nx2_n=nx[5],
-        AHEAD=at if nx[1] or nx[3] or nx[5] else -1,
+        AHEAD=at if nx[1] or nx[3] or nx[5] else -1, ready_ptr=ready[0] if ready is not None else counts,
+        ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         **overlap.options(pdl))
 
 

@@ -427,6 +427,47 @@ mov.u32 $2, warp;
 }"""
 
 
+# Thread 0 of the program spins until the flag at $1 holds $2 (an acquire load a round, a short sleep between);
+# the other threads skip it and wait at the barrier after (_wait_ready; CUTLASS's semaphore does the same): one
+# poller a program, so that the waiting programs do not load the L2 the attention streams through. Labels are
+# local to the braces' block, so the block may be inlined more than once.
+READY_WAIT_ASM = tl.constexpr("""{
+.reg .pred p, q;
+.reg .b32 v, t;
+mov.u32 t, %tid.x;
+setp.ne.u32 q, t, 0;
+@q bra WKVQ_READY_DONE;
+WKVQ_READY:
+ld.acquire.gpu.global.b32 v, [$1];
+setp.ne.s32 p, v, $2;
+@p nanosleep.u32 64;
+@p bra WKVQ_READY;
+WKVQ_READY_DONE:
+mov.b32 $0, 0;
+}""")
+
+
+@triton.jit
+def _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr):
+    """Wait until the flags of groups ``[g_lo, g_hi)`` (group ``g``: flag ``g // RQG``) hold ``epoch``: thread 0
+    spins on them (:data:`READY_WAIT_ASM`), then the program's barrier; what their writer stored before it set
+    them (with release) is then visible to every thread of the program."""
+    for gi in range(g_lo, g_hi):
+        tl.inline_asm_elementwise(READY_WAIT_ASM, "=r,l,r", [rdy_ptr + gi // RQG, epoch], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _wait_before_x(PDL: tl.constexpr, rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr):
+    """Before a range's first ``x``: the ready flags of its groups (``RQG`` > 0, :func:`_wait_ready`), else the
+    kernel before (:func:`runtime.kernels.overlap.wait_prior`)."""
+    if RQG > 0:
+        _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
+    else:
+        overlap.wait_prior(PDL)
+
+
 STAGE_BUF = "wkvq_mma_stage"  # the shared memory the cp.async pipeline's PTX declares (in the prologue's block)
 
 
@@ -587,9 +628,9 @@ def _bulk_asm(tiles: int, stages: int, warps: int) -> tuple[str, str, str, str]:
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
-         gstrides: tuple[int, int, int] = (64, 2, 1)):
+         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False):
     pro, pro_cons = _prologue_asm(tiles)
-    load, load_cons = _load_asm(tiles, ragged, strides, gstrides)
+    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
@@ -834,7 +875,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
            LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
            PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr):
+           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -843,7 +884,12 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     the first weight bytes are on their way while the kernel before ends. ``BULK`` (stages of the bulk ring,
     group-major weights, ``FIXED``): lane 0 of each warp copies each group's codes, scales and zeros into the warp's
     shared ring (:func:`_bulk_issue_asm`, ``BULK - 1`` groups ahead, the first ones before the PDL wait); the
-    threads read their words from it (:func:`_bulk_read_asm`) and their ``x`` from global memory."""
+    threads read their words from it (:func:`_bulk_read_asm`) and their ``x`` from global memory. ``RQG`` > 0
+    (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
+    before its ``x``, or first thing in a stream-K share's later ranges)."""
+    if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
+        if not PRE:
+            _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -890,7 +936,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             g1 = tl.minimum(g_lo + 1, g_hi - 1)
             Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
             Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
-            overlap.wait_prior(PDL)
+            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG)
             V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
             U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
             if g_hi - g_lo >= 2:
@@ -943,7 +989,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
                  LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
                  PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr):
+                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -952,7 +998,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX,
-           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS)
+           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
     return w + (g_hi - g_lo)
 
 
@@ -966,7 +1012,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
-                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r"):
+                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r", rdy_ptr=None, ep_ptr=None,
+                   RQG: tl.constexpr = 0):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -976,10 +1023,18 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
     before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1, no
-    stages) after loading the weights of its first range's first two groups (:func:`_range`)."""
+    stages) after loading the weights of its first range's first two groups (:func:`_range`). ``RQG`` > 0 (with
+    ``PRE``): ``x`` is the attention's output, whose heads become ready one by one: each range waits for the flags
+    of its groups in ``rdy_ptr`` (group ``g``: flag ``g // RQG``) to hold the step's epoch at ``ep_ptr`` instead of
+    waiting for the kernel before, its loads are coherent (``x`` changes while the kernel runs), and the program
+    waits for the kernel before only at its end (so that its completion still implies the earlier kernels')."""
     overlap.launch_dependents(PDL)
     if not PRE and BULK == 0:
         overlap.wait_prior(PDL)
+    if RQG > 0:
+        epoch = tl.load(ep_ptr)
+    else:
+        epoch = 0
     NT: tl.constexpr = 32 * WARPS
     ROWS: tl.constexpr = 16 * TILES * WARPS
     if PERSIST:
@@ -992,20 +1047,22 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD,
-               BREAD_CONS)
+               BREAD_CONS, rdy_ptr, epoch, RQG)
+    if RQG > 0:  # the kernel before has long ended: returns at once
+        overlap.wait_prior(PDL)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -1032,11 +1089,14 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
-                gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool) -> tuple[tuple[int, int], dict]:
+                gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
+                ready_qg: int = 0) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
-    launched with ``pdl`` on a ``hopper`` GPU. Pure: what :func:`w4_mma_accumulate` launches and what the sm_90 SASS
-    tests compile. A config the weight cannot take is a one-line ``ValueError``."""
+    launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
+    preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags). Pure: what
+    :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
+    one-line ``ValueError``."""
     rows = 16 * cfg.tiles * cfg.warps
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     strides = row_strides if fixed else None
@@ -1044,7 +1104,10 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
         raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
                          f"this weight is group-major (group strides {gstrides})")
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides)
+    pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages and not cfg.bulk
+    rqg = ready_qg if pre else 0
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
+                                                               rqg > 0)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, ragged, cfg.stages, 32 * cfg.warps)
@@ -1055,7 +1118,6 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
                              f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
                              f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
         bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
-    pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages and not cfg.bulk
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides)
                                             if pre or cfg.bulk else ("", "r", "", "r"))
     g = -(-k // GROUP)
@@ -1071,12 +1133,17 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
         "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
         "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
-        "BREAD": bulk[2], "BREAD_CONS": bulk[3]}
+        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg}
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None) -> torch.Tensor:
-    """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``."""
+                      group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
+                      ready: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+    """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``.
+    ``ready = (flags, epoch, qg)``: ``x2`` is being written by the kernel before (launched with PDL, it lets this one
+    launch early), group ``g`` of it complete once ``flags[g // qg]`` (``int32``) holds ``epoch`` (``int32 [1]``;
+    :func:`runtime.kernels.kv4.rope_attention`'s ``ready``): at one row with the weight preload each program waits
+    for its groups' flags instead of the whole kernel before (:func:`launch_plan`)."""
     if not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1094,8 +1161,17 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
     pdl_opts = overlap.launch_options(x2.device, "gemv")
+    qg = 0
+    if ready is not None:
+        flags, epoch, qg = ready
+        g = scales.shape[1]
+        if (flags.dtype != torch.int32 or epoch.dtype != torch.int32 or not flags.is_contiguous()
+                or flags.numel() < -(-g // qg) or epoch.numel() != 1 or qg < 1):
+            raise ValueError(f"ready must be (int32 flags of at least {g} groups / qg, int32 epoch [1], qg >= 1); got "
+                             f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device))
+                               overlap.hopper(x2.device), qg)
+    rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     _w4_mma_kernel[grid](x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides,
-                         out.stride(0), **consts, num_warps=cfg.warps, **pdl_opts)
+                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], **consts, num_warps=cfg.warps, **pdl_opts)
     return out
