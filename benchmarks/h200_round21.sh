@@ -13,6 +13,7 @@
 #   heads     the per-head ready flags (WKVQ_FUSE=rope,heads: o's programs wait for their heads, not the whole
 #             attention): GPU tests, then default / heads / heads + o one-warp alternated twice (7B b1), 13B b1
 #             default / heads, the profile with heads (7B b1 p32768)
+#   h13       13B b1: the profile with heads (p32768), heads + o one-warp against the default and heads
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -86,6 +87,15 @@ heads)
   WKVQ_FUSE=$H bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h_13b_heads.json"; mark "13b heads"
   WKVQ_FUSE=$H python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_heads.json" \
     > "$o/prof_heads.txt" 2>&1; mark "profile heads"; grep -A12 "^one layer" "$o/prof_heads.txt" ;;
+h13)
+  W13=$V/mma_13b_m1_o_w1_x16.json
+  WKVQ_FUSE=rope,heads python3 benchmarks/decode_profile.py --shape 13b --prompt 32768 --json "$o/prof_13b_heads.json" \
+    > "$o/prof_13b_heads.txt" 2>&1; mark "profile 13b heads"; grep -A12 "^one layer" "$o/prof_13b_heads.txt"
+  bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h13_default.json"; mark "13b default"
+  WKVQ_FUSE=rope,heads WKVQ_MMA_TABLE=$W13 bench --shapes 13b --batches 1 --prompts 2048,32768 \
+    --json "$o/h13_heads_w1.json"; mark "13b heads + o w1"
+  WKVQ_FUSE=rope,heads bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h13_heads.json"
+  mark "13b heads" ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;

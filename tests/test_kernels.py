@@ -494,6 +494,10 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
     ids = torch.randint(3, 300, (batch, 56), device=DEV)
     ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
+    key = f"{batch}x{kv4.context_bucket(cf.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
+    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
+    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
     assert kv4.attn_config(batch, 4, cf.layers[0].k_codes.shape[2]).mma
     for c, m in ((ce, eager), (cf, fast), (cu, fast)):
         m.forward(ids[:, :48], c)
