@@ -13,6 +13,7 @@
 #   heads     the per-head ready flags (WKVQ_FUSE=rope,heads: o's programs wait for their heads, not the whole
 #             attention): GPU tests, then default / heads / heads + o one-warp alternated twice (7B b1), 13B b1
 #             default / heads, the profile with heads (7B b1 p32768)
+#   htest     the heads GPU test alone (tests/test_kernels.py -k heads_ready)
 #   h13       13B b1: the profile with heads (p32768), heads + o one-warp against the default and heads
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
@@ -87,6 +88,10 @@ heads)
   WKVQ_FUSE=$H bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h_13b_heads.json"; mark "13b heads"
   WKVQ_FUSE=$H python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_heads.json" \
     > "$o/prof_heads.txt" 2>&1; mark "profile heads"; grep -A12 "^one layer" "$o/prof_heads.txt" ;;
+htest)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "heads_ready" \
+    > "$o/tests_heads2.txt" 2>&1; mark "heads tests: $(tail -1 "$o/tests_heads2.txt")"
+  grep -B2 -A30 "^E  \|Error" "$o/tests_heads2.txt" | head -50 ;;
 h13)
   W13=$V/mma_13b_m1_o_w1_x16.json
   WKVQ_FUSE=rope,heads python3 benchmarks/decode_profile.py --shape 13b --prompt 32768 --json "$o/prof_13b_heads.json" \
