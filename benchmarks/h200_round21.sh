@@ -15,6 +15,8 @@
 #             default / heads, the profile with heads (7B b1 p32768)
 #   htest     the heads GPU test alone (tests/test_kernels.py -k heads_ready)
 #   h13       13B b1: the profile with heads (p32768), heads + o one-warp against the default and heads
+#   final     the final tree ("heads" the default at 7B b1): the heads test, the record (7B, 13B; b1, b8; p2048,
+#             p32768), then 7B b1 without "heads" (WKVQ_FUSE=rope, the old default) and with it once more
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -105,5 +107,9 @@ ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;
 final)
-  record ;;
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "heads_ready" \
+    > "$o/tests_heads_final.txt" 2>&1; mark "heads tests: $(tail -1 "$o/tests_heads_final.txt")"
+  record
+  WKVQ_FUSE=rope bench --batches 1 --prompts 2048,32768 --json "$o/final_rope_only.json"; mark "7b b1 rope only"
+  bench --batches 1 --prompts 2048,32768 --json "$o/final_default_again.json"; mark "7b b1 default again" ;;
 esac; done

@@ -36,9 +36,13 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # against 2.96-3.05) and even at p32768 (13.0-13.5 both), and on the split kernel neutral (thirteenth session).
 # "heads" (with "rope"): the attention lets the output projection launch at once and flags each KV head when its
 # output is stored (cache.ready, the step's epoch cache.step); the projection's programs, at one row, wait for their
-# heads' flags instead of the whole attention (w4_mma_accumulate's ready).
+# heads' flags instead of the whole attention (w4_mma_accumulate's ready). By default only at the output projection
+# shapes of HEADS_DEFAULT_SHAPES, where it measured faster (twenty-first session, H200, b1, benchmarks/results/r24):
+# 7B (4096 x 4096) 2.662-2.691 ms against 2.749-2.760 at p32768, p2048 unchanged (1.711-1.738 against 1.729-1.758);
+# 13B (5120 x 5120) slower, 4.648-4.722 against 4.549-4.582 (p2048 +0.13). WKVQ_FUSE naming it: at any shape.
 FUSIONS = ("norm", "silu", "rope", "heads")
-FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope",)}  # rows -> the default fusions (none where not named)
+FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope", "heads")}  # rows -> the default fusions (none where not named)
+HEADS_DEFAULT_SHAPES = frozenset({(4096, 4096)})  # (out, in) of the output projections where "heads" is the default
 FUSE_ENV = "WKVQ_FUSE"
 
 
@@ -349,10 +353,11 @@ class FastLlama:
         ``m`` rows: the input transforms ("norm", "silu") only where every qkv, gate_up and down is a
         :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept; "heads" with "rope",
         where the output projections are :class:`~runtime.kernels.w4_gemv.GemvW4` and a head is one group of 128
-        channels."""
+        channels (by default only at :data:`HEADS_DEFAULT_SHAPES`)."""
         from .kernels.w4_gemv import GemvW4
 
-        chosen = fuse_choice(os.environ.get(FUSE_ENV), m)
+        value = os.environ.get(FUSE_ENV)
+        chosen = fuse_choice(value, m)
         inputs = chosen - {"rope", "heads"}
         if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                               for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
@@ -360,6 +365,8 @@ class FastLlama:
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))
+        if heads and not (value or "").strip():  # the default: only where it measured faster
+            heads = all((la.o.qweight.shape[0], la.o.in_features) in HEADS_DEFAULT_SHAPES for la in self.layers)
         return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set())
 
     def splits_for(self, cache: StaticPOQCache) -> int:

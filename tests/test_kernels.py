@@ -476,9 +476,11 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
     projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
     Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
-    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included)."""
+    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
+    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
     import runtime
     from converter.convert import ConvertConfig, convert
+    from runtime import fast as fast_module
     from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
     from runtime.kernels import kv4
     from tests.helpers import make_tiny_llama
@@ -490,6 +492,10 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    monkeypatch.delenv(FUSE_ENV, raising=False)  # the default: "heads" only at HEADS_DEFAULT_SHAPES
+    assert fast._fused_inputs(1) == {"rope"}
+    monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
+    assert fast._fused_inputs(1) == {"rope", "heads"} and not fast._fused_inputs(2)
     monkeypatch.setenv(FUSE_ENV, "rope,heads")
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
     ids = torch.randint(3, 300, (batch, 56), device=DEV)
