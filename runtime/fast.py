@@ -329,7 +329,8 @@ class FastLlama:
             if rope:
                 ready = (cache.ready[i], cache.step) if heads else None
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
-                                       splits, bits=c.kv_bits, ready=ready)
+                                       splits, bits=c.kv_bits,
+                                       ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros), ready=ready)
             else:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)

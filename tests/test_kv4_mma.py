@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_left=-1, ready=False):
+               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -19,10 +19,11 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
               "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left,
-              "READY": ready}
+              "AHEAD": ahead, "READY": ready}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-    kinds.update(ready_ptr="*i32", ep_ptr="*i32")
+    kinds.update({f"nx{i}_ptr": "*u8" for i in range(3)})
+    kinds.update({f"nx{i}_n": "i32" for i in range(3)}, ready_ptr="*i32", ep_ptr="*i32")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
 
@@ -104,6 +105,34 @@ def test_mma_attention_trigger_placement(trigger, left, tmp_path, monkeypatch):
             kv4_mma.trigger_at()
 
 
+@pytest.mark.parametrize("ahead", [-1, 0, 2])
+def test_mma_attention_ahead_placement(ahead, tmp_path, monkeypatch):
+    """Where a program asks the L2 for its share of the next kernel's tensors (``cp.async.bulk.prefetch.L2``, SASS
+    ``UBLKPF``, three ranges): nowhere with ``AHEAD`` -1 (the default); after the tile loop's last MMA with 0; with
+    ``N`` inside the loop (after the wait, before the last MMA) and once more after it for a program without tiles.
+    ``WKVQ_ATTN_AHEAD``: off, end or a positive number of tiles; anything else is a one-line error."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ahead=ahead)
+    assert "LOCAL:0" in usage  # no spills
+    at = [i for i in range(len(sass)) if sass.startswith("UBLKPF", i)]
+    last_mma, wait = sass.rindex("HMMA"), sass.index("ACQBULK")
+    if ahead < 0:
+        assert not at
+    elif ahead == 0:
+        assert len(at) == 3 and at[0] > last_mma
+    else:
+        assert len(at) == 6 and wait < at[0] < at[2] < last_mma < at[3]
+    for value, want in (("", -1), ("off", -1), (" end ", 0), ("4", 4)):
+        monkeypatch.setenv(kv4_mma.AHEAD_ENV, value)
+        assert kv4_mma.ahead_at() == want
+    for bad in ("start", "0", "-1"):
+        monkeypatch.setenv(kv4_mma.AHEAD_ENV, bad)
+        with pytest.raises(ValueError, match=f"WKVQ_ATTN_AHEAD='{bad}': use off, end or a positive number"):
+            kv4_mma.ahead_at()
+
+
 def test_mma_attention_ready_flag(tmp_path):
     """``READY``: the combining program of a KV head, after storing the merged heads, sets the head's flag to the
     step's epoch with a release: after the output's stores a barrier, a GPU-scope fence, then one atomic exchange
@@ -117,6 +146,21 @@ def test_mma_attention_ready_flag(tmp_path):
     assert on.count("ATOMG.E.EXCH") == off.count("ATOMG.E.EXCH") + 1
     fence = on.rindex("MEMBAR.ALL.GPU", 0, xchg)
     assert on.rindex("STG.E.U16", 0, xchg) < on.rindex("BAR.SYNC", 0, fence) < fence
+
+
+def test_ahead_args():
+    """The kernel's ``nx*`` arguments: each tensor as its bytes where contiguous and 16-byte aligned on a Hopper
+    GPU; elsewhere (here: the CPU) the dummy and 0 bytes, so nothing is asked; more than three is an error."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    dummy = torch.zeros(4)
+    w = torch.zeros(64, 32, dtype=torch.uint8)
+    args = kv4_mma.ahead_args((w,), dummy)
+    assert len(args) == 6 and all(a is dummy for a in args[0::2]) and args[1::2] == (0, 0, 0)
+    with pytest.raises(ValueError, match="at most three tensors"):
+        kv4_mma.ahead_args((w,) * 4, dummy)
 
 
 def test_even_cap():

@@ -33,7 +33,10 @@ at 13B (the last programs waiting for a multiprocessor the GEMV before still hel
 session): in the default since then.
 The split kernel has no cap and stays off by default. "attn_trigger" is slower (3.88 ms), not measured why;
 triggered after the tiles instead (``WKVQ_ATTN_TRIGGER_AT=end``, ``kv4_mma.trigger_at``; or ``N`` tiles before
-their end) it was not faster either (nineteenth session, "end", o on four-warp programs). The prefetches are config
+their end) it was not faster either (nineteenth session, "end", o on four-warp programs), two tiles ahead
+inconsistent at 7B b1 and slower at 13B b1 and 7B b8 (twenty-first session). With the per-head ready flags
+(``runtime.fast`` fusion "heads", the default at 7B's shapes) the attention lets the output projection launch at
+once, whose programs then wait for their heads' flags instead of ``griddepcontrol.wait``. The prefetches are config
 fields of the kernels that issue them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``). The tensor-core GEMV
 (``w4_mma``) also loads its first two groups' weights into registers before its wait (``WKVQ_MMA_PRE``). A load
 meant to run before the wait must be a coherent ``ld.global``: ptxas hoists the wait above ``.nc`` loads (and moves
