@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Twentieth session, one H200 (device tool, carry .gpu/whl): the next projection asked of the L2 before a GEMV's
 # PDL wait (WKVQ_NEXT_PF, w4_mma NEXT) and the attention's cache copies evict_first (WKVQ_ATTN_EVICT_FIRST).
-# Results in $OUT. Parts: tests e2e probe early slack verify again final splits profile otrigger, e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
+# Results in $OUT. Parts: tests e2e probe early slack verify again final splits profile (the o-trigger comparison
+# prepared here ran in the twenty-first session: h200_round21.sh ottests ot1 ot2 otprof), e.g. bash benchmarks/h200_round20.sh tests e2e. The parts tests,
 # e2e and probe ran on commit 40c40be (the prefetch and benchmarks/next_probe.py; reverted after, being slower);
 # early and slack on commit f0be2a6 plus an environment knob WKVQ_ATTN_CAP_SLACK (programs over the even share),
 # since replaced by kv4_mma.CAP_SLACK = 1 with the tensor-core attention launched early by default ("attn_mma").
@@ -75,27 +76,6 @@ profile)  # the final tree: the GEMV's tests after launch_plan, then where a ste
     python3 benchmarks/decode_profile.py --prompt $p --json "$o/prof_p$p.json" > "$o/prof_p$p.txt" 2>&1
     mark "profile p$p"; grep -v Warn "$o/prof_p$p.txt" | sed -n '/^timeline/,$p' | head -30
   done ;;
-otrigger)  # NOT RUN in the twentieth session (no device time left): the attention letting o launch early
-  # (PDL kind attn_trigger) after its tiles or two tiles before their end (WKVQ_ATTN_TRIGGER_AT=end|2), o on one-warp
-  # programs that fit beside the resident attention programs (benchmarks/variants/mma_7b_m1_o_w1_*.json), each alone
-  # and together, against the default, alternated
-  V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
-  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kv4_mma.py tests/test_kernels.py \
-    -k "fast_decode or decode_graph or trigger" > "$o/tests_otrigger.txt" 2>&1; mark "tests: $(tail -1 "$o/tests_otrigger.txt")"
-  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels.py -k "fast_decode or decode_graph or mma_rope" > "$o/tests_otrigger_on.txt" 2>&1
-  mark "tests (trigger 2 tiles ahead, o w1): $(tail -1 "$o/tests_otrigger_on.txt")"
-  for i in 1 2; do
-    bench --batches 1 --prompts 2048,32768 --json "$o/ot_default_$i.json"; mark "default $i"
-    WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 --json "$o/ot_w1_$i.json"; mark "o w1 $i"
-    WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 bench --batches 1 --prompts 2048,32768 --json "$o/ot_at2_$i.json"; mark "at 2 $i"
-    for at in end 2; do
-      WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=$at WKVQ_MMA_TABLE=$W bench --batches 1 --prompts 2048,32768 \
-        --json "$o/ot_at${at}_w1_$i.json"; mark "at $at + o w1 $i"
-    done
-  done
-  WKVQ_PDL=$T WKVQ_ATTN_TRIGGER_AT=2 WKVQ_MMA_TABLE=$W python3 benchmarks/decode_profile.py --prompt 32768 \
-    --json "$o/prof_ot.json" > "$o/prof_ot.txt" 2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_ot.txt" ;;
 final)
   record ;;
 esac; done

@@ -73,20 +73,24 @@ def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, 
     assert before.count("UBLKCP") == 2  # the first tile's key and value codes
 
 
+def _placed(sass: str, usage: str, op: str) -> tuple[list[int], int, int]:
+    """Where ``op`` stands in ``sass`` (its offsets), where its last MMA and first PDL wait (``ACQBULK``) stand;
+    checks that nothing spilled."""
+    assert "LOCAL:0" in usage
+    return [i for i in range(len(sass)) if sass.startswith(op, i)], sass.rindex("HMMA"), sass.index("ACQBULK")
+
+
 @pytest.mark.parametrize("trigger,left", [(False, -1), (True, -1), (True, 0), (True, 2)])
-def test_mma_attention_trigger_placement(trigger, left, tmp_path, monkeypatch):
+def test_mma_attention_trigger_placement(trigger, left, tmp_path):
     """Where a program lets the next kernel launch (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``): nowhere
     without ``TRIGGER``; with it first thing (``TRIGGER_LEFT`` -1), after the tile loop's last MMA (0), or inside the
     loop (after the wait, before its last MMA; predicated: one iteration) and once more after it for a program
-    without tiles (2). ``WKVQ_ATTN_TRIGGER_AT``: start,
-    end or a positive number of tiles; anything else is a one-line error."""
+    without tiles (2)."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
     sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)
-    assert "LOCAL:0" in usage  # no spills
-    at = [i for i in range(len(sass)) if sass.startswith("PREEXIT", i)]
-    last_mma, wait = sass.rindex("HMMA"), sass.index("ACQBULK")
+    at, last_mma, wait = _placed(sass, usage, "PREEXIT")
     if not trigger:
         assert not at
     elif left < 0:
@@ -96,41 +100,39 @@ def test_mma_attention_trigger_placement(trigger, left, tmp_path, monkeypatch):
     else:
         assert len(at) == 2 and wait < at[0] < last_mma < at[1]
         assert sass[sass.rindex("\n", 0, at[0]):at[0]].rstrip().endswith(("P0", "P1", "P2", "P3", "P4", "P5", "P6"))
-    for value, want in (("", -1), ("start", -1), (" end ", 0), ("3", 3)):
-        monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, value)
-        assert kv4_mma.trigger_at() == want
-    for bad in ("tiles", "0", "-2"):
-        monkeypatch.setenv(kv4_mma.TRIGGER_AT_ENV, bad)
-        with pytest.raises(ValueError, match=f"WKVQ_ATTN_TRIGGER_AT='{bad}': use start, end or a positive number"):
-            kv4_mma.trigger_at()
 
 
 @pytest.mark.parametrize("ahead", [-1, 0, 2])
-def test_mma_attention_ahead_placement(ahead, tmp_path, monkeypatch):
+def test_mma_attention_ahead_placement(ahead, tmp_path):
     """Where a program asks the L2 for its share of the next kernel's tensors (``cp.async.bulk.prefetch.L2``, SASS
     ``UBLKPF``, three ranges): nowhere with ``AHEAD`` -1 (the default); after the tile loop's last MMA with 0; with
-    ``N`` inside the loop (after the wait, before the last MMA) and once more after it for a program without tiles.
-    ``WKVQ_ATTN_AHEAD``: off, end or a positive number of tiles; anything else is a one-line error."""
+    ``N`` inside the loop (after the wait, before the last MMA) and once more after it for a program without tiles."""
     pytest.importorskip("triton")
-    from runtime.kernels import kv4_mma
 
-    sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ahead=ahead)
-    assert "LOCAL:0" in usage  # no spills
-    at = [i for i in range(len(sass)) if sass.startswith("UBLKPF", i)]
-    last_mma, wait = sass.rindex("HMMA"), sass.index("ACQBULK")
+    at, last_mma, wait = _placed(*_attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ahead=ahead), "UBLKPF")
     if ahead < 0:
         assert not at
     elif ahead == 0:
         assert len(at) == 3 and at[0] > last_mma
     else:
         assert len(at) == 6 and wait < at[0] < at[2] < last_mma < at[3]
-    for value, want in (("", -1), ("off", -1), (" end ", 0), ("4", 4)):
-        monkeypatch.setenv(kv4_mma.AHEAD_ENV, value)
-        assert kv4_mma.ahead_at() == want
-    for bad in ("start", "0", "-1"):
-        monkeypatch.setenv(kv4_mma.AHEAD_ENV, bad)
-        with pytest.raises(ValueError, match=f"WKVQ_ATTN_AHEAD='{bad}': use off, end or a positive number"):
-            kv4_mma.ahead_at()
+
+
+@pytest.mark.parametrize("env,read,first", [("WKVQ_ATTN_TRIGGER_AT", "trigger_at", "start"),
+                                            ("WKVQ_ATTN_AHEAD", "ahead_at", "off")])
+def test_tiles_left_knobs(env, read, first, monkeypatch):
+    """``WKVQ_ATTN_TRIGGER_AT`` and ``WKVQ_ATTN_AHEAD``: unset or their first word -1, "end" 0, a positive number
+    itself; anything else is a one-line error naming the variable and what it takes."""
+    pytest.importorskip("triton")
+    from runtime.kernels import kv4_mma
+
+    for value, want in (("", -1), (first, -1), (" end ", 0), ("3", 3)):
+        monkeypatch.setenv(env, value)
+        assert getattr(kv4_mma, read)() == want
+    for bad in ("tiles", "0", "-2", "start" if first == "off" else "off"):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=f"{env}='{bad}': use {first}, end or a positive number of tiles"):
+            getattr(kv4_mma, read)()
 
 
 def test_mma_attention_ready_flag(tmp_path):
