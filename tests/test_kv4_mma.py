@@ -87,7 +87,6 @@ def test_mma_attention_trigger_placement(trigger, left, tmp_path):
     loop (after the wait, before its last MMA; predicated: one iteration) and once more after it for a program
     without tiles (2)."""
     pytest.importorskip("triton")
-    from runtime.kernels import kv4_mma
 
     sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)
     at, last_mma, wait = _placed(sass, usage, "PREEXIT")
