@@ -17,6 +17,7 @@
 #   h13       13B b1: the profile with heads (p32768), heads + o one-warp against the default and heads
 #   final     the final tree ("heads" the default at 7B b1): the heads test, the record (7B, 13B; b1, b8; p2048,
 #             p32768), then 7B b1 without "heads" (WKVQ_FUSE=rope, the old default) and with it once more
+#   ahheads   the default ("heads" at 7B b1) against it with WKVQ_ATTN_AHEAD=end, alternated twice (7B b1 p32768)
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -103,6 +104,11 @@ h13)
     --json "$o/h13_heads_w1.json"; mark "13b heads + o w1"
   WKVQ_FUSE=rope,heads bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/h13_heads.json"
   mark "13b heads" ;;
+ahheads)
+  for i in 1 2; do
+    bench --batches 1 --prompts 32768 --json "$o/ahh_default_$i.json"; mark "default (heads) $i"
+    WKVQ_ATTN_AHEAD=end bench --batches 1 --prompts 32768 --json "$o/ahh_end_$i.json"; mark "heads + ahead end $i"
+  done ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;
