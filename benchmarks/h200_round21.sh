@@ -17,7 +17,10 @@
 #   h13       13B b1: the profile with heads (p32768), heads + o one-warp against the default and heads
 #   final     the final tree ("heads" the default at 7B b1): the heads test, the record (7B, 13B; b1, b8; p2048,
 #             p32768), then 7B b1 without "heads" (WKVQ_FUSE=rope, the old default) and with it once more
-#   ahheads   the default ("heads" at 7B b1) against it with WKVQ_ATTN_AHEAD=end, alternated twice (7B b1 p32768)
+#   ahheads   NOT RUN (no device time left): the default ("heads" at 7B b1) against it with WKVQ_ATTN_AHEAD=end, alternated twice (7B b1 p32768)
+#   h13next   NOT RUN (no device time left): 13B b1 p32768, the default against "heads" launched at the attention's
+#             start, two tiles before its end, after its tiles (WKVQ_ATTN_TRIGGER_AT with heads), alternated; then
+#             the default's profile with what each part adds (against prof_13b_heads.txt)
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -109,6 +112,16 @@ ahheads)
     bench --batches 1 --prompts 32768 --json "$o/ahh_default_$i.json"; mark "default (heads) $i"
     WKVQ_ATTN_AHEAD=end bench --batches 1 --prompts 32768 --json "$o/ahh_end_$i.json"; mark "heads + ahead end $i"
   done ;;
+h13next)
+  for i in 1 2; do
+    bench --shapes 13b --batches 1 --prompts 32768 --json "$o/n13_default_$i.json"; mark "13b default $i"
+    for at in start 2 end; do
+      WKVQ_FUSE=rope,heads WKVQ_ATTN_TRIGGER_AT=$at bench --shapes 13b --batches 1 --prompts 32768 \
+        --json "$o/n13_heads_${at}_$i.json"; mark "13b heads, o launched at $at $i"
+    done
+  done
+  python3 benchmarks/decode_profile.py --shape 13b --prompt 32768 --json "$o/prof_13b_default.json" \
+    > "$o/prof_13b_default.txt" 2>&1; mark "profile 13b default"; grep -A12 "^one layer" "$o/prof_13b_default.txt" ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;
