@@ -45,6 +45,11 @@ waits first; slower at 8 rows): the weights are not written by the step, so the 
 or SiLU kernel the GEMV waits for.
 Those loads are coherent ``ld.global``: ptxas moves ``griddepcontrol.wait`` above ``.nc`` loads, and ``.nc`` loads
 of ``x`` above the wait. 7B b1 p2048 on an H200: 1.74-1.79 -> 1.68-1.69 ms a step (nineteenth session).
+
+With ``ready`` flags (the output projection after the attention, :func:`w4_mma_accumulate`; the decode step's
+fusion "heads"), a preloading program waits for its groups' flags instead of the kernel before: the attention
+launches it at once and flags each head as it completes, so o's programs start on the heads that are done (7B b1
+p32768 on an H200: 2.75-2.76 -> 2.66-2.70 ms a step, twenty-first session).
 """
 
 from __future__ import annotations
