@@ -7,7 +7,12 @@ o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 t0=$(date +%s); mark() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-bench() { python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6; }
+# each bench's output starts with its arguments and WKVQ_ settings (the mark after it comes after its table: a console
+# read line by line once put a table under the wrong name, twenty-first session)
+bench() {
+  echo "--- bench $* $(env | grep '^WKVQ_' | sort | tr '\n' ' ')"
+  python3 cli.py bench --shapes 7b --paths wkvq-gemv --steps 20 "$@" 2>&1 | grep -v Warning | tail -6
+}
 # the record table: 7B and 13B on the wkvq-gemv path, batches 1 and 8, prompts 2048 and 32768 (bench_<shape>_final.json)
 record() {
   for s in 7b 13b; do
