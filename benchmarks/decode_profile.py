@@ -14,6 +14,11 @@ Then the last step's timeline (:func:`step_timeline`): the idle time between ker
 to the step's span, the idle time before its starts and its overlap with the kernels before it (PDL), one layer's
 kernels with their start, duration, gap and what they add, and what each part of a layer adds (:func:`layer_roles`:
 the projections by their order in the layer).
+
+    python3 benchmarks/decode_profile.py --compare a.json b.json [...]
+
+sets the records of earlier runs side by side (no GPU): what each part adds a layer, and the step's wall time,
+recomputed from each record's timeline (:func:`record_roles`; records from before the ``adds`` column too).
 """
 
 from __future__ import annotations
@@ -110,6 +115,37 @@ def layer_roles(rows: list[dict], layers: int) -> list[dict]:
     return [{**o, "per_layer": o["adds"] / layers} for o in out.values() if o["calls"]]
 
 
+def record_roles(record: dict) -> dict[str, float]:
+    """What each part adds a layer (:func:`layer_roles`) in a record this script wrote, from its timeline (one step:
+    each kernel's name, start and duration), for the record's shape; "other" per step."""
+    rows = step_timeline([(r["name"], r["start"], r["start"] + r["dur"]) for r in record["timeline"]], 1)
+    layers = llama_config(record["shape"]).num_hidden_layers
+    return {o["role"]: o["adds"] if o["role"] == "other" else o["per_layer"] for o in layer_roles(rows, layers)}
+
+
+def compare(records: dict[str, dict]) -> list[tuple[str, list[float | None]]]:
+    """Rows of :func:`print_compare`: per part of a layer (:data:`ROLES` order), what it adds in each record
+    (:func:`record_roles`; None where it did not run), then "layer" (their sum but "other"), "other" (per step) and
+    "wall" (the step's wall time)."""
+    roles = [record_roles(r) for r in records.values()]
+    out = [(role, [r.get(role) for r in roles]) for role in ROLES if role != "other" and any(role in r for r in roles)]
+    out.append(("layer", [sum(v for k, v in r.items() if k != "other") for r in roles]))
+    out.append(("other", [r.get("other") for r in roles]))
+    out.append(("wall", [r["wall_us"] for r in records.values()]))
+    return out
+
+
+def print_compare(records: dict[str, dict]) -> None:
+    """:func:`compare` as a table: one column per record (its name), and the last one's difference to the first."""
+    names = ["/".join(Path(n).parts[-2:])[-24:] for n in records]  # the record's folder and file name
+    print(f"{'us':>10} " + " ".join(f"{n:>24}" for n in names) + f" {'last - first':>13}")
+    for role, vals in compare(records):
+        cells = " ".join(f"{'-' if v is None else f'{v:.2f}':>24}" for v in vals)
+        diff = (f"{vals[-1] - vals[0]:+13.2f}" if len(vals) > 1 and None not in (vals[0], vals[-1]) else "")
+        print(f"{role:>10} {cells} {diff}")
+    print("(a layer's parts per layer; other and wall per step)")
+
+
 def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
     """The step's idle time, the per-kernel summary and ``width`` kernels from two before the middle call of
     the kernel named ``anchor`` (e.g. the attention: about one layer)."""
@@ -136,8 +172,14 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--projections", default="gemv", help="triton, gemlite or gemv")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", help="where to write the record (required unless --compare)")
+    ap.add_argument("--compare", nargs="+", metavar="RECORD", help="records of earlier runs to set side by side")
     args = ap.parse_args()
+    if args.compare:
+        print_compare({path: json.loads(Path(path).read_text()) for path in args.compare})
+        return
+    if not args.json:
+        ap.error("--json is required (or --compare RECORD ...)")
     if not torch.cuda.is_available():
         sys.exit("decode_profile: needs a CUDA device")
     _, _, graph, ids = wkvq_decode_graph(llama_config(args.shape), args.batch, args.prompt, 2 * args.steps,

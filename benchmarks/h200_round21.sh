@@ -121,7 +121,8 @@ h13next)
     done
   done
   python3 benchmarks/decode_profile.py --shape 13b --prompt 32768 --json "$o/prof_13b_default.json" \
-    > "$o/prof_13b_default.txt" 2>&1; mark "profile 13b default"; grep -A12 "^one layer" "$o/prof_13b_default.txt" ;;
+    > "$o/prof_13b_default.txt" 2>&1; mark "profile 13b default"
+  python3 benchmarks/decode_profile.py --compare "$o/prof_13b_default.json" benchmarks/results/r24/prof_13b_heads.json ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;

@@ -7,6 +7,8 @@ precision when ``j`` came in the same forward as ``i`` (POQ) and quantized when 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -408,6 +410,48 @@ def test_decode_profile_layer_roles():
     assert roles["qkv"]["per_layer"] == 8.0 and roles["o"]["per_layer"] == 6.0 and roles["gate_up"]["calls"] == 2
     assert roles["down"]["adds"] == 15.0 and roles["norm"]["per_layer"] == 2.0 and roles["other"]["adds"] == 71.0
     assert dp.role_of("_rope_append_kernel", 0) == "rope" and dp.role_of("_attn_combine_kernel", 0) == "attention"
+
+
+def test_decode_profile_compare(tmp_path, capsys):
+    """``decode_profile.py --compare``: records of earlier runs side by side, what each part adds a layer recomputed
+    from each record's timeline (records without the ``adds`` column too), the layer's sum, other and wall; the
+    table's last column the last record's difference to the first. Without ``--json`` or ``--compare``: a one-line
+    usage error."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks import decode_profile as dp
+
+    def record(o_dur):  # a 2-layer "tiny" step, back to back, then an lm_head
+        kernels, t = [], 0.0
+        for _ in range(2):
+            for name, dur in (("_rmsnorm_kernel", 1.0), ("_w4_mma_kernel", 8.0), ("_attn_mma_kernel", 40.0),
+                              ("_w4_mma_kernel", o_dur), ("_rmsnorm_kernel", 1.0), ("_w4_mma_kernel", 14.0),
+                              ("_silu_mul_kernel", 1.5), ("_w4_mma_kernel", 7.5)):
+                kernels.append({"name": name, "start": t, "dur": dur, "gap": 0.0})
+                t += dur
+        kernels.append({"name": "nvjet_lm_head", "start": t, "dur": 60.0, "gap": 0.0})
+        return {"shape": "tiny", "wall_us": t + 70.0, "timeline": kernels}
+
+    records = {"a/prof.json": record(6.0), "b/prof.json": record(4.0)}
+    rows = dict(dp.compare(records))
+    assert rows["o"] == [6.0, 4.0] and rows["attention"] == [40.0, 40.0] and rows["qkv"] == [8.0, 8.0]
+    assert rows["gate_up"] == [14.0, 14.0] and rows["norm"] == [2.0, 2.0] and "rope" not in rows  # not in the steps
+    assert rows["layer"] == [79.0, 77.0] and rows["other"] == [60.0, 60.0] and rows["wall"] == [228.0, 224.0]
+    dp.print_compare(records)
+    out = capsys.readouterr().out
+    assert "a/prof.json" in out and "b/prof.json" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.split()[0] in ("o", "wall")] == ["-2.00", "-4.00"]
+    for name, rec in records.items():
+        (tmp_path / name.replace("/", "_")).write_text(json.dumps(rec))
+    script = str(Path(dp.__file__))
+    proc = subprocess.run([sys.executable, script, "--compare", *sorted(str(p) for p in tmp_path.glob("*.json"))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "last - first" in proc.stdout
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--json is required (or --compare RECORD ...)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_weight_layout(monkeypatch):
