@@ -447,9 +447,9 @@ def test_decode_profile_compare(tmp_path, capsys):
         (tmp_path / name.replace("/", "_")).write_text(json.dumps(rec))
     script = str(Path(dp.__file__))
     proc = subprocess.run([sys.executable, script, "--compare", *sorted(str(p) for p in tmp_path.glob("*.json"))],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "last - first" in proc.stdout
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "--json is required (or --compare RECORD ...)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
