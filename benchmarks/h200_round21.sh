@@ -21,6 +21,8 @@
 #   h13next   NOT RUN (no device time left): 13B b1 p32768, the default against "heads" launched at the attention's
 #             start, two tiles before its end, after its tiles (WKVQ_ATTN_TRIGGER_AT with heads), alternated; then
 #             the default's profile with what each part adds (against prof_13b_heads.txt)
+#   stamps    NOT RUN: the heads GPU test (with the stamps), then benchmarks/stamps_probe.py (per-program timestamps of
+#             the last layer's attention and o) at 7B and 13B b1 p32768, with "heads" and without (WKVQ_FUSE=rope)
 #   ahprof    the profile with WKVQ_ATTN_AHEAD=$AH (default end), 7B b1 p32768
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants; T=gemv,norm,silu,attn_mma,attn_trigger; W=$V/mma_7b_m1_o_w1_x16.json
@@ -123,6 +125,15 @@ h13next)
   python3 benchmarks/decode_profile.py --shape 13b --prompt 32768 --json "$o/prof_13b_default.json" \
     > "$o/prof_13b_default.txt" 2>&1; mark "profile 13b default"
   python3 benchmarks/decode_profile.py --compare "$o/prof_13b_default.json" benchmarks/results/r24/prof_13b_heads.json ;;
+stamps)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "heads_ready" \
+    > "$o/tests_stamps.txt" 2>&1; mark "heads tests (stamps): $(tail -1 "$o/tests_stamps.txt")"
+  for s in 7b 13b; do
+    for f in rope,heads rope; do
+      WKVQ_FUSE=$f python3 benchmarks/stamps_probe.py --shape $s --prompt 32768 --json "$o/stamps_${s}_${f/,/_}.json" \
+        2>&1 | grep -v Warn; mark "stamps $s $f"
+    done
+  done ;;
 ahprof)
   WKVQ_ATTN_AHEAD=${AH:-end} python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_ah.json" \
     > "$o/prof_ah.txt" 2>&1; mark "profile ahead ${AH:-end}"; grep -A12 "^one layer" "$o/prof_ah.txt" ;;

@@ -116,10 +116,11 @@ class W4Weight:
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y if residual is None else y + residual
 
-    def accumulate(self, x: torch.Tensor, out: torch.Tensor, ready=None) -> torch.Tensor:
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor, ready=None, stamps: str | None = None) -> torch.Tensor:
         """``out [M, N] (float32) += x [M, K] @ W^T (+ bias)`` with the kernels (CUDA decode step). ``ready``: flags
-        that ``x``'s groups are written (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`); unused here, where the
-        kernel waits for the one before to complete, which implies them."""
+        that ``x``'s groups are written, ``stamps``: a kind of per-program timestamps
+        (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`); unused here, where the kernel waits for the one before to
+        complete, which implies the flags."""
         from .kernels import w4
 
         if w4.splitk_ok(x, self.qweight):
@@ -336,7 +337,8 @@ class FastLlama:
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x,
-                               ready=(cache.ready[i], cache.step, c.heads // c.kv_heads) if heads else None)
+                               ready=(cache.ready[i], cache.step, c.heads // c.kv_heads) if heads else None,
+                               stamps="o")
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:

@@ -517,6 +517,17 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
     for a, b, r in zip(steps, plain, ref):
         assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
+    # WKVQ_STAMPS=1: the attention's and o's programs time their points, in order (runtime.kernels.stamps)
+    from runtime.kernels import stamps
+
+    monkeypatch.setenv(stamps.STAMPS_ENV, "1")
+    monkeypatch.setenv(FUSE_ENV, "rope,heads")
+    fast.decode_step(ids[:, 53], cf)
+    torch.cuda.synchronize()
+    for kind, rows in (("attn", batch * 2 * 3), ("o", None)):  # 2 KV heads, 2 splits and the append
+        t = stamps.read(DEV, kind)
+        t = t[:rows] if rows else t[(t != 0).all(dim=1)]
+        assert len(t) and (t > 0).all() and (t.diff(dim=1) >= 0).all(), (kind, t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")

@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False):
+               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False, stamps=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -19,11 +19,11 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
               "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left,
-              "AHEAD": ahead, "READY": ready}
+              "AHEAD": ahead, "READY": ready, "STAMPS": stamps}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update({f"nx{i}_ptr": "*u8" for i in range(3)})
-    kinds.update({f"nx{i}_n": "i32" for i in range(3)}, ready_ptr="*i32", ep_ptr="*i32")
+    kinds.update({f"nx{i}_n": "i32" for i in range(3)}, ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
 
@@ -147,6 +147,21 @@ def test_mma_attention_ready_flag(tmp_path):
     assert on.count("ATOMG.E.EXCH") == off.count("ATOMG.E.EXCH") + 1
     fence = on.rindex("MEMBAR.ALL.GPU", 0, xchg)
     assert on.rindex("STG.E.U16", 0, xchg) < on.rindex("BAR.SYNC", 0, fence) < fence
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_mma_attention_stamps(rope, tmp_path):
+    """``STAMPS`` (``WKVQ_STAMPS=1``, :mod:`runtime.kernels.stamps`): ``%globaltimer`` read at an attention program's
+    start, after its wait, after its tiles and at its end (with ``rope`` the append program's too), no spills; none
+    without it."""
+    pytest.importorskip("triton")
+
+    on, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, rope=rope, stamps=True)
+    off = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, rope=rope)[0]
+    assert "LOCAL:0" in usage and "GLOBALTIMER" not in off
+    assert on.count("GLOBALTIMER") >= 4 + (2 if rope else 0)  # the append: start, ready, end
+    first, wait = on.index("GLOBALTIMER"), on.index("ACQBULK")
+    assert first < wait < on.index("GLOBALTIMER", wait) < on.index("HMMA")
 
 
 def test_ahead_args():

@@ -454,6 +454,50 @@ def test_decode_profile_compare(tmp_path, capsys):
     assert "Traceback" not in proc.stderr
 
 
+def test_stamps_buffers_and_summary(monkeypatch):
+    """:mod:`runtime.kernels.stamps` on the host: ``WKVQ_STAMPS=1`` turns them on; a buffer per device and kind, kept
+    and grown; the summary per point in µs after the earliest start, rows of programs that did not run (zeros) left
+    out."""
+    pytest.importorskip("triton")
+    from runtime.kernels import stamps
+
+    monkeypatch.delenv(stamps.STAMPS_ENV, raising=False)
+    assert not stamps.enabled()
+    monkeypatch.setenv(stamps.STAMPS_ENV, "1")
+    assert stamps.enabled()
+    a = stamps.buffer("cpu", "o", 4)
+    assert a.shape == (4, 3) and a.dtype == torch.int64 and stamps.buffer("cpu", "o", 2) is a
+    b = stamps.buffer("cpu", "o", 8)
+    assert b.shape == (8, 3) and stamps.read("cpu", "o").shape == (8, 3) and stamps.read("cpu", "none") is None
+    ns = torch.tensor([[1000, 3000, 9000], [2000, 5000, 7000], [0, 0, 0]])  # the third program did not run
+    out = stamps.summary(ns, stamps.POINTS["o"])
+    assert out["start"]["first"] == 0.0 and out["start"]["last"] == 1.0
+    assert out["ready"]["p50"] == 3.0 and out["end"]["first"] == 6.0 and out["end"]["last"] == 8.0
+    assert stamps.summary(ns, stamps.POINTS["o"], base=0)["end"]["last"] == 9.0
+    assert stamps.summary(torch.zeros(2, 3, dtype=torch.int64), stamps.POINTS["o"]) == {}
+
+
+def test_stamps_probe_layer_report(monkeypatch):
+    """benchmarks/stamps_probe.py's report of one layer (pure, no GPU): the attention programs' rows split from the
+    append programs' (the last split), each KV head's latest end ("heads done"), the output projection's points, all
+    in µs after the first attention program started."""
+    pytest.importorskip("triton")
+    from tests.helpers import load_benchmark
+
+    probe = load_benchmark("stamps_probe", monkeypatch)
+    kv_rows, splits = 2, 2  # rows: kv_row + split * kv_rows; split 2: the append programs
+    attn = torch.tensor([[1000, 2000, 9000, 10000], [1500, 2000, 8000, 12000],  # split 0, KV rows 0 and 1
+                         [1200, 2000, 9500, 9600], [1100, 2000, 7000, 7100],  # split 1
+                         [1300, 2000, 2500, 2500], [1300, 2000, 2600, 2600],  # the append programs
+                         [0, 0, 0, 0]])  # a row of a larger buffer: left out
+    o = torch.tensor([[1400, 10500, 13000], [1600, 12500, 14000]])
+    rep = probe.layer_report(attn, o, kv_rows, splits)
+    assert rep["attention"]["start"]["first"] == 0.0 and rep["attention"]["end"]["last"] == 11.0
+    assert rep["append"]["end"]["last"] == 1.6 and rep["heads done"]["end"]["first"] == 9.0
+    assert rep["heads done"]["end"]["last"] == 11.0 and rep["o"]["ready"]["first"] == 9.5
+    assert rep["o"]["end"]["last"] == 13.0
+
+
 def test_weight_layout(monkeypatch):
     """The fused weights' layout: group-major on CUDA with the kernels at group 128, row-major elsewhere;
     WKVQ_LAYOUT overrides, an unknown value is a one-line error."""

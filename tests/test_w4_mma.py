@@ -187,7 +187,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persis
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
               "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
-              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0}
+              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0, "STAMPS": False}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -288,6 +288,15 @@ def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     assert spin < sass.index("BAR.SYNC", spin) < sass.index("LDG.E.128", spin)  # thread 0 spins, then the barrier
     assert ".CONSTANT" not in sass and "NANOSLEEP" in sass and "LOCAL:0" in usage
     assert sass.index("ACQBULK") > sass.rindex("HMMA")
+    # WKVQ_STAMPS: %globaltimer at the start, once the flags are there (after the barrier, before x), at the end
+    consts = plan(m=1, ready_qg=2, stamps=True)[1]
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True},
+                            {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32", "stamp_ptr": "*i64"}, "i32", cfg.warps,
+                            tmp_path)
+    spin, timer = sass.index("LDG.E.STRONG.GPU"), [i for i in range(len(sass)) if sass.startswith("GLOBALTIMER", i)]
+    assert "LOCAL:0" in usage and len(timer) >= 3 and timer[0] < spin
+    assert any(sass.index("BAR.SYNC", spin) < t < sass.index("LDG.E.128", spin) for t in timer)
+    assert timer[-1] > sass.rindex("HMMA")
 
 
 @pytest.mark.parametrize("tiles,warps,persist,bulk", [(2, 1, True, 4), (2, 4, True, 3), (1, 4, False, 8)])

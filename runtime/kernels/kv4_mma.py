@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, multiprocessors, overlap
+from . import cuda_major, multiprocessors, overlap, stamps
 from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
@@ -635,7 +635,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, TRIGGER_LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
                      nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None,
-                     ep_ptr=None, READY: tl.constexpr = False):
+                     ep_ptr=None, READY: tl.constexpr = False, stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -651,24 +651,35 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     -1 nothing; else each attention program asks the L2 for its share of the ``nx*_n`` bytes at ``nx*_ptr`` (the
     next kernel's weights) after its tiles (0) or when ``AHEAD`` of them are left (:func:`_ask_ahead`). ``READY``
     (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
-    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`)."""
+    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
+    ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
+    (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
+    its end)."""
     overlap.launch_dependents(TRIGGER and TRIGGER_LEFT < 0)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
+    me = bk + sp * tl.num_programs(0)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, me, 0, 4)
     if sp < NSPLIT:
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
                 ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER_LEFT if TRIGGER else -1, nx0_ptr, nx0_n, nx1_ptr,
-                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY)
+                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
+            if STAMPS:
+                stamps.stamp(stamp_ptr, me, 1, 4)
             length = tl.load(len_ptr)
             jj = tl.arange(0, _D // 2)[None, :]  # the packed bytes of one group ([G, D / 2 / G], G = 1)
             _append_kv(qkv_ptr + b * stride_qkv, b, kh, length, jj, cos_ptr + length * _D, sin_ptr + length * _D,
                        kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, vscale_ptr,
                        vshift_ptr, S, HQ, HKV, _D, 1, 15)
+            if STAMPS:
+                stamps.stamp(stamp_ptr, me, 2, 4)
+                stamps.stamp(stamp_ptr, me, 3, 4)
 
 
 @triton.jit
@@ -679,7 +690,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
             nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None, ep_ptr=None,
-            READY: tl.constexpr = False):
+            READY: tl.constexpr = False, stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LEFT`` >= 0: it lets the next
     kernel launch when ``LEFT`` of its tiles are left (0: after them; at once with no tiles), exactly once;
     ``AHEAD`` >= 0: likewise, it asks the L2 for its share of the next kernel's tensors (:func:`_ask_ahead`)."""
@@ -697,6 +708,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
         _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
     overlap.wait_prior(PDL)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, me, 1, 4)
     qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
     cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
     if ROPE:
@@ -776,6 +789,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
+    if STAMPS:
+        stamps.stamp(stamp_ptr, me, 2, 4)
     if LEFT == 0:
         overlap.launch_dependents(True)
     elif LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
@@ -814,6 +829,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
                          NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, me, 3, 4)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -822,7 +839,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
            trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = (),
-           ready: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_buf: torch.Tensor | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -834,7 +851,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     ``ahead``: up to three contiguous tensors the next kernel reads, asked of the L2 where :func:`ahead_at` says (on
     Hopper, where each is 16-byte aligned; else not asked); ``ready = (flags, epoch)`` (with ``combine``): ``int32
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
-    output is stored."""
+    output is stored; ``stamps_buf``: per-program timestamps (:mod:`runtime.kernels.stamps`, ``int64 [programs,
+    4]``)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -853,6 +871,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         TRIGGER_LEFT=trigger_left, nx0_ptr=nx[0], nx0_n=nx[1], nx1_ptr=nx[2], nx1_n=nx[3], nx2_ptr=nx[4], nx2_n=nx[5],
         AHEAD=at if nx[1] or nx[3] or nx[5] else -1, ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
+        stamp_ptr=stamps_buf if stamps_buf is not None else counts, STAMPS=stamps_buf is not None,
         **overlap.options(pdl))
 
 

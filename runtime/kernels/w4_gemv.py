@@ -679,16 +679,16 @@ class GemvW4(W4Weight):
     def plain(self) -> W4Weight:
         return W4Weight(self.qweight, self.scales, self.zeros, self.in_features, self.group_size, self.bias)
 
-    def accumulate(self, x: torch.Tensor, out: torch.Tensor, ready=None) -> torch.Tensor:
-        """:meth:`W4Weight.accumulate`; ``ready`` (flags that ``x``'s groups are written, see
-        :func:`runtime.kernels.w4_mma.w4_mma_accumulate`) only on the tensor-core GEMV, the other kernels wait for
-        the kernel before, which implies them."""
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor, ready=None, stamps: str | None = None) -> torch.Tensor:
+        """:meth:`W4Weight.accumulate`; ``ready`` (flags that ``x``'s groups are written) and ``stamps`` (the kind of
+        the programs' timestamps where ``WKVQ_STAMPS=1``), see :func:`runtime.kernels.w4_mma.w4_mma_accumulate`,
+        only on the tensor-core GEMV; the other kernels wait for the kernel before, which implies the flags."""
         from . import w4_mma
 
         if w4_mma.mma_enabled() and w4_mma.mma_ok(x, self.qweight, self.scales, self.zeros, self.group_size,
                                                    self.bias):
             return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
-                                            ready=ready)
+                                            ready=ready, stamps_kind=stamps)
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

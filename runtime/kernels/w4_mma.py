@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from . import cuda_major, env_tables, multiprocessors, overlap, sweep_table
+from . import cuda_major, env_tables, multiprocessors, overlap, stamps, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
@@ -464,13 +464,22 @@ def _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr):
 
 
 @triton.jit
-def _wait_before_x(PDL: tl.constexpr, rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr):
+def _wait_before_x(PDL: tl.constexpr, rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr, stamp_ptr,
+                   STAMPS: tl.constexpr):
     """Before a range's first ``x``: the ready flags of its groups (``RQG`` > 0, :func:`_wait_ready`), else the
-    kernel before (:func:`runtime.kernels.overlap.wait_prior`)."""
+    kernel before (:func:`runtime.kernels.overlap.wait_prior`); ``STAMPS``: then the program's "ready" stamp."""
     if RQG > 0:
         _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
     else:
         overlap.wait_prior(PDL)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, _program(), 1, 3)
+
+
+@triton.jit
+def _program():
+    """The program's index in its 1-D or 2-D grid (x fastest)."""
+    return tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
 
 
 STAGE_BUF = "wkvq_mma_stage"  # the shared memory the cp.async pipeline's PTX declares (in the prologue's block)
@@ -880,7 +889,8 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
            LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
            PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr):
+           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
+           STAMPS: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -941,7 +951,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             g1 = tl.minimum(g_lo + 1, g_hi - 1)
             Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
             Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
-            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG)
+            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
             V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
             U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
             if g_hi - g_lo >= 2:
@@ -994,7 +1004,8 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
                  LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
                  PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr):
+                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
+                 STAMPS: tl.constexpr):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -1003,7 +1014,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX,
-           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
+           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     return w + (g_hi - g_lo)
 
 
@@ -1018,7 +1029,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
                    BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r", rdy_ptr=None, ep_ptr=None,
-                   RQG: tl.constexpr = 0):
+                   RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -1032,10 +1043,16 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``PRE``): ``x`` is the attention's output, whose heads become ready one by one: each range waits for the flags
     of its groups in ``rdy_ptr`` (group ``g``: flag ``g // RQG``) to hold the step's epoch at ``ep_ptr`` instead of
     waiting for the kernel before, its loads are coherent (``x`` changes while the kernel runs), and the program
-    waits for the kernel before only at its end (so that its completion still implies the earlier kernels')."""
+    waits for the kernel before only at its end (so that its completion still implies the earlier kernels').
+    ``STAMPS``: each program writes ``%globaltimer`` at its start, before its first ``x`` and at its end into row
+    :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`)."""
     overlap.launch_dependents(PDL)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, _program(), 0, 3)
     if not PRE and BULK == 0:
         overlap.wait_prior(PDL)
+        if STAMPS:
+            stamps.stamp(stamp_ptr, _program(), 1, 3)
     if RQG > 0:
         epoch = tl.load(ep_ptr)
     else:
@@ -1052,22 +1069,24 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD,
-               BREAD_CONS, rdy_ptr, epoch, RQG)
+               BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
+    if STAMPS:
+        stamps.stamp(stamp_ptr, _program(), 2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -1095,11 +1114,12 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
                 gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
-                ready_qg: int = 0) -> tuple[tuple[int, int], dict]:
+                ready_qg: int = 0, stamps: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
     launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
-    preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags). Pure: what
+    preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags); ``stamps``: the
+    programs write timestamps (:mod:`runtime.kernels.stamps`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
     rows = 16 * cfg.tiles * cfg.warps
@@ -1138,17 +1158,19 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
         "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
         "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
-        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg}
+        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg, "STAMPS": stamps}
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
-                      ready: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                      ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                      stamps_kind: str | None = None) -> torch.Tensor:
     """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``.
     ``ready = (flags, epoch, qg)``: ``x2`` is being written by the kernel before (launched with PDL, it lets this one
     launch early), group ``g`` of it complete once ``flags[g // qg]`` (``int32``) holds ``epoch`` (``int32 [1]``;
     :func:`runtime.kernels.kv4.rope_attention`'s ``ready``): at one row with the weight preload each program waits
-    for its groups' flags instead of the whole kernel before (:func:`launch_plan`)."""
+    for its groups' flags instead of the whole kernel before (:func:`launch_plan`). ``stamps_kind``: where
+    ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`)."""
     if not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1174,9 +1196,12 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                 or flags.numel() < -(-g // qg) or epoch.numel() != 1 or qg < 1):
             raise ValueError(f"ready must be (int32 flags of at least {g} groups / qg, int32 epoch [1], qg >= 1); got "
                              f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
+    on = bool(stamps_kind) and stamps.enabled()
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device), qg)
+                               overlap.hopper(x2.device), qg, on)
     rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
+    st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
     _w4_mma_kernel[grid](x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides,
-                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], **consts, num_warps=cfg.warps, **pdl_opts)
+                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], stamp_ptr=st if on else out, **consts,
+                         num_warps=cfg.warps, **pdl_opts)
     return out
