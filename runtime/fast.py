@@ -327,8 +327,8 @@ class FastLlama:
                 layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
             else:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
+            ready = (cache.ready[i], cache.step) if heads else None  # "heads" implies "rope"
             if rope:
-                ready = (cache.ready[i], cache.step) if heads else None
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
                                        splits, bits=c.kv_bits,
                                        ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros), ready=ready)
@@ -337,7 +337,7 @@ class FastLlama:
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x,
-                               ready=(cache.ready[i], cache.step, c.heads // c.kv_heads) if heads else None,
+                               ready=(*ready, c.heads // c.kv_heads) if heads else None,
                                stamps="o")
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)

@@ -31,7 +31,6 @@ from . import (
     head_dim_ok,
     multiprocessors,
     overlap,
-    stamps,
     sweep_table,
 )
 
@@ -785,8 +784,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
                        keys_a=cfg.keys_a, ahead=ahead if cfg.combine else (), ready=ready if cfg.combine else None,
-                       stamps_buf=stamps.buffer(device, "attn", b * hkv * (cfg.splits + (rope is not None)))
-                       if stamps.enabled() else None)
+                       stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

@@ -751,7 +751,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
     trig_it = tl.maximum(ntiles - LEFT, 0)
     ahead_it = tl.maximum(ntiles - AHEAD, 0)
-    me, programs = sp * (tl.num_programs(0)) + bk, NSPLIT * tl.num_programs(0)  # among the attention programs
+    programs = NSPLIT * tl.num_programs(0)  # the attention programs (``me``: this one's row among them)
     for it in range(ntiles):
         if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
             if it == trig_it:
@@ -839,7 +839,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
            trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = (),
-           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_buf: torch.Tensor | None = None) -> None:
+           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_kind: str | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -851,8 +851,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     ``ahead``: up to three contiguous tensors the next kernel reads, asked of the L2 where :func:`ahead_at` says (on
     Hopper, where each is 16-byte aligned; else not asked); ``ready = (flags, epoch)`` (with ``combine``): ``int32
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
-    output is stored; ``stamps_buf``: per-program timestamps (:mod:`runtime.kernels.stamps`, ``int64 [programs,
-    4]``)."""
+    output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
+    (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -862,6 +862,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     trigger_left = trigger_at() if trigger else -1
     at, nx = ahead_at(), ahead_args(ahead, m)
+    on = bool(stamps_kind) and stamps.enabled()
+    st = stamps.buffer(store.k_codes.device, stamps_kind, grid[0] * grid[1]) if on else None
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
@@ -871,7 +873,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         TRIGGER_LEFT=trigger_left, nx0_ptr=nx[0], nx0_n=nx[1], nx1_ptr=nx[2], nx1_n=nx[3], nx2_ptr=nx[4], nx2_n=nx[5],
         AHEAD=at if nx[1] or nx[3] or nx[5] else -1, ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
-        stamp_ptr=stamps_buf if stamps_buf is not None else counts, STAMPS=stamps_buf is not None,
+        stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
         **overlap.options(pdl))
 
 
