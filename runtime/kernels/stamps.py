@@ -27,10 +27,18 @@ def enabled() -> bool:
     return os.environ.get(STAMPS_ENV, "") == "1"
 
 
+def _key(device, kind: str) -> tuple[str, str]:
+    """The buffers' key: ``device`` with its index (``"cuda"`` and ``"cuda:0"`` are one device when 0 is current)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device), kind
+
+
 def buffer(device, kind: str, programs: int) -> torch.Tensor:
     """The ``int64 [programs, len(POINTS[kind])]`` stamps of ``kind`` ("attn" or "o") on ``device``, kept for the
     process (grown where a launch has more programs; a CUDA graph captures the tensor it was given)."""
-    key = (str(torch.device(device)), kind)
+    key = _key(device, kind)
     buf = _BUFFERS.get(key)
     if buf is None or buf.shape[0] < programs:
         buf = _BUFFERS[key] = torch.zeros(programs, len(POINTS[kind]), dtype=torch.int64, device=device)
@@ -39,7 +47,7 @@ def buffer(device, kind: str, programs: int) -> torch.Tensor:
 
 def read(device, kind: str) -> torch.Tensor | None:
     """The stamps of ``kind`` on ``device`` as the last launch left them (None where none was armed)."""
-    buf = _BUFFERS.get((str(torch.device(device)), kind))
+    buf = _BUFFERS.get(_key(device, kind))
     return None if buf is None else buf.cpu()
 
 
