@@ -188,8 +188,7 @@ def test_decode_attention_l2_prefetch_matches_reference(loads, ahead, hq, hkv, g
 def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length, key_scale, splits, b, monkeypatch):
     """``AttnConfig.combine``: the last program of each head merges the splits (no combine kernel); the per-head
     counts are left at zero, so a second launch (as the next layer's) gives the same result; ``WKVQ_ATTN_COMBINE``
-    switches it in attn_config (and ``WKVQ_ATTN_KEYS_A`` the tensor-core kernel's ``keys_a``, ``WKVQ_ATTN_STEAL``
-    its ``steal``)."""
+    switches it in attn_config (and ``WKVQ_ATTN_KEYS_A`` the tensor-core kernel's ``keys_a``)."""
     from runtime.kernels import kv4
 
     args, ref = _attention_case(hq, hkv, group, length, key_scale, b)
@@ -205,10 +204,6 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
     for v in ("1", "0"):
         monkeypatch.setenv(kv4.KEYS_A_ENV, v)
         assert kv4.attn_config(1, 32, 32768).keys_a == (v == "1")
-    monkeypatch.delenv(kv4.COMBINE_ENV)
-    monkeypatch.setenv(kv4.STEAL_ENV, "30")  # only where the config has the fused combine and two stages
-    assert kv4.attn_config(1, 32, 32768).steal == 30 and kv4.attn_config(1, 32, 32768).combine
-    assert kv4.attn_config(5, 32, 32768).steal == 0  # ATTN_DEFAULT: the split kernel's tile, 4 stages
 
 
 MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
@@ -235,12 +230,11 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
 
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=128, s=1030)
     assert kv4_mma.mma_attention_ok(args[3], 128, 1, hq // hkv)
-    shared = ((True, 60), (True, 60), (True, 10)) if stages == 2 else ()  # the pool's count set back each launch
-    for combine, steal in ((False, 0), (True, 0), (True, 0), *shared):
+    for combine in (False, True, True):
         cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk,
-                             keys_a=keys_a, steal=steal)
+                             keys_a=keys_a)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
-    assert not kv4._head_counts(DEV, 2 * b * hkv)[:2 * b * hkv].any()
+    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
 def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
@@ -277,7 +271,7 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
     before = qkv.clone()
     for combine, cache in ((True, caches[1]), (False, caches[2])):
         cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=copies,
-                             keys_a=keys_a, steal=40 if combine and stages == 2 else 0)
+                             keys_a=keys_a)
         q, k_cur, v_cur = kv4.rope_append(qkv, cos, sin, caches[0].pos, caches[0].layers[0], params, hq)
         ref = kv4.decode_attention(q, k_cur, v_cur, caches[0].layers[0], caches[0].pos, params, d ** -0.5,
                                    torch.float32, cfg)
@@ -285,7 +279,7 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
         assert _rel(out, ref) < 1e-5 and torch.equal(qkv, before), cfg
         for a, r in zip(cache.layers[0].tensors(), caches[0].layers[0].tensors()):
             assert torch.equal(a, r)
-    assert not kv4._head_counts(DEV, 2 * b * hkv)[:2 * b * hkv].any()
+    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
 
 
 def test_mma_config_checks_and_fallback():
@@ -301,15 +295,6 @@ def test_mma_config_checks_and_fallback():
     assert kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2, keys_a=True).label() == "sp4_mma_s64_st2_ka"
     with pytest.raises(ValueError, match="keys_a"):
         kv4.AttnConfig(mma=True, keys_a=1)
-    for bad in (dict(steal=100), dict(steal=-1), dict(steal=0.5), dict(steal=20, stages=4, combine=True),
-                dict(steal=20, stages=2, combine=False)):
-        with pytest.raises(ValueError, match="steal"):
-            kv4.AttnConfig(mma=True, **bad)
-    shared = kv4.AttnConfig(splits=4, block_s=64, mma=True, stages=2, keys_a=True, combine=True, steal=25)
-    assert shared.label() == "sp4_mma_s64_st2_ka_steal25_comb"
-    with pytest.raises(ValueError, match="shares tiles"):  # the launch checks it too
-        kv4_mma.launch(*(None,) * 15, 4, 64, 3, True, steal=25)
-    assert kv4._split_kernel(shared) == dataclasses.replace(kv4.ATTN_DEFAULT, splits=4, combine=True)
     assert kv4._split_kernel(kv4.AttnConfig(splits=4, block_s=64, mma=True, combine=True)) == dataclasses.replace(
         kv4.ATTN_DEFAULT, splits=4, combine=True)
     args, ref = _attention_case(4, 2, None, 150, 40, 2)

@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False, stamps=False, steal=0):
+               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False, stamps=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -19,7 +19,7 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
               "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left,
-              "AHEAD": ahead, "READY": ready, "STAMPS": stamps, "STEAL": steal}
+              "AHEAD": ahead, "READY": ready, "STAMPS": stamps}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update({f"nx{i}_ptr": "*u8" for i in range(3)})
@@ -54,29 +54,6 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     assert ring <= shared <= ring + 4096 and (ring > kv4_mma.smem_bytes(tile, stages)) == (cap > 0)
     assert "LOCAL:0" in usage
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
-
-
-@pytest.mark.parametrize("keys_a,rope", [(True, True), (False, False)])
-def test_mma_attention_shared_tiles(keys_a, rope, tmp_path):
-    """``STEAL`` (the last tiles of a KV head taken one at a time): one atomic add on the pool's count before the
-    loop and one in it, each by lane 0 (predicated) and read only through a warp maximum (``REDUX``) in the next
-    iteration's branch that needs it, not where it is issued; no spills and at most 8 registers more (the table's
-    keys-as-A, rope form: none more); the default kernel has none of it."""
-    pytest.importorskip("triton")
-    for d in ("plain", "steal"):
-        (tmp_path / d).mkdir()
-    plain, plain_usage = _attn_sass(tmp_path / "plain", keys_a=keys_a, rope=rope)
-    sass, usage = _attn_sass(tmp_path / "steal", keys_a=keys_a, rope=rope, steal=25)
-    atoms = [i for i, line in enumerate(sass.splitlines()) if "ATOMG.E.ADD" in line]
-    lines = sass.splitlines()
-    redux = [i for i, line in enumerate(lines) if "REDUX.MAX" in line]
-    combine_count = plain.count("ATOMG.E.ADD")  # the fused combine's count
-    assert len(atoms) == 2 + combine_count and len(redux) == 1
-    assert all(lines[i].split("*/", 1)[1].lstrip().startswith("@P") for i in atoms[:2])
-    assert atoms[0] < redux[0] < atoms[1]  # the first before the loop; the loop's after the maximum that reads one
-    regs = [int(u.split("REG:")[1].split()[0]) for u in (usage, plain_usage)]
-    assert "LOCAL:0" in usage and regs[0] <= regs[1] + 8
-    assert "REDUX" not in plain
 
 
 @pytest.mark.parametrize("rope,qg", [(True, 1), (True, 2), (False, 1), (False, 4)])

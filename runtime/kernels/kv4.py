@@ -455,17 +455,14 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     pool_ptr=None, POOL: tl.constexpr = False):
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
     HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
     step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
     is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
-    earlier step never reads as set and nothing needs to clear them. ``POOL``: it also sets the count at ``pool_ptr``
-    back to 0 (the shared tiles of :func:`runtime.kernels.kv4_mma._attend`'s ``STEAL``: every program of the head
-    took its last before it counted)."""
+    earlier step never reads as set and nothing needs to clear them."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
         for j in tl.static_range(HEADS):
@@ -473,8 +470,6 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
                           ROPE)
         tl.store(count_ptr, 0)
-        if POOL:
-            tl.store(pool_ptr, 0)
         if READY:
             tl.debug_barrier()  # every thread's output stored before the flag (released by it)
             tl.atomic_xchg(ready_ptr, tl.load(ep_ptr), sem="release")
@@ -575,9 +570,7 @@ class AttnConfig:
     (:func:`runtime.kernels.kv4_mma.mma_attention_ok`; ``block_s``: tokens a shared-memory stage, 16-128,
     ``stages``: the ring's stages; ``copies``: one of :data:`COPIES` (bulk copies or every
     lane's ``cp.async``); ``keys_a``: the keys as the score MMAs' A operand, 16 tokens an MMA
-    (:func:`runtime.kernels.kv4_mma._step_asm_ka`; ``WKVQ_ATTN_KEYS_A`` ``0``/``1`` overrides it); ``steal``: with
-    ``combine`` and two stages, the last ``steal`` percent of each KV head's tiles taken one at a time by whichever
-    of its programs is free instead of fixed shares (0: none; ``WKVQ_ATTN_STEAL`` overrides it);
+    (:func:`runtime.kernels.kv4_mma._step_asm_ka`; ``WKVQ_ATTN_KEYS_A`` ``0``/``1`` overrides it);
     ``num_warps``, ``loads``, ``row_max``, ``l2_ahead`` unused), else the split kernel
     with :data:`ATTN_DEFAULT`'s tile."""
 
@@ -593,7 +586,6 @@ class AttnConfig:
     stages: int = 4
     copies: str = "mixed"
     keys_a: bool = False
-    steal: int = 0
 
     def __post_init__(self):
         pow2 = lambda n: isinstance(n, int) and n > 0 and n & (n - 1) == 0  # noqa: E731
@@ -623,11 +615,6 @@ class AttnConfig:
             raise ValueError(f"AttnConfig: copies must be one of {', '.join(COPIES)}, got {self.copies!r}")
         if not (isinstance(self.stages, int) and 2 <= self.stages <= 16):
             raise ValueError(f"AttnConfig: stages must be an int in 2..16, got {self.stages!r}")
-        if not (isinstance(self.steal, int) and 0 <= self.steal < 100):
-            raise ValueError(f"AttnConfig: steal must be a percentage in 0..99, got {self.steal!r}")
-        if self.steal and self.mma and not (self.combine and self.stages == 2):
-            raise ValueError(f"AttnConfig: steal needs combine=True and stages=2 (got combine={self.combine}, "
-                             f"stages={self.stages})")
         if self.mma and mma_smem_bytes(self.block_s, self.stages) > MMA_SMEM_LIMIT:
             raise ValueError(f"AttnConfig: {self.stages} stages of {self.block_s} tokens exceed 48 KB of shared memory")
 
@@ -635,8 +622,7 @@ class AttnConfig:
         splits = f"sp{self.splits}" if self.splits else f"sp_auto{self.min_tokens}"
         l2 = (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_comb" if self.combine else "")
         if self.mma:
-            copies = (("" if self.copies == "mixed" else "_" + self.copies) + ("_ka" if self.keys_a else "")
-                      + (f"_steal{self.steal}" if self.steal else ""))
+            copies = ("" if self.copies == "mixed" else "_" + self.copies) + ("_ka" if self.keys_a else "")
             return f"{splits}_mma_s{self.block_s}_st{self.stages}{copies}{l2}"
         return f"{splits}_s{self.block_s}_w{self.num_warps}_{self.loads}{'_row' if self.row_max else ''}{l2}"
 
@@ -669,7 +655,6 @@ TABLE_ENV = "WKVQ_ATTN_TABLE"
 L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
 COMBINE_ENV = "WKVQ_ATTN_COMBINE"  # 0 / 1: overrides AttnConfig.combine in attn_config
 KEYS_A_ENV = "WKVQ_ATTN_KEYS_A"  # 0 / 1: overrides AttnConfig.keys_a in attn_config
-STEAL_ENV = "WKVQ_ATTN_STEAL"  # a percentage: overrides AttnConfig.steal in attn_config (where combine, 2 stages)
 
 
 def context_bucket(max_len: int) -> int:
@@ -701,9 +686,6 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnCon
     keys_a = os.environ.get(KEYS_A_ENV, "")
     if keys_a in ("0", "1"):
         cfg = replace(cfg, keys_a=keys_a == "1")
-    steal = os.environ.get(STEAL_ENV, "")
-    if steal.isdigit() and int(steal) < 100 and cfg.combine and cfg.stages == 2:
-        cfg = replace(cfg, steal=int(steal))
     if cfg.splits == 0:
         cfg = replace(cfg, splits=num_splits(batch, heads, max_len, sms, cfg.min_tokens))
     return cfg
@@ -798,11 +780,11 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
     if mma:  # counts per KV head
-        cnt = _head_counts(device, 2 * b * hkv) if cfg.combine else m  # the heads' counts, then their pools'
+        cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
                        keys_a=cfg.keys_a, ahead=ahead if cfg.combine else (), ready=ready if cfg.combine else None,
-                       stamps_kind="attn", steal=cfg.steal)
+                       stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

@@ -527,33 +527,12 @@ def _issue(base, it, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr,
            STAGES: tl.constexpr, ISSUE: tl.constexpr):
     """Starts the copies (:func:`_issue_asm`) of tile ``it`` of the slice (when it exists) into stage
     ``it % STAGES``."""
-    _issue_row(base, it % STAGES, it < ntiles, row0 + it * TILE, tl.minimum(span - it * TILE, TILE), kc_ptr, vc_ptr,
-               ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-
-
-@triton.jit
-def _issue_row(base, st, go, row, n, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE: tl.constexpr,
-               ISSUE: tl.constexpr):
-    """Starts the copies (:func:`_issue_asm`) of ``n`` tokens from token row ``row`` into stage ``st`` where
-    ``go``."""
+    st = it % STAGES
+    n = tl.minimum(span - it * TILE, TILE)
     tl.inline_asm_elementwise(ISSUE, "=r,r,r,r,r,r,l,l,l,l,l,l",
-                              [base * 0 + go.to(tl.int32), base + 8 * st, _stage(base, st, TILE), row, n,
+                              [base * 0 + (it < ntiles).to(tl.int32), base + 8 * st, _stage(base, st, TILE),
+                               row0 + it * TILE, n,
                                kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr], dtype=tl.int32, is_pure=False, pack=1)
-
-
-# lane 0 takes the next tile of its KV head's shared pool where $2 is set (relaxed: nothing else is ordered by it);
-# the other lanes return 0, so a warp maximum of the result is the tile's index (read only when needed: the
-# atomic's latency is hidden behind a tile's work)
-GRAB_ASM = tl.constexpr("{ .reg .pred p, q; .reg .u32 lane; mov.u32 lane, %laneid; setp.eq.u32 p, lane, 0; "
-                        "setp.ne.u32 q, $2, 0; and.pred p, p, q; mov.u32 $0, 0; "
-                        "@p atom.global.add.u32 $0, [$1], 1; }")
-
-
-@triton.jit
-def _grab(ptr, go, z):
-    """:data:`GRAB_ASM`: lane 0 takes a tile of the pool counted at ``ptr`` where ``go``."""
-    return tl.inline_asm_elementwise(GRAB_ASM, "=r,l,r", [ptr, z + go.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                                     pack=1)
 
 
 @triton.jit
@@ -648,77 +627,6 @@ def _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n):
 
 
 @triton.jit
-def _consume(base, st, ph, n, z, H0, H1, H2, H3, L0, L1, L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A,
-             TILE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr):
-    """One tile's step (:func:`_step_asm` or, with ``KEYS_A``, :func:`_step_asm_ka`): the ``n`` tokens of stage
-    ``st`` (its mbarrier's phase ``ph``) into the running maximum ``m_i``, sum ``l_i``, minimum term ``pm`` and the
-    value accumulators ``A`` (32 floats a thread). ``H*``, ``L*`` (query as A) or ``B*`` (keys as A): the query's
-    fragments; ``src``: the lane of a thread's (p step) pair (keys as A)."""
-    if KEYS_A:
-        R = tl.inline_asm_elementwise(
-            STEP, STEP_CONS,
-            [base + 8 * st, z + ph, _stage(base, st, TILE),
-             z + n,
-             B0[0], B0[1], B0[2], B0[3], B1[0], B1[1], B1[2], B1[3], B2[0], B2[1], B2[2], B2[3],
-             B3[0], B3[1], B3[2], B3[3], qsum, const, src, m_i, l_i, pm,
-             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
-             A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
-             A[29], A[30], A[31]],
-            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
-    else:
-        R = tl.inline_asm_elementwise(
-            STEP, STEP_CONS,
-            [base + 8 * st, z + ph, _stage(base, st, TILE),
-             z + n,
-             H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
-             H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
-             L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
-             A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
-             A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
-             A[29], A[30], A[31]],
-            dtype=(tl.float32,) * 35, is_pure=False, pack=1)
-    m_i, l_i, pm = R[0], R[1], R[2]
-    A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
-         R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
-         R[32], R[33], R[34])
-    return m_i, l_i, pm, A
-
-
-@triton.jit
-def _steal_tiles(base, z, tile0, per, total, length, pool, ctr, row0, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr,
-                 H0, H1, H2, H3, L0, L1, L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A, trig_it, ahead_it,
-                 me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n, TILE: tl.constexpr, ISSUE: tl.constexpr,
-                 STEP: tl.constexpr, STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr,
-                 AHEAD: tl.constexpr):
-    """The tiles of :func:`_attend` with ``STEAL``: ``per`` fixed ones from tile ``tile0`` (tile ``tile0`` already issued
-    into stage 0), then one at a time from the pool of tiles ``pool ..`` counted at ``ctr`` (:func:`_grab`), each
-    next one issued into the other stage while this one is worked on; a tile ``>= total`` ends them."""
-    pend = _grab(ctr, pool < total, z)  # after the wait: the count set back by the last launch is seen
-    cur, left, it = tile0, per - 1, 0
-    while cur < total:  # tile cur in stage it % 2; tile nxt into the other
-        if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-            if it == trig_it:
-                overlap.launch_dependents(True)
-        if AHEAD > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-            if it == ahead_it:
-                _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
-        if left > 0:
-            nxt = cur + 1
-            left -= 1
-        else:
-            nxt = pool + tl.max(pend, 0)
-            pend = _grab(ctr, nxt < total, z)
-        _issue_row(base, (it + 1) % 2, nxt < total, row0 + nxt * TILE, tl.minimum(length - nxt * TILE, TILE),
-                   kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-        m_i, l_i, pm, A = _consume(base, it % 2, (it // 2) % 2, tl.minimum(length - cur * TILE, TILE), z,
-                                   H0, H1, H2, H3, L0, L1, L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm,
-                                   A, TILE, STEP, STEP_CONS, KEYS_A)
-        cur = nxt
-        it += 1
-    return m_i, l_i, pm, A
-
-
-@triton.jit
 def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
                      m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
@@ -727,8 +635,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, TRIGGER_LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
                      nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None,
-                     ep_ptr=None, READY: tl.constexpr = False, stamp_ptr=None, STAMPS: tl.constexpr = False,
-                     STEAL: tl.constexpr = 0):
+                     ep_ptr=None, READY: tl.constexpr = False, stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -747,8 +654,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
     (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
-    its end). ``STEAL`` (with ``COMBINE``, two stages): the programs of a KV head share the last ``STEAL`` percent
-    of its tiles dynamically (:func:`_attend`)."""
+    its end)."""
     overlap.launch_dependents(TRIGGER and TRIGGER_LEFT < 0)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
@@ -760,7 +666,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
                 ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER_LEFT if TRIGGER else -1, nx0_ptr, nx0_n, nx1_ptr,
-                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, STEAL)
+                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -784,43 +690,23 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
             nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None, ep_ptr=None,
-            READY: tl.constexpr = False, stamp_ptr=None, me=0, STAMPS: tl.constexpr = False,
-            STEAL: tl.constexpr = 0):
+            READY: tl.constexpr = False, stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LEFT`` >= 0: it lets the next
     kernel launch when ``LEFT`` of its tiles are left (0: after them; at once with no tiles), exactly once;
-    ``AHEAD`` >= 0: likewise, it asks the L2 for its share of the next kernel's tensors (:func:`_ask_ahead`).
-
-    ``STEAL`` > 0 (two stages): the KV head's programs first take fixed shares of ``100 - STEAL`` percent of its
-    tiles (at least one each), then the rest one tile at a time from a pool counted at ``cnt_ptr + B * HKV + bk``
-    (:func:`_grab`, set back to 0 by the combining program), so that programs slowed by their multiprocessor's load
-    take fewer tiles and the KV head's programs end closer together. Each program takes its next pool tile while it
-    works on the tile before (the atomic's latency off its chain). ``LEFT`` and ``AHEAD`` then count the fixed share's
-    tiles."""
+    ``AHEAD`` >= 0: likewise, it asks the L2 for its share of the next kernel's tensors (:func:`_ask_ahead`)."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
     length = tl.load(len_ptr)
-    if STEAL > 0:  # the fixed share: tiles tile0 .. tile0 + per - 1 of the head's, then the pool's from tile NSPLIT * per
-        total = tl.cdiv(length, TILE)
-        per = tl.maximum((total * (100 - STEAL)) // (100 * NSPLIT), 1)
-        tile0 = sp * per
-        ntiles = tl.minimum(tl.maximum(total - tile0, 0), per)
-        row0 = bk * S
-        span = length  # unused
-    else:
-        chunk = tl.cdiv(tl.cdiv(length, NSPLIT), TILE) * TILE
-        start = sp * chunk
-        span = tl.minimum(start + chunk, length) - start
-        ntiles = tl.cdiv(tl.maximum(span, 0), TILE)
-        row0 = (b * HKV + kh) * S + start
+    chunk = tl.cdiv(tl.cdiv(length, NSPLIT), TILE) * TILE
+    start = sp * chunk
+    span = tl.minimum(start + chunk, length) - start
+    ntiles = tl.cdiv(tl.maximum(span, 0), TILE)
+    row0 = (b * HKV + kh) * S + start
     z = tl.zeros((32,), tl.int32)
     g, t = tl.inline_asm_elementwise(LANE_ASM, "=r,=r,r", [z], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     base = tl.inline_asm_elementwise(INIT, "=r,r", [z], dtype=tl.int32, is_pure=False, pack=1)
-    if STEAL > 0:  # the past is not written by the kernels before (PDL): start at once
-        _issue_row(base, 0, ntiles > 0, row0 + tile0 * TILE, tl.minimum(length - tile0 * TILE, TILE), kc_ptr, vc_ptr,
-                   ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, ISSUE)
-    else:
-        for k in tl.static_range(STAGES - 1):
-            _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
+    for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
+        _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
     overlap.wait_prior(PDL)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 1, 4)
@@ -857,8 +743,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                                              is_pure=False, pack=1)
             const = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [const, 8 * (t % QG)], dtype=tl.float32,
                                               is_pure=False, pack=1)
-    else:  # unused
-        B0, B1, B2, B3, src = H0, H1, H2, H3, g
     f0 = tl.zeros((32,), tl.float32)
     m_i = f0 - 1.0e30
     l_i = f0
@@ -868,25 +752,43 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     trig_it = tl.maximum(ntiles - LEFT, 0)
     ahead_it = tl.maximum(ntiles - AHEAD, 0)
     programs = NSPLIT * tl.num_programs(0)  # the attention programs (``me``: this one's row among them)
-    if STEAL > 0:
-        m_i, l_i, pm, A = _steal_tiles(base, z, tile0, per, total, length, NSPLIT * per, cnt_ptr + tl.num_programs(0) + bk,
-                                       row0, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, H0, H1, H2, H3, L0, L1,
-                                       L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A, trig_it, ahead_it,
-                                       me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n, TILE, ISSUE, STEP,
-                                       STEP_CONS, KEYS_A, LEFT, AHEAD)
-    else:
-        for it in range(ntiles):
-            if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-                if it == trig_it:
-                    overlap.launch_dependents(True)
-            if AHEAD > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-                if it == ahead_it:
-                    _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
-            _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
-                   STAGES, ISSUE)
-            m_i, l_i, pm, A = _consume(base, it % STAGES, (it // STAGES) % 2, tl.minimum(span - it * TILE, TILE), z,
-                                       H0, H1, H2, H3, L0, L1, L2, L3, B0, B1, B2, B3, qsum, const, src, m_i, l_i, pm, A,
-                                       TILE, STEP, STEP_CONS, KEYS_A)
+    for it in range(ntiles):
+        if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
+            if it == trig_it:
+                overlap.launch_dependents(True)
+        if AHEAD > 0:  # noqa: SIM102 - a constexpr test around a runtime one
+            if it == ahead_it:
+                _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
+        _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
+               STAGES, ISSUE)
+        st = it % STAGES
+        if KEYS_A:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 B0[0], B0[1], B0[2], B0[3], B1[0], B1[1], B1[2], B1[3], B2[0], B2[1], B2[2], B2[3],
+                 B3[0], B3[1], B3[2], B3[3], qsum, const, src, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        else:
+            R = tl.inline_asm_elementwise(
+                STEP, STEP_CONS,
+                [base + 8 * st, z + (it // STAGES) % 2, _stage(base, st, TILE),
+                 z + tl.minimum(span - it * TILE, TILE),
+                 H0[0], H0[1], H0[2], H0[3], H1[0], H1[1], H1[2], H1[3], H2[0], H2[1], H2[2], H2[3],
+                 H3[0], H3[1], H3[2], H3[3], L0[0], L0[1], L0[2], L0[3], L1[0], L1[1], L1[2], L1[3],
+                 L2[0], L2[1], L2[2], L2[3], L3[0], L3[1], L3[2], L3[3], qsum, const, m_i, l_i, pm,
+                 A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], A[8], A[9], A[10], A[11], A[12], A[13], A[14],
+                 A[15], A[16], A[17], A[18], A[19], A[20], A[21], A[22], A[23], A[24], A[25], A[26], A[27], A[28],
+                 A[29], A[30], A[31]],
+                dtype=(tl.float32,) * 35, is_pure=False, pack=1)
+        m_i, l_i, pm = R[0], R[1], R[2]
+        A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
+             R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
+             R[32], R[33], R[34])
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 2, 4)
     if LEFT == 0:
@@ -926,8 +828,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY, cnt_ptr + tl.num_programs(0) + bk,
-                         STEAL > 0)
+                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 3, 4)
 
@@ -938,15 +839,12 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
            trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = (),
-           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_kind: str | None = None,
-           steal: int = 0) -> None:
+           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_kind: str | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
     with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
-    per-KV-head counts, ``2 B Hkv`` with ``steal``; without ``combine`` the caller merges them,
-    :func:`runtime.kernels.kv4._attn_combine_kernel`). ``steal`` (percent, with ``combine`` and two stages): the last
-    ``steal`` percent of each KV head's tiles go to whichever of its programs is free (:func:`_attend`).
+    per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at one over the grid's even share
     (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early
     (where: :func:`trigger_at`); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
@@ -955,9 +853,6 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
     output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
     (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
-    if steal and not (combine and stages == 2 and 0 < steal < 100):
-        raise ValueError(f"the attention shares tiles (steal {steal}) only with its fused combine and two stages, "
-                         f"and a percentage in 1..99")
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -978,7 +873,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         TRIGGER_LEFT=trigger_left, nx0_ptr=nx[0], nx0_n=nx[1], nx1_ptr=nx[2], nx1_n=nx[3], nx2_ptr=nx[4], nx2_n=nx[5],
         AHEAD=at if nx[1] or nx[3] or nx[5] else -1, ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
-        stamp_ptr=st if st is not None else counts, STAMPS=st is not None, STEAL=steal,
+        stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
         **overlap.options(pdl))
 
 
