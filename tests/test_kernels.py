@@ -469,19 +469,13 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
-    """Two layers of heads of 128 channels (the tensor-core attention; 2 query heads a KV head) on the gemv
-    projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
-    projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
-    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
-    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
-    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
+def _flagged_step_setup(tmp_path, monkeypatch, batch):
+    """Two layers of heads of 128 channels (2 query heads a KV head; intermediate 640: five 128-channel blocks) on
+    the gemv projections, with the tensor-core attention at this cache (an attention table of 2 splits): the eager
+    and kernel models, the token ids, and three caches with a 48-token prompt each (eager, kernel, kernel)."""
     import runtime
     from converter.convert import ConvertConfig, convert
-    from runtime import fast as fast_module
-    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
+    from runtime.fast import FastLlama
     from runtime.kernels import kv4
     from tests.helpers import make_tiny_llama
 
@@ -492,21 +486,37 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    ids = torch.randint(3, 300, (batch, 56), device=DEV)
+    caches = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
+    key = f"{batch}x{kv4.context_bucket(caches[1].layers[0].k_codes.shape[2])}"
+    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
+    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+    assert kv4.attn_config(batch, 4, caches[1].layers[0].k_codes.shape[2]).mma
+    for c, m in zip(caches, (eager, fast, fast)):
+        m.forward(ids[:, :48], c)
+    return eager, fast, ids, caches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
+    """``WKVQ_FUSE=rope,heads`` (:func:`_flagged_step_setup`'s model): the attention flags each KV head when its
+    output is stored and the output projection (one row: its programs wait for their heads' flags, not the whole
+    attention) launched at once.
+    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
+    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
+    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
+    from runtime import fast as fast_module
+    from runtime.fast import FUSE_ENV, DecodeGraph
+
+    eager, fast, ids, (ce, cf, cu) = _flagged_step_setup(tmp_path, monkeypatch, batch)
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default: "heads" only at HEADS_DEFAULT_SHAPES
     assert fast._fused_inputs(1) == {"rope"}
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
     assert fast._fused_inputs(1) == {"rope", "heads"} and not fast._fused_inputs(2)
     monkeypatch.setenv(FUSE_ENV, "rope,heads")
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
-    ids = torch.randint(3, 300, (batch, 56), device=DEV)
-    ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
-    key = f"{batch}x{kv4.context_bucket(cf.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
-    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
-    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
-    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
-    assert kv4.attn_config(batch, 4, cf.layers[0].k_codes.shape[2]).mma
-    for c, m in ((ce, eager), (cf, fast), (cu, fast)):
-        m.forward(ids[:, :48], c)
     steps = [fast.decode_step(ids[:, 48], cf)]
     assert (cf.ready == 1).all() and cf.step.item() == 2
     graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
@@ -528,6 +538,33 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
         t = stamps.read(DEV, kind)
         t = t[:rows] if rows else t[(t != 0).all(dim=1)]
         assert len(t) and (t > 0).all() and (t.diff(dim=1) >= 0).all(), (kind, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("fuse", ["rope,mlp", "rope,heads,mlp"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_mlp_flags_match_eager(tmp_path, monkeypatch, batch, fuse):
+    """``WKVQ_FUSE`` with "mlp" (:func:`_flagged_step_setup`'s model): at one row the gate_up GEMV writes
+    ``silu(gate) * up`` a 128-channel block at a time as its sums complete, flags each block and zeroes its sums, and
+    the down GEMV's programs wait for their blocks' flags (no SiLU kernel); at two rows the step runs the plain
+    GEMV and ``silu_mul`` (no flags). Decode steps and CUDA-graph replays against the eager path and against the same
+    steps without "mlp"; at one row every layer's block flags hold the last step's epoch."""
+    from runtime.fast import FUSE_ENV, DecodeGraph
+
+    eager, fast, ids, (ce, cf, cu) = _flagged_step_setup(tmp_path, monkeypatch, batch)
+    monkeypatch.setenv(FUSE_ENV, fuse)
+    assert "mlp" in fast._fused_inputs(batch) and "mlp" not in fast._fused_inputs(batch) - set(fuse.split(","))
+    steps = [fast.decode_step(ids[:, 48], cf)]
+    flags = cf.flags("mlp", 5)
+    assert flags.shape == (2, 5) and (flags == (1 if batch == 1 else 0)).all()
+    graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
+    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
+    assert cf.step.item() == 8 and (flags == (7 if batch == 1 else 0)).all()
+    monkeypatch.setenv(FUSE_ENV, fuse.replace(",mlp", ""))
+    plain = [fast.decode_step(ids[:, i], cu) for i in range(48, 53)]
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
+    for a, b, r in zip(steps, plain, ref):
+        assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
