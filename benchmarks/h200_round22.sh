@@ -7,6 +7,8 @@
 #   mtests    the fused SiLU's GPU tests (tests/test_w4_mma.py -k silu; the decode-step tests with "mlp" and "heads")
 #   mlpN      round N: 7B b1 p2048,32768, the default (rope,heads) against WKVQ_FUSE=rope,heads,mlp
 #   m13       13B b1 p2048,32768: the default (rope) against WKVQ_FUSE=rope,mlp
+#   msplit    7B b1 p32768 with gate_up on a split grid (the fused SiLU does not take the table's stream-K grid):
+#             WKVQ_MMA_TABLE=$V/mma_7b_m1_gate_up_x8.json (w1_t2_x8) without and with "mlp", then the default
 #   mprof     the profiles of the default and of WKVQ_FUSE=rope,heads,mlp (7B b1 p32768), side by side
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
@@ -23,6 +25,14 @@ mlp[0-9]*)
 m13)
   bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/m13_default.json"; mark "13b default"
   WKVQ_FUSE=rope,mlp bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/m13_mlp.json"; mark "13b mlp" ;;
+msplit)
+  V=benchmarks/variants/mma_7b_m1_gate_up_x8.json
+  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py -k silu_epilogue_matches > "$o/t.txt" 2>&1
+  mark "silu tests: $(tail -1 "$o/t.txt")"
+  WKVQ_MMA_TABLE=$V bench --batches 1 --prompts 32768 --json "$o/ms_split.json"; mark "gate_up x8"
+  WKVQ_MMA_TABLE=$V WKVQ_FUSE=rope,heads,mlp bench --batches 1 --prompts 32768 --json "$o/ms_split_mlp.json"
+  mark "gate_up x8 + mlp"
+  bench --batches 1 --prompts 32768 --json "$o/ms_default.json"; mark "default" ;;
 mprof)
   python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_default.json" > "$o/prof_default.txt" 2>&1
   mark "profile default"

@@ -375,7 +375,7 @@ class FastLlama:
 
         value = os.environ.get(FUSE_ENV)
         chosen = fuse_choice(value, m)
-        inputs = chosen - {"rope", "heads"}
+        inputs = chosen - {"rope", "heads", "mlp"}
         if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                               for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
             inputs = frozenset()

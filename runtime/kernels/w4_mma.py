@@ -1204,10 +1204,12 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
 
 def silu_ok(cfg: MmaConfig, n: int, m: int) -> bool:
     """Whether a launch of ``cfg`` on ``n`` rows (gate, then up) with ``m`` rows of ``x`` can end in the fused SiLU
-    (:func:`_silu_if_last`): one row, 128-channel blocks of both halves, and each program's row block inside one of
-    them (no last block shifted down)."""
+    (:func:`_silu_if_last`): one row, 128-channel blocks of both halves, each program's row block inside one of
+    them (no last block shifted down), and a split grid (not stream-K)."""
     rows = 16 * cfg.tiles * cfg.warps
-    return m == 1 and n % 256 == 0 and 128 % rows == 0 and n % rows == 0
+    # stream-K grids (persist) fault in the epilogue on the H200 (benchmarks/silu_probe.py, twenty-second session:
+    # an illegal address at every persist config, none at split grids; not yet understood): not taken
+    return m == 1 and n % 256 == 0 and 128 % rows == 0 and n % rows == 0 and not cfg.persist
 
 
 def silu_fusable(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
