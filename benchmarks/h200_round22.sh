@@ -9,6 +9,8 @@
 #   m13       13B b1 p2048,32768: the default (rope) against WKVQ_FUSE=rope,mlp
 #   msplit    7B b1 p32768 with gate_up on a split grid (the fused SiLU does not take the table's stream-K grid):
 #             WKVQ_MMA_TABLE=$V/mma_7b_m1_gate_up_x8.json (w1_t2_x8) without and with "mlp", then the default
+#   sprobe    NOT RUN: benchmarks/silu_probe.py case by case (stream-K faults, split grids do not), each under
+#             compute-sanitizer where the machine has it (the faulting instruction), else CUDA_LAUNCH_BLOCKING=1
 #   mprof     the profiles of the default and of WKVQ_FUSE=rope,heads,mlp (7B b1 p32768), side by side
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
@@ -33,6 +35,12 @@ msplit)
   WKVQ_MMA_TABLE=$V WKVQ_FUSE=rope,heads,mlp bench --batches 1 --prompts 32768 --json "$o/ms_split_mlp.json"
   mark "gate_up x8 + mlp"
   bench --batches 1 --prompts 32768 --json "$o/ms_default.json"; mark "default" ;;
+sprobe)
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  for i in 0 1 2 3 4 5; do
+    CUDA_LAUNCH_BLOCKING=1 timeout 120 ${SAN:+$SAN --print-limit 3} python3 benchmarks/silu_probe.py $i 2>&1 \
+      | grep -v Warn | grep -E "^n |Invalid|at 0x|Address|by thread" | head -8
+  done ;;
 mprof)
   python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_default.json" > "$o/prof_default.txt" 2>&1
   mark "profile default"
