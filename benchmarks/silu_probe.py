@@ -14,6 +14,9 @@ from runtime import quant
 from runtime.kernels import misc, w4_mma
 from tests.helpers import quantized_weight
 
+# the stream-K grids are what this probe is about: let the launch plan take them (silu_ok refuses them)
+w4_mma.silu_ok = lambda cfg, n, m: m == 1 and n % 256 == 0 and 128 % (16 * cfg.tiles * cfg.warps) == 0
+
 CASES = [((1280, 576), (1, 2, 1, 1, False, 1, 0, 16), False), ((1280, 576), (1, 2, 8), False),
          ((1280, 576), (4, 2, 1, 1, False, 1, 0, 4), False), ((1280, 512), (1, 2, 1, 1, False, 1, 0, 16), False),
          ((1280, 512), (1, 2, 1, 1, False, 1, 0, 16), True), ((22016, 4096), None, True)]
