@@ -50,6 +50,12 @@ With ``ready`` flags (the output projection after the attention, :func:`w4_mma_a
 fusion "heads"), a preloading program waits for its groups' flags instead of the kernel before: the attention
 launches it at once and flags each head as it completes, so o's programs start on the heads that are done (7B b1
 p32768 on an H200: 2.75-2.76 -> 2.66-2.70 ms a step, twenty-first session).
+
+With ``silu`` (the gate_up projection at one row; the decode step's fusion "mlp", off by default) the kernel also
+writes ``silu(gate) * up`` a 128-channel block at a time, as each block's sums complete, and flags the block: the
+producer side of the same flags, for the down projection (:func:`_silu_if_last`). Correct on split grids; the
+stream-K grids fault on the H200 (twenty-second session, ``benchmarks/silu_probe.py``), so :func:`silu_ok` refuses
+them. Its speed is not yet measured.
 """
 
 from __future__ import annotations
