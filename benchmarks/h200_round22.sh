@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Twenty-second session, one H200 (device tool, carry .gpu/whl). Results in $OUT. Parts, e.g.
-# OUT=$OUT bash benchmarks/h200_round22.sh mtests mlp1:
+# OUT=$OUT bash benchmarks/h200_round22.sh mtests mlp1 (next session, first: sprobe msplit awide):
 #   stests, stealN, sstamps   ran at commit 09c0611 (the attention's shared tiles, AttnConfig.steal, reverted in
 #             fbc6005): the attention's GPU tests with steal, then 7B b1 p32768 default against WKVQ_ATTN_STEAL=15 /
 #             25 / 40 and 25 + WKVQ_ATTN_AHEAD=end; the stamps probe with and without steal 25. The knob is gone.
@@ -11,6 +11,8 @@
 #             WKVQ_MMA_TABLE=$V/mma_7b_m1_gate_up_x8.json (w1_t2_x8) without and with "mlp", then the default
 #   sprobe    NOT RUN: benchmarks/silu_probe.py case by case (stream-K faults, split grids do not), each under
 #             compute-sanitizer where the machine has it (the faulting instruction), else CUDA_LAUNCH_BLOCKING=1
+#   awide     NOT RUN: WKVQ_ATTN_AHEAD=end against the default where it is not yet measured beside "heads": 7B b1
+#             p2048,32768, 7B b8, 13B b1 (for the default's next record)
 #   mprof     the profiles of the default and of WKVQ_FUSE=rope,heads,mlp (7B b1 p32768), side by side
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
@@ -40,6 +42,13 @@ sprobe)
   for i in 0 1 2 3 4 5; do
     CUDA_LAUNCH_BLOCKING=1 timeout 120 ${SAN:+$SAN --print-limit 3} python3 benchmarks/silu_probe.py $i 2>&1 \
       | grep -v Warn | grep -E "^n |Invalid|at 0x|Address|by thread" | head -8
+  done ;;
+awide)
+  for a in "" end; do
+    WKVQ_ATTN_AHEAD=$a bench --batches 1,8 --prompts 2048,32768 --json "$o/aw_7b_${a:-default}.json"
+    mark "7b ahead ${a:-off}"
+    WKVQ_ATTN_AHEAD=$a bench --shapes 13b --batches 1 --prompts 2048,32768 --json "$o/aw_13b_${a:-default}.json"
+    mark "13b ahead ${a:-off}"
   done ;;
 mprof)
   python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_default.json" > "$o/prof_default.txt" 2>&1

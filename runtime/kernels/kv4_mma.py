@@ -168,7 +168,9 @@ def ahead_at() -> int:
     their end. The idea: the attention's last tiles leave DRAM idle while its programs drain; the projection after
     it then reads its weights from the L2. Measured at 7B b1 p32768 (twenty-first session): alone no faster
     (2.700-2.724 ms against 2.704-2.710), "end" beside o triggered two tiles ahead on one-warp programs 2.647-2.657
-    (the best of that run; the trigger alone 2.702-2.710 there); not yet beside "heads" (runtime.fast)."""
+    (the best of that run; the trigger alone 2.702-2.710 there); beside "heads" (runtime.fast; twenty-second
+    session, benchmarks/results/r25) "end" 2.607 / 2.605 against 2.652 / 2.624, alternated: not yet measured at
+    p2048, b8 or 13B, so still off."""
     return _tiles_left(AHEAD_ENV, "off")
 
 
