@@ -9,8 +9,10 @@
 #   m13       13B b1 p2048,32768: the default (rope) against WKVQ_FUSE=rope,mlp
 #   msplit    7B b1 p32768 with gate_up on a split grid (the fused SiLU does not take the table's stream-K grid):
 #             WKVQ_MMA_TABLE=$V/mma_7b_m1_gate_up_x8.json (w1_t2_x8) without and with "mlp", then the default
-#   sprobe    NOT RUN: benchmarks/silu_probe.py case by case (stream-K faults, split grids do not), each under
-#             compute-sanitizer where the machine has it (the faulting instruction), else CUDA_LAUNCH_BLOCKING=1
+#   sprobe    NOT RUN: the pure-Triton stand-in grid with the real SiLU epilogue compiled (tests/test_kernels.py -k
+#             silu_epilogue_counts: does stream-K fault without the GEMV's PTX?), then benchmarks/silu_probe.py case by
+#             case (stream-K faults, split grids do not), each under compute-sanitizer where the machine has it (the
+#             faulting instruction), else CUDA_LAUNCH_BLOCKING=1
 #   awide     NOT RUN: WKVQ_ATTN_AHEAD=end against the default where it is not yet measured beside "heads": 7B b1
 #             p2048,32768, 7B b8, 13B b1 (for the default's next record)
 #   mprof     the profiles of the default and of WKVQ_FUSE=rope,heads,mlp (7B b1 p32768), side by side
@@ -38,6 +40,8 @@ msplit)
   mark "gate_up x8 + mlp"
   bench --batches 1 --prompts 32768 --json "$o/ms_default.json"; mark "default" ;;
 sprobe)
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k silu_epilogue_counts > "$o/t_sg.txt" 2>&1
+  mark "pure-Triton grid with the real epilogue (split and stream-K; passes under the interpreter): $(tail -1 "$o/t_sg.txt")"
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   for i in 0 1 2 3 4 5; do
     CUDA_LAUNCH_BLOCKING=1 timeout 120 ${SAN:+$SAN --print-limit 3} python3 benchmarks/silu_probe.py $i 2>&1 \

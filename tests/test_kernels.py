@@ -609,3 +609,76 @@ def test_attention_pdl_arguments(monkeypatch):
         cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
         kv4.decode_attention(*args, cfg)
         assert calls.pop() == want and (combines.pop() if combines else None) == want_combine, (env, combine)
+
+
+try:  # a pure-Triton stand-in for the gate_up GEMV's grid (test_silu_epilogue_counts_blocks_once)
+    import triton
+    import triton.language as tl
+
+    from runtime.kernels import w4_mma
+except ImportError:  # no Triton: the kernel tests skip
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, row0, g_lo, g_hi,
+                         ROWS: tl.constexpr):
+        """Rows ``[row0, row0 + ROWS)`` over groups ``[g_lo, g_hi)`` of ``W x`` added into ``y`` with atomics,
+        then the real epilogue :func:`runtime.kernels.w4_mma._silu_if_last`."""
+        rows = row0 + tl.arange(0, ROWS)
+        acc = tl.zeros((ROWS,), tl.float32)
+        for g in range(g_lo, g_hi):
+            cols = g * 128 + tl.arange(0, 128)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+            acc += tl.sum(w * tl.load(x_ptr + cols, mask=cols < K, other=0.0)[None, :], 1)
+        tl.atomic_add(y_ptr + rows, acc)
+        w4_mma._silu_if_last(y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, tl.cdiv(K, 128), row0, g_hi - g_lo, ROWS)
+
+    @triton.jit
+    def _silu_test_grid(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, ep_ptr, N, K, G, ROWS: tl.constexpr,
+                        PERSIST: tl.constexpr, SPLIT: tl.constexpr):
+        """The grids of :func:`runtime.kernels.w4_mma._w4_mma_kernel` (split ranges, or stream-K shares of the
+        ``(row block, group)`` pairs, row block major) over :func:`_silu_test_range`: the fused SiLU's counting,
+        completion and flags without the tensor cores' PTX (so under the interpreter too)."""
+        epoch = tl.load(ep_ptr)
+        if PERSIST:
+            p, P = tl.program_id(0), tl.num_programs(0)
+            work = tl.cdiv(N, ROWS) * G
+            w = p * work // P
+            w_end = (p + 1) * work // P
+            while w < w_end:
+                rb = w // G
+                g_lo = w - rb * G
+                g_hi = tl.minimum(G, g_lo + (w_end - w))
+                _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, rb * ROWS, g_lo, g_hi,
+                                 ROWS)
+                w += g_hi - g_lo
+        else:
+            i, j = tl.program_id(0), tl.program_id(1)
+            _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, i * ROWS, j * G // SPLIT,
+                             (j + 1) * G // SPLIT, ROWS)
+
+
+@pytest.mark.parametrize("rows,programs,split", [(32, 7, 0), (64, 3, 0), (32, 0, 3), (128, 0, 5), (32, 200, 0)])
+def test_silu_epilogue_counts_blocks_once(rows, programs, split):
+    """The fused SiLU's epilogue (``w4_mma._silu_if_last``) at the end of every range of split grids and stream-K
+    shares (``programs`` programs: shares across row blocks and halves, and shares of one pair): every 128-channel
+    block of ``h`` is ``silu(gate) * up`` of the complete sums (``misc.silu_mul``'s roundings), the sums are left
+    zeroed, every block's flag holds the epoch and the counts are back at zero, twice (a new epoch)."""
+    from runtime.kernels import misc
+
+    n, k = 2 * 640, 576  # five blocks; 4.5 groups
+    g = -(-k // 128)
+    torch.manual_seed(rows + programs + split)
+    w, x = torch.randn(n, k, device=DEV), torch.randn(k, device=DEV)
+    ref = misc.silu_mul((w.double() @ x.double()).float()[None], torch.float16)
+    y = torch.zeros(1, n, device=DEV)
+    flags, counts = (torch.zeros(8, dtype=torch.int32, device=DEV) for _ in range(2))
+    grid = (programs,) if programs else (n // rows, split)
+    for epoch in (4, 5):
+        h = torch.full((1, n // 2), float("nan"), device=DEV, dtype=torch.float16)
+        _silu_test_grid[grid](w, x, y, h, counts, flags, torch.tensor([epoch], dtype=torch.int32, device=DEV), n, k, g,
+                     ROWS=rows, PERSIST=programs > 0, SPLIT=max(split, 1))
+        assert _rel(h, ref) < 1e-3 and not y.any()
+        assert flags[:5].tolist() == [epoch] * 5 and not flags[5:].any() and not counts.any()
