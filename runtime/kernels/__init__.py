@@ -56,6 +56,27 @@ def multiprocessors(device) -> int:
     return _sms(_index(device))
 
 
+def device_key(device) -> str:
+    """``device`` named with its index (``"cuda"`` and ``"cuda:0"`` are one device when 0 is current): the key of
+    per-device buffers kept for the process."""
+    device = torch.device(device)
+    return str(torch.device("cuda", _index(device)) if device.type == "cuda" else device)
+
+
+_ZEROED: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def zeroed_counts(name: str, device, n: int) -> torch.Tensor:
+    """A zeroed ``int32 [>= n]`` buffer of counts named ``name``, one per device, kept for the process: the kernels
+    that count in it leave it zeroed (the program that completes a count sets it back), so launches in stream order
+    share it and a captured CUDA graph needs no memset."""
+    key = (name, device_key(device))
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _ZEROED[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def check_row_buffer(name: str, buf: torch.Tensor, rows: int) -> None:
     """Raise unless ``buf`` is a ``[rows, n]`` buffer with unit stride along ``n`` (one a kernel zeroes row by row
     in the same launch as its own work)."""

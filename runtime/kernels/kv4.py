@@ -32,6 +32,7 @@ from . import (
     multiprocessors,
     overlap,
     sweep_table,
+    zeroed_counts,
 )
 
 
@@ -803,15 +804,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     return out
 
 
-_COUNTS: dict[str, torch.Tensor] = {}
-
-
 def _head_counts(device, n: int) -> torch.Tensor:
-    """A zeroed ``int32 [>= n]`` buffer of per-head counts for the fused combine, one per device, kept for the
-    process: every launch leaves it zeroed (the last program of each head resets its count), so launches in
-    stream order share it and a captured CUDA graph needs no memset."""
-    key = str(torch.device(device))
-    buf = _COUNTS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    """The fused combine's per-head counts (:func:`runtime.kernels.zeroed_counts`: the last program of each head
+    resets its count)."""
+    return zeroed_counts("attention heads", device, n)

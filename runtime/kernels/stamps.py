@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_key
+
 STAMPS_ENV = "WKVQ_STAMPS"
 POINTS = {"attn": ("start", "ready", "tiles", "end"), "o": ("start", "ready", "end")}  # per kind, in order
 _BUFFERS: dict[tuple[str, str], torch.Tensor] = {}
@@ -28,11 +30,8 @@ def enabled() -> bool:
 
 
 def _key(device, kind: str) -> tuple[str, str]:
-    """The buffers' key: ``device`` with its index (``"cuda"`` and ``"cuda:0"`` are one device when 0 is current)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return str(device), kind
+    """The buffers' key: :func:`runtime.kernels.device_key` and ``kind``."""
+    return device_key(device), kind
 
 
 def buffer(device, kind: str, programs: int) -> torch.Tensor:
