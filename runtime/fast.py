@@ -40,10 +40,7 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # shapes of HEADS_DEFAULT_SHAPES, where it measured faster (twenty-first session, H200, b1, benchmarks/results/r24):
 # 7B (4096 x 4096) 2.662-2.691 ms against 2.749-2.760 at p32768, p2048 unchanged (1.711-1.738 against 1.729-1.758);
 # 13B (5120 x 5120) slower, 4.648-4.722 against 4.549-4.582 (p2048 +0.13). WKVQ_FUSE naming it: at any shape.
-# "mlp": the gate_up projection (tensor-core GEMV, one row) writes silu(gate) * up itself, a 128-channel block as
-# soon as that block's sums are complete, and flags it (cache.flags("mlp"), epoch cache.step); the down projection's
-# programs wait for their blocks' flags instead of a SiLU kernel (w4_mma_accumulate's silu and ready).
-FUSIONS = ("norm", "silu", "rope", "heads", "mlp")
+FUSIONS = ("norm", "silu", "rope", "heads")
 FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope", "heads")}  # rows -> the default fusions (none where not named)
 HEADS_DEFAULT_SHAPES = frozenset({(4096, 4096)})  # (out, in) of the output projections where "heads" is the default
 FUSE_ENV = "WKVQ_FUSE"
@@ -315,16 +312,13 @@ class FastLlama:
         this gate_up); with "rope" the attention kernel reads ``qkv`` itself (:func:`kv4.rope_attention`), the norm
         before qkv zeroes ``qkv`` (read by the previous layer's attention) and, with "silu", the norm before
         gate_up zeroes ``gate_up``; with "heads" the output projection starts on each KV head's output as soon as
-        the attention flags it (``cache.ready`` at epoch ``cache.step``); with "mlp" the gate_up projection writes
-        ``silu(gate) * up`` and zeroes ``gate_up`` itself and the down projection starts on each block of it as
-        soon as it is flagged (:meth:`~runtime.kernels.w4_gemv.GemvW4.accumulate_then_silu`)."""
+        the attention flags it (``cache.ready`` at epoch ``cache.step``)."""
         from .kernels import kv4, misc
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
-        mlp = "mlp" in fused
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -336,8 +330,7 @@ class FastLlama:
             ready = (cache.ready[i], cache.step) if heads else None  # "heads" implies "rope"
             if rope:
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
-                                       splits, bits=c.kv_bits,
-                                       ahead=(layer.o.qweight, layer.o.scales, layer.o.zeros), ready=ready)
+                                       splits, bits=c.kv_bits, ready=ready)
             else:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
@@ -345,21 +338,15 @@ class FastLlama:
             layer.o.accumulate(a.view(x.shape[0], -1), x,
                                ready=(*ready, c.heads // c.kv_heads) if heads else None,
                                stamps="o")
-            if mlp:  # gate_up zeroed by the fused SiLU (or silu_mul's clear where it does not fuse)
-                h, ready_h = layer.gate_up.accumulate_then_silu(
-                    misc.rmsnorm(x, layer.ln2, c.eps, dt), gate_up, dt,
-                    cache.flags("mlp", gate_up.shape[1] // 256)[i], cache.step)
-                layer.down.accumulate(h, x, ready=ready_h)
+            if norm:
+                layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:
-                if norm:
-                    layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
-                else:
-                    clear = gate_up if rope and silu and i else None
-                    layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt, clear=clear), gate_up)
-                if silu:
-                    layer.down.accumulate_silu(gate_up, dt, x)
-                else:
-                    layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
+                layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt, clear=gate_up if rope and silu and i
+                                                      else None), gate_up)
+            if silu:
+                layer.down.accumulate_silu(gate_up, dt, x)
+            else:
+                layer.down.accumulate(misc.silu_mul(gate_up, dt, clear=True), x)
         cache.counters.add_(1)  # pos and step
         return F.linear(misc.rmsnorm(x, self.norm, c.eps, dt), self.lm_head)
 
@@ -368,25 +355,21 @@ class FastLlama:
         ``m`` rows: the input transforms ("norm", "silu") only where every qkv, gate_up and down is a
         :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept; "heads" with "rope",
         where the output projections are :class:`~runtime.kernels.w4_gemv.GemvW4` and a head is one group of 128
-        channels (by default only at :data:`HEADS_DEFAULT_SHAPES`); "mlp" without the input transforms, where every
-        gate_up and down projection is a :class:`~runtime.kernels.w4_gemv.GemvW4` (each step then fuses where the
-        tensor-core GEMV takes it, :meth:`~runtime.kernels.w4_gemv.GemvW4.accumulate_then_silu`)."""
+        channels (by default only at :data:`HEADS_DEFAULT_SHAPES`)."""
         from .kernels.w4_gemv import GemvW4
 
         value = os.environ.get(FUSE_ENV)
         chosen = fuse_choice(value, m)
-        inputs = chosen - {"rope", "heads", "mlp"}
+        inputs = chosen - {"rope", "heads"}
         if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                               for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
             inputs = frozenset()
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))
-        mlp = ("mlp" in chosen and not inputs
-               and all(isinstance(la.gate_up, GemvW4) and isinstance(la.down, GemvW4) for la in self.layers))
         if heads and not (value or "").strip():  # the default: only where it measured faster
             heads = all((la.o.qweight.shape[0], la.o.in_features) in HEADS_DEFAULT_SHAPES for la in self.layers)
-        return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set()) | ({"mlp"} if mlp else set())
+        return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set())
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the

@@ -58,9 +58,7 @@ class StaticPOQCache:
     the tokens stored so far. ``step`` (``int32 [1]``, next to ``pos``, so that one kernel advances both) counts the
     decode steps run on the cache from 1 and is never set back (a CUDA graph's warm-up restores ``pos`` only): the
     epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads]``) with which a decode step's
-    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`), and
-    of the per-layer flags of :meth:`flags` (e.g. the gate_up projection telling the down projection which blocks of
-    its input are written).
+    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`).
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -77,17 +75,7 @@ class StaticPOQCache:
         self.counters = torch.tensor([0, 1], dtype=torch.int32, device=device)  # pos, step
         self.pos, self.step = self.counters[:1], self.counters[1:]
         self.ready = torch.zeros(num_layers, batch * kv_heads, dtype=torch.int32, device=device)
-        self._flags: dict[str, torch.Tensor] = {}
         self.length = 0
-
-    def flags(self, name: str, width: int) -> torch.Tensor:
-        """Per-layer ``int32 [layers, >= width]`` flags named ``name``, zero when first asked for (before a CUDA
-        graph's capture: its warm-up steps ask first) and kept with the cache, whose ``step`` is their epoch."""
-        buf = self._flags.get(name)
-        if buf is None or buf.shape[1] < width:
-            buf = self._flags[name] = torch.zeros(len(self.layers), width, dtype=torch.int32,
-                                                  device=self.counters.device)
-        return buf
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self.layers for t in store.tensors())

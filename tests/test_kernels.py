@@ -469,13 +469,19 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-def _flagged_step_setup(tmp_path, monkeypatch, batch):
-    """Two layers of heads of 128 channels (2 query heads a KV head; intermediate 640: five 128-channel blocks) on
-    the gemv projections, with the tensor-core attention at this cache (an attention table of 2 splits): the eager
-    and kernel models, the token ids, and three caches with a 48-token prompt each (eager, kernel, kernel)."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
+    """Two layers of heads of 128 channels (the tensor-core attention; 2 query heads a KV head) on the gemv
+    projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
+    projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
+    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
+    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
+    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
     import runtime
     from converter.convert import ConvertConfig, convert
-    from runtime.fast import FastLlama
+    from runtime import fast as fast_module
+    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
     from runtime.kernels import kv4
     from tests.helpers import make_tiny_llama
 
@@ -486,37 +492,21 @@ def _flagged_step_setup(tmp_path, monkeypatch, batch):
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
-    ids = torch.randint(3, 300, (batch, 56), device=DEV)
-    caches = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
-    key = f"{batch}x{kv4.context_bucket(caches[1].layers[0].k_codes.shape[2])}"
-    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
-    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
-    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
-    assert kv4.attn_config(batch, 4, caches[1].layers[0].k_codes.shape[2]).mma
-    for c, m in zip(caches, (eager, fast, fast)):
-        m.forward(ids[:, :48], c)
-    return eager, fast, ids, caches
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
-    """``WKVQ_FUSE=rope,heads`` (:func:`_flagged_step_setup`'s model): the attention flags each KV head when its
-    output is stored and the output projection (one row: its programs wait for their heads' flags, not the whole
-    attention) launched at once.
-    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
-    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
-    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
-    from runtime import fast as fast_module
-    from runtime.fast import FUSE_ENV, DecodeGraph
-
-    eager, fast, ids, (ce, cf, cu) = _flagged_step_setup(tmp_path, monkeypatch, batch)
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default: "heads" only at HEADS_DEFAULT_SHAPES
     assert fast._fused_inputs(1) == {"rope"}
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
     assert fast._fused_inputs(1) == {"rope", "heads"} and not fast._fused_inputs(2)
     monkeypatch.setenv(FUSE_ENV, "rope,heads")
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
+    ids = torch.randint(3, 300, (batch, 56), device=DEV)
+    ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
+    key = f"{batch}x{kv4.context_bucket(cf.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
+    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
+    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+    assert kv4.attn_config(batch, 4, cf.layers[0].k_codes.shape[2]).mma
+    for c, m in ((ce, eager), (cf, fast), (cu, fast)):
+        m.forward(ids[:, :48], c)
     steps = [fast.decode_step(ids[:, 48], cf)]
     assert (cf.ready == 1).all() and cf.step.item() == 2
     graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
@@ -538,33 +528,6 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
         t = stamps.read(DEV, kind)
         t = t[:rows] if rows else t[(t != 0).all(dim=1)]
         assert len(t) and (t > 0).all() and (t.diff(dim=1) >= 0).all(), (kind, t)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
-@pytest.mark.parametrize("fuse", ["rope,mlp", "rope,heads,mlp"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_decode_mlp_flags_match_eager(tmp_path, monkeypatch, batch, fuse):
-    """``WKVQ_FUSE`` with "mlp" (:func:`_flagged_step_setup`'s model): at one row the gate_up GEMV writes
-    ``silu(gate) * up`` a 128-channel block at a time as its sums complete, flags each block and zeroes its sums, and
-    the down GEMV's programs wait for their blocks' flags (no SiLU kernel); at two rows the step runs the plain
-    GEMV and ``silu_mul`` (no flags). Decode steps and CUDA-graph replays against the eager path and against the same
-    steps without "mlp"; at one row every layer's block flags hold the last step's epoch."""
-    from runtime.fast import FUSE_ENV, DecodeGraph
-
-    eager, fast, ids, (ce, cf, cu) = _flagged_step_setup(tmp_path, monkeypatch, batch)
-    monkeypatch.setenv(FUSE_ENV, fuse)
-    assert fast._fused_inputs(batch) == set(fuse.split(",")) and "mlp" not in eager._fused_inputs(batch)
-    steps = [fast.decode_step(ids[:, 48], cf)]
-    flags = cf.flags("mlp", 5)
-    assert flags.shape == (2, 5) and (flags == (1 if batch == 1 else 0)).all()
-    graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
-    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
-    assert cf.step.item() == 8 and (flags == (7 if batch == 1 else 0)).all()
-    monkeypatch.setenv(FUSE_ENV, fuse.replace(",mlp", ""))
-    plain = [fast.decode_step(ids[:, i], cu) for i in range(48, 53)]
-    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
-    for a, b, r in zip(steps, plain, ref):
-        assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
@@ -609,76 +572,3 @@ def test_attention_pdl_arguments(monkeypatch):
         cfg = kv4.AttnConfig(splits=2, block_s=64, mma=True, stages=2, combine=combine)
         kv4.decode_attention(*args, cfg)
         assert calls.pop() == want and (combines.pop() if combines else None) == want_combine, (env, combine)
-
-
-try:  # a pure-Triton stand-in for the gate_up GEMV's grid (test_silu_epilogue_counts_blocks_once)
-    import triton
-    import triton.language as tl
-
-    from runtime.kernels import w4_mma
-except ImportError:  # no Triton: the kernel tests skip
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, row0, g_lo, g_hi,
-                         ROWS: tl.constexpr):
-        """Rows ``[row0, row0 + ROWS)`` over groups ``[g_lo, g_hi)`` of ``W x`` added into ``y`` with atomics,
-        then the real epilogue :func:`runtime.kernels.w4_mma._silu_if_last`."""
-        rows = row0 + tl.arange(0, ROWS)
-        acc = tl.zeros((ROWS,), tl.float32)
-        for g in range(g_lo, g_hi):
-            cols = g * 128 + tl.arange(0, 128)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
-            acc += tl.sum(w * tl.load(x_ptr + cols, mask=cols < K, other=0.0)[None, :], 1)
-        tl.atomic_add(y_ptr + rows, acc)
-        w4_mma._silu_if_last(y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, tl.cdiv(K, 128), row0, g_hi - g_lo, ROWS)
-
-    @triton.jit
-    def _silu_test_grid(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, ep_ptr, N, K, G, ROWS: tl.constexpr,
-                        PERSIST: tl.constexpr, SPLIT: tl.constexpr):
-        """The grids of :func:`runtime.kernels.w4_mma._w4_mma_kernel` (split ranges, or stream-K shares of the
-        ``(row block, group)`` pairs, row block major) over :func:`_silu_test_range`: the fused SiLU's counting,
-        completion and flags without the tensor cores' PTX (so under the interpreter too)."""
-        epoch = tl.load(ep_ptr)
-        if PERSIST:
-            p, P = tl.program_id(0), tl.num_programs(0)
-            work = tl.cdiv(N, ROWS) * G
-            w = p * work // P
-            w_end = (p + 1) * work // P
-            while w < w_end:
-                rb = w // G
-                g_lo = w - rb * G
-                g_hi = tl.minimum(G, g_lo + (w_end - w))
-                _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, rb * ROWS, g_lo, g_hi,
-                                 ROWS)
-                w += g_hi - g_lo
-        else:
-            i, j = tl.program_id(0), tl.program_id(1)
-            _silu_test_range(w_ptr, x_ptr, y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, K, i * ROWS, j * G // SPLIT,
-                             (j + 1) * G // SPLIT, ROWS)
-
-
-@pytest.mark.parametrize("rows,programs,split", [(32, 7, 0), (64, 3, 0), (32, 0, 3), (128, 0, 5), (32, 200, 0)])
-def test_silu_epilogue_counts_blocks_once(rows, programs, split):
-    """The fused SiLU's epilogue (``w4_mma._silu_if_last``) at the end of every range of split grids and stream-K
-    shares (``programs`` programs: shares across row blocks and halves, and shares of one pair): every 128-channel
-    block of ``h`` is ``silu(gate) * up`` of the complete sums (``misc.silu_mul``'s roundings), the sums are left
-    zeroed, every block's flag holds the epoch and the counts are back at zero, twice (a new epoch)."""
-    from runtime.kernels import misc
-
-    n, k = 2 * 640, 576  # five blocks; 4.5 groups
-    g = -(-k // 128)
-    torch.manual_seed(rows + programs + split)
-    w, x = torch.randn(n, k, device=DEV), torch.randn(k, device=DEV)
-    ref = misc.silu_mul((w.double() @ x.double()).float()[None], torch.float16)
-    y = torch.zeros(1, n, device=DEV)
-    flags, counts = (torch.zeros(8, dtype=torch.int32, device=DEV) for _ in range(2))
-    grid = (programs,) if programs else (n // rows, split)
-    for epoch in (4, 5):
-        h = torch.full((1, n // 2), float("nan"), device=DEV, dtype=torch.float16)
-        _silu_test_grid[grid](w, x, y, h, counts, flags, torch.tensor([epoch], dtype=torch.int32, device=DEV), n, k, g,
-                     ROWS=rows, PERSIST=programs > 0, SPLIT=max(split, 1))
-        assert _rel(h, ref) < 1e-3 and not y.any()
-        assert flags[:5].tolist() == [epoch] * 5 and not flags[5:].any() and not counts.any()

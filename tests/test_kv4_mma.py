@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, trigger_left=-1, ahead=-1, ready=False, stamps=False):
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -18,12 +18,10 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, copies, cap, keys_a)
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
-              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "TRIGGER_LEFT": trigger_left,
-              "AHEAD": ahead, "READY": ready, "STAMPS": stamps}
+              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps}
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-    kinds.update({f"nx{i}_ptr": "*u8" for i in range(3)})
-    kinds.update({f"nx{i}_n": "i32" for i in range(3)}, ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
+    kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
 
@@ -80,58 +78,15 @@ def _placed(sass: str, usage: str, op: str) -> tuple[list[int], int, int]:
     return [i for i in range(len(sass)) if sass.startswith(op, i)], sass.rindex("HMMA"), sass.index("ACQBULK")
 
 
-@pytest.mark.parametrize("trigger,left", [(False, -1), (True, -1), (True, 0), (True, 2)])
-def test_mma_attention_trigger_placement(trigger, left, tmp_path):
+@pytest.mark.parametrize("trigger", [False, True])
+def test_mma_attention_trigger_placement(trigger, tmp_path):
     """Where a program lets the next kernel launch (``griddepcontrol.launch_dependents``, SASS ``PREEXIT``): nowhere
-    without ``TRIGGER``; with it first thing (``TRIGGER_LEFT`` -1), after the tile loop's last MMA (0), or inside the
-    loop (after the wait, before its last MMA; predicated: one iteration) and once more after it for a program
-    without tiles (2)."""
+    without ``TRIGGER``; with it once, first thing (before the wait)."""
     pytest.importorskip("triton")
 
-    sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger, trigger_left=left)
-    at, last_mma, wait = _placed(sass, usage, "PREEXIT")
-    if not trigger:
-        assert not at
-    elif left < 0:
-        assert len(at) == 1 and at[0] < wait
-    elif left == 0:
-        assert len(at) == 1 and at[0] > last_mma
-    else:
-        assert len(at) == 2 and wait < at[0] < last_mma < at[1]
-        assert sass[sass.rindex("\n", 0, at[0]):at[0]].rstrip().endswith(("P0", "P1", "P2", "P3", "P4", "P5", "P6"))
-
-
-@pytest.mark.parametrize("ahead", [-1, 0, 2])
-def test_mma_attention_ahead_placement(ahead, tmp_path):
-    """Where a program asks the L2 for its share of the next kernel's tensors (``cp.async.bulk.prefetch.L2``, SASS
-    ``UBLKPF``, three ranges): nowhere with ``AHEAD`` -1 (the default); after the tile loop's last MMA with 0; with
-    ``N`` inside the loop (after the wait, before the last MMA) and once more after it for a program without tiles."""
-    pytest.importorskip("triton")
-
-    at, last_mma, wait = _placed(*_attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ahead=ahead), "UBLKPF")
-    if ahead < 0:
-        assert not at
-    elif ahead == 0:
-        assert len(at) == 3 and at[0] > last_mma
-    else:
-        assert len(at) == 6 and wait < at[0] < at[2] < last_mma < at[3]
-
-
-@pytest.mark.parametrize("env,read,first", [("WKVQ_ATTN_TRIGGER_AT", "trigger_at", "start"),
-                                            ("WKVQ_ATTN_AHEAD", "ahead_at", "off")])
-def test_tiles_left_knobs(env, read, first, monkeypatch):
-    """``WKVQ_ATTN_TRIGGER_AT`` and ``WKVQ_ATTN_AHEAD``: unset or their first word -1, "end" 0, a positive number
-    itself; anything else is a one-line error naming the variable and what it takes."""
-    pytest.importorskip("triton")
-    from runtime.kernels import kv4_mma
-
-    for value, want in (("", -1), (first, -1), (" end ", 0), ("3", 3)):
-        monkeypatch.setenv(env, value)
-        assert getattr(kv4_mma, read)() == want
-    for bad in ("tiles", "0", "-2", "start" if first == "off" else "off"):
-        monkeypatch.setenv(env, bad)
-        with pytest.raises(ValueError, match=f"{env}='{bad}': use {first}, end or a positive number of tiles"):
-            getattr(kv4_mma, read)()
+    at, _, wait = _placed(*_attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, trigger=trigger),
+                                 "PREEXIT")
+    assert (len(at) == 1 and at[0] < wait) if trigger else not at
 
 
 def test_mma_attention_ready_flag(tmp_path):
@@ -162,21 +117,6 @@ def test_mma_attention_stamps(rope, tmp_path):
     assert on.count("GLOBALTIMER") >= 4 + (2 if rope else 0)  # the append: start, ready, end
     first, wait = on.index("GLOBALTIMER"), on.index("ACQBULK")
     assert first < wait < on.index("GLOBALTIMER", wait) < on.index("HMMA")
-
-
-def test_ahead_args():
-    """The kernel's ``nx*`` arguments: each tensor as its bytes where contiguous and 16-byte aligned on a Hopper
-    GPU; elsewhere (here: the CPU) the dummy and 0 bytes, so nothing is asked; more than three is an error."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    from runtime.kernels import kv4_mma
-
-    dummy = torch.zeros(4)
-    w = torch.zeros(64, 32, dtype=torch.uint8)
-    args = kv4_mma.ahead_args((w,), dummy)
-    assert len(args) == 6 and all(a is dummy for a in args[0::2]) and args[1::2] == (0, 0, 0)
-    with pytest.raises(ValueError, match="at most three tensors"):
-        kv4_mma.ahead_args((w,) * 4, dummy)
 
 
 def test_even_cap():

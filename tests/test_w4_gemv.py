@@ -335,15 +335,12 @@ def test_fused_inputs_errors():
             call()
 
 
-@pytest.mark.parametrize("fuse", ["norm", "silu", "norm,silu", "rope", "rope,silu", "norm,rope", "rope,heads",
-                                  "rope,mlp", "silu,mlp"])
+@pytest.mark.parametrize("fuse", ["norm", "silu", "norm,silu", "rope", "rope,silu", "norm,rope", "rope,heads"])
 def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     """Two layers of a tiny model (down: K = 192, a ragged group) on the gemv projections: the decode step with
     the norms and/or the SiLU product in the GEMVs (WKVQ_FUSE; with "silu", gate_up zeroed by rope_append between
     the layers), or the rope and the cache append in the attention kernel ("rope": qkv, and with "silu" gate_up,
-    zeroed by the norms of the next layer; "heads" is dropped at heads of 32 channels; "mlp" without the tensor-core
-    GEMV runs GemvW4.accumulate_then_silu's plain path: the GEMV, then ``silu_mul``, no flags, and is dropped beside
-    "silu") against the same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` /
+    zeroed by the norms of the next layer; "heads" is dropped at heads of 32 channels) against the same step unfused (``misc.rmsnorm`` / ``misc.silu_mul`` /
     ``rope_append`` kernels; the default fuses the rope), and both
     against the eager path. A sweep record gives the tiny shapes few programs (the interpreter's time is per
     program), down split over K."""
@@ -376,10 +373,8 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     named = set(fuse.split(","))
     # "rope" needs no GEMV (5 rows: the input transforms are off) and is dropped beside "norm"
     # "heads" only where a head is one group of 128 channels (here 32: dropped)
-    expected = (named - {"rope"} if "norm" in named else named) - {"heads"} - ({"mlp"} if "silu" in named else set())
-    assert fast._fused_inputs(2) == expected
-    # at 5 rows the input transforms are off, so "mlp" (with the plain path) stays beside "silu"
-    assert fast._fused_inputs(5) == named & {"rope", "mlp"} and eager._fused_inputs(2) == named & {"rope"}
+    assert fast._fused_inputs(2) == (named - {"rope"} if "norm" in named else named) - {"heads"}
+    assert fast._fused_inputs(5) == named & {"rope"} and eager._fused_inputs(2) == named & {"rope"}
     ids = torch.randint(3, 300, (2, 2), device=DEV)
     ce, cf, cu = (eager.new_cache(2, 8) for _ in range(3))
     fused = [fast.decode_step(ids[:, i], cf) for i in range(2)]
@@ -476,6 +471,5 @@ def test_fuse_choice():
     assert fuse_choice("none") == set() and fuse_choice("silu") == {"silu"}
     assert fuse_choice(" norm , silu ") == {"norm", "silu"}
     assert fuse_choice("rope,heads") == {"rope", "heads"}
-    with pytest.raises(ValueError,
-                       match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, heads, mlp, or none"):
+    with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, heads, or none"):
         fuse_choice("silu,gelu")

@@ -187,8 +187,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persis
               "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
               "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
               "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
-              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0, "STAMPS": False,
-              "SILU": False}
+              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0, "STAMPS": False}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -319,83 +318,3 @@ def test_mma_bulk_compiles_for_sm90(tiles, warps, persist, bulk, tmp_path):
     assert sass.count("HMMA.16816.F32") == 8 * tiles
     shared = int(usage.split("SHARED:")[1].split()[0])
     assert warps * w4_mma.bulk_ring_bytes(tiles, bulk) <= shared <= warps * w4_mma.bulk_ring_bytes(tiles, bulk) + 1024
-
-
-def test_silu_ok_and_plan():
-    """Where the gate_up projection can end in the fused SiLU (:func:`silu_ok`): one row, 128-channel blocks in both
-    halves, row blocks that divide 128 and ``N``, a split grid (the tables' stream-K gate_up configs faulted on the
-    H200, so they do not take it); a launch plan asked for it elsewhere is a one-line error."""
-    from runtime.kernels import w4_mma
-
-    for n, k in ((22016, 4096), (27648, 5120)):
-        assert not w4_mma.silu_ok(w4_mma.MMA_TABLE[n, k, 1], n, 1)  # the tables' stream-K grids: not taken
-        cfg = w4_mma.MmaConfig(1, 2, 4)
-        assert w4_mma.silu_ok(cfg, n, 1) and not w4_mma.silu_ok(cfg, n, 2)
-        assert w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, silu=True)[1]["SILU"]
-    assert w4_mma.silu_ok(w4_mma.MmaConfig(4, 2, 1), 22016, 1)  # 128-row blocks
-    assert not w4_mma.silu_ok(w4_mma.MmaConfig(8, 2, 1), 22016, 1)  # 256-row blocks span two SiLU blocks
-    assert not w4_mma.silu_ok(w4_mma.MmaConfig(1, 2, 1), 22016 + 128, 1)  # a half of 11072: not 128-channel blocks
-    with pytest.raises(ValueError, match="fused SiLU"):
-        w4_mma.launch_plan(w4_mma.MmaConfig(8, 2, 1), 22016, 4096, 1, (64, 2, 1), (64, 2, 1), 132, True, True,
-                           silu=True)
-
-
-@pytest.mark.parametrize("persist", [True, False])
-def test_silu_epilogue_compiles_for_sm90(persist, tmp_path):
-    """Without a GPU: the gate_up GEMV with the fused SiLU (the 7B table config, stream-K, and a split grid): after
-    the sums' atomics, a fenced count (an atomic add) a range and, in the branch of the range that completes a block,
-    a fenced atomic exchange (the flag), once a range body (stream-K inlines two; ptxas may merge the branches); none
-    of it without; no spills."""
-    pytest.importorskip("triton")
-    from runtime.kernels import overlap, w4_mma
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    n, k = 22016, 4096
-    cfg = w4_mma.MMA_TABLE[n, k, 1] if persist else w4_mma.MmaConfig(4, 2, 4)
-    consts = {**w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True)[1], "SILU": True}
-    kinds = {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32", "h_ptr": "*fp16", "cnt_ptr": "*i32"}
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, kinds, "i32", cfg.warps, tmp_path)
-    plain, _ = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True, "SILU": False}, kinds, "i32", cfg.warps,
-                         tmp_path)
-    lines = sass.splitlines()
-    exch = [i for i, line in enumerate(lines) if "ATOMG.E.EXCH" in line]
-    counts = [i for i, line in enumerate(lines) if "ATOMG.E.ADD.STRONG.GPU" in line]  # the sums' atomics are REDG
-    assert "LOCAL:0" in usage and exch and "ATOMG.E.EXCH" not in plain and "ATOMG.E.ADD" not in plain
-    for i in exch + counts:  # each released: a fence just before (ptxas places the branch's body apart)
-        assert any("MEMBAR" in line for line in lines[i - 8:i]), lines[i - 8:i + 1]
-    assert sass.count("MEMBAR") == len(exch) + len(counts) and len(counts) >= len(exch) and "MEMBAR" not in plain
-
-
-@gpu
-@pytest.mark.parametrize("config", [(1, 2, 8), (4, 2, 16), (4, 1, 3), (2, 2, 1)])
-@pytest.mark.parametrize("layout", ["row", "group"])
-def test_silu_epilogue_matches_silu_mul(config, layout):
-    """The fused SiLU (``silu = (h, flags, epoch)``, one row) against the plain GEMV then ``misc.silu_mul``: the same
-    ``h`` (the sums added in another order: float32 ulps, a rare float16 rounding flip), the gate_up sums left
-    zeroed, every block's flag at the epoch, the counts back at zero; twice (the second launch's epoch is new)."""
-    from runtime.kernels import misc, w4_mma
-
-    n, k = 2 * 640, 576  # 5 blocks of 128 channels; a ragged last group
-    qw, s, z, w = _weight(n, k, seed=3)
-    if layout == "group":
-        qw, s, z = quant.group_major(qw, s, z)
-    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    ref = misc.silu_mul(w4_mma.w4_mma_accumulate(x, qw, s, z, 128, torch.zeros(1, n, device="cuda"),
-                                                  config=config), torch.float16)
-    exact = misc.silu_mul((x.double() @ w.T).float(), torch.float16)
-    flags = torch.zeros(8, dtype=torch.int32, device="cuda")
-    out = torch.zeros(1, n, device="cuda")
-    for epoch in (5, 6):
-        h = torch.empty(1, n // 2, device="cuda", dtype=torch.float16)
-        ep = torch.tensor([epoch], dtype=torch.int32, device="cuda")
-        w4_mma.w4_mma_accumulate(x, qw, s, z, 128, out, config=config, silu=(h, flags, ep))
-        torch.cuda.synchronize()
-        assert _rel(h, ref) < 2e-3 and _rel(h, exact) < 2e-3 and not out.any()
-        assert flags[:5].tolist() == [epoch] * 5 and not flags[5:].any()
-        assert not w4_mma._block_counts("cuda", 5)[:5].any()
-    with pytest.raises(ValueError, match="silu must be"):
-        w4_mma.w4_mma_accumulate(x, qw, s, z, 128, out, config=config, silu=(h.float(), flags, ep))
-    with pytest.raises(ValueError, match="fused SiLU"):
-        w4_mma.w4_mma_accumulate(x.expand(2, k).contiguous(), qw, s, z, 128, torch.zeros(2, n, device="cuda"),
-                                 config=config, silu=(h, flags, ep))

@@ -708,15 +708,12 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
 
 def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scale: float, out_dtype,
                    splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None,
-                   bits: int = 4, ahead: tuple[torch.Tensor, ...] = (),
-                   ready: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   bits: int = 4, ready: tuple[torch.Tensor, torch.Tensor] | None = None):
     """:func:`rope_append` and :func:`decode_attention` in one kernel launch: the attention programs rope the
     token's query, key and value from the projection's output ``qkv [B, (Hq + 2 Hkv) D]`` (float32) at position
     ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
     (POQ), and one program per KV head appends the token's key and value at slot ``pos``, as :func:`rope_append`
-    would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates). ``ahead``: up to three
-    tensors the next kernel reads (the output projection's weights), which the tensor-core kernel's programs ask
-    the L2 for where ``WKVQ_ATTN_AHEAD`` says (:func:`runtime.kernels.kv4_mma.ahead_at`; off by default).
+    would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates).
     ``ready = (flags, epoch)``: ``int32 [B * Hkv]`` per-KV-head flags, each set to the step's ``epoch`` (``int32
     [1]``, a different value every step) once that head's output is stored (by the tensor-core kernel's combining
     program, else after the launch): the output projection may then start on a head without waiting for the whole
@@ -729,7 +726,7 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
         raise ValueError(f"qkv must be float32 [{b}, {(num_heads + 2 * hkv) * d}] with unit stride, got {qkv.dtype} "
                          f"{list(qkv.shape)}")
     return _attention(b, num_heads, d, None, None, None, (qkv, cos, sin), store, pos, kv_params, sm_scale, out_dtype,
-                      splits, block_s, num_warps, ahead, ready)
+                      splits, block_s, num_warps, ready)
 
 
 def _split_kernel(cfg: AttnConfig) -> AttnConfig:
@@ -741,7 +738,7 @@ def _split_kernel(cfg: AttnConfig) -> AttnConfig:
 
 
 def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
-               num_warps, ahead=(), ready=None):
+               num_warps, ready=None):
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
     device = store.k_codes.device
     if isinstance(splits, AttnConfig):
@@ -784,7 +781,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
-                       keys_a=cfg.keys_a, ahead=ahead if cfg.combine else (), ready=ready if cfg.combine else None,
+                       keys_a=cfg.keys_a, ready=ready if cfg.combine else None,
                        stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m

@@ -99,8 +99,6 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
-TRIGGER_AT_ENV = "WKVQ_ATTN_TRIGGER_AT"  # start / end / N: where "attn_trigger" lets the next kernel launch (trigger_at)
-AHEAD_ENV = "WKVQ_ATTN_AHEAD"  # off / end / N: where the programs ask the L2 for the next kernel's weights (ahead_at)
 # Programs a multiprocessor over the grid's even share that the cap allows. At the even share exactly a
 # multiprocessor that the kernel before still holds when the last programs are placed makes them wait for it: 13B
 # b1 p32768 4.94 ms early against 4.65 launched late; one over it, 4.59-4.63 (7B 2.69-2.78 against 2.74-2.84),
@@ -135,43 +133,6 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
         f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
-
-
-def _tiles_left(env: str, first: str) -> int:
-    """A program's point in its tiles named by the environment variable ``env``: ``first`` (its default: -1),
-    "end" (after its tiles: 0) or a positive number ``N`` (when ``N`` of its tiles are left); another value is a
-    one-line ``ValueError``."""
-    value = os.environ.get(env, "").strip() or first
-    if value in (first, "end"):
-        return -1 if value == first else 0
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{env}={value!r}: use {first}, end or a positive number of tiles before the end")
-    return int(value)
-
-
-def trigger_at() -> int:
-    """``WKVQ_ATTN_TRIGGER_AT``: where a program of the tensor-core attention lets the next kernel launch when the
-    PDL kind "attn_trigger" is on, as the kernel's ``TRIGGER_LEFT`` (:func:`_tiles_left`): "start" (default, first
-    thing: -1), "end" (after its tiles: 0) or ``N`` tiles before their end (the next kernel's programs launch and
-    preload before the attention ends). Measured at 7B b1 p32768 (nineteenth and twenty-first sessions,
-    benchmarks/results/r24): "end" with o on four-warp programs not faster (2.816 / 2.820 ms against 2.781 / 2.785);
-    two tiles ahead 2.659-2.684 against 2.737-2.740 in one run, with o on one-warp programs 2.666-2.670 there but
-    2.702-2.710 against 2.704-2.710 in another; slower at 13B b1 (4.669 against 4.544) and at 7B b8 (10.90 against
-    10.72)."""
-    return _tiles_left(TRIGGER_AT_ENV, "start")
-
-
-def ahead_at() -> int:
-    """``WKVQ_ATTN_AHEAD``: where a program of the tensor-core attention asks the L2 for its share of the tensors
-    the next kernel reads (``ahead`` of :func:`launch`: the output projection's weights in the decode step), as the
-    kernel's ``AHEAD`` (:func:`_tiles_left`): "off" (default: -1), "end" (after its tiles: 0) or ``N`` tiles before
-    their end. The idea: the attention's last tiles leave DRAM idle while its programs drain; the projection after
-    it then reads its weights from the L2. Measured at 7B b1 p32768 (twenty-first session): alone no faster
-    (2.700-2.724 ms against 2.704-2.710), "end" beside o triggered two tiles ahead on one-warp programs 2.647-2.657
-    (the best of that run; the trigger alone 2.702-2.710 there); beside "heads" (runtime.fast; twenty-second
-    session, benchmarks/results/r25) "end" 2.607 / 2.605 against 2.652 / 2.624, alternated: not yet measured at
-    p2048, b8 or 13B, so still off."""
-    return _tiles_left(AHEAD_ENV, "off")
 
 
 def _cap_on() -> bool:
@@ -613,31 +574,14 @@ def _store_dims(row, i, A, pq, mask):
 
 
 @triton.jit
-def _ask_share(ptr, n, me, programs):
-    """Program ``me`` of ``programs`` asks the L2 for its share of the ``n`` bytes at ``ptr`` (16-byte aligned):
-    ``programs`` contiguous shares of a multiple of 16 bytes (the last ones shorter or empty)."""
-    share = tl.cdiv(tl.cdiv(n, programs), 16) * 16
-    overlap.prefetch_range(ptr, me * share, (me + 1) * share, n, 1)
-
-
-@triton.jit
-def _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n):
-    """:func:`_ask_share` of each of the three byte ranges (the next projection's codes, scales and zeros)."""
-    _ask_share(nx0_ptr, nx0_n, me, programs)
-    _ask_share(nx1_ptr, nx1_n, me, programs)
-    _ask_share(nx2_ptr, nx2_n, me, programs)
-
-
-@triton.jit
 def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
                      m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                      QG: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr,
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
-                     KEYS_A: tl.constexpr = False, TRIGGER_LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
-                     nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None,
-                     ep_ptr=None, READY: tl.constexpr = False, stamp_ptr=None, STAMPS: tl.constexpr = False):
+                     KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
+                     stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -646,18 +590,14 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     one more program per KV head (split ``NSPLIT``) appends the token's key and value to the cache at slot
     ``length`` (:func:`runtime.kernels.kv4._append_kv`), which no program of this launch reads (past only; the
     stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
-    launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER_LEFT`` (with
-    ``TRIGGER``, :func:`trigger_at`): -1, a program lets the next kernel launch first thing; 0, after its tiles
-    (before its partials' stores and the combine); ``N``, when ``N`` of its tiles are left: the next kernel's programs
-    arrive when the attention's are all placed (the append program lets it by ending). ``AHEAD`` (:func:`ahead_at`):
-    -1 nothing; else each attention program asks the L2 for its share of the ``nx*_n`` bytes at ``nx*_ptr`` (the
-    next kernel's weights) after its tiles (0) or when ``AHEAD`` of them are left (:func:`_ask_ahead`). ``READY``
+    launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER``: each program lets the
+    next kernel launch first thing (it waits for the heads' flags, ``READY``, or for this kernel). ``READY``
     (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
     epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
     (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
     its end)."""
-    overlap.launch_dependents(TRIGGER and TRIGGER_LEFT < 0)
+    overlap.launch_dependents(TRIGGER)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
     me = bk + sp * tl.num_programs(0)
@@ -667,8 +607,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, TRIGGER_LEFT if TRIGGER else -1, nx0_ptr, nx0_n, nx1_ptr,
-                nx1_n, nx2_ptr, nx2_n, AHEAD, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -690,12 +629,9 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
-            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, LEFT: tl.constexpr = -1, nx0_ptr=None, nx0_n=0,
-            nx1_ptr=None, nx1_n=0, nx2_ptr=None, nx2_n=0, AHEAD: tl.constexpr = -1, ready_ptr=None, ep_ptr=None,
-            READY: tl.constexpr = False, stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
-    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`; ``LEFT`` >= 0: it lets the next
-    kernel launch when ``LEFT`` of its tiles are left (0: after them; at once with no tiles), exactly once;
-    ``AHEAD`` >= 0: likewise, it asks the L2 for its share of the next kernel's tensors (:func:`_ask_ahead`)."""
+            STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
+    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
     length = tl.load(len_ptr)
@@ -751,16 +687,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     pm = f0
     A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
-    trig_it = tl.maximum(ntiles - LEFT, 0)
-    ahead_it = tl.maximum(ntiles - AHEAD, 0)
-    programs = NSPLIT * tl.num_programs(0)  # the attention programs (``me``: this one's row among them)
     for it in range(ntiles):
-        if LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-            if it == trig_it:
-                overlap.launch_dependents(True)
-        if AHEAD > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-            if it == ahead_it:
-                _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
         _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
                STAGES, ISSUE)
         st = it % STAGES
@@ -793,16 +720,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
              R[32], R[33], R[34])
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 2, 4)
-    if LEFT == 0:
-        overlap.launch_dependents(True)
-    elif LEFT > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-        if ntiles == 0:  # no tile: the loop did not let it
-            overlap.launch_dependents(True)
-    if AHEAD == 0:
-        _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
-    elif AHEAD > 0:  # noqa: SIM102 - a constexpr test around a runtime one
-        if ntiles == 0:  # no tile: the loop did not ask
-            _ask_ahead(me, programs, nx0_ptr, nx0_n, nx1_ptr, nx1_n, nx2_ptr, nx2_n)
     if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
         lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
@@ -840,8 +757,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
-           trigger: bool = False, keys_a: bool = False, ahead: tuple[torch.Tensor, ...] = (),
-           ready: tuple[torch.Tensor, torch.Tensor] | None = None, stamps_kind: str | None = None) -> None:
+           trigger: bool = False, keys_a: bool = False, ready: tuple[torch.Tensor, torch.Tensor] | None = None,
+           stamps_kind: str | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -849,9 +766,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at one over the grid's even share
     (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early
-    (where: :func:`trigger_at`); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
-    ``ahead``: up to three contiguous tensors the next kernel reads, asked of the L2 where :func:`ahead_at` says (on
-    Hopper, where each is 16-byte aligned; else not asked); ``ready = (flags, epoch)`` (with ``combine``): ``int32
+    (the programs let it first thing); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
+    ``ready = (flags, epoch)`` (with ``combine``): ``int32
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
     output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
     (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
@@ -862,8 +778,6 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     grid = (b * hkv, splits + (rope is not None))
     cap = even_cap(grid[0] * grid[1], multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
-    trigger_left = trigger_at() if trigger else -1
-    at, nx = ahead_at(), ahead_args(ahead, m)
     on = bool(stamps_kind) and stamps.enabled()
     st = stamps.buffer(store.k_codes.device, stamps_kind, grid[0] * grid[1]) if on else None
     _attn_mma_kernel[grid](
@@ -872,21 +786,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         qkv.stride(0) if rope is not None else 0,
         HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
-        TRIGGER_LEFT=trigger_left, nx0_ptr=nx[0], nx0_n=nx[1], nx1_ptr=nx[2], nx1_n=nx[3], nx2_ptr=nx[4], nx2_n=nx[5],
-        AHEAD=at if nx[1] or nx[3] or nx[5] else -1, ready_ptr=ready[0] if ready is not None else counts,
+        ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
         **overlap.options(pdl))
 
-
-def ahead_args(ahead: tuple[torch.Tensor, ...], dummy: torch.Tensor) -> tuple:
-    """The kernel's ``nx*_ptr, nx*_n`` arguments for ``ahead`` (up to three tensors): each as bytes where it is
-    contiguous, 16-byte aligned and on a Hopper GPU, else ``dummy`` and 0 bytes (not asked)."""
-    if len(ahead) > 3:
-        raise ValueError(f"the attention asks the L2 for at most three tensors ahead, got {len(ahead)}")
-    out = []
-    for t in (*ahead, *(None,) * (3 - len(ahead))):
-        ok = (t is not None and t.is_contiguous() and t.data_ptr() % 16 == 0 and overlap.hopper(t.device)
-              and t.numel() * t.element_size() >= 16)
-        out += [t.view(-1).view(torch.uint8), t.numel() * t.element_size()] if ok else [dummy, 0]
-    return tuple(out)

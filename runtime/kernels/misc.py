@@ -51,14 +51,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype=None,
 
 
 @triton.jit
-def silu_times(g, u, OUT: tl.constexpr):
-    """``silu(g) * u`` of float32 ``g``, ``u`` in ``OUT``, the SiLU rounded to ``OUT`` before the product (the
-    decode step's roundings: :func:`silu_mul`, and the gate_up GEMV's fused epilogue)."""
-    act = (g / (1.0 + tl.exp(-g))).to(OUT).to(tl.float32)
-    return (act * u).to(OUT)
-
-
-@triton.jit
 def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr, CLEAR: tl.constexpr,
                      PDL: tl.constexpr):
     overlap.launch_dependents(PDL)
@@ -68,7 +60,8 @@ def _silu_mul_kernel(gu_ptr, y_ptr, N, stride_gu, stride_y, BLOCK: tl.constexpr,
     mask = cols < N
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, silu_times(g, u, y_ptr.dtype.element_ty), mask=mask)
+    silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=mask)
     if CLEAR:  # each element is zeroed by the thread that read it
         tl.store(gu_ptr + row * stride_gu + cols, tl.zeros_like(g).to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(gu_ptr + row * stride_gu + N + cols, tl.zeros_like(u).to(gu_ptr.dtype.element_ty), mask=mask)

@@ -31,10 +31,9 @@ early (``kv4_mma.even_cap``, ``kv4_mma.cap_bytes``): at the grid's even share it
 at 13B (the last programs waiting for a multiprocessor the GEMV before still held); one program over the even share,
 -0.05 ms at p32768 at 7B and at 13B, p2048 within the spread (perhaps +0.02), batch 8 unchanged (twentieth
 session): in the default since then.
-The split kernel has no cap and stays off by default. "attn_trigger" is slower (3.88 ms), not measured why;
-triggered after the tiles instead (``WKVQ_ATTN_TRIGGER_AT=end``, ``kv4_mma.trigger_at``; or ``N`` tiles before
-their end) it was not faster either (nineteenth session, "end", o on four-warp programs), two tiles ahead
-inconsistent at 7B b1 and slower at 13B b1 and 7B b8 (twenty-first session). With the per-head ready flags
+The split kernel has no cap and stays off by default. "attn_trigger" alone is slower (3.88 ms), not measured why;
+triggered after the tiles instead, or a few tiles before their end, it was not faster either (nineteenth and
+twenty-first sessions; the knob, ``WKVQ_ATTN_TRIGGER_AT``, was removed in the twenty-third). With the per-head ready flags
 (``runtime.fast`` fusion "heads", the default at 7B's shapes) the attention lets the output projection launch at
 once, whose programs then wait for their heads' flags instead of ``griddepcontrol.wait``. The prefetches are config
 fields of the kernels that issue them (``GemvConfig.l2``, ``AttnConfig.l2_ahead``). The tensor-core GEMV

@@ -693,24 +693,6 @@ class GemvW4(W4Weight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)
 
-    def accumulate_then_silu(self, x: torch.Tensor, out: torch.Tensor, dt: torch.dtype, flags: torch.Tensor,
-                             epoch: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """The gate_up projection and its SiLU: ``out [M, 2I] += x @ W^T`` (``out`` zero before and after) and
-        ``h = silu(gate) * up`` in ``dt``. Returns ``h`` and, where the tensor-core GEMV wrote ``h`` in blocks as
-        their sums completed (one row, :func:`runtime.kernels.w4_mma.silu_fusable`), the down projection's ``ready``
-        ``(flags, epoch, 1)``: block ``b`` of ``h`` is written once ``flags[b]`` holds ``epoch``; else ``None``
-        after :meth:`accumulate` and :func:`runtime.kernels.misc.silu_mul` (which zeroes ``out``)."""
-        from . import misc, w4_mma
-
-        if w4_mma.mma_enabled() and w4_mma.silu_fusable(x, self.qweight, self.scales, self.zeros, self.group_size,
-                                                        self.bias) and dt == torch.float16:
-            h = torch.empty(1, out.shape[1] // 2, dtype=dt, device=x.device)
-            w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
-                                     silu=(h, flags, epoch))
-            return h, (flags, epoch, 1)
-        self.accumulate(x, out)
-        return misc.silu_mul(out, dt, clear=True), None
-
     def fuses_inputs(self, m: int) -> bool:
         """Whether :meth:`accumulate_rmsnorm` and :meth:`accumulate_silu` take ``m`` rows (:func:`shape_ok`)."""
         return shape_ok(m, self.in_features, self.qweight)

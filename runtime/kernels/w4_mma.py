@@ -50,12 +50,6 @@ With ``ready`` flags (the output projection after the attention, :func:`w4_mma_a
 fusion "heads"), a preloading program waits for its groups' flags instead of the kernel before: the attention
 launches it at once and flags each head as it completes, so o's programs start on the heads that are done (7B b1
 p32768 on an H200: 2.75-2.76 -> 2.66-2.70 ms a step, twenty-first session).
-
-With ``silu`` (the gate_up projection at one row; the decode step's fusion "mlp", off by default) the kernel also
-writes ``silu(gate) * up`` a 128-channel block at a time, as each block's sums complete, and flags the block: the
-producer side of the same flags, for the down projection (:func:`_silu_if_last`). Correct on split grids; the
-stream-K grids fault on the H200 (twenty-second session, ``benchmarks/silu_probe.py``), so :func:`silu_ok` refuses
-them. Its speed is not yet measured.
 """
 
 from __future__ import annotations
@@ -70,16 +64,7 @@ import triton
 import triton.language as tl
 
 from .. import quant
-from . import (
-    cuda_major,
-    env_tables,
-    misc,
-    multiprocessors,
-    overlap,
-    stamps,
-    sweep_table,
-    zeroed_counts,
-)
+from . import cuda_major, env_tables, multiprocessors, overlap, stamps, sweep_table
 
 GROUP = 128
 MMA_MAX_ROWS = 8
@@ -905,7 +890,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
            PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
            BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
-           STAMPS: tl.constexpr, h_ptr, cnt_ptr, SILU: tl.constexpr):
+           STAMPS: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -916,8 +901,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     shared ring (:func:`_bulk_issue_asm`, ``BULK - 1`` groups ahead, the first ones before the PDL wait); the
     threads read their words from it (:func:`_bulk_read_asm`) and their ``x`` from global memory. ``RQG`` > 0
     (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
-    before its ``x``, or first thing in a stream-K share's later ranges). ``SILU``: then counts its part towards
-    the rows' block of ``silu(gate) * up`` (:func:`_silu_if_last`; ``rdy_ptr``: the blocks' flags to set)."""
+    before its ``x``, or first thing in a stream-K share's later ranges)."""
     if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
         if not PRE:
             _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
@@ -1007,35 +991,6 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         _store_acc(y_ptr, A[5], row + 16, row0, n + 1, N, M, stride_ym, ATOMIC)
         _store_acc(y_ptr, A[6], row + 24, row0, n, N, M, stride_ym, ATOMIC)
         _store_acc(y_ptr, A[7], row + 24, row0, n + 1, N, M, stride_ym, ATOMIC)
-    if SILU:
-        _silu_if_last(y_ptr, h_ptr, cnt_ptr, rdy_ptr, epoch, N, tl.cdiv(K, 128), row0, g_hi - g_lo,
-                      NT // 32 * 16 * TILES)
-
-
-@triton.jit
-def _silu_if_last(y_ptr, h_ptr, cnt_ptr, flag_ptr, epoch, N, G, row0, groups, ROWS: tl.constexpr):
-    """The fused gate_up projection's epilogue (one row of ``x``; ``y [1, N]`` float32: gate, then up): a range of
-    ``ROWS`` rows from ``row0`` (inside one 128-row block of the gate or the up half) over ``groups`` groups counts
-    ``ROWS * groups`` at its block's count in ``cnt_ptr`` (``acq_rel``, after every thread's sums are added); the
-    range that completes block ``b`` (``2 * 128 * G`` in all: gate rows ``128 b ..`` and up rows ``N / 2 + 128 b ..``
-    over all ``G`` groups) writes ``h[128 b ..] = silu(gate) * up`` (the arithmetic and roundings of
-    :func:`runtime.kernels.misc.silu_mul`), zeroes those sums and the count for the next launch, then sets the
-    block's flag at ``flag_ptr`` to ``epoch`` (``release``): group ``b`` of the down projection's input is there
-    (:func:`_wait_ready`)."""
-    half = N // 2
-    blk = (row0 % half) // 128
-    units = ROWS * groups
-    tl.debug_barrier()  # every thread's sums added before the count (released by it)
-    if tl.atomic_add(cnt_ptr + blk, units, sem="acq_rel") == 256 * G - units:
-        c = blk * 128 + tl.arange(0, 128)
-        g = tl.load(y_ptr + c, cache_modifier=".cg")
-        u = tl.load(y_ptr + half + c, cache_modifier=".cg")
-        tl.store(h_ptr + c, misc.silu_times(g, u, h_ptr.dtype.element_ty))
-        tl.store(y_ptr + c, tl.zeros_like(g))
-        tl.store(y_ptr + half + c, tl.zeros_like(u))
-        tl.store(cnt_ptr + blk, 0)
-        tl.debug_barrier()  # every thread's h stored before the flag (released by it)
-        tl.atomic_xchg(flag_ptr + blk, epoch, sem="release")
 
 
 
@@ -1050,7 +1005,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
                  PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
                  BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
-                 STAMPS: tl.constexpr, h_ptr, cnt_ptr, SILU: tl.constexpr):
+                 STAMPS: tl.constexpr):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -1059,8 +1014,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX,
-           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS,
-           h_ptr, cnt_ptr, SILU)
+           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     return w + (g_hi - g_lo)
 
 
@@ -1075,8 +1029,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
                    BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r", rdy_ptr=None, ep_ptr=None,
-                   RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False, h_ptr=None, cnt_ptr=None,
-                   SILU: tl.constexpr = False):
+                   RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -1092,10 +1045,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     waiting for the kernel before, its loads are coherent (``x`` changes while the kernel runs), and the program
     waits for the kernel before only at its end (so that its completion still implies the earlier kernels').
     ``STAMPS``: each program writes ``%globaltimer`` at its start, before its first ``x`` and at its end into row
-    :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`). ``SILU`` (one row, the gate_up projection):
-    each range then counts its part of its 128-row block, and the range that completes a block writes its
-    ``silu(gate) * up`` into ``h_ptr`` and sets its flag in ``rdy_ptr`` to the epoch at ``ep_ptr``
-    (:func:`_silu_if_last`; ``cnt_ptr``: the blocks' counts, zero before and after)."""
+    :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`)."""
     overlap.launch_dependents(PDL)
     if STAMPS:
         stamps.stamp(stamp_ptr, _program(), 0, 3)
@@ -1103,7 +1053,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         overlap.wait_prior(PDL)
         if STAMPS:
             stamps.stamp(stamp_ptr, _program(), 1, 3)
-    if RQG > 0 or SILU:
+    if RQG > 0:
         epoch = tl.load(ep_ptr)
     else:
         epoch = 0
@@ -1119,20 +1069,20 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, h_ptr, cnt_ptr, SILU)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                              SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, h_ptr, cnt_ptr, SILU)
+                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
                SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD,
-               BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, h_ptr, cnt_ptr, SILU)
+               BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -1164,20 +1114,15 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
                 gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
-                ready_qg: int = 0, stamps: bool = False, silu: bool = False) -> tuple[tuple[int, int], dict]:
+                ready_qg: int = 0, stamps: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
     launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
     preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags); ``stamps``: the
-    programs write timestamps (:mod:`runtime.kernels.stamps`); ``silu``: the gate_up projection's epilogue
-    (:func:`_silu_if_last`; one row, ``n / 2`` a multiple of 128, row blocks of at most 128 rows that divide 128 and
-    ``n``). Pure: what
+    programs write timestamps (:mod:`runtime.kernels.stamps`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
     rows = 16 * cfg.tiles * cfg.warps
-    if silu and not silu_ok(cfg, n, m):
-        raise ValueError(f"MmaConfig {cfg}: the fused SiLU takes one row of x, N a multiple of 256 and row blocks "
-                         f"that divide 128 and N; got M {m}, N {n}, {rows}-row blocks")
     fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
     strides = row_strides if fixed else None
     ragged = k % GROUP != 0
@@ -1213,51 +1158,19 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
         "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
         "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
-        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg, "STAMPS": stamps, "SILU": silu}
-
-
-def silu_ok(cfg: MmaConfig, n: int, m: int, stream_k: bool = False) -> bool:
-    """Whether a launch of ``cfg`` on ``n`` rows (gate, then up) with ``m`` rows of ``x`` can end in the fused SiLU
-    (:func:`_silu_if_last`): one row, 128-channel blocks of both halves, each program's row block inside one of
-    them (no last block shifted down), and a split grid (not stream-K, unless ``stream_k``: for
-    ``benchmarks/silu_probe.py``, which probes their fault)."""
-    rows = 16 * cfg.tiles * cfg.warps
-    # stream-K grids (persist) fault in the epilogue on the H200 (benchmarks/silu_probe.py, twenty-second session:
-    # an illegal address at every persist config, none at split grids; not yet understood): not taken
-    return m == 1 and n % 256 == 0 and 128 % rows == 0 and n % rows == 0 and (stream_k or not cfg.persist)
-
-
-def silu_fusable(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`w4_mma_accumulate` takes these operands (:func:`mma_ok`) with ``silu``: at the config it
-    launches for them (:func:`default_mma_config`, the tables), :func:`silu_ok`."""
-    if not mma_ok(x2, qweight, scales, zeros, group_size, bias):
-        return False
-    n, k, m = qweight.shape[0], x2.shape[1], x2.shape[0]
-    return silu_ok(default_mma_config(n, k, m), n, m)
-
-
-def _block_counts(device, n: int) -> torch.Tensor:
-    """The fused SiLU's per-block counts (:func:`runtime.kernels.zeroed_counts`: the range that completes a block
-    sets its count back)."""
-    return zeroed_counts("silu blocks", device, n)
+        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg, "STAMPS": stamps}
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
                       ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                      stamps_kind: str | None = None,
-                      silu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      stamps_kind: str | None = None) -> torch.Tensor:
     """``out [M, N] (float32) += x2 [M, K] @ W^T`` on the tensor cores (see :func:`mma_ok`); returns ``out``.
     ``ready = (flags, epoch, qg)``: ``x2`` is being written by the kernel before (launched with PDL, it lets this one
     launch early), group ``g`` of it complete once ``flags[g // qg]`` (``int32``) holds ``epoch`` (``int32 [1]``;
     :func:`runtime.kernels.kv4.rope_attention`'s ``ready``): at one row with the weight preload each program waits
     for its groups' flags instead of the whole kernel before (:func:`launch_plan`). ``stamps_kind``: where
-    ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`).
-    ``silu = (h, flags, epoch)`` (one row; ``out`` the gate_up sums ``[1, 2I]``, zero before): the kernel also
-    writes ``h [1, I] = silu(gate) * up`` in 128-channel blocks as each block's sums complete, leaves ``out`` zeroed
-    and sets ``flags[b]`` (``int32 [I / 128]``) to ``epoch`` once block ``b`` of ``h`` is written: the down
-    projection's ``ready`` (:func:`_silu_if_last`, :func:`silu_ok`)."""
+    ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`)."""
     if not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1283,22 +1196,12 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                 or flags.numel() < -(-g // qg) or epoch.numel() != 1 or qg < 1):
             raise ValueError(f"ready must be (int32 flags of at least {g} groups / qg, int32 epoch [1], qg >= 1); got "
                              f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
-    if silu is not None:
-        h, flags, epoch = silu
-        if (ready is not None or h.dtype != torch.float16 or tuple(h.shape) != (1, n // 2) or not h.is_contiguous()
-                or flags.dtype != torch.int32 or flags.numel() < n // 256 or epoch.dtype != torch.int32
-                or epoch.numel() != 1):
-            raise ValueError(f"silu must be (float16 h [1, {n // 2}], int32 flags of at least {n // 256} blocks, "
-                             f"int32 epoch [1]) and ready None; got h {h.dtype} {list(h.shape)}, flags "
-                             f"{flags.dtype} {list(flags.shape)}, epoch {epoch.dtype} {list(epoch.shape)}")
     on = bool(stamps_kind) and stamps.enabled()
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device), qg, on, silu is not None)
-    rdy = (flags, epoch) if consts["RQG"] or silu is not None else (out, out)  # unused without RQG or SILU
-    fused = (silu[0], _block_counts(x2.device, n // 256)) if silu is not None else (out, out)
+                               overlap.hopper(x2.device), qg, on)
+    rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
     _w4_mma_kernel[grid](x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides,
-                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], stamp_ptr=st if on else out, h_ptr=fused[0],
-                         cnt_ptr=fused[1], **consts,
+                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], stamp_ptr=st if on else out, **consts,
                          num_warps=cfg.warps, **pdl_opts)
     return out

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Twenty-third session, one H200 (device tool, carry .gpu/whl). Results in $OUT. Parts, e.g.
+# OUT=$OUT bash benchmarks/h200_round23.sh tests stages final:
+#   tests   the attention's (rope form) and the decode step's GPU tests after the removal of the fused SiLU ("mlp")
+#           and of the attention's WKVQ_ATTN_AHEAD / WKVQ_ATTN_TRIGGER_AT knobs (the GEMVs' sm_90 SASS is unchanged)
+#   stages  7B b1 p32768: more of each attention program's first tiles issued before its PDL wait (the ring's
+#           stages, benchmarks/variants/attn_b1_32k_{s3,t32s4,t128s2}.json) against the default, alternated
+#   final   the record table (7B, 13B), then fp16 StaticCache + torch.compile at 7B b1 in the same machine session
+#   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
+source "$(dirname "$0")/h200_lib.sh"
+V=benchmarks/variants
+for part in "$@"; do case $part in
+tests)
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "mma_rope or heads_ready or fast_decode or decode_graph or stamps" > "$o/tests_attn.txt" 2>&1
+  mark "attention/decode tests: $(tail -1 "$o/tests_attn.txt")"; grep -B5 -A25 "^E  \|Error" "$o/tests_attn.txt" | head -40 ;;
+stages)
+  for r in 1 2; do
+    bench --batches 1 --prompts 32768 --json "$o/st_default_$r.json"; mark "default $r"
+    for v in s3 t32s4 t128s2; do
+      WKVQ_ATTN_TABLE=$V/attn_b1_32k_$v.json bench --batches 1 --prompts 32768 --json "$o/st_${v}_$r.json"
+      mark "$v $r"
+    done
+  done ;;
+final)
+  record
+  timeout 400 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
+    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -6; mark "fp16 compiled" ;;
+fp16)
+  timeout 500 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
+    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -6; mark "fp16 compiled" ;;
+esac; done
