@@ -5,6 +5,9 @@
 #           and of the attention's WKVQ_ATTN_AHEAD / WKVQ_ATTN_TRIGGER_AT knobs (the GEMVs' sm_90 SASS is unchanged)
 #   stages  7B b1 p32768: more of each attention program's first tiles issued before its PDL wait (the ring's
 #           stages, benchmarks/variants/attn_b1_32k_{s3,t32s4,t128s2}.json) against the default, alternated
+#   qkvgrid 7B b1 p32768: qkv on fewer programs a multiprocessor (benchmarks/variants/mma_7b_m1_qkv_{w4p2,w1p8,w1p4}
+#           .json: 2 four-warp, 8 or 4 one-warp, against the table's 16 one-warp), so that the early-launched
+#           attention's programs fit beside qkv's registers and start their tiles while it runs; alternated
 #   final   the record table (7B, 13B), then fp16 StaticCache + torch.compile at 7B b1 in the same machine session
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
@@ -19,6 +22,14 @@ stages)
     bench --batches 1 --prompts 32768 --json "$o/st_default_$r.json"; mark "default $r"
     for v in s3 t32s4 t128s2; do
       WKVQ_ATTN_TABLE=$V/attn_b1_32k_$v.json bench --batches 1 --prompts 32768 --json "$o/st_${v}_$r.json"
+      mark "$v $r"
+    done
+  done ;;
+qkvgrid)
+  for r in 1 2; do
+    bench --batches 1 --prompts 32768 --json "$o/qg_default_$r.json"; mark "default $r"
+    for v in w4p2 w1p8 w1p4; do
+      WKVQ_MMA_TABLE=$V/mma_7b_m1_qkv_$v.json bench --batches 1 --prompts 32768 --json "$o/qg_${v}_$r.json"
       mark "$v $r"
     done
   done ;;
