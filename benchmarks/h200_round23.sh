@@ -12,32 +12,34 @@
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants
+# alternate VAR STEM TAG NAME...: two rounds of 7B b1 p32768, the default, then VAR=$V/STEM<NAME>.json for each NAME
+# (records $o/TAG_<NAME or default>_<round>.json)
+alternate() {
+  local var=$1 stem=$2 tag=$3 r v; shift 3
+  for r in 1 2; do
+    bench --batches 1 --prompts 32768 --json "$o/${tag}_default_$r.json"; mark "default $r"
+    for v in "$@"; do
+      (export "$var=$V/$stem$v.json"; bench --batches 1 --prompts 32768 --json "$o/${tag}_${v}_$r.json")
+      mark "$v $r"
+    done
+  done
+}
+# fp16 StaticCache + torch.compile, 7B b1 p2048 and p32768 (bench_7b_fp16_compiled.json)
+fp16_compiled() {
+  timeout 500 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
+    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -6; mark "fp16 compiled"
+}
 for part in "$@"; do case $part in
 tests)
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     -k "mma_rope or heads_ready or fast_decode or decode_graph or stamps" > "$o/tests_attn.txt" 2>&1
   mark "attention/decode tests: $(tail -1 "$o/tests_attn.txt")"; grep -B5 -A25 "^E  \|Error" "$o/tests_attn.txt" | head -40 ;;
 stages)
-  for r in 1 2; do
-    bench --batches 1 --prompts 32768 --json "$o/st_default_$r.json"; mark "default $r"
-    for v in s3 t32s4 t128s2; do
-      WKVQ_ATTN_TABLE=$V/attn_b1_32k_$v.json bench --batches 1 --prompts 32768 --json "$o/st_${v}_$r.json"
-      mark "$v $r"
-    done
-  done ;;
+  alternate WKVQ_ATTN_TABLE attn_b1_32k_ st s3 t32s4 t128s2 ;;
 qkvgrid)
-  for r in 1 2; do
-    bench --batches 1 --prompts 32768 --json "$o/qg_default_$r.json"; mark "default $r"
-    for v in w4p2 w1p8 w1p4; do
-      WKVQ_MMA_TABLE=$V/mma_7b_m1_qkv_$v.json bench --batches 1 --prompts 32768 --json "$o/qg_${v}_$r.json"
-      mark "$v $r"
-    done
-  done ;;
+  alternate WKVQ_MMA_TABLE mma_7b_m1_qkv_ qg w4p2 w1p8 w1p4 ;;
 final)
-  record
-  timeout 400 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
-    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -6; mark "fp16 compiled" ;;
+  record; fp16_compiled ;;
 fp16)
-  timeout 500 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
-    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -6; mark "fp16 compiled" ;;
+  fp16_compiled ;;
 esac; done
