@@ -52,25 +52,37 @@ def _step_kernel(buf_ptr, P, k, PDL: tl.constexpr):
 
 
 @triton.jit
+def grid_arrive(cnt_ptr):
+    """A flat grid barrier's arrival: the program adds 1 to the counter (release, after a CTA barrier)."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release")
+
+
+@triton.jit
+def grid_wait(cnt_ptr, target, LOAD_POLL: tl.constexpr):
+    """A flat grid barrier's wait: the program polls the counter (acquire; ``LOAD_POLL``: ``ld.acquire.gpu``
+    loads, else ``atom.add 0``) until it reaches ``target``."""
+    if LOAD_POLL:
+        lane = tl.zeros((32,), tl.int32)
+        cur = tl.max(tl.inline_asm_elementwise(POLL_ASM, "=r,l", [cnt_ptr + lane], dtype=tl.int32,
+                                               is_pure=False, pack=1), 0)
+        while cur < target:
+            cur = tl.max(tl.inline_asm_elementwise(POLL_ASM, "=r,l", [cnt_ptr + lane], dtype=tl.int32,
+                                                   is_pure=False, pack=1), 0)
+    else:
+        cur = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while cur < target:
+            cur = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+
+
+@triton.jit
 def _barrier_kernel(buf_ptr, cnt_ptr, P, steps, LOAD_POLL: tl.constexpr):
     pid = tl.program_id(0)
-    lane = tl.zeros((32,), tl.int32)
     for k in range(steps):
         v = tl.load(buf_ptr + (k % 2) * P + (pid + 1) % P, volatile=True)
         tl.store(buf_ptr + ((k + 1) % 2) * P + pid, v + 1)
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr, 1, sem="release")
-        target = (k + 1) * P
-        if LOAD_POLL:
-            cur = tl.max(tl.inline_asm_elementwise(POLL_ASM, "=r,l", [cnt_ptr + lane], dtype=tl.int32,
-                                                   is_pure=False, pack=1), 0)
-            while cur < target:
-                cur = tl.max(tl.inline_asm_elementwise(POLL_ASM, "=r,l", [cnt_ptr + lane], dtype=tl.int32,
-                                                       is_pure=False, pack=1), 0)
-        else:
-            cur = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-            while cur < target:
-                cur = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        grid_arrive(cnt_ptr)
+        grid_wait(cnt_ptr, (k + 1) * P, LOAD_POLL)
 
 
 def _graph_ms(fn, reps: int) -> float:

@@ -9,6 +9,8 @@
 #           .json: 2 four-warp, 8 or 4 one-warp, against the table's 16 one-warp), so that the early-launched
 #           attention's programs fit beside qkv's registers and start their tiles while it runs; alternated
 #   final   the record table (7B, 13B), then fp16 StaticCache + torch.compile at 7B b1 in the same machine session
+#   phase   benchmarks/phase_probe.py: the 7B projections' codes streamed in phases with kernel boundaries (plain, PDL,
+#           PDL with a preload) against grid barriers in one persistent launch (with and without the preload)
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants
@@ -40,6 +42,9 @@ qkvgrid)
   alternate WKVQ_MMA_TABLE mma_7b_m1_qkv_ qg w4p2 w1p8 w1p4 ;;
 final)
   record; fp16_compiled ;;
+phase)
+  timeout 300 python3 benchmarks/phase_probe.py --per-sm 16,4,8 --warps 1,4,2 --json "$o/phase.json" 2>&1 \
+    | grep -v Warn | tail -22; mark "phase probe" ;;
 fp16)
   fp16_compiled ;;
 esac; done
