@@ -11,6 +11,8 @@
 #   final   the record table (7B, 13B), then fp16 StaticCache + torch.compile at 7B b1 in the same machine session
 #   phase   benchmarks/phase_probe.py: the 7B projections' codes streamed in phases with kernel boundaries (plain, PDL,
 #           PDL with a preload) against grid barriers in one persistent launch (with and without the preload)
+#   mahead  WKVQ_MMA_AHEAD (the GEMVs ask the L2 for the groups after their preload before the PDL wait): its GPU
+#           test, the phase probe's GEMV chain at 0, 1, 2, 4 groups, then 7B b1 p2048,32768 at 0 / 2 / 4 / 0
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants
@@ -45,6 +47,16 @@ final)
 phase)
   timeout 300 python3 benchmarks/phase_probe.py --per-sm 16,4,8 --warps 1,4,2 --json "$o/phase.json" 2>&1 \
     | grep -v Warn | tail -22; mark "phase probe" ;;
+mahead)
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py -k ahead_prefetch > "$o/t_ahead.txt" 2>&1
+  mark "ahead tests: $(tail -1 "$o/t_ahead.txt")"; grep -B5 -A20 "^E  \|Error" "$o/t_ahead.txt" | head -30
+  for a in 0 1 2 4; do
+    WKVQ_MMA_AHEAD=$a timeout 120 python3 benchmarks/phase_probe.py --kinds gemv --json "$o/pg_ahead$a.json" 2>&1 \
+      | grep "^gemv" | sed "s/^/ahead $a: /"
+  done
+  for a in 0 2 4 0; do
+    WKVQ_MMA_AHEAD=$a bench --batches 1 --prompts 2048,32768 --json "$o/ma_$a.json"; mark "ahead $a"
+  done ;;
 fp16)
   fp16_compiled ;;
 esac; done

@@ -9,7 +9,11 @@ read by one read-only kernel in phases, one phase a projection, with the steps b
   ``boundary_bench.py``), the next phase's first block loaded after it;
 * ``barrier-pre``: ... loaded between the program's arrival and its wait (the weights stream while the barrier
   completes; before the arrival, its release fence would wait for them);
-* ``stream``: one launch, no step between phases (the ceiling: one read of 303 MB).
+* ``stream``: one launch, no step between phases (the ceiling: one read of 303 MB);
+* ``gemv``: the decode step's tensor-core GEMVs themselves (:func:`runtime.kernels.w4_mma.w4_mma_accumulate` at one
+  row, the tables' configs, PDL and the preload as the step launches them) over random weights of the same shapes
+  in the group-major layout: codes, float16 scales and uint8 zeros (4.7% more bytes; GB/s counts them all), not
+  checked against the others.
 
 A persistent decode kernel (runtime/kernels/NOTES.md round 21) is worth building only if ``barrier-pre`` beats
 ``pdl-pre`` by more than its other costs; the GEMVs' arithmetic, the attention and the norms are not in this
@@ -41,7 +45,7 @@ from runtime.kernels import multiprocessors, overlap
 
 PROJECTIONS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 LAYERS = 3  # read in turn: 303 MB, six times the L2
-KINDS = ("launch", "pdl", "pdl-pre", "barrier", "barrier-pre", "stream")
+KINDS = ("launch", "pdl", "pdl-pre", "barrier", "barrier-pre", "stream", "gemv")
 
 
 @triton.jit
@@ -121,6 +125,30 @@ def variant(kind: str, buf, out, cnt, programs: int, warps: int):
     return run
 
 
+def gemv_chain():
+    """The function that runs the tensor-core GEMVs of :data:`LAYERS` layers of :data:`PROJECTIONS` once (random
+    group-major weights, one row of ``x``), and the bytes they read."""
+    from runtime import quant
+    from runtime.kernels import w4_mma
+
+    calls, nbytes = [], 0
+    for _ in range(LAYERS):
+        for n, k in PROJECTIONS.values():
+            qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+            sc = (torch.rand(n, k // 128, device="cuda") * 1e-3).half()
+            z = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
+            qw, sc, z = quant.group_major(qw, sc, z)
+            x = torch.randn(1, k, device="cuda").half()
+            out = torch.zeros(1, n, device="cuda")
+            calls.append((x, qw, sc, z, out))
+            nbytes += sum(t.numel() * t.element_size() for t in (qw, sc, z))
+
+    def run():
+        for x, qw, sc, z, out in calls:
+            w4_mma.w4_mma_accumulate(x, qw, sc, z, 128, out)
+    return run, nbytes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-sm", default="16,4", help="comma-separated programs a multiprocessor (all resident)")
@@ -138,7 +166,10 @@ def main(argv=None) -> int:
     rows = []
     print(f"{torch.cuda.get_device_name()}: µs a layer ({LAYERS} layers of the 7B projections' codes in turn) and GB/s")
     print(f"{'kind':12} {'programs':>8} {'warps':>5} {'us/layer':>9} {'GB/s':>7}")
+    reads = [k for k in kinds if k != "gemv"]
     for per, warps in zip((int(v) for v in args.per_sm.split(",")), (int(v) for v in args.warps.split(","))):
+        if not reads:
+            break
         if per * warps > 32:
             raise SystemExit(f"phase_probe: {per} programs of {warps} warps a multiprocessor may not all be "
                              "resident (the barrier would hang); keep per-sm x warps <= 32")
@@ -148,18 +179,23 @@ def main(argv=None) -> int:
         programs = per * sms
         cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
         ref = None
-        for kind in kinds:
+        for kind in reads:
             out = torch.zeros(4 * LAYERS, programs, dtype=torch.int32, device="cuda")
             run = variant(kind, buf, out, cnt, programs, warps)
             run()
             torch.cuda.synchronize()
             ref = out.clone() if ref is None else ref
-            assert torch.equal(out, ref), f"{kind}: the checksums differ from {kinds[0]}'s"
+            assert torch.equal(out, ref), f"{kind}: the checksums differ from {reads[0]}'s"
             ms = _graph_ms(run, args.reps)
             rows.append({"kind": kind, "programs": programs, "warps": warps, "us_per_layer": ms * 1e3 / LAYERS,
                          "GBps": nbytes / (ms * 1e-3) / 1e9})
             print(f"{kind:12} {programs:8d} {warps:5d} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
         del buf
+    if "gemv" in kinds:
+        run, nbytes = gemv_chain()
+        ms = _graph_ms(run, args.reps)
+        rows.append({"kind": "gemv", "us_per_layer": ms * 1e3 / LAYERS, "GBps": nbytes / (ms * 1e-3) / 1e9})
+        print(f"{'gemv':12} {'table':>8} {'':>5} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return 0
