@@ -11,8 +11,9 @@
 #   final   the record table (7B, 13B), then fp16 StaticCache + torch.compile at 7B b1 in the same machine session
 #   phase   benchmarks/phase_probe.py: the 7B projections' codes streamed in phases with kernel boundaries (plain, PDL,
 #           PDL with a preload) against grid barriers in one persistent launch (with and without the preload)
-#   mahead  WKVQ_MMA_AHEAD (the GEMVs ask the L2 for the groups after their preload before the PDL wait): its GPU
-#           test, the phase probe's GEMV chain at 0, 1, 2, 4 groups, then 7B b1 p2048,32768 at 0 / 2 / 4 / 0
+#   mahead  ran at 29cf99e only (WKVQ_MMA_AHEAD, removed in the next commit: slower): the GEMVs ask the L2 for the
+#           groups after their preload before the PDL wait; its GPU test, the phase probe's GEMV chain at 0, 1, 2, 4
+#           groups, then 7B b1 p2048,32768 at 0 / 2 / 4 / 0
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants

@@ -151,24 +151,6 @@ def test_mma_bulk_ring(n, k, m, config):
 
 
 @gpu
-@pytest.mark.parametrize("config", [(1, 2, 1, 1, False, 1, 0, 16), (4, 2, 16), (2, 2, 1, 1, False, 1, 0, 3)])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (640, 576)])
-def test_mma_ahead_prefetch_same_products(n, k, config, monkeypatch):
-    """``WKVQ_MMA_AHEAD`` (the groups after the preload asked of the L2 before the PDL wait, one row, group-major):
-    the same products as without, exactly (only a prefetch is added), on split and stream-K grids, ragged ``K``."""
-    from runtime.kernels.w4_mma import w4_mma_accumulate
-
-    qw, s, z, w = _weight(n, k, seed=n + 1)
-    gq, gs, gz = quant.group_major(qw, s, z)
-    x, base = torch.randn(1, k, device="cuda", dtype=torch.float16), torch.randn(1, n, device="cuda")
-    got = {}
-    for ahead in ("0", "3"):
-        monkeypatch.setenv("WKVQ_MMA_AHEAD", ahead)
-        got[ahead] = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
-    assert torch.equal(got["0"], got["3"]) and _rel(got["3"], base.double() + x.double() @ w.T) < TOL
-
-
-@gpu
 def test_mma_rejects_what_it_cannot_take():
     """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
@@ -279,36 +261,6 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
         preload = 12 * cfg.tiles if consts["PRE"] else 0
         assert before.count("LDG") == preload and ".CONSTANT" not in before, (n, k, m, cfg)
         assert "LOCAL:0" in usage, (n, k, m, cfg)
-
-
-@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 11008), (27648, 5120)])
-def test_mma_ahead_prefetch_before_the_wait(n, k, tmp_path, monkeypatch):
-    """``WKVQ_MMA_AHEAD=N`` at a table config of one row (group-major, PDL, the preload): the launch asks the L2 for
-    the ``N`` groups after the preload (``cp.async.bulk.prefetch.L2``, SASS ``UBLKPF``, the group stride in the PTX)
-    before the PDL wait, with the same loads above the wait as without (the preload's weights) and no spills; not at
-    8 rows (no preload), nor on the row-major layout, nor with 0 (the default); another value is a one-line error."""
-    pytest.importorskip("triton")
-    from runtime.kernels import overlap, w4_mma
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    cfg = w4_mma.MMA_TABLE[n, k, 1]
-    plan = functools.partial(w4_mma.launch_plan, cfg, n, k, row_strides=(64, 2, 1), gstrides=(64 * n, 2 * n, n),
-                             sms=132, pdl=True, hopper=True)
-    assert not plan(m=1)[1]["L2"]  # the default: off
-    monkeypatch.setenv(w4_mma.AHEAD_ENV, "2")
-    consts = plan(m=1)[1]
-    assert consts["L2"] and f"mul.wide.u32 off, g, {64 * n};" in consts["PF"] and "setp.lt.u32 q, lane, 2;" in consts["PF"]
-    assert not plan(m=8)[1]["L2"]
-    assert not w4_mma.launch_plan(cfg, n, k, 1, (k // 2, 2 * k // 128, k // 128), (64, 2, 1), 132, True, True)[1]["L2"]
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, MMA_PTRS, "i32", cfg.warps, tmp_path)
-    wait = sass.index("ACQBULK")
-    assert "LOCAL:0" in usage and sass.index("UBLKPF") < wait
-    assert sass[:wait].count("LDG") == 12 * cfg.tiles and ".CONSTANT" not in sass[:wait]
-    for bad in ("x", "9", "-1"):
-        monkeypatch.setenv(w4_mma.AHEAD_ENV, bad)
-        with pytest.raises(ValueError, match="WKVQ_MMA_AHEAD=.*: use a number of groups from 0 to 8"):
-            w4_mma.ahead_groups()
 
 
 @pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 16), (2, 2, 16), (1, 2, 1, 1, False, 1, 0, 4)])

@@ -72,7 +72,6 @@ MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-st
 
 
 PRE_ENV = "WKVQ_MMA_PRE"  # 0: with PDL, wait for the kernel before first, then load (no weight preload)
-AHEAD_ENV = "WKVQ_MMA_AHEAD"  # groups after the preload each warp asks the L2 for before the wait (ahead_groups)
 
 
 def preload_enabled() -> bool:
@@ -80,16 +79,6 @@ def preload_enabled() -> bool:
     kernel before (``WKVQ_MMA_PRE`` not ``0``; depth 1 without stages only, :func:`_range`). At 8 rows it measured
     slower (7B b8 p2048 2.52-2.57 against 2.45-2.50 ms, nineteenth session), so one row only."""
     return os.environ.get(PRE_ENV, "1") != "0"
-
-
-def ahead_groups() -> int:
-    """``WKVQ_MMA_AHEAD``: with the preload (:func:`preload_enabled`) on a group-major weight, how many groups after
-    the two preloaded ones each warp asks the L2 for before its PDL wait (:func:`_ahead_asm`), so that DRAM keeps
-    streaming while the program waits for ``x`` and computes its first two groups (0: none)."""
-    value = os.environ.get(AHEAD_ENV, "0").strip() or "0"
-    if not value.isdigit() or int(value) > 8:
-        raise ValueError(f"{AHEAD_ENV}={value!r}: use a number of groups from 0 to 8")
-    return int(value)
 
 
 def mma_enabled() -> bool:
@@ -294,36 +283,6 @@ def _prefetch_asm(tiles: int) -> str:
         "cvt.u64.u32 off, lo;",
         "add.u64 p, p, off;",
         "@q cp.async.bulk.prefetch.L2.global [p], hi;",
-        "mov.u32 $0, 0;",
-        "}"])
-
-
-def _ahead_asm(tiles: int, ahead: int, group_stride: int) -> str:
-    """PTX (sm_90), the kernel's ``PF`` on a group-major weight: lane ``j < ahead`` of each warp asks the L2 for
-    group ``g_lo + 2 + j`` of the warp's rows (``cp.async.bulk.prefetch.L2``: one contiguous block of ``16 tiles``
-    rows x 64 bytes of codes, ``group_stride`` bytes a group) where that group is below ``g_hi``: the groups after
-    the two the preload reads into registers. Inputs as :func:`_prefetch_asm`'s (``row0``, the codes, ``N``, the
-    row stride, ``g_lo``, ``g_hi``, ``K/2``; the row stride is 64 and ``N``, ``K/2`` unused); the output (0) means
-    nothing."""
-    rows = 16 * tiles
-    return "\n".join([
-        "{",
-        ".reg .u32 lane, tid, warp, row, g;",
-        ".reg .u64 off, p;",
-        ".reg .pred q;",
-        "mov.u32 lane, %laneid;",
-        "mov.u32 tid, %tid.x;",
-        "shr.u32 warp, tid, 5;",
-        f"mad.lo.u32 row, warp, {rows}, $1;",
-        "add.u32 g, $5, lane;",
-        "add.u32 g, g, 2;",
-        f"setp.lt.u32 q, lane, {ahead};",
-        "setp.lt.and.u32 q, g, $6, q;",
-        "mul.wide.u32 off, row, 64;",
-        "add.u64 p, $2, off;",
-        f"mul.wide.u32 off, g, {group_stride};",
-        "add.u64 p, p, off;",
-        f"@q cp.async.bulk.prefetch.L2.global [p], {rows * 64};",
         "mov.u32 $0, 0;",
         "}"])
 
@@ -951,7 +910,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     else:
         rowp = row0
     lane = tl.zeros((NT,), tl.int32) + rowp  # one element per thread: carries the block's first row into the PTX
-    if L2:  # the program's codes into L2 first (PF: _prefetch_asm), or the groups after the preload (_ahead_asm)
+    if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
         tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
                                   dtype=tl.int32, is_pure=False, pack=1)
     P = tl.inline_asm_elementwise(
@@ -1186,9 +1145,6 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides)
                                             if pre or cfg.bulk else ("", "r", "", "r"))
-    ahead = ahead_groups() if pre and hopper and fixed and gstrides[0] != 64 and row_strides[0] == 64 else 0
-    if ahead:  # group-major rows of 64 bytes: a warp's rows of a group are one block
-        pf = _ahead_asm(cfg.tiles, ahead, gstrides[0])
     g = -(-k // GROUP)
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
@@ -1198,7 +1154,7 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     return grid, {
         "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
-        "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": (bool(cfg.l2) and hopper) or ahead > 0, "PF": pf, "STAGES": cfg.stages,
+        "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "STAGES": cfg.stages,
         "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
         "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
         "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
