@@ -14,6 +14,7 @@
 #   mahead  ran at 29cf99e only (WKVQ_MMA_AHEAD, removed in the next commit: slower): the GEMVs ask the L2 for the
 #           groups after their preload before the PDL wait; its GPU test, the phase probe's GEMV chain at 0, 1, 2, 4
 #           groups, then 7B b1 p2048,32768 at 0 / 2 / 4 / 0
+#   gbisect the phase probe's GEMV chain with parts of its PTX taken out (x loads, scale/zero loads, the MMAs)
 #   fp16    fp16 StaticCache + torch.compile at 7B b1 p2048 and p32768 alone
 source "$(dirname "$0")/h200_lib.sh"
 V=benchmarks/variants
@@ -58,6 +59,9 @@ mahead)
   for a in 0 2 4 0; do
     WKVQ_MMA_AHEAD=$a bench --batches 1 --prompts 2048,32768 --json "$o/ma_$a.json"; mark "ahead $a"
   done ;;
+gbisect)
+  timeout 170 python3 benchmarks/phase_probe.py --kinds gemv,gemv-nox,gemv-nomma,gemv-nosz --reps 20 \
+    --json "$o/gbisect.json" 2>&1 | grep -v Warn | tail -6 ;;
 fp16)
   fp16_compiled ;;
 esac; done

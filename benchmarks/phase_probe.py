@@ -13,7 +13,9 @@ read by one read-only kernel in phases, one phase a projection, with the steps b
 * ``gemv``: the decode step's tensor-core GEMVs themselves (:func:`runtime.kernels.w4_mma.w4_mma_accumulate` at one
   row, the tables' configs, PDL and the preload as the step launches them) over random weights of the same shapes
   in the group-major layout: codes, float16 scales and uint8 zeros (4.7% more bytes; GB/s counts them all), not
-  checked against the others.
+  checked against the others; ``gemv-nox``, ``gemv-nosz``, ``gemv-nomma`` (and joined, ``gemv-nox-nomma``): the
+  same launches with the ``x`` loads, the scale and zero loads or the dequantization and MMAs taken out of their
+  PTX (:func:`gemv_edit`; wrong products, only the time counts): which part keeps the GEMVs below a read-only chain.
 
 A persistent decode kernel (runtime/kernels/NOTES.md round 21) is worth building only if ``barrier-pre`` beats
 ``pdl-pre`` by more than its other costs; the GEMVs' arithmetic, the attention and the norms are not in this
@@ -125,13 +127,51 @@ def variant(kind: str, buf, out, cnt, programs: int, warps: int):
     return run
 
 
-def gemv_chain():
+GEMV_EDITS = ("nox", "nosz", "nomma")  # what a "gemv-..." kind takes out of the kernel's PTX (gemv_edit)
+
+
+def _trivial_comp(cons: str) -> str:
+    """PTX with the compute block's constraints (``n`` float accumulators out and in, then the loaded words) that
+    keeps every loaded word alive (one xor chain, added to the first accumulator) and does no dequantization or
+    MMA."""
+    n = cons.count("=f")
+    words = cons.count("r")
+    lines = ["{", ".reg .b32 t;", ".reg .f32 f;", f"mov.b32 t, ${2 * n};"]
+    lines += [f"xor.b32 t, t, ${2 * n + i};" for i in range(1, words)]
+    lines += ["mov.b32 f, t;", f"add.f32 $0, ${n}, f;"] + [f"mov.f32 ${i}, ${n + i};" for i in range(1, n)]
+    return "\n".join(lines + ["}"])
+
+
+def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
+    """The launch's constexprs with parts of the tensor-core GEMV's PTX taken out: "nox" (``x`` words set to 1.0
+    pairs instead of loaded: no wait for ``x`` before the first MMAs), "nosz" (scales and zeros set instead of
+    loaded), "nomma" (the compute block replaced by :func:`_trivial_comp`). The products are wrong; only the time
+    counts."""
+    import re
+
+    out = dict(consts)
+    for key in ("LOAD", "LOADW", "LOADX"):
+        asm = out[key]
+        if "nox" in edits:  # the x words are v0 .. v15
+            asm = re.sub(r"(@pk )?ld\.global(\.nc)?\.v4\.u32 \{(v(?:0|4|8|12)),(v\d+),(v\d+),(v\d+)\}, \[ad\+\d+\];",
+                         lambda m: " ".join(f"mov.b32 {r}, 0x3c003c00;" for r in m.groups()[2:]), asm)
+        if "nosz" in edits:
+            asm = re.sub(r"ld\.global(\.nc)?\.b16 (s16[ab]), \[[^]]*\];", r"mov.b16 \2, 0x2000;", asm)
+            asm = re.sub(r"ld\.global(\.nc)?\.u8 (z16[ab]), \[[^]]*\];", r"mov.b16 \2, 8;", asm)
+        out[key] = asm
+    if "nomma" in edits:
+        out["COMP"] = _trivial_comp(out["COMP_CONS"])
+    return out
+
+
+def gemv_chain(edits: tuple[str, ...] = ()):
     """The function that runs the tensor-core GEMVs of :data:`LAYERS` layers of :data:`PROJECTIONS` once (random
-    group-major weights, one row of ``x``), and the bytes they read."""
+    group-major weights, one row of ``x``; launched as :func:`runtime.kernels.w4_mma.w4_mma_accumulate` launches
+    them, with :func:`gemv_edit`'s ``edits``), and the bytes they read."""
     from runtime import quant
     from runtime.kernels import w4_mma
 
-    calls, nbytes = [], 0
+    launches, nbytes = [], 0
     for _ in range(LAYERS):
         for n, k in PROJECTIONS.values():
             qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
@@ -140,12 +180,19 @@ def gemv_chain():
             qw, sc, z = quant.group_major(qw, sc, z)
             x = torch.randn(1, k, device="cuda").half()
             out = torch.zeros(1, n, device="cuda")
-            calls.append((x, qw, sc, z, out))
+            cfg = w4_mma.default_mma_config(n, k, 1)
+            sq, sqg, ss, ssg, sz, szg = quant.group_strides(qw, sc, z, 128)
+            rows, groups = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)
+            opts = overlap.launch_options(x.device, "gemv")
+            grid, consts = w4_mma.launch_plan(cfg, n, k, 1, rows, groups, multiprocessors(x.device), opts["PDL"],
+                                              overlap.hopper(x.device))
+            args = (x, qw, sc, z, out, n, k, sc.shape[1], 1, x.stride(0) * 2, *rows, out.stride(0))
+            launches.append((grid, args, {**gemv_edit(consts, edits), "num_warps": cfg.warps, **opts}, out))
             nbytes += sum(t.numel() * t.element_size() for t in (qw, sc, z))
 
     def run():
-        for x, qw, sc, z, out in calls:
-            w4_mma.w4_mma_accumulate(x, qw, sc, z, 128, out)
+        for grid, args, kw, out in launches:
+            w4_mma._w4_mma_kernel[grid](*args, rdy_ptr=out, ep_ptr=out, stamp_ptr=out, **kw)
     return run, nbytes
 
 
@@ -166,7 +213,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"{torch.cuda.get_device_name()}: µs a layer ({LAYERS} layers of the 7B projections' codes in turn) and GB/s")
     print(f"{'kind':12} {'programs':>8} {'warps':>5} {'us/layer':>9} {'GB/s':>7}")
-    reads = [k for k in kinds if k != "gemv"]
+    reads = [k for k in kinds if not k.startswith("gemv")]
     for per, warps in zip((int(v) for v in args.per_sm.split(",")), (int(v) for v in args.warps.split(","))):
         if not reads:
             break
@@ -191,11 +238,14 @@ def main(argv=None) -> int:
                          "GBps": nbytes / (ms * 1e-3) / 1e9})
             print(f"{kind:12} {programs:8d} {warps:5d} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
         del buf
-    if "gemv" in kinds:
-        run, nbytes = gemv_chain()
+    for kind in (k for k in kinds if k.startswith("gemv")):
+        edits = tuple(kind.split("-")[1:])
+        if any(e not in GEMV_EDITS for e in edits):
+            raise SystemExit(f"phase_probe: {kind}: the gemv kinds take {', '.join(GEMV_EDITS)} after 'gemv-'")
+        run, nbytes = gemv_chain(edits)
         ms = _graph_ms(run, args.reps)
-        rows.append({"kind": "gemv", "us_per_layer": ms * 1e3 / LAYERS, "GBps": nbytes / (ms * 1e-3) / 1e9})
-        print(f"{'gemv':12} {'table':>8} {'':>5} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
+        rows.append({"kind": kind, "us_per_layer": ms * 1e3 / LAYERS, "GBps": nbytes / (ms * 1e-3) / 1e9})
+        print(f"{kind:12} {'table':>8} {'':>5} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return 0
