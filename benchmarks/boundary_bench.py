@@ -85,6 +85,12 @@ def _barrier_kernel(buf_ptr, cnt_ptr, P, steps, LOAD_POLL: tl.constexpr):
         grid_wait(cnt_ptr, (k + 1) * P, LOAD_POLL)
 
 
+def write_record(path: str | None, rows: list[dict]) -> None:
+    """The JSON record of a probe's rows (with the device's name) at ``path``, where one is given."""
+    if path:
+        Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
 def _graph_ms(fn, reps: int) -> float:
     """Median ms of ``reps`` replays of ``fn`` captured in a CUDA graph (after two warm-up calls)."""
     side = torch.cuda.Stream()
@@ -151,8 +157,7 @@ def main(argv=None) -> int:
             rows.append({"kind": kind, "programs": programs, "steps": args.steps, "us_per_step": per,
                          "one_step_us": t_1 * 1e3})
             print(f"{kind:14} {programs:8d} {per:8.2f} {t_1 * 1e3:11.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_record(args.json, rows)
     return 0
 
 

@@ -30,7 +30,6 @@ Prints µs a layer and GB/s per variant and writes the JSON record. CUDA only (s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from boundary_bench import _graph_ms, grid_arrive, grid_wait
+from boundary_bench import _graph_ms, grid_arrive, grid_wait, write_record
 
 from runtime.kernels import multiprocessors, overlap
 
@@ -246,8 +245,7 @@ def main(argv=None) -> int:
         ms = _graph_ms(run, args.reps)
         rows.append({"kind": kind, "us_per_layer": ms * 1e3 / LAYERS, "GBps": nbytes / (ms * 1e-3) / 1e9})
         print(f"{kind:12} {'table':>8} {'':>5} {ms * 1e3 / LAYERS:9.2f} {rows[-1]['GBps']:7.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    write_record(args.json, rows)
     return 0
 
 
