@@ -142,8 +142,9 @@ def _trivial_comp(cons: str) -> str:
 
 
 def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
-    """The launch's constexprs with parts of the tensor-core GEMV's PTX taken out: "nox" (``x`` words set to 1.0
-    pairs instead of loaded: no wait for ``x`` before the first MMAs), "nosz" (scales and zeros set instead of
+    """The launch's keyword arguments (:func:`runtime.kernels.w4_mma.launch_args`) with parts of the tensor-core
+    GEMV's PTX taken out: "nox" (``x`` words set to 1.0 pairs instead of loaded: no wait for ``x`` before the first
+    MMAs), "nosz" (scales and zeros set instead of
     loaded), "nomma" (the compute block replaced by :func:`_trivial_comp`). The products are wrong; only the time
     counts."""
     import re
@@ -166,7 +167,7 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
 def gemv_chain(edits: tuple[str, ...] = ()):
     """The function that runs the tensor-core GEMVs of :data:`LAYERS` layers of :data:`PROJECTIONS` once (random
     group-major weights, one row of ``x``; launched as :func:`runtime.kernels.w4_mma.w4_mma_accumulate` launches
-    them, with :func:`gemv_edit`'s ``edits``), and the bytes they read."""
+    them, :func:`runtime.kernels.w4_mma.launch_args`, with :func:`gemv_edit`'s ``edits``), and the bytes they read."""
     from runtime import quant
     from runtime.kernels import w4_mma
 
@@ -178,20 +179,13 @@ def gemv_chain(edits: tuple[str, ...] = ()):
             z = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
             qw, sc, z = quant.group_major(qw, sc, z)
             x = torch.randn(1, k, device="cuda").half()
-            out = torch.zeros(1, n, device="cuda")
-            cfg = w4_mma.default_mma_config(n, k, 1)
-            sq, sqg, ss, ssg, sz, szg = quant.group_strides(qw, sc, z, 128)
-            rows, groups = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)
-            opts = overlap.launch_options(x.device, "gemv")
-            grid, consts = w4_mma.launch_plan(cfg, n, k, 1, rows, groups, multiprocessors(x.device), opts["PDL"],
-                                              overlap.hopper(x.device))
-            args = (x, qw, sc, z, out, n, k, sc.shape[1], 1, x.stride(0) * 2, *rows, out.stride(0))
-            launches.append((grid, args, {**gemv_edit(consts, edits), "num_warps": cfg.warps, **opts}, out))
+            grid, args, kwargs = w4_mma.launch_args(x, qw, sc, z, 128, torch.zeros(1, n, device="cuda"))
+            launches.append((grid, args, gemv_edit(kwargs, edits)))
             nbytes += sum(t.numel() * t.element_size() for t in (qw, sc, z))
 
     def run():
-        for grid, args, kw, out in launches:
-            w4_mma._w4_mma_kernel[grid](*args, rdy_ptr=out, ep_ptr=out, stamp_ptr=out, **kw)
+        for grid, args, kwargs in launches:
+            w4_mma._w4_mma_kernel[grid](*args, **kwargs)
     return run, nbytes
 
 

@@ -63,18 +63,30 @@ def device_key(device) -> str:
     return str(torch.device("cuda", _index(device)) if device.type == "cuda" else device)
 
 
-_ZEROED: dict[tuple[str, str], torch.Tensor] = {}
+_KEPT: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def kept_zeros(name: str, device, rows: int, cols: tuple[int, ...] = (), dtype=torch.int32) -> torch.Tensor:
+    """A buffer named ``name`` on ``device`` (:func:`device_key`), kept for the process: ``[>= rows, *cols]`` of
+    ``dtype``, zeros when made, made again (larger) where a caller needs more rows. What the kernels leave in it
+    stays for the next launch (and a captured CUDA graph keeps the tensor it was given)."""
+    key = (name, device_key(device))
+    buf = _KEPT.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = _KEPT[key] = torch.zeros(rows, *cols, dtype=dtype, device=device)
+    return buf
+
+
+def kept(name: str, device) -> torch.Tensor | None:
+    """The buffer :func:`kept_zeros` keeps under ``name`` on ``device``, or None where none was made."""
+    return _KEPT.get((name, device_key(device)))
 
 
 def zeroed_counts(name: str, device, n: int) -> torch.Tensor:
-    """A zeroed ``int32 [>= n]`` buffer of counts named ``name``, one per device, kept for the process: the kernels
-    that count in it leave it zeroed (the program that completes a count sets it back), so launches in stream order
-    share it and a captured CUDA graph needs no memset."""
-    key = (name, device_key(device))
-    buf = _ZEROED.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _ZEROED[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    """A zeroed ``int32 [>= n]`` buffer of counts named ``name``, one per device, kept for the process
+    (:func:`kept_zeros`, at least 1024): the kernels that count in it leave it zeroed (the program that completes a
+    count sets it back), so launches in stream order share it and a captured CUDA graph needs no memset."""
+    return kept_zeros(name, device, max(n, 1024))
 
 
 def check_row_buffer(name: str, buf: torch.Tensor, rows: int) -> None:

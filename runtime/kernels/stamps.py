@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_key
+from . import kept, kept_zeros
 
 STAMPS_ENV = "WKVQ_STAMPS"
 POINTS = {"attn": ("start", "ready", "tiles", "end"), "o": ("start", "ready", "end")}  # per kind, in order
-_BUFFERS: dict[tuple[str, str], torch.Tensor] = {}
 
 
 def enabled() -> bool:
@@ -29,24 +28,15 @@ def enabled() -> bool:
     return os.environ.get(STAMPS_ENV, "") == "1"
 
 
-def _key(device, kind: str) -> tuple[str, str]:
-    """The buffers' key: :func:`runtime.kernels.device_key` and ``kind``."""
-    return device_key(device), kind
-
-
 def buffer(device, kind: str, programs: int) -> torch.Tensor:
     """The ``int64 [programs, len(POINTS[kind])]`` stamps of ``kind`` ("attn" or "o") on ``device``, kept for the
     process (grown where a launch has more programs; a CUDA graph captures the tensor it was given)."""
-    key = _key(device, kind)
-    buf = _BUFFERS.get(key)
-    if buf is None or buf.shape[0] < programs:
-        buf = _BUFFERS[key] = torch.zeros(programs, len(POINTS[kind]), dtype=torch.int64, device=device)
-    return buf
+    return kept_zeros(f"stamps {kind}", device, programs, (len(POINTS[kind]),), torch.int64)
 
 
 def read(device, kind: str) -> torch.Tensor | None:
     """The stamps of ``kind`` on ``device`` as the last launch left them (None where none was armed)."""
-    buf = _BUFFERS.get(_key(device, kind))
+    buf = kept(f"stamps {kind}", device)
     return None if buf is None else buf.cpu()
 
 

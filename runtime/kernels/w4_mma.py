@@ -1171,6 +1171,18 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     :func:`runtime.kernels.kv4.rope_attention`'s ``ready``): at one row with the weight preload each program waits
     for its groups' flags instead of the whole kernel before (:func:`launch_plan`). ``stamps_kind``: where
     ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`)."""
+    grid, args, kwargs = launch_args(x2, qweight, scales, zeros, group_size, out, config, ready, stamps_kind)
+    _w4_mma_kernel[grid](*args, **kwargs)
+    return out
+
+
+def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
+                ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                stamps_kind: str | None = None) -> tuple[tuple[int, int], tuple, dict]:
+    """The grid, positional and keyword arguments of :func:`w4_mma_accumulate`'s launch of the kernel, its operands
+    checked (a one-line ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with
+    parts of the PTX taken out."""
     if not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1201,7 +1213,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                                overlap.hopper(x2.device), qg, on)
     rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
-    _w4_mma_kernel[grid](x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides,
-                         out.stride(0), rdy_ptr=rdy[0], ep_ptr=rdy[1], stamp_ptr=st if on else out, **consts,
-                         num_warps=cfg.warps, **pdl_opts)
-    return out
+    args = (x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides, out.stride(0))
+    return grid, args, {"rdy_ptr": rdy[0], "ep_ptr": rdy[1], "stamp_ptr": st if on else out, **consts,
+                        "num_warps": cfg.warps, **pdl_opts}
