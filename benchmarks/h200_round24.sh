@@ -4,6 +4,13 @@
 #               (benchmarks/variants/mma_7b_m1_bulk.json), each as it is, without x loads, without the arithmetic,
 #               without both: is the per-group x load what keeps the ring (whose loads are issued ahead of the
 #               arithmetic) from the read-only chain's rate? (runtime/kernels/NOTES.md round 21)
+#   d2nox       the chain with x taken out at depth 1 (with and without the weight preload) and at depth 2
+#               (benchmarks/variants/mma_7b_m1_d2.json): without x's 16 registers a group a third set of weight
+#               loads fits in 128 registers (local SASS: 100); would x read from shared memory and depth 2 pay?
+#   arith       the chain with one class of the compute block's instructions taken out at a time (phase_probe's
+#               noxp, nohf, nolop edits): which of the arithmetic's instructions cost the time?
+#   zsum        the zero points taken off after the MMAs (WKVQ_MMA_ZSUM=1, w4_mma._compute_zsum_asm): the GEMV
+#               tests with it, then the chain with and without it
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 bulkbisect)
@@ -13,4 +20,21 @@ bulkbisect)
   WKVQ_MMA_TABLE=benchmarks/variants/mma_7b_m1_bulk.json timeout 150 python3 benchmarks/phase_probe.py \
     --kinds gemv,gemv-nox,gemv-nomma,gemv-nox-nomma --reps 20 --json "$o/gb_bulk.json" 2>&1 | grep -v Warn | tail -5
   mark "bulk bisect" ;;
+d2nox)
+  timeout 100 python3 benchmarks/phase_probe.py --kinds gemv,gemv-nox,gemv-nox-nomma --reps 20 \
+    --json "$o/d2_table.json" 2>&1 | grep -v Warn | tail -4
+  WKVQ_MMA_PRE=0 timeout 100 python3 benchmarks/phase_probe.py --kinds gemv,gemv-nox --reps 20 \
+    --json "$o/d2_nopre.json" 2>&1 | grep -v Warn | tail -3
+  WKVQ_MMA_TABLE=benchmarks/variants/mma_7b_m1_d2.json timeout 100 python3 benchmarks/phase_probe.py \
+    --kinds gemv,gemv-nox,gemv-nox-nomma --reps 20 --json "$o/d2_depth2.json" 2>&1 | grep -v Warn | tail -4
+  mark "d2 nox" ;;
+arith)
+  timeout 200 python3 benchmarks/phase_probe.py --kinds gemv,gemv-noxp,gemv-nohf,gemv-nolop,gemv-nohf-nolop,gemv-nomma,gemv \
+    --reps 20 --json "$o/arith.json" 2>&1 | grep -v Warn | tail -8
+  mark "arith" ;;
+zsum)
+  WKVQ_MMA_ZSUM=1 timeout 240 python3 -m pytest -q -x tests/test_w4_mma.py 2>&1 | tail -3; mark "zsum tests"
+  for i in 0 1 2 3; do z=$((i % 2)); WKVQ_MMA_ZSUM=$z timeout 60 python3 benchmarks/phase_probe.py --kinds gemv \
+    --reps 20 --json "$o/zsum_${z}_$i.json" 2>&1 | grep -v Warn | tail -1 | sed "s/^/zsum=$z /"; done
+  mark "zsum chain" ;;
 esac; done

@@ -126,7 +126,8 @@ def variant(kind: str, buf, out, cnt, programs: int, warps: int):
     return run
 
 
-GEMV_EDITS = ("nox", "nosz", "nomma")  # what a "gemv-..." kind takes out of the kernel's PTX (gemv_edit)
+# what a "gemv-..." kind takes out of the kernel's PTX (gemv_edit)
+GEMV_EDITS = ("nox", "nosz", "nomma", "noxp", "nohf", "nolop")
 
 
 def _trivial_comp(cons: str) -> str:
@@ -145,8 +146,10 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
     """The launch's keyword arguments (:func:`runtime.kernels.w4_mma.launch_args`) with parts of the tensor-core
     GEMV's PTX taken out: "nox" (``x`` words set to 1.0 pairs instead of loaded: no wait for ``x`` before the first
     MMAs), "nosz" (scales and zeros set instead of
-    loaded), "nomma" (the compute block replaced by :func:`_trivial_comp`). The products are wrong; only the time
-    counts."""
+    loaded), "nomma" (the compute block replaced by :func:`_trivial_comp`); inside the compute block, one class of
+    instruction at a time: "noxp" (the ``x`` words taken as the MMA's pairs as they are: no ``prmt``, 16 a group),
+    "nohf" (no float16 ``sub``/``fma`` of the codes: 32 a tile and group, and the zero points' setup with them),
+    "nolop" (no ``lop3`` extracting the codes: 32 a tile and group). The products are wrong; only the time counts."""
     import re
 
     out = dict(consts)
@@ -159,6 +162,15 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
             asm = re.sub(r"ld\.global(\.nc)?\.b16 (s16[ab]), \[[^]]*\];", r"mov.b16 \2, 0x2000;", asm)
             asm = re.sub(r"ld\.global(\.nc)?\.u8 (z16[ab]), \[[^]]*\];", r"mov.b16 \2, 8;", asm)
         out[key] = asm
+    comp = out["COMP"]
+    if "noxp" in edits:
+        comp = re.sub(r"prmt\.b32 (xp\d+), (\$\d+), (\$\d+), 0x5410;", r"mov.b32 \1, \2;", comp)
+        comp = re.sub(r"prmt\.b32 (xp\d+), (\$\d+), (\$\d+), 0x7632;", r"mov.b32 \1, \3;", comp)
+    if "nohf" in edits:
+        comp = re.sub(r"(sub|fma\.rn)\.f16x2 h\d+, [^;]*;", "", comp)
+    if "nolop" in edits:
+        comp = re.sub(r"lop3\.b32 (h\d+), ([^,]+), m[01], mag, 0xEA;", r"mov.b32 \1, \2;", comp)
+    out["COMP"] = comp
     if "nomma" in edits:
         out["COMP"] = _trivial_comp(out["COMP_CONS"])
     return out
