@@ -81,15 +81,6 @@ def preload_enabled() -> bool:
     return os.environ.get(PRE_ENV, "1") != "0"
 
 
-ZSUM_ENV = "WKVQ_MMA_ZSUM"  # 1: the zero points taken off after the MMAs (_compute_zsum_asm), under measurement
-
-
-def zsum_enabled() -> bool:
-    """Whether the launches use :func:`_compute_zsum_asm` (``WKVQ_MMA_ZSUM=1``) instead of
-    :func:`_compute_sub_asm`."""
-    return os.environ.get(ZSUM_ENV, "0") == "1"
-
-
 def mma_enabled() -> bool:
     """Whether :class:`runtime.kernels.w4_gemv.GemvW4` puts its projections on this kernel where :func:`mma_ok`
     (``WKVQ_MMA`` not ``0``)."""
@@ -366,13 +357,7 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     return "\n".join(L), cons
 
 
-def _compute_asm(tiles: int, chains: int = 1, zsum: bool = False) -> tuple[str, str]:
-    if zsum:
-        return _compute_zsum_asm(tiles, chains)
-    return _compute_sub_asm(tiles, chains)
-
-
-def _compute_sub_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
+def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
     """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
     the ``4 tiles`` float32 accumulators and the outputs of :func:`_load_asm`; outputs the accumulators plus the
     group's products times the rows' scales. Accumulator ``4 r + c`` of tile ``r``: ``c`` 0/1 row ``g``, columns
@@ -429,78 +414,6 @@ def _compute_sub_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
         b = 4 * r
         L += [f"fma.rn.f32 r{b}, sc0, d0, {acc_in[b]};", f"fma.rn.f32 r{b + 1}, sc0, d1, {acc_in[b + 1]};",
               f"fma.rn.f32 r{b + 2}, sc1, d2, {acc_in[b + 2]};", f"fma.rn.f32 r{b + 3}, sc1, d3, {acc_in[b + 3]};"]
-    L += [f"mov.f32 {outs[i]}, r{i};" for i in range(nacc)]
-    L.append("}")
-    cons = ",".join(["=f"] * nacc + ["f"] * nacc + ["r"] * (16 + 10 * tiles))
-    return "\n".join(L), cons
-
-
-def _compute_zsum_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
-    """:func:`_compute_sub_asm`'s products with the zero points out of the dequantization: the codes go to the MMAs
-    as the ``lop3`` leaves them (``1024 + q`` for the low nibbles of a pair, ``1024 + 16 q`` for the high ones) and
-    the offsets are taken off afterwards in float32. The MMAs pair the low nibbles' codes with each other (chain
-    ``d``) and the high nibbles' (chain ``e``), so ``D = 1024 S_lo + sum_lo q x`` and ``E = 1024 S_hi + 16 sum_hi
-    q x``; one more chain of 8 MMAs a group, with a constant ``A`` (rows ``g``: ones at the low channels; rows
-    ``g + 8``: at the high ones) and shared by the tiles, gives ``S_lo`` and ``S_hi``. An output is then
-    ``D + E / 16 - (1024 S_lo + 64 S_hi) - z (S_lo + S_hi)``. Removes the float16 ``sub``/``fma`` of every code pair
-    (32 a tile and group) and the zero points' setup; adds 8 MMAs a group and ~4 float32 operations an output.
-    ``D``, ``E`` and the sums accumulate in float32 at ``1024 |x|`` magnitude, so a group's product carries an
-    absolute error of ~2^-13 of its ``sum |x|`` (float16 results keep 2^-11 of their own). ``chains`` is unused (the
-    two chains are the nibbles')."""
-    nacc = 4 * tiles
-    outs = [f"${i}" for i in range(nacc)]
-    acc_in = [f"${nacc + i}" for i in range(nacc)]
-    base_in = 2 * nacc
-    xin = [f"${base_in + i}" for i in range(16)]
-    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-    L = [
-        "{",
-        ".reg .u32 tmp, zq;",
-        ".reg .b32 mag, m0, m1, one, zero;",
-        ".reg .b16 lo16, hi16;",
-        ".reg .b32 xp<16>, h<8>;",
-        ".reg .f32 d<4>, e<4>, sc<2>, nz<2>, s<4>, p<2>, q<2>;",
-        f".reg .f32 r<{nacc}>;",
-        "mov.b32 mag, 0x64006400;",
-        "mov.b32 m0, 0x000F000F;",
-        "mov.b32 m1, 0x00F000F0;",
-        "mov.b32 one, 0x3C003C00;",  # float16 1 in both halves
-        "mov.b32 zero, 0;",
-    ]
-    for wd in range(4):  # x pairs as in _compute_sub_asm: 4 wd + 0, 2 meet the low nibbles, 4 wd + 1, 3 the high
-        a, b, c, d = (xin[4 * wd + i] for i in range(4))
-        L += [f"prmt.b32 xp{4 * wd}, {a}, {c}, 0x5410;", f"prmt.b32 xp{4 * wd + 1}, {a}, {c}, 0x7632;",
-              f"prmt.b32 xp{4 * wd + 2}, {b}, {d}, 0x5410;", f"prmt.b32 xp{4 * wd + 3}, {b}, {d}, 0x7632;"]
-    # S_lo (rows g: s0, s1 for the thread's columns 2t, 2t + 1) and S_hi (rows g + 8: s2, s3)
-    L += [f"mov.f32 s{i}, 0f00000000;" for i in range(4)]
-    for wd in range(4):  # the B pairs of the products' MMAs (a register pair each), A's ones on rows g or g + 8
-        L += [f"{mma} {{s0,s1,s2,s3}}, {{one,zero,one,zero}}, {{xp{4 * wd},xp{4 * wd + 2}}}, {{s0,s1,s2,s3}};",
-              f"{mma} {{s0,s1,s2,s3}}, {{zero,one,zero,one}}, {{xp{4 * wd + 1},xp{4 * wd + 3}}}, {{s0,s1,s2,s3}};"]
-    for c in range(2):  # p = 1024 S_lo + 64 S_hi, q = S_lo + S_hi (exact scalings)
-        L += [f"mul.f32 p{c}, s{2 + c}, 0f42800000;", f"fma.rn.f32 p{c}, s{c}, 0f44800000, p{c};",
-              f"add.f32 q{c}, s{c}, s{2 + c};"]
-    for r in range(tiles):
-        o = base_in + 16 + 10 * r
-        w = [f"${o + i}" for i in range(8)]
-        spk, zpk = f"${o + 8}", f"${o + 9}"
-        L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;",
-              f"and.b32 zq, {zpk}, 0xFF;", "cvt.rn.f32.u32 nz0, zq;", "neg.f32 nz0, nz0;",
-              f"shr.u32 zq, {zpk}, 16;", "and.b32 zq, zq, 0xFF;", "cvt.rn.f32.u32 nz1, zq;", "neg.f32 nz1, nz1;"]
-        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
-        for wd in range(4):
-            for half in range(2):
-                wr, hb = w[4 * half + wd], 4 * half
-                L += [f"lop3.b32 h{hb}, {wr}, m0, mag, 0xEA;", f"lop3.b32 h{hb + 1}, {wr}, m1, mag, 0xEA;",
-                      f"shr.u32 tmp, {wr}, 8;",
-                      f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;"]
-            # low nibbles (pairs 0, 2 of the word: h0/h4 rows g/g + 8, h2/h6) and high ones (h1/h5, h3/h7)
-            L += [f"{mma} {{d0,d1,d2,d3}}, {{h0,h4,h2,h6}}, {{xp{4 * wd},xp{4 * wd + 2}}}, {{d0,d1,d2,d3}};",
-                  f"{mma} {{e0,e1,e2,e3}}, {{h1,h5,h3,h7}}, {{xp{4 * wd + 1},xp{4 * wd + 3}}}, {{e0,e1,e2,e3}};"]
-        b = 4 * r
-        for i in range(4):  # accumulator i: row g (i < 2) or g + 8, column 2t + i % 2
-            c, zi = i % 2, i // 2
-            L += [f"fma.rn.f32 d{i}, e{i}, 0f3D800000, d{i};", f"sub.f32 d{i}, d{i}, p{c};",
-                  f"fma.rn.f32 d{i}, nz{zi}, q{c}, d{i};", f"fma.rn.f32 r{b + i}, sc{zi}, d{i}, {acc_in[b + i]};"]
     L += [f"mov.f32 {outs[i]}, r{i};" for i in range(nacc)]
     L.append("}")
     cons = ",".join(["=f"] * nacc + ["f"] * nacc + ["r"] * (16 + 10 * tiles))
@@ -729,10 +642,10 @@ def _bulk_asm(tiles: int, stages: int, warps: int) -> tuple[str, str, str, str]:
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
-         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False, zsum: bool = False):
+         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False):
     pro, pro_cons = _prologue_asm(tiles)
     load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent)
-    comp, comp_cons = _compute_asm(tiles, chains, zsum)
+    comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
 
@@ -1219,7 +1132,7 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages and not cfg.bulk
     rqg = ready_qg if pre else 0
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
-                                                               rqg > 0, zsum_enabled())
+                                                               rqg > 0)
     stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
     if cfg.stages:
         pro, pro_cons, *stage = _stage_asm(cfg.tiles, ragged, cfg.stages, 32 * cfg.warps)
