@@ -10,7 +10,8 @@
 #   arith       the chain with one class of the compute block's instructions taken out at a time (phase_probe's
 #               noxp, nohf, nolop edits): which of the arithmetic's instructions cost the time?
 #   zsum        the zero points taken off after the MMAs (WKVQ_MMA_ZSUM=1, w4_mma._compute_zsum_asm): the GEMV
-#               tests with it, then the chain with and without it
+#               tests with it, then the chain with and without it. Ran at e8bab8e; the option was removed after
+#               (f8bfa0a: no gain), so on later trees both halves of the chain run the same kernel
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 bulkbisect)
