@@ -9,6 +9,9 @@
 #               loads fits in 128 registers (local SASS: 100); would x read from shared memory and depth 2 pay?
 #   arith       the chain with one class of the compute block's instructions taken out at a time (phase_probe's
 #               noxp, nohf, nolop edits): which of the arithmetic's instructions cost the time?
+#   zfold       the chain with the "zfold" edit (phase_probe: the float16 dequantization's offsets out, the float32
+#               work of taking them off after the MMAs in, as if x's writers gave each group's sums of x): what a
+#               design with x sums from the norm, SiLU and attention kernels could gain at most
 #   zsum        the zero points taken off after the MMAs (WKVQ_MMA_ZSUM=1, w4_mma._compute_zsum_asm): the GEMV
 #               tests with it, then the chain with and without it. Ran at e8bab8e; the option was removed after
 #               (f8bfa0a: no gain), so on later trees both halves of the chain run the same kernel
@@ -33,6 +36,10 @@ arith)
   timeout 200 python3 benchmarks/phase_probe.py --kinds gemv,gemv-noxp,gemv-nohf,gemv-nolop,gemv-nohf-nolop,gemv-nomma,gemv \
     --reps 20 --json "$o/arith.json" 2>&1 | grep -v Warn | tail -8
   mark "arith" ;;
+zfold)
+  timeout 200 python3 benchmarks/phase_probe.py --kinds gemv,gemv-zfold,gemv-nohf,gemv,gemv-zfold --reps 20 \
+    --json "$o/zfold.json" 2>&1 | grep -v Warn | tail -6
+  mark "zfold" ;;
 zsum)
   WKVQ_MMA_ZSUM=1 timeout 240 python3 -m pytest -q -x tests/test_w4_mma.py 2>&1 | tail -3; mark "zsum tests"
   for i in 0 1 2 3; do z=$((i % 2)); WKVQ_MMA_ZSUM=$z timeout 60 python3 benchmarks/phase_probe.py --kinds gemv \

@@ -46,7 +46,12 @@ def test_compute_edits_take_out_one_instruction_class(tiles, monkeypatch):
     # 16 x pairs a group; 2 sub and 2 fma an 8-code word, 4 words a row half, 2 halves a tile; 4 lop3 a word
     cases = {"noxp": {"prmt.b32": 16, "mov.b32": -16},
              "nohf": {"sub.f16x2": 16 * tiles, "fma.rn.f16x2": 16 * tiles},
-             "nolop": {"lop3.b32": 32 * tiles, "mov.b32": -32 * tiles}}
+             "nolop": {"lop3.b32": 32 * tiles, "mov.b32": -32 * tiles},
+             # zfold: nohf, the zero points' float16 setup for a float32 conversion, the accumulators started by an
+             # fma instead of a move and one more fma each at the end
+             "zfold": {"sub.f16x2": 16 * tiles, "fma.rn.f16x2": 16 * tiles, "add.u32": 2 * tiles,
+                       "mad.lo.u32": 2 * tiles, "cvt.rn.f32.u32": -2 * tiles, "mov.f32": 4 * tiles,
+                       "fma.rn.f32": -8 * tiles}}
     for edit, want in cases.items():
         out = probe.gemv_edit(base, (edit,))
         assert _removed(comp, out["COMP"]) == want, edit
