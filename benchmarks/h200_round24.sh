@@ -12,6 +12,8 @@
 #   zfold       the chain with the "zfold" edit (phase_probe: the float16 dequantization's offsets out, the float32
 #               work of taking them off after the MMAs in, as if x's writers gave each group's sums of x): what a
 #               design with x sums from the norm, SiLU and attention kernels could gain at most
+#   zlate       the same with the zero point applied at the accumulators' end (the MMAs then wait on the codes and
+#               x only, as with nohf)
 #   zsum        the zero points taken off after the MMAs (WKVQ_MMA_ZSUM=1, w4_mma._compute_zsum_asm): the GEMV
 #               tests with it, then the chain with and without it. Ran at e8bab8e; the option was removed after
 #               (f8bfa0a: no gain), so on later trees both halves of the chain run the same kernel
@@ -40,6 +42,10 @@ zfold)
   timeout 200 python3 benchmarks/phase_probe.py --kinds gemv,gemv-zfold,gemv-nohf,gemv,gemv-zfold --reps 20 \
     --json "$o/zfold.json" 2>&1 | grep -v Warn | tail -6
   mark "zfold" ;;
+zlate)
+  timeout 200 python3 benchmarks/phase_probe.py --kinds gemv,gemv-zlate,gemv-nohf,gemv,gemv-zlate --reps 20 \
+    --json "$o/zlate.json" 2>&1 | grep -v Warn | tail -6
+  mark "zlate" ;;
 zsum)
   WKVQ_MMA_ZSUM=1 timeout 240 python3 -m pytest -q -x tests/test_w4_mma.py 2>&1 | tail -3; mark "zsum tests"
   for i in 0 1 2 3; do z=$((i % 2)); WKVQ_MMA_ZSUM=$z timeout 60 python3 benchmarks/phase_probe.py --kinds gemv \

@@ -127,7 +127,7 @@ def variant(kind: str, buf, out, cnt, programs: int, warps: int):
 
 
 # what a "gemv-..." kind takes out of the kernel's PTX (gemv_edit)
-GEMV_EDITS = ("nox", "nosz", "nomma", "noxp", "nohf", "nolop", "zfold")
+GEMV_EDITS = ("nox", "nosz", "nomma", "noxp", "nohf", "nolop", "zfold", "zlate")
 
 
 def _trivial_comp(cons: str) -> str:
@@ -152,8 +152,9 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
     "nolop" (no ``lop3`` extracting the codes: 32 a tile and group); "zfold": "nohf" plus the float32 work that
     would take the zero points and the codes' offsets off after the MMAs if the kernels writing ``x`` also wrote
     each group's sums of ``x`` (a design, not built: each zero point converted to float32, each accumulator started
-    at ``-P - z Q`` and ended with an extra ``fma``, the sums themselves constants here). The products are wrong;
-    only the time counts."""
+    at ``-P - z Q`` and ended with an extra ``fma``, the sums themselves constants here); "zlate": the same, but the
+    accumulators started at a constant and the zero point applied by one more ``fma`` at the end, so that the MMAs
+    wait for nothing but the codes and ``x``. The products are wrong; only the time counts."""
     import re
 
     out = dict(consts)
@@ -172,7 +173,7 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
         comp = re.sub(r"prmt\.b32 (xp\d+), (\$\d+), (\$\d+), 0x7632;", r"mov.b32 \1, \3;", comp)
     if "nohf" in edits:
         comp = re.sub(r"(sub|fma\.rn)\.f16x2 h\d+, [^;]*;", "", comp)
-    if "zfold" in edits:
+    if "zfold" in edits or "zlate" in edits:
         comp = re.sub(r"(sub|fma\.rn)\.f16x2 h\d+, [^;]*;", "", comp)
         comp = comp.replace(".reg .f32 d<4>,", ".reg .f32 zl<2>, d<4>,")
         comp = re.sub(r"add\.u32 zs(\d), zq, 0x64006400;", r"cvt.rn.f32.u32 zl\1, zq;", comp)
@@ -180,6 +181,11 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
         comp = re.sub(r"mov\.f32 d(\d), 0f00000000;",
                       lambda m: f"fma.rn.f32 d{m.group(1)}, zl{int(m.group(1)) // 2}, 0fBF800000, 0fC0000000;", comp)
         comp = re.sub(r"(fma\.rn\.f32 r\d+, sc\d, (d\d), [^;]*;)", r"fma.rn.f32 \2, \2, 0f3D800000, \2;\n\1", comp)
+        if "zlate" in edits:  # the start without z, z at the end
+            comp = re.sub(r"fma\.rn\.f32 (d\d), zl\d, 0fBF800000, 0fC0000000;", r"mov.f32 \1, 0fC0000000;", comp)
+            comp = re.sub(r"fma\.rn\.f32 (d(\d)), \1, 0f3D800000, \1;",
+                          lambda m: f"{m.group(0)}\nfma.rn.f32 {m.group(1)}, zl{int(m.group(2)) // 2}, 0fBF800000, "
+                          f"{m.group(1)};", comp)
     if "nolop" in edits:
         comp = re.sub(r"lop3\.b32 (h\d+), ([^,]+), m[01], mag, 0xEA;", r"mov.b32 \1, \2;", comp)
     out["COMP"] = comp

@@ -51,7 +51,10 @@ def test_compute_edits_take_out_one_instruction_class(tiles, monkeypatch):
              # fma instead of a move and one more fma each at the end
              "zfold": {"sub.f16x2": 16 * tiles, "fma.rn.f16x2": 16 * tiles, "add.u32": 2 * tiles,
                        "mad.lo.u32": 2 * tiles, "cvt.rn.f32.u32": -2 * tiles, "mov.f32": 4 * tiles,
-                       "fma.rn.f32": -8 * tiles}}
+                       "fma.rn.f32": -8 * tiles},
+             # zlate: zfold with the zero point's fma moved from the accumulators' start to their end
+             "zlate": {"sub.f16x2": 16 * tiles, "fma.rn.f16x2": 16 * tiles, "add.u32": 2 * tiles,
+                       "mad.lo.u32": 2 * tiles, "cvt.rn.f32.u32": -2 * tiles, "fma.rn.f32": -8 * tiles}}
     for edit, want in cases.items():
         out = probe.gemv_edit(base, (edit,))
         assert _removed(comp, out["COMP"]) == want, edit
