@@ -5,7 +5,7 @@
 #               without both: is the per-group x load what keeps the ring (whose loads are issued ahead of the
 #               arithmetic) from the read-only chain's rate? (runtime/kernels/NOTES.md round 21)
 #   d2nox       the chain with x taken out at depth 1 (with and without the weight preload) and at depth 2
-#               (benchmarks/variants/mma_7b_m1_d2.json): without x's 16 registers a group a third set of weight
+#               (benchmarks/results/r27/mma_7b_m1_d2.json): without x's 16 registers a group a third set of weight
 #               loads fits in 128 registers (local SASS: 100); would x read from shared memory and depth 2 pay?
 #   arith       the chain with one class of the compute block's instructions taken out at a time (phase_probe's
 #               noxp, nohf, nolop edits): which of the arithmetic's instructions cost the time?
@@ -31,7 +31,7 @@ d2nox)
     --json "$o/d2_table.json" 2>&1 | grep -v Warn | tail -4
   WKVQ_MMA_PRE=0 timeout 100 python3 benchmarks/phase_probe.py --kinds gemv,gemv-nox --reps 20 \
     --json "$o/d2_nopre.json" 2>&1 | grep -v Warn | tail -3
-  WKVQ_MMA_TABLE=benchmarks/variants/mma_7b_m1_d2.json timeout 100 python3 benchmarks/phase_probe.py \
+  WKVQ_MMA_TABLE=benchmarks/results/r27/mma_7b_m1_d2.json timeout 100 python3 benchmarks/phase_probe.py \
     --kinds gemv,gemv-nox,gemv-nox-nomma --reps 20 --json "$o/d2_depth2.json" 2>&1 | grep -v Warn | tail -4
   mark "d2 nox" ;;
 arith)
