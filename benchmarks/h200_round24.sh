@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Twenty-fourth session (prepared in the twenty-third), one H200 (device tool, carry .gpu/whl). Results in $OUT:
 #   bulkbisect  the phase probe's GEMV chain on the table's register path and on the bulk ring
-#               (benchmarks/variants/mma_7b_m1_bulk.json), each as it is, without x loads, without the arithmetic,
+#               (benchmarks/results/r27/mma_7b_m1_bulk.json), each as it is, without x loads, without the arithmetic,
 #               without both: is the per-group x load what keeps the ring (whose loads are issued ahead of the
-#               arithmetic) from the read-only chain's rate? (runtime/kernels/NOTES.md round 21)
+#               arithmetic) from the read-only chain's rate? (runtime/kernels/NOTES.md round 21). Ran at b3047fa;
+#               the ring was removed after (NOTES round 22): on later trees its half stops at a one-line error
 #   d2nox       the chain with x taken out at depth 1 (with and without the weight preload) and at depth 2
 #               (benchmarks/results/r27/mma_7b_m1_d2.json): without x's 16 registers a group a third set of weight
 #               loads fits in 128 registers (local SASS: 100); would x read from shared memory and depth 2 pay?
@@ -23,7 +24,7 @@ bulkbisect)
   K=pdl-pre,gemv,gemv-nox,gemv-nomma,gemv-nox-nomma
   timeout 150 python3 benchmarks/phase_probe.py --kinds $K --per-sm 16 --warps 1 --reps 20 --json "$o/gb_table.json" \
     2>&1 | grep -v Warn | tail -6
-  WKVQ_MMA_TABLE=benchmarks/variants/mma_7b_m1_bulk.json timeout 150 python3 benchmarks/phase_probe.py \
+  WKVQ_MMA_TABLE=benchmarks/results/r27/mma_7b_m1_bulk.json timeout 150 python3 benchmarks/phase_probe.py \
     --kinds gemv,gemv-nox,gemv-nomma,gemv-nox-nomma --reps 20 --json "$o/gb_bulk.json" 2>&1 | grep -v Warn | tail -5
   mark "bulk bisect" ;;
 d2nox)

@@ -15,7 +15,6 @@ record's ``best`` table is what ``WKVQ_MMA_TABLE`` reads.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -103,12 +102,9 @@ def main() -> None:
     ap.add_argument("--depths", default="1,2")
     ap.add_argument("--l2", default="0,1")
     ap.add_argument("--chains", default="1,2")
-    ap.add_argument("--stages", default="0", help="0: the register prefetch (depth); 2-4: the cp.async pipeline")
     ap.add_argument("--persist", default="0", help="0: the split grid; else stream-K programs a multiprocessor")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES_7B))
     ap.add_argument("--layout", default="group", choices=("group", "row"), help="the w4_mma weights' layout")
-    ap.add_argument("--bulk", default="0", help="0: the configs above; b > 0: also the bulk ring of b stages "
-                    "(MmaConfig.bulk) at these warps, tiles, splits and persist values (any persist up to 32 warps)")
     ap.add_argument("--configs", default="", help="extra configs, ';'-separated MmaConfig fields (e.g. 1,2,1,1,0,1,0,16)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -117,16 +113,10 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "rows": [],
               "layout": args.layout}
     pick = {f: {int(v) for v in getattr(args, f).split(",")} for f in ("splits", "warps", "tiles", "depths", "l2",
-                                                                         "chains", "stages", "persist")}
+                                                                         "chains", "persist")}
     cands = [c for c in mm.MMA_CONFIGS if c.split in pick["splits"] and c.warps in pick["warps"]
              and c.tiles in pick["tiles"] and c.depth in pick["depths"] and int(c.l2) in pick["l2"]
-             and c.chains in pick["chains"] and c.stages in pick["stages"] and c.persist in pick["persist"]]
-    for b in (int(v) for v in args.bulk.split(",")):
-        if b <= 0:
-            continue
-        for w, t in itertools.product(sorted(pick["warps"]), sorted(pick["tiles"])):
-            cands += [mm.MmaConfig(w, t, sp, bulk=b) for sp in sorted(pick["splits"]) if 0 in pick["persist"]]
-            cands += [mm.MmaConfig(w, t, 1, persist=p, bulk=b) for p in sorted(pick["persist"]) if p and w * p <= 32]
+             and c.chains in pick["chains"] and c.persist in pick["persist"]]
     cands += [mm.MmaConfig(*(int(v) for v in c.split(","))) for c in filter(None, args.configs.split(";"))]
     result["candidates"] = len(cands)
     for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):

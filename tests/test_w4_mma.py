@@ -40,9 +40,17 @@ def test_mma_ok_off_cuda_and_config_guess():
     assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
     assert MmaConfig(2, 2, 4).label() == "w2_t2_x4" and MmaConfig(2, 2, 4, 2).label() == "w2_t2_x4_d2"
     assert MmaConfig(2, 2, 1, persist=8).label() == "w2_t2_x1_p8"
-    from runtime.kernels.w4_mma import stages_fit
 
-    assert stages_fit(MmaConfig(4, 1, 4, stages=3)) and not stages_fit(MmaConfig(4, 2, 4, stages=4))
+
+@pytest.mark.parametrize("removed", [{"stages": 3}, {"bulk": 4}])
+def test_mma_removed_pipelines_are_a_one_line_error(removed):
+    """The cp.async stages and the bulk ring are gone (twenty-fourth session); a config naming them (a sweep record
+    from before) is a one-line error saying so, not a silent register-path launch."""
+    from runtime.kernels.w4_mma import MmaConfig, launch_plan
+
+    with pytest.raises(ValueError, match="were removed") as e:
+        launch_plan(MmaConfig(4, 1, 4, **removed), 4096, 4096, 1, (2048, 64, 32), (64, 2, 1), 132, False, False)
+    assert "\n" not in str(e.value)
 
 
 def test_mma_sweep_record_table(tmp_path, monkeypatch):
@@ -65,18 +73,16 @@ def test_mma_sweep_record_table(tmp_path, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (1, 1, 8), (8, 2, 2), (4, 2, 3, 2), (2, 1, 8, 2),
-                                    (4, 2, 3, 1, True, 2), (2, 1, 8, 2, True, 1), (4, 1, 3, 1, False, 1, 3),
-                                    (2, 2, 2, 1, False, 1, 4), (2, 2, 1, 1, False, 1, 0, 8),
-                                    (1, 1, 1, 1, False, 1, 0, 1), (4, 1, 1, 1, False, 1, 3, 2),
+                                    (4, 2, 3, 1, True, 2), (2, 1, 8, 2, True, 1), (2, 2, 1, 1, False, 1, 0, 8),
+                                    (1, 1, 1, 1, False, 1, 0, 1), (4, 1, 1, 1, False, 1, 0, 2),
                                     (1, 2, 1, 1, True, 1, 0, 16), (2, 2, 1, 1, True, 1, 0, 3), None])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k", [(37, 576), (64, 1408), (300, 4096), (96, 320)])
 def test_mma_matches_reference(n, k, m, config):
     """Ragged N (rows past N read row N - 1, not written), ragged last groups (576 = 4.5 groups, 320 = 2.5),
     1..8 rows of x, splits over the groups with atomics, one or two 16-row tiles a warp, one or two groups loaded
-    ahead, the L2 prefetch (Hopper; stream-K shares too), two accumulator chains, the cp.async pipeline (3 and 4
-    stages), stream-K grids (1, 2, 3, 8 and 16 programs a multiprocessor: shares of one group, and shares across
-    row blocks)."""
+    ahead, the L2 prefetch (Hopper; stream-K shares too), two accumulator chains, stream-K grids (1, 2, 3, 8 and 16
+    programs a multiprocessor: shares of one group, and shares across row blocks)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + k)
@@ -107,8 +113,8 @@ def test_mma_7b_shapes(n, k, m):
 @pytest.mark.parametrize("n,k", [(37, 576), (300, 4096), (96, 320)])
 def test_mma_group_major_layout(n, k, m, config):
     """The group-major copy of a weight (quant.group_major: each group's rows contiguous) gives the same products
-    as the artifact's row-major layout: ragged N and K, split and stream-K grids; the stages and the L2 prefetch,
-    which read rows, refuse it in one line."""
+    as the artifact's row-major layout: ragged N and K, split and stream-K grids; the L2 prefetch, which reads
+    rows, refuses it in one line."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + k)
@@ -119,35 +125,7 @@ def test_mma_group_major_layout(n, k, m, config):
     grp = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
     assert _rel(grp, base.double() + x.double() @ w.T) < TOL and _rel(grp, row) < 1e-6
     with pytest.raises(ValueError, match="row-major layout only"):
-        w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=(4, 1, 1, 1, False, 1, 3))
-
-
-@gpu
-@pytest.mark.parametrize("config", [(1, 2, 1, 1, False, 1, 0, 16, 4), (4, 2, 3, 1, False, 1, 0, 0, 3),
-                                    (2, 1, 1, 1, False, 1, 0, 3, 2), (1, 1, 1, 1, False, 1, 0, 8, 8),
-                                    (4, 2, 16, 1, False, 1, 0, 0, 4), (1, 2, 1, 1, False, 1, 0, 24, 4)])
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k", [(304, 1408), (64, 4096), (4096, 1152)])
-def test_mma_bulk_ring(n, k, m, config):
-    """The bulk ring (MmaConfig.bulk: lane 0 copies each group's codes, scales and zeros into the warp's shared
-    ring) on group-major weights against the float64 reference and the register path: split grids (11 ranges of
-    one group: shorter than the ring), stream-K shares across row blocks, one and two tiles, 2-8 stages. A weight
-    it cannot take (fewer rows than a program's block, the row-major layout) is a one-line error."""
-    from runtime.kernels.w4_mma import MmaConfig, bulk_ok, w4_mma_accumulate
-
-    qw, s, z, w = _weight(n, k, seed=n + k)
-    gq, gs, gz = quant.group_major(qw, s, z)
-    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
-    cfg = MmaConfig(*config)
-    if not bulk_ok(cfg, n, k, (64 * n, 2 * n, n)):
-        with pytest.raises(ValueError, match="bulk ring"):
-            w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
-        return
-    out = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
-    reg = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=cfg._replace(bulk=0))
-    assert _rel(out, base.double() + x.double() @ w.T) < TOL and _rel(out, reg) < 1e-6
-    with pytest.raises(ValueError, match="bulk ring"):
-        w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config)
+        w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=(4, 1, 1, 1, True, 1))
 
 
 @gpu
@@ -168,61 +146,51 @@ def test_mma_rejects_what_it_cannot_take():
         w4_mma_accumulate(x.float(), qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
 
 
-def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, stages=0, persist=False, strides=None,
-              gstrides=(64, 2, 1), pdl=False, pre=False, l2=False, bulk=0):
+def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, persist=False, strides=None, gstrides=(64, 2, 1),
+              pdl=False, pre=False, l2=False):
     """The sm_90 SASS and resource usage of the GEMV kernel compiled without a GPU (:func:`tests.helpers.sm90_sass`)
     with the PTX the launch would give it: ``strides`` (row strides in bytes, the ``FIXED`` loads) or None, the
-    cp.async ``stages``, the weight preload (``pre``), the bulk ring (``bulk`` stages)."""
+    weight preload (``pre``)."""
     from runtime.kernels import w4_mma
 
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, gstrides)
-    split = w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre or bulk else ("", "r", "", "r")
-    stage = ("", "r", "", "r", "", "r")
-    if stages:
-        pro, pro_cons, *stage = w4_mma._stage_asm(tiles, ragged, stages, 32 * warps)
-    ring = w4_mma._bulk_asm(tiles, bulk, warps) if bulk else ("", "", "", "r")
+    split = w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre else ("", "r", "", "r")
     consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
-              "DEPTH": depth, "L2": l2, "PF": pf, "STAGES": stages, "ISSUE": stage[0], "ISSUE_CONS": stage[1],
-              "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4], "SZA_CONS": stage[5], "PERSIST": persist,
-              "FIXED": strides is not None, "PDL": pdl, "LOADW": split[0], "LOADW_CONS": split[1],
-              "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre, "BULK": bulk, "BINIT": ring[0],
-              "BISSUE": ring[1], "BREAD": ring[2], "BREAD_CONS": ring[3], "RQG": 0, "STAMPS": False}
+              "DEPTH": depth, "L2": l2, "PF": pf, "PERSIST": persist, "FIXED": strides is not None, "PDL": pdl,
+              "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre,
+              "RQG": 0, "STAMPS": False}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
-@pytest.mark.parametrize("tiles,ragged,depth,stages,warps,persist,fixed,pre", [
-    (1, False, 1, 0, 4, False, False, False), (2, True, 2, 0, 4, False, True, False),
-    (1, True, 1, 3, 4, False, False, False), (2, False, 1, 4, 2, False, False, False),
-    (2, False, 1, 0, 2, True, True, False), (1, True, 1, 3, 4, True, False, False),
-    (1, False, 1, 0, 1, True, True, False), (2, False, 1, 0, 1, True, True, True), (1, True, 1, 0, 4, False, False, True),
-    (2, False, 1, 0, 4, False, True, True)])
-def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persist, fixed, pre, tmp_path):
-    """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid; with stages: the
-    shared memory the PTX declares, ``cp.async`` copies), every thread holds one element of the ``[32 * warps]``
+@pytest.mark.parametrize("tiles,ragged,depth,warps,persist,fixed,pre", [
+    (1, False, 1, 4, False, False, False), (2, True, 2, 4, False, True, False), (1, True, 1, 4, False, False, False),
+    (2, False, 1, 2, False, False, False), (2, False, 1, 2, True, True, False), (1, True, 1, 4, True, False, False),
+    (1, False, 1, 1, True, True, False), (2, False, 1, 1, True, True, True), (1, True, 1, 4, False, False, True),
+    (2, False, 1, 4, False, True, True)])
+def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, warps, persist, fixed, pre, tmp_path):
+    """Without a GPU: the kernel compiles for sm_90 with Triton's bundled ptxas (the PTX is valid), every thread
+    holds one element of the ``[32 * warps]``
     tensors (8 HMMA per tile and group, not a multiple of that), no local memory (spills); ``fixed``: the rows' loads
     at immediate offsets; ``pre``: the weight preload before the PDL wait (its range's first iteration peeled); with
     PDL no load but the preload's above the wait."""
     pytest.importorskip("triton")
-    from runtime.kernels import overlap, w4_mma
+    from runtime.kernels import overlap
 
     pdl = overlap._triton_has_pdl()
     if pre and not pdl:
         pytest.skip("this Triton has no grid dependency control")
-    if stages:
-        assert w4_mma.stages_fit(w4_mma.MmaConfig(warps, tiles, 4, stages=stages))
     # fixed: the launch's row strides in the loads' immediates (K = 11008: codes 5504 bytes a row)
-    sass, usage = _mma_sass(tmp_path, warps=warps, tiles=tiles, ragged=ragged, depth=depth, stages=stages,
-                            persist=persist, strides=(5504, 172, 86) if fixed else None, pdl=pdl, pre=pre,
-                            l2=not stages)
-    # one group's 8 MMAs a tile; depth 1 without stages: the loop runs two groups an iteration, plus an odd last one;
+    sass, usage = _mma_sass(tmp_path, warps=warps, tiles=tiles, ragged=ragged, depth=depth, persist=persist,
+                            strides=(5504, 172, 86) if fixed else None, pdl=pdl, pre=pre, l2=True)
+    # one group's 8 MMAs a tile; depth 1: the loop runs two groups an iteration, plus an odd last one;
     # pre: the peeled first iteration's two groups too, and (stream-K) a second copy of the range without them
     # (whose tail ptxas may merge with the first's)
     hmma = sass.count("HMMA.16816.F32")
     if pre and persist:
         assert hmma % (8 * tiles) == 0 and 7 <= hmma // (8 * tiles) <= 8
     else:
-        assert hmma == 8 * tiles * (5 if pre else 3 if depth == 1 and not stages else 1)
+        assert hmma == 8 * tiles * (5 if pre else 3 if depth == 1 else 1)
     assert "LOCAL:0" in usage
     if pdl:  # pre: the two groups' weight loads (codes, scales, zeros: 12 a tile), then the wait (ACQBULK), then
         # x; else the wait before every load (ptxas moves .nc loads across the wait: none may end up above it)
@@ -230,9 +198,6 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, stages, warps, persi
         assert before.count("LDG") == (12 * tiles if pre else 0) and ".CONSTANT" not in before
     if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
         assert "+0xac00]" in sass
-    if stages:  # one 16-byte copy per x quarter and code row, per stage issued before the loop and one in it
-        assert sass.count("LDGSTS.E.BYPASS.128") == stages * 2 * tiles
-        assert sass.count("LDGSTS.E.128") == stages * 4
 
 
 def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
@@ -254,7 +219,7 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
     assert len(configs) > len(w4_mma.MMA_TABLE)
     for (n, k, m), cfg in sorted(configs):
         grid, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True)
-        assert grid[0] * grid[1] >= 132 and consts["PRE"] == (m == 1 and cfg.depth == 1 and not cfg.bulk)
+        assert grid[0] * grid[1] >= 132 and consts["PRE"] == (m == 1 and cfg.depth == 1)
         sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, MMA_PTRS, "i32", cfg.warps,
                                 tmp_path)
         before = sass[:sass.index("ACQBULK")]
@@ -297,24 +262,3 @@ def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     assert "LOCAL:0" in usage and len(timer) >= 3 and timer[0] < spin
     assert any(sass.index("BAR.SYNC", spin) < t < sass.index("LDG.E.128", spin) for t in timer)
     assert timer[-1] > sass.rindex("HMMA")
-
-
-@pytest.mark.parametrize("tiles,warps,persist,bulk", [(2, 1, True, 4), (2, 4, True, 3), (1, 4, False, 8)])
-def test_mma_bulk_compiles_for_sm90(tiles, warps, persist, bulk, tmp_path):
-    """Without a GPU: the bulk ring's PTX is valid for sm_90; per group one ``cp.async.bulk`` each of codes, scales
-    and zeros (``bulk - 1`` groups before the loop, issued before the PDL wait, and one in it); the shared ring as
-    declared; no loads above the wait; no local memory."""
-    pytest.importorskip("triton")
-    from runtime.kernels import overlap, w4_mma
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    n = 12288
-    sass, usage = _mma_sass(tmp_path, warps=warps, tiles=tiles, persist=persist, strides=(64, 2, 1),
-                            gstrides=(64 * n, 2 * n, n), pdl=True, bulk=bulk)
-    before = sass[:sass.index("ACQBULK")]
-    assert sass.count("UBLKCP") == 3 * bulk and before.count("UBLKCP") == 3 * (bulk - 1)
-    assert "LDG" not in before and "LOCAL:0" in usage
-    assert sass.count("HMMA.16816.F32") == 8 * tiles
-    shared = int(usage.split("SHARED:")[1].split()[0])
-    assert warps * w4_mma.bulk_ring_bytes(tiles, bulk) <= shared <= warps * w4_mma.bulk_ring_bytes(tiles, bulk) + 1024

@@ -35,7 +35,7 @@ group before last was computed from (one iteration of one group needed ~29 regis
 and the launch's row strides are compiled into the loads (immediate offsets from each tensor's first row: one
 address add per tensor and group), the last row block then shifted down to end at ``N`` (its rows below the block
 recomputed, not written). Local sm_90 SASS at two tiles: 230 instructions a group of 128 codes per thread, 1.8 a
-code (290 before the thirteenth session). Rows past ``N`` (tiny ``N``, or with stages) read row ``N - 1`` and are
+code (290 before the thirteenth session). Rows past ``N`` (tiny ``N``) read row ``N - 1`` and are
 not written; a ragged last group (``K % 128``, a multiple
 of 32) leaves whole 32-channel thread slices out (``x`` read as zeros, codes not read).
 
@@ -76,7 +76,7 @@ PRE_ENV = "WKVQ_MMA_PRE"  # 0: with PDL, wait for the kernel before first, then 
 
 def preload_enabled() -> bool:
     """Whether a GEMV of one row launched with PDL loads its first two groups' weights before it waits for the
-    kernel before (``WKVQ_MMA_PRE`` not ``0``; depth 1 without stages only, :func:`_range`). At 8 rows it measured
+    kernel before (``WKVQ_MMA_PRE`` not ``0``; depth 1 only, :func:`_range`). At 8 rows it measured
     slower (7B b8 p2048 2.52-2.57 against 2.45-2.50 ms, nineteenth session), so one row only."""
     return os.environ.get(PRE_ENV, "1") != "0"
 
@@ -92,15 +92,13 @@ class MmaConfig(NamedTuple):
     per row block, float32 atomics when > 1), ``depth``: groups whose loads are in flight while a group is computed
     (1 or 2; registers carried around the loop), ``l2``: each warp first asks the L2 for its rows' codes over the
     program's groups (Hopper only; :func:`_prefetch_asm`), ``chains``: MMA accumulator chains (1 or 2,
-    :func:`_compute_asm`), ``stages``: 0, or 2-6 groups of codes and ``x`` in flight through ``cp.async`` copies into
-    shared memory that each thread writes and reads alone (:func:`_issue_asm`, :func:`_read_asm`; ``depth`` is then
-    unused; at most :data:`STAGE_LIMIT` bytes of shared memory a program): 94 registers instead of 128 at two
-    tiles, but measured 5-25% slower than the register prefetch at every 7B shape (thirteenth session,
-    benchmarks/results/r16), so no table config uses it. ``persist``: 0, or a stream-K grid of ``persist`` programs
-    a multiprocessor that share the ``(row block, group)`` pairs equally (``split`` unused; float32 atomics): no
-    partly filled last wave; won at the large M = 1 shapes. ``bulk``: 0, or 2-8 stages of a shared ring per warp that lane
-    0 fills with one ``cp.async.bulk`` copy per group of the rows' codes, scales and zeros (group-major weights,
-    ``K % 128 == 0``, ``N % 16 == 0``; ``depth`` and ``stages`` unused; :func:`_bulk_issue_asm`)."""
+    :func:`_compute_asm`), ``persist``: 0, or a stream-K grid of ``persist`` programs a multiprocessor that share
+    the ``(row block, group)`` pairs equally (``split`` unused; float32 atomics): no partly filled last wave; won at
+    the large M = 1 shapes. ``stages`` and ``bulk`` must be 0: they named two shared-memory pipelines, ``cp.async``
+    copies a thread (thirteenth session: 5-25% slower than the register prefetch at every 7B shape) and a bulk-copy
+    ring a warp (nineteenth and twenty-fourth sessions: slower in the step and in the GEMV chain), removed in the
+    twenty-fourth session (the code is in git before that; NOTES.md round 22); the fields stay so that the sweep
+    records' nine-value configs load."""
 
     warps: int = 4
     tiles: int = 1
@@ -115,43 +113,14 @@ class MmaConfig(NamedTuple):
     def label(self) -> str:
         return (f"w{self.warps}_t{self.tiles}_x{self.split}" + (f"_d{self.depth}" if self.depth != 1 else "")
                 + ("_l2" if self.l2 else "") + (f"_c{self.chains}" if self.chains != 1 else "")
-                + (f"_s{self.stages}" if self.stages else "") + (f"_p{self.persist}" if self.persist else "")
-                + (f"_b{self.bulk}" if self.bulk else ""))
+                + (f"_p{self.persist}" if self.persist else ""))
 
 
-STAGE_LIMIT = 44 << 10  # the stages' static shared memory: under the 48 KB a kernel may declare, with room for Triton's
-
-
-def stages_fit(cfg: MmaConfig) -> bool:
-    """Whether ``cfg``'s stages fit in :data:`STAGE_LIMIT` bytes of shared memory (always without stages)."""
-    return cfg.stages * 32 * cfg.warps * stage_bytes(cfg.tiles) <= STAGE_LIMIT
-
-
-def bulk_ok(cfg: MmaConfig, n: int, k: int, gstrides: tuple[int, int, int]) -> bool:
-    """Whether ``cfg``'s bulk ring takes an ``[n, k]`` weight with group strides ``gstrides`` (bytes: codes,
-    scales, zeros): 2-8 stages, no cp.async stages, within :data:`STAGE_LIMIT` bytes of shared memory, the
-    group-major layout (each group's rows contiguous, :func:`runtime.quant.group_major`), ``n % 16 == 0`` (the
-    copies' 16-byte alignment) and at least one row block, whole groups."""
-    return (2 <= cfg.bulk <= 8 and not cfg.stages and cfg.warps * bulk_ring_bytes(cfg.tiles, cfg.bulk) <= STAGE_LIMIT
-            and gstrides == (64 * n, 2 * n, n) and n % 16 == 0 and n >= 16 * cfg.tiles * cfg.warps
-            and k % GROUP == 0)
-
-
-def stage_bytes(tiles: int) -> int:
-    """Shared memory per thread and stage of the cp.async pipeline: ``x`` (64 bytes) and 16 bytes of codes per row
-    the thread holds (2 per tile)."""
-    return 64 + 32 * tiles
-
-
-# candidates of the GPU sweep (benchmarks/w4_mma_bench.py)
 MMA_CONFIGS = [MmaConfig(w, t, s, d, l2, c) for w, t, s, d, l2, c in itertools.product(
     (2, 4, 8), (1, 2), (1, 2, 4, 8, 16), (1, 2), (False, True), (1, 2))]
-# the cp.async pipeline: 2-4 stages where they fit
-MMA_CONFIGS += [cfg for w, t, s, st in itertools.product((2, 4), (1, 2), (2, 4, 8, 16), (2, 3, 4))
-                if stages_fit(cfg := MmaConfig(w, t, s, stages=st))]
 # stream-K grids: programs a multiprocessor (register-limited residency: 128 registers at two tiles, 16 warps)
-MMA_CONFIGS += [MmaConfig(w, t, 1, stages=st, persist=p) for w, t, st, p in itertools.product(
-    (1, 2, 4), (1, 2), (0, 2), (1, 2, 3, 4, 6, 8, 12, 16)) if w * p <= 32]
+MMA_CONFIGS += [MmaConfig(w, t, 1, persist=p) for w, t, p in itertools.product(
+    (1, 2, 4), (1, 2), (1, 2, 3, 4, 6, 8, 12, 16)) if w * p <= 32]
 # (N, K, M) -> config; M = 0: any M. The best of the graph-timed sweeps on the H200 (benchmarks/w4_mma_bench.py).
 # Seventeenth session (records benchmarks/results/r20): on the group-major layout the decode step holds on CUDA
 # (runtime.quant.group_major), 7B from mma_group_sweep.json, 13B from mma_group_sweep_13b.json; the 7B M = 1
@@ -482,164 +451,6 @@ def _program():
     return tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
 
 
-STAGE_BUF = "wkvq_mma_stage"  # the shared memory the cp.async pipeline's PTX declares (in the prologue's block)
-
-
-def _issue_asm(tiles: int, ragged: bool, threads: int) -> tuple[str, str]:
-    """PTX (sm_80) in which a thread starts copying group ``gi``'s ``x`` slice and codes into its own slots of stage
-    ``stage`` (``cp.async.cg``, 16 bytes each; slot ``v`` of thread ``tid`` at ``STAGE_BUF + stage * stage_stride +
-    (v * threads + tid) * 16``: slot-major, so that a warp's copies and reads cover 512 contiguous bytes, free of bank
-    conflicts — a thread-major layout measured 9x slower, 88% of its shared wavefronts excessive) and
-    commits them as one group (an empty one when the flag ``valid`` is 0, so that every iteration commits one).
-    ``ragged``: a slice past ``K`` is filled with zeros (source size 0, from the row's start). Inputs: the prologue's
-    code pointers and ``x`` pointer, ``t``, ``gi``, ``valid``, ``stage``, ``K``; the output (0) means nothing."""
-    nptr = 2 * tiles
-    ptrs = [f"${1 + i}" for i in range(nptr)]
-    px, t, gi, valid, stage, kk = (f"${1 + nptr + i}" for i in range(6))
-    slot = 16 * threads
-    L = ["{", ".reg .pred pv, pk;", ".reg .u32 sa, tid, c0, n;", ".reg .u64 off, ad;",
-         f"setp.ne.u32 pv, {valid}, 0;", "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};",
-         f"mad.lo.u32 sa, {stage}, {threads * stage_bytes(tiles)}, sa;", "mad.lo.u32 sa, tid, 16, sa;"]
-    if ragged:
-        L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};",
-              "selp.u32 n, 16, 0, pk;"]
-        size = ", n"
-    else:
-        size = ""
-    L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
-    if ragged:
-        L.append(f"@!pk mov.u64 ad, {px};")
-    # x through L1 (.ca: a warp's lanes share 4 addresses; .cg made every lane its own L2 request, 56% of the
-    # sectors excess, ncu), the codes through L2 only (.cg: read once; .ca measured 15-45% slower)
-    L += [f"@pv cp.async.ca.shared.global [sa+{slot * v}], [ad+{16 * v}], 16{size};" for v in range(4)]
-    L.append(f"mul.wide.u32 off, {gi}, 64;")
-    for i, ptr in enumerate(ptrs):
-        L += [f"add.u64 ad, {ptr}, off;"]
-        if ragged:
-            L.append(f"@!pk mov.u64 ad, {ptr};")
-        L.append(f"@pv cp.async.cg.shared.global [sa+{slot * (4 + i)}], [ad], 16{size};")
-    L += ["cp.async.commit_group;", "mov.u32 $0, 0;", "}"]
-    cons = ",".join(["=r"] + ["l"] * nptr + ["l", "r", "r", "r", "r", "r"])
-    return "\n".join(L), cons
-
-
-def _read_asm(tiles: int, stages: int, threads: int) -> tuple[str, str]:
-    """PTX in which a thread waits until at most ``stages - 1`` of its copy groups are pending (so the oldest, group
-    ``gi``, has landed) and reads its slots of stage ``stage``: outputs the 16 ``x`` words, then 8 code words per
-    tile. Input: ``stage``, and a value of the issue that precedes it (an ordering dependency)."""
-    nout = 16 + 8 * tiles
-    stage = f"${nout}"
-    L = ["{", ".reg .u32 sa, tid;", f".reg .b32 v<{nout}>;", f"cp.async.wait_group {stages - 1};",
-         "mov.u32 tid, %tid.x;", f"mov.u32 sa, {STAGE_BUF};",
-         f"mad.lo.u32 sa, {stage}, {threads * stage_bytes(tiles)}, sa;", "mad.lo.u32 sa, tid, 16, sa;"]
-    L += [f"ld.shared.v4.u32 {{v{4 * i},v{4 * i + 1},v{4 * i + 2},v{4 * i + 3}}}, [sa+{16 * threads * i}];"
-          for i in range(nout // 4)]
-    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
-    return "\n".join(L), ",".join(["=r"] * nout + ["r", "r"])
-
-
-def _sz_asm(tiles: int) -> tuple[str, str]:
-    """PTX of a thread's scales and zero points of group ``gi`` (per tile one word of the rows' float16 scales and
-    one of their uint8 zero points, as :func:`_load_asm`). Inputs: the prologue's scale and zero pointers, ``gi``."""
-    nout = 2 * tiles
-    ptrs = [(f"${nout + 4 * r}", f"${nout + 4 * r + 1}", f"${nout + 4 * r + 2}", f"${nout + 4 * r + 3}")
-            for r in range(tiles)]
-    gi = f"${nout + 4 * tiles}"
-    L = ["{", ".reg .b16 za, zb, sa, sb;", ".reg .u64 offs, offz, ad;", f".reg .b32 v<{nout}>;",
-         f"mul.wide.u32 offs, {gi}, 2;", f"cvt.u64.u32 offz, {gi};"]
-    for r, (ps_a, pz_a, ps_b, pz_b) in enumerate(ptrs):
-        L += [f"add.u64 ad, {ps_a}, offs;", "ld.global.nc.b16 sa, [ad];", f"add.u64 ad, {ps_b}, offs;",
-              "ld.global.nc.b16 sb, [ad];", f"mov.b32 v{2 * r}, {{sa, sb}};",
-              f"add.u64 ad, {pz_a}, offz;", "ld.global.nc.u8 za, [ad];", f"add.u64 ad, {pz_b}, offz;",
-              "ld.global.nc.u8 zb, [ad];", f"mov.b32 v{2 * r + 1}, {{za, zb}};"]
-    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
-    return "\n".join(L), ",".join(["=r"] * nout + ["l"] * (4 * tiles) + ["r"])
-
-
-BULK_BUF = "wkvq_mma_bulk"  # the shared ring of the bulk-copy pipeline (declared by _bulk_init_asm)
-
-
-def _bulk_parts(tiles: int) -> tuple[int, int, int]:
-    """Bytes of a bulk stage's three parts, in this order: the codes of a warp's ``16 tiles`` rows of one group (64
-    bytes a row), their float16 scales, their uint8 zero points (each a multiple of 16 bytes)."""
-    rows = 16 * tiles
-    return 64 * rows, 2 * rows, rows
-
-
-def bulk_stage_bytes(tiles: int) -> int:
-    """One stage of a warp's bulk ring (:func:`_bulk_parts`; :func:`_bulk_addrs` spells it for the kernel)."""
-    return sum(_bulk_parts(tiles))
-
-
-def bulk_ring_bytes(tiles: int, stages: int) -> int:
-    """A warp's ring: ``stages`` mbarriers (8 bytes each, padded to 16) and ``stages`` stages."""
-    return 16 * -(-stages // 2) + stages * bulk_stage_bytes(tiles)
-
-
-def _bulk_init_asm(tiles: int, stages: int, warps: int) -> str:
-    """PTX that declares the program's shared ring (function scope: ``warps`` rings of
-    :func:`bulk_ring_bytes`), lets lane 0 of each warp initialise its stages' mbarriers (one arrival a phase: lane
-    0's, with the bytes it expects) and returns the warp's ring address (its mbarriers first, then its stages).
-    Constraints ``=r,r``."""
-    ring = bulk_ring_bytes(tiles, stages)
-    return "\n".join([
-        f".shared .align 128 .b8 {BULK_BUF}[{warps * ring}];",
-        "{", ".reg .pred p;", ".reg .u32 lane, tid, warp, a;", "mov.u32 lane, %laneid;", "mov.u32 tid, %tid.x;",
-        "shr.u32 warp, tid, 5;", "setp.eq.u32 p, lane, 0;", f"mov.u32 a, {BULK_BUF};", f"mad.lo.u32 a, warp, {ring}, a;",
-        *[f"@p mbarrier.init.shared::cta.b64 [a+{8 * st}], 1;" for st in range(stages)],
-        "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;", "bar.warp.sync -1;",
-        "mov.u32 $0, a;", "}"])
-
-
-def _bulk_issue_asm(tiles: int) -> str:
-    """PTX in which lane 0 of the warp (when the flag ``go`` is set) starts the copies of one group into a stage of
-    its ring: the rows' codes (one ``64 * rows``-byte block of the group-major layout), scales and zero points
-    (``cp.async.bulk``, their bytes expected on the stage's mbarrier). Every lane first syncs with the warp (all
-    done reading the stage, consumed the iteration before). Inputs: ``go``, the mbarrier and stage addresses, the
-    sources of codes, scales, zeros. Output 0. Constraints ``=r,r,r,r,l,l,l``."""
-    c, sc, zc = _bulk_parts(tiles)
-    return "\n".join([
-        "{", ".reg .pred p;", ".reg .u32 lane;", "mov.u32 lane, %laneid;", "setp.ne.u32 p, $1, 0;",
-        "setp.eq.and.u32 p, lane, 0, p;", "bar.warp.sync -1;",
-        f"@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$2], {c + sc + zc};",
-        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3], [$4], {c}, [$2];",
-        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c}], [$5], {sc}, [$2];",
-        f"@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$3+{c + sc}], [$6], {zc}, [$2];",
-        "mov.u32 $0, 0;", "}"])
-
-
-def _bulk_read_asm(tiles: int) -> tuple[str, str]:
-    """PTX in which a thread waits for a stage's copies (the mbarrier's phase ``parity``) and reads its words of
-    it: per tile the 8 code words of rows ``g`` and ``g + 8`` (words ``4t .. 4t + 3``), the scales word and the
-    zeros word, as :func:`_load_asm`'s weight part. Inputs: the mbarrier and stage addresses, ``parity``."""
-    c, sc, _ = _bulk_parts(tiles)
-    nout = 10 * tiles
-    L = ["{", ".reg .pred pw;", ".reg .u32 lane, g, t, ca, sa, za;", ".reg .b16 s16a, s16b, z16a, z16b;",
-         f".reg .b32 v<{nout}>;",
-         "WAIT:", f"mbarrier.try_wait.parity.shared::cta.b64 pw, [${nout}], ${nout + 2};", "@!pw bra WAIT;",
-         "mov.u32 lane, %laneid;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;",
-         f"mad.lo.u32 ca, g, 64, ${nout + 1};", "mad.lo.u32 ca, t, 16, ca;",
-         f"mad.lo.u32 sa, g, 2, ${nout + 1};", f"add.u32 za, g, ${nout + 1};"]
-    for r in range(tiles):
-        o = 10 * r
-        for h in range(2):
-            row = 16 * r + 8 * h
-            L.append(f"ld.shared.v4.u32 {{v{o + 4 * h},v{o + 4 * h + 1},v{o + 4 * h + 2},v{o + 4 * h + 3}}}, "
-                     f"[ca+{64 * row}];")
-        L += [f"ld.shared.b16 s16a, [sa+{c + 2 * 16 * r}];", f"ld.shared.b16 s16b, [sa+{c + 2 * (16 * r + 8)}];",
-              f"mov.b32 v{o + 8}, {{s16a, s16b}};",
-              f"ld.shared.u8 z16a, [za+{c + sc + 16 * r}];", f"ld.shared.u8 z16b, [za+{c + sc + 16 * r + 8}];",
-              f"mov.b32 v{o + 9}, {{z16a, z16b}};"]
-    L += [f"mov.b32 ${i}, v{i};" for i in range(nout)] + ["}"]
-    return "\n".join(L), ",".join(["=r"] * nout + ["r", "r", "r"])
-
-
-@functools.cache
-def _bulk_asm(tiles: int, stages: int, warps: int) -> tuple[str, str, str, str]:
-    """The bulk-copy pipeline's PTX: (init, issue, read, read constraints)."""
-    return (_bulk_init_asm(tiles, stages, warps), _bulk_issue_asm(tiles), *_bulk_read_asm(tiles))
-
-
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
          gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False):
@@ -652,23 +463,10 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
 @functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
                     gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str, str, str]:
-    """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait, and the bulk
-    ring's ``x``): (w, w_cons, x, x_cons)."""
+    """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait): (w, w_cons,
+    x, x_cons)."""
     return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True),
             *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True))
-
-
-@functools.cache
-def _stage_asm(tiles: int, ragged: bool, stages: int, threads: int):
-    """The cp.async pipeline's PTX: the prologue with the shared memory declared at the function's scope (so that
-    the later blocks can name it), the issue, read and scale/zero blocks, with their constraints."""
-    stride = threads * stage_bytes(tiles)
-    pro, pro_cons = _prologue_asm(tiles)
-    pro = f".shared .align 16 .b8 {STAGE_BUF}[{stages * stride}];\n" + pro
-    issue, issue_cons = _issue_asm(tiles, ragged, threads)
-    read, read_cons = _read_asm(tiles, stages, threads)
-    sz, sz_cons = _sz_asm(tiles)
-    return pro, pro_cons, issue, issue_cons, read, read_cons, sz, sz_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -752,87 +550,6 @@ def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
 
 
 @triton.jit
-def _issue1(P, gi, valid, stage, K, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(ISSUE, ISSUE_CONS, [P[0], P[3], P[6], P[7], gi, valid, stage, K],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _sz1(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(SZA, SZA_CONS, [P[1], P[2], P[4], P[5], gi],
-                                     dtype=(tl.int32,) * 2, is_pure=True, pack=1)
-
-
-@triton.jit
-def _comps1(A, R, Z, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7],
-                                      R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17], R[18],
-                                      R[19], R[20], R[21], R[22], R[23], Z[0], Z[1]],
-                                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-
-
-@triton.jit
-def _issue2(P, gi, valid, stage, K, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(ISSUE, ISSUE_CONS, [P[0], P[3], P[6], P[9], P[12], P[13], gi, valid, stage, K],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _sz2(P, gi, SZA: tl.constexpr, SZA_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(SZA, SZA_CONS, [P[1], P[2], P[4], P[5], P[7], P[8], P[10], P[11], gi],
-                                     dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-
-
-@triton.jit
-def _comps2(A, R, Z, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
-    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], R[0], R[1], R[2], R[3],
-                                      R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14],
-                                      R[15], R[16], R[17], R[18], R[19], R[20], R[21], R[22], R[23], Z[0], Z[1],
-                                      R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31], Z[2], Z[3]],
-                                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
-def _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
-                READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr,
-                COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr):
-    """One group of the cp.async pipeline: issue group ``gi + STAGES - 1`` (an empty commit past the range), wait
-    for group ``gi`` and read it from shared memory, load the next group's scales and zeros, compute ``gi``."""
-    j = gi - g_lo
-    nx = gi + STAGES - 1
-    if TILES == 1:
-        tok = _issue1(P, lane * 0 + tl.minimum(nx, g_hi - 1), lane * 0 + (nx < g_hi).to(tl.int32),
-                      lane * 0 + (j + STAGES - 1) % STAGES, K, ISSUE, ISSUE_CONS)
-        R = tl.inline_asm_elementwise(READ, READ_CONS, [lane * 0 + j % STAGES, tok], dtype=(tl.int32,) * 24,
-                                      is_pure=False, pack=1)
-        Zn = _sz1(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), SZA, SZA_CONS)
-        if gi != K:  # always: a block boundary, see _w4_mma_kernel
-            A = _comps1(A, R, Z, COMP, COMP_CONS)
-    else:
-        tok = _issue2(P, lane * 0 + tl.minimum(nx, g_hi - 1), lane * 0 + (nx < g_hi).to(tl.int32),
-                      lane * 0 + (j + STAGES - 1) % STAGES, K, ISSUE, ISSUE_CONS)
-        R = tl.inline_asm_elementwise(READ, READ_CONS, [lane * 0 + j % STAGES, tok], dtype=(tl.int32,) * 32,
-                                      is_pure=False, pack=1)
-        Zn = _sz2(P, lane * 0 + tl.minimum(gi + 1, g_hi - 1), SZA, SZA_CONS)
-        if gi != K:
-            A = _comps2(A, R, Z, COMP, COMP_CONS)
-    return A, Zn
-
-
-@triton.jit
-def _stage_first(P, g_lo, g_hi, K, lane, i: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr,
-                 TILES: tl.constexpr):
-    """The pipeline's prologue: issue group ``g_lo + i`` into stage ``i`` (an empty commit past the range)."""
-    gp = g_lo + i
-    if TILES == 1:
-        _issue1(P, lane * 0 + tl.minimum(gp, g_hi - 1), lane * 0 + (gp < g_hi).to(tl.int32), lane * 0 + i, K, ISSUE,
-                ISSUE_CONS)
-    else:
-        _issue2(P, lane * 0 + tl.minimum(gp, g_hi - 1), lane * 0 + (gp < g_hi).to(tl.int32), lane * 0 + i, K, ISSUE,
-                ISSUE_CONS)
-
-
-@triton.jit
 def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
     if TILES == 1:
         return _load1(P, gi, K, LOAD, LOAD_CONS)
@@ -849,58 +566,19 @@ def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr
 
 
 @triton.jit
-def _bulk_addrs(wbase, st, STAGES: tl.constexpr, TILES: tl.constexpr):
-    """The shared addresses of stage ``st``'s mbarrier and data in the warp's ring at ``wbase``
-    (:func:`bulk_ring_bytes`: the mbarriers, padded to 16 bytes, then stages of :func:`bulk_stage_bytes`)."""
-    SB: tl.constexpr = (64 + 2 + 1) * 16 * TILES
-    BAR: tl.constexpr = 16 * ((STAGES + 1) // 2)
-    return wbase + 8 * st, wbase + BAR + st * SB
-
-
-@triton.jit
-def _bulk_issue(wbase, st, gi, go, rowp, N, qw_ptr, s_ptr, z_ptr, lane, STAGES: tl.constexpr, TILES: tl.constexpr,
-                BISSUE: tl.constexpr):
-    """:func:`_bulk_issue_asm`: group ``gi``'s codes, scales and zeros of rows ``[rowp, rowp + 16 TILES)`` (group-
-    major layout) into stage ``st`` of the warp's ring at ``wbase`` (when ``go``)."""
-    bar, stage = _bulk_addrs(wbase, st, STAGES, TILES)
-    g64 = gi.to(tl.int64)
-    z = lane * 0
-    tl.inline_asm_elementwise(BISSUE, "=r,r,r,r,l,l,l",
-                              [z + go.to(tl.int32), bar, stage,
-                               qw_ptr + (g64 * N + rowp) * 64 + z, s_ptr + (g64 * N + rowp) + z,
-                               z_ptr + (g64 * N + rowp) + z], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _bulk_read(wbase, st, parity, STAGES: tl.constexpr, TILES: tl.constexpr, BREAD: tl.constexpr,
-               BREAD_CONS: tl.constexpr):
-    """:func:`_bulk_read_asm`: the thread's weight words of stage ``st`` once its copies have landed."""
-    bar, stage = _bulk_addrs(wbase, st, STAGES, TILES)
-    return tl.inline_asm_elementwise(BREAD, BREAD_CONS, [bar, stage, wbase * 0 + parity],
-                                     dtype=(tl.int32,) * (10 * TILES), is_pure=False, pack=1)
-
-
-@triton.jit
 def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
            g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
-           STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
-           READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
-           LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
-           PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-           BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
-           STAMPS: tl.constexpr):
+           FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
+           LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
+           stamp_ptr, STAMPS: tl.constexpr):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
     ``PRE`` (the register prefetch at depth 1 only): the weights of the range's first two groups are loaded, then
     the program waits for the kernels before it (:func:`runtime.kernels.overlap.wait_prior`), then their ``x``:
-    the first weight bytes are on their way while the kernel before ends. ``BULK`` (stages of the bulk ring,
-    group-major weights, ``FIXED``): lane 0 of each warp copies each group's codes, scales and zeros into the warp's
-    shared ring (:func:`_bulk_issue_asm`, ``BULK - 1`` groups ahead, the first ones before the PDL wait); the
-    threads read their words from it (:func:`_bulk_read_asm`) and their ``x`` from global memory. ``RQG`` > 0
-    (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
+    the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
     before its ``x``, or first thing in a stream-K share's later ranges)."""
     if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
         if not PRE:
@@ -921,32 +599,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         A = (zero, zero, zero, zero)
     else:
         A = (zero, zero, zero, zero, zero, zero, zero, zero)
-    if BULK > 0:  # the bulk ring (BINIT declares its shared memory)
-        wbase = tl.inline_asm_elementwise(BINIT, "=r,r", [lane], dtype=tl.int32, is_pure=False, pack=1)
-        wrow = rowp + (tl.arange(0, NT) // 32) * (16 * TILES)  # the thread's warp's first row (a thread an element)
-        for i in tl.static_range(BULK - 1):
-            _bulk_issue(wbase, i, tl.minimum(g_lo + i, g_hi - 1), g_lo + i < g_hi, wrow, N, qw_ptr, s_ptr, z_ptr,
-                        lane, BULK, TILES, BISSUE)
-        overlap.wait_prior(PDL)  # the weights' first copies are on their way (again: returns at once)
-        for gi in range(g_lo, g_hi):
-            j = gi - g_lo
-            nx = gi + BULK - 1
-            _bulk_issue(wbase, (j + BULK - 1) % BULK, tl.minimum(nx, g_hi - 1), nx < g_hi, wrow, N, qw_ptr, s_ptr,
-                        z_ptr, lane, BULK, TILES, BISSUE)
-            R = _bulk_read(wbase, j % BULK, (j // BULK) % 2, BULK, TILES, BREAD, BREAD_CONS)
-            V = _loadx_join(P, lane * 0 + gi, K, R, LOADX, LOADX_CONS, TILES)
-            A = _comp(A, V, COMP, COMP_CONS, TILES)
-    elif STAGES > 0:  # the cp.async pipeline (the prologue PRO declared its shared memory)
-        for i in tl.static_range(STAGES - 1):
-            _stage_first(P, g_lo, g_hi, K, lane, i, ISSUE, ISSUE_CONS, TILES)
-        if TILES == 1:
-            Z = _sz1(P, lane * 0 + g_lo, SZA, SZA_CONS)
-        else:
-            Z = _sz2(P, lane * 0 + g_lo, SZA, SZA_CONS)
-        for gi in range(g_lo, g_hi):
-            A, Z = _stage_step(A, P, gi, g_lo, g_hi, K, lane, Z, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-                               SZA_CONS, COMP, COMP_CONS, TILES)
-    elif DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
+    if DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
         if PRE:  # the first iteration peeled: its two groups' weights read before the wait
             g1 = tl.minimum(g_lo + 1, g_hi - 1)
             Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
@@ -1000,12 +653,9 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  stride_ym, w, w_end, NT: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, PRO: tl.constexpr,
                  PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
                  COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
-                 STAGES: tl.constexpr, ISSUE: tl.constexpr, ISSUE_CONS: tl.constexpr, READ: tl.constexpr,
-                 READ_CONS: tl.constexpr, SZA: tl.constexpr, SZA_CONS: tl.constexpr, FIXED: tl.constexpr,
-                 LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
-                 PRE: tl.constexpr, PDL: tl.constexpr, BULK: tl.constexpr, BINIT: tl.constexpr, BISSUE: tl.constexpr,
-                 BREAD: tl.constexpr, BREAD_CONS: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr,
-                 STAMPS: tl.constexpr):
+                 FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
+                 LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
+                 stamp_ptr, STAMPS: tl.constexpr):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -1013,8 +663,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     g_hi = tl.minimum(G, g_lo + (w_end - w))
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
-           PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA, SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX,
-           LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+           PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     return w + (g_hi - g_lo)
 
 
@@ -1023,13 +672,9 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr, PERSIST: tl.constexpr,
                    PRO: tl.constexpr, PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr,
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
-                   L2: tl.constexpr, PF: tl.constexpr, STAGES: tl.constexpr, ISSUE: tl.constexpr,
-                   ISSUE_CONS: tl.constexpr, READ: tl.constexpr, READ_CONS: tl.constexpr, SZA: tl.constexpr,
-                   SZA_CONS: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
+                   L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
-                   BULK: tl.constexpr = 0, BINIT: tl.constexpr = "", BISSUE: tl.constexpr = "",
-                   BREAD: tl.constexpr = "", BREAD_CONS: tl.constexpr = "r", rdy_ptr=None, ep_ptr=None,
-                   RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False):
+                   rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -1038,8 +683,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``(row block, group)`` pairs, row block major, into equal contiguous shares (stream-K: every program the same
     number of groups, whatever the grid's waves; a share crossing row blocks runs one range per row block).
     ``PDL`` (:mod:`runtime.kernels.overlap`): the next kernel may launch at once; this one waits for the kernels
-    before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1, no
-    stages) after loading the weights of its first range's first two groups (:func:`_range`). ``RQG`` > 0 (with
+    before it first thing (its loads of ``x`` and of the weights are one PTX block), or with ``PRE`` (depth 1)
+    after loading the weights of its first range's first two groups (:func:`_range`). ``RQG`` > 0 (with
     ``PRE``): ``x`` is the attention's output, whose heads become ready one by one: each range waits for the flags
     of its groups in ``rdy_ptr`` (group ``g``: flag ``g // RQG``) to hold the step's epoch at ``ep_ptr`` instead of
     waiting for the kernel before, its loads are coherent (``x`` changes while the kernel runs), and the program
@@ -1049,7 +694,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     overlap.launch_dependents(PDL)
     if STAMPS:
         stamps.stamp(stamp_ptr, _program(), 0, 3)
-    if not PRE and BULK == 0:
+    if not PRE:
         overlap.wait_prior(PDL)
         if STAMPS:
             stamps.stamp(stamp_ptr, _program(), 1, 3)
@@ -1064,25 +709,22 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         work = tl.cdiv(N, ROWS) * G
         w = p * work // P
         w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
-        if PRE and BULK == 0:  # the first range apart: it preloads (the bulk ring waits in every range)
+        if PRE:  # the first range apart: it preloads
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                             COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-                             SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                             COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-                             SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False, PDL, BULK, BINIT, BISSUE,
-                             BREAD, BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
-               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, STAGES, ISSUE, ISSUE_CONS, READ, READ_CONS, SZA,
-               SZA_CONS, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, BULK, BINIT, BISSUE, BREAD,
-               BREAD_CONS, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
+               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -1122,29 +764,22 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     programs write timestamps (:mod:`runtime.kernels.stamps`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
+    if cfg.stages or cfg.bulk:
+        raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the bulk ring were removed (slower than the "
+                         "register prefetch wherever measured; runtime/kernels/NOTES.md round 22); set both to 0")
     rows = 16 * cfg.tiles * cfg.warps
-    fixed = not cfg.stages and n >= rows  # immediate row offsets (the register prefetch's loads only)
+    fixed = n >= rows  # immediate row offsets
     strides = row_strides if fixed else None
     ragged = k % GROUP != 0
-    if gstrides != (64, 2, 1) and (cfg.stages or cfg.l2):
-        raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the L2 prefetch read the row-major layout only; "
-                         f"this weight is group-major (group strides {gstrides})")
-    pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1 and not cfg.stages and not cfg.bulk
+    if gstrides != (64, 2, 1) and cfg.l2:
+        raise ValueError(f"MmaConfig {cfg}: the L2 prefetch reads the row-major layout only; this weight is "
+                         f"group-major (group strides {gstrides})")
+    pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1
     rqg = ready_qg if pre else 0
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
                                                                rqg > 0)
-    stage = ("", "r", "", "r", "", "r")  # placeholders: compiled away without stages
-    if cfg.stages:
-        pro, pro_cons, *stage = _stage_asm(cfg.tiles, ragged, cfg.stages, 32 * cfg.warps)
-    bulk = ("", "", "", "r")
-    if cfg.bulk:
-        if not bulk_ok(cfg, n, k, gstrides):
-            raise ValueError(f"MmaConfig {cfg}: the bulk ring takes 2-8 stages without cp.async stages, within "
-                             f"{STAGE_LIMIT >> 10} KB of shared memory, a group-major weight with N % 16 == 0, "
-                             f"N >= {rows} and K % 128 == 0; got N {n}, K {k}, group strides {gstrides}")
-        bulk = _bulk_asm(cfg.tiles, cfg.bulk, cfg.warps)
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides)
-                                            if pre or cfg.bulk else ("", "r", "", "r"))
+                                            if pre else ("", "r", "", "r"))
     g = -(-k // GROUP)
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
@@ -1154,11 +789,9 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     return grid, {
         "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
-        "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "STAGES": cfg.stages,
-        "ISSUE": stage[0], "ISSUE_CONS": stage[1], "READ": stage[2], "READ_CONS": stage[3], "SZA": stage[4],
-        "SZA_CONS": stage[5], "FIXED": fixed, "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx,
-        "LOADX_CONS": loadx_cons, "PRE": pre, "BULK": cfg.bulk, "BINIT": bulk[0], "BISSUE": bulk[1],
-        "BREAD": bulk[2], "BREAD_CONS": bulk[3], "RQG": rqg, "STAMPS": stamps}
+        "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "FIXED": fixed,
+        "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx, "LOADX_CONS": loadx_cons, "PRE": pre, "RQG": rqg,
+        "STAMPS": stamps}
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -1193,10 +826,9 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
-            or cfg.chains not in (1, 2) or cfg.stages not in (0, 2, 3, 4, 5, 6) or not stages_fit(cfg)
-            or not 0 <= cfg.persist <= 32 or not 0 <= cfg.bulk <= 8):
+            or cfg.chains not in (1, 2) or not 0 <= cfg.persist <= 32):
         raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
-                         f"stages 0 or 2-6 within {STAGE_LIMIT >> 10} KB of shared memory, persist 0-32, bulk 0-8")
+                         "persist 0-32")
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
     pdl_opts = overlap.launch_options(x2.device, "gemv")
