@@ -171,21 +171,25 @@ def gemv_edit(consts: dict, edits: tuple[str, ...]) -> dict:
     if "noxp" in edits:
         comp = re.sub(r"prmt\.b32 (xp\d+), (\$\d+), (\$\d+), 0x5410;", r"mov.b32 \1, \2;", comp)
         comp = re.sub(r"prmt\.b32 (xp\d+), (\$\d+), (\$\d+), 0x7632;", r"mov.b32 \1, \3;", comp)
-    if "nohf" in edits:
+    if {"nohf", "zfold", "zlate"} & set(edits):  # zfold, zlate: nohf, then the float32 corrections
         comp = re.sub(r"(sub|fma\.rn)\.f16x2 h\d+, [^;]*;", "", comp)
-    if "zfold" in edits or "zlate" in edits:
-        comp = re.sub(r"(sub|fma\.rn)\.f16x2 h\d+, [^;]*;", "", comp)
+    if {"zfold", "zlate"} & set(edits):
+        late = "zlate" in edits  # the zero point's fma at the accumulator's end instead of its start
+
+        def start(m) -> str:
+            i = int(m.group(1))
+            return f"mov.f32 d{i}, 0fC0000000;" if late else f"fma.rn.f32 d{i}, zl{i // 2}, 0fBF800000, 0fC0000000;"
+
+        def end(m) -> str:
+            d, i = m.group(2), int(m.group(2)[1:])
+            zero = f"fma.rn.f32 {d}, zl{i // 2}, 0fBF800000, {d};\n" if late else ""
+            return f"fma.rn.f32 {d}, {d}, 0f3D800000, {d};\n{zero}{m.group(1)}"
+
         comp = comp.replace(".reg .f32 d<4>,", ".reg .f32 zl<2>, d<4>,")
         comp = re.sub(r"add\.u32 zs(\d), zq, 0x64006400;", r"cvt.rn.f32.u32 zl\1, zq;", comp)
         comp = re.sub(r"mad\.lo\.u32 zf\d, zq, 16, 0xD400D400;", "", comp)
-        comp = re.sub(r"mov\.f32 d(\d), 0f00000000;",
-                      lambda m: f"fma.rn.f32 d{m.group(1)}, zl{int(m.group(1)) // 2}, 0fBF800000, 0fC0000000;", comp)
-        comp = re.sub(r"(fma\.rn\.f32 r\d+, sc\d, (d\d), [^;]*;)", r"fma.rn.f32 \2, \2, 0f3D800000, \2;\n\1", comp)
-        if "zlate" in edits:  # the start without z, z at the end
-            comp = re.sub(r"fma\.rn\.f32 (d\d), zl\d, 0fBF800000, 0fC0000000;", r"mov.f32 \1, 0fC0000000;", comp)
-            comp = re.sub(r"fma\.rn\.f32 (d(\d)), \1, 0f3D800000, \1;",
-                          lambda m: f"{m.group(0)}\nfma.rn.f32 {m.group(1)}, zl{int(m.group(2)) // 2}, 0fBF800000, "
-                          f"{m.group(1)};", comp)
+        comp = re.sub(r"mov\.f32 d(\d), 0f00000000;", start, comp)
+        comp = re.sub(r"(fma\.rn\.f32 r\d+, sc\d, (d\d), [^;]*;)", end, comp)
     if "nolop" in edits:
         comp = re.sub(r"lop3\.b32 (h\d+), ([^,]+), m[01], mag, 0xEA;", r"mov.b32 \1, \2;", comp)
     out["COMP"] = comp

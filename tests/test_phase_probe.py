@@ -3,6 +3,7 @@ and nothing else, so that a timing of an edited kernel means what its name says 
 matching would time the unedited kernel under another name)."""
 
 import re
+from collections import Counter
 
 import pytest
 
@@ -34,8 +35,9 @@ def _ops(asm: str) -> list[str]:
 
 def _removed(before: str, after: str) -> dict[str, int]:
     """Opcode counts in ``before`` beyond those in ``after`` (negative where ``after`` has more)."""
-    a, b = _ops(before), _ops(after)
-    return {op: a.count(op) - b.count(op) for op in set(a) | set(b) if a.count(op) != b.count(op)}
+    diff = Counter(_ops(before))
+    diff.subtract(_ops(after))
+    return {op: n for op, n in diff.items() if n}
 
 
 @pytest.mark.parametrize("tiles", [1, 2])
