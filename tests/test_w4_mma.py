@@ -42,14 +42,16 @@ def test_mma_ok_off_cuda_and_config_guess():
     assert MmaConfig(2, 2, 1, persist=8).label() == "w2_t2_x1_p8"
 
 
-@pytest.mark.parametrize("removed", [{"stages": 3}, {"bulk": 4}])
-def test_mma_removed_pipelines_are_a_one_line_error(removed):
-    """The cp.async stages and the bulk ring are gone (twenty-fourth session); a config naming them (a sweep record
-    from before) is a one-line error saying so, not a silent register-path launch."""
+@pytest.mark.parametrize("bad,match", [({"stages": 3}, "were removed"), ({"bulk": 4}, "were removed"),
+                                       ({"warps": 3}, "warps 1, 2, 4 or 8"), ({"persist": 40}, "persist 0-32")])
+def test_mma_bad_configs_are_a_one_line_error(bad, match):
+    """The launch plan (what every launch and the SASS tests go through) refuses a config out of range, or one
+    naming the cp.async stages or the bulk ring, which are gone (twenty-fourth session; a sweep record from before),
+    in one line, instead of a silent register-path launch."""
     from runtime.kernels.w4_mma import MmaConfig, launch_plan
 
-    with pytest.raises(ValueError, match="were removed") as e:
-        launch_plan(MmaConfig(4, 1, 4, **removed), 4096, 4096, 1, (2048, 64, 32), (64, 2, 1), 132, False, False)
+    with pytest.raises(ValueError, match=match) as e:
+        launch_plan(MmaConfig(4, 1, 4)._replace(**bad), 4096, 4096, 1, (2048, 64, 32), (64, 2, 1), 132, False, False)
     assert "\n" not in str(e.value)
 
 

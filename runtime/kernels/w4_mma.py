@@ -764,6 +764,10 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     programs write timestamps (:mod:`runtime.kernels.stamps`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
+    if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
+            or cfg.chains not in (1, 2) or not 0 <= cfg.persist <= 32):
+        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
+                         "persist 0-32")
     if cfg.stages or cfg.bulk:
         raise ValueError(f"MmaConfig {cfg}: the cp.async stages and the bulk ring were removed (slower than the "
                          "register prefetch wherever measured; runtime/kernels/NOTES.md round 22); set both to 0")
@@ -825,10 +829,6 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
-    if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
-            or cfg.chains not in (1, 2) or not 0 <= cfg.persist <= 32):
-        raise ValueError(f"MmaConfig {cfg}: tiles 1 or 2, warps 1, 2, 4 or 8, split >= 1, depth and chains 1 or 2, "
-                         "persist 0-32")
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
     pdl_opts = overlap.launch_options(x2.device, "gemv")
