@@ -352,18 +352,21 @@ class FastLlama:
 
     def _fused_inputs(self, m: int) -> frozenset[str]:
         """The fusions (of :data:`FUSIONS`, chosen by :func:`fuse_choice` of ``WKVQ_FUSE``) of the decode step of
-        ``m`` rows: the input transforms ("norm", "silu") only where every qkv, gate_up and down is a
-        :class:`~runtime.kernels.w4_gemv.GemvW4` that takes them; "rope" unless "norm" is kept; "heads" with "rope",
+        ``m`` rows: the input transforms only where the projections are :class:`~runtime.kernels.w4_gemv.GemvW4`
+        that take them ("norm": every qkv and gate_up, on the row GEMV; "silu": every down, on the tensor-core GEMV
+        at one row or on the row GEMV); "rope" unless "norm" is kept; "heads" with "rope",
         where the output projections are :class:`~runtime.kernels.w4_gemv.GemvW4` and a head is one group of 128
         channels (by default only at :data:`HEADS_DEFAULT_SHAPES`)."""
         from .kernels.w4_gemv import GemvW4
 
         value = os.environ.get(FUSE_ENV)
         chosen = fuse_choice(value, m)
-        inputs = chosen - {"rope", "heads"}
-        if inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
-                              for la in self.layers for w in (la.qkv, la.gate_up, la.down)):
-            inputs = frozenset()
+        inputs = set(chosen & {"norm", "silu"})
+        if "norm" in inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
+                                        for la in self.layers for w in (la.qkv, la.gate_up)):
+            inputs.discard("norm")
+        if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m) for la in self.layers):
+            inputs.discard("silu")
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))

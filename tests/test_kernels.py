@@ -530,6 +530,46 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
         assert len(t) and (t > 0).all() and (t.diff(dim=1) >= 0).all(), (kind, t)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core GEMV: CUDA only")
+@pytest.mark.parametrize("fuse", ["rope,heads,silu", "rope,silu"])
+def test_decode_silu_input_matches_eager(tmp_path, monkeypatch, fuse):
+    """Two layers (down: K = 640, five groups) on the gemv projections at one row, ``WKVQ_FUSE`` with "silu": the
+    down projection's tensor-core programs build ``silu(gate) * up`` in shared memory (no SiLU launch; the norm
+    before gate_up zeroes gate_up). Decode steps and CUDA-graph replays against the same steps without "silu" and
+    against the eager path; at two rows "silu" is dropped (the row GEMV does not take the group-major weights)."""
+    import runtime
+    from converter.convert import ConvertConfig, convert
+    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
+    from runtime.kernels import misc
+    from tests.helpers import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=640, num_hidden_layers=2)
+    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    model, _ = runtime.load(art, device=DEV, dtype=torch.float16)
+    eager = FastLlama.from_hf(model, 128, use_kernels=False)
+    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
+                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    monkeypatch.setenv(FUSE_ENV, fuse)
+    assert fast._fused_inputs(1) == set(fuse.split(",")) and "silu" not in fast._fused_inputs(2)
+    ids = torch.randint(3, 300, (1, 56), device=DEV)
+    ce, cf, cu = eager.new_cache(1, 64), fast.new_cache(1, 64), fast.new_cache(1, 64)
+    for c, m in ((ce, eager), (cf, fast), (cu, fast)):
+        m.forward(ids[:, :48], c)
+    silu_calls = []
+    monkeypatch.setattr(misc, "silu_mul", lambda *a, **kw: silu_calls.append(1))  # must not run
+    steps = [fast.decode_step(ids[:, 48], cf)]
+    graph = DecodeGraph(fast, cf)
+    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
+    assert not silu_calls
+    monkeypatch.undo()
+    monkeypatch.setenv(FUSE_ENV, fuse.replace(",silu", ""))
+    plain = [fast.decode_step(ids[:, i], cu) for i in range(48, 53)]
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
+    for a, b, r in zip(steps, plain, ref):
+        assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
 def test_quantlinear_cuda_dispatch_matches_dequantized():
     from runtime.qlinear import QuantLinear

@@ -264,3 +264,107 @@ def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     assert "LOCAL:0" in usage and len(timer) >= 3 and timer[0] < spin
     assert any(sass.index("BAR.SYNC", spin) < t < sass.index("LDG.E.128", spin) for t in timer)
     assert timer[-1] > sass.rindex("HMMA")
+
+
+def _silu_reference(gate_up):
+    """``misc.silu_mul``'s float16 product, computed with torch (the same roundings: the SiLU, then the product)."""
+    k = gate_up.shape[1] // 2
+    g, u = gate_up[:, :k], gate_up[:, k:]
+    return ((g / (1 + torch.exp(-g))).half().float() * u).half()
+
+
+@gpu
+@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (4, 2, 16), (1, 2, 1, 1, False, 1, 0, 16),
+                                    (4, 2, 1, 1, False, 1, 0, 4), (1, 1, 1, 2, False, 1, 0, 3), None])
+@pytest.mark.parametrize("layout", ["row", "group"])
+@pytest.mark.parametrize("n,k", [(37, 576), (300, 1408), (96, 320), (4096, 11008)])
+def test_mma_silu_input_matches_silu_mul(n, k, layout, config):
+    """``x = silu(gate) * up`` built by the GEMV's programs in shared memory (w4_mma_accumulate_silu) against the
+    same GEMV on ``misc.silu_mul``'s output: the same float16 ``x`` bit for bit, so the same products up to the
+    order of the split and stream-K atomics; and against float64. Ragged K (576, 320: half groups), split grids,
+    stream-K shares within a row block and across row blocks (the prologue again for each range), depth 2, both
+    weight layouts; ``gate_up`` is left as it was."""
+    from runtime.kernels import misc
+    from runtime.kernels.w4_mma import MmaConfig, default_mma_config, silu_ok, w4_mma_accumulate, \
+        w4_mma_accumulate_silu
+
+    qw, s, z, w = _weight(n, k, seed=n + k)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z)
+    gate_up = 4 * torch.randn(1, 2 * k, device="cuda")
+    kept, base = gate_up.clone(), torch.randn(1, n, device="cuda")
+    cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, 1)
+    if not silu_ok(gate_up, qw, s, z, 128, config=cfg):  # a range too long for the prologue: one-line error
+        with pytest.raises(ValueError, match="SiLU input needs"):
+            w4_mma_accumulate_silu(gate_up, qw, s, z, 128, base.clone(), config=cfg)
+        assert cfg.warps * 32 * 32 < 128 * -(-k // 128) // (cfg.split if not cfg.persist else 1)
+        return
+    x = misc.silu_mul(gate_up, torch.float16)
+    assert _rel(x, _silu_reference(gate_up)) < 1e-3  # float16 roundings of an approximate division apart
+    fused = w4_mma_accumulate_silu(gate_up, qw, s, z, 128, base.clone(), config=cfg)
+    plain = w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=cfg)
+    assert torch.equal(gate_up, kept)
+    assert _rel(fused, plain) < 1e-6 and _rel(fused, base.double() + x.double() @ w.T) < TOL
+
+
+@gpu
+def test_mma_silu_input_checks():
+    """What the SiLU input does not take (8 rows, a float16 or strided gate_up, K not that of the weight) is refused
+    by ``silu_ok`` and a one-line error; off CUDA nothing is taken."""
+    from runtime.kernels.w4_mma import silu_ok, w4_mma_accumulate_silu
+
+    qw, s, z, _ = _weight(64, 256)
+    ok = torch.zeros(1, 512, device="cuda")
+    assert silu_ok(ok, qw, s, z, 128) and not silu_ok(ok.cpu(), qw, s, z, 128)
+    for bad in (torch.zeros(8, 512, device="cuda"), ok.half(), torch.zeros(1, 1024, device="cuda")[:, ::2],
+                torch.zeros(1, 384, device="cuda")):
+        assert not silu_ok(bad, qw, s, z, 128)
+        with pytest.raises(ValueError, match="SiLU input needs"):
+            w4_mma_accumulate_silu(bad, qw, s, z, 128, torch.zeros(1, 64, device="cuda"))
+
+
+def test_mma_silu_plan_limits():
+    """The SiLU input's plan (no GPU): one row only, no ready flags, and at most SILU_MAX_PER_THREAD channels a thread
+    a range (a one-line error otherwise); the shared copy holds every group; the ranges' group counts as the grid
+    gives them (split grid: cdiv(G, split); stream-K: at most a share)."""
+    pytest.importorskip("triton")
+    from runtime.kernels import w4_mma
+    from runtime.kernels.w4_mma import MmaConfig
+
+    plan = functools.partial(w4_mma.launch_plan, n=4096, k=11008, row_strides=(64, 2, 1),
+                             gstrides=(64 * 4096, 2 * 4096, 4096), sms=132, pdl=True, hopper=True, silu=True)
+    _, consts = plan(MmaConfig(4, 2, 16), m=1)
+    assert consts["SILU"] and consts["GMAX"] == 8 and f"[{256 * 86}]" in consts["XS"]
+    assert plan(MmaConfig(1, 2, 1, persist=16), m=1)[1]["GMAX"] == 8  # 128 row blocks x 86 groups, 2112 programs
+    assert plan(MmaConfig(4, 2, 1, persist=16), m=1)[1]["GMAX"] == 2  # 32 row blocks x 86 groups, 2112 programs
+    for cfg, m, match in ((MmaConfig(4, 2, 16), 8, "one row"), (MmaConfig(1, 2, 1), 1, "86 groups a range"),
+                          (MmaConfig(2, 2, 2), 1, "43 groups")):
+        with pytest.raises(ValueError, match=match):
+            plan(cfg, m=m)
+    with pytest.raises(ValueError, match="ready flags"):
+        w4_mma.launch_plan(MmaConfig(4, 2, 16), 4096, 4096, 1, (64, 2, 1), (64, 2, 1), 132, True, True, ready_qg=1,
+                           silu=True)
+
+
+@pytest.mark.parametrize("cfg,n,k", [((4, 2, 16), 4096, 11008), ((1, 2, 1, 1, False, 1, 0, 16), 4096, 11008),
+                                     ((4, 2, 1, 1, False, 1, 0, 4), 5120, 13824), ((4, 1, 4), 300, 576)])
+def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
+    """The SiLU input as the decode step launches it (PDL, group-major weight, one row), compiled for sm_90: above the
+    PDL wait only the preload's weights; ``gate_up`` (the kernel before writes it) is read after it, coherently, and
+    the product goes through shared memory (stores, a barrier, then the ``x`` loads from there: no global ``x``
+    loads); no spills."""
+    pytest.importorskip("triton")
+    from runtime.kernels import overlap, w4_mma
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    cfg = w4_mma.MmaConfig(*cfg)
+    grid, consts = w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, silu=True)
+    assert consts["PRE"] and consts["SILU"]
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, {**MMA_PTRS, "x_ptr": "*fp32"}, "i32",
+                            cfg.warps, tmp_path)
+    wait = sass.index("ACQBULK")
+    assert sass[:wait].count("LDG") == 12 * cfg.tiles and ".CONSTANT" not in sass[:wait] and "LOCAL:0" in usage
+    first_sts = sass.index("STS", wait)
+    assert sass.index("LDG", wait) < first_sts < sass.index("BAR.SYNC", first_sts) < sass.index("LDS", first_sts)
+    assert "LDG.E.128" not in sass[wait:sass.index("HMMA")]  # x from shared memory; the weights are LDG.E.128...

@@ -670,7 +670,8 @@ class GemvW4(W4Weight):
     (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..8 rows, group 128, ``K % 32 == 0``, unless
     ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
     split-K kernel; same tensors, no copy. The fused
-    forms (:meth:`accumulate_rmsnorm`, :meth:`accumulate_silu`) run only on the GEMV (:meth:`fuses_inputs`)."""
+    forms run on the row GEMV (:meth:`accumulate_rmsnorm`, :meth:`fuses_inputs`) and, for the SiLU product at one
+    row, on the tensor-core GEMV too (:meth:`accumulate_silu`, :meth:`fuses_silu`)."""
 
     @classmethod
     def from_w4(cls, w: W4Weight) -> "GemvW4":
@@ -694,8 +695,25 @@ class GemvW4(W4Weight):
         return super().accumulate(x, out)
 
     def fuses_inputs(self, m: int) -> bool:
-        """Whether :meth:`accumulate_rmsnorm` and :meth:`accumulate_silu` take ``m`` rows (:func:`shape_ok`)."""
+        """Whether :meth:`accumulate_rmsnorm` takes ``m`` rows (:func:`shape_ok`: the row GEMV)."""
         return shape_ok(m, self.in_features, self.qweight)
+
+    def fuses_silu(self, m: int) -> bool:
+        """Whether :meth:`accumulate_silu` takes ``m`` rows: on the tensor-core GEMV at one row (its programs build
+        ``silu(gate) * up`` in shared memory, :func:`runtime.kernels.w4_mma.silu_ok`), else on the row GEMV
+        (:func:`shape_ok`)."""
+        return self._mma_silu(m) or shape_ok(m, self.in_features, self.qweight)
+
+    def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None) -> bool:
+        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given)."""
+        from . import w4_mma
+
+        if m != 1 or not w4_mma.mma_enabled():
+            return False
+        if gate_up is not None:
+            return w4_mma.silu_ok(gate_up, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        return w4_mma.silu_weight_ok(self.qweight.device, self.in_features, self.qweight, self.scales, self.zeros,
+                                     self.group_size, self.bias)
 
     def accumulate_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
                            out: torch.Tensor) -> torch.Tensor:
@@ -704,7 +722,12 @@ class GemvW4(W4Weight):
                                           self.group_size, out, bias=self.bias)
 
     def accumulate_silu(self, gate_up: torch.Tensor, dt: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        """``out += silu_mul(gate_up) @ W^T (+ bias)`` in the kernel (:func:`w4_gemv_accumulate_silu`); leaves
-        ``gate_up`` to be zeroed by its next user."""
+        """``out += silu_mul(gate_up) @ W^T (+ bias)`` in the kernel: the tensor-core GEMV's (float16, one row,
+        :meth:`fuses_silu`; :func:`runtime.kernels.w4_mma.w4_mma_accumulate_silu`), else the row GEMV's
+        (:func:`w4_gemv_accumulate_silu`); leaves ``gate_up`` to be zeroed by its next user."""
+        if dt == torch.float16 and self._mma_silu(gate_up.shape[0] if gate_up.dim() == 2 else 0, gate_up):
+            from . import w4_mma
+
+            return w4_mma.w4_mma_accumulate_silu(gate_up, self.qweight, self.scales, self.zeros, self.group_size, out)
         return w4_gemv_accumulate_silu(gate_up, dt, self.qweight, self.scales, self.zeros, self.group_size, out,
                                        bias=self.bias)

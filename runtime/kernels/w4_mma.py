@@ -258,7 +258,7 @@ def _prefetch_asm(tiles: int) -> str:
 
 def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
               gstrides: tuple[int, int, int] = (64, 2, 1), part: str = "all",
-              coherent: bool = False) -> tuple[str, str]:
+              coherent: bool = False, xsmem: bool = False) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
@@ -274,7 +274,9 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     each group's rows next to each other). ``part``: "all", or only the weight words ("w": codes, scales, zeros,
     in the same order; what a program may read before the PDL wait) or only the ``x`` words ("x"); the inputs are
     the same for every part. ``coherent``: ``ld.global`` instead of the read-only ``ld.global.nc`` (ptxas moves the
-    PDL wait above ``.nc`` loads placed before it, and ``.nc`` loads placed after it above the wait)."""
+    PDL wait above ``.nc`` loads placed before it, and ``.nc`` loads placed after it above the wait). ``xsmem``: ``x``
+    from the program's shared copy (:data:`XS_SYMBOL`, one row, 256 bytes a group, written by
+    :func:`_silu_prologue`) instead of global memory; the ``x`` pointer input goes unused."""
     nout = 16 + 10 * tiles
     keep = {"all": range(nout), "w": range(16, nout), "x": range(16)}[part]
     ld = "ld.global" if coherent else "ld.global.nc"
@@ -292,10 +294,15 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
         L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};"]
     if part != "w":
         L += [f"mov.b32 v{i}, 0;" for i in range(16)] if ragged else []
-        L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
+        if xsmem:  # channels 32 t .. of group gi of the shared copy: XS_SYMBOL + 256 gi + 64 t
+            L += [".reg .u32 xs;", f"mov.u32 xs, {XS_SYMBOL};", f"mad.lo.u32 xs, {gi}, 256, xs;",
+                  f"mad.lo.u32 xs, {t}, 64, xs;"]
+        else:
+            L += [f"mul.wide.u32 off, {gi}, 256;", f"add.u64 ad, {px}, off;"]
         for v in range(4):
-            L.append(f"{pred}{ld}.v4.u32 {{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}, "
-                     f"[ad+{16 * v}];")
+            regs = f"{{v{4 * v},v{4 * v + 1},v{4 * v + 2},v{4 * v + 3}}}"
+            L.append(f"{pred}ld.shared.v4.u32 {regs}, [xs+{16 * v}];" if xsmem else
+                     f"{pred}{ld}.v4.u32 {regs}, [ad+{16 * v}];")
     L += [f"mul.wide.u32 offc, {gi}, {gstrides[0]};", f"mul.wide.u32 offs, {gi}, {gstrides[1]};",
           f"mul.wide.u32 offz, {gi}, {gstrides[2]};"]
     offs, bases = ("offc", "offs", "offz"), ("pc", "ps", "pz")  # per tensor: codes, scales, zeros
@@ -401,6 +408,48 @@ mov.u32 $2, warp;
 }"""
 
 
+XS_SYMBOL = "wkvq_gemv_xs"  # the shared copy of x a program builds itself (SILU: silu(gate) * up, float16)
+# x's shared copy (one row, 256 bytes a group) into byte $1 of it, where $3 is not 0: float16 bits in $2's low half
+XS_STORE_ASM = tl.constexpr(f"""{{
+.reg .pred p;
+.reg .u32 a;
+.reg .b16 h;
+setp.ne.u32 p, $3, 0;
+mov.u32 a, {XS_SYMBOL};
+add.u32 a, a, $1;
+cvt.u16.u32 h, $2;
+@p st.shared.b16 [a], h;
+mov.u32 $0, 0;
+}}""")
+
+
+def xs_declare_asm(groups: int) -> str:
+    """PTX that declares the shared copy of ``x`` for ``groups`` groups (function scope: the kernel's first lines,
+    before any use of the symbol; the output, 0, means nothing)."""
+    return f".shared .align 16 .b8 {XS_SYMBOL}[{256 * groups}];\nmov.u32 $0, 0;"
+
+
+@triton.jit
+def _silu_prologue(gu_ptr, K, g_lo, g_hi, GMAX: tl.constexpr):
+    """``x = silu(gate) * up`` of groups ``[g_lo, g_hi)`` (at most ``GMAX``) into the program's shared copy
+    (:data:`XS_SYMBOL`), from the gate_up projection's float32 sums ``gu_ptr [1, 2K]`` (gate first), rounded as
+    :func:`runtime.kernels.misc.silu_mul` rounds (the SiLU, then the product, to float16); channels past ``K`` of a
+    ragged last group are 0. All the range's loads at once (one round trip), then the program's barrier. A barrier
+    first too: a stream-K program's warps may still read the range before from the copy."""
+    tl.debug_barrier()
+    gi = g_lo + tl.arange(0, GMAX)[:, None]
+    k = gi * 128 + tl.arange(0, 128)[None, :]
+    live = gi < g_hi
+    ok = live & (k < K)
+    g = tl.load(gu_ptr + k, mask=ok, other=0.0, cache_modifier=".cg")  # written by the kernel before: coherent
+    u = tl.load(gu_ptr + K + k, mask=ok, other=0.0, cache_modifier=".cg")
+    silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
+    h = (silu * u).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    tl.inline_asm_elementwise(XS_STORE_ASM, "=r,r,r,r", [k * 2, h, live.to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    tl.debug_barrier()
+
+
 # Thread 0 of the program spins until the flag at $1 holds $2 (an acquire load a round, a short sleep between);
 # the other threads skip it and wait at the barrier after (_wait_ready; CUTLASS's semaphore does the same): one
 # poller a program, so that the waiting programs do not load the L2 the attention streams through. Labels are
@@ -453,20 +502,20 @@ def _program():
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
-         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False):
+         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False, xsmem: bool = False):
     pro, pro_cons = _prologue_asm(tiles)
-    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent)
+    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent, xsmem=xsmem)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
 
 @functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
-                    gstrides: tuple[int, int, int] = (64, 2, 1)) -> tuple[str, str, str, str]:
+                    gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False) -> tuple[str, str, str, str]:
     """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait): (w, w_cons,
     x, x_cons)."""
     return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True),
-            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True))
+            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True, xsmem=xsmem))
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -572,17 +621,22 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-           stamp_ptr, STAMPS: tl.constexpr):
+           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
     ``PRE`` (the register prefetch at depth 1 only): the weights of the range's first two groups are loaded, then
     the program waits for the kernels before it (:func:`runtime.kernels.overlap.wait_prior`), then their ``x``:
     the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
-    before its ``x``, or first thing in a stream-K share's later ranges)."""
+    before its ``x``, or first thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
+    the float32 ``gate_up`` at ``x_ptr``, which the range builds in the program's shared memory before its first
+    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX)."""
     if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
         if not PRE:
             _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
+    if SILU:  # noqa: SIM102
+        if not PRE:  # the kernel has waited for the one before first thing (or in an earlier range)
+            _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -605,6 +659,8 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
             Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
             _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
+            if SILU:
+                _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
             V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
             U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
             if g_hi - g_lo >= 2:
@@ -655,7 +711,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
                  FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-                 stamp_ptr, STAMPS: tl.constexpr):
+                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -663,7 +719,8 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     g_hi = tl.minimum(G, g_lo + (w_end - w))
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
-           PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+           PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU,
+           GMAX)
     return w + (g_hi - g_lo)
 
 
@@ -674,7 +731,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr,
                    L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
-                   rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False):
+                   rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False,
+                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -690,7 +748,12 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     waiting for the kernel before, its loads are coherent (``x`` changes while the kernel runs), and the program
     waits for the kernel before only at its end (so that its completion still implies the earlier kernels').
     ``STAMPS``: each program writes ``%globaltimer`` at its start, before its first ``x`` and at its end into row
-    :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`)."""
+    :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`). ``SILU`` (one row): ``x_ptr`` is the gate_up
+    projection's float32 ``[1, 2K]`` and ``x = silu(gate) * up``, built by each range in the program's shared memory
+    (``XS``: :func:`xs_declare_asm`, first of all) instead of read from a SiLU kernel's output (:func:`_range`)."""
+    if SILU:
+        tl.inline_asm_elementwise(XS, "=r,r", [tl.zeros((32 * WARPS,), tl.int32)], dtype=tl.int32, is_pure=False,
+                                  pack=1)
     overlap.launch_dependents(PDL)
     if STAMPS:
         stamps.stamp(stamp_ptr, _program(), 0, 3)
@@ -713,18 +776,18 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
-               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS)
+               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -743,25 +806,59 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if cuda_major(x2.device) < 8 or bias is not None or group_size != GROUP:
         return False
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
+    return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and x2.stride(1) == 1
+            and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
+            and _weight_ok(qweight, scales, zeros, k))
+
+
+def _weight_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int) -> bool:
+    """:func:`mma_ok`'s conditions on the weight of ``k`` input channels."""
     g = -(-k // GROUP)
     shape = {2: (k // 2,), 3: (g, GROUP // 2)}.get(qweight.dim())  # row-major, or group-major (quant.group_major)
     codes_ok = (tuple(qweight.shape[1:]) == shape and qweight.stride(-1) == 1
                 and all(st % 16 == 0 for st in qweight.stride()[:-1]))
-    return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and k % 32 == 0 and x2.stride(1) == 1
-            and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
-            and qweight.dtype == torch.uint8 and codes_ok and qweight.data_ptr() % 16 == 0
+    return (k > 0 and k % 32 == 0 and qweight.dtype == torch.uint8 and codes_ok and qweight.data_ptr() % 16 == 0
             and scales.dtype == torch.float16 and zeros.dtype == torch.uint8
             and scales.shape == zeros.shape == (qweight.shape[0], g))
 
 
+def silu_ok(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
+    """Whether :func:`w4_mma_accumulate_silu` takes these operands: the float32 ``gate_up [1, 2K]`` (one row,
+    contiguous) of a gate_up projection and a weight of ``K`` input channels that :func:`silu_weight_ok` takes."""
+    return (gate_up.dim() == 2 and gate_up.shape[0] == 1 and gate_up.shape[1] % 2 == 0
+            and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
+            and silu_weight_ok(gate_up.device, gate_up.shape[1] // 2, qweight, scales, zeros, group_size, bias,
+                               config))
+
+
+def silu_weight_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
+    """:func:`mma_ok`'s device and weight (``k`` input channels), and a config (``config``, else the table's) whose
+    ranges fit the SiLU prologue (:func:`launch_plan`)."""
+    if cuda_major(device) < 8 or bias is not None or group_size != GROUP or not _weight_ok(qweight, scales, zeros, k):
+        return False
+    n = qweight.shape[0]
+    cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, 1)
+    sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
+    try:
+        launch_plan(cfg, n, k, 1, (sq, 2 * ss, sz), (sqg, 2 * ssg, szg), multiprocessors(device), False, False,
+                    silu=True)
+    except ValueError:
+        return False
+    return True
+
+
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
                 gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
-                ready_qg: int = 0, stamps: bool = False) -> tuple[tuple[int, int], dict]:
+                ready_qg: int = 0, stamps: bool = False, silu: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
     launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
     preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags); ``stamps``: the
-    programs write timestamps (:mod:`runtime.kernels.stamps`). Pure: what
+    programs write timestamps (:mod:`runtime.kernels.stamps`); ``silu``: ``x`` is ``silu(gate) * up`` of a float32
+    gate_up projection's output, built by each range in shared memory (one row; at most :data:`SILU_MAX_PER_THREAD`
+    channels a thread a range, :func:`silu_groups`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
@@ -780,22 +877,38 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
                          f"group-major (group strides {gstrides})")
     pre = pdl and preload_enabled() and m == 1 and cfg.depth == 1
     rqg = ready_qg if pre else 0
-    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
-                                                               rqg > 0)
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides)
-                                            if pre else ("", "r", "", "r"))
     g = -(-k // GROUP)
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
         grid = (min(cfg.persist * sms, blocks * g), 1)
     else:
         grid = (blocks, min(cfg.split, g))
+    most = silu_groups(cfg, grid, g, blocks)
+    gmax = triton.next_power_of_2(most)  # the prologue's block: [gmax, 128]
+    if silu and (m != 1 or rqg or gmax * GROUP > SILU_MAX_PER_THREAD * 32 * cfg.warps):
+        raise ValueError(f"MmaConfig {cfg}: the SiLU input takes one row of x without ready flags and at most "
+                         f"{SILU_MAX_PER_THREAD} channels a thread a range; got {m} rows, {most} groups a range, "
+                         f"{cfg.warps} warps (use misc.silu_mul and the plain GEMV)")
+    pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
+                                                               rqg > 0, silu)
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
+                                            if pre else ("", "r", "", "r"))
     return grid, {
         "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
         "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "FIXED": fixed,
         "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx, "LOADX_CONS": loadx_cons, "PRE": pre, "RQG": rqg,
-        "STAMPS": stamps}
+        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1}
+
+
+SILU_MAX_PER_THREAD = 32  # channels of gate and of up a thread loads at once in a range's SiLU prologue
+
+
+def silu_groups(cfg: MmaConfig, grid: tuple[int, int], g: int, blocks: int) -> int:
+    """The most groups one range of a launch of ``cfg`` with ``grid`` on ``g`` groups of ``blocks`` row blocks
+    covers (:func:`_silu_prologue`'s block is the next power of two): a split grid's ranges are ``cdiv(g, split)``
+    groups, a stream-K share's ranges at most the share's length."""
+    return min(g, -(-blocks * g // grid[0])) if cfg.persist else -(-g // grid[1])
 
 
 def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -813,18 +926,40 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return out
 
 
+def w4_mma_accumulate_silu(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
+                           stamps_kind: str | None = None) -> torch.Tensor:
+    """``out [1, N] (float32) += silu_mul(gate_up) @ W^T`` (:func:`runtime.kernels.misc.silu_mul`'s float16 product
+    of the float32 ``gate_up [1, 2K]``, gate first), the product built by the GEMV's programs in shared memory
+    (:func:`silu_ok`): no SiLU launch, and the first ``x`` of a range one round trip after the PDL wait instead of
+    the SiLU kernel's end. Leaves ``gate_up`` for its next user to zero."""
+    grid, args, kwargs = launch_args(gate_up, qweight, scales, zeros, group_size, out, config, None, stamps_kind,
+                                     silu=True)
+    _w4_mma_kernel[grid](*args, **kwargs)
+    return out
+
+
 def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
                 ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                stamps_kind: str | None = None) -> tuple[tuple[int, int], tuple, dict]:
-    """The grid, positional and keyword arguments of :func:`w4_mma_accumulate`'s launch of the kernel, its operands
-    checked (a one-line ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with
-    parts of the PTX taken out."""
-    if not mma_ok(x2, qweight, scales, zeros, group_size):
+                stamps_kind: str | None = None, silu: bool = False) -> tuple[tuple[int, int], tuple, dict]:
+    """The grid, positional and keyword arguments of :func:`w4_mma_accumulate`'s launch of the kernel (``silu``: of
+    :func:`w4_mma_accumulate_silu`'s, ``x2`` the float32 ``gate_up``), its operands checked (a one-line
+    ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with parts of the PTX taken
+    out."""
+    if silu:
+        if not silu_ok(x2, qweight, scales, zeros, group_size, config=config):
+            raise ValueError(f"w4_mma's SiLU input needs CUDA sm_80+, a contiguous float32 gate_up [1, 2K] with K % 32 "
+                             f"== 0, group 128, uint8 codes [N, K/2] and a config whose ranges fit the prologue; got "
+                             f"gate_up {x2.dtype} {list(x2.shape)} on {x2.device}, qweight {qweight.dtype} "
+                             f"{list(qweight.shape)}, group {group_size}")
+        m, k = 1, x2.shape[1] // 2
+    elif not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
                          f"{x2.device}, qweight {qweight.dtype} {list(qweight.shape)}, group {group_size}")
-    m, k = x2.shape
+    else:
+        m, k = x2.shape
     n = qweight.shape[0]
     if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
@@ -842,9 +977,10 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                              f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
     on = bool(stamps_kind) and stamps.enabled()
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device), qg, on)
+                               overlap.hopper(x2.device), qg, on, silu)
     rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
-    args = (x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * 2, *row_strides, out.stride(0))
+    args = (x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * x2.element_size(),
+            *row_strides, out.stride(0))
     return grid, args, {"rdy_ptr": rdy[0], "ep_ptr": rdy[1], "stamp_ptr": st if on else out, **consts,
                         "num_warps": cfg.warps, **pdl_opts}
