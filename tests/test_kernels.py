@@ -493,9 +493,9 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default: "heads" only at HEADS_DEFAULT_SHAPES
-    assert fast._fused_inputs(1) == {"rope"}
+    assert fast._fused_inputs(1) == {"rope", "silu"}  # "silu": the tensor-core GEMV takes down's input
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
-    assert fast._fused_inputs(1) == {"rope", "heads"} and not fast._fused_inputs(2)
+    assert fast._fused_inputs(1) == {"rope", "heads", "silu"} and not fast._fused_inputs(2)
     monkeypatch.setenv(FUSE_ENV, "rope,heads")
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
     ids = torch.randint(3, 300, (batch, 56), device=DEV)
