@@ -10,6 +10,8 @@
 #   silu[0-9] 7B b1 p2048 and p32768: the default against WKVQ_FUSE=rope,heads,silu (down builds silu(gate) * up in
 #             shared memory: no SiLU launch), alternated
 #   silu13    13B b1, the default against WKVQ_FUSE=rope,silu
+#   final     with "silu" in the default: the decode-step GPU tests, the record table (bench_{7b,13b}_final.json),
+#             fp16 StaticCache + torch.compile at 7B b1 (bench_7b_fp16_compiled.json), the 7B b1 p32768 profile
 source "$(dirname "$0")/h200_lib.sh"
 patched() {  # a copy of the tree with the merge's atomics relaxed, in /tmp/nf
   rm -rf /tmp/nf && mkdir /tmp/nf && cp -r cli.py converter runtime schemas benchmarks /tmp/nf/
@@ -44,4 +46,13 @@ silu13)
     --json "$o/silu13_default.json" 2>&1 | grep -v Warning | tail -4; mark "13b default"
   WKVQ_FUSE=rope,silu python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 \
     --prompts 2048,32768 --json "$o/silu13_on.json" 2>&1 | grep -v Warning | tail -4; mark "13b silu" ;;
+final)
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "silu_input or heads_ready or fast_decode or decode_graph or mma_rope" > "$o/tests_final.txt" 2>&1
+  mark "step tests: $(tail -1 "$o/tests_final.txt")"
+  record
+  timeout 500 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
+    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -4; mark "fp16 compiled"
+  timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768.json" > "$o/prof_p32768.txt" \
+    2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_p32768.txt" ;;
 esac; done
