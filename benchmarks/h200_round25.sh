@@ -10,6 +10,7 @@
 #   silu[0-9] 7B b1 p2048 and p32768: the default against WKVQ_FUSE=rope,heads,silu (down builds silu(gate) * up in
 #             shared memory: no SiLU launch), alternated
 #   silu13    13B b1, the default against WKVQ_FUSE=rope,silu
+#   s13_[0-9] 13B b1 with "silu" in the default: WKVQ_FUSE=rope (no silu) against the default, alternated
 #   final     with "silu" in the default: the decode-step GPU tests, the record table (bench_{7b,13b}_final.json),
 #             fp16 StaticCache + torch.compile at 7B b1 (bench_7b_fp16_compiled.json), the 7B b1 p32768 profile
 source "$(dirname "$0")/h200_lib.sh"
@@ -46,6 +47,12 @@ silu13)
     --json "$o/silu13_default.json" 2>&1 | grep -v Warning | tail -4; mark "13b default"
   WKVQ_FUSE=rope,silu python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 \
     --prompts 2048,32768 --json "$o/silu13_on.json" 2>&1 | grep -v Warning | tail -4; mark "13b silu" ;;
+s13_[0-9])
+  i=${part#s13_}
+  WKVQ_FUSE=rope python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 2048,32768 \
+    --json "$o/s13_rope_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b rope $i"
+  python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 2048,32768 \
+    --json "$o/s13_default_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b default (silu) $i" ;;
 final)
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     -k "silu_input or heads_ready or fast_decode or decode_graph or mma_rope" > "$o/tests_final.txt" 2>&1
