@@ -41,9 +41,10 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # 7B (4096 x 4096) 2.662-2.691 ms against 2.749-2.760 at p32768, p2048 unchanged (1.711-1.738 against 1.729-1.758);
 # 13B (5120 x 5120) slower, 4.648-4.722 against 4.549-4.582 (p2048 +0.13). WKVQ_FUSE naming it: at any shape.
 # "silu" at one row on the tensor-core GEMV (w4_mma_accumulate_silu: down's programs build silu(gate) * up in shared
-# memory, no SiLU launch) is the default there (twenty-fifth session, H200, b1, five alternated pairs,
-# benchmarks/results/r28): 7B 1.684-1.722 / 2.620-2.680 ms against 1.705-1.756 / 2.661-2.716 (p2048 / p32768); 13B
-# (stream-K down) 2.880 / 4.664 against 2.857 / 4.667 (one pair). By default not on the row GEMV (slower there, above).
+# memory, no SiLU launch) is the default where down runs on a split grid (GemvW4.silu_by_default; twenty-fifth
+# session, H200, b1, alternated pairs, benchmarks/results/r28): 7B 1.684-1.722 / 2.620-2.680 ms against 1.705-1.756 /
+# 2.661-2.716 (p2048 / p32768, five pairs); 13B, whose down is a stream-K grid, 2.857-2.880 / 4.602-4.664 against
+# 2.825-2.857 / 4.563-4.667 (four pairs): slower, so not there; nor on the row GEMV (slower there, above).
 FUSIONS = ("norm", "silu", "rope", "heads")
 FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope", "heads", "silu")}  # rows -> the default fusions
 HEADS_DEFAULT_SHAPES = frozenset({(4096, 4096)})  # (out, in) of the output projections where "heads" is the default
@@ -372,7 +373,7 @@ class FastLlama:
         if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m) for la in self.layers):
             inputs.discard("silu")
         if "silu" in inputs and not (value or "").strip():  # the default: only where it measured faster
-            if not all(la.down._mma_silu(m) for la in self.layers):  # the tensor-core GEMV's, not the row GEMV's
+            if not all(la.down.silu_by_default(m) for la in self.layers):
                 inputs.discard("silu")
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128

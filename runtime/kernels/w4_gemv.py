@@ -704,6 +704,15 @@ class GemvW4(W4Weight):
         (:func:`shape_ok`)."""
         return self._mma_silu(m) or shape_ok(m, self.in_features, self.qweight)
 
+    def silu_by_default(self, m: int) -> bool:
+        """Whether the decode step's default fusions take the SiLU input here: on the tensor-core GEMV (not the row
+        GEMV) with a split grid (H200, b1, twenty-fifth session: 7B's down on a split grid 0.03-0.05 ms a step
+        faster; 13B's on a stream-K grid, whose shares run the prologue once a row block they cross, 0.03 slower)."""
+        from . import w4_mma
+
+        return (self._mma_silu(m)
+                and not w4_mma.default_mma_config(self.qweight.shape[0], self.in_features, m).persist)
+
     def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None) -> bool:
         """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given)."""
         from . import w4_mma
