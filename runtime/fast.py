@@ -372,9 +372,9 @@ class FastLlama:
             inputs.discard("norm")
         if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m) for la in self.layers):
             inputs.discard("silu")
-        if "silu" in inputs and not (value or "").strip():  # the default: only where it measured faster
-            if not all(la.down.silu_by_default(m) for la in self.layers):
-                inputs.discard("silu")
+        default = not (value or "").strip()
+        if "silu" in inputs and default and not all(la.down.silu_by_default(m) for la in self.layers):
+            inputs.discard("silu")  # the default: only where it measured faster
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))

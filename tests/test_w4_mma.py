@@ -285,8 +285,13 @@ def test_mma_silu_input_matches_silu_mul(n, k, layout, config):
     stream-K shares within a row block and across row blocks (the prologue again for each range), depth 2, both
     weight layouts; ``gate_up`` is left as it was."""
     from runtime.kernels import misc
-    from runtime.kernels.w4_mma import MmaConfig, default_mma_config, silu_ok, w4_mma_accumulate, \
-        w4_mma_accumulate_silu
+    from runtime.kernels.w4_mma import (
+        MmaConfig,
+        default_mma_config,
+        silu_ok,
+        w4_mma_accumulate,
+        w4_mma_accumulate_silu,
+    )
 
     qw, s, z, w = _weight(n, k, seed=n + k)
     if layout == "group":
@@ -359,7 +364,7 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
     cfg = w4_mma.MmaConfig(*cfg)
-    grid, consts = w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, silu=True)
+    consts = w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, silu=True)[1]
     assert consts["PRE"] and consts["SILU"]
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, {**MMA_PTRS, "x_ptr": "*fp32"}, "i32",
                             cfg.warps, tmp_path)
