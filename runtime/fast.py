@@ -45,7 +45,7 @@ PROJECTIONS = ("triton", "gemlite", "gemv")
 # session, H200, b1, alternated pairs, benchmarks/results/r28): 7B 1.684-1.722 / 2.620-2.680 ms against 1.705-1.756 /
 # 2.661-2.716 (p2048 / p32768, five pairs); 13B, whose down is a stream-K grid, 2.857-2.880 / 4.602-4.664 against
 # 2.825-2.857 / 4.563-4.667 (four pairs): slower, so not there; nor on the row GEMV (slower there, above).
-FUSIONS = ("norm", "silu", "rope", "heads", "tags")
+FUSIONS = ("norm", "silu", "rope", "heads")
 FUSE_DEFAULT: dict[int, tuple[str, ...]] = {1: ("rope", "heads", "silu")}  # rows -> the default fusions
 HEADS_DEFAULT_SHAPES = frozenset({(4096, 4096)})  # (out, in) of the output projections where "heads" is the default
 FUSE_ENV = "WKVQ_FUSE"
@@ -324,7 +324,6 @@ class FastLlama:
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
-        tagged = cache.tagged(c.heads * c.head_dim) if "tags" in fused else None
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -334,8 +333,6 @@ class FastLlama:
             else:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
             ready = (cache.ready[i], cache.step) if heads else None  # "heads" implies "rope"
-            if tagged is not None:  # "tags": the output as words tagged with the step, no flags
-                ready = (*ready, tagged[i])
             if rope:
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
                                        splits, bits=c.kv_bits, ready=ready)
@@ -344,7 +341,7 @@ class FastLlama:
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x,
-                               ready=(*ready[:2], c.heads // c.kv_heads) if heads else None,
+                               ready=(*ready, c.heads // c.kv_heads) if heads else None,
                                stamps="o")
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
@@ -383,9 +380,7 @@ class FastLlama:
                  and all(isinstance(la.o, GemvW4) for la in self.layers))
         if heads and not (value or "").strip():  # the default: only where it measured faster
             heads = all((la.o.qweight.shape[0], la.o.in_features) in HEADS_DEFAULT_SHAPES for la in self.layers)
-        tags = "tags" in chosen and heads and all(isinstance(la.o, GemvW4) and la.o.takes_tagged(m)
-                                                  for la in self.layers)
-        return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set()) | ({"tags"} if tags else set())
+        return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set())
 
     def splits_for(self, cache: StaticPOQCache) -> int:
         """Sequence splits of the decode attention at this cache (:func:`runtime.kernels.kv4.attn_config`: the

@@ -21,8 +21,6 @@ import torch.nn.functional as F
 from . import quant
 from .kvquant import STATS_DTYPE
 
-TAG_FILL = -65536  # a tagged word before any write: tag 0xFFFF, value 0 (StaticPOQCache.tagged)
-
 # buffers hold max_len rounded up to this many slots: every head's rows start 16-byte aligned in the stats, as the
 # bulk copies of runtime.kernels.kv4_mma need (at most 15 unused slots a head)
 SLOT_ALIGN = 16
@@ -60,8 +58,7 @@ class StaticPOQCache:
     the tokens stored so far. ``step`` (``int32 [1]``, next to ``pos``, so that one kernel advances both) counts the
     decode steps run on the cache from 1 and is never set back (a CUDA graph's warm-up restores ``pos`` only): the
     epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads]``) with which a decode step's
-    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`), and of
-    the words of :meth:`tagged` (the fusion "tags").
+    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`).
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -78,17 +75,7 @@ class StaticPOQCache:
         self.counters = torch.tensor([0, 1], dtype=torch.int32, device=device)  # pos, step
         self.pos, self.step = self.counters[:1], self.counters[1:]
         self.ready = torch.zeros(num_layers, batch * kv_heads, dtype=torch.int32, device=device)
-        self._tagged: dict[int, torch.Tensor] = {}
         self.length = 0
-
-    def tagged(self, n: int) -> torch.Tensor:
-        """``int32 [layers, batch, n]``: per layer, the decode step's attention output as words that carry the step's
-        tag (:func:`runtime.kernels.kv4.tag_words`), allocated at first use with :data:`TAG_FILL` in every word (a
-        tag no step has when the buffer is new: ``step`` starts at 1)."""
-        if n not in self._tagged:
-            layers, batch = self.ready.shape[0], self.layers[0].k_codes.shape[0]
-            self._tagged[n] = torch.full((layers, batch, n), TAG_FILL, dtype=torch.int32, device=self.ready.device)
-        return self._tagged[n]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in self.layers for t in store.tensors())

@@ -570,52 +570,6 @@ def test_decode_silu_input_matches_eager(tmp_path, monkeypatch, fuse):
         assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_decode_tags_match_heads(tmp_path, monkeypatch, batch):
-    """``WKVQ_FUSE=rope,heads,tags`` (two layers of heads of 128 channels, the gemv projections): the attention's
-    merge stores each head's output as words tagged with the step (no fence, no flag) and the output projection's
-    programs read them until the tags are the step's. Decode steps and CUDA-graph replays against the same steps
-    with the flags ("rope,heads") and against the eager path; the tagged words hold the last step's tag. At two rows
-    "tags" is dropped (the projection waits for the whole attention there)."""
-    import runtime
-    from converter.convert import ConvertConfig, convert
-    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
-    from runtime.kernels import kv4, overlap
-    from tests.helpers import make_tiny_llama
-
-    if not overlap.pdl(DEV, "gemv"):
-        pytest.skip("tags need the GEMV launched with PDL (a Hopper GPU)")
-    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=640, num_hidden_layers=2)
-    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
-    model, _ = runtime.load(art, device=DEV, dtype=torch.float16)
-    eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
-    monkeypatch.setenv(FUSE_ENV, "rope,heads,tags")
-    assert fast._fused_inputs(1) == {"rope", "heads", "tags"} and fast._fused_inputs(2) == {"rope", "heads"}
-    ids = torch.randint(3, 300, (batch, 56), device=DEV)
-    ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
-    key = f"{batch}x{kv4.context_bucket(cf.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
-    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
-    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
-    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
-    for c, m in ((ce, eager), (cf, fast), (cu, fast)):
-        m.forward(ids[:, :48], c)
-    steps = [fast.decode_step(ids[:, 48], cf)]
-    graph = DecodeGraph(fast, cf)
-    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
-    if batch == 1:
-        words = cf.tagged(512)
-        assert ((words >> 16) & 0xFFFF == cf.step.item() - 1).all() and (cf.ready == 0).all()
-    monkeypatch.setenv(FUSE_ENV, "rope,heads")
-    plain = [fast.decode_step(ids[:, i], cu) for i in range(48, 53)]
-    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
-    for a, b, r in zip(steps, plain, ref):
-        assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
 def test_quantlinear_cuda_dispatch_matches_dequantized():
     from runtime.qlinear import QuantLinear

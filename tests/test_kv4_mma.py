@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, ready=False, stamps=False, tagged=False):
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False):
     """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -18,10 +18,8 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, copies, cap, keys_a)
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
-              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps,
-              "TAGGED": tagged}
-    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32",
-             "out_ptr": "*i32" if tagged else "*fp16",
+              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps}
+    kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
@@ -103,20 +101,6 @@ def test_mma_attention_ready_flag(tmp_path):
     assert on.count("ATOMG.E.EXCH") == off.count("ATOMG.E.EXCH") + 1
     fence = on.rindex("MEMBAR.ALL.GPU", 0, xchg)
     assert on.rindex("STG.E.U16", 0, xchg) < on.rindex("BAR.SYNC", 0, fence) < fence
-
-
-def test_mma_attention_tagged_output(tmp_path):
-    """``TAGGED`` (with ``READY``, the fusion "tags"): the combining program stores the merged heads as 32-bit words
-    (the float16 in the low half, the epoch's tag in the high half) and neither fences nor sets a flag: no atomic
-    exchange, no GPU-scope fence after the output's stores (the count's acquire-release stays)."""
-    pytest.importorskip("triton")
-
-    ready = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ready=True)[0]
-    tagged, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ready=True, tagged=True)
-    assert "LOCAL:0" in usage
-    assert tagged.count("ATOMG.E.EXCH") == ready.count("ATOMG.E.EXCH") - 1
-    assert tagged.count("MEMBAR.ALL.GPU") == ready.count("MEMBAR.ALL.GPU") - 1
-    assert tagged.count("STG.E ") >= ready.count("STG.E ") + 4  # the merged head: 4 words a thread
 
 
 @pytest.mark.parametrize("rope", [True, False])

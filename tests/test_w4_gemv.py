@@ -471,5 +471,5 @@ def test_fuse_choice():
     assert fuse_choice("none") == set() and fuse_choice("silu") == {"silu"}
     assert fuse_choice(" norm , silu ") == {"norm", "silu"}
     assert fuse_choice("rope,heads") == {"rope", "heads"}
-    with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, heads, tags, or none"):
+    with pytest.raises(ValueError, match=r"WKVQ_FUSE='silu,gelu': unknown fusion gelu; use .*norm, silu, rope, heads, or none"):
         fuse_choice("silu,gelu")

@@ -161,7 +161,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, persist=False, s
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": l2, "PF": pf, "PERSIST": persist, "FIXED": strides is not None, "PDL": pdl,
               "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre,
-              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1, "TAGX": False}
+              "RQG": 0, "STAMPS": False}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -373,66 +373,3 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     first_sts = sass.index("STS", wait)
     assert sass.index("LDG", wait) < first_sts < sass.index("BAR.SYNC", first_sts) < sass.index("LDS", first_sts)
     assert "LDG.E.128" not in sass[wait:sass.index("HMMA")]  # x from shared memory; the weights are LDG.E.128...
-
-
-@pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 1, 1, False, 1, 0, 4), (4, 1, 2)])
-def test_mma_tagged_x_waits_for_its_tags(cfg, tmp_path):
-    """Tagged ``x`` (the fusion "tags", one row, ``ready``): no flag is read; each program loads its first weights,
-    then reads its ``x`` words with relaxed GPU-scope loads in a loop (the warp's vote, a sleep) until they carry the
-    tag, then the MMAs; the PDL wait only after the last MMA; no spills. Without ready flags' place (8 rows, no
-    preload) a one-line error."""
-    pytest.importorskip("triton")
-    from runtime.kernels import overlap, w4_mma
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    cfg = w4_mma.MmaConfig(*cfg)
-    n, k = (300, 576) if cfg.tiles == 1 else (4096, 4096)
-    plan = functools.partial(w4_mma.launch_plan, cfg, n, k, row_strides=(64, 2, 1), gstrides=(64 * n, 2 * n, n),
-                             sms=132, pdl=True, hopper=True, tagged=True)
-    with pytest.raises(ValueError, match="tagged x needs"):
-        plan(m=8, ready_qg=1)
-    consts = plan(m=1, ready_qg=1)[1]
-    assert consts["TAGX"] and consts["RQG"] == 1 and consts["PRE"]
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True},
-                            {**MMA_PTRS, "x_ptr": "*i32", "rdy_ptr": "*i32", "ep_ptr": "*i32"}, "i32", cfg.warps,
-                            tmp_path)
-    poll = sass.index("LDG.E.128.STRONG.GPU")
-    assert sass[:poll].count("LDG") >= 12 * cfg.tiles and "NANOSLEEP" in sass and "VOTE.ANY" in sass
-    assert "HMMA" not in sass[:poll] and sass.index("ACQBULK") > sass.rindex("HMMA") and "LOCAL:0" in usage
-    assert "LDG.E.STRONG.GPU " not in sass  # no flag spin (32-bit acquire loads)
-
-
-@gpu
-@pytest.mark.parametrize("config", [(4, 2, 16), (4, 1, 2), (1, 2, 1, 1, False, 1, 0, 4), None])
-@pytest.mark.parametrize("n,k", [(300, 576), (512, 1024)])
-def test_mma_tagged_x_matches_float16(n, k, config):
-    """Tagged ``x`` words (``kv4.tag_words`` of the step's epoch) give the float16 ``x``'s products (split and stream-K
-    grids, a ragged K); written late by another stream, after the kernel started, the kernel waits for them: the
-    words first hold the previous step's tag and other values."""
-    from runtime.kernels import overlap
-    from runtime.kernels.kv4 import tag_words
-    from runtime.kernels.w4_mma import tagged_ok, w4_mma_accumulate
-
-    if not overlap.pdl(torch.device("cuda"), "gemv"):
-        pytest.skip("tagged x needs the GEMV launched with PDL (a Hopper GPU)")
-    qw, s, z, w = quantized_weight(n, k, 128, n + k, "cuda")
-    gq, gs, gz = quant.group_major(qw, s, z)
-    x, base = torch.randn(1, k, device="cuda", dtype=torch.float16), torch.randn(1, n, device="cuda")
-    epoch = torch.tensor([70000], dtype=torch.int32, device="cuda")  # tag 70000 % 65536
-    flags = torch.zeros(-(-k // 128), dtype=torch.int32, device="cuda")  # not read with tagged x
-    words = tag_words(x, epoch)
-    assert words.dtype == torch.int32 and tagged_ok(words, gq, gs, gz, 128)
-    plain = w4_mma_accumulate(x, gq, gs, gz, 128, base.clone(), config=config)
-    out = w4_mma_accumulate(words, gq, gs, gz, 128, base.clone(), config=config, ready=(flags, epoch, 1))
-    assert _rel(out, plain) < 1e-6 and _rel(out, base.double() + x.double() @ w.T) < TOL
-    late = tag_words(torch.ones_like(x), epoch - 1)  # the previous step's words
-    torch.cuda.synchronize()
-    reader, writer = torch.cuda.Stream(), torch.cuda.Stream()
-    with torch.cuda.stream(reader):
-        out = w4_mma_accumulate(late, gq, gs, gz, 128, base.clone(), config=config, ready=(flags, epoch, 1))
-    with torch.cuda.stream(writer):
-        torch.cuda._sleep(2_000_000)  # ~1 ms: the reader's programs are spinning by then
-        late.copy_(words)
-    torch.cuda.synchronize()
-    assert _rel(out, plain) < 1e-6

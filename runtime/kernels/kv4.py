@@ -456,26 +456,22 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     TAGGED: tl.constexpr = False):
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
     HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
     step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
     is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
-    earlier step never reads as set and nothing needs to clear them. ``TAGGED`` (with ``READY``): ``out_ptr`` is
-    int32 words that carry the epoch's tag with each float16 (:func:`tag_words`), stored without a fence or a flag:
-    the reader waits for the tags (:func:`runtime.kernels.w4_mma._tagged_x_lines`)."""
+    earlier step never reads as set and nothing needs to clear them."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
-        tag = tl.load(ep_ptr) & 65535 if TAGGED else 0
         for j in tl.static_range(HEADS):
             _combine_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
-                          ROPE, TAGGED, tag)
+                          ROPE)
         tl.store(count_ptr, 0)
-        if READY and not TAGGED:
+        if READY:
             tl.debug_barrier()  # every thread's output stored before the flag (released by it)
             tl.atomic_xchg(ready_ptr, tl.load(ep_ptr), sem="release")
 
@@ -483,13 +479,11 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
 @triton.jit
 def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr, sm_scale,
                   qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
-                  D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr,
-                  TAGGED: tl.constexpr = False, tag=0):
+                  D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr):
     """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
     static shift and scale of the values applied, written to ``out``. ``CACHE``: the partials' load cache modifier
     (``".cg"``, past L1, when other programs of the same kernel wrote them). ``ROPE``: the query and the current
-    key and value from ``qkv`` (roped at position ``pos``), else from ``q``, ``k_cur``, ``v_cur``. ``TAGGED``:
-    ``out`` is int32 words, the float16 result in the low half and ``tag`` in the high half (:func:`tag_words`)."""
+    key and value from ``qkv`` (roped at position ``pos``), else from ``q``, ``k_cur``, ``v_cur``."""
     kh = h // QG
     d = tl.arange(0, D)
     if ROPE:
@@ -525,11 +519,7 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
                       cache_modifier=CACHE)
         past += tl.sum(tl.exp(mj - big)[:, None] * acc, 0)
     num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
-    if TAGGED:
-        bits = (num / (mass + w_cur)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        tl.store(out_ptr + (b * HQ + h) * D + d, bits | (tag << 16))
-    else:
-        tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -718,7 +708,7 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
 
 def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scale: float, out_dtype,
                    splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None,
-                   bits: int = 4, ready: tuple[torch.Tensor, ...] | None = None):
+                   bits: int = 4, ready: tuple[torch.Tensor, torch.Tensor] | None = None):
     """:func:`rope_append` and :func:`decode_attention` in one kernel launch: the attention programs rope the
     token's query, key and value from the projection's output ``qkv [B, (Hq + 2 Hkv) D]`` (float32) at position
     ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
@@ -728,9 +718,7 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
     [1]``, a different value every step) once that head's output is stored (by the tensor-core kernel's combining
     program, else after the launch): the output projection may then start on a head without waiting for the whole
     attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). Returns ``[B, Hq, D]`` in ``out_dtype``; ``pos``
-    is not advanced. ``ready = (flags, epoch, tagged)``: the output goes to ``tagged`` (``int32``, ``B Hq D``
-    words, :func:`tag_words` of the epoch) instead, stored without a fence and without setting the flags where the
-    tensor-core kernel merges (its reader waits for the tags), and that is returned."""
+    is not advanced."""
     b, hkv, d = qkv.shape[0], store.k_codes.shape[1], 2 * store.k_codes.shape[-1]
     if bits != 4:
         raise ValueError(f"the KV kernels store 4-bit codes, got kv bits {bits}")
@@ -775,7 +763,6 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     l_ = torch.empty_like(m)
     acc = torch.empty(b, hq, cfg.splits, d, dtype=torch.float32, device=device)
     out = torch.empty(b, hq, d, dtype=out_dtype, device=device)
-    tagged = ready[2] if ready is not None and len(ready) > 2 else None
     k_scale, k_shift, v_scale, v_shift = kv_params
     pdl = overlap.launch_options(device, "attn_mma" if mma else "attn")  # launched early
     # the attention's last kernel lets the next one launch early only with "attn_trigger"; a first kernel whose
@@ -792,14 +779,10 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
     if mma:  # counts per KV head
         cnt = _head_counts(device, b * hkv) if cfg.combine else m
-        tagging = tagged is not None and cfg.combine
-        kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc,
-                       tagged.view(b, hq, d) if tagging else out, cnt, cfg.splits, cfg.block_s, cfg.stages,
-                       cfg.combine, cfg.copies, pdl["PDL"], first_trigger, keys_a=cfg.keys_a,
-                       ready=ready[:2] if cfg.combine and ready is not None else None, stamps_kind="attn",
-                       tagged=tagging)
-        if tagging:
-            return tagged
+        kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
+                       cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
+                       keys_a=cfg.keys_a, ready=ready if cfg.combine else None,
+                       stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](
@@ -815,17 +798,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
                                       NSPLIT=cfg.splits, ROPE=rope is not None, TRIGGER=trigger, **pdl)
     if ready is not None and not (mma and cfg.combine):  # no kernel set the flags: every head is ready now
         ready[0].copy_(ready[1].expand_as(ready[0]))
-        if tagged is not None:  # nor tagged the output: its words now
-            tagged.copy_(tag_words(out.to(torch.float16), ready[1]).view_as(tagged))
-            return tagged
     return out
-
-
-def tag_words(x: torch.Tensor, epoch: torch.Tensor) -> torch.Tensor:
-    """float16 ``x`` as tagged int32 words: the float16 bits in the low half, ``epoch``'s (``int32 [1]``) low 16
-    bits in the high half (what the attention's merge stores for a reader that waits for the tags instead of a
-    flag: the output projection, :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready`` with int32 ``x``)."""
-    return (x.view(torch.int16).to(torch.int32) & 0xFFFF) | ((epoch & 0xFFFF) << 16)
 
 
 def _head_counts(device, n: int) -> torch.Tensor:

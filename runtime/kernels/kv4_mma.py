@@ -581,7 +581,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     stamp_ptr=None, STAMPS: tl.constexpr = False, TAGGED: tl.constexpr = False):
+                     stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -593,8 +593,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER``: each program lets the
     next kernel launch first thing (it waits for the heads' flags, ``READY``, or for this kernel). ``READY``
     (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
-    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`; ``TAGGED``: instead, ``out_ptr`` is int32
-    words carrying the epoch's tag, stored without a fence or flag). ``STAMPS``: each program writes
+    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
     (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
     its end)."""
@@ -608,7 +607,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, TAGGED)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -631,7 +630,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, TAGGED: tl.constexpr = False):
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -748,7 +747,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY, TAGGED)
+                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 3, 4)
 
@@ -759,7 +758,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
            trigger: bool = False, keys_a: bool = False, ready: tuple[torch.Tensor, torch.Tensor] | None = None,
-           stamps_kind: str | None = None, tagged: bool = False) -> None:
+           stamps_kind: str | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -770,8 +769,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     (the programs let it first thing); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
     ``ready = (flags, epoch)`` (with ``combine``): ``int32
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
-    output is stored (``tagged``: ``out`` is int32 words carrying the epoch's tag, stored without a fence, and the
-    flags are not set; :func:`runtime.kernels.kv4.tag_words`); ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
+    output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
     (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
@@ -791,5 +789,5 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
-        TAGGED=tagged and ready is not None and combine, **overlap.options(pdl))
+        **overlap.options(pdl))
 

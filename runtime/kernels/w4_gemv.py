@@ -686,9 +686,6 @@ class GemvW4(W4Weight):
         only on the tensor-core GEMV; the other kernels wait for the kernel before, which implies the flags."""
         from . import w4_mma
 
-        if x.dtype == torch.int32:  # the attention's tagged output words (the fusion "tags", takes_tagged)
-            return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
-                                            ready=ready, stamps_kind=stamps)
         if w4_mma.mma_enabled() and w4_mma.mma_ok(x, self.qweight, self.scales, self.zeros, self.group_size,
                                                    self.bias):
             return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
@@ -706,18 +703,6 @@ class GemvW4(W4Weight):
         ``silu(gate) * up`` in shared memory, :func:`runtime.kernels.w4_mma.silu_ok`), else on the row GEMV
         (:func:`shape_ok`)."""
         return self._mma_silu(m) or shape_ok(m, self.in_features, self.qweight)
-
-    def takes_tagged(self, m: int) -> bool:
-        """Whether :meth:`accumulate` takes the attention's tagged output words with ``ready`` at ``m`` rows (one row
-        on the tensor-core GEMV launched with PDL and the weight preload: its ``x`` loads wait for the tags,
-        :func:`runtime.kernels.w4_mma.tagged_ok`)."""
-        from . import w4_mma
-
-        x = torch.empty(1, self.in_features, dtype=torch.int32, device="meta")
-        return (m == 1 and w4_mma.mma_enabled() and w4_mma.preload_enabled() and overlap.pdl(self.qweight.device,
-                                                                                             "gemv")
-                and w4_mma.tagged_ok(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias,
-                                     device=self.qweight.device))
 
     def silu_by_default(self, m: int) -> bool:
         """Whether the decode step's default fusions take the SiLU input here: on the tensor-core GEMV (not the row

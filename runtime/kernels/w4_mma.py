@@ -172,11 +172,10 @@ def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-def _prologue_asm(tiles: int, xbytes: int = 2) -> tuple[str, str]:
+def _prologue_asm(tiles: int) -> tuple[str, str]:
     """PTX that gives each thread its pointers: per tile and half (rows ``g``, ``g + 8``) the code, scale and zero
     row pointers (rows clamped to ``N - 1``; the code pointer at word ``4 t``), the ``x`` pointer (row ``g`` clamped
-    to ``M - 1``, channel ``32 t``, ``xbytes`` a channel: 2 for float16, 4 for tagged words; column ``g`` of B,
-    whose results from ``M`` on are not written) and ``t``.
+    to ``M - 1``, channel ``32 t``: column ``g`` of B, whose results from ``M`` on are not written) and ``t``.
     Returns (asm, constraints)."""
     outs = 6 * tiles + 2
     a = [f"${i}" for i in range(outs)]
@@ -217,7 +216,7 @@ def _prologue_asm(tiles: int, xbytes: int = 2) -> tuple[str, str]:
         "min.u32 nx, g, mm1;",
         f"mul.wide.u32 off, nx, {inp['sx']};",
         f"add.u64 p, {inp['x']}, off;",
-        f"mul.wide.u32 off, t, {32 * xbytes};",
+        "mul.wide.u32 off, t, 64;",
         f"add.u64 o{k}, p, off;",
     ]
     lines += [f"mov.u64 {a[i]}, o{i};" for i in range(k + 1)]
@@ -259,7 +258,7 @@ def _prefetch_asm(tiles: int) -> str:
 
 def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
               gstrides: tuple[int, int, int] = (64, 2, 1), part: str = "all",
-              coherent: bool = False, xsmem: bool = False, tagged: bool = False) -> tuple[str, str]:
+              coherent: bool = False, xsmem: bool = False) -> tuple[str, str]:
     """PTX of one thread's loads for one group: its 16 bytes of codes of each of its rows (per tile: rows ``g``,
     ``g + 8``: 8 words), the rows' float16 scales (one word: row ``g`` low) and zero points (one word: row ``g`` in
     bits 0-7, row ``g + 8`` in 16-23), and its 32 channels of ``x`` (16 words). Inputs: the prologue's pointers,
@@ -277,12 +276,7 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     the same for every part. ``coherent``: ``ld.global`` instead of the read-only ``ld.global.nc`` (ptxas moves the
     PDL wait above ``.nc`` loads placed before it, and ``.nc`` loads placed after it above the wait). ``xsmem``: ``x``
     from the program's shared copy (:data:`XS_SYMBOL`, one row, 256 bytes a group, written by
-    :func:`_silu_prologue`) instead of global memory; the ``x`` pointer input goes unused. ``tagged``: ``x`` is
-    tagged words (:func:`runtime.kernels.kv4.tag_words`: a float16 in the low half, the step's tag in the high half;
-    512 bytes a group) that the writer stores without a fence or flag; the ``K`` input carries the tag in its high
-    16 bits, and the warp reads its words again (relaxed loads, a short sleep between) until every word it holds
-    carries the tag, then packs their float16 halves as the float16 loads would give them (issued after the
-    weights' loads, which do not wait)."""
+    :func:`_silu_prologue`) instead of global memory; the ``x`` pointer input goes unused."""
     nout = 16 + 10 * tiles
     keep = {"all": range(nout), "w": range(16, nout), "x": range(16)}[part]
     ld = "ld.global" if coherent else "ld.global.nc"
@@ -296,12 +290,9 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     pred = "@pk " if ragged else ""
     L = ["{", ".reg .pred pk;", ".reg .u32 c0;", ".reg .b16 z16a, z16b, s16a, s16b;", ".reg .u32 za, zb;",
          ".reg .u64 off, ad, offc, offs, offz;", f".reg .b32 v<{nout}>;"]
-    if tagged:  # the K input: K | tag << 16
-        L += [".reg .u32 kq, tg;", f"and.b32 kq, {kk}, 65535;", f"shr.u32 tg, {kk}, 16;"]
-        kk = "kq"
     if ragged:
         L += [f"shl.b32 c0, {gi}, 7;", f"mad.lo.u32 c0, {t}, 32, c0;", f"setp.lt.u32 pk, c0, {kk};"]
-    if part != "w" and not tagged:
+    if part != "w":
         L += [f"mov.b32 v{i}, 0;" for i in range(16)] if ragged else []
         if xsmem:  # channels 32 t .. of group gi of the shared copy: XS_SYMBOL + 256 gi + 64 t
             L += [".reg .u32 xs;", f"mov.u32 xs, {XS_SYMBOL};", f"mad.lo.u32 xs, {gi}, 256, xs;",
@@ -336,34 +327,10 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
                 pre, ad = at(h, tensor)
                 L += pre + [f"{ld}.{kind} {reg}, {ad};"]
             L.append(f"mov.b32 v{w}, {{{ra}, {rb}}};")
-    if part != "w" and tagged:
-        L += _tagged_x_lines(px, gi, pred, ragged)
     L += [f"mov.b32 {out}, v{i};" for out, i in zip(outs, keep)]
     L.append("}")
     cons = ",".join(["=r"] * len(keep) + ["l"] * (6 * tiles) + ["l", "r", "r", "r"])
     return "\n".join(L), cons
-
-
-def _tagged_x_lines(px: str, gi: str, pred: str, ragged: bool) -> list[str]:
-    """:func:`_load_asm`'s ``x`` part for tagged words (``tagged``; registers ``tg``, ``pk``, ``off``, ``ad`` and
-    ``v0 .. v15`` declared there): the thread's 32 words of group ``gi`` (``px`` at channel ``32 t``, 512 bytes a
-    group), read until the whole warp holds the tag ``tg`` in every word, then ``v[j]`` = the float16 halves of
-    words ``2j``, ``2j + 1``. A word past a ragged ``K`` is not read and counts as tagged."""
-    L = [".reg .pred bad;", ".reg .b32 w<32>, tt, hs, acc;", "shl.b32 tt, tg, 16;", "or.b32 tt, tt, tg;",
-         f"mul.wide.u32 off, {gi}, 512;", f"add.u64 ad, {px}, off;"]
-    if ragged:  # words not read: the tag and a 0
-        L += [f"shl.b32 w{i}, tg, 16;" for i in range(32)]
-    L.append("WKVQ_XPOLL:")
-    for v in range(8):
-        L.append(f"{pred}ld.relaxed.gpu.global.v4.u32 {{w{4 * v},w{4 * v + 1},w{4 * v + 2},w{4 * v + 3}}}, "
-                 f"[ad+{16 * v}];")
-    L.append("mov.b32 acc, 0;")
-    for j in range(16):  # the high halves of a word pair against the tag in both halves
-        L += [f"prmt.b32 hs, w{2 * j}, w{2 * j + 1}, 0x7632;", "xor.b32 hs, hs, tt;", "or.b32 acc, acc, hs;"]
-    L += ["setp.ne.u32 bad, acc, 0;", "vote.sync.any.pred bad, bad, -1;", "@bad nanosleep.u32 32;",
-          "@bad bra WKVQ_XPOLL;"]
-    L += [f"prmt.b32 v{j}, w{2 * j}, w{2 * j + 1}, 0x5410;" for j in range(16)]
-    return L
 
 
 def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
@@ -516,13 +483,11 @@ def _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr):
 
 @triton.jit
 def _wait_before_x(PDL: tl.constexpr, rdy_ptr, epoch, g_lo, g_hi, RQG: tl.constexpr, stamp_ptr,
-                   STAMPS: tl.constexpr, TAGX: tl.constexpr = False):
-    """Before a range's first ``x``: the ready flags of its groups (``RQG`` > 0, :func:`_wait_ready`; nothing with
-    ``TAGX``: the ``x`` loads wait for their tags), else the kernel before
-    (:func:`runtime.kernels.overlap.wait_prior`); ``STAMPS``: then the program's "ready" stamp."""
+                   STAMPS: tl.constexpr):
+    """Before a range's first ``x``: the ready flags of its groups (``RQG`` > 0, :func:`_wait_ready`), else the
+    kernel before (:func:`runtime.kernels.overlap.wait_prior`); ``STAMPS``: then the program's "ready" stamp."""
     if RQG > 0:
-        if not TAGX:
-            _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
+        _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
     else:
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -537,22 +502,20 @@ def _program():
 
 @functools.cache
 def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int] | None = None,
-         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False, xsmem: bool = False,
-         tagged: bool = False):
-    pro, pro_cons = _prologue_asm(tiles, 4 if tagged else 2)
-    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent, xsmem=xsmem, tagged=tagged)
+         gstrides: tuple[int, int, int] = (64, 2, 1), coherent: bool = False, xsmem: bool = False):
+    pro, pro_cons = _prologue_asm(tiles)
+    load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent, xsmem=xsmem)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
 
 
 @functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
-                    gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False,
-                    tagged: bool = False) -> tuple[str, str, str, str]:
+                    gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False) -> tuple[str, str, str, str]:
     """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait): (w, w_cons,
     x, x_cons)."""
-    return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True, tagged=tagged),
-            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True, xsmem=xsmem, tagged=tagged))
+    return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True),
+            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True, xsmem=xsmem))
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -658,8 +621,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
-           TAGX: tl.constexpr = False):
+           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -668,14 +630,8 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
     before its ``x``, or first thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
     the float32 ``gate_up`` at ``x_ptr``, which the range builds in the program's shared memory before its first
-    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX).
-    ``TAGX`` (with ``RQG``): ``x`` is tagged words, read until they carry the step's tag (``epoch``'s low 16 bits,
-    passed to the PTX in the high half of its ``K`` input) instead of after the groups' flags."""
-    if TAGX:
-        KX = K + (epoch & 65535) * 65536
-    else:
-        KX = K
-    if RQG > 0 and not TAGX:  # noqa: SIM102 - a constexpr test around a constexpr one
+    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX)."""
+    if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
         if not PRE:
             _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
     if SILU:  # noqa: SIM102
@@ -700,35 +656,35 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     if DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
         if PRE:  # the first iteration peeled: its two groups' weights read before the wait
             g1 = tl.minimum(g_lo + 1, g_hi - 1)
-            Vw = _loadw(P, lane * 0 + g_lo, KX, LOADW, LOADW_CONS, TILES)
-            Uw = _loadw(P, lane * 0 + g1, KX, LOADW, LOADW_CONS, TILES)
-            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS, TAGX)
+            Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
+            Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
+            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
             if SILU:
                 _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-            V = _loadx_join(P, lane * 0 + g_lo, KX, Vw, LOADX, LOADX_CONS, TILES)
-            U = _loadx_join(P, lane * 0 + g1, KX, Uw, LOADX, LOADX_CONS, TILES)
+            V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
+            U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
             if g_hi - g_lo >= 2:
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
-                V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), KX, LOAD, LOAD_CONS, TILES)
+                V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
                 A = _comp(A, U, COMP, COMP_CONS, TILES)
             g_start = g_lo + 2
         else:
-            V = _load(P, lane * 0 + g_lo, KX, LOAD, LOAD_CONS, TILES)
+            V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
             g_start = g_lo
         for gi in range(g_start, g_hi - 1, 2):
-            U = _load(P, lane * 0 + gi + 1, KX, LOAD, LOAD_CONS, TILES)
+            U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
             if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
-            V = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), KX, LOAD, LOAD_CONS, TILES)
+            V = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
             if gi != K:
                 A = _comp(A, U, COMP, COMP_CONS, TILES)
         if (g_hi - g_lo) % 2 == 1:  # the range's last group (V: group g_hi - 1)
             A = _comp(A, V, COMP, COMP_CONS, TILES)
     else:
-        V = _load(P, lane * 0 + g_lo, KX, LOAD, LOAD_CONS, TILES)
-        W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), KX, LOAD, LOAD_CONS, TILES)
+        V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
+        W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
         for gi in range(g_lo, g_hi):
-            U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), KX, LOAD, LOAD_CONS, TILES)
+            U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
             if gi != K:
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
             V = W
@@ -755,8 +711,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
                  FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
-                 TAGX: tl.constexpr = False):
+                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -765,7 +720,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU,
-           GMAX, TAGX)
+           GMAX)
     return w + (g_hi - g_lo)
 
 
@@ -777,8 +732,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False,
-                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1,
-                   TAGX: tl.constexpr = False):
+                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -796,9 +750,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``STAMPS``: each program writes ``%globaltimer`` at its start, before its first ``x`` and at its end into row
     :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`). ``SILU`` (one row): ``x_ptr`` is the gate_up
     projection's float32 ``[1, 2K]`` and ``x = silu(gate) * up``, built by each range in the program's shared memory
-    (``XS``: :func:`xs_declare_asm`, first of all) instead of read from a SiLU kernel's output (:func:`_range`).
-    ``TAGX`` (with ``RQG``, one row): ``x_ptr`` is the attention's tagged output words (no flags are read; each
-    ``x`` load waits for its words' tags, :func:`_tagged_x_lines`)."""
+    (``XS``: :func:`xs_declare_asm`, first of all) instead of read from a SiLU kernel's output (:func:`_range`)."""
     if SILU:
         tl.inline_asm_elementwise(XS, "=r,r", [tl.zeros((32 * WARPS,), tl.int32)], dtype=tl.int32, is_pure=False,
                                   pack=1)
@@ -824,18 +776,18 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, TAGX)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, TAGX)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
-               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, TAGX)
+               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -870,15 +822,6 @@ def _weight_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             and scales.shape == zeros.shape == (qweight.shape[0], g))
 
 
-def tagged_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None, device=None) -> bool:
-    """Whether :func:`w4_mma_accumulate` takes tagged ``x`` words (with ``ready``; one row): ``int32 [1, K]``,
-    contiguous and 16-byte aligned, and :func:`mma_ok`'s device (``device``, else ``x2``'s) and weight."""
-    return (cuda_major(device if device is not None else x2.device) >= 8 and bias is None and group_size == GROUP
-            and x2.dtype == torch.int32 and x2.dim() == 2 and x2.shape[0] == 1 and x2.is_contiguous()
-            and (x2.is_meta or x2.data_ptr() % 16 == 0) and _weight_ok(qweight, scales, zeros, x2.shape[1]))
-
-
 def silu_ok(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
     """Whether :func:`w4_mma_accumulate_silu` takes these operands: the float32 ``gate_up [1, 2K]`` (one row,
@@ -908,16 +851,14 @@ def silu_weight_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
                 gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
-                ready_qg: int = 0, stamps: bool = False, silu: bool = False,
-                tagged: bool = False) -> tuple[tuple[int, int], dict]:
+                ready_qg: int = 0, stamps: bool = False, silu: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
     launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
     preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags); ``stamps``: the
     programs write timestamps (:mod:`runtime.kernels.stamps`); ``silu``: ``x`` is ``silu(gate) * up`` of a float32
     gate_up projection's output, built by each range in shared memory (one row; at most :data:`SILU_MAX_PER_THREAD`
-    channels a thread a range, :func:`silu_groups`); ``tagged``: ``x`` is tagged words (with ``ready_qg``, one row
-    and the preload: each ``x`` load waits for its words' tags instead of the flags). Pure: what
+    channels a thread a range, :func:`silu_groups`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
@@ -948,20 +889,16 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         raise ValueError(f"MmaConfig {cfg}: the SiLU input takes one row of x without ready flags and at most "
                          f"{SILU_MAX_PER_THREAD} channels a thread a range; got {m} rows, {most} groups a range, "
                          f"{cfg.warps} warps (use misc.silu_mul and the plain GEMV)")
-    if tagged and not rqg:
-        raise ValueError(f"MmaConfig {cfg}: tagged x needs ready flags' place (ready_qg), one row and the preload "
-                         f"(PDL); got {m} rows, ready_qg {ready_qg}, pdl {pdl}")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
-                                                               rqg > 0, silu, tagged)
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu, tagged)
+                                                               rqg > 0, silu)
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
                                             if pre else ("", "r", "", "r"))
     return grid, {
         "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
         "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "FIXED": fixed,
         "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx, "LOADX_CONS": loadx_cons, "PRE": pre, "RQG": rqg,
-        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1,
-        "TAGX": tagged}
+        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1}
 
 
 SILU_MAX_PER_THREAD = 32  # channels of gate and of up a thread loads at once in a range's SiLU prologue
@@ -1017,12 +954,6 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                              f"gate_up {x2.dtype} {list(x2.shape)} on {x2.device}, qweight {qweight.dtype} "
                              f"{list(qweight.shape)}, group {group_size}")
         m, k = 1, x2.shape[1] // 2
-    elif x2.dtype == torch.int32 and ready is not None:  # the attention's tagged output words (tagged_ok)
-        if not tagged_ok(x2, qweight, scales, zeros, group_size):
-            raise ValueError(f"w4_mma's tagged x needs CUDA sm_80+, contiguous int32 words [1, K] with K % 32 == 0 "
-                             f"and 16-byte aligned, group 128 and uint8 codes [N, K/2]; got x {list(x2.shape)} on "
-                             f"{x2.device}, qweight {qweight.dtype} {list(qweight.shape)}, group {group_size}")
-        m, k = x2.shape
     elif not mma_ok(x2, qweight, scales, zeros, group_size):
         raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
@@ -1046,7 +977,7 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                              f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
     on = bool(stamps_kind) and stamps.enabled()
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device), qg, on, silu, x2.dtype == torch.int32)
+                               overlap.hopper(x2.device), qg, on, silu)
     rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
     args = (x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * x2.element_size(),
