@@ -11,6 +11,11 @@
 #             shared memory: no SiLU launch), alternated
 #   silu13    13B b1, the default against WKVQ_FUSE=rope,silu
 #   s13_[0-9] 13B b1 with "silu" in the default: WKVQ_FUSE=rope (no silu) against the default, alternated
+#   tags      ran at 5786ffa (the fusion "tags", reverted in the commit after it: 0.45 ms a step slower): the GPU tests
+#             of the tagged attention output (the merge stores words tagged with the step, no fence or flag; the
+#             output projection's threads read them until the tags are the step's), then 7B b1 p2048 and p32768: the
+#             default against WKVQ_FUSE=rope,heads,silu,tags, alternated twice (on later trees WKVQ_FUSE names an
+#             unknown fusion: a one-line error)
 #   final     with "silu" in the default: the decode-step GPU tests, the record table (bench_{7b,13b}_final.json),
 #             fp16 StaticCache + torch.compile at 7B b1 (bench_7b_fp16_compiled.json), the 7B b1 p32768 profile
 source "$(dirname "$0")/h200_lib.sh"
@@ -53,6 +58,18 @@ s13_[0-9])
     --json "$o/s13_rope_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b rope $i"
   python3 cli.py bench --shapes 13b --paths wkvq-gemv --steps 20 --batches 1 --prompts 2048,32768 \
     --json "$o/s13_default_$i.json" 2>&1 | grep -v Warning | tail -3; mark "13b default (silu) $i" ;;
+tags)
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_w4_mma.py -k tagged > "$o/tests_tags_mma.txt" 2>&1
+  mark "mma tags tests: $(tail -1 "$o/tests_tags_mma.txt")"
+  timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "tags_match or heads_ready" \
+    > "$o/tests_tags_step.txt" 2>&1; mark "step tests: $(tail -1 "$o/tests_tags_step.txt")"
+  if grep -q " passed" "$o/tests_tags_step.txt" && ! grep -q "failed" "$o/tests_tags_step.txt"; then
+    for i in 1 2; do
+      bench --batches 1 --prompts 2048,32768 --json "$o/tags_default_$i.json"; mark "default $i"
+      WKVQ_FUSE=rope,heads,silu,tags bench --batches 1 --prompts 2048,32768 --json "$o/tags_on_$i.json"
+      mark "tags $i"
+    done
+  fi ;;
 final)
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     -k "silu_input or heads_ready or fast_decode or decode_graph or mma_rope" > "$o/tests_final.txt" 2>&1

@@ -161,7 +161,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, persist=False, s
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": l2, "PF": pf, "PERSIST": persist, "FIXED": strides is not None, "PDL": pdl,
               "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre,
-              "RQG": 0, "STAMPS": False}
+              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
