@@ -46,6 +46,14 @@ or SiLU kernel the GEMV waits for.
 Those loads are coherent ``ld.global``: ptxas moves ``griddepcontrol.wait`` above ``.nc`` loads, and ``.nc`` loads
 of ``x`` above the wait. 7B b1 p2048 on an H200: 1.74-1.79 -> 1.68-1.69 ms a step (nineteenth session).
 
+With the SiLU input (:func:`w4_mma_accumulate_silu`, the down projection at one row; the decode step's fusion
+"silu") ``x`` is ``silu(gate) * up`` of the gate_up projection's float32 sums: after its PDL wait each range loads
+the gate and up sums of its groups at once (one round trip), rounds the product as
+:func:`runtime.kernels.misc.silu_mul` does into a shared copy of ``x`` (``XS_SYMBOL``, 256 bytes a group), and its
+``x`` loads read that copy: no SiLU launch, and the first ``x`` one L2 round trip after the gate_up projection
+ends instead of after a SiLU kernel (7B b1 on an H200: 1.733 -> 1.698 ms a step at p2048, 2.683 -> 2.634 at
+p32768, means of five alternated pairs; twenty-fifth session).
+
 With ``ready`` flags (the output projection after the attention, :func:`w4_mma_accumulate`; the decode step's
 fusion "heads"), a preloading program waits for its groups' flags instead of the kernel before: the attention
 launches it at once and flags each head as it completes, so o's programs start on the heads that are done (7B b1
