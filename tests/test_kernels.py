@@ -469,20 +469,12 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
-    """Two layers of heads of 128 channels (the tensor-core attention; 2 query heads a KV head) on the gemv
-    projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
-    projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
-    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
-    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
-    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
+def _two_layers_of_128_channel_heads(tmp_path):
+    """A converted two-layer model with heads of 128 channels (the tensor-core attention; 2 query heads a KV head,
+    down K = 640: five groups) in float16: its eager ``FastLlama`` and a kernel one on the gemv projections."""
     import runtime
     from converter.convert import ConvertConfig, convert
-    from runtime import fast as fast_module
-    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
-    from runtime.kernels import kv4
+    from runtime.fast import FastLlama
     from tests.helpers import make_tiny_llama
 
     src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -492,6 +484,23 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    return eager, fast
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
+    """Two layers of heads of 128 channels (the tensor-core attention; 2 query heads a KV head) on the gemv
+    projections, ``WKVQ_FUSE=rope,heads``: the attention flags each KV head when its output is stored and the output
+    projection (one row: its programs wait for their heads' flags, not the whole attention) launched at once.
+    Decode steps and CUDA-graph replays against the eager path and against the same steps without "heads"; every
+    layer's flags hold the epoch of the last step, which advances with each step (warm-ups included). Unset, the
+    default takes "heads" at one row where the output projection's shape is in ``HEADS_DEFAULT_SHAPES``."""
+    from runtime import fast as fast_module
+    from runtime.fast import FUSE_ENV, DecodeGraph
+    from runtime.kernels import kv4
+
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path)
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default: "heads" only at HEADS_DEFAULT_SHAPES
     assert fast._fused_inputs(1) == {"rope", "silu"}  # "silu": the tensor-core GEMV takes down's input
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
@@ -537,19 +546,10 @@ def test_decode_silu_input_matches_eager(tmp_path, monkeypatch, fuse):
     down projection's tensor-core programs build ``silu(gate) * up`` in shared memory (no SiLU launch; the norm
     before gate_up zeroes gate_up). Decode steps and CUDA-graph replays against the same steps without "silu" and
     against the eager path."""
-    import runtime
-    from converter.convert import ConvertConfig, convert
-    from runtime.fast import FUSE_ENV, DecodeGraph, FastLlama
+    from runtime.fast import FUSE_ENV, DecodeGraph
     from runtime.kernels import misc
-    from tests.helpers import make_tiny_llama
 
-    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=640, num_hidden_layers=2)
-    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
-    model, _ = runtime.load(art, device=DEV, dtype=torch.float16)
-    eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path)
     monkeypatch.setenv(FUSE_ENV, fuse)
     assert fast._fused_inputs(1) == set(fuse.split(",")) and fast.layers[0].down._mma_silu(1)
     ids = torch.randint(3, 300, (1, 56), device=DEV)
