@@ -373,3 +373,26 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     first_sts = sass.index("STS", wait)
     assert sass.index("LDG", wait) < first_sts < sass.index("BAR.SYNC", first_sts) < sass.index("LDS", first_sts)
     assert "LDG.E.128" not in sass[wait:sass.index("HMMA")]  # x from shared memory; the weights are LDG.E.128...
+
+
+def test_silu_input_choice_is_kept_per_setting(monkeypatch):
+    """``GemvW4._mma_silu`` (what the decode step asks every step, ``fuses_silu`` / ``accumulate_silu``): the weight's
+    part once per value of ``WKVQ_MMA`` / ``WKVQ_MMA_TABLE``; a ``gate_up`` that is not float32 ``[1, 2K]`` on the
+    weight's device is refused without it; more than one row or ``WKVQ_MMA=0``: not taken."""
+    from runtime.kernels import w4_mma
+    from runtime.kernels.w4_gemv import GemvW4
+
+    calls = []
+    monkeypatch.setattr(w4_mma, "silu_weight_ok", lambda *a: calls.append(a[1]) or True)
+    monkeypatch.delenv(w4_mma.MMA_ENV, raising=False)
+    monkeypatch.delenv(w4_mma.TABLE_ENV, raising=False)
+    qw, s, z = torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.float16), \
+        torch.zeros(64, 2, dtype=torch.uint8)
+    w = GemvW4(qw, s, z, 256, 128, None)
+    assert w._mma_silu(1) and w._mma_silu(1) and w._mma_silu(1, torch.zeros(1, 512)) and calls == [256]
+    assert not w._mma_silu(1, torch.zeros(1, 512, dtype=torch.float64)) and not w._mma_silu(1, torch.zeros(2, 512))
+    assert not w._mma_silu(1, torch.zeros(1, 256)) and not w._mma_silu(2) and calls == [256]
+    monkeypatch.setenv(w4_mma.TABLE_ENV, "elsewhere.json")
+    assert w._mma_silu(1) and calls == [256, 256]
+    monkeypatch.setenv(w4_mma.MMA_ENV, "0")
+    assert not w._mma_silu(1) and calls == [256, 256]

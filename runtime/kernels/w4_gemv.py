@@ -48,6 +48,7 @@ shape (7B shapes at M = 1 measured; elsewhere :func:`default_config` guesses).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -714,15 +715,23 @@ class GemvW4(W4Weight):
                 and not w4_mma.default_mma_config(self.qweight.shape[0], self.in_features, m).persist)
 
     def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None) -> bool:
-        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given)."""
+        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given). The weight's
+        part (~10 us: its launch plan) is kept per value of the variables it depends on (``WKVQ_MMA``,
+        ``WKVQ_MMA_TABLE``): the eager decode step asks every step."""
         from . import w4_mma
 
         if m != 1 or not w4_mma.mma_enabled():
             return False
-        if gate_up is not None:
-            return w4_mma.silu_ok(gate_up, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
-        return w4_mma.silu_weight_ok(self.qweight.device, self.in_features, self.qweight, self.scales, self.zeros,
-                                     self.group_size, self.bias)
+        if gate_up is not None and not (gate_up.dim() == 2 and gate_up.shape == (1, 2 * self.in_features)
+                                        and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
+                                        and gate_up.device == self.qweight.device):
+            return False
+        key = (os.environ.get(w4_mma.MMA_ENV), os.environ.get(w4_mma.TABLE_ENV))
+        known = self.__dict__.setdefault("_silu_weight_ok", {})
+        if key not in known:
+            known[key] = w4_mma.silu_weight_ok(self.qweight.device, self.in_features, self.qweight, self.scales,
+                                               self.zeros, self.group_size, self.bias)
+        return known[key]
 
     def accumulate_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
                            out: torch.Tensor) -> torch.Tensor:
