@@ -378,7 +378,7 @@ class FastLlama:
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))
-        if heads and not (value or "").strip():  # the default: only where it measured faster
+        if heads and default:  # the default: only where it measured faster
             heads = all((la.o.qweight.shape[0], la.o.in_features) in HEADS_DEFAULT_SHAPES for la in self.layers)
         return inputs | ({"rope"} if rope else set()) | ({"heads"} if heads else set())
 

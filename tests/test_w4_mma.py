@@ -375,7 +375,7 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     assert "LDG.E.128" not in sass[wait:sass.index("HMMA")]  # x from shared memory; the weights are LDG.E.128...
 
 
-def test_silu_input_choice_is_kept_per_setting(monkeypatch):
+def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     """``GemvW4._mma_silu`` (what the decode step asks every step, ``fuses_silu`` / ``accumulate_silu``): the weight's
     part once per value of ``WKVQ_MMA`` / ``WKVQ_MMA_TABLE``; a ``gate_up`` that is not float32 ``[1, 2K]`` on the
     weight's device is refused without it; more than one row or ``WKVQ_MMA=0``: not taken."""
@@ -392,7 +392,8 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch):
     assert w._mma_silu(1) and w._mma_silu(1) and w._mma_silu(1, torch.zeros(1, 512)) and calls == [256]
     assert not w._mma_silu(1, torch.zeros(1, 512, dtype=torch.float64)) and not w._mma_silu(1, torch.zeros(2, 512))
     assert not w._mma_silu(1, torch.zeros(1, 256)) and not w._mma_silu(2) and calls == [256]
-    monkeypatch.setenv(w4_mma.TABLE_ENV, "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text('{"best": {}}')  # another sweep record: the choice is made again
+    monkeypatch.setenv(w4_mma.TABLE_ENV, str(tmp_path / "elsewhere.json"))
     assert w._mma_silu(1) and calls == [256, 256]
     monkeypatch.setenv(w4_mma.MMA_ENV, "0")
     assert not w._mma_silu(1) and calls == [256, 256]

@@ -709,28 +709,32 @@ class GemvW4(W4Weight):
         """Whether the decode step's default fusions take the SiLU input here: on the tensor-core GEMV (not the row
         GEMV) with a split grid (H200, b1, twenty-fifth session: 7B's down on a split grid 0.03-0.05 ms a step
         faster; 13B's on a stream-K grid, whose shares run the prologue once a row block they cross, 0.03 slower)."""
-        from . import w4_mma
-
-        return (self._mma_silu(m)
-                and not w4_mma.default_mma_config(self.qweight.shape[0], self.in_features, m).persist)
+        return self._mma_silu(m) and not self._mma_silu_plan()[1]
 
     def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None) -> bool:
-        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given). The weight's
-        part (~10 us: its launch plan) is kept per value of the variables it depends on (``WKVQ_MMA``,
-        ``WKVQ_MMA_TABLE``): the eager decode step asks every step."""
+        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given)."""
         from . import w4_mma
 
         if m != 1 or not w4_mma.mma_enabled():
             return False
-        if gate_up is not None and not (gate_up.dim() == 2 and gate_up.shape == (1, 2 * self.in_features)
-                                        and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
+        if gate_up is not None and not (w4_mma.silu_input_ok(gate_up) and gate_up.shape[1] == 2 * self.in_features
                                         and gate_up.device == self.qweight.device):
             return False
+        return self._mma_silu_plan()[0]
+
+    def _mma_silu_plan(self) -> tuple[bool, bool]:
+        """Whether the tensor-core GEMV's SiLU input takes this weight at one row, and whether its config is a
+        stream-K grid: ~10 us (a launch plan), kept per value of the variables they depend on (``WKVQ_MMA``,
+        ``WKVQ_MMA_TABLE``), as the eager decode step asks every layer every step."""
+        from . import w4_mma
+
         key = (os.environ.get(w4_mma.MMA_ENV), os.environ.get(w4_mma.TABLE_ENV))
-        known = self.__dict__.setdefault("_silu_weight_ok", {})
+        known = self.__dict__.setdefault("_silu_plan", {})
         if key not in known:
-            known[key] = w4_mma.silu_weight_ok(self.qweight.device, self.in_features, self.qweight, self.scales,
-                                               self.zeros, self.group_size, self.bias)
+            n, k = self.qweight.shape[0], self.in_features
+            known[key] = (w4_mma.silu_weight_ok(self.qweight.device, k, self.qweight, self.scales, self.zeros,
+                                                self.group_size, self.bias),
+                          bool(w4_mma.default_mma_config(n, k, 1).persist))
         return known[key]
 
     def accumulate_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
@@ -743,7 +747,7 @@ class GemvW4(W4Weight):
         """``out += silu_mul(gate_up) @ W^T (+ bias)`` in the kernel: the tensor-core GEMV's (float16, one row,
         :meth:`fuses_silu`; :func:`runtime.kernels.w4_mma.w4_mma_accumulate_silu`), else the row GEMV's
         (:func:`w4_gemv_accumulate_silu`); leaves ``gate_up`` to be zeroed by its next user."""
-        if dt == torch.float16 and self._mma_silu(gate_up.shape[0] if gate_up.dim() == 2 else 0, gate_up):
+        if dt == torch.float16 and self._mma_silu(1, gate_up):  # one row: gate_up [1, 2K]
             from . import w4_mma
 
             return w4_mma.w4_mma_accumulate_silu(gate_up, self.qweight, self.scales, self.zeros, self.group_size, out)

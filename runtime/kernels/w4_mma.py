@@ -830,21 +830,33 @@ def _weight_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             and scales.shape == zeros.shape == (qweight.shape[0], g))
 
 
+def silu_input_ok(gate_up: torch.Tensor) -> bool:
+    """Whether ``gate_up`` is what the SiLU input reads: a gate_up projection's float32 sums ``[1, 2K]`` (one row,
+    contiguous)."""
+    return (gate_up.dim() == 2 and gate_up.shape[0] == 1 and gate_up.shape[1] % 2 == 0
+            and gate_up.dtype == torch.float32 and gate_up.is_contiguous())
+
+
 def silu_ok(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
-    """Whether :func:`w4_mma_accumulate_silu` takes these operands: the float32 ``gate_up [1, 2K]`` (one row,
-    contiguous) of a gate_up projection and a weight of ``K`` input channels that :func:`silu_weight_ok` takes."""
-    return (gate_up.dim() == 2 and gate_up.shape[0] == 1 and gate_up.shape[1] % 2 == 0
-            and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
-            and silu_weight_ok(gate_up.device, gate_up.shape[1] // 2, qweight, scales, zeros, group_size, bias,
-                               config))
+    """Whether :func:`w4_mma_accumulate_silu` takes these operands: a ``gate_up`` :func:`silu_input_ok` takes and a
+    weight of ``K`` input channels that :func:`silu_weight_ok` takes."""
+    return silu_input_ok(gate_up) and silu_weight_ok(gate_up.device, gate_up.shape[1] // 2, qweight, scales, zeros,
+                                                     group_size, bias, config)
+
+
+def _silu_operands_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, bias: torch.Tensor | None = None) -> bool:
+    """:func:`mma_ok`'s device and weight (``k`` input channels): :func:`silu_weight_ok` without the config."""
+    return (cuda_major(device) >= 8 and bias is None and group_size == GROUP
+            and _weight_ok(qweight, scales, zeros, k))
 
 
 def silu_weight_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
     """:func:`mma_ok`'s device and weight (``k`` input channels), and a config (``config``, else the table's) whose
     ranges fit the SiLU prologue (:func:`launch_plan`)."""
-    if cuda_major(device) < 8 or bias is not None or group_size != GROUP or not _weight_ok(qweight, scales, zeros, k):
+    if not _silu_operands_ok(device, k, qweight, scales, zeros, group_size, bias):
         return False
     n = qweight.shape[0]
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, 1)
@@ -894,7 +906,7 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     most = silu_groups(cfg, grid, g, blocks)
     gmax = triton.next_power_of_2(most)  # the prologue's block: [gmax, 128]
     if silu and (m != 1 or rqg or gmax * GROUP > SILU_MAX_PER_THREAD * 32 * cfg.warps):
-        raise ValueError(f"MmaConfig {cfg}: the SiLU input takes one row of x without ready flags and at most "
+        raise ValueError(f"MmaConfig {cfg}: the SiLU input needs one row of x, no ready flags and at most "
                          f"{SILU_MAX_PER_THREAD} channels a thread a range; got {m} rows, {most} groups a range, "
                          f"{cfg.warps} warps (use misc.silu_mul and the plain GEMV)")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
@@ -955,8 +967,9 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     :func:`w4_mma_accumulate_silu`'s, ``x2`` the float32 ``gate_up``), its operands checked (a one-line
     ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with parts of the PTX taken
     out."""
-    if silu:
-        if not silu_ok(x2, qweight, scales, zeros, group_size, config=config):
+    if silu:  # the config's ranges are launch_plan's to check (its one-line error says "SiLU input needs" too)
+        if not (silu_input_ok(x2) and _silu_operands_ok(x2.device, x2.shape[1] // 2, qweight, scales, zeros,
+                                                        group_size)):
             raise ValueError(f"w4_mma's SiLU input needs CUDA sm_80+, a contiguous float32 gate_up [1, 2K] with K % 32 "
                              f"== 0, group 128, uint8 codes [N, K/2] and a config whose ranges fit the prologue; got "
                              f"gate_up {x2.dtype} {list(x2.shape)} on {x2.device}, qweight {qweight.dtype} "
