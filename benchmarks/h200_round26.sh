@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Twenty-sixth session, one H200 (device tool, carry .gpu/whl). Results in $OUT:
+# Twenty-sixth session, one H200 (device tool, carry .gpu/whl). Results in $OUT (benchmarks/results/r29).
+# normtests, norm[0-9] and nprof ran at b94725c (the norm input, reverted in the commit after it: slower); on
+# later trees WKVQ_FUSE=...,norm with rope is the row GEMV's norm again, which drops rope.
 #   normtests the GPU tests of the norm input of the tensor-core GEMV (w4_mma_accumulate_norm: program 0 publishes
 #             the row's rstd, the ranges scale x * w into shared memory and their sums by rstd) and of the decode
 #             step with it (WKVQ_FUSE=...,norm), beside the silu, heads and decode-step tests

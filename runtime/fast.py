@@ -319,20 +319,16 @@ class FastLlama:
         gate_up zeroes ``gate_up``; with "heads" the output projection starts on each KV head's output as soon as
         the attention flags it (``cache.ready`` at epoch ``cache.step``)."""
         from .kernels import kv4, misc
-        from .kernels.w4_mma import NormInput
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
-        mnorm = norm and rope  # the tensor-core GEMV's norm input (_fused_inputs keeps "rope" with "norm" only there)
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
             store, params = cache.layers[i], layer.kv_params()
-            if mnorm:  # its extra program zeroes gate_up (read by the previous layer's down projection)
-                layer.qkv.accumulate_norm(x, NormInput(layer.ln1, c.eps, cache.rstd[i, :1], cache.step, gate_up), qkv)
-            elif norm:
+            if norm:
                 layer.qkv.accumulate_rmsnorm(x, layer.ln1, c.eps, dt, qkv)
             else:
                 layer.qkv.accumulate(misc.rmsnorm(x, layer.ln1, c.eps, dt, clear=qkv if rope and i else None), qkv)
@@ -347,10 +343,7 @@ class FastLlama:
             layer.o.accumulate(a.view(x.shape[0], -1), x,
                                ready=(*ready, c.heads // c.kv_heads) if heads else None,
                                stamps="o")
-            if mnorm:  # its extra program zeroes qkv (read by this layer's attention, ended with o)
-                layer.gate_up.accumulate_norm(x, NormInput(layer.ln2, c.eps, cache.rstd[i, 1:], cache.step, qkv),
-                                              gate_up)
-            elif norm:
+            if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)
             else:
                 layer.gate_up.accumulate(misc.rmsnorm(x, layer.ln2, c.eps, dt, clear=gate_up if rope and silu and i
@@ -374,18 +367,15 @@ class FastLlama:
         value = os.environ.get(FUSE_ENV)
         chosen = fuse_choice(value, m)
         inputs = set(chosen & {"norm", "silu"})
-        projections = [w for la in self.layers for w in (la.qkv, la.gate_up)]
-        mma_norm = ("norm" in inputs and "rope" in chosen
-                    and all(isinstance(w, GemvW4) and w.fuses_norm(m) for w in projections))
-        if "norm" in inputs and not mma_norm and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
-                                                         for w in projections):
+        if "norm" in inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
+                                        for la in self.layers for w in (la.qkv, la.gate_up)):
             inputs.discard("norm")
         if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m) for la in self.layers):
             inputs.discard("silu")
         default = not (value or "").strip()
         if "silu" in inputs and default and not all(la.down.silu_by_default(m) for la in self.layers):
             inputs.discard("silu")  # the default: only where it measured faster
-        rope = "rope" in chosen and ("norm" not in inputs or mma_norm)
+        rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128
                  and all(isinstance(la.o, GemvW4) for la in self.layers))
         if heads and default:  # the default: only where it measured faster

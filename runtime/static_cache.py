@@ -58,9 +58,7 @@ class StaticPOQCache:
     the tokens stored so far. ``step`` (``int32 [1]``, next to ``pos``, so that one kernel advances both) counts the
     decode steps run on the cache from 1 and is never set back (a CUDA graph's warm-up restores ``pos`` only): the
     epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads]``) with which a decode step's
-    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`), and of
-    the ``rstd`` words (``int64 [layers, 2]``: the layer's two norms) that the projections' norm input publishes
-    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate_norm`).
+    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`).
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
@@ -77,7 +75,6 @@ class StaticPOQCache:
         self.counters = torch.tensor([0, 1], dtype=torch.int32, device=device)  # pos, step
         self.pos, self.step = self.counters[:1], self.counters[1:]
         self.ready = torch.zeros(num_layers, batch * kv_heads, dtype=torch.int32, device=device)
-        self.rstd = torch.zeros(num_layers, 2, dtype=torch.int64, device=device)
         self.length = 0
 
     def nbytes(self) -> int:

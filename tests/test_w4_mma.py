@@ -161,7 +161,7 @@ def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, persist=False, s
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": l2, "PF": pf, "PERSIST": persist, "FIXED": strides is not None, "PDL": pdl,
               "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre,
-              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1, "NORM": False, "PUBLISH": True}
+              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -375,113 +375,6 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     assert "LDG.E.128" not in sass[wait:sass.index("HMMA")]  # x from shared memory; the weights are LDG.E.128...
 
 
-def _norm_input(x, k, publish=True, clear=None, epoch=7):
-    from runtime.kernels.w4_mma import NormInput
-
-    w = (0.5 + torch.rand(k, device="cuda")).half()
-    return NormInput(w, 1e-5, torch.zeros(1, dtype=torch.int64, device="cuda"),
-                     torch.tensor([epoch], dtype=torch.int32, device="cuda"), clear, publish)
-
-
-@gpu
-@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (4, 2, 16), (4, 2, 1, 1, False, 1, 0, 4),
-                                    (1, 1, 1, 2, False, 1, 0, 3), None])
-@pytest.mark.parametrize("layout", ["row", "group"])
-@pytest.mark.parametrize("n,k", [(37, 576), (300, 1408), (1024, 4096)])
-@pytest.mark.parametrize("publish", [True, False])
-def test_mma_norm_input_matches_rmsnorm(n, k, layout, config, publish):
-    """``rmsnorm(x) @ W^T`` with the norm in the launch (w4_mma_accumulate_norm: program 0 publishes ``rstd``, the
-    ranges scale ``x * w`` by a power of two into shared memory and their sums by ``rstd / c``) against the same
-    GEMV on ``misc.rmsnorm``'s output and against float64. Error floor: the fused input is ``x * w`` rounded once
-    to float16 where the norm rounds ``x * rstd`` and then ``w`` times it, so its error against float64 is at most
-    the unfused path's (plus 10%). ``publish`` False: no range finds ``rstd`` and each computes it (the fallback);
-    a residual of 3e4 (``x * w`` past float16's range unscaled) takes the same error; ``clear`` is zeroed, the
-    residual left as it was, the word holds the epoch and ``rstd`` where published."""
-    from runtime.kernels import misc
-    from runtime.kernels.w4_mma import MmaConfig, norm_config, w4_mma_accumulate, w4_mma_accumulate_norm
-
-    qw, s, z, w = _weight(n, k, seed=n + k)
-    if layout == "group":
-        qw, s, z = quant.group_major(qw, s, z)
-    cfg = MmaConfig(*config) if config is not None else norm_config(n, k)
-    for scale in (1.0, 3e4):
-        x = scale * torch.randn(1, k, device="cuda")
-        kept, base = x.clone(), 0.01 * torch.randn(1, n, device="cuda")
-        clear = torch.randn(3, 50, device="cuda")
-        norm = _norm_input(x, k, publish, clear)
-        fused = w4_mma_accumulate_norm(x, norm, qw, s, z, 128, base.clone(), config=cfg)
-        h = misc.rmsnorm(x, norm.weight, norm.eps, torch.float16)
-        plain = w4_mma_accumulate(h, qw, s, z, 128, base.clone(), config=cfg)
-        rstd = torch.rsqrt(x.double().pow(2).mean() + norm.eps)
-        ref = base.double() + (x.double() * rstd * norm.weight.double()) @ w.T
-        assert torch.equal(x, kept) and not clear.any()
-        assert _rel(fused, ref) <= 1.1 * _rel(plain, ref) + 1e-6 and _rel(fused, ref) < 2e-3, (scale, publish)
-        word = norm.rstd.item()
-        if publish:
-            assert word >> 32 == 7 and abs(torch.tensor([word & 0xFFFFFFFF], dtype=torch.int32).view(
-                torch.float32).item() / rstd.item() - 1) < 1e-5
-        else:
-            assert word == 0
-
-
-def test_mma_norm_plan():
-    """The norm input's plan (no GPU): a 1-D grid of one more program than the GEMV's (program 0 norms the row; a
-    stream-K grid gives one of its slots to it), the prologue's limits of the SiLU input (one row, no ready flags,
-    SILU_MAX_PER_THREAD channels a thread a range), not both inputs at once; ``norm_config`` takes a one-warp
-    stream-K table config as four-warp programs over the same threads."""
-    pytest.importorskip("triton")
-    from runtime.kernels import w4_mma
-    from runtime.kernels.w4_mma import MmaConfig
-
-    plan = functools.partial(w4_mma.launch_plan, n=12288, k=4096, row_strides=(64, 2, 1),
-                             gstrides=(64 * 12288, 2 * 12288, 12288), sms=132, pdl=True, hopper=True)
-    grid, consts = plan(MmaConfig(4, 2, 1, persist=4), m=1, norm=True)
-    assert grid == (528, 1) and consts["NORM"] and consts["PERSIST"] and consts["GMAX"] == 8
-    assert f"[{256 * 32}]" in consts["XS"] and plan(MmaConfig(4, 2, 1, persist=4), m=1)[0] == (528, 1)
-    grid, consts = plan(MmaConfig(4, 2, 4), m=1, norm=True)
-    assert grid == (96 * 4 + 1, 1) and consts["SPLIT"] == 4 and consts["GMAX"] == 8
-    for cfg, m, kw, match in ((MmaConfig(4, 2, 4), 8, {}, "norm input needs one row"),
-                              (MmaConfig(1, 2, 1), 1, {}, "32 groups a range"),
-                              (MmaConfig(4, 2, 4), 1, {"silu": True}, "two kinds of x"),
-                              (MmaConfig(4, 2, 4), 1, {"ready_qg": 1}, "ready flags")):
-        with pytest.raises(ValueError, match=match):
-            plan(cfg, m=m, norm=True, **kw)
-    assert w4_mma.norm_config(12288, 4096) == MmaConfig(4, 2, 1, persist=4)  # the table's is w1_t2_x1_p16
-    assert w4_mma.norm_config(4096, 11008) == w4_mma.default_mma_config(4096, 11008, 1)  # a split grid: as it is
-
-
-@pytest.mark.parametrize("cfg,n,k", [((4, 2, 1, 1, False, 1, 0, 4), 12288, 4096),
-                                     ((4, 2, 1, 1, False, 1, 0, 4), 22016, 4096), ((4, 2, 4), 15360, 5120),
-                                     ((4, 1, 4), 300, 576)])
-def test_mma_norm_input_reads_x_below_the_wait(cfg, n, k, tmp_path):
-    """The norm input as the decode step launches it (PDL, group-major weight, one row), compiled for sm_90: above
-    the PDL waits only the step's epoch and the preload's weights; the residual (the kernel before writes it) is
-    read after a wait and goes through shared memory (no global ``x`` loads before the first MMA); the ``rstd`` word
-    is read with volatile loads; no spills, and 128 registers at most (four programs of four warps an SM)."""
-    pytest.importorskip("triton")
-    import re
-
-    from runtime.kernels import overlap, w4_mma
-
-    if not overlap._triton_has_pdl():
-        pytest.skip("this Triton has no grid dependency control")
-    cfg = w4_mma.MmaConfig(*cfg)
-    consts = w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, norm=True)[1]
-    assert consts["PRE"] and consts["NORM"]
-    kinds = {**MMA_PTRS, "x_ptr": "*fp32", "ep_ptr": "*i32", "nw_ptr": "*fp16", "rs_ptr": "*i64", "clr_ptr": "*fp32",
-             "eps": "fp32"}
-    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, kinds, "i32", cfg.warps, tmp_path)
-    waits = [i for i in range(len(sass)) if sass.startswith("ACQBULK", i)]
-    assert len(waits) == 2 and "LOCAL:0" in usage and int(re.search(r"REG:(\d+)", usage).group(1)) <= 128
-    # the GEMV programs' wait: the one after the preload's loads (ptxas puts either branch first)
-    gemv_wait = next(w for w, before in zip(waits, [0] + waits) if sass[before:w].count("LDG") >= 12 * cfg.tiles)
-    assert sass[:gemv_wait].count("LDG") in (12 * cfg.tiles + 1, sass[:waits[0]].count("LDG") + 12 * cfg.tiles)
-    assert ".CONSTANT" not in sass[:gemv_wait]
-    first_sts = sass.index("STS", gemv_wait)
-    assert sass.index("LDG", gemv_wait) < first_sts < sass.index("BAR.SYNC", first_sts) < sass.index("LDS", first_sts)
-    assert "LDG.E.128" not in sass[gemv_wait:sass.index("HMMA")] and "STRONG.SYS" in sass
-
-
 def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     """``GemvW4._mma_silu`` (what the decode step asks every step, ``fuses_silu`` / ``accumulate_silu``): the weight's
     part once per value of ``WKVQ_MMA`` / ``WKVQ_MMA_TABLE``; a ``gate_up`` that is not float32 ``[1, 2K]`` on the
@@ -490,7 +383,7 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     from runtime.kernels.w4_gemv import GemvW4
 
     calls = []
-    monkeypatch.setattr(w4_mma, "silu_weight_ok", lambda *a, **kw: calls.append(a[1]) or True)
+    monkeypatch.setattr(w4_mma, "silu_weight_ok", lambda *a: calls.append(a[1]) or True)
     monkeypatch.delenv(w4_mma.MMA_ENV, raising=False)
     monkeypatch.delenv(w4_mma.TABLE_ENV, raising=False)
     qw, s, z = torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.float16), \

@@ -671,9 +671,8 @@ class GemvW4(W4Weight):
     (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..8 rows, group 128, ``K % 32 == 0``, unless
     ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
     split-K kernel; same tensors, no copy. The fused
-    forms run on the row GEMV (:meth:`accumulate_rmsnorm`, :meth:`fuses_inputs`) and, for the SiLU product and the
-    norm at one row, on the tensor-core GEMV too (:meth:`accumulate_silu`, :meth:`fuses_silu`; :meth:`accumulate_norm`,
-    :meth:`fuses_norm`)."""
+    forms run on the row GEMV (:meth:`accumulate_rmsnorm`, :meth:`fuses_inputs`) and, for the SiLU product at one
+    row, on the tensor-core GEMV too (:meth:`accumulate_silu`, :meth:`fuses_silu`)."""
 
     @classmethod
     def from_w4(cls, w: W4Weight) -> "GemvW4":
@@ -723,34 +722,20 @@ class GemvW4(W4Weight):
             return False
         return self._mma_silu_plan()[0]
 
-    def _mma_silu_plan(self, norm: bool = False) -> tuple[bool, bool]:
-        """Whether the tensor-core GEMV's SiLU input (``norm``: its norm input) takes this weight at one row, and
-        whether its config is a stream-K grid: ~10 us (a launch plan), kept per value of the variables they depend
-        on (``WKVQ_MMA``, ``WKVQ_MMA_TABLE``), as the eager decode step asks every layer every step."""
+    def _mma_silu_plan(self) -> tuple[bool, bool]:
+        """Whether the tensor-core GEMV's SiLU input takes this weight at one row, and whether its config is a
+        stream-K grid: ~10 us (a launch plan), kept per value of the variables they depend on (``WKVQ_MMA``,
+        ``WKVQ_MMA_TABLE``), as the eager decode step asks every layer every step."""
         from . import w4_mma
 
-        key = (os.environ.get(w4_mma.MMA_ENV), os.environ.get(w4_mma.TABLE_ENV), norm)
+        key = (os.environ.get(w4_mma.MMA_ENV), os.environ.get(w4_mma.TABLE_ENV))
         known = self.__dict__.setdefault("_silu_plan", {})
         if key not in known:
             n, k = self.qweight.shape[0], self.in_features
             known[key] = (w4_mma.silu_weight_ok(self.qweight.device, k, self.qweight, self.scales, self.zeros,
-                                                self.group_size, self.bias, norm=norm),
+                                                self.group_size, self.bias),
                           bool(w4_mma.default_mma_config(n, k, 1).persist))
         return known[key]
-
-    def fuses_norm(self, m: int) -> bool:
-        """Whether :meth:`accumulate_norm` takes ``m`` rows: the tensor-core GEMV's norm input, one row."""
-        from . import w4_mma
-
-        return m == 1 and w4_mma.mma_enabled() and self._mma_silu_plan(norm=True)[0]
-
-    def accumulate_norm(self, x: torch.Tensor, norm, out: torch.Tensor) -> torch.Tensor:
-        """``out += rmsnorm(x) @ W^T`` of the float32 residual ``x [1, K]`` on the tensor-core GEMV, the norm in the
-        launch (:func:`runtime.kernels.w4_mma.w4_mma_accumulate_norm`; ``norm`` a
-        :class:`runtime.kernels.w4_mma.NormInput`): where :meth:`fuses_norm`."""
-        from . import w4_mma
-
-        return w4_mma.w4_mma_accumulate_norm(x, norm, self.qweight, self.scales, self.zeros, self.group_size, out)
 
     def accumulate_rmsnorm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, dt: torch.dtype,
                            out: torch.Tensor) -> torch.Tensor:

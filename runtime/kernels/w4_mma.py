@@ -458,84 +458,6 @@ def _silu_prologue(gu_ptr, K, g_lo, g_hi, GMAX: tl.constexpr):
     tl.debug_barrier()
 
 
-NORM_TOP = tl.constexpr(13.0)  # the norm input's range scale puts its largest |x * w| in [2^13, 2^14): far from float16's 65504
-
-
-@triton.jit
-def _norm_prologue(x_ptr, nw_ptr, K, g_lo, g_hi, GMAX: tl.constexpr):
-    """``x * w`` of groups ``[g_lo, g_hi)`` (at most ``GMAX``) of the float32 residual ``x_ptr [1, K]`` and the norm
-    weight ``nw_ptr [K]``, times the range's power of two ``c`` (its largest ``|x * w|`` to ``[2^13, 2^14)``; 1 where
-    all are 0), rounded to float16 into the program's shared copy (:data:`XS_SYMBOL`); returns ``c``. The norm's
-    ``rsqrt(mean(x^2) + eps)`` is not known yet: the range's sums are scaled by ``rstd / c`` at its end
-    (:func:`_norm_factor`), so a float16 ``x * w * c`` carries the same relative rounding as the unfused norm's
-    float16 output, with no overflow whatever the residual's scale. Barriers as in :func:`_silu_prologue`."""
-    tl.debug_barrier()
-    gi = g_lo + tl.arange(0, GMAX)[:, None]
-    k = gi * 128 + tl.arange(0, 128)[None, :]
-    live = gi < g_hi
-    ok = live & (k < K)
-    x = tl.load(x_ptr + k, mask=ok, other=0.0, cache_modifier=".cg")  # written by the kernel before: coherent
-    v = x * tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    top = tl.max(tl.max(tl.abs(v), 1), 0)
-    c = tl.where(top > 0, tl.exp2(NORM_TOP - tl.floor(tl.log2(top))), 1.0)
-    h = (v * c).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    tl.inline_asm_elementwise(XS_STORE_ASM, "=r,r,r,r", [k * 2, h, live.to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    tl.debug_barrier()
-    return c
-
-
-@triton.jit
-def _row_rstd(x_ptr, K, eps, NT: tl.constexpr):
-    """``rsqrt(mean(x^2) + eps)`` of the float32 row ``x_ptr [K]`` (:func:`runtime.kernels.misc.rmsnorm`'s
-    statistic), 32 values a thread at a time, coherent loads."""
-    CH: tl.constexpr = 32 * NT
-    acc = tl.zeros((CH,), tl.float32)
-    for c0 in range(0, K, CH):
-        k = c0 + tl.arange(0, CH)
-        v = tl.load(x_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg")
-        acc += v * v
-    return tl.rsqrt(tl.sum(acc, 0) / K + eps)
-
-
-@triton.jit
-def _norm_program(x_ptr, K, eps, rs_ptr, epoch, clr_ptr, clr_n, NT: tl.constexpr, PDL: tl.constexpr,
-                  PUBLISH: tl.constexpr):
-    """The norm input's extra program (program 0): after the kernel before, the row's ``rstd``, published at
-    ``rs_ptr`` as one 64-bit word with the step's ``epoch`` in its high half (one store: no flag, no fence; a reader
-    that sees the epoch sees the value), then ``clr_ptr [clr_n]`` zeroed (the other accumulation buffer of the
-    decode step, free once the kernel before has ended). ``PUBLISH`` false (tests): nothing published, so every
-    range computes ``rstd`` itself."""
-    overlap.wait_prior(PDL)
-    r = _row_rstd(x_ptr, K, eps, NT)
-    if PUBLISH:
-        word = (epoch.to(tl.int64) << 32) | (r.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-        tl.atomic_xchg(rs_ptr, word, sem="relaxed")
-    CH: tl.constexpr = 32 * NT
-    for c0 in range(0, clr_n, CH):
-        k = c0 + tl.arange(0, CH)
-        tl.store(clr_ptr + k, tl.zeros((CH,), tl.float32), mask=k < clr_n)
-
-
-@triton.jit
-def _rstd_word(rs_ptr, NT: tl.constexpr):
-    """Each thread's read of the published ``rstd`` word (:func:`_norm_program`): volatile, so read again each time."""
-    return tl.load(rs_ptr + tl.zeros((NT,), tl.int32), volatile=True)
-
-
-@triton.jit
-def _norm_factor(R, epoch, x_ptr, K, eps, c, NT: tl.constexpr):
-    """``rstd / c``: ``rstd`` from the words ``R`` (:func:`_rstd_word`) where every thread's carries ``epoch``, else
-    computed here from the row (the norm program has not published it yet: the same function of the same row, so
-    the same value); the choice is the program's (a minimum over its threads), so its barriers are not divergent."""
-    fresh = tl.min(((R >> 32).to(tl.int32) == epoch).to(tl.int32), 0)
-    if fresh == 1:
-        r = (R & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    else:
-        r = tl.zeros((NT,), tl.float32) + _row_rstd(x_ptr, K, eps, NT)
-    return r / c
-
-
 # Thread 0 of the program spins until the flag at $1 holds $2 (an acquire load a round, a short sleep between);
 # the other threads skip it and wait at the barrier after (_wait_ready; CUTLASS's semaphore does the same): one
 # poller a program, so that the waiting programs do not load the L2 the attention streams through. Labels are
@@ -707,8 +629,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
-           NORM: tl.constexpr = False, nw_ptr=None, rs_ptr=None, eps=0.0):
+           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -717,23 +638,13 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
     before its ``x``, or first thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
     the float32 ``gate_up`` at ``x_ptr``, which the range builds in the program's shared memory before its first
-    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX).
-    ``NORM``: ``x`` is ``rmsnorm(x_ptr) * w`` (the float32 residual, the norm weight at ``nw_ptr``): the range
-    builds ``x * w * c`` the same way (:func:`_norm_prologue`), reads the published ``rstd`` word at ``rs_ptr``
-    while it runs (the last read before its end counts) and scales its sums by ``rstd / c`` before it adds them
-    (:func:`_norm_factor`)."""
+    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX)."""
     if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
         if not PRE:
             _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
     if SILU:  # noqa: SIM102
         if not PRE:  # the kernel has waited for the one before first thing (or in an earlier range)
             _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-    c = 1.0
-    R = tl.zeros((NT,), tl.int64)
-    if NORM:  # noqa: SIM102
-        if not PRE:
-            c = _norm_prologue(x_ptr, nw_ptr, K, g_lo, g_hi, GMAX)
-            R = _rstd_word(rs_ptr, NT)
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -758,9 +669,6 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
             if SILU:
                 _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-            if NORM:
-                c = _norm_prologue(x_ptr, nw_ptr, K, g_lo, g_hi, GMAX)
-                R = _rstd_word(rs_ptr, NT)
             V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
             U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
             if g_hi - g_lo >= 2:
@@ -772,8 +680,6 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
             g_start = g_lo
         for gi in range(g_start, g_hi - 1, 2):
-            if NORM:  # the published rstd, read again each iteration: the last read is the one used
-                R = _rstd_word(rs_ptr, NT)
             U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
             if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
@@ -786,19 +692,11 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
         W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
         for gi in range(g_lo, g_hi):
-            if NORM:
-                R = _rstd_word(rs_ptr, NT)
             U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
             if gi != K:
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
             V = W
             W = U
-    if NORM:
-        f = _norm_factor(R, epoch, x_ptr, K, eps, c, NT)
-        if TILES == 1:
-            A = (A[0] * f, A[1] * f, A[2] * f, A[3] * f)
-        else:
-            A = (A[0] * f, A[1] * f, A[2] * f, A[3] * f, A[4] * f, A[5] * f, A[6] * f, A[7] * f)
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
     row = rowp + warp * (16 * TILES) + g
     _store_acc(y_ptr, A[0], row, row0, n, N, M, stride_ym, ATOMIC)
@@ -821,8 +719,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
                  FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
-                 NORM: tl.constexpr = False, nw_ptr=None, rs_ptr=None, eps=0.0):
+                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -831,49 +728,8 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU,
-           GMAX, NORM, nw_ptr, rs_ptr, eps)
+           GMAX)
     return w + (g_hi - g_lo)
-
-
-@triton.jit
-def _programs(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-              lin, nprog, FLAT: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr, SPLIT: tl.constexpr,
-              PERSIST: tl.constexpr, PRO: tl.constexpr, PRO_CONS: tl.constexpr, LOAD: tl.constexpr,
-              LOAD_CONS: tl.constexpr, COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr,
-              DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr,
-              LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr,
-              PRE: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr, stamp_ptr, STAMPS: tl.constexpr,
-              SILU: tl.constexpr, GMAX: tl.constexpr, NORM: tl.constexpr, nw_ptr, rs_ptr, eps):
-    """The GEMV programs of :func:`_w4_mma_kernel`: this one is ``lin`` of ``nprog`` (stream-K) or, on a split grid,
-    ``(program_id(0), program_id(1))``, or with ``FLAT`` (the norm input's 1-D grid) ``(lin % blocks, lin //
-    blocks)``."""
-    NT: tl.constexpr = 32 * WARPS
-    ROWS: tl.constexpr = 16 * TILES * WARPS
-    if PERSIST:
-        p, P = lin, nprog
-        work = tl.cdiv(N, ROWS) * G
-        w = p * work // P
-        w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
-        if PRE:  # the first range apart: it preloads
-            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
-                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NORM, nw_ptr, rs_ptr, eps)
-        while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
-            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
-                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
-                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NORM, nw_ptr, rs_ptr, eps)
-    else:
-        if FLAT:
-            blocks = tl.cdiv(N, ROWS)
-            i, j = lin % blocks, lin // blocks
-        else:
-            i, j = tl.program_id(0), tl.program_id(1)
-        _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-               i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
-               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
-               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NORM, nw_ptr, rs_ptr, eps)
 
 
 @triton.jit
@@ -884,9 +740,7 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False,
-                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1,
-                   NORM: tl.constexpr = False, nw_ptr=None, rs_ptr=None, clr_ptr=None, clr_n=0, eps=0.0,
-                   PUBLISH: tl.constexpr = True):
+                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -904,14 +758,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
     ``STAMPS``: each program writes ``%globaltimer`` at its start, before its first ``x`` and at its end into row
     :func:`_program` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`). ``SILU`` (one row): ``x_ptr`` is the gate_up
     projection's float32 ``[1, 2K]`` and ``x = silu(gate) * up``, built by each range in the program's shared memory
-    (``XS``: :func:`xs_declare_asm`, first of all) instead of read from a SiLU kernel's output (:func:`_range`).
-    ``NORM`` (one row): ``x_ptr`` is the float32 residual ``[1, K]`` and ``x = rmsnorm(x) * w`` (the norm weight at
-    ``nw_ptr``, ``eps``): a 1-D grid whose program 0 computes the row's ``rstd``, publishes it at ``rs_ptr`` tagged
-    with the epoch at ``ep_ptr`` and zeroes ``clr_ptr [clr_n]`` (:func:`_norm_program`), while the others run the
-    GEMV (program ``i`` as ``i - 1`` of the plain grid) on ``x * w`` scaled by a power of two a range and scale their
-    sums by ``rstd`` at the end (:func:`_range`): the norm is off the chain (no norm launch), and a range that finds
-    nothing published computes ``rstd`` itself, so no program waits for another."""
-    if SILU or NORM:
+    (``XS``: :func:`xs_declare_asm`, first of all) instead of read from a SiLU kernel's output (:func:`_range`)."""
+    if SILU:
         tl.inline_asm_elementwise(XS, "=r,r", [tl.zeros((32 * WARPS,), tl.int32)], dtype=tl.int32, is_pure=False,
                                   pack=1)
     overlap.launch_dependents(PDL)
@@ -921,24 +769,33 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
         overlap.wait_prior(PDL)
         if STAMPS:
             stamps.stamp(stamp_ptr, _program(), 1, 3)
-    if RQG > 0 or NORM:
+    if RQG > 0:
         epoch = tl.load(ep_ptr)
     else:
         epoch = 0
-    if NORM:  # program 0 norms the row (and zeroes the other buffer); the GEMV's programs are 1 ..
-        if tl.program_id(0) == 0:
-            _norm_program(x_ptr, K, eps, rs_ptr, epoch, clr_ptr, clr_n, 32 * WARPS, PDL, PUBLISH)
-        else:
-            _programs(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn,
-                      stride_ym, tl.program_id(0) - 1, tl.num_programs(0) - 1, True, WARPS, TILES, SPLIT, PERSIST, PRO,
-                      PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, PDL, LOADW, LOADW_CONS,
-                      LOADX, LOADX_CONS, PRE, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NORM, nw_ptr,
-                      rs_ptr, eps)
+    NT: tl.constexpr = 32 * WARPS
+    ROWS: tl.constexpr = 16 * TILES * WARPS
+    if PERSIST:
+        p, P = tl.program_id(0), tl.num_programs(0)
+        work = tl.cdiv(N, ROWS) * G
+        w = p * work // P
+        w_end = (p + 1) * work // P  # > w: the grid has at most one program a (row block, group) pair
+        if PRE:  # the first range apart: it preloads
+            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
+                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
+        while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
+            w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
+                             stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
+                             COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     else:
-        _programs(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn, stride_zn,
-                  stride_ym, tl.program_id(0), tl.num_programs(0), False, WARPS, TILES, SPLIT, PERSIST, PRO, PRO_CONS,
-                  LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, PDL, LOADW, LOADW_CONS, LOADX,
-                  LOADX_CONS, PRE, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NORM, nw_ptr, rs_ptr, eps)
+        i, j = tl.program_id(0), tl.program_id(1)
+        _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+               i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
+               LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
+               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -996,65 +853,32 @@ def _silu_operands_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def silu_weight_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None,
-                   norm: bool = False) -> bool:
+                   group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
     """:func:`mma_ok`'s device and weight (``k`` input channels), and a config (``config``, else the table's) whose
-    ranges fit the SiLU prologue (:func:`launch_plan`; ``norm``: the norm input's, which has the same limits)."""
+    ranges fit the SiLU prologue (:func:`launch_plan`)."""
     if not _silu_operands_ok(device, k, qweight, scales, zeros, group_size, bias):
         return False
     n = qweight.shape[0]
-    cfg = (MmaConfig(*config) if config is not None else norm_config(n, k) if norm
-           else default_mma_config(n, k, 1))
+    cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, 1)
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     try:
         launch_plan(cfg, n, k, 1, (sq, 2 * ss, sz), (sqg, 2 * ssg, szg), multiprocessors(device), False, False,
-                    silu=not norm, norm=norm)
+                    silu=True)
     except ValueError:
         return False
     return True
 
 
-class NormInput(NamedTuple):
-    """The norm input's operands besides the residual (:func:`w4_mma_accumulate_norm`): the norm ``weight [K]``,
-    ``eps``, the published ``rstd`` word (``int64 [1]``; zeros at first: epoch 0 is never a step's), the step's
-    ``epoch`` (``int32 [1]``), a float32 buffer for the norm's program to ``clear`` (zero) or None, and ``publish``
-    (False in tests: every range then computes ``rstd`` itself)."""
-
-    weight: torch.Tensor
-    eps: float
-    rstd: torch.Tensor
-    epoch: torch.Tensor
-    clear: torch.Tensor | None = None
-    publish: bool = True
-
-
-def norm_input_ok(x: torch.Tensor, norm: NormInput) -> bool:
-    """Whether the norm input takes the residual ``x`` and ``norm``: ``x`` float32 ``[1, K]`` contiguous, a
-    contiguous ``weight [K]`` (float16, bfloat16 or float32), ``rstd`` int64 and ``epoch`` int32 of one element
-    each, ``clear`` None or a contiguous float32 buffer, all on ``x``'s device."""
-    dev = x.device
-    k = x.shape[-1] if x.dim() == 2 else -1
-    w, cl = norm.weight, norm.clear
-    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_contiguous()
-            and w.shape == (k,) and w.is_contiguous() and w.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and norm.rstd.dtype == torch.int64 and norm.rstd.numel() == 1 and norm.epoch.dtype == torch.int32
-            and norm.epoch.numel() == 1 and (cl is None or (cl.dtype == torch.float32 and cl.is_contiguous()))
-            and all(t.device == dev for t in (w, norm.rstd, norm.epoch) + ((cl,) if cl is not None else ())))
-
-
 def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, int, int],
                 gstrides: tuple[int, int, int], sms: int, pdl: bool, hopper: bool,
-                ready_qg: int = 0, stamps: bool = False, silu: bool = False,
-                norm: bool = False) -> tuple[tuple[int, int], dict]:
+                ready_qg: int = 0, stamps: bool = False, silu: bool = False) -> tuple[tuple[int, int], dict]:
     """The grid and the kernel's constexpr arguments (but ``PDL``) of a launch of ``cfg`` on a weight ``[n, k]`` with
     ``m`` rows of ``x``: ``row_strides`` and ``gstrides`` in bytes (codes, scales, zeros), ``sms`` multiprocessors,
     launched with ``pdl`` on a ``hopper`` GPU; ``ready_qg`` > 0: groups per ready flag, used where the launch
     preloads (``PRE``; else the kernel waits for the kernel before, which implies the flags); ``stamps``: the
     programs write timestamps (:mod:`runtime.kernels.stamps`); ``silu``: ``x`` is ``silu(gate) * up`` of a float32
     gate_up projection's output, built by each range in shared memory (one row; at most :data:`SILU_MAX_PER_THREAD`
-    channels a thread a range, :func:`silu_groups`); ``norm``: ``x`` is ``rmsnorm`` of a float32 residual, made by
-    each range the same way, on a 1-D grid of one more program (program 0 norms the row; :func:`_w4_mma_kernel`).
-    Pure: what
+    channels a thread a range, :func:`silu_groups`). Pure: what
     :func:`w4_mma_accumulate` launches and what the sm_90 SASS tests compile. A config the weight cannot take is a
     one-line ``ValueError``."""
     if (cfg.tiles not in (1, 2) or cfg.warps not in (1, 2, 4, 8) or cfg.split < 1 or cfg.depth not in (1, 2)
@@ -1077,48 +901,27 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
     blocks = triton.cdiv(n, rows)
     if cfg.persist:  # stream-K: persist programs an SM (at most one a (row block, group) pair)
         grid = (min(cfg.persist * sms, blocks * g), 1)
-        if norm and grid[0] > 1:  # the norm's program takes one of the wave's slots
-            grid = (grid[0] - 1, 1)
     else:
         grid = (blocks, min(cfg.split, g))
     most = silu_groups(cfg, grid, g, blocks)
     gmax = triton.next_power_of_2(most)  # the prologue's block: [gmax, 128]
-    if silu and norm:
-        raise ValueError("the SiLU input and the norm input are two kinds of x; ask for one")
-    if (silu or norm) and (m != 1 or rqg or gmax * GROUP > SILU_MAX_PER_THREAD * 32 * cfg.warps):
-        what, other = ("SiLU", "misc.silu_mul") if silu else ("norm", "misc.rmsnorm")
-        raise ValueError(f"MmaConfig {cfg}: the {what} input needs one row of x, no ready flags and at most "
+    if silu and (m != 1 or rqg or gmax * GROUP > SILU_MAX_PER_THREAD * 32 * cfg.warps):
+        raise ValueError(f"MmaConfig {cfg}: the SiLU input needs one row of x, no ready flags and at most "
                          f"{SILU_MAX_PER_THREAD} channels a thread a range; got {m} rows, {most} groups a range, "
-                         f"{cfg.warps} warps (use {other} and the plain GEMV)")
-    xs = silu or norm
+                         f"{cfg.warps} warps (use misc.silu_mul and the plain GEMV)")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
-                                                               rqg > 0, xs)
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, xs)
+                                                               rqg > 0, silu)
+    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
                                             if pre else ("", "r", "", "r"))
-    split = grid[1]
-    if norm:  # one more program, first: the norm's (a 1-D grid)
-        grid = (grid[0] * grid[1] + 1, 1)
     return grid, {
-        "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": split, "PERSIST": cfg.persist > 0, "PRO": pro,
+        "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
         "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "FIXED": fixed,
         "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx, "LOADX_CONS": loadx_cons, "PRE": pre, "RQG": rqg,
-        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if xs else "", "GMAX": gmax if xs else 1,
-        "NORM": norm}
+        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1}
 
 
 SILU_MAX_PER_THREAD = 32  # channels of gate and of up a thread loads at once in a range's SiLU prologue
-
-
-def norm_config(n: int, k: int) -> MmaConfig:
-    """The norm input's config for a weight ``[n, k]`` at one row: the table's (:func:`default_mma_config`), but a
-    stream-K grid of programs of fewer than four warps is taken as four-warp programs over the same threads (one-warp
-    programs with the norm's prologue need 140 registers a thread, past the 128 of sixteen an SM; at the 7B qkv and
-    gate_up shapes the four-warp grid measured as fast in the sweeps: 9.20 / 14.62 us against 9.17 / 14.71)."""
-    cfg = default_mma_config(n, k, 1)
-    if cfg.persist and cfg.warps < 4:
-        cfg = cfg._replace(warps=4, persist=max(1, cfg.persist * cfg.warps // 4))
-    return cfg
 
 
 def silu_groups(cfg: MmaConfig, grid: tuple[int, int], g: int, blocks: int) -> int:
@@ -1156,40 +959,15 @@ def w4_mma_accumulate_silu(gate_up: torch.Tensor, qweight: torch.Tensor, scales:
     return out
 
 
-def w4_mma_accumulate_norm(x: torch.Tensor, norm: NormInput, qweight: torch.Tensor, scales: torch.Tensor,
-                           zeros: torch.Tensor, group_size: int, out: torch.Tensor,
-                           config: MmaConfig | tuple | None = None, stamps_kind: str | None = None) -> torch.Tensor:
-    """``out [1, N] (float32) += rmsnorm(x) @ W^T`` of the float32 residual ``x [1, K]`` with ``norm``'s weight and
-    eps (:class:`NormInput`), no norm launch: one extra program computes the row's ``rstd``, publishes it tagged
-    with ``norm.epoch`` in ``norm.rstd`` and zeroes ``norm.clear``, while the GEMV's ranges multiply ``x * w``
-    (scaled by a power of two a range, float16 in shared memory) and scale their sums by ``rstd`` at their end
-    (:func:`_w4_mma_kernel`). Up to float16 roundings (of ``x * w`` instead of the norm's output, and the order of
-    the atomics) this is :func:`w4_mma_accumulate` of :func:`runtime.kernels.misc.rmsnorm`'s output."""
-    grid, args, kwargs = launch_args(x, qweight, scales, zeros, group_size, out, config, None, stamps_kind,
-                                     norm=norm)
-    _w4_mma_kernel[grid](*args, **kwargs)
-    return out
-
-
 def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, out: torch.Tensor, config: MmaConfig | tuple | None = None,
                 ready: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                stamps_kind: str | None = None, silu: bool = False,
-                norm: NormInput | None = None) -> tuple[tuple[int, int], tuple, dict]:
+                stamps_kind: str | None = None, silu: bool = False) -> tuple[tuple[int, int], tuple, dict]:
     """The grid, positional and keyword arguments of :func:`w4_mma_accumulate`'s launch of the kernel (``silu``: of
-    :func:`w4_mma_accumulate_silu`'s, ``x2`` the float32 ``gate_up``; ``norm``: of :func:`w4_mma_accumulate_norm`'s,
-    ``x2`` the float32 residual), its operands checked (a one-line ``ValueError`` for what it cannot take): what
-    ``benchmarks/phase_probe.py`` launches with parts of the PTX taken out."""
-    if norm is not None:
-        if not (norm_input_ok(x2, norm) and _silu_operands_ok(x2.device, x2.shape[1], qweight, scales, zeros,
-                                                             group_size)):
-            raise ValueError(f"w4_mma's norm input needs CUDA sm_80+, a contiguous float32 x [1, K] with K % 32 == 0, "
-                             f"its norm weight [K], an int64 rstd word and int32 epoch on its device, group 128 and "
-                             f"uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on {x2.device}, weight "
-                             f"{list(norm.weight.shape)}, qweight {qweight.dtype} {list(qweight.shape)}, group "
-                             f"{group_size}")
-        m, k = 1, x2.shape[1]
-    elif silu:  # the config's ranges are launch_plan's to check (its one-line error says "SiLU input needs" too)
+    :func:`w4_mma_accumulate_silu`'s, ``x2`` the float32 ``gate_up``), its operands checked (a one-line
+    ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with parts of the PTX taken
+    out."""
+    if silu:  # the config's ranges are launch_plan's to check (its one-line error says "SiLU input needs" too)
         if not (silu_input_ok(x2) and _silu_operands_ok(x2.device, x2.shape[1] // 2, qweight, scales, zeros,
                                                         group_size)):
             raise ValueError(f"w4_mma's SiLU input needs CUDA sm_80+, a contiguous float32 gate_up [1, 2K] with K % 32 "
@@ -1206,8 +984,7 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     n = qweight.shape[0]
     if out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be float32 [{m}, {n}] with unit stride, got {out.dtype} {list(out.shape)}")
-    cfg = (MmaConfig(*config) if config is not None else norm_config(n, k) if norm is not None
-           else default_mma_config(n, k, m))
+    cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, m)
     sq, sqg, ss, ssg, sz, szg = quant.group_strides(qweight, scales, zeros, GROUP)
     row_strides, gstrides = (sq, 2 * ss, sz), (sqg, 2 * ssg, szg)  # bytes: codes, scales (float16), zeros
     pdl_opts = overlap.launch_options(x2.device, "gemv")
@@ -1221,17 +998,10 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                              f"{flags.dtype} {list(flags.shape)}, {epoch.dtype} {list(epoch.shape)}, qg {qg}")
     on = bool(stamps_kind) and stamps.enabled()
     grid, consts = launch_plan(cfg, n, k, m, row_strides, gstrides, multiprocessors(x2.device), pdl_opts["PDL"],
-                               overlap.hopper(x2.device), qg, on, silu, norm is not None)
+                               overlap.hopper(x2.device), qg, on, silu)
     rdy = (flags, epoch) if consts["RQG"] else (out, out)  # unused without RQG
     st = stamps.buffer(x2.device, stamps_kind, grid[0] * grid[1]) if on else None
     args = (x2, qweight, scales, zeros, out, n, k, scales.shape[1], m, x2.stride(0) * x2.element_size(),
             *row_strides, out.stride(0))
-    extra = {}
-    if norm is not None:
-        clear = norm.clear if norm.clear is not None else out
-        rdy = (out, norm.epoch)
-        extra = {"nw_ptr": norm.weight, "rs_ptr": norm.rstd, "clr_ptr": clear,
-                 "clr_n": norm.clear.numel() if norm.clear is not None else 0, "eps": float(norm.eps),
-                 "PUBLISH": bool(norm.publish)}
     return grid, args, {"rdy_ptr": rdy[0], "ep_ptr": rdy[1], "stamp_ptr": st if on else out, **consts,
-                        "num_warps": cfg.warps, **extra, **pdl_opts}
+                        "num_warps": cfg.warps, **pdl_opts}
