@@ -10,8 +10,7 @@
 #   norm13    13B b1: WKVQ_FUSE=rope against WKVQ_FUSE=rope,norm
 #   nprof     the 7B b1 p32768 profile (what each kernel adds a layer), the default and with "norm"
 #   t4        the default step with a table of four-warp stream-K grids for qkv and gate_up (the norm input's)
-#   final     the decode-step GPU tests, the record table (bench_{7b,13b}_final.json), fp16 StaticCache +
-#             torch.compile at 7B b1 (bench_7b_fp16_compiled.json), the 7B b1 p32768 profile
+# (no record run this session: the kernels are the twenty-fifth session's; its `final` part is h200_round25.sh's)
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 normtests)
@@ -40,13 +39,4 @@ t4)  # the plain step with the norm input's configs for qkv and gate_up (four-wa
   printf '%s' '{"best": {"12288x4096x1": {"config": [4, 2, 1, 1, false, 1, 0, 4, 0]},
     "22016x4096x1": {"config": [4, 2, 1, 1, false, 1, 0, 4, 0]}}}' > /tmp/t4.json
   WKVQ_MMA_TABLE=/tmp/t4.json bench --batches 1 --prompts 2048,32768 --json "$o/t4_table.json"; mark "t4 table" ;;
-final)
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-    -k "norm_input or silu_input or heads_ready or fast_decode or decode_graph or mma_rope" > "$o/tests_final.txt" 2>&1
-  mark "step tests: $(tail -1 "$o/tests_final.txt")"
-  record
-  timeout 500 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
-    --json "$o/bench_7b_fp16_compiled.json" 2>&1 | grep -v Warning | tail -4; mark "fp16 compiled"
-  timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_p32768.json" > "$o/prof_p32768.txt" \
-    2>&1; mark "profile"; grep -A12 "^one layer" "$o/prof_p32768.txt" ;;
 esac; done
