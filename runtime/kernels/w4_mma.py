@@ -811,12 +811,10 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     ``x2 [M, K]`` with ``1 <= M <= 8``, 16-byte aligned rows (``x`` stride a multiple of 8 elements), group 128,
     ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
     (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
-    if cuda_major(x2.device) < 8 or bias is not None or group_size != GROUP:
-        return False
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
     return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and x2.stride(1) == 1
             and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
-            and _weight_ok(qweight, scales, zeros, k))
+            and _operands_ok(x2.device, k, qweight, scales, zeros, group_size, bias))
 
 
 def _weight_ok(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int) -> bool:
@@ -845,9 +843,10 @@ def silu_ok(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                                                      group_size, bias, config)
 
 
-def _silu_operands_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, bias: torch.Tensor | None = None) -> bool:
-    """:func:`mma_ok`'s device and weight (``k`` input channels): :func:`silu_weight_ok` without the config."""
+def _operands_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, bias: torch.Tensor | None = None) -> bool:
+    """The device and weight (``k`` input channels) every input of the kernel needs: :func:`mma_ok` without ``x``,
+    :func:`silu_weight_ok` without the config."""
     return (cuda_major(device) >= 8 and bias is None and group_size == GROUP
             and _weight_ok(qweight, scales, zeros, k))
 
@@ -856,7 +855,7 @@ def silu_weight_ok(device, k: int, qweight: torch.Tensor, scales: torch.Tensor, 
                    group_size: int, bias: torch.Tensor | None = None, config: MmaConfig | tuple | None = None) -> bool:
     """:func:`mma_ok`'s device and weight (``k`` input channels), and a config (``config``, else the table's) whose
     ranges fit the SiLU prologue (:func:`launch_plan`)."""
-    if not _silu_operands_ok(device, k, qweight, scales, zeros, group_size, bias):
+    if not _operands_ok(device, k, qweight, scales, zeros, group_size, bias):
         return False
     n = qweight.shape[0]
     cfg = MmaConfig(*config) if config is not None else default_mma_config(n, k, 1)
@@ -968,8 +967,8 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     ``ValueError`` for what it cannot take): what ``benchmarks/phase_probe.py`` launches with parts of the PTX taken
     out."""
     if silu:  # the config's ranges are launch_plan's to check (its one-line error says "SiLU input needs" too)
-        if not (silu_input_ok(x2) and _silu_operands_ok(x2.device, x2.shape[1] // 2, qweight, scales, zeros,
-                                                        group_size)):
+        if not (silu_input_ok(x2) and _operands_ok(x2.device, x2.shape[1] // 2, qweight, scales, zeros,
+                                                   group_size)):
             raise ValueError(f"w4_mma's SiLU input needs CUDA sm_80+, a contiguous float32 gate_up [1, 2K] with K % 32 "
                              f"== 0, group 128, uint8 codes [N, K/2] and a config whose ranges fit the prologue; got "
                              f"gate_up {x2.dtype} {list(x2.shape)} on {x2.device}, qweight {qweight.dtype} "
