@@ -335,7 +335,7 @@ class FastLlama:
             ready = (cache.ready[i], cache.step) if heads else None  # "heads" implies "rope"
             if rope:
                 a = kv4.rope_attention(qkv, self.cos, self.sin, cache.pos, store, params, c.heads, c.scaling, dt,
-                                       splits, bits=c.kv_bits, ready=ready, ahead=layer.gate_up.qweight)
+                                       splits, bits=c.kv_bits, ready=ready)
             else:
                 q, k_cur, v_cur = kv4.rope_append(qkv, self.cos, self.sin, cache.pos, store, params, c.heads,
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)

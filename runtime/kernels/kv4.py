@@ -456,21 +456,16 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False, pf_ptr=None,
-                     pf_n=0, pf_me=0, pf_programs=1, PF: tl.constexpr = False):
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
     HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
     step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
     is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
-    earlier step never reads as set and nothing needs to clear them. ``PF``: it first asks the L2 for share
-    ``pf_me`` of ``pf_programs`` of the ``pf_n`` bytes at ``pf_ptr`` (16-byte aligned shares; a hint)."""
+    earlier step never reads as set and nothing needs to clear them."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
-        if PF:
-            share = tl.cdiv(tl.cdiv(pf_n, pf_programs), 16) * 16
-            overlap.prefetch_range(pf_ptr, pf_me * share, (pf_me + 1) * share, pf_n, 1)
         for j in tl.static_range(HEADS):
             _combine_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
@@ -713,7 +708,7 @@ def decode_attention(q, k_cur, v_cur, store, length, kv_params, sm_scale: float,
 
 def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scale: float, out_dtype,
                    splits: int | AttnConfig, block_s: int | None = None, num_warps: int | None = None,
-                   bits: int = 4, ready: tuple[torch.Tensor, torch.Tensor] | None = None, ahead=None):
+                   bits: int = 4, ready: tuple[torch.Tensor, torch.Tensor] | None = None):
     """:func:`rope_append` and :func:`decode_attention` in one kernel launch: the attention programs rope the
     token's query, key and value from the projection's output ``qkv [B, (Hq + 2 Hkv) D]`` (float32) at position
     ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
@@ -722,9 +717,8 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
     ``ready = (flags, epoch)``: ``int32 [B * Hkv]`` per-KV-head flags, each set to the step's ``epoch`` (``int32
     [1]``, a different value every step) once that head's output is stored (by the tensor-core kernel's combining
     program, else after the launch): the output projection may then start on a head without waiting for the whole
-    attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). ``ahead``: a tensor read after this kernel that
-    the tensor-core kernel may ask the L2 for (:func:`runtime.kernels.kv4_mma.pf_mode`). Returns ``[B, Hq, D]`` in
-    ``out_dtype``; ``pos`` is not advanced."""
+    attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). Returns ``[B, Hq, D]`` in ``out_dtype``; ``pos``
+    is not advanced."""
     b, hkv, d = qkv.shape[0], store.k_codes.shape[1], 2 * store.k_codes.shape[-1]
     if bits != 4:
         raise ValueError(f"the KV kernels store 4-bit codes, got kv bits {bits}")
@@ -732,7 +726,7 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
         raise ValueError(f"qkv must be float32 [{b}, {(num_heads + 2 * hkv) * d}] with unit stride, got {qkv.dtype} "
                          f"{list(qkv.shape)}")
     return _attention(b, num_heads, d, None, None, None, (qkv, cos, sin), store, pos, kv_params, sm_scale, out_dtype,
-                      splits, block_s, num_warps, ready, ahead)
+                      splits, block_s, num_warps, ready)
 
 
 def _split_kernel(cfg: AttnConfig) -> AttnConfig:
@@ -744,7 +738,7 @@ def _split_kernel(cfg: AttnConfig) -> AttnConfig:
 
 
 def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, out_dtype, splits, block_s,
-               num_warps, ready=None, ahead=None):
+               num_warps, ready=None):
     hkv, s, g = store.k_codes.shape[1], store.k_codes.shape[2], store.k_step.shape[-1]
     device = store.k_codes.device
     if isinstance(splits, AttnConfig):
@@ -788,7 +782,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
                        keys_a=cfg.keys_a, ready=ready if cfg.combine else None,
-                       stamps_kind="attn", ahead=ahead)
+                       stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
         _attn_split_kernel[(b * hq, cfg.splits)](

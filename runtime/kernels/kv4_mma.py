@@ -99,8 +99,6 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
-PF_ENV = "WKVQ_ATTN_PF"  # off / end:MB / merge:MB: the L2 asked for the MLP's first weights (pf_mode)
-PF_MODES = {"off": 0, "end": 1, "merge": 2}
 # Programs a multiprocessor over the grid's even share that the cap allows. At the even share exactly a
 # multiprocessor that the kernel before still holds when the last programs are placed makes them wait for it: 13B
 # b1 p32768 4.94 ms early against 4.65 launched late; one over it, 4.59-4.63 (7B 2.69-2.78 against 2.74-2.84),
@@ -135,32 +133,6 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
         f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
-
-
-def pf_mode() -> tuple[int, int]:
-    """``WKVQ_ATTN_PF``: whether and where the attention's programs ask the L2 for the first bytes of a tensor the
-    step reads after it (``ahead`` of :func:`launch`: the gate_up projection's codes in the decode step), as the
-    kernel's ``PF`` and a byte count: "off" (default), "end:MB" (every program its share of the first ``MB`` MiB
-    after its tiles) or "merge:MB" (each KV head's combining program its head's share, before the merge). The idea:
-    DRAM is idle while the last programs drain, the heads merge, o and the norm run, and the L2 (50 MB) holds what
-    gate_up reads first. A one-line ``ValueError`` names another value."""
-    value = os.environ.get(PF_ENV, "").strip() or "off"
-    mode, _, mb = value.partition(":")
-    if mode == "off" and not mb:
-        return 0, 0
-    if mode not in PF_MODES or mode == "off" or not mb.isdigit() or int(mb) < 1:
-        raise ValueError(f"{PF_ENV}={value!r}: use off, end:MB or merge:MB (MB a positive number of MiB)")
-    return PF_MODES[mode], int(mb) << 20
-
-
-def pf_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``'s memory as one flat uint8 tensor where its elements fill one dense block in some dimension order
-    (a contiguous tensor, or a permuted one such as a group-major weight's codes), 16-byte aligned; else None."""
-    if t is None or t.numel() == 0 or t.data_ptr() % 16:
-        return None
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    dense = t.permute(*order)
-    return dense.reshape(-1).view(torch.uint8) if dense.is_contiguous() else None
 
 
 def _cap_on() -> bool:
@@ -609,7 +581,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     stamp_ptr=None, STAMPS: tl.constexpr = False, pf_ptr=None, pf_n=0, PF: tl.constexpr = 0):
+                     stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -624,8 +596,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
     (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
-    its end). ``PF`` (:func:`pf_mode`): 1, each attention program asks the L2 for its share of the ``pf_n`` bytes at
-    ``pf_ptr`` after its tiles; 2, each KV head's combining program its head's share, before the merge."""
+    its end)."""
     overlap.launch_dependents(TRIGGER)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
@@ -636,8 +607,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, pf_ptr,
-                pf_n, PF)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -660,7 +630,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, pf_ptr=None, pf_n=0, PF: tl.constexpr = 0):
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -750,8 +720,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
              R[32], R[33], R[34])
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 2, 4)
-    if PF == 1:
-        _ask_share(pf_ptr, pf_n, sp * tl.num_programs(0) + bk, NSPLIT * tl.num_programs(0))
     if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
         lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
@@ -779,18 +747,9 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:  # the KV head's last program merges its query heads
         _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY, pf_ptr, pf_n, bk, tl.num_programs(0),
-                         PF == 2)
+                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 3, 4)
-
-
-@triton.jit
-def _ask_share(ptr, n, me, programs):
-    """Program ``me`` of ``programs`` asks the L2 for its share of the ``n`` bytes at ``ptr`` (16-byte aligned):
-    contiguous shares of a multiple of 16 bytes (the last ones shorter or empty)."""
-    share = tl.cdiv(tl.cdiv(n, programs), 16) * 16
-    overlap.prefetch_range(ptr, me * share, (me + 1) * share, n, 1)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -799,7 +758,7 @@ def _ask_share(ptr, n, me, programs):
 def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale: float, m, l_, acc, out,
            counts, splits: int, tile: int, stages: int, combine: bool, copies: str = "mixed", pdl: bool = False,
            trigger: bool = False, keys_a: bool = False, ready: tuple[torch.Tensor, torch.Tensor] | None = None,
-           stamps_kind: str | None = None, ahead: torch.Tensor | None = None) -> None:
+           stamps_kind: str | None = None) -> None:
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
@@ -811,8 +770,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     ``ready = (flags, epoch)`` (with ``combine``): ``int32
     [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
     output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
-    (:mod:`runtime.kernels.stamps`, a row a program of the grid); ``ahead``: a tensor the step reads after this
-    kernel, whose first bytes the programs ask the L2 for where :func:`pf_mode` says (:func:`pf_bytes`; on Hopper)."""
+    (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     qg = hq // hkv
     k_scale, k_shift, v_scale, v_shift = kv_params
@@ -822,10 +780,6 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
     on = bool(stamps_kind) and stamps.enabled()
     st = stamps.buffer(store.k_codes.device, stamps_kind, grid[0] * grid[1]) if on else None
-    pf, pf_max = pf_mode()
-    flat = pf_bytes(ahead) if pf and overlap.hopper(store.k_codes.device) else None
-    if flat is None or (pf == 2 and not combine):
-        pf = 0
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
@@ -835,6 +789,5 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
-        pf_ptr=flat if pf else counts, pf_n=min(pf_max, flat.numel()) if pf else 0, PF=pf,
         **overlap.options(pdl))
 
