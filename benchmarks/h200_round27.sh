@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Twenty-seventh session, one H200 (device tool, carry .gpu/whl). Results in $OUT (benchmarks/results/r30).
+# pftests, pf1 and pfprof ran at 7812666 (WKVQ_ATTN_PF, reverted in the commit after it: no faster); on later
+# trees the variable is ignored and every pf variant is the default.
+#   pftests   the decode-step GPU tests with the attention asking the L2 for gate_up's first weights
+#             (WKVQ_ATTN_PF=end:16 and merge:16): a hint, so the same results
+#   pf[0-9]   7B b1 p2048 and p32768: the default against WKVQ_ATTN_PF=end:16, merge:16, merge:32, alternated
+#   pfprof    the 7B b1 p32768 profile (what each kernel adds a layer), the default and with $PF (default merge:16)
+source "$(dirname "$0")/h200_lib.sh"
+for part in "$@"; do case $part in
+pftests)
+  for pf in end:16 merge:16; do
+    WKVQ_ATTN_PF=$pf timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+      -k "heads_ready or fast_decode or decode_graph" > "$o/tests_pf_${pf/:/_}.txt" 2>&1
+    mark "step tests $pf: $(tail -1 "$o/tests_pf_${pf/:/_}.txt")"
+  done ;;
+pf[0-9])
+  i=${part#pf}
+  for pf in off end:16 merge:16 merge:32; do
+    WKVQ_ATTN_PF=$pf bench --batches 1 --prompts 2048,32768 --json "$o/pf_${pf/:/_}_$i.json"; mark "pf $pf $i"
+  done ;;
+pfprof)
+  for pf in off ${PF:-merge:16}; do
+    WKVQ_ATTN_PF=$pf timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 --json "$o/prof_${pf/:/_}.json" \
+      > "$o/prof_${pf/:/_}.txt" 2>&1; mark "profile $pf"; grep -A12 "^one layer" "$o/prof_${pf/:/_}.txt" | tail -4
+  done ;;
+esac; done
