@@ -99,7 +99,6 @@ SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is us
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
-EARLY_ENV = "WKVQ_ATTN_EARLY"  # 0 / 1 / 2: where the ring's last stage is first filled (early_issue)
 # Programs a multiprocessor over the grid's even share that the cap allows. At the even share exactly a
 # multiprocessor that the kernel before still holds when the last programs are placed makes them wait for it: 13B
 # b1 p32768 4.94 ms early against 4.65 launched late; one over it, 4.59-4.63 (7B 2.69-2.78 against 2.74-2.84),
@@ -134,18 +133,6 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
         f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
-
-
-def early_issue() -> int:
-    """``WKVQ_ATTN_EARLY`` (experiment, default 0): where a program issues its tile ``STAGES - 1`` (the ring's
-    last stage): 0, in the loop's first iteration, after the query is loaded and its fragments built; 1, right
-    after the PDL wait, before the query's loads (its DRAM round trip overlaps theirs); 2, before the wait with
-    the other stages (the whole ring in flight while the projection before still runs). A one-line
-    ``ValueError`` names another value."""
-    value = os.environ.get(EARLY_ENV, "").strip() or "0"
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"{EARLY_ENV}={value!r}: use 0, 1 or 2")
-    return int(value)
 
 
 def _cap_on() -> bool:
@@ -594,7 +581,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     stamp_ptr=None, STAMPS: tl.constexpr = False, EARLY: tl.constexpr = 0):
+                     stamp_ptr=None, STAMPS: tl.constexpr = False):
     """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
     ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
 
@@ -609,7 +596,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
     (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
-    its end). ``EARLY`` (:func:`early_issue`): where the ring's last stage is first issued."""
+    its end)."""
     overlap.launch_dependents(TRIGGER)
     bk, sp = tl.program_id(0), tl.program_id(1)
     b, kh = bk // HKV, bk % HKV
@@ -620,7 +607,7 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, EARLY)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
     else:
         if ROPE:  # split NSPLIT: the append
             overlap.wait_prior(PDL)
@@ -643,7 +630,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, EARLY: tl.constexpr = 0):
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
     """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
@@ -656,12 +643,9 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     z = tl.zeros((32,), tl.int32)
     g, t = tl.inline_asm_elementwise(LANE_ASM, "=r,=r,r", [z], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     base = tl.inline_asm_elementwise(INIT, "=r,r", [z], dtype=tl.int32, is_pure=False, pack=1)
-    for k in tl.static_range(STAGES - 1 + (EARLY == 2)):  # the past is not written by the kernels before (PDL)
+    for k in tl.static_range(STAGES - 1):  # the past is not written by the kernels before (PDL): start at once
         _issue(base, k, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES, ISSUE)
     overlap.wait_prior(PDL)
-    if EARLY == 1:  # the ring's last stage before the query's loads
-        _issue(base, STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE, STAGES,
-               ISSUE)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 1, 4)
     qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
@@ -704,9 +688,8 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     A = (f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0,
          f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0, f0)
     for it in range(ntiles):
-        if EARLY == 0:  # the stage tile it - 1 freed (with EARLY, the whole ring is in flight: after the step)
-            _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
-                   STAGES, ISSUE)
+        _issue(base, it + STAGES - 1, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
+               STAGES, ISSUE)
         st = it % STAGES
         if KEYS_A:
             R = tl.inline_asm_elementwise(
@@ -732,9 +715,6 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                  A[29], A[30], A[31]],
                 dtype=(tl.float32,) * 35, is_pure=False, pack=1)
         m_i, l_i, pm = R[0], R[1], R[2]
-        if EARLY > 0:  # the stage this tile freed
-            _issue(base, it + STAGES, ntiles, row0, span, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, TILE,
-                   STAGES, ISSUE)
         A = (R[3], R[4], R[5], R[6], R[7], R[8], R[9], R[10], R[11], R[12], R[13], R[14], R[15], R[16], R[17],
              R[18], R[19], R[20], R[21], R[22], R[23], R[24], R[25], R[26], R[27], R[28], R[29], R[30], R[31],
              R[32], R[33], R[34])
@@ -808,6 +788,6 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
-        stamp_ptr=st if st is not None else counts, STAMPS=st is not None, EARLY=early_issue() if pdl else 0,
+        stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
         **overlap.options(pdl))
 
