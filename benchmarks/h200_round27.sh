@@ -11,6 +11,8 @@
 #             right after the PDL wait, before the query's loads, or before the wait)
 #   early[0-9] 7B b1 p2048 and p32768: WKVQ_ATTN_EARLY=0 (default), 1, 2, alternated
 #   eprof     the profile with WKVQ_ATTN_EARLY=$EARLY (default 1)
+#   side      7B b1 p32768 side by side in one run: the default step, fp16 StaticCache + torch.compile, the step
+#             again (the issue's ratio with this session's baseline)
 source "$(dirname "$0")/h200_lib.sh"
 for part in "$@"; do case $part in
 pftests)
@@ -43,4 +45,9 @@ early[0-9])
 eprof)
   WKVQ_ATTN_EARLY=${EARLY:-1} timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 \
     --json "$o/prof_early.json" > "$o/prof_early.txt" 2>&1; mark "profile early"; grep -A1 "adds to the step" "$o/prof_early.txt" ;;
+side)
+  bench --batches 1 --prompts 32768 --json "$o/side_wkvq_1.json"; mark "wkvq 1"
+  timeout 420 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 32768 --steps 20 \
+    --json "$o/side_fp16_compiled.json" 2>&1 | grep -v Warning | tail -3; mark "fp16 compiled"
+  bench --batches 1 --prompts 32768 --json "$o/side_wkvq_2.json"; mark "wkvq 2" ;;
 esac; done
