@@ -45,9 +45,10 @@ early[0-9])
 eprof)
   WKVQ_ATTN_EARLY=${EARLY:-1} timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 \
     --json "$o/prof_early.json" > "$o/prof_early.txt" 2>&1; mark "profile early"; grep -A1 "adds to the step" "$o/prof_early.txt" ;;
-side)
-  bench --batches 1 --prompts 32768 --json "$o/side_wkvq_1.json"; mark "wkvq 1"
+side|side[0-9])  # side: the first run's file names; sideN: N in them
+  i=${part#side}
+  bench --batches 1 --prompts 32768 --json "$o/side${i}_wkvq_1.json"; mark "wkvq 1"
   timeout 420 python3 cli.py bench --shapes 7b --paths fp16_compiled --batches 1 --prompts 32768 --steps 20 \
-    --json "$o/side_fp16_compiled.json" 2>&1 | grep -v Warning | tail -3; mark "fp16 compiled"
-  bench --batches 1 --prompts 32768 --json "$o/side_wkvq_2.json"; mark "wkvq 2" ;;
+    --json "$o/side${i}_fp16_compiled.json" 2>&1 | grep -v Warning | tail -3; mark "fp16 compiled"
+  bench --batches 1 --prompts 32768 --json "$o/side${i}_wkvq_2.json"; mark "wkvq 2" ;;
 esac; done
