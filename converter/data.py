@@ -20,16 +20,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import xml.etree.ElementTree as ET
-import zipfile
 from pathlib import Path
 
 import torch
 
-from .source import cache_dir
+from .source import cache_dir, fetch_wheel_member
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +45,8 @@ def _enwiki_bz2() -> Path:
     target = cache_dir() / "enwiki-sample.xml.bz2"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching %s for the embedded Wikipedia sample", GENSIM_PACKAGE)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, GENSIM_PACKAGE]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("gensim-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise DataError(f"could not download {GENSIM_PACKAGE} from PyPI; pass --calib-data FILE instead")
-        part = Path(tmp) / "dump.bz2"
-        part.write_bytes(zipfile.ZipFile(wheels[0]).read(ENWIKI_MEMBER))
-        part.replace(target)
-    return target
+    return fetch_wheel_member(GENSIM_PACKAGE, ENWIKI_MEMBER, target, DataError, "pass --calib-data FILE instead")
 
 
 _PATTERNS = [

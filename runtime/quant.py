@@ -274,14 +274,21 @@ def kv_quantize(
     ``stats_dtype`` (e.g. float16): step and minimum are first rounded to that precision
     (:func:`round_kv_stats`) and the codes computed with the rounded values.
     """
-    qmax = 2 ** check_bits(bits) - 1
+    qmax, g, xs, step, lo = _kv_stats(x, scale, shift, bits, group_size, stats_dtype)
     d = x.shape[-1]
-    g = group_size or d
+    codes = torch.round((xs - expand_groups(lo, g, d)) / expand_groups(step, g, d))
+    return codes.clamp(0, qmax).to(torch.uint8), step, lo
+
+
+def _kv_stats(x, scale, shift, bits, group_size, stats_dtype):
+    """What :func:`kv_quantize` and :func:`kv_fake_quantize` share: ``(qmax, group size, smoothed x (float32),
+    step, minimum)``, the stats rounded to ``stats_dtype`` where given."""
+    qmax = 2 ** check_bits(bits) - 1
+    g = group_size or x.shape[-1]
     xs = kv_smooth(x.float(), scale.float(), shift.float())
     lo, hi = group_minmax(xs, g)
     step, lo = round_kv_stats(((hi - lo) / qmax).clamp(min=1e-8), lo, stats_dtype)
-    codes = torch.round((xs - expand_groups(lo, g, d)) / expand_groups(step, g, d))
-    return codes.clamp(0, qmax).to(torch.uint8), step, lo
+    return qmax, g, xs, step, lo
 
 
 def kv_dequantize(
@@ -303,12 +310,8 @@ def kv_fake_quantize(x, scale, shift, bits: int = 4, group_size: int | None = No
     Differentiable in ``x``, ``scale`` and ``shift``; numerically equal to
     ``kv_dequantize(*kv_quantize(x, ...), ...)``.
     """
-    qmax = 2 ** check_bits(bits) - 1
+    qmax, g, xs, step, lo = _kv_stats(x, scale, shift, bits, group_size, stats_dtype)
     d = x.shape[-1]
-    g = group_size or d
-    xs = kv_smooth(x.float(), scale.float(), shift.float())
-    lo, hi = group_minmax(xs, g)
-    step, lo = round_kv_stats(((hi - lo) / qmax).clamp(min=1e-8), lo, stats_dtype)
     lo_c, step_c = expand_groups(lo, g, d), expand_groups(step, g, d)
     q = torch.clamp(round_ste((xs - lo_c) / step_c), 0, qmax)
     return kv_unsmooth(q * step_c + lo_c, scale.float(), shift.float()).to(x.dtype)

