@@ -11,6 +11,10 @@
 #             right after the PDL wait, before the query's loads, or before the wait)
 #   early[0-9] 7B b1 p2048 and p32768: WKVQ_ATTN_EARLY=0 (default), 1, 2, alternated
 #   eprof     the profile with WKVQ_ATTN_EARLY=$EARLY (default 1)
+#   postests  the GPU tests of the merge with the position passed in (the rope attention against rope_append +
+#             attention, the heads flags, the decode step)
+#   pos[0-9]  7B b1 p2048 and p32768: the merge with the position passed in, then reloading it (the tree's one
+#             call edited back with sed), alternated
 #   side      7B b1 p32768 side by side in one run: the default step, fp16 StaticCache + torch.compile, the step
 #             again (the issue's ratio with this session's baseline)
 source "$(dirname "$0")/h200_lib.sh"
@@ -45,6 +49,18 @@ early[0-9])
 eprof)
   WKVQ_ATTN_EARLY=${EARLY:-1} timeout 120 python3 benchmarks/decode_profile.py --prompt 32768 \
     --json "$o/prof_early.json" > "$o/prof_early.txt" 2>&1; mark "profile early"; grep -A1 "adds to the step" "$o/prof_early.txt" ;;
+postests)
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    -k "(mma_rope and mixed and True) or heads_ready or fast_decode" > "$o/tests_pos.txt" 2>&1
+  mark "tests pos: $(tail -1 "$o/tests_pos.txt")" ;;
+pos[0-9])
+  i=${part#pos}
+  f=runtime/kernels/kv4_mma.py
+  grep -q "ep_ptr, READY, length)" $f || { echo "not the tree with the position passed in"; exit 1; }
+  bench --batches 1 --prompts 2048,32768 --json "$o/pos_given_$i.json"; mark "pos given $i"
+  sed -i 's/ep_ptr, READY, length)/ep_ptr, READY)/' $f
+  bench --batches 1 --prompts 2048,32768 --json "$o/pos_reload_$i.json"; mark "pos reloaded $i"
+  sed -i 's/ep_ptr, READY)$/ep_ptr, READY, length)/' $f ;;
 side|side[0-9])  # side: the first run's file names; sideN: N in them
   i=${part#side}
   bench --batches 1 --prompts 32768 --json "$o/side${i}_wkvq_1.json"; mark "wkvq 1"

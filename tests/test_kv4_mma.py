@@ -104,6 +104,28 @@ def test_mma_attention_ready_flag(tmp_path):
 
 
 @pytest.mark.parametrize("rope", [True, False])
+def test_mma_attention_merge_does_not_reload_the_position(rope, tmp_path):
+    """The combining program ropes the current token at the position the program loaded at its start: after the
+    count (an acquire: L1 invalidated, ``CCTL.IVALL``) a second load of it would be an L2 round trip that the rope
+    rows' addresses, and every load the compiler places after them, wait for. The length's pointer (the one
+    global load before the PDL wait) is read from the parameters once, before the count."""
+    import re
+
+    pytest.importorskip("triton")
+    from runtime.kernels import overlap
+
+    if not overlap._triton_has_pdl():
+        pytest.skip("this Triton has no grid dependency control")
+    sass, usage = _attn_sass(tmp_path, cap=9, heads=32, splits=32, pdl=True, ready=True, rope=rope)
+    assert "LOCAL:0" in usage
+    before = sass[:sass.index("ACQBULK")]
+    reg = re.search(r"LDG\.E R\d+, desc\[UR\d+\]\[(R\d+)\.64\]", before).group(1)
+    param = re.findall(rf"LDC\.64 {reg}, (c\[0x0\]\[0x[0-9a-f]+\])", before)[-1]  # the length's pointer
+    count = sass.index("CCTL.IVALL")  # the merge's count (acq_rel) .. its head's flag (the append program follows)
+    assert param not in sass[count:sass.index("ATOMG.E.EXCH", count)]
+
+
+@pytest.mark.parametrize("rope", [True, False])
 def test_mma_attention_stamps(rope, tmp_path):
     """``STAMPS`` (``WKVQ_STAMPS=1``, :mod:`runtime.kernels.stamps`): ``%globaltimer`` read at an attention program's
     start, after its wait, after its tiles and at its end (with ``rope`` the append program's too), no spills; none

@@ -456,20 +456,22 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False):
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False, pos=None):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
     HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
     step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
     is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
-    earlier step never reads as set and nothing needs to clear them."""
+    earlier step never reads as set and nothing needs to clear them. ``pos``: the value at ``pos_ptr`` where the
+    caller has it already (the acquire invalidates L1, so loading it again is an L2 round trip that every later
+    load of the merge waits behind: its rope rows' addresses depend on it)."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
         for j in tl.static_range(HEADS):
             _combine_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
                           sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
-                          ROPE)
+                          ROPE, pos)
         tl.store(count_ptr, 0)
         if READY:
             tl.debug_barrier()  # every thread's output stored before the flag (released by it)
@@ -479,15 +481,18 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
 @triton.jit
 def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr, sm_scale,
                   qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
-                  D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr):
+                  D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr,
+                  pos=None):
     """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
     static shift and scale of the values applied, written to ``out``. ``CACHE``: the partials' load cache modifier
     (``".cg"``, past L1, when other programs of the same kernel wrote them). ``ROPE``: the query and the current
-    key and value from ``qkv`` (roped at position ``pos``), else from ``q``, ``k_cur``, ``v_cur``."""
+    key and value from ``qkv`` (roped at position ``pos``, loaded from ``pos_ptr`` unless given), else from ``q``,
+    ``k_cur``, ``v_cur``."""
     kh = h // QG
     d = tl.arange(0, D)
     if ROPE:
-        pos = tl.load(pos_ptr)
+        if pos is None:
+            pos = tl.load(pos_ptr)
         cos_row, sin_row, row = cos_ptr + pos * D, sin_ptr + pos * D, qkv_ptr + b * stride_qkv
         q = _rope(row + h * D, d, cos_row, sin_row, D // 2, D)
         k_cur = _rope(row + (HQ + kh) * D, d, cos_row, sin_row, D // 2, D)
