@@ -463,8 +463,8 @@ def test_decode_graph_with_gemv_matches_eager(tmp_path, monkeypatch, env):
 
 
 def test_fuse_choice():
-    """WKVQ_FUSE: unset or empty is the default ("rope", "heads" and "silu" at one row, none at more), 'none' is none, names
-    are checked with a one-line error."""
+    """WKVQ_FUSE: unset or empty is the default ("rope", "heads" and "silu" at one row, none at more), 'none' is
+    none, names are checked with a one-line error."""
     from runtime.fast import FUSE_DEFAULT, fuse_choice
 
     assert fuse_choice(None) == fuse_choice(" ") == set(FUSE_DEFAULT[1]) == {"rope", "heads", "silu"}

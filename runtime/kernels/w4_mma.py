@@ -635,8 +635,9 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
     ``PRE`` (the register prefetch at depth 1 only): the weights of the range's first two groups are loaded, then
     the program waits for the kernels before it (:func:`runtime.kernels.overlap.wait_prior`), then their ``x``:
-    the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`;
-    before its ``x``, or first thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
+    the first weight bytes are on their way while the kernel before ends. ``RQG`` > 0 (with ``PRE``): instead of
+    the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`; before its ``x``, or first
+    thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
     the float32 ``gate_up`` at ``x_ptr``, which the range builds in the program's shared memory before its first
     ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX)."""
     if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
