@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from . import artifact
-from .artifact import ArtifactError, DECODER_LINEARS, WEIGHTS_FILE
+from .artifact import ArtifactError, WEIGHTS_FILE
 from .cache import CACHE_KWARG, new_cache
 from .kvquant import KVQuantConfig, KVQuantizer
 from .qlinear import QuantLinear

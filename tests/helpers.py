@@ -120,11 +120,12 @@ def quantized_weight(n: int, k: int, group: int = 128, seed: int = 0, device="cp
     return quant.pack(q, 4).to(device), s.to(device), z.to(device), ref.to(device)
 
 
-def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, tmp_path: Path) -> tuple[str, str]:
-    """Compile the Triton kernel ``fn`` for sm_90 without a GPU (Triton's bundled ptxas) and return its SASS and
-    resource usage (Triton's bundled ``cuobjdump``). ``consts``: the constexpr arguments; ``kinds``: the other
-    arguments' signature types (``default_kind`` for those not named). Skips the test where this Triton lacks the
-    tools or the compile API; a PTX error fails it."""
+def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, tmp_path: Path,
+              arch: int = 90) -> tuple[str, str]:
+    """Compile the Triton kernel ``fn`` for sm_90 (or sm_``arch``) without a GPU (Triton's bundled ptxas) and return
+    its SASS and resource usage (Triton's bundled ``cuobjdump``). ``consts``: the constexpr arguments; ``kinds``: the
+    other arguments' signature types (``default_kind`` for those not named). Skips the test where this Triton lacks
+    the tools or the compile API; a PTX error fails it."""
     import os
     import subprocess
 
@@ -141,11 +142,11 @@ def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, 
     sig = {n: "constexpr" if n in consts else kinds.get(n, default_kind) for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     except Exception as e:  # a Triton without this compile API: nothing to check here
         if "ptxas" in str(e).lower() or "PTX" in str(e) or type(e).__name__ == "CompilationError":
             raise  # the kernel's own error (a CompilationError hid a test's missing constexprs for a session)
-        pytest.skip(f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:120]}")
+        pytest.skip(f"this Triton cannot compile for sm_{arch} here: {type(e).__name__}: {str(e)[:120]}")
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(k.asm["cubin"])
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout

@@ -570,6 +570,52 @@ def test_decode_silu_input_matches_eager(tmp_path, monkeypatch, fuse):
         assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step's kernels: CUDA only")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_on_the_ampere_path_matches_eager(tmp_path, monkeypatch, batch):
+    """The decode step as an A100 runs it, on this GPU: the kernels' choices see compute capability 8
+    (``runtime.kernels._major``), so no PDL and no L2 prefetch, the split attention kernel where this GPU (sm_90) runs
+    the tensor-core one, and the default fusions, "heads" included (its flags then set after the attention by
+    ``kv4.decode_attention``, as no attention program sets them). Decode steps and CUDA-graph replays against the
+    eager path and against the same steps on this GPU's own path. Only the choices are emulated: the kernels still
+    compile for this GPU (``test_mma_table_configs_compile_for_ampere`` compiles the GEMV's for sm_80)."""
+    from runtime import fast as fast_module
+    from runtime import kernels
+    from runtime.fast import FUSE_ENV, DecodeGraph
+    from runtime.kernels import kv4, kv4_mma, overlap
+
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path)
+    monkeypatch.delenv(FUSE_ENV, raising=False)
+    monkeypatch.delenv(overlap.PDL_ENV, raising=False)
+    monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
+    ids = torch.randint(3, 300, (batch, 56), device=DEV)
+    ce, cn, ca = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
+    key = f"{batch}x{kv4.context_bucket(cn.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
+    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
+    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+    for c, m in ((ce, eager), (cn, fast), (ca, fast)):
+        m.forward(ids[:, :48], c)
+    launches, launch = [], kv4_mma.launch
+    monkeypatch.setattr(kv4_mma, "launch", lambda *a, **kw: (launches.append(1), launch(*a, **kw))[1])
+    native = [fast.decode_step(ids[:, i], cn) for i in range(48, 53)]
+    assert bool(launches) == overlap.hopper(DEV)
+    launches.clear()
+    monkeypatch.setattr(kernels, "_major", lambda index: 8)
+    assert not overlap.hopper(DEV) and not overlap.pdl(DEV, "gemv") and kernels.cuda_major(DEV) == 8
+    fused = fast._fused_inputs(batch)
+    assert fused == ({"rope", "heads", "silu"} if batch == 1 else set()), fused
+    steps = [fast.decode_step(ids[:, 48], ca)]
+    graph = DecodeGraph(fast, ca)  # two warm-up steps, then the replays
+    steps += [graph.step(ids[:, i]).clone() for i in range(49, 53)]
+    assert not launches and ca.length == 53
+    if batch == 1:  # the flags, set by the copy after the split attention: the epoch of the last step
+        assert (ca.ready == ca.step.item() - 1).all()
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
+    for a, b, r in zip(steps, native, ref):
+        assert _rel(a, b) < 1e-2 and _rel(a, r) < 4e-2, (_rel(a, b), _rel(a, r))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QuantLinear dispatches to the kernel on CUDA only")
 def test_quantlinear_cuda_dispatch_matches_dequantized():
     from runtime.qlinear import QuantLinear

@@ -19,7 +19,6 @@ from runtime import CACHE_KWARG, PoqCache, new_cache
 from runtime.artifact import ArtifactError
 from runtime.cache import PackedKV, PoqLayer
 from runtime.qlinear import QuantLinear
-from runtime.quant import dequantize_weight
 from tests.helpers import kernel_rtn_artifact, tiny_config
 
 REF_ATTENTION = "poq_segment_reference"

@@ -230,6 +230,26 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
         assert "LOCAL:0" in usage, (n, k, m, cfg)
 
 
+def test_mma_table_configs_compile_for_ampere(tmp_path):
+    """Every config of the table as the decode step launches it on an A100 (sm_80: no PDL, no L2 prefetch, no
+    preload, 108 multiprocessors; :func:`launch_plan`), and the one-row down projection with its SiLU input (the
+    step's default there too), compiled for sm_80: ptxas takes the inline PTX (nothing in it needs sm_90 on this
+    path), no grid dependency wait, the MMAs there, no spills. The H200 runs only the sm_90 path; this is what keeps
+    the A100 one compiling."""
+    pytest.importorskip("triton")
+    from runtime.kernels import w4_mma
+
+    launches = [(cfg, n, k, m, False) for (n, k, m), cfg in sorted(w4_mma.MMA_TABLE.items())]
+    launches.append((w4_mma.MMA_TABLE[(4096, 11008, 1)], 4096, 11008, 1, True))
+    for cfg, n, k, m, silu in launches:
+        _, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 108, False, False, silu=silu)
+        assert not (consts["PRE"] or consts["L2"] or consts["RQG"]) and consts["SILU"] == silu
+        kinds = {**MMA_PTRS, "x_ptr": "*fp32"} if silu else MMA_PTRS
+        sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": False}, kinds, "i32", cfg.warps, tmp_path,
+                                arch=80)
+        assert "HMMA" in sass and "ACQBULK" not in sass and "LOCAL:0" in usage, (n, k, m, cfg, silu)
+
+
 @pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 16), (2, 2, 16), (1, 2, 1, 1, False, 1, 0, 4)])
 def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     """With ``ready`` flags (the output projection after the attention, one row, the weight preload): each program
