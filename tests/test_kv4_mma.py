@@ -10,8 +10,8 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, ready=False, stamps=False):
-    """The sm_90 SASS and resource usage of the tensor-core attention compiled without a GPU
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90):
+    """The sm_90 (or sm_``arch``) SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
 
@@ -23,7 +23,17 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-    return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path)
+    return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path, arch=arch)
+
+
+@pytest.mark.parametrize("arch", [100, 120])
+def test_mma_attention_compiles_for_blackwell(arch, tmp_path):
+    """The tensor-core attention runs wherever the compute capability is 9 or more (``mma_attention_ok``): its launch
+    in the decode step (64-token tiles, the keys as A, rope, PDL, the heads' flags) compiles for a B200 (sm_100) and
+    an RTX 5090 (sm_120) too, with the same MMAs and no spills. Only the sm_90 build runs in the GPU tests."""
+    pytest.importorskip("triton")
+    sass, usage = _attn_sass(tmp_path, pdl=True, trigger=True, ready=True, arch=arch)
+    assert sass.count("HMMA.16816.F32") == 16 * 64 // 16 and "ACQBULK" in sass and "LOCAL:0" in usage
 
 
 @pytest.mark.parametrize("keys_a", [False, True])

@@ -230,24 +230,26 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
         assert "LOCAL:0" in usage, (n, k, m, cfg)
 
 
-def test_mma_table_configs_compile_for_ampere(tmp_path):
+@pytest.mark.parametrize("arch,sms", [(80, 108), (100, 148), (120, 170)])
+def test_mma_table_configs_compile_for_other_gpus(arch, sms, tmp_path):
     """Every config of the table as the decode step launches it on an A100 (sm_80: no PDL, no L2 prefetch, no
-    preload, 108 multiprocessors; :func:`launch_plan`), and the one-row down projection with its SiLU input (the
-    step's default there too), compiled for sm_80: ptxas takes the inline PTX (nothing in it needs sm_90 on this
-    path), no grid dependency wait, the MMAs there, no spills. The H200 runs only the sm_90 path; this is what keeps
-    the A100 one compiling."""
+    preload), a B200 (sm_100) or an RTX 5090 (sm_120; both with PDL and the preload, as on Hopper), and the one-row
+    down projection with its SiLU input (the step's default there too), compiled for that GPU: ptxas takes the
+    inline PTX (nothing of sm_90 on the sm_80 path), the grid dependency wait only with PDL, the MMAs there, no
+    spills. The H200 runs and tests the sm_90 build only; this keeps the others compiling."""
     pytest.importorskip("triton")
     from runtime.kernels import w4_mma
 
+    hopper = arch >= 90
     launches = [(cfg, n, k, m, False) for (n, k, m), cfg in sorted(w4_mma.MMA_TABLE.items())]
     launches.append((w4_mma.MMA_TABLE[(4096, 11008, 1)], 4096, 11008, 1, True))
     for cfg, n, k, m, silu in launches:
-        _, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 108, False, False, silu=silu)
-        assert not (consts["PRE"] or consts["L2"] or consts["RQG"]) and consts["SILU"] == silu
+        _, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), sms, hopper, hopper, silu=silu)
+        assert consts["PRE"] == (hopper and m == 1) and not consts["L2"] and consts["SILU"] == silu
         kinds = {**MMA_PTRS, "x_ptr": "*fp32"} if silu else MMA_PTRS
-        sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": False}, kinds, "i32", cfg.warps, tmp_path,
-                                arch=80)
-        assert "HMMA" in sass and "ACQBULK" not in sass and "LOCAL:0" in usage, (n, k, m, cfg, silu)
+        sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": hopper}, kinds, "i32", cfg.warps, tmp_path,
+                                arch=arch)
+        assert "HMMA" in sass and ("ACQBULK" in sass) == hopper and "LOCAL:0" in usage, (n, k, m, cfg, silu)
 
 
 @pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 16), (2, 2, 16), (1, 2, 1, 1, False, 1, 0, 4)])
