@@ -370,10 +370,12 @@ class FastLlama:
         if "norm" in inputs and not all(isinstance(w, GemvW4) and w.fuses_inputs(m)
                                         for la in self.layers for w in (la.qkv, la.gate_up)):
             inputs.discard("norm")
-        if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m) for la in self.layers):
+        dt = self.embed.dtype  # the products' dtype (the decode step's ``dt``)
+        if "silu" in inputs and not all(isinstance(la.down, GemvW4) and la.down.fuses_silu(m, dt)
+                                        for la in self.layers):
             inputs.discard("silu")
         default = not (value or "").strip()
-        if "silu" in inputs and default and not all(la.down.silu_by_default(m) for la in self.layers):
+        if "silu" in inputs and default and not all(la.down.silu_by_default(m, dt) for la in self.layers):
             inputs.discard("silu")  # the default: only where it measured faster
         rope = "rope" in chosen and "norm" not in inputs
         heads = ("heads" in chosen and rope and self.config.head_dim == 128

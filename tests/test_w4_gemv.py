@@ -368,7 +368,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default ("silu" where down's tensor-core GEMV takes it)
-    silu = {"silu"} if fast.layers[0].down.silu_by_default(1) else set()
+    silu = {"silu"} if fast.layers[0].down.silu_by_default(1, fast.embed.dtype) else set()
     assert fast._fused_inputs(1) == {"rope"} | silu and not fast._fused_inputs(2)
     monkeypatch.setenv(FUSE_ENV, fuse)
     named = set(fuse.split(","))

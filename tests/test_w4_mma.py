@@ -419,3 +419,25 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     assert w._mma_silu(1) and calls == [256, 256]
     monkeypatch.setenv(w4_mma.MMA_ENV, "0")
     assert not w._mma_silu(1) and calls == [256, 256]
+
+
+def test_silu_input_only_in_float16(monkeypatch):
+    """The tensor-core GEMV builds the SiLU input in float16 only, so a model in float32 or bfloat16 does not take
+    it (``fuses_silu`` / ``silu_by_default``: what the decode step's fusions ask, with its dtype); with the
+    group-major weight the step uses on CUDA the row GEMV cannot either, so the step keeps the SiLU kernel. (The
+    full GPU suite found `generate --fast` of a float32 model failing in the row GEMV: the choice was made without
+    the dtype, the call with it.)"""
+    from runtime import quant
+    from runtime.kernels import w4_mma
+    from runtime.kernels.w4_gemv import GemvW4
+
+    monkeypatch.setattr(w4_mma, "silu_weight_ok", lambda *a: True)
+    monkeypatch.delenv(w4_mma.MMA_ENV, raising=False)
+    monkeypatch.delenv(w4_mma.TABLE_ENV, raising=False)
+    qw, s, z = quant.group_major(torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.float16),
+                                 torch.zeros(64, 2, dtype=torch.uint8))
+    w = GemvW4(qw, s, z, 256, 128, None)
+    assert w.fuses_silu(1, torch.float16) and w.silu_by_default(1, torch.float16)
+    for dt in (torch.float32, torch.bfloat16):
+        assert not w.fuses_silu(1, dt) and not w.silu_by_default(1, dt)
+        assert not w._mma_silu(1, torch.zeros(1, 512), dt)

@@ -699,23 +699,24 @@ class GemvW4(W4Weight):
         """Whether :meth:`accumulate_rmsnorm` takes ``m`` rows (:func:`shape_ok`: the row GEMV)."""
         return shape_ok(m, self.in_features, self.qweight)
 
-    def fuses_silu(self, m: int) -> bool:
-        """Whether :meth:`accumulate_silu` takes ``m`` rows: on the tensor-core GEMV at one row (its programs build
-        ``silu(gate) * up`` in shared memory, :func:`runtime.kernels.w4_mma.silu_ok`), else on the row GEMV
-        (:func:`shape_ok`)."""
-        return self._mma_silu(m) or shape_ok(m, self.in_features, self.qweight)
+    def fuses_silu(self, m: int, dt: torch.dtype) -> bool:
+        """Whether :meth:`accumulate_silu` takes ``m`` rows with products in ``dt``: on the tensor-core GEMV at one
+        row in float16 (its programs build ``silu(gate) * up`` in shared memory, :func:`runtime.kernels.w4_mma.silu_ok`),
+        else on the row GEMV (:func:`shape_ok`: a row-major weight)."""
+        return self._mma_silu(m, dt=dt) or shape_ok(m, self.in_features, self.qweight)
 
-    def silu_by_default(self, m: int) -> bool:
+    def silu_by_default(self, m: int, dt: torch.dtype) -> bool:
         """Whether the decode step's default fusions take the SiLU input here: on the tensor-core GEMV (not the row
         GEMV) with a split grid (H200, b1, twenty-fifth session: 7B's down on a split grid 0.03-0.05 ms a step
         faster; 13B's on a stream-K grid, whose shares run the prologue once a row block they cross, 0.03 slower)."""
-        return self._mma_silu(m) and not self._mma_silu_plan()[1]
+        return self._mma_silu(m, dt=dt) and not self._mma_silu_plan()[1]
 
-    def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None) -> bool:
-        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given)."""
+    def _mma_silu(self, m: int, gate_up: torch.Tensor | None = None, dt: torch.dtype = torch.float16) -> bool:
+        """Whether the tensor-core GEMV takes the SiLU input at ``m`` rows (of ``gate_up`` where given) with products
+        in ``dt`` (float16 only: a model in another dtype runs the row GEMV's or the SiLU kernel)."""
         from . import w4_mma
 
-        if m != 1 or not w4_mma.mma_enabled():
+        if m != 1 or dt != torch.float16 or not w4_mma.mma_enabled():
             return False
         if gate_up is not None and not (w4_mma.silu_input_ok(gate_up) and gate_up.shape[1] == 2 * self.in_features
                                         and gate_up.device == self.qweight.device):
@@ -747,7 +748,7 @@ class GemvW4(W4Weight):
         """``out += silu_mul(gate_up) @ W^T (+ bias)`` in the kernel: the tensor-core GEMV's (float16, one row,
         :meth:`fuses_silu`; :func:`runtime.kernels.w4_mma.w4_mma_accumulate_silu`), else the row GEMV's
         (:func:`w4_gemv_accumulate_silu`); leaves ``gate_up`` to be zeroed by its next user."""
-        if dt == torch.float16 and self._mma_silu(1, gate_up):  # one row: gate_up [1, 2K]
+        if self._mma_silu(1, gate_up, dt):  # one row: gate_up [1, 2K], float16
             from . import w4_mma
 
             return w4_mma.w4_mma_accumulate_silu(gate_up, self.qweight, self.scales, self.zeros, self.group_size, out)
