@@ -469,9 +469,9 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-def _two_layers_of_128_channel_heads(tmp_path):
+def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16):
     """A converted two-layer model with heads of 128 channels (the tensor-core attention; 2 query heads a KV head,
-    down K = 640: five groups) in float16: its eager ``FastLlama`` and a kernel one on the gemv projections."""
+    down K = 640: five groups) in ``dtype``: its eager ``FastLlama`` and a kernel one on the gemv projections."""
     import runtime
     from converter.convert import ConvertConfig, convert
     from runtime.fast import FastLlama
@@ -480,7 +480,7 @@ def _two_layers_of_128_channel_heads(tmp_path):
     src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=640, num_hidden_layers=2)
     art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
-    model, _ = runtime.load(art, device=DEV, dtype=torch.float16)
+    model, _ = runtime.load(art, device=DEV, dtype=dtype)
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
@@ -568,6 +568,45 @@ def test_decode_silu_input_matches_eager(tmp_path, monkeypatch, fuse):
     ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
     for a, b, r in zip(steps, plain, ref):
         assert _rel(a, b) < 1e-3 and _rel(a, r) < 4e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step's kernels: CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_in_bfloat16_and_float32(tmp_path, monkeypatch, dtype):
+    """A model loaded in bfloat16 or float32 on CUDA (``runtime.load(..., dtype=...)``): a prefill, a decode step and
+    CUDA-graph replays with the default fusions ("heads" as at 7B; no SiLU input, which the tensor-core GEMV builds
+    in float16 only, so the projections run the split-K kernel on the group-major weight). float32: the eager path's
+    logits to float32's precision (the split-K kernel's products in IEEE float32: with Triton's default TF32 they
+    were 5-9% off, the 4-bit cache turning ~1e-3 differences in K and V into other codes; a float32 step used to
+    fail outright in down's row GEMV). bfloat16: the eager path rounds K and V to bfloat16 before quantizing them
+    and the kernels quantize float32 sums, so their codes differ; each is held to the float32 eager path instead,
+    the kernels no further from it than the eager path in bfloat16 (measured: at most 1.05 times as far)."""
+    from runtime import fast as fast_module
+    from runtime.fast import FUSE_ENV, DecodeGraph
+
+    def steps(model, kernels):
+        c = model.new_cache(1, 64)
+        out = [model.forward(ids[:, :48], c)]
+        if not kernels:
+            return out + [model.forward(ids[:, i:i + 1], c) for i in range(48, 53)]
+        out.append(model.decode_step(ids[:, 48], c))
+        graph = DecodeGraph(model, c)
+        return out + [graph.step(ids[:, i]).clone() for i in range(49, 53)]
+
+    monkeypatch.delenv(FUSE_ENV, raising=False)
+    monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path / "a", dtype)
+    assert fast.embed.dtype == dtype and fast._fused_inputs(1) == {"rope", "heads"}
+    ids = torch.randint(3, 300, (1, 56), device=DEV)
+    got, ref = steps(fast, True), steps(eager, False)
+    if dtype == torch.float32:
+        for a, r in zip(got, ref):
+            assert _rel(a, r) < 1e-4, _rel(a, r)
+        return
+    ref32 = steps(_two_layers_of_128_channel_heads(tmp_path / "b", torch.float32)[0], False)
+    for a, r, r32 in zip(got, ref, ref32):
+        assert _rel(a, r32) <= 1.25 * _rel(r, r32) + 1e-2, (_rel(a, r32), _rel(r, r32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step's kernels: CUDA only")

@@ -55,8 +55,9 @@ def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
         z = tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
         wl = (((qb & 15).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
         wh = (((qb >> 4).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
-        acc += tl.dot(xe, wl)
-        acc += tl.dot(xo, wh)
+        # "ieee": a float32 model's products in float32, not TF32 (Triton's default on CUDA; ignored for 16-bit x)
+        acc += tl.dot(xe, wl, input_precision="ieee")
+        acc += tl.dot(xo, wh, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
