@@ -487,6 +487,17 @@ def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16):
     return eager, fast
 
 
+def _mma_attention_table(tmp_path, monkeypatch, batch: int, cache) -> None:
+    """An attention table (``WKVQ_ATTN_TABLE``) that puts ``cache``'s size at ``batch`` on the tensor-core attention
+    with 2 splits and the fused combine (where the GPU takes it)."""
+    from runtime.kernels import kv4
+
+    key = f"{batch}x{kv4.context_bucket(cache.layers[0].k_codes.shape[2])}"
+    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
+    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
+    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
@@ -509,10 +520,7 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
     assert fast._fused_inputs(batch) == {"rope", "heads"} and eager._fused_inputs(batch) == {"rope"}
     ids = torch.randint(3, 300, (batch, 56), device=DEV)
     ce, cf, cu = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
-    key = f"{batch}x{kv4.context_bucket(cf.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
-    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
-    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
-    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+    _mma_attention_table(tmp_path, monkeypatch, batch, cf)
     assert kv4.attn_config(batch, 4, cf.layers[0].k_codes.shape[2]).mma
     for c, m in ((ce, eager), (cf, fast), (cu, fast)):
         m.forward(ids[:, :48], c)
@@ -617,11 +625,11 @@ def test_decode_on_the_ampere_path_matches_eager(tmp_path, monkeypatch, batch):
     the tensor-core one, and the default fusions, "heads" included (its flags then set after the attention by
     ``kv4.decode_attention``, as no attention program sets them). Decode steps and CUDA-graph replays against the
     eager path and against the same steps on this GPU's own path. Only the choices are emulated: the kernels still
-    compile for this GPU (``test_mma_table_configs_compile_for_ampere`` compiles the GEMV's for sm_80)."""
+    compile for this GPU (``test_mma_table_configs_compile_for_other_gpus`` compiles the GEMV's for sm_80)."""
     from runtime import fast as fast_module
     from runtime import kernels
     from runtime.fast import FUSE_ENV, DecodeGraph
-    from runtime.kernels import kv4, kv4_mma, overlap
+    from runtime.kernels import kv4_mma, overlap
 
     eager, fast = _two_layers_of_128_channel_heads(tmp_path)
     monkeypatch.delenv(FUSE_ENV, raising=False)
@@ -629,10 +637,7 @@ def test_decode_on_the_ampere_path_matches_eager(tmp_path, monkeypatch, batch):
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
     ids = torch.randint(3, 300, (batch, 56), device=DEV)
     ce, cn, ca = eager.new_cache(batch, 64), fast.new_cache(batch, 64), fast.new_cache(batch, 64)
-    key = f"{batch}x{kv4.context_bucket(cn.layers[0].k_codes.shape[2])}"  # the tensor-core attention, 2 splits
-    cfg = {"splits": 2, "block_s": 16, "keys_a": True, "mma": True, "stages": 2, "combine": True}
-    (tmp_path / "attn.json").write_text(json.dumps({"best": {key: {"config": cfg}}}))
-    monkeypatch.setenv(kv4.TABLE_ENV, str(tmp_path / "attn.json"))
+    _mma_attention_table(tmp_path, monkeypatch, batch, cn)
     for c, m in ((ce, eager), (cn, fast), (ca, fast)):
         m.forward(ids[:, :48], c)
     launches, launch = [], kv4_mma.launch
