@@ -6,8 +6,8 @@ same dtype, and each against the float32 eager path. With a 4-bit cache a small 
 code, so paths that round differently drift apart by far more than their arithmetic differs; what matters is that
 the kernel path is no further from float32 than the eager path in the same dtype. Prints one line per dtype and
 comparison (relative L2 errors: prefill, then the steps). For CUDA: under Triton's interpreter the bfloat16
-kernels compute garbage (``w4_linear`` off by ~1e10 there, and not on the GPU), so only float32 and float16 mean
-anything on a CPU.
+kernels compute garbage (``tl.dot`` multiplies bfloat16 bit patterns there: triton-lang/triton#11584), so only
+float32 and float16 mean anything on a CPU.
 
     PYTHONPATH=$PWD python3 benchmarks/dtype_probe.py [--json probe.json]
 """
