@@ -161,14 +161,22 @@ def test_even_cap():
 
 
 def test_cap_bytes():
-    """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB with the
-    1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already
+    """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB (Hopper; or
+    the device's, e.g. ~100 KB) with the 1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already
     allows no more (cap 12 at 17.5 KB), where it would pass the static limit (cap 3), or without a cap."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 
     ring = kv4_mma.smem_bytes(64, 2)
-    for cap in (5, 8):
-        per = kv4_mma.cap_bytes(ring, cap) + 2 * kv4_mma.CTA_RESERVED
-        assert cap * per <= kv4_mma.SM_SHARED < (cap + 1) * (per - kv4_mma.CTA_RESERVED)
+    for sm_shared, caps in ((kv4_mma.SM_SHARED, (5, 8)), (100 << 10, (3, 4))):  # Hopper; an RTX 5090's ~100 KB
+        for cap in caps:
+            per = kv4_mma.cap_bytes(ring, cap, sm_shared) + 2 * kv4_mma.CTA_RESERVED
+            assert cap * per <= sm_shared < (cap + 1) * (per - kv4_mma.CTA_RESERVED), (sm_shared, cap)
     assert kv4_mma.cap_bytes(ring, 0) == kv4_mma.cap_bytes(ring, 12) == kv4_mma.cap_bytes(ring, 3) == ring
+    assert kv4_mma.cap_bytes(ring, 5, 100 << 10) == ring  # 100 KB / 6 is under the ring: no padding
+    # the launch declares it for the device's multiprocessors (the default, Hopper's, off CUDA)
+    from runtime.kernels import shared_memory_per_multiprocessor
+
+    assert shared_memory_per_multiprocessor("cpu", kv4_mma.SM_SHARED) == kv4_mma.SM_SHARED
+    init = kv4_mma._asm(64, 2, 1, "mixed", 4, True, 100 << 10)[0]
+    assert f"[{kv4_mma.cap_bytes(ring, 4, 100 << 10)}]" in init and f"[{kv4_mma.cap_bytes(ring, 4)}]" not in init

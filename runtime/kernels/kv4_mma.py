@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, multiprocessors, overlap, stamps
+from . import cuda_major, multiprocessors, overlap, shared_memory_per_multiprocessor, stamps
 from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
@@ -95,7 +95,7 @@ def _rows_aligned(t) -> bool:
 # ------------------------------------------------------------------------------------------------ inline PTX
 
 
-SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor (the cap is used with PDL only: Hopper)
+SM_SHARED = 228 << 10  # shared memory of a Hopper multiprocessor: the cap's default (launch asks the device)
 CTA_RESERVED = 1 << 10  # what the hardware reserves a resident program
 CAP_LIMIT = 46 << 10  # the most a cap declares: static shared memory stops at 48 KB, with room for Triton's own
 CAP_ENV = "WKVQ_ATTN_CAP"  # 0: no cap when the attention is launched early
@@ -112,16 +112,16 @@ def even_cap(programs: int, sms: int) -> int:
     return -(-programs // sms) + CAP_SLACK
 
 
-def cap_bytes(ring: int, cap: int) -> int:
+def cap_bytes(ring: int, cap: int, sm_shared: int = SM_SHARED) -> int:
     """Shared bytes to declare for a ring of ``ring`` bytes so that at most ``cap`` programs fit on one
-    multiprocessor: just over the share of ``cap + 1`` (``ring`` where that is no more than ``ring``, or more than
-    :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before frees room first, up
+    multiprocessor of ``sm_shared`` bytes: just over the share of ``cap + 1`` (``ring`` where that is no more than
+    ``ring``, or more than :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before frees room first, up
     to the residency limit: a cap near the grid's even share (:func:`even_cap`) keeps a one-wave grid balanced."""
-    padded = SM_SHARED // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
+    padded = sm_shared // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
     return padded if ring < padded <= CAP_LIMIT else ring
 
 
-def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
+def _init_asm(tile: int, stages: int, copies: str, cap: int = 0, sm_shared: int = SM_SHARED) -> str:
     """PTX that declares the shared ring (function scope; :func:`cap_bytes` of it with a ``cap``), lets lane 0
     initialise the stages' mbarriers (the arrivals of a phase: lane 0's, plus one per lane for its ``cp.async``
     copies unless ``copies`` is "bulk", :func:`_issue_asm`), and returns the ring's shared address. Constraints
@@ -129,7 +129,7 @@ def _init_asm(tile: int, stages: int, copies: str, cap: int = 0) -> str:
     count = 1 if copies == "bulk" else 33
     inits = [f"@p mbarrier.init.shared::cta.b64 [a+{8 * s}], {count};" for s in range(stages)]
     return "\n".join([
-        f".shared .align 128 .b8 {SMEM}[{cap_bytes(smem_bytes(tile, stages), cap)}];",
+        f".shared .align 128 .b8 {SMEM}[{cap_bytes(smem_bytes(tile, stages), cap, sm_shared)}];",
         "{", ".reg .pred p;", ".reg .u32 lane, a;", "mov.u32 lane, %laneid;", "setp.eq.u32 p, lane, 0;",
         f"mov.u32 a, {SMEM};", *inits, "fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
         "bar.warp.sync -1;", "mov.u32 $0, a;", "}"])
@@ -471,9 +471,10 @@ FROM_ASM = tl.constexpr("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;")
 
 
 @functools.cache
-def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, keys_a: bool = False):
+def _asm(tile: int, stages: int, qg: int, copies: str = "mixed", cap: int = 0, keys_a: bool = False,
+         sm_shared: int = SM_SHARED):
     step, step_cons = (_step_asm_ka if keys_a else _step_asm)(tile, qg)
-    return _init_asm(tile, stages, copies, cap), _issue_asm(tile, copies), step, step_cons
+    return _init_asm(tile, stages, copies, cap, sm_shared), _issue_asm(tile, copies), step, step_cons
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -776,8 +777,10 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv, splits + (rope is not None))
-    cap = even_cap(grid[0] * grid[1], multiprocessors(store.k_codes.device)) if pdl and _cap_on() else 0
-    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a)
+    device = store.k_codes.device
+    cap = even_cap(grid[0] * grid[1], multiprocessors(device)) if pdl and _cap_on() else 0
+    init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a,
+                                        shared_memory_per_multiprocessor(device, SM_SHARED))
     on = bool(stamps_kind) and stamps.enabled()
     st = stamps.buffer(store.k_codes.device, stamps_kind, grid[0] * grid[1]) if on else None
     _attn_mma_kernel[grid](
