@@ -162,8 +162,9 @@ def test_even_cap():
 
 def test_cap_bytes():
     """The ring's declared size for a cap of programs a multiprocessor: cap of them fit in its 228 KB (Hopper; or
-    the device's, e.g. ~100 KB) with the 1 KB each reserves and Triton's 1 KB of scratch, one more does not; no padding where the ring alone already
-    allows no more (cap 12 at 17.5 KB), where it would pass the static limit (cap 3), or without a cap."""
+    the device's, e.g. ~100 KB) with the 1 KB each reserves and Triton's 1 KB of scratch, one more does not; no
+    padding where the ring alone already allows no more (cap 12 at 17.5 KB), where it would pass the static limit
+    (cap 3), or without a cap."""
     pytest.importorskip("triton")
     from runtime.kernels import kv4_mma
 

@@ -115,8 +115,9 @@ def even_cap(programs: int, sms: int) -> int:
 def cap_bytes(ring: int, cap: int, sm_shared: int = SM_SHARED) -> int:
     """Shared bytes to declare for a ring of ``ring`` bytes so that at most ``cap`` programs fit on one
     multiprocessor of ``sm_shared`` bytes: just over the share of ``cap + 1`` (``ring`` where that is no more than
-    ``ring``, or more than :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before frees room first, up
-    to the residency limit: a cap near the grid's even share (:func:`even_cap`) keeps a one-wave grid balanced."""
+    ``ring``, or more than :data:`CAP_LIMIT`, or ``cap`` is 0). With PDL the programs land where the kernel before
+    frees room first, up to the residency limit: a cap near the grid's even share (:func:`even_cap`) keeps a one-wave
+    grid balanced."""
     padded = sm_shared // (cap + 1) - CTA_RESERVED + 128 if cap > 0 else 0
     return padded if ring < padded <= CAP_LIMIT else ring
 

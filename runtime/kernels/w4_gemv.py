@@ -701,8 +701,8 @@ class GemvW4(W4Weight):
 
     def fuses_silu(self, m: int, dt: torch.dtype) -> bool:
         """Whether :meth:`accumulate_silu` takes ``m`` rows with products in ``dt``: on the tensor-core GEMV at one
-        row in float16 (its programs build ``silu(gate) * up`` in shared memory, :func:`runtime.kernels.w4_mma.silu_ok`),
-        else on the row GEMV (:func:`shape_ok`: a row-major weight)."""
+        row in float16 (its programs build ``silu(gate) * up`` in shared memory,
+        :func:`runtime.kernels.w4_mma.silu_ok`), else on the row GEMV (:func:`shape_ok`: a row-major weight)."""
         return self._mma_silu(m, dt=dt) or shape_ok(m, self.in_features, self.qweight)
 
     def silu_by_default(self, m: int, dt: torch.dtype) -> bool:
