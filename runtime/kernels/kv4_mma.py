@@ -59,7 +59,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_major, multiprocessors, overlap, shared_memory_per_multiprocessor, stamps
+from . import (
+    cuda_major,
+    multiprocessors,
+    overlap,
+    shared_memory_per_multiprocessor,
+    stamps,
+)
 from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
 from .kv4 import mma_smem_bytes as smem_bytes
 
