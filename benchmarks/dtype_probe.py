@@ -15,7 +15,6 @@ float32 and float16 mean anything on a CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -23,24 +22,17 @@ from pathlib import Path
 import torch
 
 import runtime
-from converter.convert import ConvertConfig, convert
 from runtime.fast import FastLlama
-from tests.helpers import make_tiny_llama
+from tests.helpers import heads128_rtn_artifact, kernel_copy, rel_error
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def logits(art, ids, dtype, kernels: bool) -> list[torch.Tensor]:
     """The prefill's and five decode steps' logits of the artifact loaded in ``dtype``, eager or on the kernels."""
     model, _ = runtime.load(art, device=DEV, dtype=dtype)
-    m = eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    if kernels:
-        m = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                      eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
+    eager = FastLlama.from_hf(model, 128, use_kernels=False)
+    m = kernel_copy(eager) if kernels else eager
     c = m.new_cache(1, 64)
     out = [m.forward(ids[:, :48], c)]
     for i in range(48, 53):
@@ -52,10 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    src = make_tiny_llama(tmp / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=640, num_hidden_layers=2)
-    art = convert(ConvertConfig(out=tmp / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+    art = heads128_rtn_artifact(Path(tempfile.mkdtemp()))
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (1, 56), device=DEV)
     ref = logits(art, ids, torch.float32, False)
@@ -63,7 +52,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         e, f = logits(art, ids, dtype, False), logits(art, ids, dtype, True)
         for name, xs, ys in (("kernels-eager", f, e), ("kernels-eager32", f, ref), ("eager-eager32", e, ref)):
-            errs = [rel(a, b) for a, b in zip(xs, ys)]
+            errs = [rel_error(a, b) for a, b in zip(xs, ys)]
             rows.append({"dtype": str(dtype)[6:], "compare": name, "errors": errs})
             print(f"{str(dtype)[6:]:9} {name:16}", " ".join(f"{x:.2e}" for x in errs), flush=True)
     if args.json:

@@ -62,19 +62,38 @@ def kernel_rtn_artifact(tmp_path: Path, layers: int = 1) -> Path:
     return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
 
 
+def heads128_rtn_artifact(tmp_path: Path) -> Path:
+    """A two-layer tiny model with heads of 128 channels (the tensor-core attention; hidden 512, 2 query heads a KV
+    head, MLP 640: the down projection has five groups), converted with RTN into ``tmp_path / "q"``."""
+    from converter.convert import ConvertConfig, convert
+
+    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=640, num_hidden_layers=2)
+    return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
+
+
+def kernel_copy(eager, projections: str | None = "gemv"):
+    """A ``FastLlama`` on the kernels sharing ``eager``'s weights (its layers copied, so that ``with_projections``
+    leaves ``eager``'s alone), on ``projections`` where given."""
+    import dataclasses
+
+    from runtime.fast import FastLlama
+
+    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
+                     eager.lm_head, eager.cos, eager.sin, True)
+    return fast.with_projections(projections) if projections else fast
+
+
 def fast_decode_errors(tmp_path: Path, projections: str):
     """A one-layer tiny model (hidden 256, MLP 320: the down projection has a ragged group) converted with RTN,
     loaded on CUDA in float16, its decode step on ``projections`` against the eager path: returns the fast
     model and the relative errors of the logits of one ``decode_step`` and two CUDA-graph steps."""
-    import dataclasses
-
     import runtime
     from runtime.fast import DecodeGraph, FastLlama
 
     model, _ = runtime.load(kernel_rtn_artifact(tmp_path), device="cuda", dtype=torch.float16)
     eager = FastLlama.from_hf(model, 32, use_kernels=False)
-    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                     eager.lm_head, eager.cos, eager.sin, True).with_projections(projections)
+    fast = kernel_copy(eager, projections)
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     ids = torch.randint(3, 300, (2, 8), device="cuda")
     ce, cf = eager.new_cache(2, 16), fast.new_cache(2, 16)

@@ -469,22 +469,17 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16):
-    """A converted two-layer model with heads of 128 channels (the tensor-core attention; 2 query heads a KV head,
-    down K = 640: five groups) in ``dtype``: its eager ``FastLlama`` and a kernel one on the gemv projections."""
+def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16, art=None):
+    """The two-layer model with heads of 128 channels (:func:`tests.helpers.heads128_rtn_artifact`, converted into
+    ``tmp_path`` unless ``art`` is given) in ``dtype``: its eager ``FastLlama`` and a kernel one on the gemv
+    projections."""
     import runtime
-    from converter.convert import ConvertConfig, convert
     from runtime.fast import FastLlama
-    from tests.helpers import make_tiny_llama
+    from tests.helpers import heads128_rtn_artifact, kernel_copy
 
-    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=640, num_hidden_layers=2)
-    art = convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
-    model, _ = runtime.load(art, device=DEV, dtype=dtype)
+    model, _ = runtime.load(art or heads128_rtn_artifact(tmp_path), device=DEV, dtype=dtype)
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                     eager.lm_head, eager.cos, eager.sin, True).with_projections("gemv")
-    return eager, fast
+    return eager, kernel_copy(eager)
 
 
 def _mma_attention_table(tmp_path, monkeypatch, batch: int, cache) -> None:
@@ -603,8 +598,10 @@ def test_decode_in_bfloat16_and_float32(tmp_path, monkeypatch, dtype):
 
     monkeypatch.delenv(FUSE_ENV, raising=False)
     monkeypatch.setattr(fast_module, "HEADS_DEFAULT_SHAPES", frozenset({(512, 512)}))
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    eager, fast = _two_layers_of_128_channel_heads(tmp_path / "a", dtype)
+    from tests.helpers import heads128_rtn_artifact
+
+    art = heads128_rtn_artifact(tmp_path)
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path, dtype, art)
     assert fast.embed.dtype == dtype and fast._fused_inputs(1) == {"rope", "heads"}
     ids = torch.randint(3, 300, (1, 56), device=DEV)
     got, ref = steps(fast, True), steps(eager, False)
@@ -612,7 +609,7 @@ def test_decode_in_bfloat16_and_float32(tmp_path, monkeypatch, dtype):
         for a, r in zip(got, ref):
             assert _rel(a, r) < 1e-4, _rel(a, r)
         return
-    ref32 = steps(_two_layers_of_128_channel_heads(tmp_path / "b", torch.float32)[0], False)
+    ref32 = steps(_two_layers_of_128_channel_heads(tmp_path, torch.float32, art)[0], False)
     for a, r, r32 in zip(got, ref, ref32):
         assert _rel(a, r32) <= 1.25 * _rel(r, r32) + 1e-2, (_rel(a, r32), _rel(r, r32))
 
