@@ -105,6 +105,38 @@ def fast_decode_errors(tmp_path: Path, projections: str):
     return fast, errs
 
 
+def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3, layers: int = 2) -> list[float]:
+    """A random W4KV4 model of ``wkvq bench``'s ``shape`` cut to ``layers`` layers, its 4-bit cache filled with
+    ``prompt`` random tokens and sized as the benchmark sizes it (so that the decode step takes the GEMV and
+    attention tables' entries for this shape, batch and context), on CUDA: the CUDA-graph decode step against the
+    eager path on the same weights and a copy of the same cache. Returns the relative errors of the logits of
+    ``steps`` steps of random tokens."""
+    import dataclasses
+
+    from converter.bench import llama_config
+    from converter.bench_paths import wkvq_decode_graph
+    from runtime.fast import FastLlama
+
+    config = llama_config(shape)
+    config.num_hidden_layers = layers
+    fast, cache, graph, _ = wkvq_decode_graph(config, batch, prompt, steps)
+    eager = FastLlama(fast.config, fast.embed,
+                      [dataclasses.replace(la, qkv=la.qkv.plain(), o=la.o.plain(), gate_up=la.gate_up.plain(),
+                                           down=la.down.plain()) for la in fast.layers],
+                      fast.norm, fast.lm_head, fast.cos, fast.sin, use_kernels=False)
+    ref = eager.new_cache(batch, cache.max_len)
+    for mine, theirs in zip(ref.layers, cache.layers):
+        for t, u in zip(mine.tensors(), theirs.tensors()):
+            t.copy_(u)
+    ref.length = cache.length
+    ref.pos.fill_(cache.length)
+    errs = []
+    for _ in range(steps):
+        ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
+        errs.append(rel_error(graph.step(ids), eager.forward(ids[:, None], ref)))
+    return errs
+
+
 def load_benchmark(name: str, monkeypatch):
     """The script ``benchmarks/NAME.py`` as a module (its directory on ``sys.path`` for its own imports), for the
     duration of a test."""
