@@ -96,7 +96,8 @@ def test_bench_config_and_table():
     from converter.bench import BenchConfig, format_table
 
     with pytest.raises(ValueError, match="unknown shape"):
-        BenchConfig(shapes=("70b",))
+        BenchConfig(shapes=("65b",))
+    assert BenchConfig(shapes=("8b", "70b")).shapes == ("8b", "70b")
     with pytest.raises(ValueError, match="unknown path"):
         BenchConfig(paths=("fp8",))
     result = {"device": "GPU", "copy_bandwidth_GBps": 4200.0, "date": "today", "rows": [
