@@ -352,7 +352,7 @@ def test_mma_silu_input_checks():
 
 def test_mma_silu_plan_limits():
     """The SiLU input's plan (no GPU): one row only, no ready flags, and at most SILU_MAX_PER_THREAD channels a thread
-    a range (a one-line error otherwise); the shared copy holds every group; the ranges' group counts as the grid
+    a range (a one-line error otherwise); the shared copy holds every group, at most 48 KB; the ranges' group counts as the grid
     gives them (split grid: cdiv(G, split); stream-K: at most a share)."""
     pytest.importorskip("triton")
     from runtime.kernels import w4_mma
@@ -371,6 +371,11 @@ def test_mma_silu_plan_limits():
     with pytest.raises(ValueError, match="ready flags"):
         w4_mma.launch_plan(MmaConfig(4, 2, 16), 4096, 4096, 1, (64, 2, 1), (64, 2, 1), 132, True, True, ready_qg=1,
                            silu=True)
+    # the shared copy is declared statically, at most 48 KB: 192 groups (70B's down, K = 28672, is 224)
+    big = functools.partial(plan, n=8192, gstrides=(64 * 8192, 2 * 8192, 8192), m=1)
+    assert f"[{256 * 192}]" in big(MmaConfig(4, 2, 32), k=192 * 128)[1]["XS"]
+    with pytest.raises(ValueError, match="57344 bytes, over the 49152"):
+        big(MmaConfig(4, 2, 32), k=28672)
 
 
 @pytest.mark.parametrize("cfg,n,k", [((4, 2, 16), 4096, 11008), ((1, 2, 1, 1, False, 1, 0, 16), 4096, 11008),

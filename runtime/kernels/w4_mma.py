@@ -909,6 +909,10 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         raise ValueError(f"MmaConfig {cfg}: the SiLU input needs one row of x, no ready flags and at most "
                          f"{SILU_MAX_PER_THREAD} channels a thread a range; got {m} rows, {most} groups a range, "
                          f"{cfg.warps} warps (use misc.silu_mul and the plain GEMV)")
+    if silu and 256 * g > XS_MAX_BYTES:
+        raise ValueError(f"the SiLU input's shared copy of x holds every group, 256 bytes each: {g} groups (K = {k}) "
+                         f"need {256 * g} bytes, over the {XS_MAX_BYTES} a kernel may declare statically "
+                         "(use misc.silu_mul and the plain GEMV)")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
                                                                rqg > 0, silu)
     loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
@@ -922,6 +926,7 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
 
 
 SILU_MAX_PER_THREAD = 32  # channels of gate and of up a thread loads at once in a range's SiLU prologue
+XS_MAX_BYTES = 48 * 1024  # static shared memory a kernel may declare (ptxas refuses more: LLaMA-2-70B's down, K 28672)
 
 
 def silu_groups(cfg: MmaConfig, grid: tuple[int, int], g: int, blocks: int) -> int:
