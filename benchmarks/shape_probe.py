@@ -3,7 +3,7 @@ asserts), printed for any cases: two layers of a random model of ``wkvq bench``'
 with random codes and sized as the benchmark sizes it, three CUDA-graph steps against the eager path on the same
 weights and cache. One line a case: the relative L2 errors of the logits.
 
-    PYTHONPATH=$PWD python3 benchmarks/shape_probe.py [--cases 7b:1:2048,13b:8:32768] [--json probe.json]
+    PYTHONPATH=$PWD python3 benchmarks/shape_probe.py [--cases 7b:1:2048,13b:8:32768] [--lost 0.0625] [--json probe.json]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from tests.test_real_shapes import CASES
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", help="shape:batch:prompt,... (default: the test's cases)")
+    ap.add_argument("--lost", type=float, default=0.0,
+                    help="redraw the key codes of this fraction of the past in the eager path's copy (the check's power)")
     ap.add_argument("--json", help="write the errors here")
     args = ap.parse_args()
     cases = ([(s, int(b), int(p)) for s, b, p in (c.split(":") for c in args.cases.split(","))]
@@ -27,8 +29,8 @@ def main() -> None:
     print(f"{'shape':5} {'batch':>5} {'prompt':>6}  errors (three steps)   seconds")
     for shape, batch, prompt in cases:
         start = time.time()
-        errs = real_shape_decode_errors(shape, batch, prompt)
-        rows.append({"shape": shape, "batch": batch, "prompt": prompt, "errors": errs})
+        errs = real_shape_decode_errors(shape, batch, prompt, lost=args.lost)
+        rows.append({"shape": shape, "batch": batch, "prompt": prompt, "lost": args.lost, "errors": errs})
         print(f"{shape:5} {batch:5d} {prompt:6d}  " + " ".join(f"{e:.2e}" for e in errs)
               + f"   {time.time() - start:.1f}", flush=True)
     if args.json:

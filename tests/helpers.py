@@ -105,12 +105,19 @@ def fast_decode_errors(tmp_path: Path, projections: str):
     return fast, errs
 
 
-def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3, layers: int = 2) -> list[float]:
+def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3, layers: int = 2,
+                             lost: float = 0.0) -> list[float]:
     """A random W4KV4 model of ``wkvq bench``'s ``shape`` cut to ``layers`` layers, its 4-bit cache filled with
     ``prompt`` random tokens and sized as the benchmark sizes it (so that the decode step takes the GEMV and
     attention tables' entries for this shape, batch and context), on CUDA: the CUDA-graph decode step against the
     eager path on the same weights and a copy of the same cache. Returns the relative errors of the logits of
-    ``steps`` steps of random tokens."""
+    ``steps`` steps of random tokens.
+
+    The keys' steps are ten times the benchmark's, so that a query's scores spread by several units and a few
+    tokens carry most of its attention: with the benchmark's flat scores every token's weight is about the same and
+    the output is close to the mean of the values whatever tokens the kernel reads. ``lost`` > 0 redraws the key
+    codes of that fraction of the past (its last tokens) in the eager path's copy only: the errors a kernel that
+    lost or misplaced those tokens would show (the check's power)."""
     import dataclasses
 
     from converter.bench import llama_config
@@ -120,6 +127,8 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
     config = llama_config(shape)
     config.num_hidden_layers = layers
     fast, cache, graph, _ = wkvq_decode_graph(config, batch, prompt, steps)
+    for store in cache.layers:
+        store.k_step.mul_(10)
     eager = FastLlama(fast.config, fast.embed,
                       [dataclasses.replace(la, qkv=la.qkv.plain(), o=la.o.plain(), gate_up=la.gate_up.plain(),
                                            down=la.down.plain()) for la in fast.layers],
@@ -128,6 +137,8 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
     for mine, theirs in zip(ref.layers, cache.layers):
         for t, u in zip(mine.tensors(), theirs.tensors()):
             t.copy_(u)
+        if lost:
+            mine.k_codes[:, :, prompt - int(lost * prompt):prompt].random_(0, 256)
     ref.length = cache.length
     ref.pos.fill_(cache.length)
     errs = []

@@ -29,3 +29,11 @@ TOL = 2e-2
 def test_decode_step_at_real_shapes_matches_eager(shape, batch, prompt):
     errs = real_shape_decode_errors(shape, batch, prompt)
     assert max(errs) < TOL, errs
+
+
+def test_the_check_sees_a_lost_split():
+    """The check's power: the eager path with the key codes of the last 1/16 of a 32768-token past redrawn (what a
+    kernel that lost one of the attention's 16 splits, or read it from the wrong place, would compute) is far outside
+    the tolerance."""
+    errs = real_shape_decode_errors("7b", 1, 32768, lost=1 / 16)
+    assert min(errs) > 5 * TOL, errs
