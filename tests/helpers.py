@@ -106,7 +106,7 @@ def fast_decode_errors(tmp_path: Path, projections: str):
 
 
 def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3, layers: int = 2,
-                             lost: float = 0.0) -> list[float]:
+                             lost: float = 0.0, seed: int = 0) -> list[float]:
     """A random W4KV4 model of ``wkvq bench``'s ``shape`` cut to ``layers`` layers, its 4-bit cache filled with
     ``prompt`` random tokens and sized as the benchmark sizes it (so that the decode step takes the GEMV and
     attention tables' entries for this shape, batch and context), on CUDA: the CUDA-graph decode step against the
@@ -117,7 +117,8 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
     tokens carry most of its attention: with the benchmark's flat scores every token's weight is about the same and
     the output is close to the mean of the values whatever tokens the kernel reads. ``lost`` > 0 redraws the key
     codes of that fraction of the past (its last tokens) in the eager path's copy only: the errors a kernel that
-    lost or misplaced those tokens would show (the check's power)."""
+    lost or misplaced those tokens would show (the check's power). The weights, cache and tokens are drawn from
+    ``seed``."""
     import dataclasses
 
     from converter.bench import llama_config
@@ -126,6 +127,7 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
 
     config = llama_config(shape)
     config.num_hidden_layers = layers
+    torch.manual_seed(seed)
     fast, cache, graph, _ = wkvq_decode_graph(config, batch, prompt, steps)
     for store in cache.layers:
         store.k_step.mul_(10)

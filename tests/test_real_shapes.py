@@ -21,8 +21,9 @@ CASES = [("7b", b, 2048) for b in (1, 2, 3, 5, 8, 16, 32)] + [("7b", 1, 32768), 
                                                               ("8b", 1, 2048), ("8b", 4, 2048), ("8b", 1, 32768),
                                                               ("70b", 1, 2048)]
 # float16 activations on both paths (the eager one dequantizes to float16 and multiplies in cuBLAS), and from the
-# second step on a written token's codes may differ by one where the two paths round K or V differently
-TOL = 2e-2
+# second step on a written token's codes may differ by one where the two paths round K or V differently. Measured
+# on an H200: 6e-4 to 1.4e-3, 3.5e-3 at 70B's third step; a lost split of 16 at 7B b1 p32768: 4.7e-2 to 6.5e-2
+TOL = 1e-2
 
 
 @pytest.mark.parametrize("shape,batch,prompt", CASES)
@@ -36,4 +37,4 @@ def test_the_check_sees_a_lost_split():
     kernel that lost one of the attention's 16 splits, or read it from the wrong place, would compute) is far outside
     the tolerance."""
     errs = real_shape_decode_errors("7b", 1, 32768, lost=1 / 16)
-    assert min(errs) > 5 * TOL, errs
+    assert min(errs) > 2 * TOL, errs
