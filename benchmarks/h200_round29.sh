@@ -1,0 +1,27 @@
+# Twenty-ninth session: the LLaMA-3-8B shape (grouped-query attention, 8 KV heads; projections 6144x4096,
+# 28672x4096, 4096x14336) on the tables tuned at LLaMA-2-7B's. Parts: gqa_attn (attention splits and tiles at
+# 8 KV heads, as WKVQ_ATTN_TABLE variants), gqa_mma (a sweep of the 8B projections at one row, then the step with it
+# as WKVQ_MMA_TABLE, with and without attention variant A). Usage: OUT=$OUT bash benchmarks/h200_round29.sh PART...
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
+mk() { python3 -c "
+import json,sys
+c=lambda sp,s: {'config': {'splits': sp, 'block_s': s, 'keys_a': True, 'mma': True, 'stages': 2, 'combine': True}}
+json.dump({'best': {'1x32768': c($2,$3), '1x2048': c($4,$5)}}, open('/root/t_$1.json','w'))"; }
+mk A 64 64 32 32; mk B 128 64 64 16; mk C 128 32 32 16; mk D 256 64 16 32
+b8() { python3 cli.py bench --shapes 8b --paths wkvq --batches 1 --prompts 2048,32768 --steps 20 --json $OUT/$1.json 2>&1 | grep "wkvq" | sed "s/^/$1 /"; }
+for part in "$@"; do case $part in
+gqa_attn)
+  for v in def A B C D; do
+    if [ $v = def ]; then unset WKVQ_ATTN_TABLE; else export WKVQ_ATTN_TABLE=/root/t_$v.json; fi
+    b8 gqa_$v
+  done; unset WKVQ_ATTN_TABLE;;
+gqa_mma)
+  python3 benchmarks/w4_mma_bench.py --json $OUT/mma_8b_m1.json --ms 1 --shapes 6144x4096,28672x4096,4096x14336 \
+    --splits 4,8,16 --warps 1,2,4 --tiles 2 --depths 1 --l2 0 --chains 1 --persist 0,4,8,16 --top 4 2>&1 | grep -v -i warn | tail -30
+  for r in 1 2; do
+    unset WKVQ_MMA_TABLE WKVQ_ATTN_TABLE; b8 mma_def_$r
+    export WKVQ_MMA_TABLE=$OUT/mma_8b_m1.json; b8 mma_tab_$r
+    export WKVQ_ATTN_TABLE=/root/t_A.json; b8 mma_tab_attnA_$r
+  done; unset WKVQ_MMA_TABLE WKVQ_ATTN_TABLE;;
+esac; done
