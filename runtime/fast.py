@@ -390,7 +390,8 @@ class FastLlama:
         from .kernels import kv4
 
         batch = cache.layers[0].k_codes.shape[0]
-        return kv4.attn_config(batch, self.config.heads, cache.max_len, kv4.multiprocessors(self.device)).splits
+        return kv4.attn_config(batch, self.config.heads, cache.max_len, kv4.multiprocessors(self.device),
+                               self.config.kv_heads).splits
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:

@@ -367,7 +367,8 @@ def test_overlap_flags(monkeypatch):
 
 def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     """AttnConfig checks its fields; with no table the policy of rounds 2-6 decides; a sweep record named by
-    WKVQ_ATTN_TABLE decides its (batch, context bucket) keys and nothing else; splits 0 resolves by the policy."""
+    WKVQ_ATTN_TABLE decides its (batch, context bucket) keys and nothing else; splits 0 resolves by the policy; the
+    KV-head table comes before the 32-KV-head one."""
     import json
 
     from runtime.kernels import kv4
@@ -376,7 +377,12 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 32, 2076) == kv4.ATTN_TABLE[1, 2048]  # the measured table
     policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
     assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
+    # KV head counts other than the table's: their own entries first (LLaMA-3-8B's 8 at b1 p32768), else the table
+    assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
+    assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
+    assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
+    monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})
     for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},
                 {"loads": "eager"}, {"row_max": 1}, {"min_tokens": 0}):
         with pytest.raises(ValueError, match="AttnConfig: " + next(iter(bad))):

@@ -655,6 +655,15 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
     (8, 2048): AttnConfig(splits=4, block_s=64, keys_a=True, **_MMA),  # 24.89 us, 2886 GB/s (27.36)
     (8, 32768): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 293.72 us, 3886 GB/s (332.20)
 }
+# (batch, context bucket, KV heads) -> config, for KV head counts other than ATTN_TABLE's 32, taken before it.
+# LLaMA-3-8B (8 KV heads, 4 query heads each; twenty-ninth session, records benchmarks/results/r32/): at b1 p32768
+# the 7B entry's 32 splits leave 256 programs; 64 splits took the step from 3.39-3.41 to 2.83-2.86 ms with the 8B
+# projections' MMA_TABLE entries (128 and 256 splits were slower, 3.70-3.76 and 5.32 ms without them); at p2048
+# 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays
+ATTN_KV_TABLE: dict[tuple[int, int, int], AttnConfig] = {
+    (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
+}
+ATTN_TABLE_KV_HEADS = 32  # the KV heads of the shape ATTN_TABLE was measured at (LLaMA-2-7B)
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
@@ -675,14 +684,15 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
                        "an attention", "benchmarks/attn_bench.py")
 
 
-def attn_config(batch: int, heads: int, max_len: int, sms: int = 132) -> AttnConfig:
-    """The config at ``batch`` and a cache of ``max_len`` slots: the sweep records named by the environment
-    variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`; several separated by ``os.pathsep``), then
-    :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``l2_ahead`` from
-    ``WKVQ_ATTN_L2`` where it is set to a number; ``splits`` resolved by
-    :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
-    table = {**ATTN_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
-    cfg = table.get((batch, context_bucket(max_len)), ATTN_DEFAULT)
+def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: int | None = None) -> AttnConfig:
+    """The config at ``batch`` and a cache of ``max_len`` slots for ``heads`` query heads on ``kv_heads`` KV heads
+    (None: as many): the sweep records named by the environment variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`;
+    several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads``, then :data:`ATTN_TABLE`, at
+    ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is
+    set to a number; ``splits`` resolved by :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
+    key = (batch, context_bucket(max_len))
+    env = env_tables(os.environ.get(TABLE_ENV), load_table)
+    cfg = env.get(key) or ATTN_KV_TABLE.get((*key, kv_heads or heads)) or ATTN_TABLE.get(key, ATTN_DEFAULT)
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))
@@ -749,7 +759,7 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if isinstance(splits, AttnConfig):
         cfg = splits
     else:
-        cfg = replace(attn_config(b, hq, s), splits=splits)
+        cfg = replace(attn_config(b, hq, s, kv_heads=hkv), splits=splits)
     if block_s or num_warps:  # the split kernel's tile asked for
         cfg = replace(_split_kernel(cfg), block_s=block_s or cfg.block_s, num_warps=num_warps or cfg.num_warps)
     if cfg.splits == 0:

@@ -151,6 +151,12 @@ MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
     (5120, 5120, 8): MmaConfig(4, 2, 1, persist=4),  # 6.99 us, 1963 GB/s
     (27648, 5120, 8): MmaConfig(4, 2, 1, persist=4),  # 22.63 us, 3275 GB/s
     (5120, 13824, 8): MmaConfig(4, 2, 1, persist=4),  # 12.54 us, 2953 GB/s
+    # LLaMA-3-8B (and Mistral-7B): twenty-ninth session, benchmarks/results/r32/mma_8b_m1.json (a sweep of 14
+    # configs near the 7B and 13B winners); the guess had the step at 2.58 / 3.40 ms (b1 p2048 / p32768), these
+    # 2.17-2.20 / 2.83-2.86 beside ATTN_KV_TABLE's entry
+    (6144, 4096, 1): MmaConfig(4, 2, 8),  # 5.46 us, 2413 GB/s
+    (28672, 4096, 1): MmaConfig(2, 2, 4),  # 18.89 us, 3255 GB/s
+    (4096, 14336, 1): MmaConfig(4, 2, 16),  # 9.22 us, 3333 GB/s
 }
 TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
 
