@@ -1,7 +1,7 @@
 # Twenty-ninth session: the LLaMA-3-8B shape (grouped-query attention, 8 KV heads; projections 6144x4096,
 # 28672x4096, 4096x14336) on the tables tuned at LLaMA-2-7B's. Parts: gqa_attn (attention splits and tiles at
 # 8 KV heads, as WKVQ_ATTN_TABLE variants), gqa_mma (a sweep of the 8B projections at one row, then the step with it
-# as WKVQ_MMA_TABLE, with and without attention variant A). Usage: OUT=$OUT bash benchmarks/h200_round29.sh PART...
+# as WKVQ_MMA_TABLE, with and without attention variant A), big70 (the same for LLaMA-2-70B's projections). Usage: OUT=$OUT bash benchmarks/h200_round29.sh PART...
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
 mk() { python3 -c "
@@ -24,4 +24,11 @@ gqa_mma)
     export WKVQ_MMA_TABLE=$OUT/mma_8b_m1.json; b8 mma_tab_$r
     export WKVQ_ATTN_TABLE=/root/t_A.json; b8 mma_tab_attnA_$r
   done; unset WKVQ_MMA_TABLE WKVQ_ATTN_TABLE;;
+big70)  # LLaMA-2-70B at one row: its four projections swept, then the step with them against the guess
+  python3 benchmarks/w4_mma_bench.py --json $OUT/mma_70b_m1.json --ms 1 \
+    --shapes 10240x8192,8192x8192,57344x8192,8192x28672 \
+    --splits 4,8,16 --warps 1,2,4 --tiles 2 --depths 1 --l2 0 --chains 1 --persist 0,4,8,16 --top 3 2>&1 | grep -v -i warn | tail -24
+  b70() { python3 cli.py bench --shapes 70b --paths wkvq --batches 1 --prompts 2048 --steps 20 --json $OUT/$1.json 2>&1 | grep "wkvq" | sed "s/^/$1 /"; }
+  unset WKVQ_MMA_TABLE; b70 b70_def
+  export WKVQ_MMA_TABLE=$OUT/mma_70b_m1.json; b70 b70_tab; unset WKVQ_MMA_TABLE;;
 esac; done
