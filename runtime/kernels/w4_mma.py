@@ -157,6 +157,12 @@ MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
     (6144, 4096, 1): MmaConfig(4, 2, 8),  # 5.46 us, 2413 GB/s
     (28672, 4096, 1): MmaConfig(2, 2, 4),  # 18.89 us, 3255 GB/s
     (4096, 14336, 1): MmaConfig(4, 2, 16),  # 9.22 us, 3333 GB/s
+    # LLaMA-2-70B: same session, r32/mma_70b_m1.json (the same 14 configs); the step at b1 p2048 16.61 ms on the
+    # guess, 11.37 on these (one run each)
+    (10240, 8192, 1): MmaConfig(2, 2, 16),  # 14.35 us, 3061 GB/s
+    (8192, 8192, 1): MmaConfig(4, 2, 8),  # 10.39 us, 3382 GB/s
+    (57344, 8192, 1): MmaConfig(2, 2, 8),  # 62.71 us, 3921 GB/s
+    (8192, 28672, 1): MmaConfig(4, 2, 8),  # 31.52 us, 3900 GB/s
 }
 TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
 
