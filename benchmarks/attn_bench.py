@@ -1,6 +1,7 @@
 """Graph-timed sweep of the 4-bit POQ decode attention (:func:`runtime.kernels.kv4.decode_attention`: split kernel +
-combine) at the LLaMA-2-7B attention shape (32 query and KV heads, head_dim 128, per-token stats), over
-splits x (block_s, num_warps) x loads x row_max (:class:`runtime.kernels.kv4.AttnConfig`).
+combine) at the LLaMA-2-7B attention shape (32 query and KV heads, head_dim 128, per-token stats; ``--heads``,
+``--kv-heads``: another, e.g. LLaMA-3-8B's 32 on 8), over splits x (block_s, num_warps) x loads x row_max
+(:class:`runtime.kernels.kv4.AttnConfig`).
 
 Per case (batch x context, the cache filled with ``context`` random tokens): every config is checked against the
 float64 POQ attention of the dequantized cache (relative error < 1e-4: the kernel is float32 throughout), then timed
@@ -9,10 +10,12 @@ by CUDA-graph replay over a ring of distinct caches of >= 256 MB (H200 L2: 60 MB
 counts the codes and stats of the ``context`` past tokens read per call.
 
     python3 benchmarks/attn_bench.py --json benchmarks/results/attn_h200.json [--batches 1,8] [--contexts 2048,32768]
+        [--heads 32 --kv-heads 8]
 
 Compiles run first in ``--workers`` processes (Triton's on-disk cache), so the timing loop only loads them. The record
 is rewritten after every case; its "best" table (fastest correct config per batch and context) is what
-``WKVQ_ATTN_TABLE=record.json`` makes the decode step use (:func:`runtime.kernels.kv4.load_table`). Prints one table per
+``WKVQ_ATTN_TABLE=record.json`` makes the decode step use (:func:`runtime.kernels.kv4.load_table`; keyed by batch and
+context only, so a record for other head counts belongs in ``kv4.ATTN_KV_TABLE``). Prints one table per
 case (fastest first, and the default config), the best time per loads/row_max option, and ``ATTN_TABLE`` entries.
 ``--dry``: the same code path on CPU under ``TRITON_INTERPRET=1`` at a tiny shape, timed by wall clock (a smoke test).
 ``--rope``: times :func:`runtime.kernels.kv4.rope_attention` instead (the decode step's default at one row: the
@@ -78,9 +81,10 @@ def splits_range(case: Case, heads: int, sms: int) -> list[int]:
             if n >= max(1, default // 2) and case.context // n >= 32 and case.batch * heads * n <= 16384]
 
 
-def candidates(case: Case, heads: int, sms: int, args) -> list[kv4.AttnConfig]:
-    """The default config (:func:`runtime.kernels.kv4.attn_config`) first, then the sweep's grid (or ``QUICK``)."""
-    default = kv4.attn_config(case.batch, heads, case.context + 1, sms)
+def candidates(case: Case, heads: int, sms: int, args, kv_heads: int | None = None) -> list[kv4.AttnConfig]:
+    """The default config (:func:`runtime.kernels.kv4.attn_config` at ``kv_heads``) first, then the sweep's grid (or
+    ``QUICK``)."""
+    default = kv4.attn_config(case.batch, heads, case.context + 1, sms, kv_heads=kv_heads)
     splits = [int(v) for v in args.splits.split(",")] if args.splits else splits_range(case, heads, sms)
     if args.mma_only:
         grid = []
@@ -106,13 +110,14 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
-    """Worker: run each ``(config, cache size, rope)`` once on a small cache of the same Triton specialisation (size
-    mod 16), so that it lands in Triton's on-disk cache; returns ``(config, error text)`` of those that fail."""
+    """Worker: run each ``(config, cache size, rope, query heads, KV heads)`` once on a small cache of the same Triton
+    specialisation (size mod 16), so that it lands in Triton's on-disk cache; returns ``(config, error text)`` of
+    those that fail."""
     bad = []
-    for cfg, size, rope in items:
+    for cfg, size, rope, heads, kv_heads in items:
         small = 64 if size % 16 == 0 else 64 + size % 16
         try:
-            inputs = _inputs(1, small - 1, HEADS, HEAD_DIM, "cuda", 1, rope)
+            inputs = _inputs(1, small - 1, heads, kv_heads, HEAD_DIM, "cuda", 1, rope)
             for dtype in (torch.float32, torch.float16):
                 attend(inputs, inputs.cache.layers[0], dtype, cfg)
             torch.cuda.synchronize()
@@ -121,7 +126,7 @@ def _compile(items) -> list[tuple[kv4.AttnConfig, str]]:
     return bad
 
 
-def precompile(items: list[tuple[kv4.AttnConfig, int, bool]], workers: int) -> dict[kv4.AttnConfig, str]:
+def precompile(items: list[tuple[kv4.AttnConfig, int, bool, int, int]], workers: int) -> dict[kv4.AttnConfig, str]:
     return dict(in_workers(_compile, items, workers))
 
 
@@ -142,17 +147,18 @@ class Inputs(NamedTuple):
     rope: tuple | None  # (qkv, cos, sin) for kv4.rope_attention, else None
 
 
-def _inputs(batch: int, context: int, heads: int, d: int, device, layers: int, rope: bool = False) -> Inputs:
-    """Query, current key/value, smoothing params, a random cache of ``layers`` layers holding ``context`` tokens and,
-    with ``rope``, ``(qkv, cos, sin)``: the projection's output whose roped parts (at position ``context``) are the
-    query, key and value."""
+def _inputs(batch: int, context: int, heads: int, kv_heads: int, d: int, device, layers: int,
+            rope: bool = False) -> Inputs:
+    """Query (``heads``), current key/value and smoothing params (``kv_heads``), a random cache of ``layers`` layers
+    holding ``context`` tokens and, with ``rope``, ``(qkv, cos, sin)``: the projection's output whose roped parts (at
+    position ``context``) are the query, key and value."""
     g = torch.Generator(device=device).manual_seed(0)
     q = 4 * torch.randn(batch, heads, d, device=device, generator=g)  # spread scores: the running maximum moves
-    k_cur, v_cur = (torch.randn(batch, heads, d, device=device, generator=g) for _ in range(2))
-    scale = lambda: 0.5 + torch.rand(heads, d, device=device, generator=g)  # noqa: E731
-    params = (scale(), torch.randn(heads, d, device=device, generator=g), scale(),
-              torch.randn(heads, d, device=device, generator=g))
-    cache = StaticPOQCache(layers, batch, context + 1, heads, d, device=device)
+    k_cur, v_cur = (torch.randn(batch, kv_heads, d, device=device, generator=g) for _ in range(2))
+    scale = lambda: 0.5 + torch.rand(kv_heads, d, device=device, generator=g)  # noqa: E731
+    params = (scale(), torch.randn(kv_heads, d, device=device, generator=g), scale(),
+              torch.randn(kv_heads, d, device=device, generator=g))
+    cache = StaticPOQCache(layers, batch, context + 1, kv_heads, d, device=device)
     _fill_random(cache, context)
     rope_in = None
     if rope:
@@ -191,10 +197,10 @@ def reference(q, k_cur, v_cur, params, store, context: int) -> torch.Tensor:
 
 
 def bench_case(case: Case, cands, failed: dict, args, device) -> list[dict]:
-    heads, d = (2, 32) if args.dry else (HEADS, HEAD_DIM)
-    probe = StaticPOQCache(1, case.batch, case.context + 1, heads, d, device="meta")
+    d = 32 if args.dry else HEAD_DIM
+    probe = StaticPOQCache(1, case.batch, case.context + 1, args.kv_heads, d, device="meta")
     layers = 1 if args.dry else max(1, -(-(args.ring_mb << 20) // probe.nbytes()))
-    inputs = _inputs(case.batch, case.context, heads, d, device, layers, args.rope)
+    inputs = _inputs(case.batch, case.context, args.heads, args.kv_heads, d, device, layers, args.rope)
     ring = inputs.cache
     ref = reference(inputs.q, inputs.k_cur, inputs.v_cur, inputs.params, ring.layers[0], case.context)
     nbytes = probe.nbytes() * case.context // (case.context + 1)
@@ -292,9 +298,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ring-mb", type=int, default=RING_BYTES >> 20, help="caches per case: at least this many MB")
     ap.add_argument("--top", type=int, default=12, help="rows per table")
     ap.add_argument("--rope", action="store_true", help="time kv4.rope_attention (rope and append in the kernel)")
-    ap.add_argument("--dry", action="store_true", help="CPU smoke test under TRITON_INTERPRET=1: 2 heads of 32, "
-                    "wall-clock times (default cases 1 x 100)")
+    ap.add_argument("--heads", type=int, help=f"query heads (default {HEADS}; --dry: 2)")
+    ap.add_argument("--kv-heads", type=int, help="KV heads, dividing --heads (default: as many as --heads)")
+    ap.add_argument("--dry", action="store_true", help="CPU smoke test under TRITON_INTERPRET=1: heads of 32 "
+                    "channels, wall-clock times (default cases 1 x 100)")
     args = ap.parse_args(argv)
+    args.heads = args.heads or (2 if args.dry else HEADS)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
+        ap.error(f"--kv-heads {args.kv_heads} must be positive and divide --heads {args.heads}")
     bad = [v for v in args.loads.split(",") if v not in kv4.LOADS] + [
         v for v in args.row_max.split(",") if v not in ("0", "1")] + [
         v for v in args.copies.split(",") if v not in kv4.COPIES] + [
@@ -318,17 +330,17 @@ def main(argv=None) -> None:
     import triton
 
     device = "cpu" if args.dry else "cuda"
-    heads = 2 if args.dry else HEADS
+    heads = args.heads
     sms = kv4.multiprocessors(device)
     cases = [Case(b, c) for b in map(int, args.batches.split(",")) for c in map(int, args.contexts.split(","))]
-    cands = {case: candidates(case, heads, sms, args) for case in cases}
+    cands = {case: candidates(case, heads, sms, args, args.kv_heads) for case in cases}
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu (interpreter)" if args.dry else
               torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "sms": sms,
-              "heads": heads, "rope": args.rope, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
+              "heads": heads, "kv_heads": args.kv_heads, "rope": args.rope, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
     t0 = time.time()
     failed = {}
     if not args.dry:
-        failed = precompile(list(dict.fromkeys((cfg, case.context + 1, args.rope) for case in cases
+        failed = precompile(list(dict.fromkeys((cfg, case.context + 1, args.rope, heads, args.kv_heads) for case in cases
                                                for cfg in cands[case])), args.workers)
         log.info("compiled %d configs in %.0f s; %d failed", len({c for cs in cands.values() for c in cs}),
                  time.time() - t0, len(failed))

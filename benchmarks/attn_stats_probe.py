@@ -40,7 +40,7 @@ def main() -> None:
     for context in (int(c) for c in args.contexts.split(",")):
         probe = StaticPOQCache(1, 1, context + 1, HEADS, HEAD_DIM, device="meta")
         layers = max(2, -(-RING_BYTES // probe.nbytes()))
-        inputs = _inputs(1, context, HEADS, HEAD_DIM, "cuda", layers, rope=True)
+        inputs = _inputs(1, context, HEADS, HEADS, HEAD_DIM, "cuda", layers, rope=True)
         cfg = kv4.attn_config(1, HEADS, context + 1)
         first = inputs.cache.layers[0]
         shared = [dataclasses.replace(s, k_step=first.k_step, k_min=first.k_min, v_step=first.v_step,

@@ -41,7 +41,7 @@ def main() -> None:
         from benchmarks.attn_bench import HEAD_DIM, HEADS, _inputs, attend
         from runtime.kernels import kv4
 
-        inputs = _inputs(1, args.context, HEADS, HEAD_DIM, "cuda", 1, rope=True)
+        inputs = _inputs(1, args.context, HEADS, HEADS, HEAD_DIM, "cuda", 1, rope=True)
         cfg = kv4.attn_config(1, HEADS, args.context + 1)
         for _ in range(args.calls):
             attend(inputs, inputs.cache.layers[0], torch.float16, cfg)

@@ -411,7 +411,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
 def test_attn_bench_dry_run(tmp_path, capsys):
     """benchmarks/attn_bench.py end to end on CPU (--dry: interpreter, tiny shape): every config checked and
     timed, and its record's best table readable by kv4.load_table; with --rope the rope-attention kernel against
-    the torch-roped reference; bad flags and no CUDA are one-line exits."""
+    the torch-roped reference, also with grouped-query heads; bad flags and no CUDA are one-line exits."""
     if DEV.type == "cuda":
         pytest.skip("--dry is the interpreter's path")
     from benchmarks import attn_bench
@@ -429,6 +429,14 @@ def test_attn_bench_dry_run(tmp_path, capsys):
     attn_bench.main(["--dry", "--quick", "--splits", "2", "--rope", "--json", str(tmp_path / "rope.json")])
     rows = json.loads((tmp_path / "rope.json").read_text())["rows"]
     assert len(rows) == 1 + len(attn_bench.QUICK) and all(r["ok"] and r["rope"] and r["us"] > 0 for r in rows)
+    # grouped-query heads (--heads, --kv-heads): 4 query heads on 2 KV heads, checked against the same reference
+    with pytest.raises(SystemExit):
+        attn_bench.parse_args(["--json", "r.json", "--heads", "4", "--kv-heads", "3"])
+    attn_bench.main(["--dry", "--quick", "--splits", "2", "--rope", "--heads", "4", "--kv-heads", "2",
+                     "--json", str(tmp_path / "gqa.json")])
+    record = json.loads((tmp_path / "gqa.json").read_text())
+    assert (record["heads"], record["kv_heads"]) == (4, 2)
+    assert len(record["rows"]) == 1 + len(attn_bench.QUICK) and all(r["ok"] for r in record["rows"])
 
 
 def test_rmsnorm_and_silu_mul():
