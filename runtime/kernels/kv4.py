@@ -656,14 +656,14 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
     (8, 32768): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 293.72 us, 3886 GB/s (332.20)
 }
 # (batch, context bucket, KV heads) -> config, for KV head counts other than ATTN_TABLE's 32, taken before it.
-# LLaMA-3-8B (8 KV heads, 4 query heads each; twenty-ninth session, records benchmarks/results/r32/): at b1 p32768
-# the 7B entry's 32 splits leave 256 programs; 64 splits took the step from 3.39-3.41 to 2.83-2.86 ms with the 8B
-# projections' MMA_TABLE entries (128 and 256 splits were slower, 3.70-3.76 and 5.32 ms without them); at p2048
-# 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays
+# LLaMA-3-8B (8 KV heads, 4 query heads each; twenty-ninth session, records benchmarks/results/r32/), the step at b1
+# p32768 beside the 8B projections' MMA_TABLE entries: 3.57-3.64 ms on the 7B entry (32 splits), 2.83-2.86 on 64
+# splits (on the 7B projection configs 3.40 and 3.26; 128 and 256 splits slower, 3.70-3.76 and 5.32); at p2048
+# 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays. LLaMA-2-70B (8 KV heads of
+# 8 query heads, which the tensor-core kernel does not take) runs the split kernel at this entry's splits, untuned
 ATTN_KV_TABLE: dict[tuple[int, int, int], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
 }
-ATTN_TABLE_KV_HEADS = 32  # the KV heads of the shape ATTN_TABLE was measured at (LLaMA-2-7B)
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
