@@ -427,7 +427,7 @@ def _int_list(ctx, param, value):
 
 
 @main.command("bench")
-@click.option("--shapes", default="7b,13b", show_default=True, callback=_row_list, help="7b, 13b, 8b (LLaMA-3), 70b, tiny.")
+@click.option("--shapes", default="7b,13b", show_default=True, callback=_row_list, help="7b, 13b, 8b (LLaMA-3), 70b, 3b (LLaMA-3.2), tiny.")
 @click.option("--batches", default="1,8", show_default=True, callback=_int_list)
 @click.option("--prompts", default="2048,32768", show_default=True, callback=_int_list)
 @click.option("--paths", default="fp16_eager,fp16_compiled,int4_tinygemm,wkvq", show_default=True,

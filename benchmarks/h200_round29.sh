@@ -1,7 +1,12 @@
 # Twenty-ninth session: the LLaMA-3-8B shape (grouped-query attention, 8 KV heads; projections 6144x4096,
-# 28672x4096, 4096x14336) on the tables tuned at LLaMA-2-7B's. Parts: gqa_attn (attention splits and tiles at
-# 8 KV heads, as WKVQ_ATTN_TABLE variants), gqa_mma (a sweep of the 8B projections at one row, then the step with it
-# as WKVQ_MMA_TABLE, with and without attention variant A), big70 (the same for LLaMA-2-70B's projections), gqa_sweep (prepared: the attention's sweep at 8 KV heads). Usage: OUT=$OUT bash benchmarks/h200_round29.sh PART...
+# 28672x4096, 4096x14336) on the tables tuned at LLaMA-2-7B's. Parts:
+#   gqa_attn   attention splits and tiles at 8 KV heads, as WKVQ_ATTN_TABLE variants
+#   gqa_mma    a sweep of the 8B projections at one row, then the step with it as WKVQ_MMA_TABLE, with and without
+#              attention variant A
+#   big70      the same for LLaMA-2-70B's projections
+#   gqa_sweep  prepared, not run: the attention's sweep at 8 KV heads
+#   guess      prepared, not run: the GEMV's second guess (WKVQ_MMA_GUESS=2) at LLaMA-3.2-3B, which no table has
+# Usage: OUT=$OUT bash benchmarks/h200_round29.sh PART...
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
 mk() { python3 -c "
@@ -34,4 +39,11 @@ big70)  # LLaMA-2-70B at one row: its four projections swept, then the step with
 gqa_sweep)  # prepared, not run (no device time left): the attention swept at LLaMA-3-8B's heads (32 on 8), b1
   python3 benchmarks/attn_bench.py --heads 32 --kv-heads 8 --batches 1 --contexts 2048,32768 --rope --mma all \
     --keys-a 1 --mma-only --json $OUT/attn_8b_b1.json 2>&1 | grep -v -i warn | tail -40;;
+guess)  # prepared, not run: the GEMV's second guess (WKVQ_MMA_GUESS=2) at a shape no table has, LLaMA-3.2-3B
+  for g in 1 2; do WKVQ_MMA_GUESS=$g python3 benchmarks/shape_probe.py --cases 3b:1:2048,3b:3:2048,3b:1:32768 \
+    --json $OUT/probe_3b_guess$g.json 2>&1 | grep -v -i warn; done
+  for r in 1 2; do for g in 1 2; do
+    WKVQ_MMA_GUESS=$g python3 cli.py bench --shapes 3b --paths wkvq --batches 1,4 --prompts 2048,32768 --steps 20 \
+      --json $OUT/guess${g}_$r.json 2>&1 | grep "wkvq" | sed "s/^/guess$g /"
+  done; done;;
 esac; done

@@ -35,6 +35,7 @@ SHAPES = {  # hidden, layers, heads, kv_heads, intermediate, vocab
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "8b": (4096, 32, 32, 8, 14336, 128256),  # LLaMA-3-8B: grouped-query attention, 4 query heads a KV head
     "70b": (8192, 80, 64, 8, 28672, 32000),  # LLaMA-2-70B (the fp16 baselines do not fit one 141 GB GPU)
+    "3b": (3072, 28, 24, 8, 8192, 128256),  # LLaMA-3.2-3B: no table entries (the kernels' guessed configs)
     "tiny": (256, 2, 4, 2, 512, 1000),
 }
 PATHS = ("fp16_eager", "fp16_compiled", "int4_tinygemm", "wkvq", "wkvq-gemlite", "wkvq-gemv", "wkvq-splitk")

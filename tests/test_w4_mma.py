@@ -27,9 +27,9 @@ def _weight(n, k, seed=0, device="cuda"):
     return quantized_weight(n, k, 128, seed, device)
 
 
-def test_mma_ok_off_cuda_and_config_guess():
+def test_mma_ok_off_cuda_and_config_guess(monkeypatch):
     """No tensor-core path on CPU tensors (the interpreter cannot run PTX); the measured table, else a guess that
-    splits the groups until there are about 4 programs per multiprocessor."""
+    splits the groups until there are about 4 programs per multiprocessor (WKVQ_MMA_GUESS=2: two tiles, about 8)."""
     from runtime.kernels.w4_mma import MMA_TABLE, MmaConfig, default_mma_config, mma_ok
 
     qw, s, z, _ = _weight(64, 256, device="cpu")
@@ -38,6 +38,18 @@ def test_mma_ok_off_cuda_and_config_guess():
     assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 1, 8)  # 64 row blocks x 8 = 512 programs
     assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528
     assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
+    # the second rule (WKVQ_MMA_GUESS=2): two tiles, ~8 programs a multiprocessor, up to 16 ranges
+    from runtime.kernels.w4_mma import GUESS_ENV, guess_mma_config
+
+    assert guess_mma_config(4096, 4096, rule="2") == MmaConfig(4, 2, 16)  # 32 row blocks x 16
+    assert guess_mma_config(22016, 4096, rule="2") == MmaConfig(4, 2, 8)  # 172 x 8 = 1376 >= 1056
+    assert guess_mma_config(4096, 4096) == default_mma_config(4096, 4096, 2)
+    monkeypatch.setenv(GUESS_ENV, "2")
+    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 2, 16)
+    assert default_mma_config(4096, 4096, 1) == MMA_TABLE[4096, 4096, 1]  # the table first
+    monkeypatch.setenv(GUESS_ENV, "3")
+    with pytest.raises(ValueError, match="the rules are 1"):
+        default_mma_config(4096, 4096, 2)
     assert MmaConfig(2, 2, 4).label() == "w2_t2_x4" and MmaConfig(2, 2, 4, 2).label() == "w2_t2_x4_d2"
     assert MmaConfig(2, 2, 1, persist=8).label() == "w2_t2_x1_p8"
 
@@ -404,7 +416,7 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
 
 def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     """``GemvW4._mma_silu`` (what the decode step asks every step, ``fuses_silu`` / ``accumulate_silu``): the weight's
-    part once per value of ``WKVQ_MMA`` / ``WKVQ_MMA_TABLE``; a ``gate_up`` that is not float32 ``[1, 2K]`` on the
+    part once per value of ``WKVQ_MMA`` / ``WKVQ_MMA_TABLE`` / ``WKVQ_MMA_GUESS``; a ``gate_up`` that is not float32 ``[1, 2K]`` on the
     weight's device is refused without it; more than one row or ``WKVQ_MMA=0``: not taken."""
     from runtime.kernels import w4_mma
     from runtime.kernels.w4_gemv import GemvW4
@@ -413,6 +425,7 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     monkeypatch.setattr(w4_mma, "silu_weight_ok", lambda *a: calls.append(a[1]) or True)
     monkeypatch.delenv(w4_mma.MMA_ENV, raising=False)
     monkeypatch.delenv(w4_mma.TABLE_ENV, raising=False)
+    monkeypatch.delenv(w4_mma.GUESS_ENV, raising=False)
     qw, s, z = torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.float16), \
         torch.zeros(64, 2, dtype=torch.uint8)
     w = GemvW4(qw, s, z, 256, 128, None)
@@ -422,8 +435,10 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     (tmp_path / "elsewhere.json").write_text('{"best": {}}')  # another sweep record: the choice is made again
     monkeypatch.setenv(w4_mma.TABLE_ENV, str(tmp_path / "elsewhere.json"))
     assert w._mma_silu(1) and calls == [256, 256]
+    monkeypatch.setenv(w4_mma.GUESS_ENV, "2")  # another guess for shapes no table has: again
+    assert w._mma_silu(1) and calls == [256, 256, 256]
     monkeypatch.setenv(w4_mma.MMA_ENV, "0")
-    assert not w._mma_silu(1) and calls == [256, 256]
+    assert not w._mma_silu(1) and calls == [256, 256, 256]
 
 
 def test_silu_input_only_in_float16(monkeypatch):

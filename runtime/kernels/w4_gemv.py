@@ -726,10 +726,10 @@ class GemvW4(W4Weight):
     def _mma_silu_plan(self) -> tuple[bool, bool]:
         """Whether the tensor-core GEMV's SiLU input takes this weight at one row, and whether its config is a
         stream-K grid: ~10 us (a launch plan), kept per value of the variables they depend on (``WKVQ_MMA``,
-        ``WKVQ_MMA_TABLE``), as the eager decode step asks every layer every step."""
+        ``WKVQ_MMA_TABLE``, ``WKVQ_MMA_GUESS``), as the eager decode step asks every layer every step."""
         from . import w4_mma
 
-        key = (os.environ.get(w4_mma.MMA_ENV), os.environ.get(w4_mma.TABLE_ENV))
+        key = tuple(os.environ.get(v) for v in (w4_mma.MMA_ENV, w4_mma.TABLE_ENV, w4_mma.GUESS_ENV))
         known = self.__dict__.setdefault("_silu_plan", {})
         if key not in known:
             n, k = self.qweight.shape[0], self.in_features

@@ -175,18 +175,30 @@ def load_table(path) -> dict[tuple[int, int, int], MmaConfig]:
 
 def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
     """The config of the sweep records named by ``WKVQ_MMA_TABLE`` (several separated by ``os.pathsep``), then of
-    :data:`MMA_TABLE`, else a guess: 4 warps of one tile, the groups split until there are about 4 programs per
-    multiprocessor (at most 8 ranges, at least 2 groups a range)."""
+    :data:`MMA_TABLE`, else a guess (:func:`guess_mma_config`)."""
     table = {**MMA_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
-    if cfg is not None:
-        return cfg
-    blocks = triton.cdiv(n, 64)
+    return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, "1"))
+
+
+GUESS_ENV = "WKVQ_MMA_GUESS"  # "2": guess_mma_config's second rule (not yet timed in a step)
+
+
+def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = "1") -> MmaConfig:
+    """The config of a shape no table has: rule "1" (the default), 4 warps of one tile, the groups split until there
+    are about 4 programs per multiprocessor (at most 8 ranges); rule "2", 4 warps of two tiles split until about 8
+    programs per multiprocessor (at most 16 ranges). Both keep at least 2 groups a range. Every one-row winner of
+    the sweeps has two tiles (NOTES.md round 27), and in three of the four shapes where the records timed both
+    rules' configs the second was faster (by up to 24%), in one 8% slower; no step has run on it yet."""
+    if rule not in ("1", "2"):
+        raise ValueError(f"{GUESS_ENV}={rule!r}: the rules are 1 (the default) and 2")
+    tiles, most, per_sm = (1, 8, 4) if rule == "1" else (2, 16, 8)
+    blocks = triton.cdiv(n, 16 * tiles * 4)
     groups = triton.cdiv(k, GROUP)
     split = 1
-    while split < 8 and blocks * split < 4 * sms and groups // (2 * split) >= 2:
+    while split < most and blocks * split < per_sm * sms and groups // (2 * split) >= 2:
         split *= 2
-    return MmaConfig(4, 1, split)
+    return MmaConfig(4, tiles, split)
 
 
 # ------------------------------------------------------------------------------------------------ inline PTX
