@@ -23,7 +23,7 @@ import torch
 
 import runtime
 from runtime.fast import FastLlama
-from tests.helpers import heads128_rtn_artifact, kernel_copy, rel_error
+from tests.helpers import fast_copy, heads128_rtn_artifact, rel_error
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -32,7 +32,7 @@ def logits(art, ids, dtype, kernels: bool) -> list[torch.Tensor]:
     """The prefill's and five decode steps' logits of the artifact loaded in ``dtype``, eager or on the kernels."""
     model, _ = runtime.load(art, device=DEV, dtype=dtype)
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    m = kernel_copy(eager) if kernels else eager
+    m = fast_copy(eager) if kernels else eager
     c = m.new_cache(1, 64)
     out = [m.forward(ids[:, :48], c)]
     for i in range(48, 53):

@@ -72,15 +72,16 @@ def heads128_rtn_artifact(tmp_path: Path) -> Path:
     return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
 
 
-def kernel_copy(eager, projections: str | None = "gemv"):
-    """A ``FastLlama`` on the kernels sharing ``eager``'s weights (its layers copied, so that ``with_projections``
-    leaves ``eager``'s alone), on ``projections`` where given."""
+def fast_copy(model, projections: str | None = "gemv", use_kernels: bool = True):
+    """A ``FastLlama`` sharing ``model``'s weights (its layers copied, so that ``with_projections`` leaves
+    ``model``'s alone) on the kernels, or with ``use_kernels=False`` the eager path, on ``projections`` where given
+    ("triton" takes a kernel model's weights back to plain ones)."""
     import dataclasses
 
     from runtime.fast import FastLlama
 
-    fast = FastLlama(eager.config, eager.embed, [dataclasses.replace(la) for la in eager.layers], eager.norm,
-                     eager.lm_head, eager.cos, eager.sin, True)
+    fast = FastLlama(model.config, model.embed, [dataclasses.replace(la) for la in model.layers], model.norm,
+                     model.lm_head, model.cos, model.sin, use_kernels)
     return fast.with_projections(projections) if projections else fast
 
 
@@ -93,7 +94,7 @@ def fast_decode_errors(tmp_path: Path, projections: str):
 
     model, _ = runtime.load(kernel_rtn_artifact(tmp_path), device="cuda", dtype=torch.float16)
     eager = FastLlama.from_hf(model, 32, use_kernels=False)
-    fast = kernel_copy(eager, projections)
+    fast = fast_copy(eager, projections)
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     ids = torch.randint(3, 300, (2, 8), device="cuda")
     ce, cf = eager.new_cache(2, 16), fast.new_cache(2, 16)
@@ -119,11 +120,8 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
     codes of that fraction of the past (its last tokens) in the eager path's copy only: the errors a kernel that
     lost or misplaced those tokens would show (the check's power). The weights, cache and tokens are drawn from
     ``seed``."""
-    import dataclasses
-
     from converter.bench import llama_config
     from converter.bench_paths import wkvq_decode_graph
-    from runtime.fast import FastLlama
 
     config = llama_config(shape)
     config.num_hidden_layers = layers
@@ -131,10 +129,7 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
     fast, cache, graph, _ = wkvq_decode_graph(config, batch, prompt, steps)
     for store in cache.layers:
         store.k_step.mul_(10)
-    eager = FastLlama(fast.config, fast.embed,
-                      [dataclasses.replace(la, qkv=la.qkv.plain(), o=la.o.plain(), gate_up=la.gate_up.plain(),
-                                           down=la.down.plain()) for la in fast.layers],
-                      fast.norm, fast.lm_head, fast.cos, fast.sin, use_kernels=False)
+    eager = fast_copy(fast, "triton", use_kernels=False)
     ref = eager.new_cache(batch, cache.max_len)
     for mine, theirs in zip(ref.layers, cache.layers):
         for t, u in zip(mine.tensors(), theirs.tensors()):

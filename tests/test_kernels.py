@@ -489,11 +489,11 @@ def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16, art=None):
     projections."""
     import runtime
     from runtime.fast import FastLlama
-    from tests.helpers import heads128_rtn_artifact, kernel_copy
+    from tests.helpers import fast_copy, heads128_rtn_artifact
 
     model, _ = runtime.load(art or heads128_rtn_artifact(tmp_path), device=DEV, dtype=dtype)
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
-    return eager, kernel_copy(eager)
+    return eager, fast_copy(eager)
 
 
 def _mma_attention_table(tmp_path, monkeypatch, batch: int, cache) -> None:

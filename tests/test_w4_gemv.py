@@ -350,7 +350,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     from converter.convert import ConvertConfig, convert
     from runtime.fast import FUSE_ENV, FastLlama
     from runtime.kernels.w4_gemv import TABLE_ENV, GemvW4
-    from tests.helpers import kernel_copy, make_tiny_llama
+    from tests.helpers import fast_copy, make_tiny_llama
 
     configs = {"256x128x0": [64, 128, 4], "128x128x0": [128, 128, 4], "384x128x0": [128, 128, 4],
                "128x192x0": [128, 128, 4, 1, 1, False, 2]}  # qkv, o, gate_up, down
@@ -364,7 +364,7 @@ def test_decode_step_fused_inputs_match_unfused(tmp_path, monkeypatch, fuse):
     assert not isinstance(eager.layers[0].qkv, GemvW4)
     # from_hf's default projections: "gemv" on CUDA, "triton" elsewhere (also under the interpreter)
     assert isinstance(FastLlama.from_hf(model, 8).layers[0].qkv, GemvW4) == (DEV.type == "cuda")
-    fast = kernel_copy(eager)
+    fast = fast_copy(eager)
     monkeypatch.delenv(FUSE_ENV, raising=False)  # the default ("silu" where down's tensor-core GEMV takes it)
     silu = {"silu"} if fast.layers[0].down.silu_by_default(1, fast.embed.dtype) else set()
     assert fast._fused_inputs(1) == {"rope"} | silu and not fast._fused_inputs(2)
