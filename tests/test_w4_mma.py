@@ -28,24 +28,30 @@ def _weight(n, k, seed=0, device="cuda"):
 
 
 def test_mma_ok_off_cuda_and_config_guess(monkeypatch):
-    """No tensor-core path on CPU tensors (the interpreter cannot run PTX); the measured table, else a guess that
-    splits the groups until there are about 4 programs per multiprocessor (WKVQ_MMA_GUESS=2: two tiles, about 8)."""
-    from runtime.kernels.w4_mma import MMA_TABLE, MmaConfig, default_mma_config, mma_ok
+    """No tensor-core path on CPU tensors (the interpreter cannot run PTX); the measured table, else a guess: two
+    tiles split until there are about 8 programs per multiprocessor (WKVQ_MMA_GUESS=1: one tile, about 4)."""
+    from runtime.kernels.w4_mma import (
+        GUESS_ENV,
+        MMA_TABLE,
+        MmaConfig,
+        default_mma_config,
+        guess_mma_config,
+        mma_ok,
+    )
 
+    monkeypatch.delenv(GUESS_ENV, raising=False)
     qw, s, z, _ = _weight(64, 256, device="cpu")
     assert not mma_ok(torch.randn(1, 256, dtype=torch.float16), qw, s, z, 128)
     assert default_mma_config(4096, 4096, 1) == MMA_TABLE[4096, 4096, 1]
-    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 1, 8)  # 64 row blocks x 8 = 512 programs
-    assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528
+    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 2, 16)  # 32 row blocks x 16
+    assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 2, 8)  # 172 x 8 = 1376 >= 1056
     assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
-    # the second rule (WKVQ_MMA_GUESS=2): two tiles, ~8 programs a multiprocessor, up to 16 ranges
-    from runtime.kernels.w4_mma import GUESS_ENV, guess_mma_config
-
-    assert guess_mma_config(4096, 4096, rule="2") == MmaConfig(4, 2, 16)  # 32 row blocks x 16
-    assert guess_mma_config(22016, 4096, rule="2") == MmaConfig(4, 2, 8)  # 172 x 8 = 1376 >= 1056
     assert guess_mma_config(4096, 4096) == default_mma_config(4096, 4096, 2)
-    monkeypatch.setenv(GUESS_ENV, "2")
-    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 2, 16)
+    # the first rule (WKVQ_MMA_GUESS=1): one tile, ~4 programs a multiprocessor, up to 8 ranges
+    assert guess_mma_config(4096, 4096, rule="1") == MmaConfig(4, 1, 8)  # 64 row blocks x 8 = 512 programs
+    assert guess_mma_config(22016, 4096, rule="1") == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528
+    monkeypatch.setenv(GUESS_ENV, "1")
+    assert default_mma_config(4096, 4096, 2) == MmaConfig(4, 1, 8)
     assert default_mma_config(4096, 4096, 1) == MMA_TABLE[4096, 4096, 1]  # the table first
     monkeypatch.setenv(GUESS_ENV, "3")
     with pytest.raises(ValueError, match="the rules are 1"):
@@ -435,7 +441,7 @@ def test_silu_input_choice_is_kept_per_setting(monkeypatch, tmp_path):
     (tmp_path / "elsewhere.json").write_text('{"best": {}}')  # another sweep record: the choice is made again
     monkeypatch.setenv(w4_mma.TABLE_ENV, str(tmp_path / "elsewhere.json"))
     assert w._mma_silu(1) and calls == [256, 256]
-    monkeypatch.setenv(w4_mma.GUESS_ENV, "2")  # another guess for shapes no table has: again
+    monkeypatch.setenv(w4_mma.GUESS_ENV, "1")  # another guess for shapes no table has: again
     assert w._mma_silu(1) and calls == [256, 256, 256]
     monkeypatch.setenv(w4_mma.MMA_ENV, "0")
     assert not w._mma_silu(1) and calls == [256, 256, 256]

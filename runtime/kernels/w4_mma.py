@@ -178,20 +178,21 @@ def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
     :data:`MMA_TABLE`, else a guess (:func:`guess_mma_config`)."""
     table = {**MMA_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
-    return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, "1"))
+    return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, "2"))
 
 
-GUESS_ENV = "WKVQ_MMA_GUESS"  # "2": guess_mma_config's second rule (not yet timed in a step)
+GUESS_ENV = "WKVQ_MMA_GUESS"  # "1": guess_mma_config's first rule (the default until the thirtieth session)
 
 
-def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = "1") -> MmaConfig:
-    """The config of a shape no table has: rule "1" (the default), 4 warps of one tile, the groups split until there
-    are about 4 programs per multiprocessor (at most 8 ranges); rule "2", 4 warps of two tiles split until about 8
-    programs per multiprocessor (at most 16 ranges). Both keep at least 2 groups a range. Every one-row winner of
-    the sweeps has two tiles (NOTES.md round 27), and in three of the four shapes where the records timed both
-    rules' configs the second was faster (by up to 24%), in one 8% slower; no step has run on it yet."""
+def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = "2") -> MmaConfig:
+    """The config of a shape no table has: rule "2" (the default), 4 warps of two tiles split until about 8 programs
+    per multiprocessor (at most 16 ranges); rule "1", 4 warps of one tile, the groups split until there are about
+    4 programs per multiprocessor (at most 8 ranges). Both keep at least 2 groups a range. Every one-row winner of
+    the sweeps has two tiles (NOTES.md round 27). In the step at LLaMA-3.2-3B's shapes, which no table has (H200,
+    thirtieth session, NOTES.md round 28), rule 2 was 8-11% faster at b1 and b4, p2048 and p32768 (3% at b4
+    p32768)."""
     if rule not in ("1", "2"):
-        raise ValueError(f"{GUESS_ENV}={rule!r}: the rules are 1 (the default) and 2")
+        raise ValueError(f"{GUESS_ENV}={rule!r}: the rules are 1 and 2 (the default)")
     tiles, most, per_sm = (1, 8, 4) if rule == "1" else (2, 16, 8)
     blocks = triton.cdiv(n, 16 * tiles * 4)
     groups = triton.cdiv(k, GROUP)
