@@ -277,7 +277,7 @@ class FastLlama:
         if max_len > self.cos.shape[0]:
             raise ValueError(f"max_len {max_len} exceeds the rope table of {self.cos.shape[0]} positions")
         return StaticPOQCache(c.layers, batch, max_len, c.kv_heads, c.head_dim, c.kv_group_size, c.kv_bits,
-                              self.device)
+                              self.device, query_heads=c.heads)
 
     # ------------------------------------------------------------------ eager path (reference)
 
@@ -318,12 +318,13 @@ class FastLlama:
         before qkv zeroes ``qkv`` (read by the previous layer's attention) and, with "silu", the norm before
         gate_up zeroes ``gate_up``; with "heads" the output projection starts on each KV head's output as soon as
         the attention flags it (``cache.ready`` at epoch ``cache.step``)."""
-        from .kernels import kv4, misc
+        from .kernels import kv4, misc, query_parts
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
+        flag_heads = c.heads // c.kv_heads // query_parts(c.heads // c.kv_heads)  # query heads a ready flag
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):
@@ -341,7 +342,7 @@ class FastLlama:
                                                   c.kv_bits, clear=True, clear_extra=gate_up if silu else None)
                 a = kv4.decode_attention(q, k_cur, v_cur, store, cache.pos, params, c.scaling, dt, splits)
             layer.o.accumulate(a.view(x.shape[0], -1), x,
-                               ready=(*ready, c.heads // c.kv_heads) if heads else None,
+                               ready=(*ready, flag_heads) if heads else None,
                                stamps="o")
             if norm:
                 layer.gate_up.accumulate_rmsnorm(x, layer.ln2, c.eps, dt, gate_up)

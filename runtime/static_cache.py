@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
+from .kernels import query_parts
 from .kvquant import STATS_DTYPE
 
 # buffers hold max_len rounded up to this many slots: every head's rows start 16-byte aligned in the stats, as the
@@ -57,12 +58,14 @@ class StaticPOQCache:
     ``length`` (Python int) and ``pos`` (``int32 [1]`` on the device, for graph-captured steps) count
     the tokens stored so far. ``step`` (``int32 [1]``, next to ``pos``, so that one kernel advances both) counts the
     decode steps run on the cache from 1 and is never set back (a CUDA graph's warm-up restores ``pos`` only): the
-    epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads]``) with which a decode step's
-    attention tells the output projection which heads are done (:func:`runtime.kernels.kv4.rope_attention`).
+    epoch of the per-layer ``ready`` flags (``int32 [layers, batch * kv_heads * parts]``, ``parts`` the
+    :func:`runtime.kernels.query_parts` of ``query_heads / kv_heads``, ``query_heads`` defaulting to ``kv_heads``)
+    with which a decode step's attention tells the output projection which heads are done
+    (:func:`runtime.kernels.kv4.rope_attention`: one flag a KV head's part of its query heads).
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 kv_group_size: int | None = None, bits: int = 4, device=None):
+                 kv_group_size: int | None = None, bits: int = 4, device=None, query_heads: int | None = None):
         group = kv_group_size or head_dim
         if head_dim % group:
             raise ValueError(f"KV group size {group} must divide head_dim {head_dim}")
@@ -74,7 +77,10 @@ class StaticPOQCache:
                        for _ in range(num_layers)]
         self.counters = torch.tensor([0, 1], dtype=torch.int32, device=device)  # pos, step
         self.pos, self.step = self.counters[:1], self.counters[1:]
-        self.ready = torch.zeros(num_layers, batch * kv_heads, dtype=torch.int32, device=device)
+        if query_heads is not None and (query_heads < kv_heads or query_heads % kv_heads):
+            raise ValueError(f"query heads ({query_heads}) must be a multiple of the KV heads ({kv_heads})")
+        parts = query_parts((query_heads or kv_heads) // kv_heads)
+        self.ready = torch.zeros(num_layers, batch * kv_heads * parts, dtype=torch.int32, device=device)
         self.length = 0
 
     def nbytes(self) -> int:

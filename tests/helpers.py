@@ -62,13 +62,14 @@ def kernel_rtn_artifact(tmp_path: Path, layers: int = 1) -> Path:
     return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
 
 
-def heads128_rtn_artifact(tmp_path: Path) -> Path:
-    """A two-layer tiny model with heads of 128 channels (the tensor-core attention; hidden 512, 2 query heads a KV
-    head, MLP 640: the down projection has five groups), converted with RTN into ``tmp_path / "q"``."""
+def heads128_rtn_artifact(tmp_path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A two-layer tiny model with heads of 128 channels (the tensor-core attention; by default hidden 512, 2 query
+    heads a KV head; hidden ``128 heads``), MLP 640 (the down projection has five groups), converted with RTN into
+    ``tmp_path / "q"``."""
     from converter.convert import ConvertConfig, convert
 
-    src = make_tiny_llama(tmp_path / "m", hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=640, num_hidden_layers=2)
+    src = make_tiny_llama(tmp_path / "m", hidden_size=128 * heads, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, intermediate_size=640, num_hidden_layers=2)
     return convert(ConvertConfig(out=tmp_path / "q", model=str(src), method="rtn", device="cpu", dtype="float32"))
 
 

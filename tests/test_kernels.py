@@ -219,7 +219,10 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
     (2, 1, 0, 2, 4, 1),  # no past: only the current token
     (8, 8, 333, 10, 4, 2),
     (2, 1, 1000, 4, 44, 1),  # no power of two, and more than COMBINE_CHUNK splits (the combine in chunks)
-    (4, 2, 150, 40, 3, 2)])
+    (4, 2, 150, 40, 3, 2),
+    (8, 1, 300, 10, 4, 2),  # 8 query heads a KV head (LLaMA-2-70B): two programs of 4 share each split
+    (12, 2, 150, 40, 3, 1),  # 6: two parts of 3
+    (7, 1, 90, 4, 2, 1)])  # 7: seven parts of 1
 @pytest.mark.parametrize("keys_a", [False, True])
 def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, tile, stages, bulk, keys_a):
     """:mod:`runtime.kernels.kv4_mma` (``AttnConfig.mma``: bulk copies into shared memory, the stats by each lane's
@@ -234,7 +237,7 @@ def test_mma_attention_matches_reference(hq, hkv, length, key_scale, splits, b, 
         cfg = kv4.AttnConfig(splits=splits, block_s=tile, mma=True, stages=stages, combine=combine, copies=bulk,
                              keys_a=keys_a)
         assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
-    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
+    assert not kv4._head_counts(DEV, b * hq)[:b * hq].any()
 
 
 def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
@@ -255,7 +258,7 @@ def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
 @pytest.mark.parametrize("tile,stages,copies", [(32, 2, "lanes"), (64, 2, "mixed"), (16, 3, "bulk")])
 @pytest.mark.parametrize("hq,hkv,length,splits,b", [(2, 2, 150, 4, 2), (3, 1, 37, 8, 1), (4, 2, 0, 2, 1),
-                                                    (1, 1, 700, 1, 1), (2, 1, 900, 48, 1)])
+                                                    (1, 1, 700, 1, 1), (2, 1, 900, 48, 1), (16, 2, 300, 4, 2)])
 @pytest.mark.parametrize("keys_a", [False, True])
 def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, splits, b, tile, stages, copies,
                                                                keys_a):
@@ -279,7 +282,7 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
         assert _rel(out, ref) < 1e-5 and torch.equal(qkv, before), cfg
         for a, r in zip(cache.layers[0].tensors(), caches[0].layers[0].tensors()):
             assert torch.equal(a, r)
-    assert not kv4._head_counts(DEV, b * hkv)[:b * hkv].any()
+    assert not kv4._head_counts(DEV, b * hq)[:b * hq].any()
 
 
 def test_mma_config_checks_and_fallback():
@@ -483,15 +486,15 @@ def test_fast_decode_kernels_match_eager(tiny_llama_dir, tmp_path, layout, monke
         assert _rel(graph.step(ids[:, 7]), ref) < 20 * TOL and cf.length == 8
 
 
-def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16, art=None):
-    """The two-layer model with heads of 128 channels (:func:`tests.helpers.heads128_rtn_artifact`, converted into
-    ``tmp_path`` unless ``art`` is given) in ``dtype``: its eager ``FastLlama`` and a kernel one on the gemv
-    projections."""
+def _two_layers_of_128_channel_heads(tmp_path, dtype=torch.float16, art=None, heads: int = 4, kv_heads: int = 2):
+    """The two-layer model with heads of 128 channels (:func:`tests.helpers.heads128_rtn_artifact` of ``heads`` and
+    ``kv_heads``, converted into ``tmp_path`` unless ``art`` is given) in ``dtype``: its eager ``FastLlama`` and a
+    kernel one on the gemv projections."""
     import runtime
     from runtime.fast import FastLlama
     from tests.helpers import fast_copy, heads128_rtn_artifact
 
-    model, _ = runtime.load(art or heads128_rtn_artifact(tmp_path), device=DEV, dtype=dtype)
+    model, _ = runtime.load(art or heads128_rtn_artifact(tmp_path, heads, kv_heads), device=DEV, dtype=dtype)
     eager = FastLlama.from_hf(model, 128, use_kernels=False)
     return eager, fast_copy(eager)
 
@@ -554,6 +557,57 @@ def test_decode_heads_ready_matches_eager(tmp_path, monkeypatch, batch):
         t = stamps.read(DEV, kind)
         t = t[:rows] if rows else t[(t != 0).all(dim=1)]
         assert len(t) and (t > 0).all() and (t.diff(dim=1) >= 0).all(), (kind, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core attention and GEMV: CUDA only")
+@pytest.mark.parametrize("heads,kv_heads", [(8, 1), (12, 2)])
+def test_decode_heads_ready_with_query_parts(tmp_path, monkeypatch, heads, kv_heads):
+    """More query heads a KV head than a tensor-core attention program takes (8 as LLaMA-2-70B, 6): the KV head's
+    splits are shared by :func:`runtime.kernels.query_parts` programs, each merging and flagging its own part, and the
+    output projection waits for each part's flag (``WKVQ_FUSE=rope,heads``, one row). Each decode step (the first
+    eager, then CUDA-graph replays) against the step without "heads" from a copy of the same cache, and the
+    sequence against the eager path; every flag (one a part) holds the last step's epoch.
+
+    Not between two whole runs: at these shapes the GEMVs' float32 atomics add in a varying order, so a stored 4-bit
+    code may flip and two runs of the same path drift apart (H200: up to 1.7e-2 at 12 on 2 heads, with either
+    attention kernel; the attention itself is bit-identical from call to call)."""
+    from runtime.fast import FUSE_ENV, DecodeGraph
+    from runtime.kernels import kv4, query_parts
+
+    def same_state(dst, src):
+        for a, b in zip(dst.layers, src.layers):
+            for x, y in zip(a.tensors(), b.tensors()):
+                x.copy_(y)
+        dst.counters.copy_(src.counters)
+        dst.length = src.length
+
+    def plain_step(i, cache):
+        same_state(cu, cache)
+        monkeypatch.setenv(FUSE_ENV, "rope")
+        out = fast.decode_step(ids[:, i], cu)
+        monkeypatch.setenv(FUSE_ENV, "rope,heads")
+        return out
+
+    eager, fast = _two_layers_of_128_channel_heads(tmp_path, heads=heads, kv_heads=kv_heads)
+    monkeypatch.setenv(FUSE_ENV, "rope,heads")
+    assert fast._fused_inputs(1) == {"rope", "heads"}
+    ids = torch.randint(3, 300, (1, 56), device=DEV)
+    ce, cf, cu = eager.new_cache(1, 64), fast.new_cache(1, 64), fast.new_cache(1, 64)
+    assert cf.ready.shape == (2, kv_heads * query_parts(heads // kv_heads)) == (2, 2 * kv_heads)
+    _mma_attention_table(tmp_path, monkeypatch, 1, cf)
+    assert kv4.attn_config(1, heads, cf.layers[0].k_codes.shape[2]).mma
+    for c, m in ((ce, eager), (cf, fast)):
+        m.forward(ids[:, :48], c)
+    plain = [plain_step(48, cf)]
+    steps = [fast.decode_step(ids[:, 48], cf)]
+    graph = DecodeGraph(fast, cf)  # two warm-up steps, then the replays
+    for i in range(49, 53):
+        plain.append(plain_step(i, cf))
+        steps.append(graph.step(ids[:, i]).clone())
+    assert cf.step.item() == 8 and (cf.ready == 7).all() and cf.pos.item() == cf.length == 53
+    ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
+    for a, b, r in zip(steps, plain, ref):
+        assert _rel(a, b) < 1e-3 and _rel(a, r) < 6e-2, (_rel(a, b), _rel(a, r))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core GEMV: CUDA only")

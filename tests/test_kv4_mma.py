@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90):
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90, parts=1):
     """The sm_90 (or sm_``arch``) SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -18,7 +18,9 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     init, issue, step, step_cons = kv4_mma._asm(tile, stages, qg, copies, cap, keys_a)
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
-              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps}
+              "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps,
+              "PARTS": parts}
+    consts["HQ"] *= parts
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
@@ -62,6 +64,18 @@ def test_mma_attention_compiles_for_sm90(tile, stages, qg, bulk, rope, cap, keys
     assert ring <= shared <= ring + 4096 and (ring > kv4_mma.smem_bytes(tile, stages)) == (cap > 0)
     assert "LOCAL:0" in usage
     assert sass.count("LDG.E.128") == 8 * (6 if rope else 3)
+
+
+def test_mma_attention_query_parts_compile_as_one(tmp_path):
+    """Eight query heads a KV head (LLaMA-2-70B) as two programs of four (``PARTS``): the same tile loop (MMAs, bulk
+    copies, no spills) as one program of four; only the head indices differ."""
+    pytest.importorskip("triton")
+
+    one, usage1 = _attn_sass(tmp_path, qg=4, pdl=True, ready=True)
+    two, usage2 = _attn_sass(tmp_path, qg=4, pdl=True, ready=True, parts=2)
+    assert "LOCAL:0" in usage1 and "LOCAL:0" in usage2
+    for op in ("HMMA.16816.F32", "UBLKCP", "ATOMG.E.EXCH", "ACQBULK"):
+        assert two.count(op) == one.count(op), op
 
 
 @pytest.mark.parametrize("rope,qg", [(True, 1), (True, 2), (False, 1), (False, 4)])

@@ -62,6 +62,23 @@ def test_slots_padded_to_the_alignment_but_max_len_holds():
     assert StaticPOQCache(1, 1, 32, 1, 8).layers[0].k_codes.shape[2] == 32
 
 
+def test_ready_flags_one_a_kv_heads_part():
+    """The decode step's ready flags: one a KV head's part of its query heads (``query_parts``: the fewest parts of
+    at most 4 query heads that divide them), at every layer and sequence; query heads that are no multiple of the
+    KV heads are refused."""
+    from runtime.kernels import MAX_QG, query_parts
+
+    assert [query_parts(qg) for qg in range(1, 13)] == [1, 1, 1, 1, 5, 2, 7, 2, 3, 5, 11, 3]
+    assert all(qg % query_parts(qg) == 0 and qg // query_parts(qg) <= MAX_QG for qg in range(1, 65))
+    with pytest.raises(ValueError, match="at least 1"):
+        query_parts(0)
+    assert StaticPOQCache(3, 2, 16, 8, 64).ready.shape == (3, 16)  # query heads default to the KV heads
+    assert StaticPOQCache(3, 2, 16, 8, 64, query_heads=32).ready.shape == (3, 16)  # LLaMA-3-8B: 4 a program
+    assert StaticPOQCache(3, 2, 16, 8, 64, query_heads=64).ready.shape == (3, 32)  # LLaMA-2-70B: 2 parts of 4
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        StaticPOQCache(1, 1, 16, 8, 64, query_heads=12)
+
+
 def test_token_by_token_equals_wkvq_sim(tiny):
     model, fast = tiny
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))

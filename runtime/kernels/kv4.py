@@ -2,7 +2,7 @@
 
 :func:`decode_attention` runs, per :class:`AttnConfig` (the table :data:`ATTN_TABLE`), either the split kernel
 here (any head_dim, KV groups and GQA; the interpreter) or, with ``mma``, the tensor-core kernel of
-:mod:`runtime.kernels.kv4_mma` (sm_90, head_dim 128, per-token stats, <= 4 query heads a KV head).
+:mod:`runtime.kernels.kv4_mma` (sm_90, head_dim 128, per-token stats; over 4 query heads a KV head in parts).
 
 Cache layout (see :mod:`runtime.static_cache`): codes ``uint8 [B, Hkv, S, D/2]`` packed with
 :func:`runtime.quant.pack` (channel ``2j`` in the low nibble), ``step`` and ``minimum``
@@ -31,6 +31,7 @@ from . import (
     head_dim_ok,
     multiprocessors,
     overlap,
+    query_parts,
     sweep_table,
     zeroed_counts,
 )
@@ -642,8 +643,8 @@ class AttnConfig:
 # fewer per layer; measured end to end in BENCHMARKS.md)
 # mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session: graph-timed sweeps of tokens a stage
 # x stages x splits x copies, fused combine, records benchmarks/results/r17/attn_mma4_b1.json (b1) and
-# attn_mma3_b8.json (b8)) won all four cases; shapes it does not take (head_dim != 128, KV groups, > 4 query heads
-# a KV head, a GPU before sm_90, the interpreter) run the split kernel with ATTN_DEFAULT's tile at the entry's
+# attn_mma3_b8.json (b8)) won all four cases; shapes it does not take (head_dim != 128, KV groups, a GPU before
+# sm_90, the interpreter; before the thirtieth session also > 4 query heads a KV head) run the split kernel with ATTN_DEFAULT's tile at the entry's
 # splits. In brackets: the split kernel's table config (13th session's table, same sweep harness)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 _MMA = {"mma": True, "stages": 2, "combine": True}
@@ -729,8 +730,9 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
     ``pos`` (the number of cached tokens, a device tensor), attend over the ``pos`` past tokens and the current one
     (POQ), and one program per KV head appends the token's key and value at slot ``pos``, as :func:`rope_append`
     would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates).
-    ``ready = (flags, epoch)``: ``int32 [B * Hkv]`` per-KV-head flags, each set to the step's ``epoch`` (``int32
-    [1]``, a different value every step) once that head's output is stored (by the tensor-core kernel's combining
+    ``ready = (flags, epoch)``: ``int32 [B * Hkv * query_parts(Hq / Hkv)]`` flags (at least; one a KV head's part
+    of its query heads, :func:`query_parts`), each set to the step's ``epoch`` (``int32 [1]``, a different value
+    every step) once that part's output is stored (by the tensor-core kernel's combining
     program, else after the launch): the output projection may then start on a head without waiting for the whole
     attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). Returns ``[B, Hq, D]`` in ``out_dtype``; ``pos``
     is not advanced."""
@@ -792,8 +794,11 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         qkv, cos, sin = rope
         rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
-    if mma:  # counts per KV head
-        cnt = _head_counts(device, b * hkv) if cfg.combine else m
+    if ready is not None and ready[0].numel() < b * hkv * query_parts(qg):
+        raise ValueError(f"ready needs {b * hkv * query_parts(qg)} flags (one a KV head's part of its query heads, "
+                         f"query_parts), got {ready[0].numel()}")
+    if mma:  # counts per KV head's part of its query heads
+        cnt = _head_counts(device, b * hkv * query_parts(qg)) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
                        keys_a=cfg.keys_a, ready=ready if cfg.combine else None,

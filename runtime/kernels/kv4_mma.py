@@ -2,7 +2,10 @@
 
 The same result as :func:`runtime.kernels.kv4.decode_attention` (the splits' partial results, merged with the
 current token by :func:`runtime.kernels.kv4._combine_head`) for head_dim 128, one step/minimum per token (KV group
-= head_dim) and up to 4 query heads per KV head.
+= head_dim) and any number of query heads per KV head: up to 4 in one program, more in
+:func:`runtime.kernels.query_parts` programs of up to 4 that share each split (LLaMA-2-70B's 8: two of 4; the
+second reads the tiles the first brought to L2; 70B b1 p32768 23.03 -> 13.16 ms a step against the split kernel,
+thirtieth session).
 
 Why: the split kernel of :mod:`runtime.kernels.kv4` holds its tiles in registers and spends ~3 instructions a
 code on float32 arithmetic; at 7B b1 p32768 it reads the 4-bit cache at ~1.7 TB/s, at p2048 at ~0.8 TB/s (a
@@ -63,6 +66,7 @@ from . import (
     cuda_major,
     multiprocessors,
     overlap,
+    query_parts,
     shared_memory_per_multiprocessor,
     stamps,
 )
@@ -71,7 +75,6 @@ from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
 _D = tl.constexpr(HEAD_DIM)
-MAX_QG = 4
 SMEM = "wkvq_attn_smem"  # the shared memory the init PTX declares at the function's scope
 # a stage of TILE tokens: key codes, value codes (64 bytes a token each), then the key steps, key minima, value
 # steps and value minima (float16, 2 TILE bytes each), after the MMA_BAR_BYTES of the stages' mbarriers
@@ -81,13 +84,14 @@ _STAGE_PER_TOKEN = tl.constexpr(MMA_STAGE_BYTES)
 
 def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rows=()) -> bool:
     """Whether :func:`launch` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
-    step/minimum per token, 1-4 query heads per KV head, cache slots a multiple of 8 (aligned bulk copies), and
+    step/minimum per token, any number of query heads a KV head (up to :data:`runtime.kernels.kv4.MAX_QG` a program,
+    :func:`query_parts`), cache slots a multiple of 8 (aligned bulk copies), and
     ``rows`` (the float32 tensors whose head rows it reads 8 channels at a time, :func:`_ld8`: the query or
     ``qkv``, ``cos``, ``sin``, the static key scale and shift) 16-byte aligned with unit stride in their last dim
     and rows a multiple of 16 bytes apart."""
     codes = store.k_codes
     return (codes.is_cuda and cuda_major(codes.device) >= 9 and head_dim == HEAD_DIM and groups == 1
-            and 1 <= qg <= MAX_QG and codes.shape[2] % 8 == 0 and codes.is_contiguous()
+            and qg >= 1 and codes.shape[2] % 8 == 0 and codes.is_contiguous()
             and all(t.is_contiguous() for t in (store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min))
             and all(_rows_aligned(t) for t in rows))
 
@@ -589,9 +593,12 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     stamp_ptr=None, STAMPS: tl.constexpr = False):
-    """See the module docstring. One warp; program ``(b * HKV + kh, split)``; the partial results (``m``, ``l``,
-    ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the KV head.
+                     stamp_ptr=None, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1):
+    """See the module docstring. One warp; program ``((b * HKV + kh) * PARTS + part, split)``; the partial results
+    (``m``, ``l``, ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the
+    program's part of the KV head: ``PARTS`` (:func:`query_parts`) programs share a KV head's split, each with ``QG``
+    of its ``QG * PARTS`` query heads (their ids adjacent, so the second reads the tiles the first brought to L2),
+    each part with its own count, merge and ready flag (``cnt_ptr``, ``ready_ptr [B * HKV * PARTS]``).
 
     ``ROPE`` (:func:`runtime.kernels.kv4.rope_attention`): the query, the current key and value come from the
     projection's output ``qkv`` (roped at position ``length``; ``q_ptr``, ``kcur_ptr``, ``vcur_ptr`` unused), and
@@ -602,22 +609,23 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     next kernel launch first thing (it waits for the heads' flags, ``READY``, or for this kernel). ``READY``
     (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
     epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
-    ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bk + sp *
-    (B * HKV)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
+    ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bkp + sp *
+    (B * HKV * PARTS)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
     its end)."""
     overlap.launch_dependents(TRIGGER)
-    bk, sp = tl.program_id(0), tl.program_id(1)
+    bkp, sp = tl.program_id(0), tl.program_id(1)
+    bk, part = bkp // PARTS, bkp % PARTS
     b, kh = bk // HKV, bk % HKV
-    me = bk + sp * tl.num_programs(0)
+    me = bkp + sp * tl.num_programs(0)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 0, 4)
     if sp < NSPLIT:
-        _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+        _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, PARTS)
     else:
-        if ROPE:  # split NSPLIT: the append
+        if ROPE and part == 0:  # split NSPLIT: the append (once a KV head)
             overlap.wait_prior(PDL)
             if STAMPS:
                 stamps.stamp(stamp_ptr, me, 1, 4)
@@ -632,16 +640,19 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
 
 
 @triton.jit
-def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
+def _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
             m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False):
-    """The attention program ``(b * HKV + kh, sp)`` of :func:`_attn_mma_kernel`."""
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1):
+    """The attention program ``((b * HKV + kh) * PARTS + part, sp)`` of :func:`_attn_mma_kernel`: query heads
+    ``kh * QG * PARTS + part * QG ..`` (``h0``)."""
     D: tl.constexpr = _D
     bk = b * HKV + kh
+    bkp = bk * PARTS + part
+    h0 = kh * QG * PARTS + part * QG
     length = tl.load(len_ptr)
     chunk = tl.cdiv(tl.cdiv(length, NSPLIT), TILE) * TILE
     start = sp * chunk
@@ -656,7 +667,7 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     overlap.wait_prior(PDL)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 1, 4)
-    qh = kh * QG + (g // 2) % QG  # the query of this thread's score rows
+    qh = h0 + (g // 2) % QG  # the query of this thread's score rows
     cos_row, sin_row = cos_ptr + length * D, sin_ptr + length * D
     if ROPE:
         q_row = qkv_ptr + b * stride_qkv + qh * D
@@ -731,18 +742,18 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if KEYS_A:  # every lane's state is query t % QG's: sums over the lanes g; m, l of query t from lane (0, t)
         lq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(G_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
-        head_q = (b * HQ + kh * QG + t) * NSPLIT + sp
+        head_q = (b * HQ + h0 + t) * NSPLIT + sp
         ml_mask = (g == 0) & (t < QG)
     else:
         lq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [l_i], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(QUAD_SUM_ASM, "=f,f", [pm], dtype=tl.float32, is_pure=False, pack=1)
         pq = tl.inline_asm_elementwise(FROM_ASM, "=f,f,r", [pq, 8 * t], dtype=tl.float32, is_pure=False, pack=1)
         # m, l of query j from lane (g = 2j, t = 0); the values of query t (t < QG) from every g: dims 16g ..
-        head_q = (b * HQ + kh * QG + g // 2) * NSPLIT + sp
+        head_q = (b * HQ + h0 + g // 2) * NSPLIT + sp
         ml_mask = (t == 0) & (g % 2 == 0) & (g // 2 < QG)
     tl.store(m_ptr + head_q, m_i, mask=ml_mask)
     tl.store(l_ptr + head_q, lq, mask=ml_mask)
-    row = acc_ptr + ((b * HQ + kh * QG + t) * NSPLIT + sp) * D + 16 * g
+    row = acc_ptr + ((b * HQ + h0 + t) * NSPLIT + sp) * D + 16 * g
     vmask = t < QG
     _store_dims(row, 0, A, pq, vmask)
     _store_dims(row, 1, A, pq, vmask)
@@ -752,10 +763,10 @@ def _attend(b, kh, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     _store_dims(row, 5, A, pq, vmask)
     _store_dims(row, 6, A, pq, vmask)
     _store_dims(row, 7, A, pq, vmask)
-    if COMBINE:  # the KV head's last program merges its query heads
-        _combine_if_last(cnt_ptr + bk, b, kh * QG, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
-                         vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG,
-                         NSPLIT, QG, ROPE, ready_ptr + bk, ep_ptr, READY, length)
+    if COMBINE:  # the last program of the KV head's part merges its query heads
+        _combine_if_last(cnt_ptr + bkp, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
+                         vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D,
+                         QG * PARTS, NSPLIT, QG, ROPE, ready_ptr + bkp, ep_ptr, READY, length)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 3, 4)
 
@@ -770,20 +781,21 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     """The kernel for :func:`runtime.kernels.kv4.decode_attention` (``q [b, hq, D]``, ``k_cur``, ``v_cur``) or, with
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
-    with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv``
-    per-KV-head counts; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
+    with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv *
+    parts`` counts, one a KV head's part, :func:`query_parts`; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at one over the grid's even share
     (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early
     (the programs let it first thing); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
     ``ready = (flags, epoch)`` (with ``combine``): ``int32
-    [B * Hkv]`` flags, one a KV head, that the combining program sets to ``epoch`` (``int32 [1]``) once that head's
-    output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
+    [B * Hkv * parts]`` flags, one a KV head's part (its ``hq / hkv / parts`` query heads), that the combining program
+    sets to ``epoch`` (``int32 [1]``) once that part's output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
     (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
-    qg = hq // hkv
+    parts = query_parts(hq // hkv)
+    qg = hq // hkv // parts  # query heads a program
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
-    grid = (b * hkv, splits + (rope is not None))
+    grid = (b * hkv * parts, splits + (rope is not None))
     device = store.k_codes.device
     cap = even_cap(grid[0] * grid[1], multiprocessors(device)) if pdl and _cap_on() else 0
     init, issue, step, step_cons = _asm(tile, stages, qg, copies, cap, keys_a,
@@ -794,7 +806,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
-        HQ=hq, HKV=hkv, QG=qg, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
+        HQ=hq, HKV=hkv, QG=qg, PARTS=parts, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
         INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
