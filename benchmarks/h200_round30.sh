@@ -5,7 +5,8 @@
 #   q8         70B b1 p2048/p32768 with the default (tensor-core attention, two parts) and with the split kernel
 #              (an attention table without mma, what ran before), and at 32 splits; 7B and 8B b1 p32768 unchanged?
 #   guess      the GEMV's second guess (WKVQ_MMA_GUESS=2) at LLaMA-3.2-3B, which no table has (round 29's)
-#   gqa_sweep  the attention's sweep at LLaMA-3-8B's heads (32 on 8), b1 (round 29's)
+#   gqa_sweep  the attention's sweep at LLaMA-3-8B's heads (32 on 8), b1 (round 29's; not run)
+#   deep       the step at 8 KV heads (70B, 8B) b1 p32768 with deeper attention rings, as WKVQ_ATTN_TABLE variants
 # Usage: OUT=$OUT bash benchmarks/h200_round30.sh PART...  (carry .gpu/whl .gpu/xdist)
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 [ -d /tmp/site/xdist ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl \
@@ -46,5 +47,15 @@ guess)
 gqa_sweep)
   python3 benchmarks/attn_bench.py --heads 32 --kv-heads 8 --batches 1 --contexts 2048,32768 --rope --mma all \
     --keys-a 1 --mma-only --json $OUT/attn_8b_b1.json 2>&1 | grep -v -i warn | tail -40;;
+deep)  # the step at 8 KV heads (70B, 8B) b1 p32768 with deeper rings (tokens x stages at 64 splits, 64x4 at 32)
+  for v in 64x3:64 64x4:64 32x4:64 64x4:32; do t=${v%%:*}; sp=${v##*:}
+    python3 -c "
+import dataclasses, json
+from runtime.kernels import kv4
+c = dataclasses.replace(kv4.attn_config(1, 64, 32769, kv_heads=8), splits=$sp, block_s=${t%%x*}, stages=${t##*x})
+json.dump({'best': {'1x32768': {'config': dataclasses.asdict(c)}}}, open('/root/t_deep.json', 'w'))"
+    for s in 70b 8b; do WKVQ_ATTN_TABLE=/root/t_deep.json bench deep_${s}_${t}_sp$sp --shapes $s --prompts 32768; done
+  done
+  for s in 70b 8b; do bench deep_${s}_def --shapes $s --prompts 32768; done;;
 *) echo "unknown part $part"; exit 2;;
 esac; done
