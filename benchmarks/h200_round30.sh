@@ -37,16 +37,8 @@ q8)
   bench q8_def2 --shapes 70b --prompts 32768
   bench q8_7b --shapes 7b --prompts 32768
   bench q8_8b --shapes 8b --prompts 32768;;
-guess)
-  for g in 1 2; do WKVQ_MMA_GUESS=$g python3 benchmarks/shape_probe.py --cases 3b:1:2048,3b:3:2048,3b:1:32768 \
-    --json $OUT/probe_3b_guess$g.json 2>&1 | grep -v -i warn; done
-  for r in 1 2; do for g in 1 2; do
-    WKVQ_MMA_GUESS=$g python3 cli.py bench --shapes 3b --paths wkvq --batches 1,4 --prompts 2048,32768 --steps 20 \
-      --json $OUT/guess${g}_$r.json 2>&1 | grep "wkvq" | sed "s/^/guess$g /"
-  done; done;;
-gqa_sweep)
-  python3 benchmarks/attn_bench.py --heads 32 --kv-heads 8 --batches 1 --contexts 2048,32768 --rope --mma all \
-    --keys-a 1 --mma-only --json $OUT/attn_8b_b1.json 2>&1 | grep -v -i warn | tail -40;;
+guess|gqa_sweep)  # round 29's parts as that script has them
+  bash benchmarks/h200_round29.sh $part;;
 deep)  # the step at 8 KV heads (70B, 8B) b1 p32768 with deeper rings (tokens x stages at 64 splits, 64x4 at 32)
   for v in 64x3:64 64x4:64 32x4:64 64x4:32; do t=${v%%:*}; sp=${v##*:}
     python3 -c "
