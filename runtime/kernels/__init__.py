@@ -153,8 +153,8 @@ MAX_QG = 4  # query heads a program of the tensor-core attention (runtime.kernel
 def query_parts(qg: int) -> int:
     """Programs that share a KV head's split in the tensor-core attention (``PARTS`` of
     :func:`runtime.kernels.kv4_mma._attn_mma_kernel`): the fewest that divide ``qg`` query heads a KV head into parts
-    of at most :data:`MAX_QG` (1 up to 4; LLaMA-2-70B's 8: 2; 6: 2; 7: 7). Each part reads the KV head's tiles, the
-    second and later mostly from L2."""
+    of at most :data:`MAX_QG` (1 up to 4; LLaMA-2-70B's 8: 2; 6: 2; 7: 7). Each part reads the KV head's tiles; the
+    parts run side by side, so the later ones find most of them in L2 (inferred from times, NOTES.md round 28)."""
     if qg < 1:
         raise ValueError(f"query heads a KV head must be at least 1, got {qg}")
     return next(p for p in range(1, qg + 1) if qg % p == 0 and qg // p <= MAX_QG)

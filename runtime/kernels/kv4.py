@@ -644,8 +644,9 @@ class AttnConfig:
 # mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session: graph-timed sweeps of tokens a stage
 # x stages x splits x copies, fused combine, records benchmarks/results/r17/attn_mma4_b1.json (b1) and
 # attn_mma3_b8.json (b8)) won all four cases; shapes it does not take (head_dim != 128, KV groups, a GPU before
-# sm_90, the interpreter; before the thirtieth session also > 4 query heads a KV head) run the split kernel with ATTN_DEFAULT's tile at the entry's
-# splits. In brackets: the split kernel's table config (13th session's table, same sweep harness)
+# sm_90, the interpreter; before the thirtieth session also > 4 query heads a KV head) run the split kernel with
+# ATTN_DEFAULT's tile at the entry's splits. In brackets: the split kernel's table config (13th session's table, same
+# sweep harness)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
 _MMA = {"mma": True, "stages": 2, "combine": True}
 # keys_a (eighteenth session, --rope at b1; records benchmarks/results/r21/attn_ka_b*.json): the keys as the score
@@ -732,8 +733,8 @@ def rope_attention(qkv, cos, sin, pos, store, kv_params, num_heads: int, sm_scal
     would (same stored bytes). ``qkv`` is only read (zero it afterwards where it accumulates).
     ``ready = (flags, epoch)``: ``int32 [B * Hkv * query_parts(Hq / Hkv)]`` flags (at least; one a KV head's part
     of its query heads, :func:`query_parts`), each set to the step's ``epoch`` (``int32 [1]``, a different value
-    every step) once that part's output is stored (by the tensor-core kernel's combining
-    program, else after the launch): the output projection may then start on a head without waiting for the whole
+    every step) once that part's output is stored (by the tensor-core kernel's combining program, else after the
+    launch): the output projection may then start on a head without waiting for the whole
     attention (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`). Returns ``[B, Hq, D]`` in ``out_dtype``; ``pos``
     is not advanced."""
     b, hkv, d = qkv.shape[0], store.k_codes.shape[1], 2 * store.k_codes.shape[-1]

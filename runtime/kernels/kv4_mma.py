@@ -4,7 +4,7 @@ The same result as :func:`runtime.kernels.kv4.decode_attention` (the splits' par
 current token by :func:`runtime.kernels.kv4._combine_head`) for head_dim 128, one step/minimum per token (KV group
 = head_dim) and any number of query heads per KV head: up to 4 in one program, more in
 :func:`runtime.kernels.query_parts` programs of up to 4 that share each split (LLaMA-2-70B's 8: two of 4; the
-second reads the tiles the first brought to L2; 70B b1 p32768 23.03 -> 13.16 ms a step against the split kernel,
+later ones find most of the tiles in L2; 70B b1 p32768 23.03 -> 13.16 ms a step against the split kernel,
 thirtieth session).
 
 Why: the split kernel of :mod:`runtime.kernels.kv4` holds its tiles in registers and spends ~3 instructions a
@@ -84,7 +84,7 @@ _STAGE_PER_TOKEN = tl.constexpr(MMA_STAGE_BYTES)
 
 def mma_attention_ok(store, head_dim: int, groups: int, qg: int, rows=()) -> bool:
     """Whether :func:`launch` takes this cache: an sm_90+ GPU outside the interpreter, head_dim 128, one
-    step/minimum per token, any number of query heads a KV head (up to :data:`runtime.kernels.kv4.MAX_QG` a program,
+    step/minimum per token, any number of query heads a KV head (up to :data:`runtime.kernels.MAX_QG` a program,
     :func:`query_parts`), cache slots a multiple of 8 (aligned bulk copies), and
     ``rows`` (the float32 tensors whose head rows it reads 8 channels at a time, :func:`_ld8`: the query or
     ``qkv``, ``cos``, ``sin``, the static key scale and shift) 16-byte aligned with unit stride in their last dim
@@ -597,8 +597,9 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     """See the module docstring. One warp; program ``((b * HKV + kh) * PARTS + part, split)``; the partial results
     (``m``, ``l``, ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the
     program's part of the KV head: ``PARTS`` (:func:`query_parts`) programs share a KV head's split, each with ``QG``
-    of its ``QG * PARTS`` query heads (their ids adjacent, so the second reads the tiles the first brought to L2),
-    each part with its own count, merge and ready flag (``cnt_ptr``, ``ready_ptr [B * HKV * PARTS]``).
+    of its ``QG * PARTS`` query heads (their ids adjacent, so they stream the same tiles at the same time and the
+    later ones find most of them in L2), each part with its own count, merge and ready flag (``cnt_ptr``,
+    ``ready_ptr [B * HKV * PARTS]``).
 
     ``ROPE`` (:func:`runtime.kernels.kv4.rope_attention`): the query, the current key and value come from the
     projection's output ``qkv`` (roped at position ``length``; ``q_ptr``, ``kcur_ptr``, ``vcur_ptr`` unused), and
@@ -607,11 +608,11 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     stats copies of a last tile may cover that slot, and its scores and values are masked): the ``rope_append``
     launch goes, and the append's latency is off the attention programs' chains. ``TRIGGER``: each program lets the
     next kernel launch first thing (it waits for the heads' flags, ``READY``, or for this kernel). ``READY``
-    (with ``COMBINE``): the combining program of each KV head then sets its flag in ``ready_ptr [B * HKV]`` to the
-    epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
+    (with ``COMBINE``): the combining program of each KV head's part then sets its flag in ``ready_ptr [B * HKV *
+    PARTS]`` to the epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bkp + sp *
-    (B * HKV * PARTS)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait, twice at
-    its end)."""
+    (B * HKV * PARTS)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait,
+    twice at its end)."""
     overlap.launch_dependents(TRIGGER)
     bkp, sp = tl.program_id(0), tl.program_id(1)
     bk, part = bkp // PARTS, bkp % PARTS
@@ -640,8 +641,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
 
 
 @triton.jit
-def _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr, len_ptr,
-            m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
+def _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+            len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr, out_ptr,
             qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, QG: tl.constexpr,
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
@@ -782,14 +783,16 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     ``rope = (qkv, cos, sin)``, :func:`runtime.kernels.kv4.rope_attention` (``q``, ``k_cur``, ``v_cur`` unused; see
     :func:`mma_attention_ok`): the splits' partials into ``m, l_ [B, Hq, splits]``, ``acc [B, Hq, splits, D]`` and,
     with ``combine``, their merge into ``out [B, Hq, D]`` (``counts``: a zeroed int32 buffer of at least ``B * Hkv *
-    parts`` counts, one a KV head's part, :func:`query_parts`; without ``combine`` the caller merges them, :func:`runtime.kernels.kv4._attn_combine_kernel`).
+    parts`` counts, one a KV head's part, :func:`query_parts`; without ``combine`` the caller merges them,
+    :func:`runtime.kernels.kv4._attn_combine_kernel`).
     ``pdl``: launched early (PDL, Hopper), the programs a multiprocessor capped at one over the grid's even share
     (:func:`even_cap`, :func:`cap_bytes`; unless ``WKVQ_ATTN_CAP=0``); ``trigger``: the next kernel may launch early
     (the programs let it first thing); ``keys_a``: the keys as the score MMAs' A operand (:func:`_step_asm_ka`);
     ``ready = (flags, epoch)`` (with ``combine``): ``int32
-    [B * Hkv * parts]`` flags, one a KV head's part (its ``hq / hkv / parts`` query heads), that the combining program
-    sets to ``epoch`` (``int32 [1]``) once that part's output is stored; ``stamps_kind``: where ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer
-    (:mod:`runtime.kernels.stamps`, a row a program of the grid)."""
+    [B * Hkv * parts]`` flags, one a KV head's part (its ``hq / hkv / parts`` query heads), that the combining
+    program sets to ``epoch`` (``int32 [1]``) once that part's output is stored; ``stamps_kind``: where
+    ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`, a row a
+    program of the grid)."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     parts = query_parts(hq // hkv)
     qg = hq // hkv // parts  # query heads a program
@@ -806,8 +809,9 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
         qkv.stride(0) if rope is not None else 0,
-        HQ=hq, HKV=hkv, QG=qg, PARTS=parts, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine, ROPE=rope is not None,
-        INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger, KEYS_A=keys_a,
+        HQ=hq, HKV=hkv, QG=qg, PARTS=parts, TILE=tile, NSPLIT=splits, STAGES=stages, COMBINE=combine,
+        ROPE=rope is not None, INIT=init, ISSUE=issue, STEP=step, STEP_CONS=step_cons, num_warps=1, TRIGGER=trigger,
+        KEYS_A=keys_a,
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         stamp_ptr=st if st is not None else counts, STAMPS=st is not None,

@@ -189,8 +189,8 @@ def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = "2") -> MmaConf
     per multiprocessor (at most 16 ranges); rule "1", 4 warps of one tile, the groups split until there are about
     4 programs per multiprocessor (at most 8 ranges). Both keep at least 2 groups a range. Every one-row winner of
     the sweeps has two tiles (NOTES.md round 27). In the step at LLaMA-3.2-3B's shapes, which no table has (H200,
-    thirtieth session, NOTES.md round 28), rule 2 was 8-11% faster at b1 and b4, p2048 and p32768 (3% at b4
-    p32768)."""
+    thirtieth session, NOTES.md round 28), rule 2 was 8-11% faster at b1 and b4 (3% at b4 p32768), and at the 7B
+    shapes at b2 and b4, which the table has at b1 and b8 only; at b16 the same."""
     if rule not in ("1", "2"):
         raise ValueError(f"{GUESS_ENV}={rule!r}: the rules are 1 and 2 (the default)")
     tiles, most, per_sm = (1, 8, 4) if rule == "1" else (2, 16, 8)
