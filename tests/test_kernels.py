@@ -285,6 +285,25 @@ def test_mma_rope_attention_matches_rope_append_then_attention(hq, hkv, length, 
     assert not kv4._head_counts(DEV, b * hq)[:b * hq].any()
 
 
+def test_rope_attention_refuses_too_few_ready_flags():
+    """``ready`` needs one flag a KV head's part of its query heads (:func:`runtime.kernels.query_parts`): 8 query
+    heads on one KV head need two; one is refused in one line before anything is launched, two are taken."""
+    from runtime.kernels import kv4
+
+    params, caches, qkv, cos, sin = _rope_case(8, 1, None, 10, 1, 32, 64, 1)
+    epoch = torch.ones(1, dtype=torch.int32, device=DEV)
+    store = caches[0].layers[0]
+    before = [t.clone() for t in store.tensors()]
+    with pytest.raises(ValueError, match="ready needs 2 flags"):
+        kv4.rope_attention(qkv, cos, sin, caches[0].pos, store, params, 8, 32 ** -0.5, torch.float32, 2,
+                           ready=(torch.zeros(1, dtype=torch.int32, device=DEV), epoch))
+    assert all(torch.equal(a, b) for a, b in zip(store.tensors(), before))  # nothing appended
+    flags = torch.zeros(2, dtype=torch.int32, device=DEV)
+    kv4.rope_attention(qkv, cos, sin, caches[0].pos, store, params, 8, 32 ** -0.5, torch.float32, 2,
+                       ready=(flags, epoch))
+    assert (flags == 1).all()
+
+
 def test_mma_config_checks_and_fallback():
     """``AttnConfig.mma`` fields are checked; where the tensor-core kernel does not take the shape (here head_dim 32,
     and on CPU the interpreter) the split kernel runs ATTN_DEFAULT's tile at the config's splits: the reference's
