@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.kernels import stamps
+from runtime.kernels import query_parts, stamps
 
 
 def layer_report(attn: torch.Tensor, o: torch.Tensor | None, kv_rows: int, splits: int) -> dict:
     """The summary rows (:func:`runtime.kernels.stamps.summary`) of one layer: ``attn`` (``[kv_rows * (splits +
-    1), 4]``: row ``kv_row + split * kv_rows``, split ``splits`` the append programs), the attention programs' points,
-    the append programs', "heads done" (per KV row, its splits' latest end) and ``o``'s, all after the earliest
-    attention start."""
+    1), 4]``: row ``kv_row + split * kv_rows``, split ``splits`` the append programs; a KV row is a KV head's part
+    of its query heads, :func:`runtime.kernels.query_parts`), the attention programs' points, the append programs',
+    "heads done" (per KV row, its splits' latest end) and ``o``'s, all after the earliest attention start."""
     attn = attn[: kv_rows * (splits + 1)].reshape(splits + 1, kv_rows, 4)
     parts, append = attn[:splits].reshape(-1, 4), attn[splits]
     live = parts[(parts != 0).all(dim=1)]
@@ -79,7 +79,8 @@ def main() -> None:
     if attn is None:
         sys.exit("stamps_probe: the attention wrote no stamps (not the tensor-core kernel at this shape)")
     splits = model.splits_for(cache)
-    report = layer_report(attn, o, args.batch * config.num_key_value_heads, splits)
+    kv = config.num_key_value_heads  # a row of programs a KV head's part of its query heads (query_parts)
+    report = layer_report(attn, o, args.batch * kv * query_parts(config.num_attention_heads // kv), splits)
     print(f"{args.shape} b{args.batch} p{args.prompt}, {splits} splits, the last layer of step {args.steps}:")
     print_report(report)
     if args.json:
