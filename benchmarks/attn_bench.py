@@ -336,12 +336,13 @@ def main(argv=None) -> None:
     cands = {case: candidates(case, heads, sms, args, args.kv_heads) for case in cases}
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cpu (interpreter)" if args.dry else
               torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "sms": sms,
-              "heads": heads, "kv_heads": args.kv_heads, "rope": args.rope, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
+              "heads": heads, "kv_heads": args.kv_heads, "rope": args.rope,
+              "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
     t0 = time.time()
     failed = {}
     if not args.dry:
-        failed = precompile(list(dict.fromkeys((cfg, case.context + 1, args.rope, heads, args.kv_heads) for case in cases
-                                               for cfg in cands[case])), args.workers)
+        failed = precompile(list(dict.fromkeys((cfg, case.context + 1, args.rope, heads, args.kv_heads)
+                                               for case in cases for cfg in cands[case])), args.workers)
         log.info("compiled %d configs in %.0f s; %d failed", len({c for cs in cands.values() for c in cs}),
                  time.time() - t0, len(failed))
     for case in cases:

@@ -132,18 +132,25 @@ def real_shape_decode_errors(shape: str, batch: int, prompt: int, steps: int = 3
         store.k_step.mul_(10)
     eager = fast_copy(fast, "triton", use_kernels=False)
     ref = eager.new_cache(batch, cache.max_len)
-    for mine, theirs in zip(ref.layers, cache.layers):
-        for t, u in zip(mine.tensors(), theirs.tensors()):
-            t.copy_(u)
-        if lost:
+    copy_cache(ref, cache)
+    if lost:
+        for mine in ref.layers:
             mine.k_codes[:, :, prompt - int(lost * prompt):prompt].random_(0, 256)
-    ref.length = cache.length
-    ref.pos.fill_(cache.length)
     errs = []
     for _ in range(steps):
         ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
         errs.append(rel_error(graph.step(ids), eager.forward(ids[:, None], ref)))
     return errs
+
+
+def copy_cache(dst, src) -> None:
+    """Make the ``StaticPOQCache`` ``dst`` hold what ``src`` holds: every layer's codes and stats, the position and
+    step counters and the length (not the ready flags: each step sets its own)."""
+    for mine, theirs in zip(dst.layers, src.layers):
+        for t, u in zip(mine.tensors(), theirs.tensors()):
+            t.copy_(u)
+    dst.counters.copy_(src.counters)
+    dst.length = src.length
 
 
 def load_benchmark(name: str, monkeypatch):

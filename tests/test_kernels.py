@@ -592,16 +592,10 @@ def test_decode_heads_ready_with_query_parts(tmp_path, monkeypatch, heads, kv_he
     attention kernel; the attention itself is bit-identical from call to call)."""
     from runtime.fast import FUSE_ENV, DecodeGraph
     from runtime.kernels import kv4, query_parts
-
-    def same_state(dst, src):
-        for a, b in zip(dst.layers, src.layers):
-            for x, y in zip(a.tensors(), b.tensors()):
-                x.copy_(y)
-        dst.counters.copy_(src.counters)
-        dst.length = src.length
+    from tests.helpers import copy_cache
 
     def plain_step(i, cache):
-        same_state(cu, cache)
+        copy_cache(cu, cache)
         monkeypatch.setenv(FUSE_ENV, "rope")
         out = fast.decode_step(ids[:, i], cu)
         monkeypatch.setenv(FUSE_ENV, "rope,heads")

@@ -662,7 +662,8 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # p32768 beside the 8B projections' MMA_TABLE entries: 3.57-3.64 ms on the 7B entry (32 splits), 2.83-2.86 on 64
 # splits (on the 7B projection configs 3.40 and 3.26; 128 and 256 splits slower, 3.70-3.76 and 5.32); at p2048
 # 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays. LLaMA-2-70B (8 KV heads of
-# 8 query heads, which the tensor-core kernel does not take) runs the split kernel at this entry's splits, untuned
+# 8 query heads: two programs of 4, query_parts; thirtieth session, r33/q8_*.json) at b1 p32768: 13.11-13.17 ms on
+# this entry, 13.33 on 32 splits, 15.27 on 128
 ATTN_KV_TABLE: dict[tuple[int, int, int], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
 }
@@ -795,11 +796,12 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
         qkv, cos, sin = rope
         rope_args = (qkv, cos, sin, qkv.stride(0), store.k_codes, store.v_codes)
         q = k_cur = v_cur = m  # unused: the kernel reads qkv
-    if ready is not None and ready[0].numel() < b * hkv * query_parts(qg):
-        raise ValueError(f"ready needs {b * hkv * query_parts(qg)} flags (one a KV head's part of its query heads, "
-                         f"query_parts), got {ready[0].numel()}")
-    if mma:  # counts per KV head's part of its query heads
-        cnt = _head_counts(device, b * hkv * query_parts(qg)) if cfg.combine else m
+    n_parts = b * hkv * query_parts(qg)  # the KV heads' parts of their query heads: a count and a ready flag each
+    if ready is not None and ready[0].numel() < n_parts:
+        raise ValueError(f"ready needs {n_parts} flags (one a KV head's part of its query heads, query_parts), got "
+                         f"{ready[0].numel()}")
+    if mma:
+        cnt = _head_counts(device, n_parts) if cfg.combine else m
         kv4_mma.launch(b, hq, q, k_cur, v_cur, rope, store, length, kv_params, sm_scale, m, l_, acc, out, cnt,
                        cfg.splits, cfg.block_s, cfg.stages, cfg.combine, cfg.copies, pdl["PDL"], first_trigger,
                        keys_a=cfg.keys_a, ready=ready if cfg.combine else None,

@@ -178,13 +178,14 @@ def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
     :data:`MMA_TABLE`, else a guess (:func:`guess_mma_config`)."""
     table = {**MMA_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
-    return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, "2"))
+    return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, GUESS_DEFAULT))
 
 
 GUESS_ENV = "WKVQ_MMA_GUESS"  # "1": guess_mma_config's first rule (the default until the thirtieth session)
+GUESS_DEFAULT = "2"
 
 
-def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = "2") -> MmaConfig:
+def guess_mma_config(n: int, k: int, sms: int = 132, rule: str = GUESS_DEFAULT) -> MmaConfig:
     """The config of a shape no table has: rule "2" (the default), 4 warps of two tiles split until about 8 programs
     per multiprocessor (at most 16 ranges); rule "1", 4 warps of one tile, the groups split until there are about
     4 programs per multiprocessor (at most 8 ranges). Both keep at least 2 groups a range. Every one-row winner of
