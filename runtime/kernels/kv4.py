@@ -460,7 +460,7 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
                      ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False, pos=None):
     """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
     at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
-    HEADS - 1`` of sequence ``b`` (:func:`_combine_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
+    HEADS - 1`` of sequence ``b`` (:func:`_merged_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
     step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
     is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
@@ -469,10 +469,16 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
     load of the merge waits behind: its rope rows' addresses depend on it)."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
+        # every head merged before any is stored: a store may alias the partials as far as the compiler knows, so
+        # a head's loads would otherwise wait for the head before it to be stored (HEADS chains of L2 round trips)
+        outs = ()
         for j in tl.static_range(HEADS):
-            _combine_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, out_ptr,
-                          sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, ".cg",
-                          ROPE, pos)
+            outs = outs + (_merged_head(b, h0 + j, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
+                                        vshift_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV,
+                                        D, QG, NSPLIT, ".cg", ROPE, pos),)
+        d = tl.arange(0, D)
+        for j in tl.static_range(HEADS):
+            tl.store(out_ptr + (b * HQ + h0 + j) * D + d, outs[j].to(out_ptr.dtype.element_ty))
         tl.store(count_ptr, 0)
         if READY:
             tl.debug_barrier()  # every thread's output stored before the flag (released by it)
@@ -484,8 +490,18 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
                   qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr,
                   D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr,
                   pos=None):
+    """Query head ``h`` of sequence ``b`` merged (:func:`_merged_head`) and written to ``out``."""
+    o = _merged_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, sm_scale, qkv_ptr,
+                     cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, CACHE, ROPE, pos)
+    tl.store(out_ptr + (b * HQ + h) * D + tl.arange(0, D), o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _merged_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr, sm_scale, qkv_ptr,
+                 cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                 QG: tl.constexpr, NSPLIT: tl.constexpr, CACHE: tl.constexpr, ROPE: tl.constexpr, pos=None):
     """Query head ``h`` of sequence ``b``: the splits' partial results merged with the current token (POQ), the
-    static shift and scale of the values applied, written to ``out``. ``CACHE``: the partials' load cache modifier
+    static shift and scale of the values applied (float32 ``[D]``). ``CACHE``: the partials' load cache modifier
     (``".cg"``, past L1, when other programs of the same kernel wrote them). ``ROPE``: the query and the current
     key and value from ``qkv`` (roped at position ``pos``, loaded from ``pos_ptr`` unless given), else from ``q``,
     ``k_cur``, ``v_cur``."""
@@ -525,7 +541,7 @@ def _combine_head(b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale
                       cache_modifier=CACHE)
         past += tl.sum(tl.exp(mj - big)[:, None] * acc, 0)
     num = tl.load(vscale_ptr + kh * D + d) * past + tl.load(vshift_ptr + kh * D + d) * mass + w_cur * v_cur
-    tl.store(out_ptr + (b * HQ + h) * D + d, (num / (mass + w_cur)).to(out_ptr.dtype.element_ty))
+    return num / (mass + w_cur)
 
 
 @triton.jit
