@@ -209,6 +209,56 @@ def test_decode_attention_fused_combine_matches_reference(hq, hkv, group, length
 MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
 
 
+@pytest.mark.parametrize("hq,hkv,length,key_scale,splits,group,b", [
+    (2, 1, 150, 40, 8, 2, 2),  # scores spread: the groups rescale against each other
+    (6, 2, 37, 2, 8, 4, 1),  # the second group's splits hold no tokens
+    (4, 2, 0, 2, 4, 2, 1),  # no past: every group empty, only the current token
+    (8, 1, 300, 10, 16, 4, 1)])  # 8 query heads a KV head: each of the tensor-core kernel's two parts
+def test_attention_two_level_merge_matches_reference(hq, hkv, length, key_scale, splits, group, b, monkeypatch):
+    """The fused combine in two levels (``WKVQ_ATTN_GROUP``, else :func:`runtime.kernels.merge_group` above 64
+    rows): the last program of each group of splits merges the group, the last group the groups. The split kernel
+    (under the interpreter too) and, on sm_90, the tensor-core kernel against the float32 reference, twice (the
+    group counts are left at zero for the next launch)."""
+    from runtime.kernels import kv4, kv4_mma, zeroed_counts
+
+    monkeypatch.setenv(kv4.GROUP_ENV, str(group))
+    groups, original = [], kv4.merge_buffers
+
+    def merge_buffers(*a):  # the group each launch took
+        out = original(*a)
+        groups.append(out[0])
+        return out
+
+    monkeypatch.setattr(kv4, "merge_buffers", merge_buffers)
+    monkeypatch.setattr(kv4_mma, "merge_buffers", merge_buffers)
+    d, s = (128, 1030) if MMA_OK else (32, 320)
+    args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=d, s=s)
+    cfgs = [kv4.AttnConfig(splits=splits, block_s=16, num_warps=1, combine=True)]
+    if MMA_OK:
+        cfgs.append(kv4.AttnConfig(splits=splits, block_s=64, mma=True, stages=2, combine=True, keys_a=True))
+    for cfg in cfgs:
+        for _ in range(2):
+            assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
+        assert not zeroed_counts("attention groups", DEV, 1)[:b * hq * splits].any()
+    assert groups == [group] * 2 * len(cfgs)
+
+
+def test_merge_group_override(monkeypatch):
+    """``WKVQ_ATTN_GROUP`` overrides :func:`runtime.kernels.merge_group`; a value the kernel cannot take (no power
+    of two, not dividing the splits, not below them) is a one-line error."""
+    from runtime.kernels import kv4
+
+    assert kv4.group_of(4, 64) == 8
+    monkeypatch.setenv(kv4.GROUP_ENV, "1")
+    assert kv4.group_of(4, 64) == 1
+    monkeypatch.setenv(kv4.GROUP_ENV, "4")
+    assert kv4.group_of(1, 32) == 4
+    for bad in ("3", "8", "0", "x", "16"):
+        monkeypatch.setenv(kv4.GROUP_ENV, bad)
+        with pytest.raises(ValueError, match="WKVQ_ATTN_GROUP"):
+            kv4.group_of(1, 8)
+
+
 @pytest.mark.skipif(not MMA_OK, reason="the tensor-core attention needs an sm_90+ GPU")
 @pytest.mark.parametrize("tile,stages,bulk", [(16, 2, "mixed"), (32, 4, "mixed"), (64, 3, "mixed"),
                                              (128, 2, "mixed"), (64, 2, "bulk"), (32, 2, "lanes"), (128, 2, "lanes")])
@@ -584,7 +634,8 @@ def test_decode_heads_ready_with_query_parts(tmp_path, monkeypatch, heads, kv_he
     """More query heads a KV head than a tensor-core attention program takes (8 as LLaMA-2-70B, 6): the KV head's
     splits are shared by :func:`runtime.kernels.query_parts` programs, each merging and flagging its own part, and the
     output projection waits for each part's flag (``WKVQ_FUSE=rope,heads``, one row). Each decode step (the first
-    eager, then CUDA-graph replays) against the step without "heads" from a copy of the same cache, and the
+    eager, then CUDA-graph replays) against the step without "heads" from a copy of the same cache (a head read
+    before its part's flag would be a different token's output: errors of 1e-1 and more), and the
     sequence against the eager path; every flag (one a part) holds the last step's epoch.
 
     Not between two whole runs: at these shapes the GEMVs' float32 atomics add in a varying order, so a stored 4-bit
@@ -619,8 +670,8 @@ def test_decode_heads_ready_with_query_parts(tmp_path, monkeypatch, heads, kv_he
         steps.append(graph.step(ids[:, i]).clone())
     assert cf.step.item() == 8 and (cf.ready == 7).all() and cf.pos.item() == cf.length == 53
     ref = [eager.forward(ids[:, i:i + 1], ce) for i in range(48, 53)]
-    for a, b, r in zip(steps, plain, ref):
-        assert _rel(a, b) < 1e-3 and _rel(a, r) < 6e-2, (_rel(a, b), _rel(a, r))
+    for a, b, r in zip(steps, plain, ref):  # within one step the atomics' order alone gave 1.1e-3 (H200, 12 on 2)
+        assert _rel(a, b) < 5e-3 and _rel(a, r) < 6e-2, (_rel(a, b), _rel(a, r))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core GEMV: CUDA only")

@@ -10,7 +10,7 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90, parts=1):
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90, parts=1, group=1):
     """The sm_90 (or sm_``arch``) SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -19,11 +19,11 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
     consts = {"HQ": heads * qg, "HKV": heads, "QG": qg, "TILE": tile, "NSPLIT": splits, "STAGES": stages,
               "PDL": pdl, "COMBINE": True, "ROPE": rope, "INIT": init, "ISSUE": issue, "STEP": step,
               "STEP_CONS": step_cons, "TRIGGER": trigger, "KEYS_A": keys_a, "READY": ready, "STAMPS": stamps,
-              "PARTS": parts}
+              "PARTS": parts, "GROUP": group}
     consts["HQ"] *= parts
     kinds = {"kc_ptr": "*u8", "vc_ptr": "*u8", "len_ptr": "*i32", "cnt_ptr": "*i32", "out_ptr": "*fp16",
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
-    kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64")
+    kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64", gcnt_ptr="*i32")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
     return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path, arch=arch)
 

@@ -79,6 +79,18 @@ def test_ready_flags_one_a_kv_heads_part():
         StaticPOQCache(1, 1, 16, 8, 64, query_heads=12)
 
 
+def test_merge_group_levels():
+    """The attention's fused combine: one merge level up to 64 rows (query heads a program x splits; 7B: 1 x 32),
+    else groups of about the square root of the splits (LLaMA-3-8B and the 70B's parts: 4 x 64 in 8 groups of 8)
+    where that divides them."""
+    from runtime.kernels import merge_group
+
+    assert [merge_group(h, s) for h, s in ((1, 32), (4, 16), (4, 64), (3, 64), (4, 32), (1, 128), (4, 44))] == [
+        1, 1, 8, 8, 8, 16, 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        merge_group(0, 8)
+
+
 def test_token_by_token_equals_wkvq_sim(tiny):
     model, fast = tiny
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))

@@ -158,3 +158,23 @@ def query_parts(qg: int) -> int:
     if qg < 1:
         raise ValueError(f"query heads a KV head must be at least 1, got {qg}")
     return next(p for p in range(1, qg + 1) if qg % p == 0 and qg // p <= MAX_QG)
+
+
+MERGE_ROWS = 64  # partial rows (query heads x splits) one program merges in one level
+
+
+def merge_group(heads: int, splits: int) -> int:
+    """Splits whose partial results a first merge level combines (1: one level) in the tensor-core attention's fused
+    combine (``GROUP`` of :func:`runtime.kernels.kv4._combine_if_last`) for a program of ``heads`` query heads and
+    ``splits`` splits. One warp merges what it is given a batch of registers at a time, so one level over 4 heads
+    of 64 splits (128 KB of partials, LLaMA-3-8B and the 70B's parts) took ~13 µs after the last tile (NOTES.md round
+    29). Above :data:`MERGE_ROWS` rows, the last program of each group of about ``sqrt(splits)`` splits merges its
+    group and the last of those the groups: two shorter chains, one more count."""
+    if heads < 1 or splits < 1:
+        raise ValueError(f"heads and splits must be at least 1, got {heads}, {splits}")
+    if heads * splits <= MERGE_ROWS:
+        return 1
+    g = 1
+    while g * g < splits:
+        g *= 2
+    return g if splits % g == 0 and g < splits else 1

@@ -29,6 +29,7 @@ from . import (
     check_row_buffer,
     env_tables,
     head_dim_ok,
+    merge_group,
     multiprocessors,
     overlap,
     query_parts,
@@ -306,7 +307,8 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                        QG: tl.constexpr, BLOCK_S: tl.constexpr, NSPLIT: tl.constexpr, LOADS: tl.constexpr,
                        ROW_MAX: tl.constexpr, L2_AHEAD: tl.constexpr, PDL: tl.constexpr, COMBINE: tl.constexpr,
-                       ROPE: tl.constexpr, TRIGGER: tl.constexpr = False):
+                       ROPE: tl.constexpr, TRIGGER: tl.constexpr = False, gcnt_ptr=None, gm_ptr=None, gl_ptr=None,
+                       gacc_ptr=None, GROUP: tl.constexpr = 1):
     """One query head and one slice of the past per program (query heads of a KV head are adjacent
     programs, so they share the K/V tiles in L2). Codes are read as int32 words (``kc_ptr``/``vc_ptr``:
     ``int32 [.., S, D/8]``, channel ``8w + i`` at bits ``4i``) in ``[BLOCK_S, D/8]`` tiles walked slot by
@@ -335,7 +337,9 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
 
     ``COMBINE``: the last program of each query head to finish (an ``acq_rel`` count per head in ``cnt_ptr``, which
     that program sets back to 0) merges the head's partial results itself (:func:`_combine_head`), instead of
-    :func:`_attn_combine_kernel`: one launch fewer per layer.
+    :func:`_attn_combine_kernel`: one launch fewer per layer; in two levels with ``GROUP > 1`` (group counts at
+    ``gcnt_ptr [B * HQ * NSPLIT / GROUP]``, the groups' partials in ``gm``, ``gl``, ``gacc``; see
+    :func:`_combine_if_last`).
 
     ``ROPE`` (:func:`rope_attention`): the query, the current key and value come from the projection's output
     ``qkv`` (roped here at position ``length``, as :func:`_rope_append_kernel` ropes them; ``q_ptr``, ``kcur_ptr``
@@ -450,23 +454,66 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     if COMBINE:
         _combine_if_last(cnt_ptr + bh, b, h, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                          out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, 1,
-                         ROPE)
+                         ROPE, sp=sp, gcnt_ptr=gcnt_ptr + bh * (NSPLIT // GROUP), gm_ptr=gm_ptr, gl_ptr=gl_ptr,
+                         gacc_ptr=gacc_ptr, GROUP=GROUP)
 
 
 @triton.jit
 def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
                      out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
                      HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
-                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False, pos=None):
-    """The fused combine, after a program has stored its partials: the last of the ``NSPLIT`` programs that count
-    at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query heads ``h0 .. h0 +
-    HEADS - 1`` of sequence ``b`` (:func:`_merged_head`). ``READY``: it then sets the flag at ``ready_ptr`` to the
-    step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads): those heads' output
-    is there for a reader that does not wait for the whole kernel (the output projection,
+                     ROPE: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False, pos=None,
+                     sp=0, gcnt_ptr=None, gm_ptr=None, gl_ptr=None, gacc_ptr=None, GROUP: tl.constexpr = 1):
+    """The fused combine, after a program (split ``sp``) has stored its partials: the last of the ``NSPLIT``
+    programs that count at ``count_ptr`` (``acq_rel``; it sets the count back to 0 for the next launch) merges query
+    heads ``h0 .. h0 + HEADS - 1`` of sequence ``b`` (:func:`_merged_head`). ``READY``: it then sets the flag at
+    ``ready_ptr`` to the step's epoch at ``ep_ptr`` (``release``, after every thread's stores of the merged heads):
+    those heads' output is there for a reader that does not wait for the whole kernel (the output projection,
     :func:`runtime.kernels.w4_mma.w4_mma_accumulate`'s ``ready``). The epoch changes every step, so a flag of an
     earlier step never reads as set and nothing needs to clear them. ``pos``: the value at ``pos_ptr`` where the
     caller has it already (the acquire invalidates L1, so loading it again is an L2 round trip that every later
-    load of the merge waits behind: its rope rows' addresses depend on it)."""
+    load of the merge waits behind: its rope rows' addresses depend on it).
+
+    ``GROUP > 1`` (:func:`runtime.kernels.merge_group`, dividing ``NSPLIT``): two levels. The last of each group of
+    ``GROUP`` splits (counting at ``gcnt_ptr + sp // GROUP``) merges the group's partials (:func:`_group_partial`)
+    into ``gm``, ``gl``, ``gacc`` (``[B, HQ, NSPLIT // GROUP]`` and ``[..., D]``, the layout of the splits' own), and
+    the last of the groups to count at ``count_ptr`` merges those."""
+    if GROUP > 1:
+        NG: tl.constexpr = NSPLIT // GROUP
+        g = sp // GROUP
+        tl.debug_barrier()  # every thread's partials stored before the count (released by it)
+        if tl.atomic_add(gcnt_ptr + g, 1, sem="acq_rel") == GROUP - 1:
+            gm = ()  # every head merged before any is stored (see _merge_if_last)
+            gl = ()
+            gacc = ()
+            for j in tl.static_range(HEADS):
+                m_j, l_j, acc_j = _group_partial(b, h0 + j, g, m_ptr, l_ptr, acc_ptr, HQ, D, NSPLIT, GROUP)
+                gm = gm + (m_j,)
+                gl = gl + (l_j,)
+                gacc = gacc + (acc_j,)
+            d = tl.arange(0, D)
+            for j in tl.static_range(HEADS):
+                at = (b * HQ + h0 + j) * NG + g
+                tl.store(gm_ptr + at, gm[j])
+                tl.store(gl_ptr + at, gl[j])
+                tl.store(gacc_ptr + at * D + d, gacc[j])
+            tl.store(gcnt_ptr + g, 0)
+            _merge_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, gm_ptr, gl_ptr, gacc_ptr, vscale_ptr,
+                           vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D,
+                           QG, NG, HEADS, ROPE, ready_ptr, ep_ptr, READY, pos)
+    else:
+        _merge_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
+                       out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ, HKV, D, QG, NSPLIT, HEADS,
+                       ROPE, ready_ptr, ep_ptr, READY, pos)
+
+
+@triton.jit
+def _merge_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr, vshift_ptr,
+                   out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qkv, HQ: tl.constexpr,
+                   HKV: tl.constexpr, D: tl.constexpr, QG: tl.constexpr, NSPLIT: tl.constexpr, HEADS: tl.constexpr,
+                   ROPE: tl.constexpr, ready_ptr, ep_ptr, READY: tl.constexpr, pos):
+    """:func:`_combine_if_last`'s last level: the last of ``NSPLIT`` programs counting at ``count_ptr`` merges the
+    ``NSPLIT`` partials of each of its heads (``m``, ``l``, ``acc``) with the current token."""
     tl.debug_barrier()  # every thread's partials stored before the count (released by it)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NSPLIT - 1:
         # every head merged before any is stored: a store may alias the partials as far as the compiler knows, so
@@ -483,6 +530,21 @@ def _combine_if_last(count_ptr, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, 
         if READY:
             tl.debug_barrier()  # every thread's output stored before the flag (released by it)
             tl.atomic_xchg(ready_ptr, tl.load(ep_ptr), sem="release")
+
+
+@triton.jit
+def _group_partial(b, h, g, m_ptr, l_ptr, acc_ptr, HQ: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """Head ``h`` of sequence ``b``: the partials of splits ``g * GROUP ..`` (another program's: loaded past L1)
+    merged into one (``m``, ``l``, ``acc [D]``: the maximum, the mass and the values' sum relative to it)."""
+    first = (b * HQ + h) * NSPLIT + g * GROUP
+    j = tl.arange(0, GROUP)
+    ms = tl.load(m_ptr + first + j, cache_modifier=".cg")
+    ls = tl.load(l_ptr + first + j, cache_modifier=".cg")
+    acc = tl.load(acc_ptr + (first + j)[:, None] * D + tl.arange(0, D)[None, :], cache_modifier=".cg")
+    big = tl.maximum(tl.max(ms, 0), -1.0e30)  # an empty split's maximum may be -inf: a group of them weighs 0
+    w = tl.exp(ms - big)
+    return big, tl.sum(w * ls, 0), tl.sum(w[:, None] * acc, 0)
 
 
 @triton.jit
@@ -689,6 +751,7 @@ TABLE_ENV = "WKVQ_ATTN_TABLE"
 L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
 COMBINE_ENV = "WKVQ_ATTN_COMBINE"  # 0 / 1: overrides AttnConfig.combine in attn_config
 KEYS_A_ENV = "WKVQ_ATTN_KEYS_A"  # 0 / 1: overrides AttnConfig.keys_a in attn_config
+GROUP_ENV = "WKVQ_ATTN_GROUP"  # the fused combine's first-level group (group_of; 1: one level)
 
 
 def context_bucket(max_len: int) -> int:
@@ -824,13 +887,15 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
                        stamps_kind="attn")
     else:
         cnt = _head_counts(device, b * hq) if cfg.combine else m
+        group, (gcnt, gm, gl, gacc) = merge_buffers(acc, b * hq, 1, cfg.splits, cfg.combine, cnt)
         _attn_split_kernel[(b * hq, cfg.splits)](
             q, store.k_codes.view(torch.int32), store.k_step, store.k_min, store.v_codes.view(torch.int32),
             store.v_step, store.v_min, k_scale, k_shift, length, m, l_, acc, s, sm_scale, cnt, k_cur, v_cur, v_scale,
             v_shift, out, *rope_args, HQ=hq, HKV=hkv, D=d, G=g, QG=qg, BLOCK_S=cfg.block_s, NSPLIT=cfg.splits,
             LOADS=LOADS.index(cfg.loads), ROW_MAX=cfg.row_max, num_warps=cfg.num_warps,
             L2_AHEAD=cfg.l2_ahead if s % 8 == 0 and overlap.hopper(device) else 0, COMBINE=cfg.combine,
-            ROPE=rope is not None, TRIGGER=first_trigger, **pdl)
+            ROPE=rope is not None, TRIGGER=first_trigger, gcnt_ptr=gcnt, gm_ptr=gm, gl_ptr=gl, gacc_ptr=gacc,
+            GROUP=group, **pdl)
     if not cfg.combine:
         _attn_combine_kernel[(b, hq)](q, k_cur, v_cur, m, l_, acc, v_scale, v_shift, out, sm_scale, rope_args[0],
                                       rope_args[1], rope_args[2], length, rope_args[3], HQ=hq, HKV=hkv, D=d, QG=qg,
@@ -838,6 +903,34 @@ def _attention(b, hq, d, q, k_cur, v_cur, rope, store, length, kv_params, sm_sca
     if ready is not None and not (mma and cfg.combine):  # no kernel set the flags: every head is ready now
         ready[0].copy_(ready[1].expand_as(ready[0]))
     return out
+
+
+def group_of(heads: int, splits: int) -> int:
+    """The fused combine's first-level group (:func:`runtime.kernels.merge_group`) for programs of ``heads`` query
+    heads, or ``WKVQ_ATTN_GROUP`` where set (1: one level; else a power of two dividing ``splits``, below it)."""
+    env = os.environ.get(GROUP_ENV, "").strip()
+    if not env:
+        return merge_group(heads, splits)
+    g = int(env) if env.isdigit() else 0
+    if g != 1 and not (g > 1 and g & (g - 1) == 0 and splits % g == 0 and g < splits):
+        raise ValueError(f"{GROUP_ENV}={env!r}: must be 1 (one merge level) or a power of two that divides the "
+                         f"{splits} splits and is below it")
+    return g
+
+
+def merge_buffers(acc: torch.Tensor, rows: int, heads: int, splits: int, combine: bool, unused: torch.Tensor):
+    """``(group, (counts, m, l, acc))`` for :func:`_combine_if_last` in a launch of ``rows`` count rows (KV heads'
+    parts or query heads) of programs of ``heads`` query heads, whose splits' partials are ``acc [B, HQ, splits,
+    D]``: the group (:func:`group_of`; 1 without ``combine``) and, for two levels, the zeroed group counts (the last
+    of each group resets its count) and the groups' partials; else ``unused`` four times."""
+    group = group_of(heads, splits) if combine else 1
+    if group == 1:
+        return 1, (unused,) * 4
+    b, hq, _, d = acc.shape
+    ng = splits // group
+    gm = torch.empty(b, hq, ng, dtype=torch.float32, device=acc.device)
+    gacc = torch.empty(b, hq, ng, d, dtype=torch.float32, device=acc.device)
+    return group, (zeroed_counts("attention groups", acc.device, rows * ng), gm, torch.empty_like(gm), gacc)
 
 
 def _head_counts(device, n: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ from . import (
     shared_memory_per_multiprocessor,
     stamps,
 )
-from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last
+from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last, merge_buffers
 from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
@@ -593,7 +593,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
                      PDL: tl.constexpr, COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr,
                      ISSUE: tl.constexpr, STEP: tl.constexpr, STEP_CONS: tl.constexpr, TRIGGER: tl.constexpr = False,
                      KEYS_A: tl.constexpr = False, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-                     stamp_ptr=None, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1):
+                     stamp_ptr=None, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1, gcnt_ptr=None,
+                     gm_ptr=None, gl_ptr=None, gacc_ptr=None, GROUP: tl.constexpr = 1):
     """See the module docstring. One warp; program ``((b * HKV + kh) * PARTS + part, split)``; the partial results
     (``m``, ``l``, ``acc``: as :func:`runtime.kernels.kv4._attn_split_kernel` writes them) per query head of the
     program's part of the KV head: ``PARTS`` (:func:`query_parts`) programs share a KV head's split, each with ``QG``
@@ -612,7 +613,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
     PARTS]`` to the epoch at ``ep_ptr`` (:func:`runtime.kernels.kv4._combine_if_last`). ``STAMPS``: each program writes
     ``%globaltimer`` at its start, once its query is there, after its tiles and at its end into row ``bkp + sp *
     (B * HKV * PARTS)`` of ``stamp_ptr`` (:mod:`runtime.kernels.stamps`; the append program: start, after its wait,
-    twice at its end)."""
+    twice at its end). ``GROUP > 1``: the merge in two levels (:func:`runtime.kernels.kv4._combine_if_last`; group
+    counts at ``gcnt_ptr [B * HKV * PARTS * NSPLIT / GROUP]``, the groups' partials in ``gm``, ``gl``, ``gacc``)."""
     overlap.launch_dependents(TRIGGER)
     bkp, sp = tl.program_id(0), tl.program_id(1)
     bk, part = bkp // PARTS, bkp % PARTS
@@ -624,7 +626,8 @@ def _attn_mma_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ksca
         _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
                 len_ptr, m_ptr, l_ptr, acc_ptr, S, sm_scale, cnt_ptr, kcur_ptr, vcur_ptr, vscale_ptr, vshift_ptr,
                 out_ptr, qkv_ptr, cos_ptr, sin_ptr, stride_qkv, HQ, HKV, QG, TILE, NSPLIT, STAGES, PDL, COMBINE,
-                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, PARTS)
+                ROPE, INIT, ISSUE, STEP, STEP_CONS, KEYS_A, ready_ptr, ep_ptr, READY, stamp_ptr, me, STAMPS, PARTS,
+                gcnt_ptr, gm_ptr, gl_ptr, gacc_ptr, GROUP)
     else:
         if ROPE and part == 0:  # split NSPLIT: the append (once a KV head)
             overlap.wait_prior(PDL)
@@ -647,7 +650,8 @@ def _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_p
             TILE: tl.constexpr, NSPLIT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
             COMBINE: tl.constexpr, ROPE: tl.constexpr, INIT: tl.constexpr, ISSUE: tl.constexpr, STEP: tl.constexpr,
             STEP_CONS: tl.constexpr, KEYS_A: tl.constexpr, ready_ptr=None, ep_ptr=None, READY: tl.constexpr = False,
-            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1):
+            stamp_ptr=None, me=0, STAMPS: tl.constexpr = False, PARTS: tl.constexpr = 1, gcnt_ptr=None, gm_ptr=None,
+            gl_ptr=None, gacc_ptr=None, GROUP: tl.constexpr = 1):
     """The attention program ``((b * HKV + kh) * PARTS + part, sp)`` of :func:`_attn_mma_kernel`: query heads
     ``kh * QG * PARTS + part * QG ..`` (``h0``)."""
     D: tl.constexpr = _D
@@ -767,7 +771,8 @@ def _attend(b, kh, part, sp, q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_p
     if COMBINE:  # the last program of the KV head's part merges its query heads
         _combine_if_last(cnt_ptr + bkp, b, h0, q_ptr, kcur_ptr, vcur_ptr, m_ptr, l_ptr, acc_ptr, vscale_ptr,
                          vshift_ptr, out_ptr, sm_scale, qkv_ptr, cos_ptr, sin_ptr, len_ptr, stride_qkv, HQ, HKV, D,
-                         QG * PARTS, NSPLIT, QG, ROPE, ready_ptr + bkp, ep_ptr, READY, length)
+                         QG * PARTS, NSPLIT, QG, ROPE, ready_ptr + bkp, ep_ptr, READY, length, sp,
+                         gcnt_ptr + bkp * (NSPLIT // GROUP), gm_ptr, gl_ptr, gacc_ptr, GROUP)
     if STAMPS:
         stamps.stamp(stamp_ptr, me, 3, 4)
 
@@ -792,7 +797,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     [B * Hkv * parts]`` flags, one a KV head's part (its ``hq / hkv / parts`` query heads), that the combining
     program sets to ``epoch`` (``int32 [1]``) once that part's output is stored; ``stamps_kind``: where
     ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`, a row a
-    program of the grid)."""
+    program of the grid). With ``combine``, the merge takes two levels where :func:`runtime.kernels.kv4.group_of` says so."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     parts = query_parts(hq // hkv)
     qg = hq // hkv // parts  # query heads a program
@@ -805,6 +810,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
                                         shared_memory_per_multiprocessor(device, SM_SHARED))
     on = bool(stamps_kind) and stamps.enabled()
     st = stamps.buffer(store.k_codes.device, stamps_kind, grid[0] * grid[1]) if on else None
+    group, (gcnt, gm, gl, gacc) = merge_buffers(acc, grid[0], qg, splits, combine, counts)
     _attn_mma_kernel[grid](
         q, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, k_scale, k_shift,
         length, m, l_, acc, s, sm_scale, counts, k_cur, v_cur, v_scale, v_shift, out, qkv, cos, sin,
@@ -815,5 +821,6 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
         ready_ptr=ready[0] if ready is not None else counts,
         ep_ptr=ready[1] if ready is not None else counts, READY=ready is not None and combine,
         stamp_ptr=st if st is not None else counts, STAMPS=st is not None,
+        gcnt_ptr=gcnt, gm_ptr=gm, gl_ptr=gl, gacc_ptr=gacc, GROUP=group,
         **overlap.options(pdl))
 
