@@ -213,7 +213,8 @@ MMA_OK = DEV.type == "cuda" and torch.cuda.get_device_capability(DEV)[0] >= 9
     (2, 1, 150, 40, 8, 2, 2),  # scores spread: the groups rescale against each other
     (6, 2, 37, 2, 8, 4, 1),  # the second group's splits hold no tokens
     (4, 2, 0, 2, 4, 2, 1),  # no past: every group empty, only the current token
-    (8, 1, 300, 10, 16, 4, 1)])  # 8 query heads a KV head: each of the tensor-core kernel's two parts
+    (8, 1, 300, 10, 16, 4, 1),  # 8 query heads a KV head: each of the tensor-core kernel's two parts
+    (4, 1, 900, 10, 128, 16, 1)])  # LLaMA-3-8B's 4 on 1 at its b1 p32768 entry: 128 splits, 8 groups of 16
 def test_attention_two_level_merge_matches_reference(hq, hkv, length, key_scale, splits, group, b, monkeypatch):
     """The fused combine in two levels (``WKVQ_ATTN_GROUP``, else :func:`runtime.kernels.merge_group` above 64
     rows): the last program of each group of splits merges the group, the last group the groups. The split kernel
@@ -231,7 +232,7 @@ def test_attention_two_level_merge_matches_reference(hq, hkv, length, key_scale,
 
     monkeypatch.setattr(kv4, "merge_buffers", merge_buffers)
     monkeypatch.setattr(kv4_mma, "merge_buffers", merge_buffers)
-    d, s = (128, 1030) if MMA_OK else (32, 320)
+    d, s = (128, 1030) if MMA_OK else (32, 1030)
     args, ref = _attention_case(hq, hkv, None, length, key_scale, b, d=d, s=s)
     cfgs = [kv4.AttnConfig(splits=splits, block_s=16, num_warps=1, combine=True)]
     if MMA_OK:
@@ -450,7 +451,10 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
     assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
     # KV head counts other than the table's: their own entries first (LLaMA-3-8B's 8 at b1 p32768), else the table
-    assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
+    assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
+    # and before those, the query heads' own (LLaMA-3-8B: 32 on 8 takes 128 splits, LLaMA-2-70B's 64 on 8 keeps 64)
+    assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 32]
+    assert kv4.ATTN_KV_TABLE[1, 32768, 8, 32].splits == 128 and kv4.ATTN_KV_TABLE[1, 32768, 8].splits == 64
     assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
     assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})

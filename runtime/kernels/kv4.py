@@ -741,9 +741,13 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # splits (on the 7B projection configs 3.40 and 3.26; 128 and 256 splits slower, 3.70-3.76 and 5.32); at p2048
 # 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays. LLaMA-2-70B (8 KV heads of
 # 8 query heads: two programs of 4, query_parts; thirtieth session, r33/q8_*.json) at b1 p32768: 13.11-13.17 ms on
-# this entry, 13.33 on 32 splits, 15.27 on 128
-ATTN_KV_TABLE: dict[tuple[int, int, int], AttnConfig] = {
+# this entry, 13.33 on 32 splits, 15.27 on 128. A key may name the query heads too, (batch, context bucket, KV heads,
+# query heads), taken before the KV heads' own: with the merge in two levels (thirty-first session, r36, r37) the 8B
+# at b1 p32768 took 2.314 ms twice on 128 splits against 2.422 / 2.473 on 64 (alternated; the attention alone was
+# 20.5 µs on 64 and 22.0 on 128), while the 70B took 12.83 on 128 against 12.25 on 64
+ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
+    (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
@@ -769,12 +773,15 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
 def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: int | None = None) -> AttnConfig:
     """The config at ``batch`` and a cache of ``max_len`` slots for ``heads`` query heads on ``kv_heads`` KV heads
     (None: as many): the sweep records named by the environment variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`;
-    several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads``, then :data:`ATTN_TABLE`, at
+    several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads`` and ``heads``, then at
+    ``kv_heads``, then :data:`ATTN_TABLE`, at
     ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is
     set to a number; ``splits`` resolved by :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
     key = (batch, context_bucket(max_len))
     env = env_tables(os.environ.get(TABLE_ENV), load_table)
-    cfg = env.get(key) or ATTN_KV_TABLE.get((*key, kv_heads or heads)) or ATTN_TABLE.get(key, ATTN_DEFAULT)
+    kv = kv_heads or heads
+    cfg = (env.get(key) or ATTN_KV_TABLE.get((*key, kv, heads)) or ATTN_KV_TABLE.get((*key, kv))
+           or ATTN_TABLE.get(key, ATTN_DEFAULT))
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))

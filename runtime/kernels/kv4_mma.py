@@ -70,7 +70,13 @@ from . import (
     shared_memory_per_multiprocessor,
     stamps,
 )
-from .kv4 import MMA_BAR_BYTES, MMA_STAGE_BYTES, _append_kv, _combine_if_last, merge_buffers
+from .kv4 import (
+    MMA_BAR_BYTES,
+    MMA_STAGE_BYTES,
+    _append_kv,
+    _combine_if_last,
+    merge_buffers,
+)
 from .kv4 import mma_smem_bytes as smem_bytes
 
 HEAD_DIM = 128
