@@ -9,31 +9,25 @@
 #   stamps  8B and 70B b1 p32768 timelines: the combining programs' end after the last tiles
 #   attn    the attention alone at 8 KV heads, 32 and 64 query heads, b1 p32768, the default config (before 24.0 /
 #           31.5 µs)
+# Ran on 9245b59 (the merge in two levels came after it: a re-run on a later tree times that tree).
 # Usage: OUT=$OUT bash benchmarks/h200_round32.sh PART...  (carry .gpu/whl .gpu/xdist)
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-[ -d /tmp/site/xdist ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl \
-  .gpu/xdist/*.whl >/dev/null 2>&1
-bench() { local name=$1; shift
-  python3 cli.py bench --paths wkvq --batches 1 --steps 20 --json $OUT/$name.json "$@" 2>&1 | grep "wkvq" | sed "s/^/$name /"; }
+source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
 tests)
-  python3 -m pytest -n 8 -q -p no:cacheprovider tests/test_real_shapes.py tests/test_kernels.py tests/test_kv4_mma.py \
-    -k "mma_attention_matches or mma_rope or heads_ready or query_parts or real_shape or lost_split or combine" \
-    > $OUT/tests.txt 2>&1; echo "pytest rc=$?"
-  grep -E "^(FAILED|ERROR)" $OUT/tests.txt | head -30; tail -2 $OUT/tests.txt;;
+  gpu_tests "mma_attention_matches or mma_rope or heads_ready or query_parts or real_shape or lost_split or combine";;
 step)
-  bench step_8b --shapes 8b --prompts 2048,32768
-  bench step_7b --shapes 7b --prompts 2048,32768
-  bench step_70b --shapes 70b --prompts 32768;;
+  nbench step_8b --shapes 8b --prompts 2048,32768
+  nbench step_7b --shapes 7b --prompts 2048,32768
+  nbench step_70b --shapes 70b --prompts 32768;;
 stamps)
   for s in 8b 70b; do
-    python3 benchmarks/stamps_probe.py --shape $s --prompt 32768 --json $OUT/stamps_${s}_p32768.json 2>&1 \
+    python3 benchmarks/stamps_probe.py --shape $s --prompt 32768 --json $o/stamps_${s}_p32768.json 2>&1 \
       | grep -v -i warn | head -14
   done;;
 attn)
   for h in 32 64; do
     python3 benchmarks/attn_bench.py --heads $h --kv-heads 8 --batches 1 --contexts 32768 --rope --mma-only \
-      --json $OUT/attn_h${h}_kv8.json 2>&1 | grep -v -i warn | grep -A3 "batch x context"
+      --json $o/attn_h${h}_kv8.json 2>&1 | grep -v -i warn | grep -A3 "batch x context"
   done;;
 *) echo "unknown part $part"; exit 2;;
 esac; done

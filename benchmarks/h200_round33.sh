@@ -7,34 +7,28 @@
 #           70B b1 p32768 one pair; 7B b1 p32768 (one level either way)
 #   stamps  8B b1 p32768 timeline with the default
 #   attn    the attention alone at 32 on 8 heads, b1 p32768, one level and the default
+# Ran on 2e3987d (the 8B table entry later moved to 128 splits: a re-run on a later tree times that tree).
 # Usage: OUT=$OUT bash benchmarks/h200_round33.sh PART...  (carry .gpu/whl .gpu/xdist)
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-[ -d /tmp/site/xdist ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl \
-  .gpu/xdist/*.whl >/dev/null 2>&1
-bench() { local name=$1; shift
-  python3 cli.py bench --paths wkvq --batches 1 --steps 20 --json $OUT/$name.json "$@" 2>&1 | grep "wkvq" | sed "s/^/$name /"; }
+source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
 tests)
-  python3 -m pytest -n 8 -q -p no:cacheprovider tests/test_real_shapes.py tests/test_kernels.py tests/test_kv4_mma.py \
-    -k "two_level or merge_group or mma_attention_matches or mma_rope or heads_ready or query_parts or real_shape or lost_split or combine" \
-    > $OUT/tests.txt 2>&1; echo "pytest rc=$?"
-  grep -E "^(FAILED|ERROR)" $OUT/tests.txt | head -30; tail -2 $OUT/tests.txt;;
+  gpu_tests "two_level or merge_group or mma_attention_matches or mma_rope or heads_ready or query_parts or real_shape or lost_split or combine";;
 ab)
   for i in 1 2; do
-    WKVQ_ATTN_GROUP=1 bench ab_8b_one$i --shapes 8b --prompts 32768
-    bench ab_8b_two$i --shapes 8b --prompts 32768
+    WKVQ_ATTN_GROUP=1 nbench ab_8b_one$i --shapes 8b --prompts 32768
+    nbench ab_8b_two$i --shapes 8b --prompts 32768
   done
-  WKVQ_ATTN_GROUP=1 bench ab_70b_one --shapes 70b --prompts 32768
-  bench ab_70b_two --shapes 70b --prompts 32768
-  bench ab_7b --shapes 7b --prompts 32768;;
+  WKVQ_ATTN_GROUP=1 nbench ab_70b_one --shapes 70b --prompts 32768
+  nbench ab_70b_two --shapes 70b --prompts 32768
+  nbench ab_7b --shapes 7b --prompts 32768;;
 stamps)
-  python3 benchmarks/stamps_probe.py --shape 8b --prompt 32768 --json $OUT/stamps_8b_p32768.json 2>&1 \
+  python3 benchmarks/stamps_probe.py --shape 8b --prompt 32768 --json $o/stamps_8b_p32768.json 2>&1 \
     | grep -v -i warn | head -14;;
 attn)
   for g in 1 default; do
     if [ $g = default ]; then unset WKVQ_ATTN_GROUP; else export WKVQ_ATTN_GROUP=$g; fi
     python3 benchmarks/attn_bench.py --heads 32 --kv-heads 8 --batches 1 --contexts 32768 --rope --mma-only \
-      --json $OUT/attn_h32_kv8_g$g.json 2>&1 | grep -v -i warn | grep -A1 "batch x context" | sed "s/^/group $g /"
+      --json $o/attn_h32_kv8_g$g.json 2>&1 | grep -v -i warn | grep -A1 "batch x context" | sed "s/^/group $g /"
   done; unset WKVQ_ATTN_GROUP;;
 *) echo "unknown part $part"; exit 2;;
 esac; done

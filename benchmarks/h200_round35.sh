@@ -7,10 +7,7 @@
 #   suite    is not here: run the whole suite first (benchmarks/gpu_suite.sh tests, after the SmolLM2 half), as this
 #            session's table entry (8B on 128 splits) has not run under test_real_shapes on the GPU
 # Usage: OUT=$OUT bash benchmarks/h200_round35.sh PART...  (carry .gpu/whl)
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
-bench() { local name=$1; shift
-  python3 cli.py bench --paths wkvq --batches 1 --steps 20 --json $OUT/$name.json "$@" 2>&1 | grep "wkvq" | sed "s/^/$name /"; }
+source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
 sp7b)
   for sp in 48 64; do python3 -c "
@@ -19,13 +16,13 @@ from runtime.kernels import kv4
 c = dataclasses.replace(kv4.attn_config(1, 32, 32769), splits=$sp)
 json.dump({'best': {'1x32768': {'config': dataclasses.asdict(c)}}}, open('/root/t_7b_sp$sp.json', 'w'))"; done
   for i in 1 2; do
-    bench sp32_7b_$i --shapes 7b --prompts 32768
-    WKVQ_ATTN_TABLE=/root/t_7b_sp48.json bench sp48_7b_$i --shapes 7b --prompts 32768
-    WKVQ_ATTN_TABLE=/root/t_7b_sp64.json bench sp64_7b_$i --shapes 7b --prompts 32768
+    nbench sp32_7b_$i --shapes 7b --prompts 32768
+    WKVQ_ATTN_TABLE=/root/t_7b_sp48.json nbench sp48_7b_$i --shapes 7b --prompts 32768
+    WKVQ_ATTN_TABLE=/root/t_7b_sp64.json nbench sp64_7b_$i --shapes 7b --prompts 32768
   done
-  WKVQ_ATTN_GROUP=8 WKVQ_ATTN_TABLE=/root/t_7b_sp64.json bench sp64g8_7b --shapes 7b --prompts 32768;;
+  WKVQ_ATTN_GROUP=8 WKVQ_ATTN_TABLE=/root/t_7b_sp64.json nbench sp64g8_7b --shapes 7b --prompts 32768;;
 stamps8)
-  python3 benchmarks/stamps_probe.py --shape 8b --prompt 32768 --json $OUT/stamps_8b_sp128.json 2>&1 \
+  python3 benchmarks/stamps_probe.py --shape 8b --prompt 32768 --json $o/stamps_8b_sp128.json 2>&1 \
     | grep -v -i warn | head -14;;
 *) echo "unknown part $part"; exit 2;;
 esac; done
