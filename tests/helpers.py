@@ -188,11 +188,13 @@ def quantized_weight(n: int, k: int, group: int = 128, seed: int = 0, device="cp
 
 
 def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, tmp_path: Path,
-              arch: int = 90) -> tuple[str, str]:
+              arch: int = 90, aligned: bool = False) -> tuple[str, str]:
     """Compile the Triton kernel ``fn`` for sm_90 (or sm_``arch``) without a GPU (Triton's bundled ptxas) and return
     its SASS and resource usage (Triton's bundled ``cuobjdump``). ``consts``: the constexpr arguments; ``kinds``: the
-    other arguments' signature types (``default_kind`` for those not named). Skips the test where this Triton lacks
-    the tools or the compile API; a PTX error fails it."""
+    other arguments' signature types (``default_kind`` for those not named). ``aligned``: every pointer specialised
+    as 16-byte aligned, as a launch on tensors that are (most: torch allocates at 256 bytes) specialises it (wider
+    loads; without, the build a launch on an unaligned view gets). Skips the test where this Triton lacks the tools or
+    the compile API; a PTX error fails it."""
     import os
     import subprocess
 
@@ -207,7 +209,8 @@ def sm90_sass(fn, consts: dict, kinds: dict, default_kind: str, num_warps: int, 
         pytest.skip("Triton's bundled cuobjdump is not there")
     names = list(fn.arg_names)
     sig = {n: "constexpr" if n in consts else kinds.get(n, default_kind) for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")} if aligned else {}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     except Exception as e:  # a Triton without this compile API: nothing to check here

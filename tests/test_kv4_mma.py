@@ -10,7 +10,8 @@ from tests.helpers import sm90_sass
 
 
 def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, cap=0, keys_a=True, heads=4,
-               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90, parts=1, group=1):
+               splits=8, pdl=False, trigger=False, ready=False, stamps=False, arch=90, parts=1, group=1,
+               aligned=False):
     """The sm_90 (or sm_``arch``) SASS and resource usage of the tensor-core attention compiled without a GPU
     (:func:`tests.helpers.sm90_sass`) with the PTX and constexprs a launch would give it (``heads`` KV heads)."""
     from runtime.kernels import kv4_mma
@@ -25,7 +26,7 @@ def _attn_sass(tmp_path, *, tile=64, stages=2, qg=1, copies="mixed", rope=True, 
              "sm_scale": "fp32", "S": "i32", "stride_qkv": "i32"}
     kinds.update(ready_ptr="*i32", ep_ptr="*i32", stamp_ptr="*i64", gcnt_ptr="*i32")
     kinds.update({n: "*fp16" for n in ("ks_ptr", "km_ptr", "vs_ptr", "vm_ptr")})
-    return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path, arch=arch)
+    return sm90_sass(kv4_mma._attn_mma_kernel, consts, kinds, "*fp32", 1, tmp_path, arch=arch, aligned=aligned)
 
 
 @pytest.mark.parametrize("arch", [100, 120])
@@ -79,7 +80,8 @@ def test_mma_attention_query_parts_compile_as_one(tmp_path):
 
 
 @pytest.mark.parametrize("rope,qg", [(True, 1), (True, 2), (False, 1), (False, 4)])
-def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, qg, tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, qg, aligned, tmp_path):
     """Launched early (PDL: the decode step's default), an attention program may read before its wait only what no
     kernel of the step writes: the cache length and its first tiles' copies of the past (``cp.async``). ptxas may
     move ``.nc`` loads across ``griddepcontrol.wait``: the query (the projection's output) must stay below it."""
@@ -89,7 +91,7 @@ def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, 
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
     sass = _attn_sass(tmp_path, qg=qg, rope=rope, cap=kv4_mma.even_cap(1056, 132), heads=32 // qg, splits=32,
-                      pdl=True)[0]
+                      pdl=True, aligned=aligned)[0]
     before = sass[:sass.index("ACQBULK")]  # the attention programs' wait (the append program's comes later)
     assert before.count("LDG.E ") == 1 and "LDG.E." not in before.replace("LDGSTS.E.", "")  # the length only
     assert before.count("UBLKCP") == 2  # the first tile's key and value codes

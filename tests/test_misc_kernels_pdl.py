@@ -39,7 +39,8 @@ def _loads_before_their_wait(ops: list[str]) -> list[str]:
     return out
 
 
-def test_rmsnorm_reads_only_its_weight_before_the_wait(tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_rmsnorm_reads_only_its_weight_before_the_wait(aligned, tmp_path):
     """The norm's program loads the norm weight (float16, ``LDG.E.U16``) before its wait and ``x`` (float32) after;
     the clearing programs read nothing."""
     pytest.importorskip("triton")
@@ -48,13 +49,15 @@ def test_rmsnorm_reads_only_its_weight_before_the_wait(tmp_path):
     if not overlap._triton_has_pdl():
         pytest.skip("this Triton has no grid dependency control")
     kinds = {"x_ptr": "*fp32", "w_ptr": "*fp16", "y_ptr": "*fp16", "clr_ptr": "*fp32", "eps": "fp32"}
-    ops = _ops(sm90_sass(misc._rmsnorm_kernel, {"BLOCK": 4096, "PDL": True}, kinds, "i32", 4, tmp_path)[0])
+    ops = _ops(sm90_sass(misc._rmsnorm_kernel, {"BLOCK": 4096, "PDL": True}, kinds, "i32", 4, tmp_path,
+                         aligned=aligned)[0])
     before = _loads_before_their_wait(ops)
     assert before and all(".U16" in op for op in before)  # the weight's halves only
     assert any("LDG.E" in op and ".U16" not in op for op in ops)  # x is read, below the wait
 
 
-def test_silu_reads_nothing_before_the_wait(tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_silu_reads_nothing_before_the_wait(aligned, tmp_path):
     pytest.importorskip("triton")
     from runtime.kernels import misc, overlap
 
@@ -62,5 +65,5 @@ def test_silu_reads_nothing_before_the_wait(tmp_path):
         pytest.skip("this Triton has no grid dependency control")
     kinds = {"gu_ptr": "*fp32", "y_ptr": "*fp16"}
     ops = _ops(sm90_sass(misc._silu_mul_kernel, {"BLOCK": 1024, "CLEAR": True, "PDL": True}, kinds, "i32", 4,
-                         tmp_path)[0])
+                         tmp_path, aligned=aligned)[0])
     assert not _loads_before_their_wait(ops) and any("LDG" in op for op in ops)

@@ -220,7 +220,8 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, warps, persist, fixe
         assert "+0xac00]" in sass
 
 
-def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_mma_table_configs_keep_x_loads_below_the_wait(aligned, tmp_path):
     """Every config of the table, and of the variant tables the benchmark scripts put in the step
     (``benchmarks/variants/mma_*.json``), as the decode step launches it (group-major weight, PDL on an H200's 132
     multiprocessors; :func:`launch_plan`), compiled for sm_90: no load above the PDL wait but the preload's weights
@@ -241,7 +242,7 @@ def test_mma_table_configs_keep_x_loads_below_the_wait(tmp_path):
         grid, consts = w4_mma.launch_plan(cfg, n, k, m, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True)
         assert grid[0] * grid[1] >= 132 and consts["PRE"] == (m == 1 and cfg.depth == 1)
         sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, MMA_PTRS, "i32", cfg.warps,
-                                tmp_path)
+                                tmp_path, aligned=aligned)
         before = sass[:sass.index("ACQBULK")]
         preload = 12 * cfg.tiles if consts["PRE"] else 0
         assert before.count("LDG") == preload and ".CONSTANT" not in before, (n, k, m, cfg)
@@ -271,7 +272,8 @@ def test_mma_table_configs_compile_for_other_gpus(arch, sms, tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [(4, 2, 16), (1, 2, 16), (2, 2, 16), (1, 2, 1, 1, False, 1, 0, 4)])
-def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_mma_ready_flags_replace_the_wait(cfg, aligned, tmp_path):
     """With ``ready`` flags (the output projection after the attention, one row, the weight preload): each program
     loads its first weights, the epoch, then spins on its groups' flags (acquire loads, a sleep between) before any
     ``x``; every load coherent (``x`` changes while the kernel runs: no ``.nc`` load may be moved above the spin);
@@ -289,7 +291,8 @@ def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     consts = plan(m=1, ready_qg=2)[1]
     assert consts["RQG"] == 2 and consts["PRE"]
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True},
-                            {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32"}, "i32", cfg.warps, tmp_path)
+                            {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32"}, "i32", cfg.warps, tmp_path,
+                            aligned=aligned)
     spin = sass.index("LDG.E.STRONG.GPU")
     assert sass[:spin].count("LDG") == 12 * cfg.tiles + 1  # the preload's weights and the epoch
     assert spin < sass.index("BAR.SYNC", spin) < sass.index("LDG.E.128", spin)  # thread 0 spins, then the barrier
@@ -299,7 +302,7 @@ def test_mma_ready_flags_replace_the_wait(cfg, tmp_path):
     consts = plan(m=1, ready_qg=2, stamps=True)[1]
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True},
                             {**MMA_PTRS, "rdy_ptr": "*i32", "ep_ptr": "*i32", "stamp_ptr": "*i64"}, "i32", cfg.warps,
-                            tmp_path)
+                            tmp_path, aligned=aligned)
     spin, timer = sass.index("LDG.E.STRONG.GPU"), [i for i in range(len(sass)) if sass.startswith("GLOBALTIMER", i)]
     assert "LOCAL:0" in usage and len(timer) >= 3 and timer[0] < spin
     assert any(sass.index("BAR.SYNC", spin) < t < sass.index("LDG.E.128", spin) for t in timer)
@@ -398,7 +401,8 @@ def test_mma_silu_plan_limits():
 
 @pytest.mark.parametrize("cfg,n,k", [((4, 2, 16), 4096, 11008), ((1, 2, 1, 1, False, 1, 0, 16), 4096, 11008),
                                      ((4, 2, 1, 1, False, 1, 0, 4), 5120, 13824), ((4, 1, 4), 300, 576)])
-def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
+@pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
+def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, aligned, tmp_path):
     """The SiLU input as the decode step launches it (PDL, group-major weight, one row), compiled for sm_90: above the
     PDL wait only the preload's weights; ``gate_up`` (the kernel before writes it) is read after it, coherently, and
     the product goes through shared memory (stores, a barrier, then the ``x`` loads from there: no global ``x``
@@ -412,7 +416,7 @@ def test_mma_silu_input_reads_gate_up_below_the_wait(cfg, n, k, tmp_path):
     consts = w4_mma.launch_plan(cfg, n, k, 1, (64, 2, 1), (64 * n, 2 * n, n), 132, True, True, silu=True)[1]
     assert consts["PRE"] and consts["SILU"]
     sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": True}, {**MMA_PTRS, "x_ptr": "*fp32"}, "i32",
-                            cfg.warps, tmp_path)
+                            cfg.warps, tmp_path, aligned=aligned)
     wait = sass.index("ACQBULK")
     assert sass[:wait].count("LDG") == 12 * cfg.tiles and ".CONSTANT" not in sass[:wait] and "LOCAL:0" in usage
     first_sts = sass.index("STS", wait)
