@@ -79,6 +79,23 @@ def test_mma_attention_query_parts_compile_as_one(tmp_path):
         assert two.count(op) == one.count(op), op
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_mma_attention_two_level_merge_compiles(aligned, tmp_path):
+    """LLaMA-3-8B's launch at b1 p32768 (4 query heads a program, 128 splits, PDL, ready flags): with the merge in two
+    levels (``GROUP`` 16, :func:`runtime.kernels.merge_group`) the tile loop is the one-level build's (MMAs, bulk
+    copies, the wait), with one more count (the group's) and no spills."""
+    pytest.importorskip("triton")
+    from runtime.kernels import merge_group
+
+    assert merge_group(4, 128) == 16
+    one, usage1 = _attn_sass(tmp_path, qg=4, heads=8, splits=128, pdl=True, ready=True, aligned=aligned)
+    two, usage2 = _attn_sass(tmp_path, qg=4, heads=8, splits=128, pdl=True, ready=True, group=16, aligned=aligned)
+    assert "LOCAL:0" in usage1 and "LOCAL:0" in usage2
+    for op in ("HMMA.16816.F32", "UBLKCP", "ATOMG.E.EXCH", "ACQBULK"):
+        assert two.count(op) == one.count(op), op
+    assert two.count("ATOMG.E.ADD") == one.count("ATOMG.E.ADD") + 1
+
+
 @pytest.mark.parametrize("rope,qg", [(True, 1), (True, 2), (False, 1), (False, 4)])
 @pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors
 def test_mma_attention_early_launch_reads_nothing_written_before_the_wait(rope, qg, aligned, tmp_path):
