@@ -318,13 +318,13 @@ class FastLlama:
         before qkv zeroes ``qkv`` (read by the previous layer's attention) and, with "silu", the norm before
         gate_up zeroes ``gate_up``; with "heads" the output projection starts on each KV head's output as soon as
         the attention flags it (``cache.ready`` at epoch ``cache.step``)."""
-        from .kernels import kv4, misc, query_parts
+        from .kernels import kv4, misc, part_heads
 
         c, dt = self.config, self.embed.dtype
         x = self.embed[ids].float()
         first, fused = self.layers[0], self._fused_inputs(x.shape[0])
         norm, silu, rope, heads = "norm" in fused, "silu" in fused, "rope" in fused, "heads" in fused
-        flag_heads = c.heads // c.kv_heads // query_parts(c.heads // c.kv_heads)  # query heads a ready flag
+        flag_heads = part_heads(c.heads // c.kv_heads)  # query heads a ready flag
         qkv = torch.zeros(x.shape[0], first.qkv.qweight.shape[0], dtype=torch.float32, device=x.device)
         gate_up = torch.zeros(x.shape[0], first.gate_up.qweight.shape[0], dtype=torch.float32, device=x.device)
         for i, layer in enumerate(self.layers):

@@ -220,7 +220,7 @@ def test_attention_two_level_merge_matches_reference(hq, hkv, length, key_scale,
     rows): the last program of each group of splits merges the group, the last group the groups. The split kernel
     (under the interpreter too) and, on sm_90, the tensor-core kernel against the float32 reference, twice (the
     group counts are left at zero for the next launch)."""
-    from runtime.kernels import kv4, kv4_mma, zeroed_counts
+    from runtime.kernels import kv4, kv4_mma
 
     monkeypatch.setenv(kv4.GROUP_ENV, str(group))
     groups, original = [], kv4.merge_buffers
@@ -240,7 +240,7 @@ def test_attention_two_level_merge_matches_reference(hq, hkv, length, key_scale,
     for cfg in cfgs:
         for _ in range(2):
             assert _rel(kv4.decode_attention(*args, cfg), ref) < 1e-4, cfg
-        assert not zeroed_counts("attention groups", DEV, 1)[:b * hq * splits].any()
+        assert not kv4._group_counts(DEV, 1)[:b * hq * splits].any()
     assert groups == [group] * 2 * len(cfgs)
 
 

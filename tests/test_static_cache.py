@@ -66,9 +66,10 @@ def test_ready_flags_one_a_kv_heads_part():
     """The decode step's ready flags: one a KV head's part of its query heads (``query_parts``: the fewest parts of
     at most 4 query heads that divide them), at every layer and sequence; query heads that are no multiple of the
     KV heads are refused."""
-    from runtime.kernels import MAX_QG, query_parts
+    from runtime.kernels import MAX_QG, part_heads, query_parts
 
     assert [query_parts(qg) for qg in range(1, 13)] == [1, 1, 1, 1, 5, 2, 7, 2, 3, 5, 11, 3]
+    assert [part_heads(qg) for qg in (1, 4, 6, 7, 8)] == [1, 4, 3, 1, 4]  # the heads a flag stands for
     assert all(qg % query_parts(qg) == 0 and qg // query_parts(qg) <= MAX_QG for qg in range(1, 65))
     with pytest.raises(ValueError, match="at least 1"):
         query_parts(0)

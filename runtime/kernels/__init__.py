@@ -160,6 +160,12 @@ def query_parts(qg: int) -> int:
     return next(p for p in range(1, qg + 1) if qg % p == 0 and qg // p <= MAX_QG)
 
 
+def part_heads(qg: int) -> int:
+    """Query heads a program of the tensor-core attention takes of ``qg`` a KV head (``qg / query_parts(qg)``): the
+    heads one ready flag stands for."""
+    return qg // query_parts(qg)
+
+
 MERGE_ROWS = 64  # partial rows (query heads x splits) one program merges in one level
 
 

@@ -336,7 +336,7 @@ def _attn_split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ks
     kernels (the length only by a torch op between steps), the query is.
 
     ``COMBINE``: the last program of each query head to finish (an ``acq_rel`` count per head in ``cnt_ptr``, which
-    that program sets back to 0) merges the head's partial results itself (:func:`_combine_head`), instead of
+    that program sets back to 0) merges the head's partial results itself (:func:`_combine_if_last`), instead of
     :func:`_attn_combine_kernel`: one launch fewer per layer; in two levels with ``GROUP > 1`` (group counts at
     ``gcnt_ptr [B * HQ * NSPLIT / GROUP]``, the groups' partials in ``gm``, ``gl``, ``gacc``; see
     :func:`_combine_if_last`).
@@ -937,10 +937,16 @@ def merge_buffers(acc: torch.Tensor, rows: int, heads: int, splits: int, combine
     ng = splits // group
     gm = torch.empty(b, hq, ng, dtype=torch.float32, device=acc.device)
     gacc = torch.empty(b, hq, ng, d, dtype=torch.float32, device=acc.device)
-    return group, (zeroed_counts("attention groups", acc.device, rows * ng), gm, torch.empty_like(gm), gacc)
+    return group, (_group_counts(acc.device, rows * ng), gm, torch.empty_like(gm), gacc)
 
 
 def _head_counts(device, n: int) -> torch.Tensor:
     """The fused combine's per-head counts (:func:`runtime.kernels.zeroed_counts`: the last program of each head
     resets its count)."""
     return zeroed_counts("attention heads", device, n)
+
+
+def _group_counts(device, n: int) -> torch.Tensor:
+    """The two-level merge's per-group counts (:func:`merge_buffers`; the last program of each group resets its
+    count)."""
+    return zeroed_counts("attention groups", device, n)

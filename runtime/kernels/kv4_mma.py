@@ -1,7 +1,7 @@
 """POQ decode attention on the tensor cores, fed by async copies into shared memory (CUDA sm_90+).
 
 The same result as :func:`runtime.kernels.kv4.decode_attention` (the splits' partial results, merged with the
-current token by :func:`runtime.kernels.kv4._combine_head`) for head_dim 128, one step/minimum per token (KV group
+current token by :func:`runtime.kernels.kv4._combine_if_last`) for head_dim 128, one step/minimum per token (KV group
 = head_dim) and any number of query heads per KV head: up to 4 in one program, more in
 :func:`runtime.kernels.query_parts` programs of up to 4 that share each split (LLaMA-2-70B's 8: two of 4; the
 later ones find most of the tiles in L2; 70B b1 p32768 23.03 -> 13.16 ms a step against the split kernel,
@@ -66,6 +66,7 @@ from . import (
     cuda_major,
     multiprocessors,
     overlap,
+    part_heads,
     query_parts,
     shared_memory_per_multiprocessor,
     stamps,
@@ -806,7 +807,7 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     program of the grid). With ``combine``, the merge takes two levels where :func:`runtime.kernels.kv4.group_of` says so."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     parts = query_parts(hq // hkv)
-    qg = hq // hkv // parts  # query heads a program
+    qg = part_heads(hq // hkv)  # query heads a program
     k_scale, k_shift, v_scale, v_shift = kv_params
     qkv, cos, sin = rope if rope is not None else (m, m, m)
     grid = (b * hkv * parts, splits + (rope is not None))
