@@ -456,6 +456,9 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 32]
     assert kv4.ATTN_KV_TABLE[1, 32768, 8, 32].splits == 128 and kv4.ATTN_KV_TABLE[1, 32768, 8].splits == 64
     assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
+    # LLaMA-2-13B's 40 heads at b1 p32768 on fewer splits than the 7B's 32 (960 programs, not 1280); p2048 the table's
+    assert kv4.attn_config(1, 40, 32808).splits == kv4.attn_config(1, 40, 32808, kv_heads=40).splits == 24
+    assert kv4.attn_config(1, 40, 2076) == kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})

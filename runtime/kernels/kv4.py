@@ -744,10 +744,15 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # this entry, 13.33 on 32 splits, 15.27 on 128. A key may name the query heads too, (batch, context bucket, KV heads,
 # query heads), taken before the KV heads' own: with the merge in two levels (thirty-first session, r36, r37) the 8B
 # at b1 p32768 took 2.314 ms twice on 128 splits against 2.422 / 2.473 on 64 (alternated; the attention alone was
-# 20.5 µs on 64 and 22.0 on 128), while the 70B took 12.83 on 128 against 12.25 on 64
+# 20.5 µs on 64 and 22.0 on 128), while the 70B took 12.83 on 128 against 12.25 on 64. LLaMA-2-13B (40 KV heads,
+# thirty-second session, r38/sp*_13b_*.json, alternated twice) at b1 p32768: 4.335 / 4.320 ms on 24 splits (960
+# programs), 4.319 / 4.348 on 26, 5.157 / 5.124 on 28, 4.568 / 4.520 on ATTN_TABLE's 32 (1280 programs); the 7B's
+# own entry stays at 32 (its step on 16 / 24 / 28 / 48 / 64 splits: 3.47 / 2.87-2.89 / 2.67-2.68 / 2.80 / 3.27-3.28
+# against 2.61-2.65)
 ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
+    (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
