@@ -102,7 +102,7 @@ def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "ge
     ``FastLlama.from_hf`` chooses on CUDA)."""
     model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, steps, projections)
     start = cache.length
-    ms = _median_steps(lambda: graph.step(ids), steps)
+    ms = median_steps(lambda: graph.step(ids), steps)
     kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len
     return {"ms_per_token": ms, "bytes_per_step": _weight_bytes(model) + kv_bytes,
             "weights_GB": _weight_bytes(model) / 1e9, "cache_GB": cache.nbytes() / 1e9}
@@ -123,7 +123,8 @@ def run_wkvq_splitk(config, batch: int, prompt: int, steps: int) -> dict:
     return run_wkvq(config, batch, prompt, steps, projections="triton")
 
 
-def _median_steps(fn, steps: int) -> float:
+def median_steps(fn, steps: int) -> float:
+    """The median ms of ``steps`` calls of ``fn`` (a decode step) after one untimed call."""
     from .bench import _time_ms
 
     fn()
@@ -183,7 +184,10 @@ def _prefill(model, cache, batch, prompt, vocab):
             model(ids[:, s:s + 4096], use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
 
 
-def _hf_decode(model, cache, batch, prompt, steps, vocab, compiled: bool) -> float:
+def hf_step(model, cache, batch, prompt, vocab, compiled: bool):
+    """A decode step of the transformers ``model`` on ``cache`` (filled to ``prompt`` tokens) that returns the
+    logits, each call one position further; ``compiled``: through ``torch.compile(mode="reduce-overhead")``, warmed
+    up (compiled and its CUDA graph recorded) before it is returned."""
     from runtime.cache import CACHE_KWARG
 
     fwd = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
@@ -200,16 +204,28 @@ def _hf_decode(model, cache, batch, prompt, steps, vocab, compiled: bool) -> flo
 
     for _ in range(3 if compiled else 1):
         step()
-    return _median_steps(step, steps)
+    return step
 
 
-def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
+def _hf_decode(model, cache, batch, prompt, steps, vocab, compiled: bool) -> float:
+    return median_steps(hf_step(model, cache, batch, prompt, vocab, compiled), steps)
+
+
+def hf_prefilled(config, batch, prompt, steps, dtype, int4=False, static=True):
+    """A random transformers model of ``config`` in ``dtype`` (``int4``: tinygemm projections) and its cache
+    (``static``: a StaticCache with room for ``steps`` more tokens and a few of warm-up; else a DynamicCache),
+    prefilled with ``prompt`` random tokens at ``batch``."""
     from transformers import DynamicCache, StaticCache
 
     model = random_hf(config, dtype, int4)
     n = steps + 8
     cache = StaticCache(config=config, max_cache_len=prompt + n) if static else DynamicCache(config=config)
     _prefill(model, cache, batch, prompt, config.vocab_size)
+    return model, cache
+
+
+def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
+    model, cache = hf_prefilled(config, batch, prompt, steps, dtype, int4, static)
     return {"ms_per_token": _hf_decode(model, cache, batch, prompt, steps, config.vocab_size, static)}
 
 

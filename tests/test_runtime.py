@@ -453,6 +453,41 @@ def test_decode_profile_compare(tmp_path, capsys):
     assert "Traceback" not in proc.stderr
 
 
+def test_fp16_probe_compare(tmp_path, capsys):
+    """``benchmarks/fp16_probe.py --compare``: the step's median first, then the kernels whose time a step differs
+    most between the records (0 where a record lacks one), largest spread first, ``top`` of them; without a GPU
+    the probe itself exits in one line."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks import fp16_probe as fp
+
+    fast = {"ms_per_token": 9.5, "kernels": [{"name": "gemv", "us": 6000.0, "calls": 224},
+                                             {"name": "fmha_cutlassF", "us": 3000.0, "calls": 32}]}
+    slow = {"ms_per_token": 10.4, "kernels": [{"name": "gemv", "us": 6050.0, "calls": 224},
+                                              {"name": "flash_fwd_splitkv", "us": 3850.0, "calls": 32}]}
+    records = {"fast.json": fast, "slow.json": slow}
+    rows = fp.compare(records)
+    assert rows[0] == ("step ms", [9.5, 10.4])
+    assert rows[1:] == [("flash_fwd_splitkv", [0.0, 3850.0]), ("fmha_cutlassF", [3000.0, 0.0]),
+                        ("gemv", [6000.0, 6050.0])]
+    assert fp.compare(records, top=1)[1:] == [("flash_fwd_splitkv", [0.0, 3850.0])]
+    fp.print_compare(records)
+    assert "flash_fwd_splitkv" in capsys.readouterr().out
+    for name, rec in records.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+    script = str(Path(fp.__file__))
+    proc = subprocess.run([sys.executable, script, "--compare", str(tmp_path / "fast.json"),
+                           str(tmp_path / "slow.json")], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "fmha_cutlassF" in proc.stdout
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script, "--json", str(tmp_path / "x.json")], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip() == "fp16_probe: needs a CUDA device"
+        assert not (tmp_path / "x.json").exists()
+
+
 def test_stamps_buffers_and_summary(monkeypatch):
     """:mod:`runtime.kernels.stamps` on the host: ``WKVQ_STAMPS=1`` turns them on; a buffer per device and kind, kept
     and grown; the summary per point in µs after the earliest start, rows of programs that did not run (zeros) left

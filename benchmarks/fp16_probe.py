@@ -1,0 +1,86 @@
+"""Why the bench's fp16 baseline (transformers StaticCache + ``torch.compile(mode="reduce-overhead")``, the
+``fp16_compiled`` path) at 7B b1 p32768 took ~9.4-9.6 ms in some runs and ~10.4-10.5 in others, each a fresh
+process minutes apart (sessions 23-32, BENCHMARKS.md): one run's median step (the bench's own timing) and its kernel
+time per step by kernel name under ``torch.profiler``. Run it several times in fresh processes, then set the records
+side by side: the kernels whose time differs between a fast and a slow run say where the two modes part.
+
+    python3 benchmarks/fp16_probe.py --shape 7b --prompt 32768 --json fp16_1.json      # CUDA only
+    python3 benchmarks/fp16_probe.py --compare fp16_1.json fp16_2.json ...             # no GPU
+
+The record keeps the SDPA backends torch reports as enabled and the kernel names (the attention's name tells which
+backend ran: flash, memory-efficient or math).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode_profile import kernel_times
+from converter.bench import SHAPES, llama_config
+
+
+def compare(records: dict[str, dict], top: int = 12) -> list[tuple[str, list[float]]]:
+    """``[(kernel name, [us a step in each record, 0.0 where it did not run])]``: first the step's median ms (as
+    ``"step ms"``), then the ``top`` kernels whose times differ most between the records, largest spread first."""
+    names = {r["name"] for rec in records.values() for r in rec["kernels"]}
+    per = {n: [next((r["us"] for r in rec["kernels"] if r["name"] == n), 0.0) for rec in records.values()]
+           for n in names}
+    spread = sorted(names, key=lambda n: (-(max(per[n]) - min(per[n])), n))
+    return [("step ms", [rec["ms_per_token"] for rec in records.values()])] + [(n, per[n]) for n in spread[:top]]
+
+
+def print_compare(records: dict[str, dict], top: int = 12) -> None:
+    print("  ".join(f"{Path(p).stem[:12]:>12}" for p in records) + "  kernel (us a step)")
+    for name, values in compare(records, top):
+        print("  ".join(f"{v:12.3f}" for v in values) + f"  {name[:100]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", help="where to write the record (required unless --compare)")
+    ap.add_argument("--compare", nargs="+", metavar="RECORD", help="records of earlier runs to set side by side")
+    args = ap.parse_args()
+    if args.compare:
+        print_compare({path: json.loads(Path(path).read_text()) for path in args.compare})
+        return
+    if not args.json:
+        ap.error("--json is required (or --compare RECORD ...)")
+    if not torch.cuda.is_available():
+        sys.exit("fp16_probe: needs a CUDA device")
+    from converter.bench_paths import hf_prefilled, hf_step, median_steps
+
+    config = llama_config(args.shape)
+    # room for the timed steps and the profiled ones after them
+    model, cache = hf_prefilled(config, args.batch, args.prompt, 2 * args.steps, torch.float16)
+    step = hf_step(model, cache, args.batch, args.prompt, config.vocab_size, compiled=True)
+    ms = median_steps(step, args.steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    rows = kernel_times(prof, args.steps)
+    backends = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in ("flash", "mem_efficient", "math")}
+    print(f"{args.shape} b{args.batch} p{args.prompt} fp16 compiled: {ms:.3f} ms a step (median of {args.steps}), "
+          f"{sum(r['us'] for r in rows):.1f} us summed kernel time; SDPA enabled: {backends}")
+    for r in rows[:12]:
+        print(f"{r['us']:9.1f} {r['calls']:6.0f}  {r['name'][:110]}")
+    Path(args.json).write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+         "shape": args.shape, "batch": args.batch, "prompt": args.prompt, "steps": args.steps, "ms_per_token": ms,
+         "sdpa_enabled": backends, "kernels": [{**r, "name": r["name"][:200]} for r in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
