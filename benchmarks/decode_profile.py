@@ -165,21 +165,32 @@ def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
             print(f"{r['start']:9.1f} {r['dur']:7.1f} {r['gap']:7.1f} {r['adds']:7.1f}  {r['name'][:80]}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_args(doc: str, prompt: int, print_records, extra=lambda ap: None) -> argparse.Namespace | None:
+    """The step probes' command line (this one's and ``fp16_probe.py``'s): ``--shape --batch --prompt --steps
+    --json`` (and what ``extra`` adds to the parser), or ``--compare RECORD...``, whose records ``print_records``
+    sets side by side (then None). Without either, a one-line usage error."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=2048)
-    ap.add_argument("--projections", default="gemv", help="triton, gemlite or gemv")
+    ap.add_argument("--prompt", type=int, default=prompt)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", help="where to write the record (required unless --compare)")
     ap.add_argument("--compare", nargs="+", metavar="RECORD", help="records of earlier runs to set side by side")
+    extra(ap)
     args = ap.parse_args()
     if args.compare:
-        print_compare({path: json.loads(Path(path).read_text()) for path in args.compare})
-        return
+        print_records({path: json.loads(Path(path).read_text()) for path in args.compare})
+        return None
     if not args.json:
         ap.error("--json is required (or --compare RECORD ...)")
+    return args
+
+
+def main() -> None:
+    args = probe_args(__doc__, 2048, print_compare,
+                      lambda ap: ap.add_argument("--projections", default="gemv", help="triton, gemlite or gemv"))
+    if args is None:
+        return
     if not torch.cuda.is_available():
         sys.exit("decode_profile: needs a CUDA device")
     _, _, graph, ids = wkvq_decode_graph(llama_config(args.shape), args.batch, args.prompt, 2 * args.steps,

@@ -13,7 +13,6 @@ backend ran: flash, memory-efficient or math).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_profile import kernel_times
-from converter.bench import SHAPES, llama_config
+from benchmarks.decode_profile import kernel_times, probe_args
+from converter.bench import llama_config
 
 
 def compare(records: dict[str, dict], top: int = 12) -> list[tuple[str, list[float]]]:
@@ -44,19 +43,9 @@ def print_compare(records: dict[str, dict], top: int = 12) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=32768)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--json", help="where to write the record (required unless --compare)")
-    ap.add_argument("--compare", nargs="+", metavar="RECORD", help="records of earlier runs to set side by side")
-    args = ap.parse_args()
-    if args.compare:
-        print_compare({path: json.loads(Path(path).read_text()) for path in args.compare})
+    args = probe_args(__doc__, 32768, print_compare)
+    if args is None:
         return
-    if not args.json:
-        ap.error("--json is required (or --compare RECORD ...)")
     if not torch.cuda.is_available():
         sys.exit("fp16_probe: needs a CUDA device")
     from converter.bench_paths import hf_prefilled, hf_step, median_steps
