@@ -7,6 +7,10 @@
 #              32): 13B b1 p2048 (16: 12, 20, 24), 7B b8 p32768 (16: 8, 12, 24), each against the default, alternated
 #   stamps13   the 13B b1 p32768 timeline on 24 splits (the default) and on 28 (5.12-5.16 ms against 4.32-4.35):
 #              whether the 1120 programs leave a second wave (late starts), or the cap of 10 an SM unbalances them
+#   untabled   batches and contexts no attention table entry has ran the split kernel's default until this session;
+#              they now take the nearest entry's tensor-core config (kv4.nearest_entry). The step at 7B b1 p8192,
+#              b2 p2048 and b4 p32768 on the new default and on the old one (a one-entry table of the split kernel's
+#              default, ATTN_DEFAULT with num_splits), alternated twice; then the real-shape tests at those cells
 # Usage: OUT=$OUT bash benchmarks/h200_round37.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
 # `sptable NAME HEADS BATCH CONTEXT SPLITS`: a one-entry table (the default config at that batch, context and heads
@@ -44,5 +48,18 @@ stamps13)
     | grep -v -i warn | head -14
   WKVQ_ATTN_TABLE=/root/h40_b1_32k_sp28.json python3 benchmarks/stamps_probe.py --shape 13b --prompt 32768 \
     --json $o/stamps_13b_sp28.json 2>&1 | grep -v -i warn | head -14;;
+untabled)
+  for cell in "1 8192" "2 2048" "4 32768"; do set -- $cell; python3 -c "
+import dataclasses, json
+from runtime.kernels import kv4
+c = dataclasses.replace(kv4.ATTN_DEFAULT, splits=kv4.num_splits($1, 32, $2 + 28))
+json.dump({'best': {'$1x$2': {'config': dataclasses.asdict(c)}}}, open('/root/old_b$1_p$2.json', 'w'))"; done
+  for i in 1 2; do for cell in "1 8192" "2 2048" "4 32768"; do set -- $cell
+    python3 cli.py bench --paths wkvq --batches $1 --steps 20 --shapes 7b --prompts $2 --json "$o/new_b$1_p$2_$i.json" \
+      2>&1 | grep wkvq | sed "s/^/new_b$1_p$2_$i /"
+    WKVQ_ATTN_TABLE=/root/old_b$1_p$2.json python3 cli.py bench --paths wkvq --batches $1 --steps 20 --shapes 7b \
+      --prompts $2 --json "$o/old_b$1_p$2_$i.json" 2>&1 | grep wkvq | sed "s/^/old_b$1_p$2_$i /"
+  done; done
+  gpu_tests "real_shapes and (8192 or 512 or 7b-2-2048 or 7b-3-2048 or 8b-4-2048 or 3b-3-2048)";;
 *) echo "unknown part $part"; exit 2;;
 esac; done

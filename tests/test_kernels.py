@@ -439,9 +439,9 @@ def test_overlap_flags(monkeypatch):
 
 
 def test_attn_config_policy_and_table(tmp_path, monkeypatch):
-    """AttnConfig checks its fields; with no table the policy of rounds 2-6 decides; a sweep record named by
-    WKVQ_ATTN_TABLE decides its (batch, context bucket) keys and nothing else; splits 0 resolves by the policy; the
-    KV-head table comes before the 32-KV-head one."""
+    """AttnConfig checks its fields; a (batch, context) the table lacks takes its nearest entry; with no table the
+    policy of rounds 2-6 decides; a sweep record named by WKVQ_ATTN_TABLE decides its (batch, context bucket) keys
+    and nothing else; splits 0 resolves by the policy; the KV-head table comes before the 32-KV-head one."""
     import json
 
     from runtime.kernels import kv4
@@ -449,7 +449,16 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     monkeypatch.delenv(kv4.TABLE_ENV, raising=False)
     assert kv4.attn_config(1, 32, 2076) == kv4.ATTN_TABLE[1, 2048]  # the measured table
     policy16 = dataclasses.replace(kv4.ATTN_DEFAULT, splits=16)
-    assert kv4.attn_config(2, 32, 2076) == policy16  # not in it: the default tile, the policy's splits
+    # not in it: the nearest entry in log scale, the batch first (b2 -> b1, b3 and b4 -> b8, b32 -> b8), then the
+    # context (p8192: as near 2048 as 32768, the smaller), splits cut to the cache's tiles (p100: 2 tiles of 64)
+    assert kv4.attn_config(2, 32, 2076) == kv4.ATTN_TABLE[1, 2048]
+    assert kv4.attn_config(3, 32, 2076) == kv4.attn_config(4, 32, 2076) == kv4.ATTN_TABLE[8, 2048]
+    assert kv4.attn_config(32, 32, 32808) == kv4.ATTN_TABLE[8, 32768]
+    assert kv4.attn_config(1, 32, 8200) == kv4.ATTN_TABLE[1, 2048] and kv4.ATTN_TABLE[1, 2048].mma
+    assert kv4.attn_config(1, 32, 16400) == kv4.attn_config(2, 32, 65600) == kv4.ATTN_TABLE[1, 32768]
+    assert kv4.attn_config(1, 32, 100) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=2)
+    assert kv4.attn_config(1, 32, 1) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=1)
+    assert kv4.nearest_entry({}, (1, 2048), 2048) is None
     # KV head counts other than the table's: their own entries first (LLaMA-3-8B's 8 at b1 p32768), else the table
     assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
     # and before those, the query heads' own (LLaMA-3-8B: 32 on 8 takes 128 splits, LLaMA-2-70B's 64 on 8 keeps 64)
@@ -477,7 +486,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.load_table(tmp_path / "sweep.json") == {(1, 2048): cfg, (1, 32768): kv4.AttnConfig(min_tokens=4096)}
     (tmp_path / "b8.json").write_text(json.dumps({"best": {"8x2048": {"config": {"splits": 4}}}}))
     monkeypatch.setenv(kv4.TABLE_ENV, f"{tmp_path / 'sweep.json'}{os.pathsep}{tmp_path / 'b8.json'}")
-    assert kv4.attn_config(1, 32, 2076) == cfg and kv4.attn_config(1, 32, 3000) == policy16
+    assert kv4.attn_config(1, 32, 2076) == cfg and kv4.attn_config(1, 32, 3000) == policy16  # ATTN_TABLE empty
     assert kv4.attn_config(8, 32, 2076) == kv4.AttnConfig(splits=4)
     assert kv4.attn_config(1, 32, 32808).splits == 16  # the record's policy: 4096 tokens a split at least (was 64)
     (tmp_path / "bad.json").write_text(json.dumps({"best": {"1x2048": {"config": {"loads": "eager"}}}}))

@@ -714,9 +714,10 @@ class AttnConfig:
 
 # (batch, context bucket) -> config, from the graph-timed sweep (benchmarks/attn_bench.py) at the 7B attention shape
 # (32 heads, head_dim 128, per-token stats) on an H200 (eighth session, records benchmarks/results/r10/attn_b*.json;
-# 300 configs a case, block_s 16..128). Other shapes run ATTN_DEFAULT: the tile that won all four cases (16 tokens,
-# 1 warp, prefetch, per-row maximum) with the splits of num_splits, within 3% of each case's best in the same sweep
-# (the kernel of rounds 2-6, AttnConfig(), was 1.5-1.8x slower).
+# 300 configs a case, block_s 16..128). ATTN_DEFAULT: the tile that won all four cases (16 tokens, 1 warp, prefetch,
+# per-row maximum) with the splits of num_splits, within 3% of each case's best in the same sweep (the kernel of
+# rounds 2-6, AttnConfig(), was 1.5-1.8x slower). Until the thirty-second session every batch and context without an
+# entry ran it; they now take the nearest entry (nearest_entry), and ATTN_DEFAULT only an empty table.
 # combine: the splits merged by the split kernel's last program per head (twelfth session, no sweep: one launch
 # fewer per layer; measured end to end in BENCHMARKS.md)
 # mma: the tensor-core kernel (runtime/kernels/kv4_mma.py; fourteenth session: graph-timed sweeps of tokens a stage
@@ -775,18 +776,34 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
                        "an attention", "benchmarks/attn_bench.py")
 
 
+def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int], max_len: int) -> AttnConfig | None:
+    """The config of ``table``'s ``(batch, context bucket)`` entry nearest ``key`` in log scale, the batch first, then
+    the context, then the smaller of each on a tie (None for an empty table), with its splits cut to the tiles of a
+    cache of ``max_len`` slots (at least one). The tensor-core kernel won every cell the tables were swept at, and
+    beside the split kernel's default at cells no table has it took 16.6 µs against 31.4 (b1 p8192), 7.5 against
+    10.8 (p512) and 6.0 against 8.8 (p64) (the attention alone, with rope, eighteenth session,
+    ``benchmarks/results/r21/attn_fixed.json``): a neighbour's tensor-core config beats the split kernel's default."""
+    if not table:
+        return None
+    b, c = (math.log2(max(1, v)) for v in key)
+    near = min(table, key=lambda k: (abs(math.log2(k[0]) - b), abs(math.log2(k[1]) - c), k))
+    cfg = table[near]
+    return replace(cfg, splits=max(1, min(cfg.splits, -(-max_len // cfg.block_s))))
+
+
 def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: int | None = None) -> AttnConfig:
     """The config at ``batch`` and a cache of ``max_len`` slots for ``heads`` query heads on ``kv_heads`` KV heads
     (None: as many): the sweep records named by the environment variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`;
     several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads`` and ``heads``, then at
     ``kv_heads``, then :data:`ATTN_TABLE`, at
-    ``(batch, context_bucket(max_len))``, else :data:`ATTN_DEFAULT`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is
+    ``(batch, context_bucket(max_len))``, else :data:`ATTN_TABLE`'s nearest entry (:func:`nearest_entry`), else (an
+    empty table) :data:`ATTN_DEFAULT`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is
     set to a number; ``splits`` resolved by :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
     key = (batch, context_bucket(max_len))
     env = env_tables(os.environ.get(TABLE_ENV), load_table)
     kv = kv_heads or heads
     cfg = (env.get(key) or ATTN_KV_TABLE.get((*key, kv, heads)) or ATTN_KV_TABLE.get((*key, kv))
-           or ATTN_TABLE.get(key, ATTN_DEFAULT))
+           or ATTN_TABLE.get(key) or nearest_entry(ATTN_TABLE, key, max_len) or ATTN_DEFAULT)
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))
