@@ -90,7 +90,7 @@ def time_config(ring, x, out, cfg) -> float:
 def current_config(lin) -> tuple[str, dict | None]:
     """(signature, the config GemLite runs now for one row of ``lin``: :func:`gemlite_backend.seed_config`'s
     pick, the H100 table's nearest shape or an earlier tuning)."""
-    import gemlite.core as core
+    from gemlite import core
 
     kind, sig = gb.signature(lin, 1)
     gb.seed_config(lin, 1)

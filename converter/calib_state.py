@@ -51,7 +51,7 @@ class WorkDir:
         self.path = Path(path)
 
     @classmethod
-    def open(cls, path: str | Path, recipe: dict, resume: bool) -> "WorkDir":
+    def open(cls, path: str | Path, recipe: dict, resume: bool) -> WorkDir:
         """Create the work dir, or reuse it with ``resume`` if it was made for the same ``recipe``."""
         path, digest = Path(path), fingerprint(recipe)
         state = path / STATE_FILE

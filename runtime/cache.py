@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaForCausalLM
@@ -49,10 +49,10 @@ class PackedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.step, self.minimum))
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedKV":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedKV:
         return PackedKV(fn(self.codes), fn(self.step), fn(self.minimum))
 
-    def append(self, other: "PackedKV") -> "PackedKV":
+    def append(self, other: PackedKV) -> PackedKV:
         return PackedKV(*(torch.cat([a, b], dim=-2) for a, b in
                           zip((self.codes, self.step, self.minimum), (other.codes, other.step, other.minimum))))
 

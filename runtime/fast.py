@@ -211,7 +211,7 @@ class FastLlama:
 
     @classmethod
     def from_hf(cls, model, max_positions: int, use_kernels: bool | None = None,
-                projections: str | None = None) -> "FastLlama":
+                projections: str | None = None) -> FastLlama:
         """Wrap a loaded W4KV4 ``LlamaForCausalLM`` (see the module docstring); ``projections``: see
         :meth:`with_projections`; None: "gemv" on the kernel path on CUDA (the fastest measured), else "triton"."""
         cfg, dec = model.config, model.model
@@ -239,7 +239,7 @@ class FastLlama:
             projections = "gemv" if fast.use_kernels and fast.device.type == "cuda" else "triton"
         return fast.with_projections(projections)
 
-    def with_projections(self, backend: str) -> "FastLlama":
+    def with_projections(self, backend: str) -> FastLlama:
         """The decode step's four fused projections on ``backend``: "triton" (:mod:`runtime.kernels.w4`, split-K
         on the tensor cores through ``tl.dot``), "gemlite" (optional package, CUDA:
         :mod:`runtime.kernels.gemlite_backend`; shapes it does not take stay on "triton") or "gemv" (the default of

@@ -31,7 +31,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_codes(cls, q: torch.Tensor, scales, zeros, bits: int, group_size: int, bias=None) -> "QuantLinear":
+    def from_codes(cls, q: torch.Tensor, scales, zeros, bits: int, group_size: int, bias=None) -> QuantLinear:
         """Build from integer codes ``uint8 [out, in]`` and per-group ``scales``/``zeros``."""
         out_f, in_f = q.shape
         m = cls(in_f, out_f, bits, group_size, bias=bias is not None, device=q.device)

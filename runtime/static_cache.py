@@ -40,7 +40,7 @@ class LayerStore:
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, groups: int, bits: int,
-              device=None) -> "LayerStore":
+              device=None) -> LayerStore:
         codes = (batch, kv_heads, max_len, quant.packed_length(head_dim, bits))
         params = (batch, kv_heads, max_len, groups)
         u8, f16 = dict(dtype=torch.uint8, device=device), dict(dtype=STATS_DTYPE, device=device)

@@ -84,7 +84,7 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._tmp = Path(tempfile.mkdtemp(prefix="hub-server-"))
         (self._tmp / "blobs").mkdir()
         handler = type("Handler", (_Handler,), {"hub": self})

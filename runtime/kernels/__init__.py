@@ -137,7 +137,7 @@ def sweep_table(path, entry, what: str, tool: str) -> dict:
                          f"write one with {tool} --json") from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def env_tables(paths: str | None, load) -> dict:
     """The tables ``load(path)`` of the records in ``paths`` (an environment variable's value, ``os.pathsep``-
     separated, e.g. one sweep per batch; later ones win), read once per value."""

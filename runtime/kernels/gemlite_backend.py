@@ -141,7 +141,7 @@ def nearest_config(table: dict, m: int, n: int, k: int, group: int, eps: int, ty
 
 def signature(linear, m: int) -> tuple[str, str]:
     """(matmul type GemLite runs for ``m`` rows, its config-table key) of a packed GemLite linear."""
-    import gemlite.core as core
+    from gemlite import core
     from gemlite.triton_kernels import utils
 
     in_dtype = 1 if linear.input_dtype.value == 2 else linear.input_dtype.value  # bf16 shares fp16's tuning
@@ -153,7 +153,7 @@ def signature(linear, m: int) -> tuple[str, str]:
 def seed_config(linear, m: int) -> bool:
     """Fix GemLite's kernel config for ``m`` rows of ``linear`` (nearest pre-tuned shape) so that it does
     not autotune; ``False`` when no table entry fits (GemLite will then autotune on the first call)."""
-    import gemlite.core as core
+    from gemlite import core
 
     kind, sig = signature(linear, m)
     table = core.GEMLITE_TRITON_CONFIG_CACHE.setdefault(kind, {})
@@ -274,7 +274,7 @@ class GemLiteW4(W4Weight):
     direct: bool = True
 
     @classmethod
-    def from_w4(cls, w: W4Weight, dtype: torch.dtype, direct: bool = True) -> "GemLiteW4":
+    def from_w4(cls, w: W4Weight, dtype: torch.dtype, direct: bool = True) -> GemLiteW4:
         linear = to_gemlite(w, dtype) if supported(w, dtype) else None
         if linear is None:
             log.info("gemlite: K=%d group %d stays on the split-K kernel", w.in_features, w.group_size)

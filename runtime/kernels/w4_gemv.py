@@ -675,7 +675,7 @@ class GemvW4(W4Weight):
     row, on the tensor-core GEMV too (:meth:`accumulate_silu`, :meth:`fuses_silu`)."""
 
     @classmethod
-    def from_w4(cls, w: W4Weight) -> "GemvW4":
+    def from_w4(cls, w: W4Weight) -> GemvW4:
         return cls(w.qweight, w.scales, w.zeros, w.in_features, w.group_size, w.bias)
 
     def plain(self) -> W4Weight:
