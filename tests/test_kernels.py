@@ -459,6 +459,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 32, 100) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=2)
     assert kv4.attn_config(1, 32, 1) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=1)
     assert kv4.nearest_entry({}, (1, 2048), 2048) is None
+    assert kv4.nearest_entry({(1, 2048): kv4.AttnConfig(splits=0)}, (2, 64), 70).splits == 0  # the policy's, kept
     # KV head counts other than the table's: their own entries first (LLaMA-3-8B's 8 at b1 p32768), else the table
     assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
     # and before those, the query heads' own (LLaMA-3-8B: 32 on 8 takes 128 splits, LLaMA-2-70B's 64 on 8 keeps 64)

@@ -778,8 +778,8 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
 
 def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int], max_len: int) -> AttnConfig | None:
     """The config of ``table``'s ``(batch, context bucket)`` entry nearest ``key`` in log scale, the batch first, then
-    the context, then the smaller of each on a tie (None for an empty table), with its splits cut to the tiles of a
-    cache of ``max_len`` slots (at least one). The tensor-core kernel won every cell the tables were swept at, and
+    the context, then the smaller of each on a tie (None for an empty table), with its splits (unless 0, the
+    policy's) cut to the tiles of a cache of ``max_len`` slots (at least one). The tensor-core kernel won every cell the tables were swept at, and
     beside the split kernel's default at cells no table has it took 16.6 µs against 31.4 (b1 p8192), 7.5 against
     10.8 (p512) and 6.0 against 8.8 (p64) (the attention alone, with rope, eighteenth session,
     ``benchmarks/results/r21/attn_fixed.json``): a neighbour's tensor-core config beats the split kernel's default."""
@@ -788,6 +788,8 @@ def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int]
     b, c = (math.log2(max(1, v)) for v in key)
     near = min(table, key=lambda k: (abs(math.log2(k[0]) - b), abs(math.log2(k[1]) - c), k))
     cfg = table[near]
+    if cfg.splits == 0:  # the policy's, resolved at the cache's length anyway
+        return cfg
     return replace(cfg, splits=max(1, min(cfg.splits, -(-max_len // cfg.block_s))))
 
 
