@@ -2,7 +2,8 @@
 # /tmp/site, the environment, the output folder $o ($OUT, default /root/out), `mark` (seconds since the start and a
 # message), `bench` (cli.py bench of the 7B shape on the wkvq-gemv path, 20 steps, plus the arguments given),
 # `nbench` (a named bench row on the wkvq path), `gpu_tests` (the kernel GPU tests matching a -k expression; with
-# .gpu/xdist carried) and `record` (the record table).
+# .gpu/xdist carried), `attn_table` / `sptable` (one-entry attention tables for WKVQ_ATTN_TABLE) and `record` (the
+# record table).
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl $(ls .gpu/xdist/*.whl 2>/dev/null) \
@@ -34,3 +35,14 @@ gpu_tests() {
     -k "$1" > "$o/tests.txt" 2>&1; echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)" "$o/tests.txt" | head -30; tail -2 "$o/tests.txt"
 }
+# `attn_table NAME BATCH CONTEXT CONFIG`: a one-entry attention table (for WKVQ_ATTN_TABLE) at /root/NAME.json, its
+# (BATCH, CONTEXT) entry the Python expression CONFIG (an AttnConfig; `kv4` and `dataclasses` imported); printed
+attn_table() { python3 -c "
+import dataclasses, json
+from runtime.kernels import kv4
+c = $4
+json.dump({'best': {'$2x$3': {'config': dataclasses.asdict(c)}}}, open('/root/$1.json', 'w'))
+print('$1:', c)"; }
+# `sptable NAME HEADS BATCH CONTEXT SPLITS`: the config the tables give HEADS heads at (BATCH, CONTEXT) with SPLITS
+# splits, as attn_table NAME
+sptable() { attn_table "$1" "$3" "$4" "dataclasses.replace(kv4.attn_config($3, $2, $4 + 1), splits=$5)"; }

@@ -12,12 +12,9 @@ sweep)
 step)
   # (as run, on 2e3987d, the second of each pair was the default, then 64 splits; the table now gives the 8B 128, so
   # both are explicit variants here: the same two configs)
-  for sp in 64 128; do python3 -c "
-import dataclasses, json
-from runtime.kernels import kv4
-c = dataclasses.replace(kv4.ATTN_KV_TABLE[1, 32768, 8], splits=$sp)
-json.dump({'best': {'1x32768': {'config': dataclasses.asdict(c)}}}, open('/root/t_sp$sp.json', 'w'))
-print(c)"; done
+  for sp in 64 128; do
+    attn_table t_sp$sp 1 32768 "dataclasses.replace(kv4.ATTN_KV_TABLE[1, 32768, 8], splits=$sp)"
+  done
   for i in 1 2; do
     WKVQ_ATTN_TABLE=/root/t_sp128.json nbench sp128_8b_$i --shapes 8b --prompts 32768
     WKVQ_ATTN_TABLE=/root/t_sp64.json nbench sp64_8b_$i --shapes 8b --prompts 32768

@@ -10,11 +10,7 @@
 source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
 sp7b)
-  for sp in 48 64; do python3 -c "
-import dataclasses, json
-from runtime.kernels import kv4
-c = dataclasses.replace(kv4.attn_config(1, 32, 32769), splits=$sp)
-json.dump({'best': {'1x32768': {'config': dataclasses.asdict(c)}}}, open('/root/t_7b_sp$sp.json', 'w'))"; done
+  for sp in 48 64; do sptable t_7b_sp$sp 32 1 32768 $sp; done
   for i in 1 2; do
     nbench sp32_7b_$i --shapes 7b --prompts 32768
     WKVQ_ATTN_TABLE=/root/t_7b_sp48.json nbench sp48_7b_$i --shapes 7b --prompts 32768

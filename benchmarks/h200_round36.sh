@@ -7,15 +7,9 @@
 #   g7b    7B b1 p32768 (1 head x 32 splits, one merge level by the rule) with two levels, groups of 4 and 8
 # Usage: OUT=$OUT bash benchmarks/h200_round36.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
-# `sptable HEADS SPLITS`: a one-entry table for b1 p32768 at HEADS heads with SPLITS splits, /root/t_h<H>_sp<S>.json
-sptable() { python3 -c "
-import dataclasses, json
-from runtime.kernels import kv4
-c = dataclasses.replace(kv4.attn_config(1, $1, 32769), splits=$2)
-json.dump({'best': {'1x32768': {'config': dataclasses.asdict(c)}}}, open('/root/t_h$1_sp$2.json', 'w'))"; }
 for part in "$@"; do case $part in
 sp13b)
-  for sp in 24 26 28; do sptable 40 $sp; done
+  for sp in 24 26 28; do sptable t_h40_sp$sp 40 1 32768 $sp; done
   for i in 1 2; do
     nbench sp32_13b_$i --shapes 13b --prompts 32768
     for sp in 24 26 28; do WKVQ_ATTN_TABLE=/root/t_h40_sp$sp.json nbench sp${sp}_13b_$i --shapes 13b --prompts 32768; done

@@ -13,13 +13,6 @@
 #              default, ATTN_DEFAULT with num_splits), alternated twice; then the real-shape tests at those cells
 # Usage: OUT=$OUT bash benchmarks/h200_round37.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
-# `sptable NAME HEADS BATCH CONTEXT SPLITS`: a one-entry table (the default config at that batch, context and heads
-# with SPLITS splits) at /root/NAME.json
-sptable() { python3 -c "
-import dataclasses, json
-from runtime.kernels import kv4
-c = dataclasses.replace(kv4.attn_config($3, $2, $4 + 1), splits=$5)
-json.dump({'best': {'$3x$4': {'config': dataclasses.asdict(c)}}}, open('/root/$1.json', 'w'))"; }
 for part in "$@"; do case $part in
 fp16modes)
   for i in 1 2 3 4; do
@@ -49,11 +42,9 @@ stamps13)
   WKVQ_ATTN_TABLE=/root/h40_b1_32k_sp28.json python3 benchmarks/stamps_probe.py --shape 13b --prompt 32768 \
     --json $o/stamps_13b_sp28.json 2>&1 | grep -v -i warn | head -14;;
 untabled)
-  for cell in "1 8192" "2 2048" "4 32768"; do set -- $cell; python3 -c "
-import dataclasses, json
-from runtime.kernels import kv4
-c = dataclasses.replace(kv4.ATTN_DEFAULT, splits=kv4.num_splits($1, 32, $2 + 28))
-json.dump({'best': {'$1x$2': {'config': dataclasses.asdict(c)}}}, open('/root/old_b$1_p$2.json', 'w'))"; done
+  for cell in "1 8192" "2 2048" "4 32768"; do set -- $cell
+    attn_table old_b$1_p$2 $1 $2 "dataclasses.replace(kv4.ATTN_DEFAULT, splits=kv4.num_splits($1, 32, $2 + 28))"
+  done
   for i in 1 2; do for cell in "1 8192" "2 2048" "4 32768"; do set -- $cell
     python3 cli.py bench --paths wkvq --batches $1 --steps 20 --shapes 7b --prompts $2 --json "$o/new_b$1_p$2_$i.json" \
       2>&1 | grep wkvq | sed "s/^/new_b$1_p$2_$i /"
