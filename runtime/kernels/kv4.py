@@ -779,10 +779,11 @@ def load_table(path: str | Path) -> dict[tuple[int, int], AttnConfig]:
 def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int], max_len: int) -> AttnConfig | None:
     """The config of ``table``'s ``(batch, context bucket)`` entry nearest ``key`` in log scale, the batch first, then
     the context, then the smaller of each on a tie (None for an empty table), with its splits (unless 0, the
-    policy's) cut to the tiles of a cache of ``max_len`` slots (at least one). The tensor-core kernel won every cell the tables were swept at, and
-    beside the split kernel's default at cells no table has it took 16.6 µs against 31.4 (b1 p8192), 7.5 against
-    10.8 (p512) and 6.0 against 8.8 (p64) (the attention alone, with rope, eighteenth session,
-    ``benchmarks/results/r21/attn_fixed.json``): a neighbour's tensor-core config beats the split kernel's default."""
+    policy's) cut to the tiles of a cache of ``max_len`` slots (at least one). The tensor-core kernel won every cell
+    the tables were swept at, and beside the split kernel's default at cells no table has it took 16.6 µs against
+    31.4 (b1 p8192), 7.5 against 10.8 (p512) and 6.0 against 8.8 (p64) (the attention alone, with rope, eighteenth
+    session, ``benchmarks/results/r21/attn_fixed.json``): a neighbour's tensor-core config beats the split kernel's
+    default."""
     if not table:
         return None
     b, c = (math.log2(max(1, v)) for v in key)

@@ -804,7 +804,8 @@ def launch(b: int, hq: int, q, k_cur, v_cur, rope, store, length, kv_params, sm_
     [B * Hkv * parts]`` flags, one a KV head's part (its ``hq / hkv / parts`` query heads), that the combining
     program sets to ``epoch`` (``int32 [1]``) once that part's output is stored; ``stamps_kind``: where
     ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`, a row a
-    program of the grid). With ``combine``, the merge takes two levels where :func:`runtime.kernels.kv4.group_of` says so."""
+    program of the grid). With ``combine``, the merge takes two levels where :func:`runtime.kernels.kv4.group_of`
+    says so."""
     hkv, s = store.k_codes.shape[1], store.k_codes.shape[2]
     parts = query_parts(hq // hkv)
     qg = part_heads(hq // hkv)  # query heads a program
