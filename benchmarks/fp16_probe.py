@@ -43,31 +43,50 @@ def print_compare(records: dict[str, dict], top: int = 12) -> None:
 
 
 def main() -> None:
-    args = probe_args(__doc__, 32768, print_compare)
+    args = probe_args(__doc__, 32768, print_compare,
+                      lambda ap: ap.add_argument("--wkvq", action="store_true", help="time the W4KV4 step too"))
     if args is None:
         return
     if not torch.cuda.is_available():
         sys.exit("fp16_probe: needs a CUDA device")
-    from converter.bench_paths import hf_prefilled, hf_step, median_steps
+    from converter.bench_paths import (
+        hf_prefilled,
+        hf_step,
+        median_steps,
+        queued_steps,
+        wkvq_decode_graph,
+    )
 
     config = llama_config(args.shape)
-    # room for the timed steps and the profiled ones after them
-    model, cache = hf_prefilled(config, args.batch, args.prompt, 2 * args.steps, torch.float16)
-    step = hf_step(model, cache, args.batch, args.prompt, config.vocab_size, compiled=True)
+    # room for the timed steps, the profiled ones and the queued ones after them
+    model, cache = hf_prefilled(config, args.batch, args.prompt, 3 * args.steps, torch.float16)
+    step = hf_step(model, cache, args.batch, args.prompt, config.vocab_size, compiled=True,
+                   device_positions=3 * args.steps + 8)
     ms = median_steps(step, args.steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
+    queued = queued_steps(step, args.steps)
     rows = kernel_times(prof, args.steps)
     backends = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in ("flash", "mem_efficient", "math")}
     print(f"{args.shape} b{args.batch} p{args.prompt} fp16 compiled: {ms:.3f} ms a step (median of {args.steps}), "
-          f"{sum(r['us'] for r in rows):.1f} us summed kernel time; SDPA enabled: {backends}")
+          f"{queued:.3f} queued, {sum(r['us'] for r in rows):.1f} us summed kernel time; SDPA enabled: {backends}")
     for r in rows[:12]:
         print(f"{r['us']:9.1f} {r['calls']:6.0f}  {r['name'][:110]}")
+    wkvq = {}
+    if args.wkvq:  # the W4KV4 step in the same process, both ways
+        del model, cache, step
+        torch.cuda.empty_cache()
+        _, _, graph, ids = wkvq_decode_graph(config, args.batch, args.prompt, 3 * args.steps)
+        wkvq = {"ms_per_token": median_steps(lambda: graph.step(ids), args.steps),
+                "queued_ms": queued_steps(lambda: graph.step(ids), args.steps)}
+        print(f"wkvq: {wkvq['ms_per_token']:.3f} ms a step (median), {wkvq['queued_ms']:.3f} queued; fp16/wkvq "
+              f"{ms / wkvq['ms_per_token']:.2f}x (median), {queued / wkvq['queued_ms']:.2f}x (queued)")
     Path(args.json).write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
          "shape": args.shape, "batch": args.batch, "prompt": args.prompt, "steps": args.steps, "ms_per_token": ms,
+         "queued_ms": queued, "wkvq": wkvq,
          "sdpa_enabled": backends, "kernels": [{**r, "name": r["name"][:200]} for r in rows]}, indent=1))
 
 

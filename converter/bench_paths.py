@@ -100,11 +100,12 @@ def wkvq_decode_graph(config, batch: int, prompt: int, steps: int, projections: 
 def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "gemv") -> dict:
     """The W4KV4 decode step on ``projections`` (default "gemv": the tensor-core GEMV up to 8 rows, as
     ``FastLlama.from_hf`` chooses on CUDA)."""
-    model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, steps, projections)
+    model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, 2 * steps, projections)
     start = cache.length
     ms = median_steps(lambda: graph.step(ids), steps)
+    queued = queued_steps(lambda: graph.step(ids), steps)
     kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len
-    return {"ms_per_token": ms, "bytes_per_step": _weight_bytes(model) + kv_bytes,
+    return {"ms_per_token": ms, "queued_ms": queued, "bytes_per_step": _weight_bytes(model) + kv_bytes,
             "weights_GB": _weight_bytes(model) / 1e9, "cache_GB": cache.nbytes() / 1e9}
 
 
@@ -129,6 +130,21 @@ def median_steps(fn, steps: int) -> float:
 
     fn()
     return _time_ms(fn, steps)
+
+
+def queued_steps(fn, steps: int) -> float:
+    """The mean ms of ``steps`` calls of ``fn`` queued back to back, one wait at the end (after one untimed call):
+    the GPU's time a step where the host keeps ahead of it, against :func:`median_steps`, which waits for every
+    step and so also counts the host's time before the step's first kernel."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
 
 
 # ----------------------------------------------------------------------------- transformers baselines
@@ -171,7 +187,8 @@ def random_hf(config, dtype, int4: bool = False):
     for m in model.modules():
         if isinstance(m, TinyGemmLinear):
             m.materialize()
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config, device=DEV)
+    with torch.device(DEV):  # its buffers, left empty by to_empty; transformers 5.2x takes no device argument
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     return model.eval()
 
 
@@ -184,18 +201,22 @@ def _prefill(model, cache, batch, prompt, vocab):
             model(ids[:, s:s + 4096], use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
 
 
-def hf_step(model, cache, batch, prompt, vocab, compiled: bool):
+def hf_step(model, cache, batch, prompt, vocab, compiled: bool, device_positions: int = 0):
     """A decode step of the transformers ``model`` on ``cache`` (filled to ``prompt`` tokens) that returns the
     logits, each call one position further; ``compiled``: through ``torch.compile(mode="reduce-overhead")``, warmed
-    up (compiled and its CUDA graph recorded) before it is returned."""
+    up (compiled and its CUDA graph recorded) before it is returned. Each call makes its position from a Python
+    int (a host-to-device copy, which waits for the stream: the bench's step), or with ``device_positions`` > 0
+    takes it from that many positions made on the device beforehand (no wait: steps can be queued back to back)."""
     from runtime.cache import CACHE_KWARG
 
     fwd = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
     tok = torch.randint(0, vocab, (batch, 1), device=DEV)
     state = {"pos": prompt}
+    made = torch.arange(prompt, prompt + device_positions, device=DEV)
 
     def step():
-        pos = torch.tensor([state["pos"]], device=DEV)
+        i = state["pos"]
+        pos = made[i - prompt:i - prompt + 1] if device_positions else torch.tensor([i], device=DEV)
         with torch.no_grad():
             out = fwd(tok, use_cache=True, cache_position=pos, position_ids=pos[None].expand(batch, 1),
                       **{CACHE_KWARG: cache})
@@ -205,10 +226,6 @@ def hf_step(model, cache, batch, prompt, vocab, compiled: bool):
     for _ in range(3 if compiled else 1):
         step()
     return step
-
-
-def _hf_decode(model, cache, batch, prompt, steps, vocab, compiled: bool) -> float:
-    return median_steps(hf_step(model, cache, batch, prompt, vocab, compiled), steps)
 
 
 def hf_prefilled(config, batch, prompt, steps, dtype, int4=False, static=True):
@@ -225,8 +242,11 @@ def hf_prefilled(config, batch, prompt, steps, dtype, int4=False, static=True):
 
 
 def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
-    model, cache = hf_prefilled(config, batch, prompt, steps, dtype, int4, static)
-    return {"ms_per_token": _hf_decode(model, cache, batch, prompt, steps, config.vocab_size, static)}
+    """The median step (each waited for: what a loop that reads every token sees, the host's time before the
+    step's first kernel included) and the queued one (:func:`queued_steps`: the GPU's time a step)."""
+    model, cache = hf_prefilled(config, batch, prompt, 2 * steps, dtype, int4, static)
+    step = hf_step(model, cache, batch, prompt, config.vocab_size, static, device_positions=2 * steps + 8)
+    return {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
 
 
 def run_fp16_eager(config, batch, prompt, steps):

@@ -468,8 +468,12 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
     # LLaMA-2-13B's 40 heads at b1 p32768 on fewer splits than the 7B's 32 (960 programs, not 1280); p2048 the table's
     assert kv4.attn_config(1, 40, 32808).splits == kv4.attn_config(1, 40, 32808, kv_heads=40).splits == 24
-    assert kv4.attn_config(1, 40, 2076) == kv4.ATTN_TABLE[1, 2048]
+    # and at p2048 on 12 splits; the 7B's 32 heads at b8 p32768 on 12 (a key of its own: 40 heads keep the table's 16)
+    assert kv4.attn_config(1, 40, 2076).splits == 12 and kv4.attn_config(8, 32, 32808).splits == 12
+    assert kv4.attn_config(8, 40, 32808) == kv4.ATTN_TABLE[8, 32768] and kv4.ATTN_TABLE[8, 32768].splits == 16
+    assert kv4.attn_config(1, 40, 2076) == kv4.attn_config(1, 40, 2076, kv_heads=40) != kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
+    assert kv4.attn_config(8, 32, 32808, kv_heads=8) == kv4.ATTN_TABLE[8, 32768]  # 8 KV heads: not the 7B's key
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})
     for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},

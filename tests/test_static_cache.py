@@ -131,11 +131,12 @@ def test_bench_config_and_table():
     with pytest.raises(ValueError, match="unknown path"):
         BenchConfig(paths=("fp8",))
     result = {"device": "GPU", "copy_bandwidth_GBps": 4200.0, "date": "today", "rows": [
-        dict(shape="7b", path="wkvq", batch=1, prompt=2048, ms_per_token=2.5, peak_GB=4.5, bandwidth_fraction=0.4,
-             status="ok"),
+        dict(shape="7b", path="wkvq", batch=1, prompt=2048, ms_per_token=2.5, queued_ms=2.25, peak_GB=4.5,
+             bandwidth_fraction=0.4, status="ok"),
         dict(shape="7b", path="fp16_eager", batch=8, prompt=32768, status="oom", peak_GB=140.0)]}
     lines = format_table(result).splitlines()
-    assert "2.500" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
+    assert "queued" in lines[1] and "2.500   2.250" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
+    assert lines[3].split()[4:6] == ["-", "-"]  # no times in an oom row
 
 
 def test_fast_llama_group_major_layout_matches_row_major(tiny_rtn_artifact, monkeypatch):
@@ -156,3 +157,25 @@ def test_fast_llama_group_major_layout_matches_row_major(tiny_rtn_artifact, monk
     assert torch.allclose(logits["group"][1], logits["row"][0], atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref_hf, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_bench_hf_step_positions_made_on_the_device(monkeypatch, static):
+    """The bench's transformers step with its positions made on the device beforehand (so steps can be queued)
+    gives the same logits, step by step, as with each position made from a Python int (a wrong offset would move
+    the rotary positions and the cache slots)."""
+    from converter import bench_paths
+    from converter.bench import llama_config
+
+    monkeypatch.setattr(bench_paths, "DEV", "cpu")
+    config = llama_config("tiny")
+    runs = []
+    for device_positions in (0, 7):
+        torch.manual_seed(0)
+        model, cache = bench_paths.hf_prefilled(config, 2, 9, 4, torch.float32, static=static)
+        torch.manual_seed(1)
+        step = bench_paths.hf_step(model, cache, 2, 9, config.vocab_size, False, device_positions=device_positions)
+        runs.append([step().clone() for _ in range(3)])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[0][1])  # the steps move on

@@ -749,11 +749,16 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # thirty-second session, r38/sp*_13b_*.json, alternated twice) at b1 p32768: 4.335 / 4.320 ms on 24 splits (960
 # programs), 4.319 / 4.348 on 26, 5.157 / 5.124 on 28, 4.568 / 4.520 on ATTN_TABLE's 32 (1280 programs); the 7B's
 # own entry stays at 32 (its step on 16 / 24 / 28 / 48 / 64 splits: 3.47 / 2.87-2.89 / 2.67-2.68 / 2.80 / 3.27-3.28
-# against 2.61-2.65)
+# against 2.61-2.65). The step's split count at two more record cells (thirty-third session, r39/spcells.txt,
+# alternated twice): the 13B at b1 p2048 2.779 / 2.785 ms on 12 splits, 2.797 / 2.817 on 20, 2.771 / 2.817 on 24,
+# 2.825 / 2.807 on ATTN_TABLE's 16; the 7B at b8 p32768 10.476 / 10.426 on 12, 12.305 / 12.213 on 8, 10.661 /
+# 10.728 on 24, 10.636 / 10.577 on ATTN_TABLE's 16 (keyed by its 32 KV heads, so other models at b8 keep 16)
 ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
+    (1, 2048, 40, 40): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
+    (8, 32768, 32, 32): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
