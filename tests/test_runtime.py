@@ -488,6 +488,25 @@ def test_fp16_probe_compare(tmp_path, capsys):
         assert not (tmp_path / "x.json").exists()
 
 
+def test_inproc_probe_counts_the_fp16_baselines_bytes(monkeypatch):
+    """``benchmarks/inproc_probe.py`` holds as many bytes beside the W4KV4 step as the fp16 baseline would: its
+    count equals a built tiny model's parameters and its static cache's keys and values, filled (GQA: 2 KV heads)."""
+    from transformers import StaticCache
+
+    from benchmarks import inproc_probe
+    from converter import bench_paths
+    from converter.bench import llama_config
+
+    monkeypatch.setattr(bench_paths, "DEV", "cpu")
+    config = llama_config("tiny")
+    model, cache = bench_paths.hf_prefilled(config, 1, 5, 3, torch.float16)
+    assert isinstance(cache, StaticCache)
+    kv = sum(t.numel() * t.element_size() for t in (*(lay.keys for lay in cache.layers),
+                                                    *(lay.values for lay in cache.layers)))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert inproc_probe.fp16_bytes(config, 5 + 3 + 8) == params + kv
+
+
 def test_stamps_buffers_and_summary(monkeypatch):
     """:mod:`runtime.kernels.stamps` on the host: ``WKVQ_STAMPS=1`` turns them on; a buffer per device and kind, kept
     and grown; the summary per point in µs after the earliest start, rows of programs that did not run (zeros) left
