@@ -6,6 +6,9 @@
 #   inproc      benchmarks/inproc_probe.py: the W4KV4 step alone, beside a 31 GB allocation, after the fp16 compiled
 #               model ran (still held), after it is freed (this session: 2.607 and 3.019 ms queued after the fp16
 #               model in the same process against 2.586 alone)
+#   sp8k        the split count at a context no table has, where the fallback keeps the nearest entry's splits: 7B
+#               b1 p8192 (16 from the p2048 entry: 512 programs; 24, 32) and LLaMA-3-8B b1 p8192 (8 KV heads: 16 are
+#               128 programs; 32, 64), each against the default, alternated twice
 # (h200_round37.sh stamps13, the 13B timeline on 24 against 28 splits, is still unrun.)
 # Usage: OUT=$OUT bash benchmarks/h200_round38.sh PART...  (carry .gpu/whl, and .gpu/xdist for realshapes)
 source benchmarks/h200_lib.sh
@@ -18,5 +21,19 @@ record)
 inproc)
   python3 benchmarks/inproc_probe.py --shape 7b --prompt 32768 --json "$o/inproc.json" 2>&1 | grep -v -i warn \
     | tail -16; mark inproc;;
+sp8k)
+  for sp in 24 32; do sptable h32_b1_8k_sp$sp 32 1 8192 $sp; done
+  for sp in 32 64; do attn_table h8_b1_8k_sp$sp 1 8192 \
+    "dataclasses.replace(kv4.attn_config(1, 32, 8193, kv_heads=8), splits=$sp)"; done
+  for i in 1 2; do
+    nbench def_7b_8k_$i --shapes 7b --prompts 8192
+    for sp in 24 32; do
+      WKVQ_ATTN_TABLE=/root/h32_b1_8k_sp$sp.json nbench sp${sp}_7b_8k_$i --shapes 7b --prompts 8192
+    done
+    nbench def_8b_8k_$i --shapes 8b --prompts 8192
+    for sp in 32 64; do
+      WKVQ_ATTN_TABLE=/root/h8_b1_8k_sp$sp.json nbench sp${sp}_8b_8k_$i --shapes 8b --prompts 8192
+    done
+  done;;
 *) echo "unknown part $part"; exit 2;;
 esac; done
