@@ -49,25 +49,17 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("fp16_probe: needs a CUDA device")
-    from converter.bench_paths import (
-        hf_prefilled,
-        hf_step,
-        median_steps,
-        queued_steps,
-        wkvq_decode_graph,
-    )
+    from converter import bench_paths as bp
 
     config = llama_config(args.shape)
     # room for the timed steps, the profiled ones and the queued ones after them
-    model, cache = hf_prefilled(config, args.batch, args.prompt, 3 * args.steps, torch.float16)
-    step = hf_step(model, cache, args.batch, args.prompt, config.vocab_size, compiled=True,
-                   device_positions=3 * args.steps + 8)
-    ms = median_steps(step, args.steps)
+    model, cache, step = bp.hf_stepper(config, args.batch, args.prompt, 3 * args.steps, torch.float16)
+    ms = bp.median_steps(step, args.steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    queued = queued_steps(step, args.steps)
+    queued = bp.queued_steps(step, args.steps)
     rows = kernel_times(prof, args.steps)
     backends = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in ("flash", "mem_efficient", "math")}
     print(f"{args.shape} b{args.batch} p{args.prompt} fp16 compiled: {ms:.3f} ms a step (median of {args.steps}), "
@@ -78,9 +70,9 @@ def main() -> None:
     if args.wkvq:  # the W4KV4 step in the same process, both ways
         del model, cache, step
         torch.cuda.empty_cache()
-        _, _, graph, ids = wkvq_decode_graph(config, args.batch, args.prompt, 3 * args.steps)
-        wkvq = {"ms_per_token": median_steps(lambda: graph.step(ids), args.steps),
-                "queued_ms": queued_steps(lambda: graph.step(ids), args.steps)}
+        _, _, graph, ids = bp.wkvq_decode_graph(config, args.batch, args.prompt, 3 * args.steps)
+        wkvq = {"ms_per_token": bp.median_steps(lambda: graph.step(ids), args.steps),
+                "queued_ms": bp.queued_steps(lambda: graph.step(ids), args.steps)}
         print(f"wkvq: {wkvq['ms_per_token']:.3f} ms a step (median), {wkvq['queued_ms']:.3f} queued; fp16/wkvq "
               f"{ms / wkvq['ms_per_token']:.2f}x (median), {queued / wkvq['queued_ms']:.2f}x (queued)")
     Path(args.json).write_text(json.dumps(

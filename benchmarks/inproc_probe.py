@@ -45,39 +45,31 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("inproc_probe: needs a CUDA device")
-    from converter.bench_paths import (
-        hf_prefilled,
-        hf_step,
-        median_steps,
-        queued_steps,
-        wkvq_decode_graph,
-    )
+    from converter import bench_paths as bp
 
     config = llama_config(args.shape)
     per_stage = 2 * (args.steps + 1) * args.repeats
-    _, _, graph, ids = wkvq_decode_graph(config, 1, args.prompt, per_stage * len(STAGES))
+    _, _, graph, ids = bp.wkvq_decode_graph(config, 1, args.prompt, per_stage * len(STAGES))
     rows = []
 
     def time_stage(stage: str) -> None:
         for r in range(args.repeats):
-            median = median_steps(lambda: graph.step(ids), args.steps)
-            queued = queued_steps(lambda: graph.step(ids), args.steps)
+            median = bp.median_steps(lambda: graph.step(ids), args.steps)
+            queued = bp.queued_steps(lambda: graph.step(ids), args.steps)
             rows.append({"stage": stage, "repeat": r, "median_ms": median, "queued_ms": queued,
                          "allocated_GB": torch.cuda.memory_allocated() / 1e9})
             print(f"{stage:22} {r}  median {median:.3f}  queued {queued:.3f}  allocated "
                   f"{rows[-1]['allocated_GB']:.1f} GB", flush=True)
 
     time_stage(STAGES[0])
-    held = fp16_bytes(config, args.prompt + 2 * args.steps + 8)
+    held = fp16_bytes(config, args.prompt + 2 * args.steps + 8)  # hf_prefilled's cache
     block = torch.empty(held, dtype=torch.uint8, device="cuda")
     block.fill_(1)
     time_stage(STAGES[1])
     del block
     torch.cuda.empty_cache()
-    model, cache = hf_prefilled(config, 1, args.prompt, 2 * args.steps, torch.float16)
-    step = hf_step(model, cache, 1, args.prompt, config.vocab_size, compiled=True,
-                   device_positions=2 * args.steps + 8)
-    fp16 = queued_steps(step, args.steps)
+    model, cache, step = bp.hf_stepper(config, 1, args.prompt, 2 * args.steps, torch.float16)
+    fp16 = bp.queued_steps(step, args.steps)
     print(f"fp16 compiled queued {fp16:.3f}", flush=True)
     time_stage(STAGES[2])
     del model, cache, step

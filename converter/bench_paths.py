@@ -241,11 +241,17 @@ def hf_prefilled(config, batch, prompt, steps, dtype, int4=False, static=True):
     return model, cache
 
 
+def hf_stepper(config, batch, prompt, steps, dtype, int4=False, static=True):
+    """``(model, cache, step)``: :func:`hf_prefilled` with room for ``steps`` calls of its :func:`hf_step`
+    (compiled where ``static``, the positions made on the device)."""
+    model, cache = hf_prefilled(config, batch, prompt, steps, dtype, int4, static)
+    return model, cache, hf_step(model, cache, batch, prompt, config.vocab_size, static, device_positions=steps + 8)
+
+
 def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
     """The median step (each waited for: what a loop that reads every token sees, the host's time before the
     step's first kernel included) and the queued one (:func:`queued_steps`: the GPU's time a step)."""
-    model, cache = hf_prefilled(config, batch, prompt, 2 * steps, dtype, int4, static)
-    step = hf_step(model, cache, batch, prompt, config.vocab_size, static, device_positions=2 * steps + 8)
+    _, _, step = hf_stepper(config, batch, prompt, 2 * steps, dtype, int4, static)
     return {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
 
 
