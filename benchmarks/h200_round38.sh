@@ -1,6 +1,6 @@
 # Prepared in the thirty-third session for the next (not run). Parts:
 #   realshapes  the real-shape tests at the two cells whose split count changed this session (13B b1 p2048 and 7B b8
-#               p32768 on 12 splits, ATTN_KV_TABLE), with the attention table tests
+#               p32768 on 12 splits, ATTN_KV_TABLE), with the attention table tests; the bench's queued timing
 #   record      7B b1 p2048 / p32768 on wkvq, fp16_compiled and int4_tinygemm in one run, with the bench's new
 #               `queued` column (the GPU's time a step) beside the waited-for median
 #   inproc      benchmarks/inproc_probe.py: the W4KV4 step alone, beside a 31 GB allocation, after the fp16 compiled
@@ -14,7 +14,8 @@
 source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
 realshapes)
-  gpu_tests "real_shapes and (13b-1-2048 or 7b-8-32768) or attn_config";;
+  gpu_tests "real_shapes and (13b-1-2048 or 7b-8-32768) or attn_config"
+  python3 -m pytest -q -p no:cacheprovider tests/test_static_cache.py -k "queued or bench" 2>&1 | tail -2;;
 record)
   python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled,int4_tinygemm --batches 1 --prompts 2048,32768 \
     --steps 20 --json "$o/record_7b.json" 2>&1 | grep -v -i warn | tail -8; mark record;;

@@ -179,3 +179,24 @@ def test_bench_hf_step_positions_made_on_the_device(monkeypatch, static):
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(runs[0][0], runs[0][1])  # the steps move on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events: CUDA only")
+def test_queued_steps_leave_the_host_time_out():
+    """``queued_steps`` times the GPU's work a step where the host keeps ahead of it, ``median_steps`` each step
+    waited for, host time included: a step of ~1 ms on the host before ~2-3 ms on the GPU takes the sum waited for
+    and only the GPU's part queued (were each queued step waited for, as long as the median)."""
+    import time
+
+    from converter.bench_paths import median_steps, queued_steps
+
+    cycles = 4_000_000  # ~2-3 ms at the SM clocks of current GPUs (1.4-2 GHz), longer than the host's 1 ms
+
+    def step():
+        time.sleep(1e-3)
+        torch.cuda._sleep(cycles)
+
+    waited, queued = median_steps(step, 10), queued_steps(step, 10)
+    assert waited > queued + 0.6, (waited, queued)
+    gpu_only = queued_steps(lambda: torch.cuda._sleep(cycles), 10)
+    assert abs(queued - gpu_only) < 0.3 * gpu_only, (queued, gpu_only)
