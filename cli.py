@@ -438,7 +438,10 @@ def _int_list(ctx, param, value):
               show_default=True, help="Write the results here (updated after every row).")
 @debug_option
 def bench_cmd(shapes, batches, prompts, paths, steps, json_path, debug):
-    """Decode ms/token and peak memory of W4KV4 vs fp16 / compiled / tinygemm int4 on random LLaMA shapes (CUDA)."""
+    """Decode ms/token and peak memory of W4KV4 vs fp16 / compiled / tinygemm int4 on random LLaMA shapes (CUDA).
+
+    ms/token: the median step, each waited for (host time included); queued: steps queued back to back (GPU time).
+    """
     from converter.bench import BenchConfig, format_table, run_bench
 
     cfg = BenchConfig(shapes=shapes, batches=batches, prompts=prompts, paths=paths, steps=steps, out=json_path)
