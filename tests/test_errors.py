@@ -223,3 +223,12 @@ def test_default_gguf_refuses_a_wrong_checksum(tmp_path, monkeypatch):
     with pytest.raises(source.SourceError, match="expected checksum"):
         source.default_gguf()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU error")
+def test_bench_without_a_gpu(tmp_path):
+    """``wkvq bench`` on a machine without CUDA: one line, exit 1, no record written."""
+    assert_one_line(*run("bench", "--shapes", "tiny", "--batches", "1", "--prompts", "8", "--paths", "wkvq",
+                         "--json", tmp_path / "b.json"), contains=["needs a CUDA GPU"])
+    assert not (tmp_path / "b.json").exists()
+    assert_one_line(*run("bench", "--shapes", "65b"), contains=["unknown shape", "allowed: 7b"])
