@@ -165,10 +165,11 @@ def print_timeline(rows: list[dict], anchor: str, width: int = 10) -> None:
             print(f"{r['start']:9.1f} {r['dur']:7.1f} {r['gap']:7.1f} {r['adds']:7.1f}  {r['name'][:80]}")
 
 
-def probe_args(doc: str, prompt: int, print_records, extra=lambda ap: None) -> argparse.Namespace | None:
+def probe_args(name: str, doc: str, prompt: int, print_records, extra=lambda ap: None) -> argparse.Namespace | None:
     """The step probes' command line (this one's and ``fp16_probe.py``'s): ``--shape --batch --prompt --steps
     --json`` (and what ``extra`` adds to the parser), or ``--compare RECORD...``, whose records ``print_records``
-    sets side by side (then None). Without either, a one-line usage error."""
+    sets side by side (then None). Without either, a one-line usage error; without a CUDA device (needed for
+    anything but ``--compare``), the one line ``NAME: needs a CUDA device``."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--batch", type=int, default=1)
@@ -183,16 +184,16 @@ def probe_args(doc: str, prompt: int, print_records, extra=lambda ap: None) -> a
         return None
     if not args.json:
         ap.error("--json is required (or --compare RECORD ...)")
+    if not torch.cuda.is_available():
+        sys.exit(f"{name}: needs a CUDA device")
     return args
 
 
 def main() -> None:
-    args = probe_args(__doc__, 2048, print_compare,
+    args = probe_args("decode_profile", __doc__, 2048, print_compare,
                       lambda ap: ap.add_argument("--projections", default="gemv", help="triton, gemlite or gemv"))
     if args is None:
         return
-    if not torch.cuda.is_available():
-        sys.exit("decode_profile: needs a CUDA device")
     _, _, graph, ids = wkvq_decode_graph(llama_config(args.shape), args.batch, args.prompt, 2 * args.steps,
                                          args.projections)
     for _ in range(3):

@@ -43,12 +43,10 @@ def print_compare(records: dict[str, dict], top: int = 12) -> None:
 
 
 def main() -> None:
-    args = probe_args(__doc__, 32768, print_compare,
+    args = probe_args("fp16_probe", __doc__, 32768, print_compare,
                       lambda ap: ap.add_argument("--wkvq", action="store_true", help="time the W4KV4 step too"))
     if args is None:
         return
-    if not torch.cuda.is_available():
-        sys.exit("fp16_probe: needs a CUDA device")
     from converter import bench_paths as bp
 
     config = llama_config(args.shape)
