@@ -109,14 +109,44 @@ def run_bench(cfg: BenchConfig) -> dict:
                 for prompt in cfg.prompts:
                     row = dict(shape=shape, path=path, batch=batch, prompt=prompt)
                     row.update(_measure(runner, llama_config(shape), batch, prompt, cfg.steps))
-                    if "bytes_per_step" in row and row.get("ms_per_token"):
-                        row["bandwidth_fraction"] = (row["bytes_per_step"] / (row["ms_per_token"] / 1e3)
-                                                     / (result["copy_bandwidth_GBps"] * 1e9))
+                    row.update(bandwidth_fractions(row, result["copy_bandwidth_GBps"]))
                     log.info("%s", row)
                     result["rows"].append(row)
+                    result["speedups"] = speedups(result)
                     if cfg.out:
                         write_json(result, cfg.out)
     return result
+
+
+def bandwidth_fractions(row: dict, copy_GBps: float) -> dict:
+    """A row's bytes a step over its time, as a fraction of the copy rate: ``bandwidth_fraction`` by the
+    waited-for median, ``queued_fraction`` by the queued time; empty where the row has no bytes or times."""
+    out = {}
+    for key, ms in (("bandwidth_fraction", row.get("ms_per_token")), ("queued_fraction", row.get("queued_ms"))):
+        if row.get("bytes_per_step") and ms:
+            out[key] = row["bytes_per_step"] / (ms / 1e3) / (copy_GBps * 1e9)
+    return out
+
+
+def speedups(result: dict, base: str = "fp16_compiled", path: str = "wkvq") -> list[dict]:
+    """For every (shape, batch, prompt) that has ``path`` and ``base`` rows with times: ``path``'s speedup over
+    ``base`` by the waited-for medians and by the queued times, and ``bytes_ratio``, ``base``'s bytes a step over
+    ``path``'s: the speedup at equal bandwidth fractions (a greater speedup needs ``path`` to stream a larger
+    fraction of the copy rate than ``base``)."""
+    rows = {(r["shape"], r["batch"], r["prompt"], r["path"]): r for r in result["rows"] if r.get("ms_per_token")}
+    out = []
+    for (shape, batch, prompt, p), r in rows.items():
+        b = rows.get((shape, batch, prompt, base))
+        if p != path or b is None:
+            continue
+        s = dict(shape=shape, batch=batch, prompt=prompt, path=path, base=base,
+                 speedup=b["ms_per_token"] / r["ms_per_token"])
+        if r.get("queued_ms") and b.get("queued_ms"):
+            s["speedup_queued"] = b["queued_ms"] / r["queued_ms"]
+        if r.get("bytes_per_step") and b.get("bytes_per_step"):
+            s["bytes_ratio"] = b["bytes_per_step"] / r["bytes_per_step"]
+        out.append(s)
+    return out
 
 
 def _measure(runner, config, batch: int, prompt: int, steps: int) -> dict:
@@ -145,13 +175,20 @@ def write_json(result: dict, path: Path) -> None:
 
 def format_table(result: dict) -> str:
     head = (f"{'shape':5} {'path':14} {'batch':>5} {'prompt':>6} {'ms/token':>9} {'queued':>7} {'peak GB':>8} "
-            f"{'BW frac':>7}  status")
+            f"{'GB/step':>7} {'BW frac':>7} {'q frac':>6}  status")
     lines = [f"{result['device']}  copy {result['copy_bandwidth_GBps']:.0f} GB/s  {result['date']}", head]
+
+    def num(r, key, fmt, scale=1.0):
+        return format(r[key] * scale, fmt) if r.get(key) is not None else "-"
+
     for r in result["rows"]:
-        ms = f"{r['ms_per_token']:.3f}" if r.get("ms_per_token") else "-"
-        queued = f"{r['queued_ms']:.3f}" if r.get("queued_ms") else "-"
-        peak = f"{r['peak_GB']:.2f}" if r.get("peak_GB") is not None else "-"
-        frac = f"{r['bandwidth_fraction']:.2f}" if r.get("bandwidth_fraction") else "-"
-        lines.append(f"{r['shape']:5} {r['path']:14} {r['batch']:>5} {r['prompt']:>6} {ms:>9} {queued:>7} {peak:>8} "
-                     f"{frac:>7}  {r['status']}")
+        lines.append(f"{r['shape']:5} {r['path']:14} {r['batch']:>5} {r['prompt']:>6} "
+                     f"{num(r, 'ms_per_token', '9.3f'):>9} {num(r, 'queued_ms', '7.3f'):>7} "
+                     f"{num(r, 'peak_GB', '8.2f'):>8} {num(r, 'bytes_per_step', '7.2f', 1e-9):>7} "
+                     f"{num(r, 'bandwidth_fraction', '7.2f'):>7} {num(r, 'queued_fraction', '6.2f'):>6}  {r['status']}")
+    for s in speedups(result):
+        queued = f", queued {s['speedup_queued']:.2f}x" if "speedup_queued" in s else ""
+        ratio = f"; bytes ratio {s['bytes_ratio']:.2f}x" if "bytes_ratio" in s else ""
+        lines.append(f"{s['path']} vs {s['base']} at {s['shape']} b{s['batch']} p{s['prompt']}: "
+                     f"{s['speedup']:.2f}x{queued}{ratio}")
     return "\n".join(lines)

@@ -248,11 +248,34 @@ def hf_stepper(config, batch, prompt, steps, dtype, int4=False, static=True):
     return model, cache, hf_step(model, cache, batch, prompt, config.vocab_size, static, device_positions=steps + 8)
 
 
+def hf_bytes_per_step(model, batch: int, context: int, kv_element_size: int) -> int:
+    """The bytes a decode step of the transformers ``model`` must read at ``context`` cached tokens: every parameter
+    and buffer but the embedding table (a step reads one row of it), the output head counted even where it is tied
+    to the embedding, and the keys and values of ``context`` tokens at ``kv_element_size`` bytes. A lower bound on
+    what it reads: a StaticCache's attention also reads its empty slots (the bench's ~2 × steps + 8 beyond the
+    prompt), and activations are left out, as in ``wkvq``'s count."""
+    head = model.get_output_embeddings().weight
+    seen = {model.get_input_embeddings().weight.data_ptr(), head.data_ptr()}
+    n = head.numel() * head.element_size()
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return n + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * head_dim * context * kv_element_size
+
+
 def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
     """The median step (each waited for: what a loop that reads every token sees, the host's time before the
-    step's first kernel included) and the queued one (:func:`queued_steps`: the GPU's time a step)."""
-    _, _, step = hf_stepper(config, batch, prompt, 2 * steps, dtype, int4, static)
-    return {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
+    step's first kernel included), the queued one (:func:`queued_steps`: the GPU's time a step) and the bytes a
+    step reads (:func:`hf_bytes_per_step`, at the context in the middle of the timed steps)."""
+    model, _, step = hf_stepper(config, batch, prompt, 2 * steps, dtype, int4, static)
+    warm = 3 if static else 1  # hf_step's warm-up calls
+    out = {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
+    context = prompt + warm + 1 + steps // 2  # the middle of median_steps' timed steps (after its untimed call)
+    out["bytes_per_step"] = hf_bytes_per_step(model, batch, context, torch.finfo(dtype).bits // 8)
+    return out
 
 
 def run_fp16_eager(config, batch, prompt, steps):

@@ -139,6 +139,55 @@ def test_bench_config_and_table():
     assert lines[3].split()[4:6] == ["-", "-"]  # no times in an oom row
 
 
+def test_bench_fractions_and_speedups():
+    """Each row's bytes over its waited-for and queued times as fractions of the copy rate; wkvq's speedup over
+    fp16 compiled at each cell with both, by either time, beside the ratio of their bytes; printed under the table."""
+    from converter.bench import bandwidth_fractions, format_table, speedups
+
+    assert bandwidth_fractions(dict(bytes_per_step=4e9, ms_per_token=2.0, queued_ms=1.0), 4000.0) == {
+        "bandwidth_fraction": 0.5, "queued_fraction": 1.0}
+    assert bandwidth_fractions(dict(ms_per_token=2.0), 4000.0) == {}
+    assert bandwidth_fractions(dict(bytes_per_step=4e9, status="oom"), 4000.0) == {}
+    rows = [dict(shape="7b", path="wkvq", batch=1, prompt=p, ms_per_token=2.0, queued_ms=1.9, bytes_per_step=8e9,
+                 status="ok") for p in (2048, 32768)]
+    rows += [dict(shape="7b", path="fp16_compiled", batch=1, prompt=32768, ms_per_token=9.0, queued_ms=7.6,
+                  bytes_per_step=30e9, status="ok"),
+             dict(shape="7b", path="fp16_compiled", batch=1, prompt=2048, status="oom"),
+             dict(shape="7b", path="int4_tinygemm", batch=1, prompt=32768, ms_per_token=4.0, status="ok")]
+    got = speedups({"rows": rows})
+    assert len(got) == 1 and got[0]["prompt"] == 32768
+    assert got[0]["speedup"] == pytest.approx(4.5) and got[0]["speedup_queued"] == pytest.approx(4.0)
+    assert got[0]["bytes_ratio"] == pytest.approx(3.75)
+    assert speedups({"rows": rows}, base="int4_tinygemm")[0] == dict(
+        shape="7b", batch=1, prompt=32768, path="wkvq", base="int4_tinygemm", speedup=2.0)
+    table = format_table({"device": "GPU", "copy_bandwidth_GBps": 4000.0, "date": "today", "rows": rows})
+    assert table.splitlines()[-1] == "wkvq vs fp16_compiled at 7b b1 p32768: 4.50x, queued 4.00x; bytes ratio 3.75x"
+    assert "   8.00" in table.splitlines()[2]  # GB a step
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bench_hf_bytes_per_step(monkeypatch, tied):
+    """The bytes a transformers decode step must read: its parameters but the embedding table, the output head
+    counted once even where tied to the embedding, and the keys and values of the context (GQA: 2 KV heads)."""
+    from converter import bench_paths
+    from converter.bench import llama_config
+
+    monkeypatch.setattr(bench_paths, "DEV", "cpu")
+    config = llama_config("tiny")
+    config.tie_word_embeddings = tied
+    model = bench_paths.random_hf(config, torch.float16)
+    if tied:
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    h, n, heads, kv, inter, vocab = 256, 2, 4, 2, 512, 1000
+    layer = 2 * (h * h * 2 + 2 * h * (kv * h // heads) + 3 * h * inter + 2 * h)  # q o, k v, mlp, norms
+    rotary = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())  # inv_freq (1 or 2)
+    assert 0 < rotary <= 2 * 4 * h // heads // 2
+    weights = n * layer + 2 * h + 2 * vocab * h + rotary  # final norm, head
+    kv_bytes = 2 * n * 3 * kv * (h // heads) * 100 * 2
+    assert bench_paths.hf_bytes_per_step(model, 3, 100, 2) == weights + kv_bytes
+
+
 def test_fast_llama_group_major_layout_matches_row_major(tiny_rtn_artifact, monkeypatch):
     """FastLlama.from_hf with the fused weights group-major (WKVQ_LAYOUT=group; the CUDA default) gives the same
     logits on the eager path as row-major; wrapping the same model again (its QuantLinears now views of the
