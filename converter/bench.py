@@ -107,7 +107,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             runner = bench_paths.RUNNERS[path]
             for batch in cfg.batches:
                 for prompt in cfg.prompts:
-                    row = dict(shape=shape, path=path, batch=batch, prompt=prompt)
+                    row = {"shape": shape, "path": path, "batch": batch, "prompt": prompt}
                     row.update(_measure(runner, llama_config(shape), batch, prompt, cfg.steps))
                     row.update(bandwidth_fractions(row, result["copy_bandwidth_GBps"]))
                     log.info("%s", row)
@@ -139,8 +139,8 @@ def speedups(result: dict, base: str = "fp16_compiled", path: str = "wkvq") -> l
         b = rows.get((shape, batch, prompt, base))
         if p != path or b is None:
             continue
-        s = dict(shape=shape, batch=batch, prompt=prompt, path=path, base=base,
-                 speedup=b["ms_per_token"] / r["ms_per_token"])
+        s = {"shape": shape, "batch": batch, "prompt": prompt, "path": path, "base": base,
+                 "speedup": b["ms_per_token"] / r["ms_per_token"]}
         if r.get("queued_ms") and b.get("queued_ms"):
             s["speedup_queued"] = b["queued_ms"] / r["queued_ms"]
         if r.get("bytes_per_step") and b.get("bytes_per_step"):

@@ -131,9 +131,9 @@ def test_bench_config_and_table():
     with pytest.raises(ValueError, match="unknown path"):
         BenchConfig(paths=("fp8",))
     result = {"device": "GPU", "copy_bandwidth_GBps": 4200.0, "date": "today", "rows": [
-        dict(shape="7b", path="wkvq", batch=1, prompt=2048, ms_per_token=2.5, queued_ms=2.25, peak_GB=4.5,
-             bandwidth_fraction=0.4, status="ok"),
-        dict(shape="7b", path="fp16_eager", batch=8, prompt=32768, status="oom", peak_GB=140.0)]}
+        {"shape": "7b", "path": "wkvq", "batch": 1, "prompt": 2048, "ms_per_token": 2.5, "queued_ms": 2.25, "peak_GB": 4.5,
+             "bandwidth_fraction": 0.4, "status": "ok"},
+        {"shape": "7b", "path": "fp16_eager", "batch": 8, "prompt": 32768, "status": "oom", "peak_GB": 140.0}]}
     lines = format_table(result).splitlines()
     assert "queued" in lines[1] and "2.500   2.250" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
     assert lines[3].split()[4:6] == ["-", "-"]  # no times in an oom row
@@ -144,22 +144,22 @@ def test_bench_fractions_and_speedups():
     fp16 compiled at each cell with both, by either time, beside the ratio of their bytes; printed under the table."""
     from converter.bench import bandwidth_fractions, format_table, speedups
 
-    assert bandwidth_fractions(dict(bytes_per_step=4e9, ms_per_token=2.0, queued_ms=1.0), 4000.0) == {
+    assert bandwidth_fractions({"bytes_per_step": 4e9, "ms_per_token": 2.0, "queued_ms": 1.0}, 4000.0) == {
         "bandwidth_fraction": 0.5, "queued_fraction": 1.0}
-    assert bandwidth_fractions(dict(ms_per_token=2.0), 4000.0) == {}
-    assert bandwidth_fractions(dict(bytes_per_step=4e9, status="oom"), 4000.0) == {}
-    rows = [dict(shape="7b", path="wkvq", batch=1, prompt=p, ms_per_token=2.0, queued_ms=1.9, bytes_per_step=8e9,
-                 status="ok") for p in (2048, 32768)]
-    rows += [dict(shape="7b", path="fp16_compiled", batch=1, prompt=32768, ms_per_token=9.0, queued_ms=7.6,
-                  bytes_per_step=30e9, status="ok"),
-             dict(shape="7b", path="fp16_compiled", batch=1, prompt=2048, status="oom"),
-             dict(shape="7b", path="int4_tinygemm", batch=1, prompt=32768, ms_per_token=4.0, status="ok")]
+    assert bandwidth_fractions({"ms_per_token": 2.0}, 4000.0) == {}
+    assert bandwidth_fractions({"bytes_per_step": 4e9, "status": "oom"}, 4000.0) == {}
+    rows = [{"shape": "7b", "path": "wkvq", "batch": 1, "prompt": p, "ms_per_token": 2.0, "queued_ms": 1.9, "bytes_per_step": 8e9,
+                 "status": "ok"} for p in (2048, 32768)]
+    rows += [{"shape": "7b", "path": "fp16_compiled", "batch": 1, "prompt": 32768, "ms_per_token": 9.0, "queued_ms": 7.6,
+                  "bytes_per_step": 30e9, "status": "ok"},
+             {"shape": "7b", "path": "fp16_compiled", "batch": 1, "prompt": 2048, "status": "oom"},
+             {"shape": "7b", "path": "int4_tinygemm", "batch": 1, "prompt": 32768, "ms_per_token": 4.0, "status": "ok"}]
     got = speedups({"rows": rows})
     assert len(got) == 1 and got[0]["prompt"] == 32768
     assert got[0]["speedup"] == pytest.approx(4.5) and got[0]["speedup_queued"] == pytest.approx(4.0)
     assert got[0]["bytes_ratio"] == pytest.approx(3.75)
-    assert speedups({"rows": rows}, base="int4_tinygemm")[0] == dict(
-        shape="7b", batch=1, prompt=32768, path="wkvq", base="int4_tinygemm", speedup=2.0)
+    assert speedups({"rows": rows}, base="int4_tinygemm")[0] == {
+        "shape": "7b", "batch": 1, "prompt": 32768, "path": "wkvq", "base": "int4_tinygemm", "speedup": 2.0}
     table = format_table({"device": "GPU", "copy_bandwidth_GBps": 4000.0, "date": "today", "rows": rows})
     assert table.splitlines()[-1] == "wkvq vs fp16_compiled at 7b b1 p32768: 4.50x, queued 4.00x; bytes ratio 3.75x"
     assert "   8.00" in table.splitlines()[2]  # GB a step
