@@ -36,5 +36,16 @@ sp8k)
       WKVQ_ATTN_TABLE=/root/h8_b1_8k_sp$sp.json nbench sp${sp}_8b_8k_$i --shapes 8b --prompts 8192
     done
   done;;
+sp8k2)  # added in the thirty-fourth session, after sp8k: more splits at p8192 (7B 48, 8B 128) and 13B on 24/32
+  for sp in 32 48; do sptable h32_b1_8k_sp$sp 32 1 8192 $sp; done
+  for sp in 24 32; do sptable h40_b1_8k_sp$sp 40 1 8192 $sp; done
+  for sp in 64 128; do attn_table h8_b1_8k_sp$sp 1 8192 \
+    "dataclasses.replace(kv4.attn_config(1, 32, 8193, kv_heads=8), splits=$sp)"; done
+  for i in 1 2; do
+    for sp in 32 48; do WKVQ_ATTN_TABLE=/root/h32_b1_8k_sp$sp.json nbench sp${sp}_7b_8k_$i --shapes 7b --prompts 8192; done
+    for sp in 64 128; do WKVQ_ATTN_TABLE=/root/h8_b1_8k_sp$sp.json nbench sp${sp}_8b_8k_$i --shapes 8b --prompts 8192; done
+    nbench def_13b_8k_$i --shapes 13b --prompts 8192
+    for sp in 24 32; do WKVQ_ATTN_TABLE=/root/h40_b1_8k_sp$sp.json nbench sp${sp}_13b_8k_$i --shapes 13b --prompts 8192; done
+  done;;
 *) echo "unknown part $part"; exit 2;;
 esac; done

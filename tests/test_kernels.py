@@ -454,7 +454,8 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(2, 32, 2076) == kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(3, 32, 2076) == kv4.attn_config(4, 32, 2076) == kv4.ATTN_TABLE[8, 2048]
     assert kv4.attn_config(32, 32, 32808) == kv4.ATTN_TABLE[8, 32768]
-    assert kv4.attn_config(1, 32, 8200) == kv4.ATTN_TABLE[1, 2048] and kv4.ATTN_TABLE[1, 2048].mma
+    # p8192 is as near p2048 as p32768 in log scale: the smaller (the 7B, 8B and 13B have entries of their own there)
+    assert kv4.attn_config(1, 64, 8200) == kv4.ATTN_TABLE[1, 2048] and kv4.ATTN_TABLE[1, 2048].mma
     assert kv4.attn_config(1, 32, 16400) == kv4.attn_config(2, 32, 65600) == kv4.ATTN_TABLE[1, 32768]
     assert kv4.attn_config(1, 32, 100) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=2)
     assert kv4.attn_config(1, 32, 1) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=1)
@@ -474,6 +475,11 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 40, 2076) == kv4.attn_config(1, 40, 2076, kv_heads=40) != kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(8, 32, 32808, kv_heads=8) == kv4.ATTN_TABLE[8, 32768]  # 8 KV heads: not the 7B's key
+    # b1 p8192, between the table's contexts, on the step's own split counts: 7B 32, 8B 64, 13B 24; the 70B (64 query
+    # heads on 8) and other batches keep the nearest entry's 16
+    assert [kv4.attn_config(1, h, 8200, kv_heads=kv).splits for h, kv in ((32, 32), (32, 8), (40, 40), (64, 8))] == [
+        32, 64, 24, 16]
+    assert kv4.attn_config(2, 32, 8200).splits == kv4.ATTN_TABLE[1, 2048].splits == 16
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})
     for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},

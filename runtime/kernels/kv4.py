@@ -752,13 +752,20 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # against 2.61-2.65). The step's split count at two more record cells (thirty-third session, r39/spcells.txt,
 # alternated twice): the 13B at b1 p2048 2.779 / 2.785 ms on 12 splits, 2.797 / 2.817 on 20, 2.771 / 2.817 on 24,
 # 2.825 / 2.807 on ATTN_TABLE's 16; the 7B at b8 p32768 10.476 / 10.426 on 12, 12.305 / 12.213 on 8, 10.661 /
-# 10.728 on 24, 10.636 / 10.577 on ATTN_TABLE's 16 (keyed by its 32 KV heads, so other models at b8 keep 16)
+# 10.728 on 24, 10.636 / 10.577 on ATTN_TABLE's 16 (keyed by its 32 KV heads, so other models at b8 keep 16). At b1
+# p8192, a context no entry had (the nearest, p2048's 16 splits; thirty-fourth session, r40/sp8k.txt, alternated
+# twice, waited-for medians): the 7B 1.845-1.909 ms on 32 splits, 1.918-1.925 on 24, 1.937-1.970 on 48, 2.050-2.061
+# on 16; the 8B 2.059-2.112 on 64, 2.076-2.123 on 128, 2.454-2.501 on 32, 2.681-2.732 on 16; the 13B 3.091-3.097
+# on 24, 3.252-3.308 on 32, 3.279-3.303 on 16
 ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
     (1, 2048, 40, 40): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
     (8, 32768, 32, 32): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
+    (1, 8192, 32, 32): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),
+    (1, 8192, 8, 32): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
+    (1, 8192, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
