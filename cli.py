@@ -441,6 +441,8 @@ def bench_cmd(shapes, batches, prompts, paths, steps, json_path, debug):
     """Decode ms/token and peak memory of W4KV4 vs fp16 / compiled / tinygemm int4 on random LLaMA shapes (CUDA).
 
     ms/token: the median step, each waited for (host time included); queued: steps queued back to back (GPU time).
+    GB/step: the bytes a step must read; BW frac / q frac: their rate over the copy rate by either time. Under the
+    table: wkvq's speedup over fp16_compiled by either time, beside the ratio of their bytes.
     """
     from converter.bench import BenchConfig, format_table, run_bench
 

@@ -21,6 +21,11 @@ own time a step. The two part where the host is slow: torch.compile's guards and
 ~1 ms a step at 7B beside ~9 ms of GPU time (thirty-third session), while ``wkvq``'s step is one graph replay. The
 positions of the transformers paths are made on the device beforehand (a transformers ``generate`` keeps them there
 too), so a step does not wait for a host-to-device copy.
+
+Each row also has the bytes a step must read (``bytes_per_step``: weights, and the cache up to the context) and their
+rate as fractions of the copy rate by either time (``bandwidth_fraction``, ``queued_fraction``); ``speedups`` gives
+``wkvq``'s speedup over ``fp16_compiled`` by either time beside ``bytes_ratio``, the ratio of their bytes, which is
+the speedup at equal fractions (thirty-fourth session, 7B b1 p32768: 3.70x).
 """
 
 from __future__ import annotations
