@@ -1,0 +1,29 @@
+# Prepared in the thirty-fourth session for the next (not run). Parts:
+#   ctx     the step's split count at b1 contexts between the tables' (p4096, p16384) for the 7B, 8B and 13B, once
+#           each (a first pass; the winners to be alternated twice in `confirm`). The thirty-fourth session found
+#           the nearest entry 6-23% off the step's optimum at p8192 (7B 16 → 32, 8B 16 → 64, 13B 16 → 24 splits);
+#           the fallback (kv4.nearest_entry) searches ATTN_TABLE only, so at p16384 the 8B takes the 7B's p32768 32
+#           splits (256 programs at 8 KV heads), not its own p8192 64 or p32768 128
+#   confirm SPECS...  each SPEC `shape:context:splits` (splits "def": the default) alternated twice
+# Usage: OUT=$OUT bash benchmarks/h200_round39.sh PART...  (carry .gpu/whl)
+source benchmarks/h200_lib.sh
+heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; *) echo "unknown shape $1" >&2; exit 2;; esac; }
+# `one SHAPE CONTEXT SPLITS NAME`: the step of SHAPE at b1 CONTEXT on SPLITS (def: the default), row prefixed by NAME
+one() { local shape=$1 ctx=$2 sp=$3 name=$4; read -r h kv <<< "$(heads_of "$shape")"
+  if [ "$sp" = def ]; then nbench "$name" --shapes "$shape" --prompts "$ctx"; return; fi
+  attn_table "$name" 1 "$ctx" "dataclasses.replace(kv4.attn_config(1, $h, $ctx + 1, kv_heads=$kv), splits=$sp)" \
+    > /dev/null
+  WKVQ_ATTN_TABLE=/root/$name.json nbench "$name" --shapes "$shape" --prompts "$ctx"; }
+for part in "$@"; do case $part in
+ctx)
+  for spec in 7b:4096:def 7b:4096:24 7b:4096:32 7b:16384:def 7b:16384:24 7b:16384:48 \
+              8b:4096:def 8b:4096:32 8b:4096:64 8b:16384:def 8b:16384:64 8b:16384:128 \
+              13b:4096:def 13b:4096:12 13b:4096:24 13b:16384:def 13b:16384:24; do
+    IFS=: read -r s c sp <<< "$spec"; one "$s" "$c" "$sp" "${s}_${c}_sp${sp}"
+  done; mark ctx;;
+confirm)
+  shift; for i in 1 2; do for spec in "$@"; do
+    IFS=: read -r s c sp <<< "$spec"; one "$s" "$c" "$sp" "${s}_${c}_sp${sp}_$i"
+  done; done; mark confirm; exit 0;;
+*) echo "unknown part $part"; exit 2;;
+esac; done
