@@ -145,7 +145,7 @@ def speedups(result: dict, base: str = "fp16_compiled", path: str = "wkvq") -> l
         if p != path or b is None:
             continue
         s = {"shape": shape, "batch": batch, "prompt": prompt, "path": path, "base": base,
-                 "speedup": b["ms_per_token"] / r["ms_per_token"]}
+             "speedup": b["ms_per_token"] / r["ms_per_token"]}
         if r.get("queued_ms") and b.get("queued_ms"):
             s["speedup_queued"] = b["queued_ms"] / r["queued_ms"]
         if r.get("bytes_per_step") and b.get("bytes_per_step"):

@@ -201,6 +201,11 @@ def _prefill(model, cache, batch, prompt, vocab):
             model(ids[:, s:s + 4096], use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
 
 
+def warmup_calls(compiled: bool) -> int:
+    """The calls :func:`hf_step` makes before it returns (compiled: compile, record the CUDA graph, replay it)."""
+    return 3 if compiled else 1
+
+
 def hf_step(model, cache, batch, prompt, vocab, compiled: bool, device_positions: int = 0):
     """A decode step of the transformers ``model`` on ``cache`` (filled to ``prompt`` tokens) that returns the
     logits, each call one position further; ``compiled``: through ``torch.compile(mode="reduce-overhead")``, warmed
@@ -223,7 +228,7 @@ def hf_step(model, cache, batch, prompt, vocab, compiled: bool, device_positions
         state["pos"] += 1
         return out.logits
 
-    for _ in range(3 if compiled else 1):
+    for _ in range(warmup_calls(compiled)):
         step()
     return step
 
@@ -271,9 +276,9 @@ def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
     step's first kernel included), the queued one (:func:`queued_steps`: the GPU's time a step) and the bytes a
     step reads (:func:`hf_bytes_per_step`, at the context in the middle of the timed steps)."""
     model, _, step = hf_stepper(config, batch, prompt, 2 * steps, dtype, int4, static)
-    warm = 3 if static else 1  # hf_step's warm-up calls
     out = {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
-    context = prompt + warm + 1 + steps // 2  # the middle of median_steps' timed steps (after its untimed call)
+    # the context in the middle of median_steps' timed steps: after hf_step's warm-up and median_steps' untimed call
+    context = prompt + warmup_calls(static) + 1 + steps // 2
     out["bytes_per_step"] = hf_bytes_per_step(model, batch, context, torch.finfo(dtype).bits // 8)
     return out
 
