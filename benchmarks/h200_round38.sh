@@ -9,6 +9,10 @@
 #   sp8k        the split count at a context no table has, where the fallback keeps the nearest entry's splits: 7B
 #               b1 p8192 (16 from the p2048 entry: 512 programs; 24, 32) and LLaMA-3-8B b1 p8192 (8 KV heads: 16 are
 #               128 programs; 32, 64), each against the default, alternated twice
+#   sp8k2       (added and run in the thirty-fourth session, after sp8k) 7B on 32/48, 8B on 64/128, 13B on the default
+#               and 24/32 splits at b1 p8192, alternated twice
+# Run in the thirty-fourth session: record, inproc, sp8k, sp8k2 (realshapes' cells ran inside the whole suite);
+# records benchmarks/results/r40/.
 # (h200_round37.sh stamps13, the 13B timeline on 24 against 28 splits, is still unrun.)
 # Usage: OUT=$OUT bash benchmarks/h200_round38.sh PART...  (carry .gpu/whl, and .gpu/xdist for realshapes)
 source benchmarks/h200_lib.sh
