@@ -69,8 +69,7 @@ def main() -> None:
         del model, cache, step
         torch.cuda.empty_cache()
         _, _, graph, ids = bp.wkvq_decode_graph(config, args.batch, args.prompt, 3 * args.steps)
-        wkvq = {"ms_per_token": bp.median_steps(lambda: graph.step(ids), args.steps),
-                "queued_ms": bp.queued_steps(lambda: graph.step(ids), args.steps)}
+        wkvq = bp.step_times(lambda: graph.step(ids), args.steps)
         print(f"wkvq: {wkvq['ms_per_token']:.3f} ms a step (median), {wkvq['queued_ms']:.3f} queued; fp16/wkvq "
               f"{ms / wkvq['ms_per_token']:.2f}x (median), {queued / wkvq['queued_ms']:.2f}x (queued)")
     Path(args.json).write_text(json.dumps(

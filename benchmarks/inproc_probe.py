@@ -29,10 +29,11 @@ def fp16_bytes(config, max_len: int) -> int:
     """The bytes the fp16 baseline holds: its parameters (counted on the meta device) and its static cache."""
     from transformers import LlamaForCausalLM
 
+    from converter.bench_paths import hf_kv_bytes
+
     with torch.device("meta"):
         params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-    head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * params + 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * max_len
+    return 2 * params + hf_kv_bytes(config, 1, max_len, 2)
 
 
 def main() -> None:
@@ -54,8 +55,8 @@ def main() -> None:
 
     def time_stage(stage: str) -> None:
         for r in range(args.repeats):
-            median = bp.median_steps(lambda: graph.step(ids), args.steps)
-            queued = bp.queued_steps(lambda: graph.step(ids), args.steps)
+            times = bp.step_times(lambda: graph.step(ids), args.steps)
+            median, queued = times["ms_per_token"], times["queued_ms"]
             rows.append({"stage": stage, "repeat": r, "median_ms": median, "queued_ms": queued,
                          "allocated_GB": torch.cuda.memory_allocated() / 1e9})
             print(f"{stage:22} {r}  median {median:.3f}  queued {queued:.3f}  allocated "

@@ -102,10 +102,9 @@ def run_wkvq(config, batch: int, prompt: int, steps: int, projections: str = "ge
     ``FastLlama.from_hf`` chooses on CUDA)."""
     model, cache, graph, ids = wkvq_decode_graph(config, batch, prompt, 2 * steps, projections)
     start = cache.length
-    ms = median_steps(lambda: graph.step(ids), steps)
-    queued = queued_steps(lambda: graph.step(ids), steps)
+    times = step_times(lambda: graph.step(ids), steps)
     kv_bytes = cache.nbytes() * (start + steps // 2) // cache.max_len
-    return {"ms_per_token": ms, "queued_ms": queued, "bytes_per_step": _weight_bytes(model) + kv_bytes,
+    return {**times, "bytes_per_step": _weight_bytes(model) + kv_bytes,
             "weights_GB": _weight_bytes(model) / 1e9, "cache_GB": cache.nbytes() / 1e9}
 
 
@@ -145,6 +144,12 @@ def queued_steps(fn, steps: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / steps
+
+
+def step_times(fn, steps: int) -> dict:
+    """``ms_per_token`` (:func:`median_steps`, each step waited for) then ``queued_ms`` (:func:`queued_steps`) of
+    ``fn``: the two times the bench gives every path, ``2 * (steps + 1)`` calls in all."""
+    return {"ms_per_token": median_steps(fn, steps), "queued_ms": queued_steps(fn, steps)}
 
 
 # ----------------------------------------------------------------------------- transformers baselines
@@ -266,9 +271,13 @@ def hf_bytes_per_step(model, batch: int, context: int, kv_element_size: int) -> 
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             n += t.numel() * t.element_size()
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return n + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * head_dim * context * kv_element_size
+    return n + hf_kv_bytes(model.config, batch, context, kv_element_size)
+
+
+def hf_kv_bytes(config, batch: int, tokens: int, element_size: int) -> int:
+    """The bytes of the keys and values of ``tokens`` tokens at ``batch`` in a transformers cache of ``config``."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * head_dim * tokens * element_size
 
 
 def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
@@ -276,7 +285,7 @@ def _run_hf(config, batch, prompt, steps, dtype, int4=False, static=True):
     step's first kernel included), the queued one (:func:`queued_steps`: the GPU's time a step) and the bytes a
     step reads (:func:`hf_bytes_per_step`, at the context in the middle of the timed steps)."""
     model, _, step = hf_stepper(config, batch, prompt, 2 * steps, dtype, int4, static)
-    out = {"ms_per_token": median_steps(step, steps), "queued_ms": queued_steps(step, steps)}
+    out = step_times(step, steps)
     # the context in the middle of median_steps' timed steps: after hf_step's warm-up and median_steps' untimed call
     context = prompt + warmup_calls(static) + 1 + steps // 2
     out["bytes_per_step"] = hf_bytes_per_step(model, batch, context, torch.finfo(dtype).bits // 8)
