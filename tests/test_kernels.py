@@ -480,6 +480,11 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert [kv4.attn_config(1, h, 8200, kv_heads=kv).splits for h, kv in ((32, 32), (32, 8), (40, 40), (64, 8))] == [
         32, 64, 24, 16]
     assert kv4.attn_config(2, 32, 8200).splits == kv4.ATTN_TABLE[1, 2048].splits == 16
+    # b1 p4096 and p16384 likewise: 7B 32 and 32 (the latter the nearest entry's, p32768), 8B 64 and 128, 13B 24 and
+    # 24; the 70B keeps the nearest entry's (p2048's 16, p32768's 32)
+    assert [[kv4.attn_config(1, h, n, kv_heads=kv).splits for h, kv in ((32, 32), (32, 8), (40, 40), (64, 8))]
+            for n in (4104, 16392)] == [[32, 64, 24, 16], [32, 128, 24, 32]]
+    assert kv4.attn_config(1, 32, 16392) == kv4.ATTN_TABLE[1, 32768]
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})
     for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},

@@ -756,7 +756,12 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # p8192, a context no entry had (the nearest, p2048's 16 splits; thirty-fourth session, r40/sp8k.txt, alternated
 # twice, waited-for medians): the 7B 1.845-1.909 ms on 32 splits, 1.918-1.925 on 24, 1.937-1.970 on 48, 2.050-2.061
 # on 16; the 8B 2.059-2.112 on 64, 2.076-2.123 on 128, 2.454-2.501 on 32, 2.681-2.732 on 16; the 13B 3.091-3.097
-# on 24, 3.252-3.308 on 32, 3.279-3.303 on 16
+# on 24, 3.252-3.308 on 32, 3.279-3.303 on 16. At b1 p4096 and p16384 (thirty-fifth session, r41/ctx.txt once,
+# r41/confirm.txt alternated twice, queued GPU times): p4096 the 7B 1.691-1.695 ms on 32 splits, 1.727 on 24,
+# 1.793-1.797 on the nearest entry's 16; the 8B 1.984-1.990 on 64, 2.263 on 32, 2.311-2.321 on 16; the 13B
+# 2.847-2.853 on 24, 2.998 on 12, 2.959-2.966 on 16. p16384: the 8B 2.142-2.147 on 128, 2.160-2.161 on 64,
+# 2.777 on the nearest entry's 32; the 13B 3.473-3.476 on 24, 3.642-3.651 on 32; the 7B's nearest entry (32)
+# is its optimum (2.079, against 2.202 on 24 and 2.188 on 48), so it has no key there
 ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
@@ -766,6 +771,11 @@ ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 8192, 32, 32): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),
     (1, 8192, 8, 32): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 8192, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
+    (1, 4096, 32, 32): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),
+    (1, 4096, 8, 32): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
+    (1, 4096, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
+    (1, 16384, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
+    (1, 16384, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
