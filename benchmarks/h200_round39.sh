@@ -5,6 +5,8 @@
 #           the fallback (kv4.nearest_entry) searches ATTN_TABLE only, so at p16384 the 8B takes the 7B's p32768 32
 #           splits (256 programs at 8 KV heads), not its own p8192 64 or p32768 128
 #   confirm SPECS...  each SPEC `shape:context:splits` (splits "def": the default) alternated twice
+#   check   (added in the thirty-fifth session, after both ran and the winners became ATTN_KV_TABLE entries) the
+#           real-shape tests at the new cells and the table test, then the step at those cells on the committed tables
 # Usage: OUT=$OUT bash benchmarks/h200_round39.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
 heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; *) echo "unknown shape $1" >&2; exit 2;; esac; }
@@ -25,5 +27,10 @@ confirm)
   shift; for i in 1 2; do for spec in "$@"; do
     IFS=: read -r s c sp <<< "$spec"; one "$s" "$c" "$sp" "${s}_${c}_sp${sp}_$i"
   done; done; mark confirm; exit 0;;
+check)  # (thirty-fifth session) the committed entries: real-shape tests at the new cells, then the step on defaults
+  gpu_tests "real_shapes and (4096 or 16384) or attn_config_policy"; mark tests
+  for spec in 7b:4096 8b:4096 13b:4096 8b:16384 13b:16384; do
+    IFS=: read -r s c <<< "$spec"; nbench "${s}_${c}_committed" --shapes "$s" --prompts "$c"
+  done; mark check;;
 *) echo "unknown part $part"; exit 2;;
 esac; done
