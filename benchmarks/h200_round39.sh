@@ -7,9 +7,10 @@
 #   confirm SPECS...  each SPEC `shape:context:splits` (splits "def": the default) alternated twice
 #   check   (added in the thirty-fifth session, after both ran and the winners became ATTN_KV_TABLE entries) the
 #           real-shape tests at the new cells and the table test, then the step at those cells on the committed tables
+#   rule    (added in the thirty-fifth session) the placement rule (kv4.placement_splits) on the GPU: tests, the 3B's step
 # Usage: OUT=$OUT bash benchmarks/h200_round39.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
-heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; *) echo "unknown shape $1" >&2; exit 2;; esac; }
+heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; 3b) echo "24 8";; *) echo "unknown shape $1" >&2; exit 2;; esac; }
 # `one SHAPE CONTEXT SPLITS NAME`: the step of SHAPE at b1 CONTEXT on SPLITS (def: the default), row prefixed by NAME
 one() { local shape=$1 ctx=$2 sp=$3 name=$4; read -r h kv <<< "$(heads_of "$shape")"
   if [ "$sp" = def ]; then nbench "$name" --shapes "$shape" --prompts "$ctx"; return; fi
@@ -32,5 +33,12 @@ check)  # (thirty-fifth session) the committed entries: real-shape tests at the 
   for spec in 7b:4096 8b:4096 13b:4096 8b:16384 13b:16384; do
     IFS=: read -r s c <<< "$spec"; nbench "${s}_${c}_committed" --shapes "$s" --prompts "$c"
   done; mark check;;
+rule)  # (thirty-fifth session) kv4.placement_splits for models without entries: the real-shape tests at LLaMA-3.2-3B
+  # b1 p16384 / p32768 and the 70B at p8192, then the 3B's step on the rule (def) and on what it had before (p16384 the
+  # nearest entry's 32 splits, p32768 the 8-KV-head key's 64), alternated twice
+  gpu_tests "real_shapes and ([3b-1-16384] or [3b-1-32768] or [70b-1-8192]) or attn_config_policy"; mark tests
+  for i in 1 2; do for spec in 3b:16384:def 3b:16384:32 3b:32768:def 3b:32768:64; do
+    IFS=: read -r s c sp <<< "$spec"; one "$s" "$c" "$sp" "${s}_${c}_sp${sp}_$i"
+  done; mark "rule $i"; done;;
 *) echo "unknown part $part"; exit 2;;
 esac; done

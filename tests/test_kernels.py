@@ -441,7 +441,8 @@ def test_overlap_flags(monkeypatch):
 def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     """AttnConfig checks its fields; a (batch, context) the table lacks takes its nearest entry; with no table the
     policy of rounds 2-6 decides; a sweep record named by WKVQ_ATTN_TABLE decides its (batch, context bucket) keys
-    and nothing else; splits 0 resolves by the policy; the KV-head table comes before the 32-KV-head one."""
+    and nothing else; splits 0 resolves by the policy; the heads' own table comes before the 32-KV-head one; at batch 1
+    from 4096 slots a model without its own entry takes the placement rule's split count."""
     import json
 
     from runtime.kernels import kv4
@@ -454,18 +455,21 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(2, 32, 2076) == kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(3, 32, 2076) == kv4.attn_config(4, 32, 2076) == kv4.ATTN_TABLE[8, 2048]
     assert kv4.attn_config(32, 32, 32808) == kv4.ATTN_TABLE[8, 32768]
-    # p8192 is as near p2048 as p32768 in log scale: the smaller (the 7B, 8B and 13B have entries of their own there)
-    assert kv4.attn_config(1, 64, 8200) == kv4.ATTN_TABLE[1, 2048] and kv4.ATTN_TABLE[1, 2048].mma
+    # p8192 is as near p2048 as p32768 in log scale: the smaller (at batch 1 the split count is the placement rule's)
+    assert kv4.attn_config(2, 64, 8200) == kv4.ATTN_TABLE[1, 2048] and kv4.ATTN_TABLE[1, 2048].mma
+    assert kv4.attn_config(1, 64, 8200) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=15)  # (1056-64)/64
     assert kv4.attn_config(1, 32, 16400) == kv4.attn_config(2, 32, 65600) == kv4.ATTN_TABLE[1, 32768]
     assert kv4.attn_config(1, 32, 100) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=2)
     assert kv4.attn_config(1, 32, 1) == dataclasses.replace(kv4.ATTN_TABLE[1, 2048], splits=1)
     assert kv4.nearest_entry({}, (1, 2048), 2048) is None
     assert kv4.nearest_entry({(1, 2048): kv4.AttnConfig(splits=0)}, (2, 64), 70).splits == 0  # the policy's, kept
-    # KV head counts other than the table's: their own entries first (LLaMA-3-8B's 8 at b1 p32768), else the table
-    assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8] != kv4.ATTN_TABLE[1, 32768]
-    # and before those, the query heads' own (LLaMA-3-8B: 32 on 8 takes 128 splits, LLaMA-2-70B's 64 on 8 keeps 64)
+    # head counts other than the table's: their own entries first (LLaMA-3-8B: 32 on 8 takes 128 splits at b1 p32768,
+    # LLaMA-2-70B's 64 on 8 in two query parts 64), else the table's config on the placement rule's splits
+    assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 64] != kv4.ATTN_TABLE[1, 32768]
     assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 32]
-    assert kv4.ATTN_KV_TABLE[1, 32768, 8, 32].splits == 128 and kv4.ATTN_KV_TABLE[1, 32768, 8].splits == 64
+    assert kv4.ATTN_KV_TABLE[1, 32768, 8, 32].splits == 128 and kv4.ATTN_KV_TABLE[1, 32768, 8, 64].splits == 64
+    # LLaMA-3.2-3B (24 on 8, one query part) has no entry: (1056 - 8) / 8 = 131 programs a KV head -> 128 splits
+    assert kv4.attn_config(1, 24, 32808, kv_heads=8) == dataclasses.replace(kv4.ATTN_TABLE[1, 32768], splits=128)
     assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
     # LLaMA-2-13B's 40 heads at b1 p32768 on fewer splits than the 7B's 32 (960 programs, not 1280); p2048 the table's
     assert kv4.attn_config(1, 40, 32808).splits == kv4.attn_config(1, 40, 32808, kv_heads=40).splits == 24
@@ -476,15 +480,25 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 32, 2076, kv_heads=8) == kv4.ATTN_TABLE[1, 2048]
     assert kv4.attn_config(8, 32, 32808, kv_heads=8) == kv4.ATTN_TABLE[8, 32768]  # 8 KV heads: not the 7B's key
     # b1 p8192, between the table's contexts, on the step's own split counts: 7B 32, 8B 64, 13B 24; the 70B (64 query
-    # heads on 8) and other batches keep the nearest entry's 16
+    # heads on 8) on the placement rule's 64, other batches on the nearest entry's 16
     assert [kv4.attn_config(1, h, 8200, kv_heads=kv).splits for h, kv in ((32, 32), (32, 8), (40, 40), (64, 8))] == [
-        32, 64, 24, 16]
+        32, 64, 24, 64]
     assert kv4.attn_config(2, 32, 8200).splits == kv4.ATTN_TABLE[1, 2048].splits == 16
-    # b1 p4096 and p16384 likewise: 7B 32 and 32 (the latter the nearest entry's, p32768), 8B 64 and 128, 13B 24 and
-    # 24; the 70B keeps the nearest entry's (p2048's 16, p32768's 32)
+    # b1 p4096 and p16384 likewise: 7B 32 and 32 (the latter the placement rule's), 8B 64 and 128, 13B 24 and 24; the
+    # 70B on the rule's 64 at both
     assert [[kv4.attn_config(1, h, n, kv_heads=kv).splits for h, kv in ((32, 32), (32, 8), (40, 40), (64, 8))]
-            for n in (4104, 16392)] == [[32, 64, 24, 16], [32, 128, 24, 32]]
+            for n in (4104, 16392)] == [[32, 64, 24, 64], [32, 128, 24, 64]]
     assert kv4.attn_config(1, 32, 16392) == kv4.ATTN_TABLE[1, 32768]
+    # the rule gives every measured batch-1 entry from 4096 tokens but one tie (the 8B at p8192: 64 and 128 within
+    # the spread, r40); cut to one 64-token tile a split (the 8B at p4096: 65 tiles of a 4124-slot cache, then 64);
+    # fewer multiprocessors, fewer splits; a count below 16 as it is (64 KV heads: 15), MAX_SPLITS at most
+    for (b, ctx, kv, h), cfg in kv4.ATTN_KV_TABLE.items():
+        if b == 1 and ctx >= kv4.PLACEMENT_CONTEXT:
+            assert kv4.placement_splits(h, kv, ctx + 8, cfg.block_s) == (128 if (ctx, kv, h) == (8192, 8, 32)
+                                                                          else cfg.splits), (ctx, kv, h)
+    assert kv4.placement_splits(32, 8, 4124, 64) == 64 and kv4.placement_splits(32, 32, 32808, 64, sms=108) == 24
+    assert kv4.placement_splits(64, 64, 32808, 64) == 15 and kv4.placement_splits(32, 1, 1 << 20, 64) == 128
+    assert kv4.placement_splits(32, 1, 1 << 20, 64, sms=1000) == kv4.MAX_SPLITS
     monkeypatch.setattr(kv4, "ATTN_TABLE", {})
     monkeypatch.setattr(kv4, "ATTN_KV_TABLE", {})
     for bad in ({"splits": -1}, {"splits": kv4.MAX_SPLITS + 1}, {"block_s": 4}, {"num_warps": 3},

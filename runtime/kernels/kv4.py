@@ -736,15 +736,17 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
     (8, 2048): AttnConfig(splits=4, block_s=64, keys_a=True, **_MMA),  # 24.89 us, 2886 GB/s (27.36)
     (8, 32768): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 293.72 us, 3886 GB/s (332.20)
 }
-# (batch, context bucket, KV heads) -> config, for KV head counts other than ATTN_TABLE's 32, taken before it.
+# (batch, context bucket, KV heads, query heads) -> config: the step's own optimum for a model's heads, taken before
+# ATTN_TABLE (whose entries were swept at the 7B's 32 and 32). Until the thirty-fifth session a key could name the KV
+# heads only; the one such, (1, 32768, 8), measured on the 70B, is now keyed by the 70B's 64 query heads, and other
+# models take placement_splits there.
 # LLaMA-3-8B (8 KV heads, 4 query heads each; twenty-ninth session, records benchmarks/results/r32/), the step at b1
 # p32768 beside the 8B projections' MMA_TABLE entries: 3.57-3.64 ms on the 7B entry (32 splits), 2.83-2.86 on 64
 # splits (on the 7B projection configs 3.40 and 3.26; 128 and 256 splits slower, 3.70-3.76 and 5.32); at p2048
 # 32 splits of 32-token tiles lost 0.08 ms beside those entries, so the 7B entry stays. LLaMA-2-70B (8 KV heads of
 # 8 query heads: two programs of 4, query_parts; thirtieth session, r33/q8_*.json) at b1 p32768: 13.11-13.17 ms on
-# this entry, 13.33 on 32 splits, 15.27 on 128. A key may name the query heads too, (batch, context bucket, KV heads,
-# query heads), taken before the KV heads' own: with the merge in two levels (thirty-first session, r36, r37) the 8B
-# at b1 p32768 took 2.314 ms twice on 128 splits against 2.422 / 2.473 on 64 (alternated; the attention alone was
+# this entry, 13.33 on 32 splits, 15.27 on 128. Keys by query heads too: with the merge in two levels (thirty-first
+# session, r36, r37) the 8B at b1 p32768 took 2.314 ms twice on 128 splits against 2.422 / 2.473 on 64 (alternated; the attention alone was
 # 20.5 µs on 64 and 22.0 on 128), while the 70B took 12.83 on 128 against 12.25 on 64. LLaMA-2-13B (40 KV heads,
 # thirty-second session, r38/sp*_13b_*.json, alternated twice) at b1 p32768: 4.335 / 4.320 ms on 24 splits (960
 # programs), 4.319 / 4.348 on 26, 5.157 / 5.124 on 28, 4.568 / 4.520 on ATTN_TABLE's 32 (1280 programs); the 7B's
@@ -763,7 +765,7 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # 2.777 on the nearest entry's 32; the 13B 3.473-3.476 on 24, 3.642-3.651 on 32; the 7B's nearest entry (32)
 # is its optimum (2.079, against 2.202 on 24 and 2.188 on 48), so it has no key there
 ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
-    (1, 32768, 8): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
+    (1, 32768, 8, 64): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
     (1, 2048, 40, 40): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
@@ -778,6 +780,16 @@ ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
     (1, 16384, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
+# The batch-1 split count of a model no ATTN_KV_TABLE key names, from PLACEMENT_CONTEXT slots on (placement_splits).
+# Every batch-1 optimum the step was timed at from 4096 tokens (7B, 8B, 13B at 4096-32768, 70B at 32768) is the
+# largest multiple of 8 whose programs and the append's fit in one placement of RESIDENT_PROGRAMS a multiprocessor,
+# at most one 64-token tile a split: 32 splits for 32 KV heads, 24 for 40, 128 for 8 (64 at 4096), 64 for the 70B's 8
+# in two query parts (the 8B at p8192: 128, tied with its entry's 64). A grid past one placement runs a second wave:
+# the 13B on 28 splits (1120 programs) started its last programs 43.5 µs late (thirty-fifth session,
+# benchmarks/results/r41/stamps13.txt), 5.12 ms a step against 4.33 on 24. At 2048 tokens the optima are fewer
+# splits (16 and 12: two tiles a split), and at batch 8 more programs (the 7B at p32768: 12 splits, 3072 programs).
+PLACEMENT_CONTEXT = 4096
+RESIDENT_PROGRAMS = 8  # the tensor-core attention's programs (4 warps) a multiprocessor runs at once
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
 L2_ENV = "WKVQ_ATTN_L2"  # a number of tiles: overrides AttnConfig.l2_ahead in attn_config
@@ -816,19 +828,33 @@ def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int]
     return replace(cfg, splits=max(1, min(cfg.splits, -(-max_len // cfg.block_s))))
 
 
+def placement_splits(heads: int, kv_heads: int, max_len: int, block_s: int, sms: int = 132) -> int:
+    """Splits of a batch-1 tensor-core attention over ``max_len`` slots for ``heads`` query heads on ``kv_heads``: the
+    most whose ``kv_heads × query_parts × splits`` programs and the append's ``kv_heads`` fit in one placement of
+    :data:`RESIDENT_PROGRAMS` on each of ``sms`` multiprocessors, at most one ``block_s`` tile a split and
+    :data:`MAX_SPLITS`, from 16 on rounded down to a multiple of 8 (see :data:`PLACEMENT_CONTEXT`)."""
+    fit = (sms * RESIDENT_PROGRAMS - kv_heads) // (kv_heads * query_parts(heads // kv_heads))
+    splits = min(fit, MAX_SPLITS, -(-max_len // block_s))
+    return max(1, splits // 8 * 8 if splits >= 16 else splits)
+
+
 def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: int | None = None) -> AttnConfig:
     """The config at ``batch`` and a cache of ``max_len`` slots for ``heads`` query heads on ``kv_heads`` KV heads
     (None: as many): the sweep records named by the environment variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`;
-    several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads`` and ``heads``, then at
-    ``kv_heads``, then :data:`ATTN_TABLE`, at
-    ``(batch, context_bucket(max_len))``, else :data:`ATTN_TABLE`'s nearest entry (:func:`nearest_entry`), else (an
-    empty table) :data:`ATTN_DEFAULT`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is
-    set to a number; ``splits`` resolved by :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
+    several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads`` and ``heads``, then
+    :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_TABLE`'s nearest entry
+    (:func:`nearest_entry`), else (an empty table) :data:`ATTN_DEFAULT`; at batch 1 from :data:`PLACEMENT_CONTEXT`
+    slots a tensor-core config of either ATTN_TABLE way takes :func:`placement_splits`; ``l2_ahead`` from
+    ``WKVQ_ATTN_L2`` where it is set to a number; ``splits`` resolved by :func:`num_splits` (``sms``
+    multiprocessors) where left at 0."""
     key = (batch, context_bucket(max_len))
     env = env_tables(os.environ.get(TABLE_ENV), load_table)
     kv = kv_heads or heads
-    cfg = (env.get(key) or ATTN_KV_TABLE.get((*key, kv, heads)) or ATTN_KV_TABLE.get((*key, kv))
-           or ATTN_TABLE.get(key) or nearest_entry(ATTN_TABLE, key, max_len) or ATTN_DEFAULT)
+    cfg = env.get(key) or ATTN_KV_TABLE.get((*key, kv, heads))
+    if cfg is None:
+        cfg = ATTN_TABLE.get(key) or nearest_entry(ATTN_TABLE, key, max_len) or ATTN_DEFAULT
+        if batch == 1 and key[1] >= PLACEMENT_CONTEXT and cfg.mma:
+            cfg = replace(cfg, splits=placement_splits(heads, kv, max_len, cfg.block_s, sms))
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))
