@@ -764,7 +764,7 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # 2.847-2.853 on 24, 2.998 on 12, 2.959-2.966 on 16. p16384: the 8B 2.142-2.147 on 128, 2.160-2.161 on 64,
 # 2.777 on the nearest entry's 32; the 13B 3.473-3.476 on 24, 3.642-3.651 on 32; the 7B's nearest entry (32)
 # is its optimum (2.079, against 2.202 on 24 and 2.188 on 48), so it has no key there
-ATTN_KV_TABLE: dict[tuple[int, ...], AttnConfig] = {
+ATTN_KV_TABLE: dict[tuple[int, int, int, int], AttnConfig] = {
     (1, 32768, 8, 64): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
     (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
