@@ -43,6 +43,7 @@ from runtime.kernels import kv4
 c = $4
 json.dump({'best': {'$2x$3': {'config': dataclasses.asdict(c)}}}, open('/root/$1.json', 'w'))
 print('$1:', c)"; }
-# `sptable NAME HEADS BATCH CONTEXT SPLITS`: the config the tables give HEADS heads at (BATCH, CONTEXT) with SPLITS
-# splits, as attn_table NAME
-sptable() { attn_table "$1" "$3" "$4" "dataclasses.replace(kv4.attn_config($3, $2, $4 + 1), splits=$5)"; }
+# `sptable NAME HEADS BATCH CONTEXT SPLITS [KV_HEADS]`: the config the tables give HEADS heads (on KV_HEADS, default
+# as many) at (BATCH, CONTEXT) with SPLITS splits, as attn_table NAME
+sptable() { attn_table "$1" "$3" "$4" \
+  "dataclasses.replace(kv4.attn_config($3, $2, $4 + 1, kv_heads=${6:-$2}), splits=$5)"; }

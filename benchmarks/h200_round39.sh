@@ -14,8 +14,7 @@ heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";;
 # `one SHAPE CONTEXT SPLITS NAME`: the step of SHAPE at b1 CONTEXT on SPLITS (def: the default), row prefixed by NAME
 one() { local shape=$1 ctx=$2 sp=$3 name=$4; read -r h kv <<< "$(heads_of "$shape")"
   if [ "$sp" = def ]; then nbench "$name" --shapes "$shape" --prompts "$ctx"; return; fi
-  attn_table "$name" 1 "$ctx" "dataclasses.replace(kv4.attn_config(1, $h, $ctx + 1, kv_heads=$kv), splits=$sp)" \
-    > /dev/null
+  sptable "$name" "$h" 1 "$ctx" "$sp" "$kv" > /dev/null
   WKVQ_ATTN_TABLE=/root/$name.json nbench "$name" --shapes "$shape" --prompts "$ctx"; }
 for part in "$@"; do case $part in
 ctx)

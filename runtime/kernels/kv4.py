@@ -727,14 +727,21 @@ class AttnConfig:
 # ATTN_DEFAULT's tile at the entry's splits. In brackets: the split kernel's table config (13th session's table, same
 # sweep harness)
 _TILE = {"block_s": 16, "num_warps": 1, "loads": "prefetch", "row_max": True, "combine": True}
-_MMA = {"mma": True, "stages": 2, "combine": True}
+
+
+def _mma(splits: int) -> AttnConfig:
+    """The tensor-core config every table entry has (64-token tiles, two stages, the keys as A, the fused
+    combine), at ``splits`` splits: the entries differ only there."""
+    return AttnConfig(splits=splits, block_s=64, keys_a=True, mma=True, stages=2, combine=True)
+
+
 # keys_a (eighteenth session, --rope at b1; records benchmarks/results/r21/attn_ka_b*.json): the keys as the score
 # MMAs' A operand won every case; in brackets the query-as-A config of the fourteenth session's table, same run
 ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
-    (1, 2048): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 9.54 us (sp16 s32 lanes: 10.08)
-    (1, 32768): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),  # 43.67 us, 3267 GB/s (48.11)
-    (8, 2048): AttnConfig(splits=4, block_s=64, keys_a=True, **_MMA),  # 24.89 us, 2886 GB/s (27.36)
-    (8, 32768): AttnConfig(splits=16, block_s=64, keys_a=True, **_MMA),  # 293.72 us, 3886 GB/s (332.20)
+    (1, 2048): _mma(16),  # 9.54 us (sp16 s32 lanes: 10.08)
+    (1, 32768): _mma(32),  # 43.67 us, 3267 GB/s (48.11)
+    (8, 2048): _mma(4),  # 24.89 us, 2886 GB/s (27.36)
+    (8, 32768): _mma(16),  # 293.72 us, 3886 GB/s (332.20)
 }
 # (batch, context bucket, KV heads, query heads) -> config: the step's own optimum for a model's heads, taken before
 # ATTN_TABLE (whose entries were swept at the 7B's 32 and 32). Until the thirty-fifth session a key could name the KV
@@ -765,19 +772,19 @@ ATTN_TABLE: dict[tuple[int, int], AttnConfig] = {
 # 2.777 on the nearest entry's 32; the 13B 3.473-3.476 on 24, 3.642-3.651 on 32; the 7B's nearest entry (32)
 # is its optimum (2.079, against 2.202 on 24 and 2.188 on 48), so it has no key there
 ATTN_KV_TABLE: dict[tuple[int, int, int, int], AttnConfig] = {
-    (1, 32768, 8, 64): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
-    (1, 32768, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
-    (1, 32768, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
-    (1, 2048, 40, 40): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
-    (8, 32768, 32, 32): AttnConfig(splits=12, block_s=64, keys_a=True, **_MMA),
-    (1, 8192, 32, 32): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),
-    (1, 8192, 8, 32): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
-    (1, 8192, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
-    (1, 4096, 32, 32): AttnConfig(splits=32, block_s=64, keys_a=True, **_MMA),
-    (1, 4096, 8, 32): AttnConfig(splits=64, block_s=64, keys_a=True, **_MMA),
-    (1, 4096, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
-    (1, 16384, 8, 32): AttnConfig(splits=128, block_s=64, keys_a=True, **_MMA),
-    (1, 16384, 40, 40): AttnConfig(splits=24, block_s=64, keys_a=True, **_MMA),
+    (1, 32768, 8, 64): _mma(64),
+    (1, 32768, 8, 32): _mma(128),
+    (1, 32768, 40, 40): _mma(24),
+    (1, 2048, 40, 40): _mma(12),
+    (8, 32768, 32, 32): _mma(12),
+    (1, 8192, 32, 32): _mma(32),
+    (1, 8192, 8, 32): _mma(64),
+    (1, 8192, 40, 40): _mma(24),
+    (1, 4096, 32, 32): _mma(32),
+    (1, 4096, 8, 32): _mma(64),
+    (1, 4096, 40, 40): _mma(24),
+    (1, 16384, 8, 32): _mma(128),
+    (1, 16384, 40, 40): _mma(24),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
 # The batch-1 split count of a model no ATTN_KV_TABLE key names, from PLACEMENT_CONTEXT slots on (placement_splits).
