@@ -23,6 +23,7 @@ CASES = [("7b", b, 2048) for b in (1, 2, 3, 5, 8, 16, 32)] + [
     ("7b", 1, 8192), ("8b", 1, 8192), ("13b", 1, 8192),  # the step's split counts at p8192 (ATTN_KV_TABLE)
     ("7b", 1, 4096), ("8b", 1, 4096), ("13b", 1, 4096), ("8b", 1, 16384), ("13b", 1, 16384),  # and p4096, p16384
     ("3b", 1, 16384), ("3b", 1, 32768), ("70b", 1, 8192),  # no entry at batch 1 from 4096: kv4.placement_splits
+    ("7b", 2, 32768), ("7b", 4, 4096), ("13b", 2, 16384), ("8b", 4, 8192), ("70b", 2, 4096),  # and at batches 2-4
     ("13b", 4, 512)]  # a cell no table has: the nearest entry (kv4.nearest_entry), splits cut
 # float16 activations on both paths (the eager one dequantizes to float16 and multiplies in cuBLAS), and from the
 # second step on a written token's codes may differ by one where the two paths round K or V differently. Measured

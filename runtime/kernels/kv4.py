@@ -787,15 +787,23 @@ ATTN_KV_TABLE: dict[tuple[int, int, int, int], AttnConfig] = {
     (1, 16384, 40, 40): _mma(24),
 }
 ATTN_DEFAULT = AttnConfig(**_TILE)
-# The batch-1 split count of a model no ATTN_KV_TABLE key names, from PLACEMENT_CONTEXT slots on (placement_splits).
-# Every batch-1 optimum the step was timed at from 4096 tokens (7B, 8B, 13B at 4096-32768, 70B at 32768) is the
-# largest multiple of 8 whose programs and the append's fit in one placement of RESIDENT_PROGRAMS a multiprocessor,
-# at most one 64-token tile a split: 32 splits for 32 KV heads, 24 for 40, 128 for 8 (64 at 4096), 64 for the 70B's 8
-# in two query parts (the 8B at p8192: 128, tied with its entry's 64). A grid past one placement runs a second wave:
-# the 13B on 28 splits (1120 programs) started its last programs 43.5 µs late (thirty-fifth session,
+# The split count at batches 1 to PLACEMENT_MAX_BATCH of a model no ATTN_KV_TABLE key names, from PLACEMENT_CONTEXT
+# slots on (placement_splits). Every batch-1 optimum the step was timed at from 4096 tokens (7B, 8B, 13B at
+# 4096-32768, 70B at 32768) is the largest multiple of 8 whose programs fit in one placement of RESIDENT_PROGRAMS a
+# multiprocessor, at most one 64-token tile a split: 32 splits for 32 KV heads, 24 for 40, 128 for 8 (64 at 4096), 64
+# for the 70B's 8 in two query parts (the 8B at p8192: 128, tied with its entry's 64). A grid past one placement runs a
+# second wave: the 13B on 28 splits (1120 programs) started its last programs 43.5 µs late (thirty-fifth session,
 # benchmarks/results/r41/stamps13.txt), 5.12 ms a step against 4.33 on 24. At 2048 tokens the optima are fewer
 # splits (16 and 12: two tiles a split), and at batch 8 more programs (the 7B at p32768: 12 splits, 3072 programs).
+# At batches 2 and 4 the same count over the batch's programs (thirty-sixth session, benchmarks/results/r42/, queued
+# ms): the 7B at b2 16 splits (1024 programs) at p8192-p32768, 4.07-4.09 at p32768 against 5.01 on the nearest
+# entry's 32, 4.10 on 15, 4.12 on 24; at b4 8 splits, 6.41-6.43 at p32768 against 7.70 on 16, 6.71-6.75 on 7,
+# 6.39-6.41 on 12, and 2.48 at p4096 against 2.54 on the nearest entry's 4; the 13B at b2 p32768 6.36 on 13 against
+# 6.92 on 32, the 8B 2.78 on 64 against 2.84 on 32. The append's programs (one a KV head and row) are not counted:
+# at b2 15 splits and at b4 7, which would leave room for them, were slower than 16 and 8, and the 13B at b1 took 26
+# splits (1040 programs and 40 appends) as fast as 24.
 PLACEMENT_CONTEXT = 4096
+PLACEMENT_MAX_BATCH = 4
 RESIDENT_PROGRAMS = 8  # the tensor-core attention's programs (4 warps) a multiprocessor runs at once
 # a sweep record (benchmarks/attn_bench.py --json) whose best configs take precedence over ATTN_TABLE
 TABLE_ENV = "WKVQ_ATTN_TABLE"
@@ -835,12 +843,12 @@ def nearest_entry(table: dict[tuple[int, int], AttnConfig], key: tuple[int, int]
     return replace(cfg, splits=max(1, min(cfg.splits, -(-max_len // cfg.block_s))))
 
 
-def placement_splits(heads: int, kv_heads: int, max_len: int, block_s: int, sms: int = 132) -> int:
-    """Splits of a batch-1 tensor-core attention over ``max_len`` slots for ``heads`` query heads on ``kv_heads``: the
-    most whose ``kv_heads × query_parts × splits`` programs and the append's ``kv_heads`` fit in one placement of
+def placement_splits(heads: int, kv_heads: int, max_len: int, block_s: int, sms: int = 132, batch: int = 1) -> int:
+    """Splits of a tensor-core attention at ``batch`` rows over ``max_len`` slots for ``heads`` query heads on
+    ``kv_heads``: the most whose ``batch × kv_heads × query_parts × splits`` programs fit in one placement of
     :data:`RESIDENT_PROGRAMS` on each of ``sms`` multiprocessors, at most one ``block_s`` tile a split and
     :data:`MAX_SPLITS`, from 16 on rounded down to a multiple of 8 (see :data:`PLACEMENT_CONTEXT`)."""
-    fit = (sms * RESIDENT_PROGRAMS - kv_heads) // (kv_heads * query_parts(heads // kv_heads))
+    fit = sms * RESIDENT_PROGRAMS // (batch * kv_heads * query_parts(heads // kv_heads))
     splits = min(fit, MAX_SPLITS, -(-max_len // block_s))
     return max(1, splits // 8 * 8 if splits >= 16 else splits)
 
@@ -850,8 +858,9 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: 
     (None: as many): the sweep records named by the environment variable ``WKVQ_ATTN_TABLE`` (:func:`load_table`;
     several separated by ``os.pathsep``), then :data:`ATTN_KV_TABLE` at ``kv_heads`` and ``heads``, then
     :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_TABLE`'s nearest entry
-    (:func:`nearest_entry`), else (an empty table) :data:`ATTN_DEFAULT`; at batch 1 from :data:`PLACEMENT_CONTEXT`
-    slots a tensor-core config of either ATTN_TABLE way takes :func:`placement_splits`; ``l2_ahead`` from
+    (:func:`nearest_entry`), else (an empty table) :data:`ATTN_DEFAULT`; at batches up to
+    :data:`PLACEMENT_MAX_BATCH` from :data:`PLACEMENT_CONTEXT` slots a tensor-core config of either ATTN_TABLE way
+    takes :func:`placement_splits`; ``l2_ahead`` from
     ``WKVQ_ATTN_L2`` where it is set to a number; ``splits`` resolved by :func:`num_splits` (``sms``
     multiprocessors) where left at 0."""
     key = (batch, context_bucket(max_len))
@@ -860,8 +869,8 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: 
     cfg = env.get(key) or ATTN_KV_TABLE.get((*key, kv, heads))
     if cfg is None:
         cfg = ATTN_TABLE.get(key) or nearest_entry(ATTN_TABLE, key, max_len) or ATTN_DEFAULT
-        if batch == 1 and key[1] >= PLACEMENT_CONTEXT and cfg.mma:
-            cfg = replace(cfg, splits=placement_splits(heads, kv, max_len, cfg.block_s, sms))
+        if batch <= PLACEMENT_MAX_BATCH and key[1] >= PLACEMENT_CONTEXT and cfg.mma:
+            cfg = replace(cfg, splits=placement_splits(heads, kv, max_len, cfg.block_s, sms, batch))
     ahead = os.environ.get(L2_ENV, "")
     if ahead.isdigit():
         cfg = replace(cfg, l2_ahead=int(ahead))
