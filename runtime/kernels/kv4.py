@@ -860,9 +860,8 @@ def attn_config(batch: int, heads: int, max_len: int, sms: int = 132, kv_heads: 
     :data:`ATTN_TABLE`, at ``(batch, context_bucket(max_len))``, else :data:`ATTN_TABLE`'s nearest entry
     (:func:`nearest_entry`), else (an empty table) :data:`ATTN_DEFAULT`; at batches up to
     :data:`PLACEMENT_MAX_BATCH` from :data:`PLACEMENT_CONTEXT` slots a tensor-core config of either ATTN_TABLE way
-    takes :func:`placement_splits`; ``l2_ahead`` from
-    ``WKVQ_ATTN_L2`` where it is set to a number; ``splits`` resolved by :func:`num_splits` (``sms``
-    multiprocessors) where left at 0."""
+    takes :func:`placement_splits`; ``l2_ahead`` from ``WKVQ_ATTN_L2`` where it is set to a number; ``splits``
+    resolved by :func:`num_splits` (``sms`` multiprocessors) where left at 0."""
     key = (batch, context_bucket(max_len))
     env = env_tables(os.environ.get(TABLE_ENV), load_table)
     kv = kv_heads or heads
