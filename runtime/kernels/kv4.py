@@ -799,7 +799,8 @@ ATTN_DEFAULT = AttnConfig(**_TILE)
 # ms): the 7B at b2 16 splits (1024 programs) at p8192-p32768, 4.07-4.09 at p32768 against 5.01 on the nearest
 # entry's 32, 4.10 on 15, 4.12 on 24; at b4 8 splits, 6.41-6.43 at p32768 against 7.70 on 16, 6.71-6.75 on 7,
 # 6.39-6.41 on 12, and 2.48 at p4096 against 2.54 on the nearest entry's 4; the 13B at b2 p32768 6.36 on 13 against
-# 6.92 on 32, the 8B 2.78 on 64 against 2.84 on 32. The append's programs (one a KV head and row) are not counted:
+# 6.92 on 32, the 8B 2.78 on 64 against 2.84 on 32; the 7B at b3 on 11, 5.19 at p32768 and 2.73 at p8192 against
+# 5.31 and 3.04 on the nearest (b8) entries' 16 and 4. The append's programs (one a KV head and row) are not counted:
 # at b2 15 splits and at b4 7, which would leave room for them, were slower than 16 and 8, and the 13B at b1 took 26
 # splits (1040 programs and 40 appends) as fast as 24.
 PLACEMENT_CONTEXT = 4096
