@@ -1,9 +1,9 @@
 # Sourced by the benchmarks/h200_round*.sh scripts (device tool, carry .gpu/whl): the wheels of .gpu/whl into
 # /tmp/site, the environment, the output folder $o ($OUT, default /root/out), `mark` (seconds since the start and a
 # message), `bench` (cli.py bench of the 7B shape on the wkvq-gemv path, 20 steps, plus the arguments given),
-# `nbench` (a named bench row on the wkvq path), `gpu_tests` (the kernel GPU tests matching a -k expression; with
-# .gpu/xdist carried), `attn_table` / `sptable` (one-entry attention tables for WKVQ_ATTN_TABLE) and `record` (the
-# record table).
+# `bbench` / `nbench` (named bench rows on the wkvq path, any batch / batch 1), `heads_of` (a shape's heads),
+# `gpu_tests` (the kernel GPU tests matching a -k expression; with .gpu/xdist carried), `attn_table` / `mtable` /
+# `sptable` (attention tables for WKVQ_ATTN_TABLE) and `record` (the record table).
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl $(ls .gpu/xdist/*.whl 2>/dev/null) \
@@ -23,11 +23,14 @@ record() {
       --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done
 }
-# `nbench NAME ARGS...`: cli.py bench on the wkvq path at batch 1, 20 steps, plus ARGS, into $o/NAME.json; its rows
-# prefixed by NAME
-nbench() { local name=$1; shift
-  python3 cli.py bench --paths wkvq --batches 1 --steps 20 --json "$o/$name.json" "$@" 2>&1 | grep "wkvq" \
-    | sed "s/^/$name /"; }
+# `bbench NAME ARGS...`: cli.py bench on the wkvq path, 20 steps, plus ARGS, into $o/NAME.json; rows prefixed by NAME
+bbench() { local name=$1; shift
+  python3 cli.py bench --paths wkvq --steps 20 --json "$o/$name.json" "$@" 2>&1 | grep "wkvq" | sed "s/^/$name /"; }
+# `nbench NAME ARGS...`: bbench at batch 1
+nbench() { local name=$1; shift; bbench "$name" --batches 1 "$@"; }
+# `heads_of SHAPE`: the bench shape's query heads and KV heads
+heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; 3b) echo "24 8";; 70b) echo "64 8";;
+  *) echo "unknown shape $1" >&2; exit 2;; esac; }
 # `gpu_tests EXPR`: the real-shape, kernel and tensor-core attention tests matching `pytest -k EXPR` on 8 workers
 # ($o/tests.txt; the failures and the summary printed)
 gpu_tests() {
@@ -43,7 +46,18 @@ from runtime.kernels import kv4
 c = $4
 json.dump({'best': {'$2x$3': {'config': dataclasses.asdict(c)}}}, open('/root/$1.json', 'w'))
 print('$1:', c)"; }
-# `sptable NAME HEADS BATCH CONTEXT SPLITS [KV_HEADS]`: the config the tables give HEADS heads (on KV_HEADS, default
-# as many) at (BATCH, CONTEXT) with SPLITS splits, as attn_table NAME
-sptable() { attn_table "$1" "$3" "$4" \
-  "dataclasses.replace(kv4.attn_config($3, $2, $4 + 1, kv_heads=${6:-$2}), splits=$5)"; }
+# `mtable NAME HEADS KV_HEADS SPEC...`: an attention table at /root/NAME.json for WKVQ_ATTN_TABLE, one entry a SPEC
+# `batch:context:splits`, each the config the tables give HEADS heads on KV_HEADS there with that many splits; printed
+mtable() { local name=$1 h=$2 kv=$3; shift 3; python3 -c "
+import dataclasses, json, sys
+from runtime.kernels import kv4
+best = {}
+for spec in sys.argv[1:]:
+    b, c, s = (int(v) for v in spec.split(':'))
+    best[f'{b}x{c}'] = {'config': dataclasses.asdict(dataclasses.replace(
+        kv4.attn_config(b, $h, c + 1, kv_heads=$kv), splits=s))}
+json.dump({'best': best}, open('/root/$name.json', 'w'))
+print('$name:', ' '.join(f'{k}:{v[\"config\"][\"splits\"]}' for k, v in best.items()))" "$@"; }
+# `sptable NAME HEADS BATCH CONTEXT SPLITS [KV_HEADS]`: mtable NAME's one entry at (BATCH, CONTEXT), HEADS heads on
+# KV_HEADS (default as many)
+sptable() { mtable "$1" "$2" "${6:-$2}" "$3:$4:$5"; }

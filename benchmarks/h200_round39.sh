@@ -10,7 +10,6 @@
 #   rule    (added in the thirty-fifth session) the placement rule (kv4.placement_splits) on the GPU: tests, the 3B's step
 # Usage: OUT=$OUT bash benchmarks/h200_round39.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
-heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; 3b) echo "24 8";; *) echo "unknown shape $1" >&2; exit 2;; esac; }
 # `one SHAPE CONTEXT SPLITS NAME`: the step of SHAPE at b1 CONTEXT on SPLITS (def: the default), row prefixed by NAME
 one() { local shape=$1 ctx=$2 sp=$3 name=$4; read -r h kv <<< "$(heads_of "$shape")"
   if [ "$sp" = def ]; then nbench "$name" --shapes "$shape" --prompts "$ctx"; return; fi

@@ -11,23 +11,6 @@
 #   check    the real-shape tests at the batch-2-4 cells kv4.placement_splits now decides, and the table test
 # Usage: OUT=$OUT bash benchmarks/h200_round40.sh PART...  (carry .gpu/whl)
 source benchmarks/h200_lib.sh
-heads_of() { case $1 in 7b) echo "32 32";; 8b) echo "32 8";; 13b) echo "40 40";; 3b) echo "24 8";; 70b) echo "64 8";;
-  *) echo "unknown shape $1" >&2; exit 2;; esac; }
-# `mtable NAME HEADS KV_HEADS SPEC...`: an attention table at /root/NAME.json for WKVQ_ATTN_TABLE, one entry a SPEC
-# `batch:context:splits`, each the config the tables give there with that many splits
-mtable() { local name=$1 h=$2 kv=$3; shift 3; python3 -c "
-import dataclasses, json, sys
-from runtime.kernels import kv4
-best = {}
-for spec in sys.argv[1:]:
-    b, c, s = (int(v) for v in spec.split(':'))
-    best[f'{b}x{c}'] = {'config': dataclasses.asdict(dataclasses.replace(
-        kv4.attn_config(b, $h, c + 1, kv_heads=$kv), splits=s))}
-json.dump({'best': best}, open('/root/$name.json', 'w'))
-print('$name:', ' '.join(f'{k}:{v[\"config\"][\"splits\"]}' for k, v in best.items()))" "$@"; }
-# `bbench NAME ARGS...`: cli.py bench on the wkvq path, 20 steps, plus ARGS, into $o/NAME.json; rows prefixed by NAME
-bbench() { local name=$1; shift
-  python3 cli.py bench --paths wkvq --steps 20 --json "$o/$name.json" "$@" 2>&1 | grep "wkvq" | sed "s/^/$name /"; }
 for part in "$@"; do case $part in
 batch)
   mtable bA 32 32 2:2048:8 2:8192:32 2:32768:24 4:2048:8 4:8192:8 4:32768:12
@@ -46,7 +29,8 @@ batch2)  # (after batch) p8192-p32768 at batches 2, 4 and 8, two more split coun
     mark "batch2 $t"
   done;;
 check)
-  gpu_tests "real_shapes and ([7b-2-32768] or [7b-4-4096] or [13b-2-16384] or [8b-4-8192] or [70b-2-4096]) or attn_config_policy"
+  cells="[7b-2-32768] or [7b-4-4096] or [13b-2-16384] or [8b-4-8192] or [70b-2-4096]"
+  gpu_tests "real_shapes and ($cells) or attn_config_policy"
   mark check;;
 b70)
   mtable t70 64 8 1:4096:32 1:8192:32 1:16384:32

@@ -131,8 +131,8 @@ def test_bench_config_and_table():
     with pytest.raises(ValueError, match="unknown path"):
         BenchConfig(paths=("fp8",))
     result = {"device": "GPU", "copy_bandwidth_GBps": 4200.0, "date": "today", "rows": [
-        {"shape": "7b", "path": "wkvq", "batch": 1, "prompt": 2048, "ms_per_token": 2.5, "queued_ms": 2.25, "peak_GB": 4.5,
-             "bandwidth_fraction": 0.4, "status": "ok"},
+        {"shape": "7b", "path": "wkvq", "batch": 1, "prompt": 2048, "ms_per_token": 2.5, "queued_ms": 2.25,
+         "peak_GB": 4.5, "bandwidth_fraction": 0.4, "status": "ok"},
         {"shape": "7b", "path": "fp16_eager", "batch": 8, "prompt": 32768, "status": "oom", "peak_GB": 140.0}]}
     lines = format_table(result).splitlines()
     assert "queued" in lines[1] and "2.500   2.250" in lines[2] and "0.40" in lines[2] and lines[3].endswith("oom")
@@ -148,10 +148,10 @@ def test_bench_fractions_and_speedups():
         "bandwidth_fraction": 0.5, "queued_fraction": 1.0}
     assert bandwidth_fractions({"ms_per_token": 2.0}, 4000.0) == {}
     assert bandwidth_fractions({"bytes_per_step": 4e9, "status": "oom"}, 4000.0) == {}
-    rows = [{"shape": "7b", "path": "wkvq", "batch": 1, "prompt": p, "ms_per_token": 2.0, "queued_ms": 1.9, "bytes_per_step": 8e9,
-                 "status": "ok"} for p in (2048, 32768)]
-    rows += [{"shape": "7b", "path": "fp16_compiled", "batch": 1, "prompt": 32768, "ms_per_token": 9.0, "queued_ms": 7.6,
-                  "bytes_per_step": 30e9, "status": "ok"},
+    rows = [{"shape": "7b", "path": "wkvq", "batch": 1, "prompt": p, "ms_per_token": 2.0, "queued_ms": 1.9,
+             "bytes_per_step": 8e9, "status": "ok"} for p in (2048, 32768)]
+    rows += [{"shape": "7b", "path": "fp16_compiled", "batch": 1, "prompt": 32768, "ms_per_token": 9.0,
+              "queued_ms": 7.6, "bytes_per_step": 30e9, "status": "ok"},
              {"shape": "7b", "path": "fp16_compiled", "batch": 1, "prompt": 2048, "status": "oom"},
              {"shape": "7b", "path": "int4_tinygemm", "batch": 1, "prompt": 32768, "ms_per_token": 4.0, "status": "ok"}]
     got = speedups({"rows": rows})
