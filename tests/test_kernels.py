@@ -29,10 +29,12 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("layout", ["row", "group"])
-@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128)])
+@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128),
+                                   (300, 40, 576)])
 def test_w4_linear(m, n, k, layout):
-    """Every kernel of w4_linear (one row, K % 8 != 0: the GEMV; up to 16: split-K; more: the GEMM) on the
-    artifact's row-major layout and on the group-major one (quant.group_major; ragged groups padded)."""
+    """Every kernel of w4_linear (one row, K % 8 != 0: the GEMV; up to 16: split-K; more: the GEMM; from
+    DEQUANT_MIN_ROWS the dequantized weight on cuBLAS) on the artifact's row-major layout and on the group-major
+    one (quant.group_major; ragged groups padded)."""
     from runtime.kernels.w4 import w4_linear
 
     w = torch.randn(n, k, device=DEV)
@@ -45,6 +47,27 @@ def test_w4_linear(m, n, k, layout):
                     torch.randn(m, n, device=DEV, dtype=DTYPE))
     ref = x.double() @ quant.dequantize_weight(q, s, z, 128).double().T + bias.double() + res.double()
     assert _rel(w4_linear(x, qw, s, z, 128, bias, res), ref) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("layout,group,k", [("row", 128, 576), ("group", 128, 576), ("group", 64, 200),
+                                           ("row", 32, 100)])
+def test_w4_dequantize_is_exact(layout, group, k, dtype):
+    """The prefill's dequantization equals the reference's, element for element, on both layouts, ragged last
+    groups included, and on a row slice of a group-major weight (the fused projections' views)."""
+    from runtime.kernels.w4 import DEQUANT_MIN_ROWS, w4_dequantize
+
+    n = 72
+    w = torch.randn(n + 8, k, device=DEV)
+    scale, zero = quant.weight_qparams(w, 4, group)
+    q = quant.quantize_weight(w, scale, zero, 4, group)
+    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z, group)
+    out = w4_dequantize(qw[8:], s[8:], z[8:], k, group, dtype)
+    assert out.dtype == dtype and out.shape == (n, k)
+    assert torch.equal(out, quant.dequantize_weight(q[8:], s[8:], z[8:], group, dtype))
+    assert DEQUANT_MIN_ROWS > 16  # the decode step's rows never take it
 
 
 @pytest.mark.parametrize("layout,group", [("row", 128), ("group", 128), ("group", 64)])
@@ -99,6 +122,30 @@ def test_rope_append_matches_cache_write(group):
     ref.write(0, kq, k_cur[:, :, None], v_cur[:, :, None], pos)  # same inputs: stored bytes must agree
     for a, r in zip(fast.layers[0].tensors(), ref.layers[0].tensors()):
         assert torch.equal(a[:, :, pos], r[:, :, pos])
+
+
+@pytest.mark.parametrize("group,hkv,t,start", [(None, 2, 37, 3), (8, 3, 20, 0)])
+def test_prefill_write_matches_torch_write(group, hkv, t, start):
+    """A prefill's write (several tokens: kv4.quant_write, one launch) stores the bytes of the torch path
+    (quant.kv_quantize, float16 stats) at every slot, from float16 keys and a strided view of values (as the
+    eager forward's qkv split gives), and leaves the other slots alone."""
+    from runtime.kernels import kv4
+
+    b, d, s = 2, 32, 64
+    kq = _quantizer(hkv, d, group)
+    key = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.float16) * 3
+    value = torch.randn(b, t, 2 * hkv, d, device=DEV, dtype=torch.float16).transpose(1, 2)[:, hkv:]
+    fast, ref = (StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(2))
+    assert kv4.quant_write_ok(fast.layers[0], key, 4)
+    fast.write(0, kq, key, value, start)
+    for which, x, tensors in (("k", key, (0, 1, 2)), ("v", value, (3, 4, 5))):
+        codes, step, lo = kq.quantize(which, x)
+        stored = [fast.layers[0].tensors()[i] for i in tensors]
+        assert torch.equal(stored[0][:, :, start:start + t], quant.pack(codes, 4))
+        assert torch.equal(stored[1][:, :, start:start + t].float(), step)
+        assert torch.equal(stored[2][:, :, start:start + t].float(), lo)
+    for a, r in zip(fast.layers[0].tensors(), ref.layers[0].tensors()):  # slots outside start .. start + t
+        assert torch.equal(a[:, :, :start], r[:, :, :start]) and torch.equal(a[:, :, start + t:], r[:, :, start + t:])
 
 
 def test_rope_append_clears_an_extra_buffer():

@@ -9,7 +9,7 @@ import runtime
 from runtime.cache import CACHE_KWARG, new_cache
 from runtime.fast import FastLlama
 from runtime.kvquant import KVQuantizer
-from runtime.static_cache import StaticPOQCache
+from runtime.static_cache import StaticPOQCache, poq_attention
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,25 @@ def test_write_read_equals_quantizer_roundtrip():
         ref = kq.dequantize(which, *kq.quantize(which, x), torch.float32)
         assert torch.equal(r[:, :, 4:9], ref)
     assert cache.layers[0].k_step.dtype == torch.float16
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("past,new", [(0, 7), (0, 1), (5, 1), (5, 4)])
+def test_poq_attention_against_softmax(heads, kv_heads, past, new):
+    """Each branch of poq_attention (a prefill from nothing, one token, several after a past; MHA and GQA) against
+    softmax attention written out: past slots all visible, the new tokens causal among themselves."""
+    g = torch.Generator().manual_seed(past * 10 + new)
+    d = 16
+    q = torch.randn(2, heads, new, d, generator=g, dtype=torch.float64)
+    k, v, pk, pv = (torch.randn(2, kv_heads, n, d, generator=g, dtype=torch.float64) for n in (new, new, past, past))
+    rep = heads // kv_heads
+    keys = torch.cat([pk, k], -2).repeat_interleave(rep, 1)
+    values = torch.cat([pv, v], -2).repeat_interleave(rep, 1)
+    scores = q @ keys.transpose(-1, -2) * d ** -0.5
+    visible = torch.arange(past + new)[None, :] <= torch.arange(new)[:, None] + past
+    ref = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ values
+    out = poq_attention(q, k, v, pk, pv, d ** -0.5)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
 
 
 def test_overflow_is_refused():

@@ -156,6 +156,52 @@ def _rope_append_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kcur_ptr, vcu
             _clear(row + (HQ + HKV + kh) * D, jj, ve)
 
 
+@triton.jit
+def _quant_write_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kscale_ptr, kshift_ptr,
+                        vscale_ptr, vshift_ptr, start, T, S, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                        HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr,
+                        TOKENS: tl.constexpr):
+    """Tokens ``TOKENS * i ..`` (program ``(i, b * HKV + kh)``) of KV head ``kh`` of sequence ``b``: key and value
+    quantized into slots ``start + t`` (:func:`_quant_store`, the decode step's append)."""
+    HALF: tl.constexpr = D // 2
+    GSH: tl.constexpr = HALF // G
+    bh = tl.program_id(1)
+    b, kh = bh // HKV, bh % HKV
+    jj = tl.arange(0, G)[:, None] * GSH + tl.arange(0, GSH)[None, :]
+    for i in range(TOKENS):
+        t = tl.program_id(0) * TOKENS + i
+        if t < T:
+            slot = bh * S + start + t
+            krow = k_ptr + b * sk_b + kh * sk_h + t * sk_t
+            vrow = v_ptr + b * sv_b + kh * sv_h + t * sv_t
+            _quant_store(tl.load(krow + 2 * jj).to(tl.float32), tl.load(krow + 2 * jj + 1).to(tl.float32), jj,
+                         kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF, ks_ptr + slot * G,
+                         km_ptr + slot * G, G, QMAX)
+            _quant_store(tl.load(vrow + 2 * jj).to(tl.float32), tl.load(vrow + 2 * jj + 1).to(tl.float32), jj,
+                         vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF, vs_ptr + slot * G,
+                         vm_ptr + slot * G, G, QMAX)
+
+
+def quant_write_ok(store, key, bits: int) -> bool:
+    """Whether :func:`quant_write` takes these tokens: 4-bit codes, head_dim and its groups powers of two, the
+    channels contiguous."""
+    half, g = store.k_codes.shape[-1], store.k_step.shape[-1]
+    return bits == 4 and half & (half - 1) == 0 and g & (g - 1) == 0 and half % g == 0 and key.stride(-1) == 1
+
+
+def quant_write(key, value, store, kv_params, start: int) -> None:
+    """Quantize ``key, value [B, Hkv, T, D]`` (channels contiguous, any float dtype) into ``store``'s slots
+    ``start .. start + T``: the same bytes as :meth:`runtime.static_cache.StaticPOQCache.write`'s torch path, in one
+    launch (a prefill's write). ``kv_params`` as :func:`rope_append`'s."""
+    b, hkv, s, half = store.k_codes.shape
+    t = key.shape[2]
+    tokens = 16
+    _quant_write_kernel[(triton.cdiv(t, tokens), b * hkv)](
+        key, value, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min,
+        *(p.float().contiguous() for p in kv_params), start, t, s, *key.stride()[:3], *value.stride()[:3],
+        HKV=hkv, D=2 * half, G=store.k_step.shape[-1], QMAX=15, TOKENS=tokens)
+
+
 def rope_append(qkv, cos, sin, pos, store, kv_params, num_heads: int, bits: int = 4, clear: bool = False,
                 clear_extra: torch.Tensor | None = None):
     """Rope the decode token's q/k, append its quantized k/v to ``store`` at slot ``pos``.
