@@ -4,6 +4,7 @@
 #   prefill   7B and LLaMA-3-8B prefill of 2048 / 8192 / 32768 tokens: W4KV4 now, W4KV4 as before (--before), fp16
 #             transformers, with each cell's top kernels
 #   prefill2  (after the prefill's KV write became one kernel, kv4.quant_write) the W4KV4 cells of prefill again
+#   decode    the decode step (7B b1 p2048, p32768) after the append's quantization took per-row stats offsets
 #   check     the GPU tests of what changed: w4_linear / w4_dequantize, poq_attention, the prefill's write, the decode
 #             step's tests and the real-shape tests (whose eager reference prefills on the new path)
 # Usage: OUT=$OUT bash benchmarks/h200_round41.sh PART...  (carry .gpu/whl; .gpu/xdist for check)
@@ -20,6 +21,7 @@ prefill)
 prefill2)
   python3 benchmarks/prefill_bench.py --shapes 7b,8b --prompts 2048,8192,32768 --paths wkvq --profile \
     --json "$o/prefill2.json" 2>&1 | grep -v Warning; mark prefill2;;
+decode) nbench dec --shapes 7b --prompts 2048,32768; mark decode;;
 check)
   python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels.py tests/test_static_cache.py \
     tests/test_real_shapes.py > "$o/check.txt" 2>&1; echo "pytest rc=$?"

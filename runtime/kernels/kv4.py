@@ -55,9 +55,10 @@ def _rope(base, d, cos_row, sin_row, HALF: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr, G: tl.constexpr,
-                 QMAX: tl.constexpr):
-    """Token-wise asymmetric quantization of one head (even/odd channels ``[G, GSH]``), stored packed."""
+def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr, gi, QMAX: tl.constexpr):
+    """Token-wise asymmetric quantization of one head's groups (even/odd channels ``[rows, GSH]``, a row a group;
+    ``jj`` their packed byte index in the head), stored packed at ``codes_ptr + jj``, the rows' steps and minima at
+    ``step_ptr + gi`` and ``min_ptr + gi``. The rows may be several tokens' groups (per-row pointers)."""
     ye = (xe - tl.load(shift_ptr + 2 * jj)) / tl.load(scale_ptr + 2 * jj)
     yo = (xo - tl.load(shift_ptr + 2 * jj + 1)) / tl.load(scale_ptr + 2 * jj + 1)
     lo = tl.minimum(tl.min(ye, 1), tl.min(yo, 1))
@@ -69,9 +70,8 @@ def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr,
     ce = tl.minimum(tl.maximum(_round_half_even((ye - lo[:, None]) / step[:, None]), 0.0), QMAX)
     co = tl.minimum(tl.maximum(_round_half_even((yo - lo[:, None]) / step[:, None]), 0.0), QMAX)
     tl.store(codes_ptr + jj, (ce.to(tl.uint8) | (co.to(tl.uint8) << 4)))
-    g = tl.arange(0, G)
-    tl.store(step_ptr + g, step.to(tl.float16))
-    tl.store(min_ptr + g, lo.to(tl.float16))
+    tl.store(step_ptr + gi, step.to(tl.float16))
+    tl.store(min_ptr + gi, lo.to(tl.float16))
 
 
 @triton.jit
@@ -108,10 +108,11 @@ def _append_kv(row, b, kh, pos, jj, cos_row, sin_row, kc_ptr, ks_ptr, km_ptr, vc
     ve = tl.load(vrow + 2 * jj).to(tl.float32)
     vo = tl.load(vrow + 2 * jj + 1).to(tl.float32)
     slot = (b * HKV + kh) * S + pos
+    g = tl.arange(0, G)
     _quant_store(ke, ko, jj, kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF,
-                 ks_ptr + slot * G, km_ptr + slot * G, G, QMAX)
+                 ks_ptr + slot * G, km_ptr + slot * G, g, QMAX)
     _quant_store(ve, vo, jj, vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF,
-                 vs_ptr + slot * G, vm_ptr + slot * G, G, QMAX)
+                 vs_ptr + slot * G, vm_ptr + slot * G, g, QMAX)
     return ke, ko, ve, vo
 
 
@@ -162,24 +163,25 @@ def _quant_write_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm
                         HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, QMAX: tl.constexpr,
                         TOKENS: tl.constexpr):
     """Tokens ``TOKENS * i ..`` (program ``(i, b * HKV + kh)``) of KV head ``kh`` of sequence ``b``: key and value
-    quantized into slots ``start + t`` (:func:`_quant_store`, the decode step's append)."""
+    quantized into slots ``start + t`` (:func:`_quant_store`, the decode step's append), a row a token's group. Past
+    ``T`` the rows repeat the last token (the same bytes to the same place: no masks)."""
     HALF: tl.constexpr = D // 2
     GSH: tl.constexpr = HALF // G
     bh = tl.program_id(1)
     b, kh = bh // HKV, bh % HKV
-    jj = tl.arange(0, G)[:, None] * GSH + tl.arange(0, GSH)[None, :]
-    for i in range(TOKENS):
-        t = tl.program_id(0) * TOKENS + i
-        if t < T:
-            slot = bh * S + start + t
-            krow = k_ptr + b * sk_b + kh * sk_h + t * sk_t
-            vrow = v_ptr + b * sv_b + kh * sv_h + t * sv_t
-            _quant_store(tl.load(krow + 2 * jj).to(tl.float32), tl.load(krow + 2 * jj + 1).to(tl.float32), jj,
-                         kscale_ptr + kh * D, kshift_ptr + kh * D, kc_ptr + slot * HALF, ks_ptr + slot * G,
-                         km_ptr + slot * G, G, QMAX)
-            _quant_store(tl.load(vrow + 2 * jj).to(tl.float32), tl.load(vrow + 2 * jj + 1).to(tl.float32), jj,
-                         vscale_ptr + kh * D, vshift_ptr + kh * D, vc_ptr + slot * HALF, vs_ptr + slot * G,
-                         vm_ptr + slot * G, G, QMAX)
+    r = tl.arange(0, TOKENS * G)
+    t = tl.minimum(tl.program_id(0) * TOKENS + r // G, T - 1)
+    gi = r % G
+    jj = gi[:, None] * GSH + tl.arange(0, GSH)[None, :]
+    slot = bh * S + start + t
+    krow = (k_ptr + b * sk_b + kh * sk_h + t * sk_t)[:, None]
+    vrow = (v_ptr + b * sv_b + kh * sv_h + t * sv_t)[:, None]
+    _quant_store(tl.load(krow + 2 * jj).to(tl.float32), tl.load(krow + 2 * jj + 1).to(tl.float32), jj,
+                 kscale_ptr + kh * D, kshift_ptr + kh * D, (kc_ptr + slot * HALF)[:, None], ks_ptr + slot * G,
+                 km_ptr + slot * G, gi, QMAX)
+    _quant_store(tl.load(vrow + 2 * jj).to(tl.float32), tl.load(vrow + 2 * jj + 1).to(tl.float32), jj,
+                 vscale_ptr + kh * D, vshift_ptr + kh * D, (vc_ptr + slot * HALF)[:, None], vs_ptr + slot * G,
+                 vm_ptr + slot * G, gi, QMAX)
 
 
 def quant_write_ok(store, key, bits: int) -> bool:
@@ -195,7 +197,7 @@ def quant_write(key, value, store, kv_params, start: int) -> None:
     launch (a prefill's write). ``kv_params`` as :func:`rope_append`'s."""
     b, hkv, s, half = store.k_codes.shape
     t = key.shape[2]
-    tokens = 16
+    tokens = 32
     _quant_write_kernel[(triton.cdiv(t, tokens), b * hkv)](
         key, value, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min,
         *(p.float().contiguous() for p in kv_params), start, t, s, *key.stride()[:3], *value.stride()[:3],
