@@ -6,9 +6,10 @@ into a StaticCache), on random models of real shapes (CUDA).
 
 Each cell: the median of ``--repeats`` timed prefills after one untimed (compiles, autotunes), each from an empty
 cache and waited for, and the peak memory the prefill adds above the model and its cache. ``--before`` times the
-W4KV4 prefill as it was until the thirty-seventh session (every projection on the tiled INT4 kernel, the attention
-with a materialized mask and SDPA's ``enable_gqa``, which together fall back to the math kernel); ``--gemm`` times
-the projections alone at the 7B shapes, tiled kernel against dequantization + cuBLAS, over rows.
+W4KV4 prefill's projections and attention as they were until the thirty-seventh session (every projection on the
+tiled INT4 kernel, the attention with a materialized mask); the KV write stays the kernel it became then
+(``runtime.kernels.kv4.quant_write``). ``--gemm`` times the projections alone at the 7B shapes, tiled kernel against
+dequantization + cuBLAS, over rows.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="also list each cell's top kernels by GPU time")
-    p.add_argument("--before", action="store_true", help="the W4KV4 prefill as before the thirty-seventh session")
+    p.add_argument("--before", action="store_true", help="the projections and attention as before the thirty-seventh session")
     p.add_argument("--gemm", help="rows (comma-separated): time the 7B projections alone instead")
     a = p.parse_args(argv)
     global PROFILE

@@ -28,6 +28,18 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _packed(rows, k, group, layout):
+    """A random weight of ``rows`` rows quantized at ``group``: its codes ``q`` and the packed ``(qweight, scales,
+    zeros)`` in ``layout`` ("row": the artifact's, "group": quant.group_major)."""
+    w = torch.randn(rows, k, device=DEV)
+    scale, zero = quant.weight_qparams(w, 4, group)
+    q = quant.quantize_weight(w, scale, zero, 4, group)
+    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z, group)
+    return q, qw, s, z
+
+
 @pytest.mark.parametrize("layout", ["row", "group"])
 @pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128),
                                    (300, 40, 576)])
@@ -37,12 +49,7 @@ def test_w4_linear(m, n, k, layout):
     one (quant.group_major; ragged groups padded)."""
     from runtime.kernels.w4 import w4_linear
 
-    w = torch.randn(n, k, device=DEV)
-    scale, zero = quant.weight_qparams(w, 4, 128)
-    q = quant.quantize_weight(w, scale, zero, 4, 128)
-    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
-    if layout == "group":
-        qw, s, z = quant.group_major(qw, s, z)
+    q, qw, s, z = _packed(n, k, 128, layout)
     x, bias, res = (torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(n, device=DEV, dtype=DTYPE),
                     torch.randn(m, n, device=DEV, dtype=DTYPE))
     ref = x.double() @ quant.dequantize_weight(q, s, z, 128).double().T + bias.double() + res.double()
@@ -58,12 +65,7 @@ def test_w4_dequantize_is_exact(layout, group, k, dtype):
     from runtime.kernels.w4 import DEQUANT_MIN_ROWS, w4_dequantize
 
     n = 72
-    w = torch.randn(n + 8, k, device=DEV)
-    scale, zero = quant.weight_qparams(w, 4, group)
-    q = quant.quantize_weight(w, scale, zero, 4, group)
-    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
-    if layout == "group":
-        qw, s, z = quant.group_major(qw, s, z, group)
+    q, qw, s, z = _packed(n + 8, k, group, layout)
     out = w4_dequantize(qw[8:], s[8:], z[8:], k, group, dtype)
     assert out.dtype == dtype and out.shape == (n, k)
     assert torch.equal(out, quant.dequantize_weight(q[8:], s[8:], z[8:], group, dtype))
@@ -79,12 +81,7 @@ def test_w4_accumulate_configs_and_ragged_groups(config, m, k, layout, group):
     from runtime.kernels.w4 import w4_accumulate
 
     n = 40
-    w = torch.randn(n + 8, k, device=DEV)
-    scale, zero = quant.weight_qparams(w, 4, group)
-    q = quant.quantize_weight(w, scale, zero, 4, group)
-    qw, s, z = quant.pack(q, 4), scale.half(), zero.to(torch.uint8)
-    if layout == "group":
-        qw, s, z = quant.group_major(qw, s, z, group)
+    q, qw, s, z = _packed(n + 8, k, group, layout)
     qw, s, z, q = qw[8:], s[8:], z[8:], q[8:]
     x, base = torch.randn(m, k, device=DEV, dtype=DTYPE), torch.randn(m, n, device=DEV)
     ref = base.double() + x.double() @ quant.dequantize_weight(q, s, z, group).double().T
