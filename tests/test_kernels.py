@@ -121,14 +121,15 @@ def test_rope_append_matches_cache_write(group):
         assert torch.equal(a[:, :, pos], r[:, :, pos])
 
 
-@pytest.mark.parametrize("group,hkv,t,start", [(None, 2, 37, 3), (8, 3, 20, 0)])
+@pytest.mark.parametrize("group,hkv,t,start", [(None, 2, 37, 3), (8, 3, 200, 0)])
 def test_prefill_write_matches_torch_write(group, hkv, t, start):
     """A prefill's write (several tokens: kv4.quant_write, one launch) stores the bytes of the torch path
-    (quant.kv_quantize, float16 stats) at every slot, from float16 keys and a strided view of values (as the
+    (quant.kv_quantize, float16 stats) at every slot (4800 groups: with Triton's approximate float32 division one
+    minimum in a few hundred came out a float16 step off on the H200), from float16 keys and a strided view of values (as the
     eager forward's qkv split gives), and leaves the other slots alone."""
     from runtime.kernels import kv4
 
-    b, d, s = 2, 32, 64
+    b, d, s = 2, 32, 208
     kq = _quantizer(hkv, d, group)
     key = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.float16) * 3
     value = torch.randn(b, t, 2 * hkv, d, device=DEV, dtype=torch.float16).transpose(1, 2)[:, hkv:]

@@ -59,16 +59,19 @@ def _quant_store(xe, xo, jj, scale_ptr, shift_ptr, codes_ptr, step_ptr, min_ptr,
     """Token-wise asymmetric quantization of one head's groups (even/odd channels ``[rows, GSH]``, a row a group;
     ``jj`` their packed byte index in the head), stored packed at ``codes_ptr + jj``, the rows' steps and minima at
     ``step_ptr + gi`` and ``min_ptr + gi``. The rows may be several tokens' groups (per-row pointers)."""
-    ye = (xe - tl.load(shift_ptr + 2 * jj)) / tl.load(scale_ptr + 2 * jj)
-    yo = (xo - tl.load(shift_ptr + 2 * jj + 1)) / tl.load(scale_ptr + 2 * jj + 1)
+    # IEEE divisions (div.rn): Triton's "/" on float32 is the approximate division, which left a minimum one float16
+    # step off the torch path's now and then (thirty-seventh session, on the H200)
+    ye = tl.math.div_rn(xe - tl.load(shift_ptr + 2 * jj), tl.load(scale_ptr + 2 * jj))
+    yo = tl.math.div_rn(xo - tl.load(shift_ptr + 2 * jj + 1), tl.load(scale_ptr + 2 * jj + 1))
     lo = tl.minimum(tl.min(ye, 1), tl.min(yo, 1))
     hi = tl.maximum(tl.max(ye, 1), tl.max(yo, 1))
     # step and minimum are rounded to the float16 the cache stores (as KVQuantizer.quantize does)
-    step = tl.minimum(tl.maximum(tl.maximum((hi - lo) / QMAX, 1e-8), 6.103515625e-05), 65504.0)
+    step = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + QMAX)
+    step = tl.minimum(tl.maximum(tl.maximum(step, 1e-8), 6.103515625e-05), 65504.0)
     step = step.to(tl.float16).to(tl.float32)
     lo = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
-    ce = tl.minimum(tl.maximum(_round_half_even((ye - lo[:, None]) / step[:, None]), 0.0), QMAX)
-    co = tl.minimum(tl.maximum(_round_half_even((yo - lo[:, None]) / step[:, None]), 0.0), QMAX)
+    ce = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(ye - lo[:, None], step[:, None])), 0.0), QMAX)
+    co = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(yo - lo[:, None], step[:, None])), 0.0), QMAX)
     tl.store(codes_ptr + jj, (ce.to(tl.uint8) | (co.to(tl.uint8) << 4)))
     tl.store(step_ptr + gi, step.to(tl.float16))
     tl.store(min_ptr + gi, lo.to(tl.float16))
