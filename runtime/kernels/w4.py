@@ -240,6 +240,7 @@ def _w4_splitk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G,
     tl.atomic_add(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :],
                   sem="relaxed")
 
+
 @triton.jit
 def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn,
                        stride_zg, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -374,7 +375,7 @@ DEQUANT_MIN_ROWS = 64
 
 def _dequant_linear(x2, qweight, scales, zeros, group_size, bias, residual):
     w = w4_dequantize(qweight, scales, zeros, x2.shape[1], group_size, x2.dtype)
-    base = residual.reshape(x2.shape[0], -1) if residual is not None else None
+    base = residual.reshape(x2.shape[0], -1).to(x2.dtype) if residual is not None else None
     if bias is not None:
         base = bias.to(x2.dtype) if base is None else base + bias.to(x2.dtype)
     # addmm adds the base in the GEMM's float32 epilogue: one rounding, as the tiled kernel's
