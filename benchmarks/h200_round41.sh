@@ -7,6 +7,8 @@
 #   decode    the decode step (7B b1 p2048, p32768) after the append's quantization took per-row stats offsets
 #   check     the GPU tests of what changed: w4_linear / w4_dequantize, poq_attention, the prefill's write, the decode
 #             step's tests and the real-shape tests (whose eager reference prefills on the new path)
+#   verify    (next session) the GPU tests above and the decode step after _quant_store's divisions became div_rn
+#             (89b2dc0, interpreter-tested only: the device time was spent)
 # Usage: OUT=$OUT bash benchmarks/h200_round41.sh PART...  (carry .gpu/whl; .gpu/xdist for check)
 source benchmarks/h200_lib.sh
 for part in "$@"; do case $part in
@@ -26,5 +28,10 @@ check)
   python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels.py tests/test_static_cache.py \
     tests/test_real_shapes.py > "$o/check.txt" 2>&1; echo "pytest rc=$?"
   grep -E "^(FAILED|ERROR)" "$o/check.txt" | head -30; tail -2 "$o/check.txt"; mark check;;
+verify)
+  python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels.py tests/test_kv4_mma.py tests/test_static_cache.py \
+    tests/test_real_shapes.py > "$o/verify.txt" 2>&1; echo "pytest rc=$?"
+  grep -E "^(FAILED|ERROR)" "$o/verify.txt" | head -30; tail -2 "$o/verify.txt"; mark verify
+  nbench dec2 --shapes 7b --prompts 2048,32768; mark decode;;
 *) echo "unknown part $part";;
 esac; done
