@@ -170,8 +170,7 @@ class FastLayer:
     kv_quant: torch.nn.Module  # runtime.kvquant.KVQuantizer
 
     def kv_params(self) -> tuple[torch.Tensor, ...]:
-        kq = self.kv_quant
-        return (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+        return self.kv_quant.kernel_params()
 
 
 def _rmsnorm_ref(x, weight, eps):

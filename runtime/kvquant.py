@@ -74,6 +74,11 @@ class KVQuantizer(nn.Module):
             return self.v_scale, self.v_shift
         raise ValueError(f"which must be 'k' or 'v', got {which!r}")
 
+    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k_scale, k_shift, v_scale, v_shift)``: the order the KV kernels take them (``kv_params`` of
+        :func:`runtime.kernels.kv4.rope_append` and the attention launches)."""
+        return (*self.params("k"), *self.params("v"))
+
     def quantize(self, which: str, x: torch.Tensor):
         """``x [B, H, T, D] -> (codes uint8 [B,H,T,D], step [B,H,T,G], minimum [B,H,T,G])``;
         step and minimum are float32 holding float16 values (:data:`STATS_DTYPE`)."""

@@ -103,8 +103,7 @@ class StaticPOQCache:
             from .kernels import kv4
 
             if kv4.quant_write_ok(store, key, self.bits):  # a prefill: one launch, the same bytes
-                kq = kv_quant
-                kv4.quant_write(key, value, store, (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift), start)
+                kv4.quant_write(key, value, store, kv_quant.kernel_params(), start)
                 return
         for which, x, codes, step, minimum in (("k", key, store.k_codes, store.k_step, store.k_min),
                                                ("v", value, store.v_codes, store.v_step, store.v_min)):

@@ -110,7 +110,7 @@ def test_rope_append_matches_cache_write(group):
     cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
     fast, ref = (StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(2))
     fast.pos.fill_(pos)
-    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    params = kq.kernel_params()
     q, k_cur, v_cur = rope_append(qkv, cos, sin, fast.pos, fast.layers[0], params, hq)
     x = qkv.float().view(b, hq + 2 * hkv, d)
     k_ref = _rope(x[:, hq:hq + hkv], cos[pos], sin[pos])
@@ -125,8 +125,8 @@ def test_rope_append_matches_cache_write(group):
 def test_prefill_write_matches_torch_write(group, hkv, t, start):
     """A prefill's write (several tokens: kv4.quant_write, one launch) stores the bytes of the torch path
     (quant.kv_quantize, float16 stats) at every slot (4800 groups: with Triton's approximate float32 division one
-    minimum in a few hundred came out a float16 step off on the H200), from float16 keys and a strided view of values (as the
-    eager forward's qkv split gives), and leaves the other slots alone."""
+    minimum in a few hundred came out a float16 step off on the H200), from float16 keys and a strided view of
+    values (as the eager forward's qkv split gives), and leaves the other slots alone."""
     from runtime.kernels import kv4
 
     b, d, s = 2, 32, 208
@@ -155,7 +155,7 @@ def test_rope_append_clears_an_extra_buffer():
 
     b, hq, hkv, d, s, pos, n = 2, 6, 2, 32, 8, 3, 9001
     kq = _quantizer(hkv, d)
-    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    params = kq.kernel_params()
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV, dtype=DTYPE)
     cos, sin = torch.randn(s, d, device=DEV), torch.randn(s, d, device=DEV)
     caches = [StaticPOQCache(1, b, s, hkv, d, None, device=DEV) for _ in range(2)]
@@ -181,7 +181,7 @@ def _attention_case(hq, hkv, group, length, key_scale, b=2, d=32, s=160):
     cache.advance(length)
     q = torch.randn(b, hq, d, device=DEV)
     k_cur, v_cur = torch.randn(b, hkv, d, device=DEV), torch.randn(b, hkv, d, device=DEV)
-    params = (kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift)
+    params = kq.kernel_params()
     pk, pv = cache.read(0, kq, length, torch.float32)
     ref = poq_attention(q[:, :, None], k_cur[:, :, None], v_cur[:, :, None], pk, pv, d ** -0.5)[:, :, 0]
     return (q, k_cur, v_cur, cache.layers[0], cache.pos, params, d ** -0.5, torch.float32), ref
@@ -347,7 +347,7 @@ def _rope_case(hq, hkv, group, length, b, d, s, copies, key_scale=1.0):
             c.write(0, kq, keys, values, 0)
         c.advance(length)
     qkv = torch.randn(b, (hq + 2 * hkv) * d, device=DEV)
-    return ((kq.k_scale, kq.k_shift, kq.v_scale, kq.v_shift), caches, qkv, torch.randn(s, d, device=DEV),
+    return (kq.kernel_params(), caches, qkv, torch.randn(s, d, device=DEV),
             torch.randn(s, d, device=DEV))
 
 
@@ -516,7 +516,7 @@ def test_attn_config_policy_and_table(tmp_path, monkeypatch):
     assert kv4.attn_config(1, 64, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 64] != kv4.ATTN_TABLE[1, 32768]
     assert kv4.attn_config(1, 32, 32808, kv_heads=8) == kv4.ATTN_KV_TABLE[1, 32768, 8, 32]
     assert kv4.ATTN_KV_TABLE[1, 32768, 8, 32].splits == 128 and kv4.ATTN_KV_TABLE[1, 32768, 8, 64].splits == 64
-    # LLaMA-3.2-3B (24 on 8, one query part) has no entry: (1056 - 8) / 8 = 131 programs a KV head -> 128 splits
+    # LLaMA-3.2-3B (24 on 8, one query part) has no entry: 1056 / 8 = 132 programs a KV head -> 128 splits
     assert kv4.attn_config(1, 24, 32808, kv_heads=8) == dataclasses.replace(kv4.ATTN_TABLE[1, 32768], splits=128)
     assert kv4.attn_config(1, 32, 32808) == kv4.attn_config(1, 32, 32808, kv_heads=32) == kv4.ATTN_TABLE[1, 32768]
     # LLaMA-2-13B's 40 heads at b1 p32768 on fewer splits than the 7B's 32 (960 programs, not 1280); p2048 the table's

@@ -33,6 +33,13 @@ SUPPORTED_GROUPS = (32, 64, 128, 256)
 
 
 @triton.jit
+def _nibbles(qb, s, z, dt: tl.constexpr):
+    """The weights of packed bytes ``qb`` (low nibble: channel ``2j``, high: ``2j + 1``): ``(q - zero) * scale`` in
+    float32, rounded once to ``dt``; ``s`` and ``z`` broadcast against ``qb``."""
+    return (((qb & 15).to(tl.float32) - z) * s).to(dt), (((qb >> 4).to(tl.float32) - z) * s).to(dt)
+
+
+@triton.jit
 def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                stride_xm, stride_qn, stride_qg, stride_sn, stride_sg, stride_zn, stride_zg, stride_rm, stride_ym,
                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -53,8 +60,7 @@ def _w4_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                      mask=mask_n[None, :] & (ke < K)[:, None], other=0)
         s = tl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)
-        wl = (((qb & 15).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
-        wh = (((qb >> 4).to(tl.float32) - z[None, :]) * s[None, :]).to(xe.dtype)
+        wl, wh = _nibbles(qb, s[None, :], z[None, :], xe.dtype)
         # "ieee": a float32 model's products in float32, not TF32 (Triton's default on CUDA; ignored for 16-bit x)
         acc += tl.dot(xe, wl, input_precision="ieee")
         acc += tl.dot(xo, wh, input_precision="ieee")
@@ -256,8 +262,7 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_qg, 
                  mask=mask_n[:, None] & (ke < K)[None, :], other=0)
     s = tl.load(s_ptr + rn * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     z = tl.load(z_ptr + rn * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.float32)[:, None]
-    lo = (((qb & 15).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty)
-    hi = (((qb >> 4).to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty)
+    lo, hi = _nibbles(qb, s, z, w_ptr.dtype.element_ty)
     w = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))  # channel 2j from the low nibble, 2j + 1 from the high one
     kk = g * GROUP + tl.arange(0, GROUP)
     tl.store(w_ptr + rn[:, None] * stride_wn + kk[None, :], w, mask=mask_n[:, None] & (kk < K)[None, :])
