@@ -149,6 +149,48 @@ def test_mma_group_major_layout(n, k, m, config):
 
 
 @gpu
+@pytest.mark.parametrize("m", [9, 16, 17, 32])
+@pytest.mark.parametrize("layout", ["row", "group"])
+@pytest.mark.parametrize("n,k", [(37, 576), (300, 4096)])
+def test_mma_rows_in_launches_of_eight(n, k, m, layout):
+    """Above 8 rows (batches 9-32 of the decode step) the GEMV runs in launches of 8 rows, each adding into its rows
+    of ``out``: the same products as the float64 reference, ragged N and K, a partial last launch; ``GemvW4`` takes
+    that path above 8 rows."""
+    from runtime.kernels.w4_gemv import GemvW4
+    from runtime.kernels.w4_mma import rows_ok, w4_mma_accumulate_rows
+
+    qw, s, z, w = _weight(n, k, seed=n + m)
+    if layout == "group":
+        qw, s, z = quant.group_major(qw, s, z)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    assert rows_ok(x, qw, s, z, 128)
+    want = base.double() + x.double() @ w.T
+    assert _rel(w4_mma_accumulate_rows(x, qw, s, z, 128, base.clone()), want) < TOL
+    gemv = GemvW4(qw, s, z, k, 128, None)
+    assert _rel(gemv.accumulate(x, base.clone()), want) < TOL
+
+
+def test_mma_rows_limit(monkeypatch):
+    """WKVQ_MMA_CHUNK_ROWS bounds the rows taken in launches of 8 (0: what one launch takes); a bad value is a
+    one-line error naming the variable."""
+    from runtime.kernels import w4_mma
+
+    monkeypatch.delenv(w4_mma.CHUNK_ENV, raising=False)
+    assert w4_mma.chunk_rows() == w4_mma.CHUNK_ROWS_DEFAULT == 32
+    monkeypatch.setenv(w4_mma.CHUNK_ENV, "0")
+    assert w4_mma.chunk_rows() == w4_mma.MMA_MAX_ROWS
+    monkeypatch.setenv(w4_mma.CHUNK_ENV, "64")
+    assert w4_mma.chunk_rows() == 64
+    monkeypatch.setenv(w4_mma.CHUNK_ENV, "many")
+    with pytest.raises(ValueError, match="WKVQ_MMA_CHUNK_ROWS='many'") as e:
+        w4_mma.chunk_rows()
+    assert "\n" not in str(e.value)
+    qw, s, z, _ = _weight(64, 256, device="cpu")
+    monkeypatch.delenv(w4_mma.CHUNK_ENV)
+    assert not w4_mma.rows_ok(torch.randn(16, 256, dtype=torch.float16), qw, s, z, 128)  # CPU: no PTX
+
+
+@gpu
 def test_mma_rejects_what_it_cannot_take():
     """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate

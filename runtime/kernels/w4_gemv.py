@@ -691,6 +691,10 @@ class GemvW4(W4Weight):
                                                    self.bias):
             return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
                                             ready=ready, stamps_kind=stamps)
+        if w4_mma.mma_enabled() and x.shape[0] > w4_mma.MMA_MAX_ROWS and w4_mma.rows_ok(
+                x, self.qweight, self.scales, self.zeros, self.group_size, self.bias):
+            return w4_mma.w4_mma_accumulate_rows(x, self.qweight, self.scales, self.zeros, self.group_size, out,
+                                                 stamps_kind=stamps)
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

@@ -76,6 +76,8 @@ from . import cuda_major, env_tables, multiprocessors, overlap, stamps, sweep_ta
 
 GROUP = 128
 MMA_MAX_ROWS = 8
+CHUNK_ENV = "WKVQ_MMA_CHUNK_ROWS"  # most rows w4_mma_accumulate_rows takes in launches of 8 (0: none)
+CHUNK_ROWS_DEFAULT = 32
 MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-streaming kernel
 
 
@@ -974,6 +976,37 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`)."""
     grid, args, kwargs = launch_args(x2, qweight, scales, zeros, group_size, out, config, ready, stamps_kind)
     _w4_mma_kernel[grid](*args, **kwargs)
+    return out
+
+
+def chunk_rows() -> int:
+    """The most rows :func:`w4_mma_accumulate_rows` takes (``WKVQ_MMA_CHUNK_ROWS``, default
+    :data:`CHUNK_ROWS_DEFAULT`; 0 or up to :data:`MMA_MAX_ROWS`: only what one launch takes)."""
+    raw = os.environ.get(CHUNK_ENV, str(CHUNK_ROWS_DEFAULT))
+    try:
+        return max(int(raw), MMA_MAX_ROWS)
+    except ValueError:
+        raise ValueError(f"{CHUNK_ENV}={raw!r}: give a number of rows (0 turns the chunks off)") from None
+
+
+def rows_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`w4_mma_accumulate_rows` takes these operands: :func:`mma_ok` for the first
+    :data:`MMA_MAX_ROWS` rows and at most :func:`chunk_rows` rows in all."""
+    return (x2.dim() == 2 and 1 <= x2.shape[0] <= chunk_rows()
+            and mma_ok(x2[:MMA_MAX_ROWS], qweight, scales, zeros, group_size, bias))
+
+
+def w4_mma_accumulate_rows(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int, out: torch.Tensor, stamps_kind: str | None = None) -> torch.Tensor:
+    """:func:`w4_mma_accumulate` for more rows than one launch takes (:func:`rows_ok`): one launch per
+    :data:`MMA_MAX_ROWS` rows, each on its rows' config (every launch reads the whole weight)."""
+    if not rows_ok(x2, qweight, scales, zeros, group_size):
+        raise ValueError(f"w4_mma_accumulate_rows takes 1..{chunk_rows()} rows of what w4_mma takes "
+                         f"({CHUNK_ENV}); got x {x2.dtype} {list(x2.shape)} on {x2.device}")
+    for i in range(0, x2.shape[0], MMA_MAX_ROWS):
+        w4_mma_accumulate(x2[i:i + MMA_MAX_ROWS], qweight, scales, zeros, group_size, out[i:i + MMA_MAX_ROWS],
+                          stamps_kind=stamps_kind)
     return out
 
 

@@ -1,0 +1,74 @@
+"""The decode step's projections at 9-63 rows (batches 9-63), graph-timed over a weight ring: what ``GemvW4`` ran
+above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above) against the
+tensor-core GEMV in launches of 8 rows (``w4_mma.w4_mma_accumulate_rows``), with the one-launch GEMV at 8 rows
+as the anchor. Both on the group-major weights the decode step holds on CUDA; each checked against the float64
+product first.
+
+    python3 benchmarks/rows_probe.py --shapes 7b --rows 8,9,16,24,32,48,63 --json rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
+from converter.bench_kernels import SHAPES_7B, projection_case, ring_check_time, weight_ring  # noqa: E402
+from runtime import quant  # noqa: E402
+from runtime.kernels import w4  # noqa: E402
+from runtime.kernels import w4_mma as mm  # noqa: E402
+
+SHAPES = {"7b": SHAPES_7B, "13b": ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824))}
+
+
+def _before(x, qw, sc, zr, out):
+    """What ``GemvW4`` ran above 8 rows before (``runtime.fast.W4Weight.accumulate``): the split-K kernel up to
+    ``w4.SPLITK_MAX_ROWS`` rows, the tiled kernel above."""
+    if w4.splitk_ok(x, qw):
+        return w4.w4_accumulate(x, qw, sc, zr, 128, out)
+    return out.add_(w4.w4_linear(x, qw, sc, zr, 128))
+
+
+def kernels(m: int) -> dict:
+    out = {"before": _before}
+    if m <= mm.MMA_MAX_ROWS:
+        out["mma"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate(x, qw, sc, zr, 128, o)
+    else:
+        out["mma_rows"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate_rows(x, qw, sc, zr, 128, o)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="7b")
+    ap.add_argument("--rows", default="8,9,16,24,32,48,63")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    records = []
+    print(f"{'shape':>12} {'rows':>5} {'kernel':>9} {'us':>9} {'rel err':>9}")
+    for shape in args.shapes.split(","):
+        for n, k in SHAPES[shape]:
+            ring, _ = weight_ring(n, k, RING_BYTES)
+            ring = [quant.group_major(*w) for w in ring]
+            first = ring[0]
+            for m in rows:
+                x, ref, out = projection_case(first, m)
+                for name, fn in kernels(m).items():
+                    err, ms = ring_check_time(lambda qw, sc, zr, fn=fn, x=x, out=out: fn(x, qw, sc, zr, out),
+                                              ring, out, ref)
+                    records.append(dict(shape=shape, n=n, k=k, m=m, kernel=name, us=ms * 1e3, rel_err=err))
+                    print(f"{n:6d}x{k:<5d} {m:5d} {name:>9} {ms * 1e3:9.2f} {err:9.1e}", flush=True)
+            del ring
+            torch.cuda.empty_cache()
+    Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
