@@ -1,10 +1,10 @@
-"""The decode step's projections at 9-63 rows (batches 9-63), graph-timed over a weight ring: what ``GemvW4`` ran
-above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above) against the
-tensor-core GEMV in launches of 8 rows (``w4_mma.w4_mma_accumulate_rows``), with the one-launch GEMV at 8 rows
-as the anchor. Both on the group-major weights the decode step holds on CUDA; each checked against the float64
-product first.
+"""The decode step's projections at 9-32 rows (batches 9-32), graph-timed over a weight ring: what ``GemvW4`` ran
+above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above), the
+tensor-core GEMV in launches of 8 rows, and in one launch of 2-4 blocks of 8 rows (the weight read once) on a few
+configs; the one-launch GEMV at 8 rows as the anchor. All on the group-major weights the decode step holds on CUDA
+(the reference from the row-major weight); each checked against the float64 product first.
 
-    python3 benchmarks/rows_probe.py --shapes 7b --rows 8,9,16,24,32,48,63 --json rows.json
+    python3 benchmarks/rows_probe.py --shapes 7b,13b --rows 8,9,16,24,32 --json rows.json
 """
 
 from __future__ import annotations
@@ -18,11 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gemlite_tune import RING_BYTES  # noqa: E402
-from converter.bench_kernels import SHAPES_7B, projection_case, ring_check_time, weight_ring  # noqa: E402
-from runtime import quant  # noqa: E402
-from runtime.kernels import w4  # noqa: E402
-from runtime.kernels import w4_mma as mm  # noqa: E402
+from benchmarks.gemlite_tune import RING_BYTES
+from converter.bench_kernels import (
+    SHAPES_7B,
+    projection_case,
+    ring_check_time,
+    weight_ring,
+)
+from runtime import quant
+from runtime.kernels import w4
+from runtime.kernels import w4_mma as mm
 
 SHAPES = {"7b": SHAPES_7B, "13b": ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824))}
 
@@ -35,12 +40,27 @@ def _before(x, qw, sc, zr, out):
     return out.add_(w4.w4_linear(x, qw, sc, zr, 128))
 
 
-def kernels(m: int) -> dict:
+def _chunks(x, qw, sc, zr, out):
+    """The tensor-core GEMV in launches of at most 8 rows (every launch reads the whole weight)."""
+    for i in range(0, x.shape[0], 8):
+        mm.w4_mma_accumulate(x[i:i + 8], qw, sc, zr, 128, out[i:i + 8])
+    return out
+
+
+def kernels(n: int, k: int, m: int) -> dict:
+    """The candidates at ``m`` rows: before, launches of 8, one launch on its default config and on the table's
+    8-row config for the shape (where it has one) and on one tile a warp (fewer registers)."""
     out = {"before": _before}
-    if m <= mm.MMA_MAX_ROWS:
+    if m <= 8:
         out["mma"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate(x, qw, sc, zr, 128, o)
-    else:
-        out["mma_rows"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate_rows(x, qw, sc, zr, 128, o)
+        return out
+    out["chunks8"] = _chunks
+    cfgs = {"blocks": mm.default_mma_config(n, k, m)}
+    if (n, k, 8) in mm.MMA_TABLE:
+        cfgs["blocks_t8"] = mm.MMA_TABLE[n, k, 8]
+    cfgs["blocks_1t"] = mm.guess_mma_config(n, k, rule="1")
+    for name, cfg in cfgs.items():
+        out[name] = lambda x, qw, sc, zr, o, cfg=cfg: mm.w4_mma_accumulate(x, qw, sc, zr, 128, o, config=cfg)
     return out
 
 
@@ -52,19 +72,20 @@ def main() -> None:
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     records = []
-    print(f"{'shape':>12} {'rows':>5} {'kernel':>9} {'us':>9} {'rel err':>9}")
+    print(f"{'shape':>12} {'rows':>5} {'kernel':>10} {'us':>9} {'rel err':>9}")
     for shape in args.shapes.split(","):
         for n, k in SHAPES[shape]:
             ring, _ = weight_ring(n, k, RING_BYTES)
-            ring = [quant.group_major(*w) for w in ring]
             first = ring[0]
+            ring = [quant.group_major(*w) for w in ring]  # the reference from the row-major first weight
             for m in rows:
                 x, ref, out = projection_case(first, m)
-                for name, fn in kernels(m).items():
+                for name, fn in kernels(n, k, m).items():
                     err, ms = ring_check_time(lambda qw, sc, zr, fn=fn, x=x, out=out: fn(x, qw, sc, zr, out),
                                               ring, out, ref)
-                    records.append(dict(shape=shape, n=n, k=k, m=m, kernel=name, us=ms * 1e3, rel_err=err))
-                    print(f"{n:6d}x{k:<5d} {m:5d} {name:>9} {ms * 1e3:9.2f} {err:9.1e}", flush=True)
+                    records.append({"shape": shape, "n": n, "k": k, "m": m, "kernel": name, "us": ms * 1e3,
+                                    "rel_err": err})
+                    print(f"{n:6d}x{k:<5d} {m:5d} {name:>10} {ms * 1e3:9.2f} {err:9.1e}", flush=True)
             del ring
             torch.cuda.empty_cache()
     Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": records}, indent=1))

@@ -149,57 +149,55 @@ def test_mma_group_major_layout(n, k, m, config):
 
 
 @gpu
+@pytest.mark.parametrize("config", [(4, 1, 1), (2, 2, 3), (4, 2, 1, 1, False, 1, 0, 4), None])
 @pytest.mark.parametrize("m", [9, 16, 17, 32])
 @pytest.mark.parametrize("layout", ["row", "group"])
 @pytest.mark.parametrize("n,k", [(37, 576), (300, 4096)])
-def test_mma_rows_in_launches_of_eight(n, k, m, layout):
-    """Above 8 rows (batches 9-32 of the decode step) the GEMV runs in launches of 8 rows, each adding into its rows
-    of ``out``: the same products as the float64 reference, ragged N and K, a partial last launch; ``GemvW4`` takes
-    that path above 8 rows."""
+def test_mma_several_row_blocks(n, k, m, layout, config):
+    """9-32 rows of x (decode batches 9-32) in one launch: the weight words loaded once a group and multiplied with
+    each block of 8 rows; the same products as the float64 reference with ragged N and K, a partial last block,
+    split and stream-K grids; ``GemvW4`` takes that path."""
     from runtime.kernels.w4_gemv import GemvW4
-    from runtime.kernels.w4_mma import rows_ok, w4_mma_accumulate_rows
+    from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, w = _weight(n, k, seed=n + m)
     if layout == "group":
         qw, s, z = quant.group_major(qw, s, z)
     x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
-    assert rows_ok(x, qw, s, z, 128)
+    assert mma_ok(x, qw, s, z, 128)
     want = base.double() + x.double() @ w.T
-    assert _rel(w4_mma_accumulate_rows(x, qw, s, z, 128, base.clone()), want) < TOL
-    gemv = GemvW4(qw, s, z, k, 128, None)
-    assert _rel(gemv.accumulate(x, base.clone()), want) < TOL
+    assert _rel(w4_mma_accumulate(x, qw, s, z, 128, base.clone(), config=config), want) < TOL
+    assert _rel(GemvW4(qw, s, z, k, 128, None).accumulate(x, base.clone()), want) < TOL
 
 
-def test_mma_rows_limit(monkeypatch):
-    """WKVQ_MMA_CHUNK_ROWS bounds the rows taken in launches of 8 (0: what one launch takes); a bad value is a
-    one-line error naming the variable."""
+def test_mma_rows_setting(monkeypatch):
+    """WKVQ_MMA_ROWS bounds the rows the tensor-core GEMV takes (8: batches 9-32 on the split-K kernel, as before
+    the thirty-eighth session); a bad value is a one-line error naming the variable."""
     from runtime.kernels import w4_mma
 
-    monkeypatch.delenv(w4_mma.CHUNK_ENV, raising=False)
-    assert w4_mma.chunk_rows() == w4_mma.CHUNK_ROWS_DEFAULT == 32
-    monkeypatch.setenv(w4_mma.CHUNK_ENV, "0")
-    assert w4_mma.chunk_rows() == w4_mma.MMA_MAX_ROWS
-    monkeypatch.setenv(w4_mma.CHUNK_ENV, "64")
-    assert w4_mma.chunk_rows() == 64
-    monkeypatch.setenv(w4_mma.CHUNK_ENV, "many")
-    with pytest.raises(ValueError, match="WKVQ_MMA_CHUNK_ROWS='many'") as e:
-        w4_mma.chunk_rows()
-    assert "\n" not in str(e.value)
-    qw, s, z, _ = _weight(64, 256, device="cpu")
-    monkeypatch.delenv(w4_mma.CHUNK_ENV)
-    assert not w4_mma.rows_ok(torch.randn(16, 256, dtype=torch.float16), qw, s, z, 128)  # CPU: no PTX
+    monkeypatch.delenv(w4_mma.ROWS_ENV, raising=False)
+    assert w4_mma.max_rows() == w4_mma.MMA_MAX_ROWS == 32
+    monkeypatch.setenv(w4_mma.ROWS_ENV, "8")
+    assert w4_mma.max_rows() == 8
+    for bad in ("0", "33", "many"):
+        monkeypatch.setenv(w4_mma.ROWS_ENV, bad)
+        with pytest.raises(ValueError, match=f"WKVQ_MMA_ROWS='{bad}'") as e:
+            w4_mma.max_rows()
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="takes 1..32 rows"):
+        w4_mma.launch_plan(w4_mma.MmaConfig(4, 1, 4), 4096, 4096, 33, (2048, 64, 32), (64, 2, 1), 132, False, False)
 
 
 @gpu
 def test_mma_rejects_what_it_cannot_take():
-    """float32 x, 9 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
+    """float32 x, 33 rows, K % 32 != 0, a bias, group 64: not taken (one-line error when called anyway)."""
     from runtime.kernels.w4_mma import mma_ok, w4_mma_accumulate
 
     qw, s, z, _ = _weight(64, 256)
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     assert mma_ok(x, qw, s, z, 128)
     assert not mma_ok(x.float(), qw, s, z, 128)
-    assert not mma_ok(torch.randn(9, 256, device="cuda", dtype=torch.float16), qw, s, z, 128)
+    assert not mma_ok(torch.randn(33, 256, device="cuda", dtype=torch.float16), qw, s, z, 128)
     assert not mma_ok(x, qw, s, z, 128, bias=torch.zeros(64, device="cuda"))
     assert not mma_ok(x, qw, s, z, 64)
     q2, s2, z2, _ = _weight(64, 240)
@@ -209,19 +207,20 @@ def test_mma_rejects_what_it_cannot_take():
 
 
 def _mma_sass(tmp_path, *, warps, tiles, ragged=False, depth=1, persist=False, strides=None, gstrides=(64, 2, 1),
-              pdl=False, pre=False, l2=False):
+              pdl=False, pre=False, l2=False, nb=1):
     """The sm_90 SASS and resource usage of the GEMV kernel compiled without a GPU (:func:`tests.helpers.sm90_sass`)
     with the PTX the launch would give it: ``strides`` (row strides in bytes, the ``FIXED`` loads) or None, the
     weight preload (``pre``)."""
     from runtime.kernels import w4_mma
 
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = w4_mma._asm(tiles, ragged, 1, strides, gstrides)
-    split = w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre else ("", "r", "", "r")
+    split = (w4_mma._split_load_asm(tiles, ragged, strides, gstrides) if pre else
+             w4_mma._split_load_asm(tiles, ragged, strides, gstrides, coherent=False) if nb > 1 else ("", "r", "", "r"))
     consts = {"WARPS": warps, "TILES": tiles, "SPLIT": 4, "PRO": pro, "PRO_CONS": pro_cons, "LOAD": load,
               "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons, "EPI": w4_mma.EPILOGUE_ASM,
               "DEPTH": depth, "L2": l2, "PF": pf, "PERSIST": persist, "FIXED": strides is not None, "PDL": pdl,
               "LOADW": split[0], "LOADW_CONS": split[1], "LOADX": split[2], "LOADX_CONS": split[3], "PRE": pre,
-              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1}
+              "RQG": 0, "STAMPS": False, "SILU": False, "XS": "", "GMAX": 1, "NB": nb}
     return sm90_sass(w4_mma._w4_mma_kernel, consts, MMA_PTRS, "i32", warps, tmp_path)
 
 
@@ -260,6 +259,32 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, warps, persist, fixe
         assert before.count("LDG") == (12 * tiles if pre else 0) and ".CONSTANT" not in before
     if fixed:  # the rows' code loads at immediate offsets from one pointer (row g + 8: 8 x 5504 bytes on)
         assert "+0xac00]" in sass
+
+
+@pytest.mark.parametrize("rows", [9, 16, 24, 32])
+@pytest.mark.parametrize("tiles,persist,fixed", [(1, False, False), (2, False, True), (2, True, True)])
+def test_mma_row_blocks_compile_for_sm90(rows, tiles, persist, fixed, tmp_path):
+    """Without a GPU: 9-32 rows (2-4 blocks of 8) compile for sm_90 with PDL, each group's weight words loaded once
+    (12 loads a tile and group: 8 words of codes, 2 scales, 2 zeros), 8 MMAs a tile, group and block, no load above
+    the PDL wait, no spills."""
+    pytest.importorskip("triton")
+    from runtime.kernels import overlap, w4_mma
+
+    pdl = overlap._triton_has_pdl()
+    cfg = w4_mma.MmaConfig(4, tiles, 1 if persist else 4, persist=8 if persist else 0)
+    n = 4096
+    _, consts = w4_mma.launch_plan(cfg, n, 4096, rows, (2048, 64, 32) if fixed else (64, 2, 1),
+                                   (64 * n, 2 * n, n), 132, pdl, True)
+    nb = -(-rows // 8)
+    assert consts["NB"] == nb and not consts["PRE"]
+    sass, usage = sm90_sass(w4_mma._w4_mma_kernel, {**consts, "PDL": pdl}, MMA_PTRS, "i32", cfg.warps, tmp_path)
+    # the loop runs two groups an iteration plus an odd last one: 3 groups' bodies (stream-K: per range)
+    hmma = sass.count("HMMA.16816.F32")
+    assert hmma % (8 * tiles * nb) == 0 and hmma // (8 * tiles * nb) == 3, hmma
+    assert "LOCAL:0" in usage, usage
+    if pdl:
+        before = sass[:sass.index("ACQBULK")]
+        assert before.count("LDG") == 0 and ".CONSTANT" not in before
 
 
 @pytest.mark.parametrize("aligned", [False, True])  # as launched on unaligned views / on aligned tensors

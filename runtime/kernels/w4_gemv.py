@@ -668,7 +668,7 @@ def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 @dataclass
 class GemvW4(W4Weight):
     """A :class:`W4Weight` whose decode-step ``accumulate`` runs on the tensor-core GEMV
-    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..8 rows, group 128, ``K % 32 == 0``, unless
+    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..32 rows, group 128, ``K % 32 == 0``, unless
     ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
     split-K kernel; same tensors, no copy. The fused
     forms run on the row GEMV (:meth:`accumulate_rmsnorm`, :meth:`fuses_inputs`) and, for the SiLU product at one
@@ -691,10 +691,6 @@ class GemvW4(W4Weight):
                                                    self.bias):
             return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
                                             ready=ready, stamps_kind=stamps)
-        if w4_mma.mma_enabled() and x.shape[0] > w4_mma.MMA_MAX_ROWS and w4_mma.rows_ok(
-                x, self.qweight, self.scales, self.zeros, self.group_size, self.bias):
-            return w4_mma.w4_mma_accumulate_rows(x, self.qweight, self.scales, self.zeros, self.group_size, out,
-                                                 stamps_kind=stamps)
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

@@ -75,9 +75,10 @@ from .. import quant
 from . import cuda_major, env_tables, multiprocessors, overlap, stamps, sweep_table
 
 GROUP = 128
-MMA_MAX_ROWS = 8
-CHUNK_ENV = "WKVQ_MMA_CHUNK_ROWS"  # most rows w4_mma_accumulate_rows takes in launches of 8 (0: none)
-CHUNK_ROWS_DEFAULT = 32
+BLOCK_ROWS = 8  # rows of x an MMA takes (its B operand's 8 columns); a launch takes up to 4 such blocks
+MMA_MAX_ROWS = 4 * BLOCK_ROWS
+ROWS_ENV = "WKVQ_MMA_ROWS"  # the most rows the decode step's projections put on this kernel (8: before the
+# thirty-eighth session, batches 9-32 on the split-K and tiled kernels)
 MMA_ENV = "WKVQ_MMA"  # 0: the decode step's GEMV projections stay on the row-streaming kernel
 
 
@@ -89,6 +90,14 @@ def preload_enabled() -> bool:
     kernel before (``WKVQ_MMA_PRE`` not ``0``; depth 1 only, :func:`_range`). At 8 rows it measured
     slower (7B b8 p2048 2.52-2.57 against 2.45-2.50 ms, nineteenth session), so one row only."""
     return os.environ.get(PRE_ENV, "1") != "0"
+
+
+def max_rows() -> int:
+    """The most rows of ``x`` :func:`mma_ok` takes: ``WKVQ_MMA_ROWS`` (1..32), default :data:`MMA_MAX_ROWS`."""
+    raw = os.environ.get(ROWS_ENV, str(MMA_MAX_ROWS))
+    if not (raw.isdigit() and 1 <= int(raw) <= MMA_MAX_ROWS):
+        raise ValueError(f"{ROWS_ENV}={raw!r}: give the most rows of x the tensor-core GEMV takes, 1 to {MMA_MAX_ROWS}")
+    return int(raw)
 
 
 def mma_enabled() -> bool:
@@ -547,11 +556,12 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
 
 @functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
-                    gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False) -> tuple[str, str, str, str]:
-    """:func:`_load_asm`'s weight part and ``x`` part, coherent loads (the preload before the PDL wait): (w, w_cons,
-    x, x_cons)."""
-    return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=True),
-            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=True, xsmem=xsmem))
+                    gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False,
+                    coherent: bool = True) -> tuple[str, str, str, str]:
+    """:func:`_load_asm`'s weight part and ``x`` part, coherent loads by default (the preload before the PDL wait;
+    ``coherent=False`` for several row blocks of ``x``, whose kernel waits first thing): (w, w_cons, x, x_cons)."""
+    return (*_load_asm(tiles, ragged, strides, gstrides, "w", coherent=coherent),
+            *_load_asm(tiles, ragged, strides, gstrides, "x", coherent=coherent, xsmem=xsmem))
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -565,6 +575,22 @@ def _store_acc(y_ptr, acc, row, lo, n, N, M, stride_ym, ATOMIC: tl.constexpr):
         tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
     else:  # the thread owns (n, row): a plain read-modify-write
         tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _store_tiles(y_ptr, A, row, lo, n, N, M, stride_ym, ATOMIC: tl.constexpr, TILES: tl.constexpr):
+    """The accumulators ``A`` of :func:`_compute_asm` (``4 TILES``) into ``y``: thread rows ``row + 8 h`` of each
+    tile, columns (rows of ``x``) ``n``, ``n + 1``; rows below ``lo`` (a shifted last block) and past ``N``, columns
+    past ``M`` not written."""
+    _store_acc(y_ptr, A[0], row, lo, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[1], row, lo, n + 1, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[2], row + 8, lo, n, N, M, stride_ym, ATOMIC)
+    _store_acc(y_ptr, A[3], row + 8, lo, n + 1, N, M, stride_ym, ATOMIC)
+    if TILES == 2:
+        _store_acc(y_ptr, A[4], row + 16, lo, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[5], row + 16, lo, n + 1, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[6], row + 24, lo, n, N, M, stride_ym, ATOMIC)
+        _store_acc(y_ptr, A[7], row + 24, lo, n + 1, N, M, stride_ym, ATOMIC)
 
 
 @triton.jit
@@ -657,7 +683,107 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
+           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
+           NB: tl.constexpr = 1):
+    """:func:`_range1` for one block of up to 8 rows of ``x`` (``NB`` 1), else :func:`_range_blocks`."""
+    if NB == 1:
+        _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                row0, g_lo, g_hi, NT, TILES, ATOMIC, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
+                PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS,
+                SILU, GMAX)
+    else:
+        _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
+                      stride_ym, row0, g_lo, g_hi, NT, TILES, ATOMIC, PRO, PRO_CONS, COMP, COMP_CONS, EPI, FIXED,
+                      LOADW, LOADW_CONS, LOADX, LOADX_CONS, NB)
+
+
+@triton.jit
+def _blocks_comp(A0, A1, A2, A3, W, P0, P1, P2, P3, gi, K, COMP: tl.constexpr, COMP_CONS: tl.constexpr,
+                 LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr):
+    """One group's products for ``NB`` blocks of 8 rows of ``x``: the weight words ``W`` (:func:`_loadw`, loaded
+    once) with each block's ``x`` words (:func:`_loadx_join` at the block's prologue pointers ``P<b>``)."""
+    A0 = _comp(A0, _loadx_join(P0, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+    A1 = _comp(A1, _loadx_join(P1, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+    if NB >= 3:
+        A2 = _comp(A2, _loadx_join(P2, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+    if NB >= 4:
+        A3 = _comp(A3, _loadx_join(P3, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+    return A0, A1, A2, A3
+
+
+@triton.jit
+def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
+                  row0, g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
+                  PRO_CONS: tl.constexpr, COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr,
+                  FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
+                  LOADX_CONS: tl.constexpr, NB: tl.constexpr):
+    """:func:`_range1` (no preload, ready flags nor SiLU input) for ``NB`` (2-4) blocks of 8 rows of ``x``: each
+    group's weight words are loaded once (the next group's while this one is computed) and multiplied with every
+    block's ``x`` (block ``b``: rows ``8 b ..``, its own prologue pointers, rows clamped to ``M - 1``), so 9-32 rows
+    read the weight once; the dequantization runs once a block (it is in the MMA PTX)."""
+    if FIXED:
+        rowp = tl.minimum(row0, N - NT // 2 * TILES)
+    else:
+        rowp = row0
+    lane = tl.zeros((NT,), tl.int32) + rowp
+    xs = stride_xm // 2 * 8  # elements between blocks of 8 rows of x (stride_xm: bytes)
+    P0 = tl.inline_asm_elementwise(
+        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
+        dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    P1 = tl.inline_asm_elementwise(
+        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + xs, N, stride_qn, stride_sn, stride_zn, stride_xm,
+                        M - 8], dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    P2 = P1
+    P3 = P1
+    if NB >= 3:
+        P2 = tl.inline_asm_elementwise(
+            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + 2 * xs, N, stride_qn, stride_sn, stride_zn,
+                            stride_xm, M - 16],
+            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    if NB >= 4:
+        P3 = tl.inline_asm_elementwise(
+            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + 3 * xs, N, stride_qn, stride_sn, stride_zn,
+                            stride_xm, M - 24],
+            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    zero = tl.zeros((NT,), tl.float32)
+    if TILES == 1:
+        A0 = (zero, zero, zero, zero)
+    else:
+        A0 = (zero, zero, zero, zero, zero, zero, zero, zero)
+    A1 = A0
+    A2 = A0
+    A3 = A0
+    V = _loadw(P0, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
+    for gi in range(g_lo, g_hi - 1, 2):  # two groups an iteration, as _range1
+        U = _loadw(P0, lane * 0 + gi + 1, K, LOADW, LOADW_CONS, TILES)
+        if gi != K:
+            A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, V, P0, P1, P2, P3, lane * 0 + gi, K, COMP, COMP_CONS,
+                                          LOADX, LOADX_CONS, TILES, NB)
+        V = _loadw(P0, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOADW, LOADW_CONS, TILES)
+        if gi != K:
+            A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, U, P0, P1, P2, P3, lane * 0 + gi + 1, K, COMP, COMP_CONS,
+                                          LOADX, LOADX_CONS, TILES, NB)
+    if (g_hi - g_lo) % 2 == 1:
+        A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, V, P0, P1, P2, P3, lane * 0 + g_hi - 1, K, COMP, COMP_CONS,
+                                      LOADX, LOADX_CONS, TILES, NB)
+    g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
+    row = rowp + warp * (16 * TILES) + g
+    _store_tiles(y_ptr, A0, row, row0, n, N, M, stride_ym, ATOMIC, TILES)
+    _store_tiles(y_ptr, A1, row, row0, n + 8, N, M, stride_ym, ATOMIC, TILES)
+    if NB >= 3:
+        _store_tiles(y_ptr, A2, row, row0, n + 16, N, M, stride_ym, ATOMIC, TILES)
+    if NB >= 4:
+        _store_tiles(y_ptr, A3, row, row0, n + 24, N, M, stride_ym, ATOMIC, TILES)
+
+
+@triton.jit
+def _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
+            g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
+            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
+            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
+            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
+            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
+            stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -727,16 +853,7 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
             V = W
             W = U
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
-    row = rowp + warp * (16 * TILES) + g
-    _store_acc(y_ptr, A[0], row, row0, n, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[1], row, row0, n + 1, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[2], row + 8, row0, n, N, M, stride_ym, ATOMIC)
-    _store_acc(y_ptr, A[3], row + 8, row0, n + 1, N, M, stride_ym, ATOMIC)
-    if TILES == 2:
-        _store_acc(y_ptr, A[4], row + 16, row0, n, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[5], row + 16, row0, n + 1, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[6], row + 24, row0, n, N, M, stride_ym, ATOMIC)
-        _store_acc(y_ptr, A[7], row + 24, row0, n + 1, N, M, stride_ym, ATOMIC)
+    _store_tiles(y_ptr, A, rowp + warp * (16 * TILES) + g, row0, n, N, M, stride_ym, ATOMIC, TILES)
 
 
 
@@ -748,7 +865,8 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
                  COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
                  FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
+                 stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
+                 NB: tl.constexpr = 1):
     """The stream-K share's part from pair ``w`` (row block major) to the end of its row block or ``w_end``:
     :func:`_range` of those groups (atomics); returns the pair after it."""
     rb = w // G
@@ -757,7 +875,7 @@ def _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stri
     _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
            rb * ROWS, g_lo, g_hi, NT, TILES, True, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
            PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU,
-           GMAX)
+           GMAX, NB)
     return w + (g_hi - g_lo)
 
 
@@ -769,7 +887,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
                    L2: tl.constexpr, PF: tl.constexpr, FIXED: tl.constexpr, PDL: tl.constexpr, LOADW: tl.constexpr,
                    LOADW_CONS: tl.constexpr, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, PRE: tl.constexpr,
                    rdy_ptr=None, ep_ptr=None, RQG: tl.constexpr = 0, stamp_ptr=None, STAMPS: tl.constexpr = False,
-                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1):
+                   SILU: tl.constexpr = False, XS: tl.constexpr = "", GMAX: tl.constexpr = 1,
+                   NB: tl.constexpr = 1):
     """See the module docstring. ``stride_*`` in bytes for the pointers the PTX walks (``qw``, ``s``, ``z``, ``x``),
     in elements for ``y``; ``PRO``, ``LOAD``, ``COMP``, ``EPI``: the PTX of :func:`_prologue_asm`, :func:`_load_asm`,
     :func:`_compute_asm` and :data:`EPILOGUE_ASM` for ``TILES``. The loads of group ``i + DEPTH`` are issued before
@@ -813,18 +932,18 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, True,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NB)
         while w < w_end:  # a share crossing row blocks: the next block's range (rarely more than one)
             w = _share_range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, stride_qn, stride_sn,
                              stride_zn, stride_ym, w, w_end, NT, ROWS, TILES, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP,
                              COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, False,
-                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
+                             PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NB)
     else:
         i, j = tl.program_id(0), tl.program_id(1)
         _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
                i * ROWS, j * G // SPLIT, (j + 1) * G // SPLIT, NT, TILES, SPLIT > 1, PRO, PRO_CONS, LOAD,
                LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2, PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE,
-               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX)
+               PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS, SILU, GMAX, NB)
     if RQG > 0:  # the kernel before has long ended: returns at once
         overlap.wait_prior(PDL)
     if STAMPS:
@@ -841,7 +960,7 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
     (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
-    return (x2.dtype == torch.float16 and 1 <= m <= MMA_MAX_ROWS and x2.stride(1) == 1
+    return (x2.dtype == torch.float16 and 1 <= m <= max_rows() and x2.stride(1) == 1
             and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
             and _operands_ok(x2.device, k, qweight, scales, zeros, group_size, bias))
 
@@ -943,14 +1062,23 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
                          "(use misc.silu_mul and the plain GEMV)")
     pro, pro_cons, load, load_cons, comp, comp_cons, pf = _asm(cfg.tiles, ragged, cfg.chains, strides, gstrides,
                                                                rqg > 0, silu)
-    loadw, loadw_cons, loadx, loadx_cons = (_split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
-                                            if pre else ("", "r", "", "r"))
+    nb = -(-m // BLOCK_ROWS)
+    if not 1 <= nb <= MMA_MAX_ROWS // BLOCK_ROWS or (nb > 1 and (pre or silu)):
+        raise ValueError(f"w4_mma takes 1..{MMA_MAX_ROWS} rows of x, and one block of {BLOCK_ROWS} with the preload "
+                         f"or the SiLU input; got {m} rows")
+    if pre:
+        loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
+    elif nb > 1:  # the weight words once, each block's x after them
+        loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, coherent=False)
+    else:
+        loadw, loadw_cons, loadx, loadx_cons = "", "r", "", "r"
     return grid, {
         "WARPS": cfg.warps, "TILES": cfg.tiles, "SPLIT": grid[1], "PERSIST": cfg.persist > 0, "PRO": pro,
         "PRO_CONS": pro_cons, "LOAD": load, "LOAD_CONS": load_cons, "COMP": comp, "COMP_CONS": comp_cons,
         "EPI": EPILOGUE_ASM, "DEPTH": cfg.depth, "L2": bool(cfg.l2) and hopper, "PF": pf, "FIXED": fixed,
         "LOADW": loadw, "LOADW_CONS": loadw_cons, "LOADX": loadx, "LOADX_CONS": loadx_cons, "PRE": pre, "RQG": rqg,
-        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1}
+        "STAMPS": stamps, "SILU": silu, "XS": xs_declare_asm(g) if silu else "", "GMAX": gmax if silu else 1,
+        "NB": nb}
 
 
 SILU_MAX_PER_THREAD = 32  # channels of gate and of up a thread loads at once in a range's SiLU prologue
@@ -976,37 +1104,6 @@ def w4_mma_accumulate(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     ``WKVQ_STAMPS=1``, the programs' timestamps go to that kind's buffer (:mod:`runtime.kernels.stamps`)."""
     grid, args, kwargs = launch_args(x2, qweight, scales, zeros, group_size, out, config, ready, stamps_kind)
     _w4_mma_kernel[grid](*args, **kwargs)
-    return out
-
-
-def chunk_rows() -> int:
-    """The most rows :func:`w4_mma_accumulate_rows` takes (``WKVQ_MMA_CHUNK_ROWS``, default
-    :data:`CHUNK_ROWS_DEFAULT`; 0 or up to :data:`MMA_MAX_ROWS`: only what one launch takes)."""
-    raw = os.environ.get(CHUNK_ENV, str(CHUNK_ROWS_DEFAULT))
-    try:
-        return max(int(raw), MMA_MAX_ROWS)
-    except ValueError:
-        raise ValueError(f"{CHUNK_ENV}={raw!r}: give a number of rows (0 turns the chunks off)") from None
-
-
-def rows_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-            bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`w4_mma_accumulate_rows` takes these operands: :func:`mma_ok` for the first
-    :data:`MMA_MAX_ROWS` rows and at most :func:`chunk_rows` rows in all."""
-    return (x2.dim() == 2 and 1 <= x2.shape[0] <= chunk_rows()
-            and mma_ok(x2[:MMA_MAX_ROWS], qweight, scales, zeros, group_size, bias))
-
-
-def w4_mma_accumulate_rows(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           group_size: int, out: torch.Tensor, stamps_kind: str | None = None) -> torch.Tensor:
-    """:func:`w4_mma_accumulate` for more rows than one launch takes (:func:`rows_ok`): one launch per
-    :data:`MMA_MAX_ROWS` rows, each on its rows' config (every launch reads the whole weight)."""
-    if not rows_ok(x2, qweight, scales, zeros, group_size):
-        raise ValueError(f"w4_mma_accumulate_rows takes 1..{chunk_rows()} rows of what w4_mma takes "
-                         f"({CHUNK_ENV}); got x {x2.dtype} {list(x2.shape)} on {x2.device}")
-    for i in range(0, x2.shape[0], MMA_MAX_ROWS):
-        w4_mma_accumulate(x2[i:i + MMA_MAX_ROWS], qweight, scales, zeros, group_size, out[i:i + MMA_MAX_ROWS],
-                          stamps_kind=stamps_kind)
     return out
 
 
@@ -1040,7 +1137,7 @@ def launch_args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                              f"{list(qweight.shape)}, group {group_size}")
         m, k = 1, x2.shape[1] // 2
     elif not mma_ok(x2, qweight, scales, zeros, group_size):
-        raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{MMA_MAX_ROWS}, K] with K % 32 == 0 and 16-byte "
+        raise ValueError(f"w4_mma needs CUDA sm_80+, float16 x [1..{max_rows()}, K] with K % 32 == 0 and 16-byte "
                          f"aligned rows, group 128 and uint8 codes [N, K/2]; got x {x2.dtype} {list(x2.shape)} on "
                          f"{x2.device}, qweight {qweight.dtype} {list(qweight.shape)}, group {group_size}")
     else:
