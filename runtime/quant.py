@@ -287,7 +287,10 @@ def _kv_stats(x, scale, shift, bits, group_size, stats_dtype):
     g = group_size or x.shape[-1]
     xs = kv_smooth(x.float(), scale.float(), shift.float())
     lo, hi = group_minmax(xs, g)
-    step, lo = round_kv_stats(((hi - lo) / qmax).clamp(min=1e-8), lo, stats_dtype)
+    # a true division on every device: CUDA divides by a Python number as a product with its reciprocal, one float32
+    # ulp off in most cases, so a float16 step now and then differs from the CPU's and the kernels' (div.rn)
+    qmax_t = torch.full((), float(qmax), dtype=hi.dtype, device=hi.device)
+    step, lo = round_kv_stats(((hi - lo) / qmax_t).clamp(min=1e-8), lo, stats_dtype)
     return qmax, g, xs, step, lo
 
 

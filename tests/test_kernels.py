@@ -146,6 +146,19 @@ def test_prefill_write_matches_torch_write(group, hkv, t, start):
         assert torch.equal(a[:, :, :start], r[:, :, :start]) and torch.equal(a[:, :, start + t:], r[:, :, start + t:])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CUDA's division with the CPU's")
+def test_kv_stats_divide_the_same_on_cuda_and_cpu():
+    """The torch path's step (range / qmax) is a true division on CUDA too, as on the CPU and in the kernels
+    (div.rn): CUDA divides by a Python number as a product with its reciprocal, one float32 ulp off in most cases
+    (which left one float16 step in thousands unlike the kernels' on the H200, thirty-eighth session)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 4096, 32, generator=g) * 3
+    scale, shift = torch.rand(2, 32, generator=g) + 0.5, torch.zeros(2, 32)
+    cpu = quant._kv_stats(x, scale, shift, 4, 8, None)[3]
+    gpu = quant._kv_stats(x.cuda(), scale.cuda(), shift.cuda(), 4, 8, None)[3]
+    assert torch.equal(gpu.cpu(), cpu)
+
+
 def test_rope_append_clears_an_extra_buffer():
     """``clear_extra`` (the decode step's gate_up when the down GEMV computes its SiLU input itself): each row is
     zeroed by its ``Hq + Hkv`` programs in parts of ``cdiv(n, 8)`` (1126 here: two blocks of 1024 a part, the

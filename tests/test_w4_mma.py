@@ -264,9 +264,8 @@ def test_mma_kernel_compiles_for_sm90(tiles, ragged, depth, warps, persist, fixe
 @pytest.mark.parametrize("rows", [9, 16, 24, 32])
 @pytest.mark.parametrize("tiles,persist,fixed", [(1, False, False), (2, False, True), (2, True, True)])
 def test_mma_row_blocks_compile_for_sm90(rows, tiles, persist, fixed, tmp_path):
-    """Without a GPU: 9-32 rows (2-4 blocks of 8) compile for sm_90 with PDL, each group's weight words loaded once
-    (12 loads a tile and group: 8 words of codes, 2 scales, 2 zeros), 8 MMAs a tile, group and block, no load above
-    the PDL wait, no spills."""
+    """Without a GPU: 9-32 rows (2-4 blocks of 8) compile for sm_90 with PDL: 8 MMAs a tile, group and block, the
+    codes dequantized once a group for all blocks, no load above the PDL wait, no spills."""
     pytest.importorskip("triton")
     from runtime.kernels import overlap, w4_mma
 
@@ -281,6 +280,8 @@ def test_mma_row_blocks_compile_for_sm90(rows, tiles, persist, fixed, tmp_path):
     # the loop runs two groups an iteration plus an odd last one: 3 groups' bodies (stream-K: per range)
     hmma = sass.count("HMMA.16816.F32")
     assert hmma % (8 * tiles * nb) == 0 and hmma // (8 * tiles * nb) == 3, hmma
+    # the codes dequantized once for all blocks: 32 LOP3 a tile and group (4 words, two halves, 4 each), a few more
+    assert sass.count("LOP3") < 1.25 * 32 * tiles * 3 * (hmma // (24 * tiles * nb)), sass.count("LOP3")
     assert "LOCAL:0" in usage, usage
     if pdl:
         before = sass[:sass.index("ACQBULK")]

@@ -378,24 +378,31 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     return "\n".join(L), cons
 
 
-def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
+def _compute_asm(tiles: int, chains: int = 1, blocks: int = 1) -> tuple[str, str]:
     """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
-    the ``4 tiles`` float32 accumulators and the outputs of :func:`_load_asm`; outputs the accumulators plus the
-    group's products times the rows' scales. Accumulator ``4 r + c`` of tile ``r``: ``c`` 0/1 row ``g``, columns
-    ``2t``/``2t + 1``; ``c`` 2/3 row ``g + 8``. ``chains`` 2: the MMAs of odd and even words accumulate separately
-    (two dependency chains of 4 instead of one of 8; 4 more registers)."""
-    nacc = 4 * tiles
+    the ``4 tiles blocks`` float32 accumulators, ``blocks`` times the 16 ``x`` words of :func:`_load_asm` (one
+    block of 8 rows of ``x`` each) and its ``10 tiles`` weight words (for one block: simply :func:`_load_asm`'s
+    outputs); outputs the accumulators plus the group's products times the rows' scales. Accumulator
+    ``4 (tiles b + r) + c`` of block ``b``, tile ``r``: ``c`` 0/1 row ``g``, columns ``2t``/``2t + 1``; ``c`` 2/3 row
+    ``g + 8``. Each word's codes are turned into the A operand once and multiplied with every block's ``x`` (the
+    dequantization is most of the instructions, thirty-eighth session). ``chains`` 2 (one block): the MMAs of odd and
+    even words accumulate separately (two dependency chains of 4 instead of one of 8; 4 more registers); several
+    blocks are separate chains already."""
+    if blocks > 1 and chains != 1:
+        raise ValueError("two accumulator chains are for one block of x")
+    nacc = 4 * tiles * blocks
     outs = [f"${i}" for i in range(nacc)]
     acc_in = [f"${nacc + i}" for i in range(nacc)]
     base_in = 2 * nacc
-    xin = [f"${base_in + i}" for i in range(16)]
+    xin = [[f"${base_in + 16 * b + i}" for i in range(16)] for b in range(blocks)]
+    wbase = base_in + 16 * blocks
     L = [
         "{",
         ".reg .u32 tmp, zq;",
         ".reg .b32 mag, m0, m1, k16, zero;",
         ".reg .b16 lo16, hi16;",
-        ".reg .b32 xp<16>, h<8>, zs<2>, zf<2>;",
-        ".reg .f32 d<4>, e<4>, sc<2>;",
+        f".reg .b32 xp<{16 * blocks}>, h<8>, zs<2>, zf<2>;",
+        f".reg .f32 d<{4 * blocks}>, e<4>, sc<2>;",
         f".reg .f32 r<{nacc}>;",
         "mov.b32 mag, 0x64006400;",
         "mov.b32 m0, 0x000F000F;",
@@ -403,13 +410,15 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
         "mov.b32 k16, 0x2C002C00;",  # float16 1/16 in both halves
         "mov.b32 zero, 0;",
     ]
-    # x pairs (x_i, x_{i+4}) of each of the thread's four words: xp[4 wd + p]
-    for wd in range(4):
-        a, b, c, d = (xin[4 * wd + i] for i in range(4))
-        L += [f"prmt.b32 xp{4 * wd}, {a}, {c}, 0x5410;", f"prmt.b32 xp{4 * wd + 1}, {a}, {c}, 0x7632;",
-              f"prmt.b32 xp{4 * wd + 2}, {b}, {d}, 0x5410;", f"prmt.b32 xp{4 * wd + 3}, {b}, {d}, 0x7632;"]
+    # x pairs (x_i, x_{i+4}) of each of the thread's four words, per block: xp[16 b + 4 wd + p]
+    for b in range(blocks):
+        for wd in range(4):
+            a, bb, c, d = (xin[b][4 * wd + i] for i in range(4))
+            o = 16 * b + 4 * wd
+            L += [f"prmt.b32 xp{o}, {a}, {c}, 0x5410;", f"prmt.b32 xp{o + 1}, {a}, {c}, 0x7632;",
+                  f"prmt.b32 xp{o + 2}, {bb}, {d}, 0x5410;", f"prmt.b32 xp{o + 3}, {bb}, {d}, 0x7632;"]
     for r in range(tiles):
-        o = base_in + 16 + 10 * r
+        o = wbase + 10 * r
         w = [f"${o + i}" for i in range(8)]
         spk, zpk = f"${o + 8}", f"${o + 9}"
         L += [f"mov.b32 {{lo16, hi16}}, {spk};", "cvt.f32.f16 sc0, lo16;", "cvt.f32.f16 sc1, hi16;"]
@@ -417,7 +426,8 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
             L += [f"prmt.b32 zq, {zpk}, zero, {0x4040 + 0x202 * half:#x};",  # halves without carries (z < 256):
                   f"add.u32 zs{half}, zq, 0x64006400;",  # float16 1024 + z
                   f"mad.lo.u32 zf{half}, zq, 16, 0xD400D400;"]  # float16 -(64 + z)
-        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4)] + [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
+        L += [f"mov.f32 d{i}, 0f00000000;" for i in range(4 * blocks)]
+        L += [f"mov.f32 e{i}, 0f00000000;" for i in range(4)]
         for wd in range(4):
             for half in range(2):
                 wr, hb = w[4 * half + wd], 4 * half
@@ -426,18 +436,26 @@ def _compute_asm(tiles: int, chains: int = 1) -> tuple[str, str]:
                       f"shr.u32 tmp, {wr}, 8;",
                       f"lop3.b32 h{hb + 2}, tmp, m0, mag, 0xEA;", f"sub.f16x2 h{hb + 2}, h{hb + 2}, zs{half};",
                       f"lop3.b32 h{hb + 3}, tmp, m1, mag, 0xEA;", f"fma.rn.f16x2 h{hb + 3}, h{hb + 3}, k16, zf{half};"]
-            c = "d" if chains == 1 or wd % 2 == 0 else "e"  # chains 2: independent MMAs in flight
-            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{c}0,{c}1,{c}2,{c}3}}"
-            L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{4 * wd},xp{4 * wd + 1}}}, {{{c}0,{c}1,{c}2,{c}3}};",
-                  f"{mma}, {{h2,h6,h3,h7}}, {{xp{4 * wd + 2},xp{4 * wd + 3}}}, {{{c}0,{c}1,{c}2,{c}3}};"]
+            for b in range(blocks):
+                if blocks == 1:
+                    c = "d" if chains == 1 or wd % 2 == 0 else "e"  # chains 2: independent MMAs in flight
+                    acc = f"{{{c}0,{c}1,{c}2,{c}3}}"
+                else:
+                    acc = "{" + ",".join(f"d{4 * b + i}" for i in range(4)) + "}"
+                mma = f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {acc}"
+                xo = 16 * b + 4 * wd
+                L += [f"{mma}, {{h0,h4,h1,h5}}, {{xp{xo},xp{xo + 1}}}, {acc};",
+                      f"{mma}, {{h2,h6,h3,h7}}, {{xp{xo + 2},xp{xo + 3}}}, {acc};"]
         if chains == 2:
             L += [f"add.f32 d{i}, d{i}, e{i};" for i in range(4)]
-        b = 4 * r
-        L += [f"fma.rn.f32 r{b}, sc0, d0, {acc_in[b]};", f"fma.rn.f32 r{b + 1}, sc0, d1, {acc_in[b + 1]};",
-              f"fma.rn.f32 r{b + 2}, sc1, d2, {acc_in[b + 2]};", f"fma.rn.f32 r{b + 3}, sc1, d3, {acc_in[b + 3]};"]
+        for b in range(blocks):
+            a, d = 4 * (tiles * b + r), 4 * b
+            L += [f"fma.rn.f32 r{a}, sc0, d{d}, {acc_in[a]};", f"fma.rn.f32 r{a + 1}, sc0, d{d + 1}, {acc_in[a + 1]};",
+                  f"fma.rn.f32 r{a + 2}, sc1, d{d + 2}, {acc_in[a + 2]};",
+                  f"fma.rn.f32 r{a + 3}, sc1, d{d + 3}, {acc_in[a + 3]};"]
     L += [f"mov.f32 {outs[i]}, r{i};" for i in range(nacc)]
     L.append("}")
-    cons = ",".join(["=f"] * nacc + ["f"] * nacc + ["r"] * (16 + 10 * tiles))
+    cons = ",".join(["=f"] * nacc + ["f"] * nacc + ["r"] * (16 * blocks + 10 * tiles))
     return "\n".join(L), cons
 
 
@@ -552,6 +570,11 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
     load, load_cons = _load_asm(tiles, ragged, strides, gstrides, coherent=coherent, xsmem=xsmem)
     comp, comp_cons = _compute_asm(tiles, chains)
     return pro, pro_cons, load, load_cons, comp, comp_cons, _prefetch_asm(tiles)
+
+
+@functools.cache
+def _blocks_compute_asm(tiles: int, blocks: int) -> tuple[str, str]:
+    return _compute_asm(tiles, 1, blocks)
 
 
 @functools.cache
@@ -698,17 +721,30 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
 
 
 @triton.jit
-def _blocks_comp(A0, A1, A2, A3, W, P0, P1, P2, P3, gi, K, COMP: tl.constexpr, COMP_CONS: tl.constexpr,
-                 LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr):
+def _loadx(P, gi, K, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr):
+    """The 16 ``x`` words of :func:`_load_asm` of group ``gi`` at the prologue pointers ``P``."""
+    if TILES == 1:
+        return tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
+                                         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8],
+                                                             P[9], P[10], P[11], P[12], P[13], gi, K],
+                                         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _blocks_comp(A, W, P0, P1, P2, P3, gi, K, COMP: tl.constexpr, COMP_CONS: tl.constexpr, LOADX: tl.constexpr,
+                 LOADX_CONS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr):
     """One group's products for ``NB`` blocks of 8 rows of ``x``: the weight words ``W`` (:func:`_loadw`, loaded
-    once) with each block's ``x`` words (:func:`_loadx_join` at the block's prologue pointers ``P<b>``)."""
-    A0 = _comp(A0, _loadx_join(P0, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
-    A1 = _comp(A1, _loadx_join(P1, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+    once) with each block's ``x`` words (:func:`_loadx` at the block's prologue pointers ``P<b>``) in one
+    :func:`_compute_asm` of ``NB`` blocks (the codes dequantized once); ``A``: its ``4 TILES NB`` accumulators."""
+    X = _loadx(P0, gi, K, LOADX, LOADX_CONS, TILES) + _loadx(P1, gi, K, LOADX, LOADX_CONS, TILES)
     if NB >= 3:
-        A2 = _comp(A2, _loadx_join(P2, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
+        X = X + _loadx(P2, gi, K, LOADX, LOADX_CONS, TILES)
     if NB >= 4:
-        A3 = _comp(A3, _loadx_join(P3, gi, K, W, LOADX, LOADX_CONS, TILES), COMP, COMP_CONS, TILES)
-    return A0, A1, A2, A3
+        X = X + _loadx(P3, gi, K, LOADX, LOADX_CONS, TILES)
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, A + X + W, dtype=(tl.float32,) * (4 * TILES * NB),
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -718,9 +754,10 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
                   FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                   LOADX_CONS: tl.constexpr, NB: tl.constexpr):
     """:func:`_range1` (no preload, ready flags nor SiLU input) for ``NB`` (2-4) blocks of 8 rows of ``x``: each
-    group's weight words are loaded once (the next group's while this one is computed) and multiplied with every
-    block's ``x`` (block ``b``: rows ``8 b ..``, its own prologue pointers, rows clamped to ``M - 1``), so 9-32 rows
-    read the weight once; the dequantization runs once a block (it is in the MMA PTX)."""
+    group's weight words are loaded once (the next group's while this one is computed), dequantized once and
+    multiplied with every block's ``x`` (block ``b``: rows ``8 b ..``, its own prologue pointers, rows clamped to
+    ``M - 1``; ``COMP``: :func:`_compute_asm` of ``NB`` blocks), so 9-32 rows cost one weight read and one
+    dequantization."""
     if FIXED:
         rowp = tl.minimum(row0, N - NT // 2 * TILES)
     else:
@@ -745,35 +782,27 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
             PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + 3 * xs, N, stride_qn, stride_sn, stride_zn,
                             stride_xm, M - 24],
             dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
-    zero = tl.zeros((NT,), tl.float32)
-    if TILES == 1:
-        A0 = (zero, zero, zero, zero)
-    else:
-        A0 = (zero, zero, zero, zero, zero, zero, zero, zero)
-    A1 = A0
-    A2 = A0
-    A3 = A0
+    A = (tl.zeros((NT,), tl.float32),) * (4 * TILES * NB)
     V = _loadw(P0, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
     for gi in range(g_lo, g_hi - 1, 2):  # two groups an iteration, as _range1
         U = _loadw(P0, lane * 0 + gi + 1, K, LOADW, LOADW_CONS, TILES)
         if gi != K:
-            A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, V, P0, P1, P2, P3, lane * 0 + gi, K, COMP, COMP_CONS,
-                                          LOADX, LOADX_CONS, TILES, NB)
+            A = _blocks_comp(A, V, P0, P1, P2, P3, lane * 0 + gi, K, COMP, COMP_CONS, LOADX, LOADX_CONS, TILES, NB)
         V = _loadw(P0, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOADW, LOADW_CONS, TILES)
         if gi != K:
-            A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, U, P0, P1, P2, P3, lane * 0 + gi + 1, K, COMP, COMP_CONS,
-                                          LOADX, LOADX_CONS, TILES, NB)
+            A = _blocks_comp(A, U, P0, P1, P2, P3, lane * 0 + gi + 1, K, COMP, COMP_CONS, LOADX, LOADX_CONS, TILES,
+                             NB)
     if (g_hi - g_lo) % 2 == 1:
-        A0, A1, A2, A3 = _blocks_comp(A0, A1, A2, A3, V, P0, P1, P2, P3, lane * 0 + g_hi - 1, K, COMP, COMP_CONS,
-                                      LOADX, LOADX_CONS, TILES, NB)
+        A = _blocks_comp(A, V, P0, P1, P2, P3, lane * 0 + g_hi - 1, K, COMP, COMP_CONS, LOADX, LOADX_CONS, TILES, NB)
     g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
     row = rowp + warp * (16 * TILES) + g
-    _store_tiles(y_ptr, A0, row, row0, n, N, M, stride_ym, ATOMIC, TILES)
-    _store_tiles(y_ptr, A1, row, row0, n + 8, N, M, stride_ym, ATOMIC, TILES)
+    T4: tl.constexpr = 4 * TILES
+    _store_tiles(y_ptr, A[0:T4], row, row0, n, N, M, stride_ym, ATOMIC, TILES)
+    _store_tiles(y_ptr, A[T4:2 * T4], row, row0, n + 8, N, M, stride_ym, ATOMIC, TILES)
     if NB >= 3:
-        _store_tiles(y_ptr, A2, row, row0, n + 16, N, M, stride_ym, ATOMIC, TILES)
+        _store_tiles(y_ptr, A[2 * T4:3 * T4], row, row0, n + 16, N, M, stride_ym, ATOMIC, TILES)
     if NB >= 4:
-        _store_tiles(y_ptr, A3, row, row0, n + 24, N, M, stride_ym, ATOMIC, TILES)
+        _store_tiles(y_ptr, A[3 * T4:4 * T4], row, row0, n + 24, N, M, stride_ym, ATOMIC, TILES)
 
 
 @triton.jit
@@ -1068,8 +1097,9 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
                          f"or the SiLU input; got {m} rows")
     if pre:
         loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
-    elif nb > 1:  # the weight words once, each block's x after them
+    elif nb > 1:  # the weight words once, each block's x after them, one product PTX for the blocks
         loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, coherent=False)
+        comp, comp_cons = _blocks_compute_asm(cfg.tiles, nb)
     else:
         loadw, loadw_cons, loadx, loadx_cons = "", "r", "", "r"
     return grid, {
