@@ -47,6 +47,9 @@ def test_mma_ok_off_cuda_and_config_guess(monkeypatch):
     assert default_mma_config(22016, 4096, 2) == MmaConfig(4, 2, 8)  # 172 x 8 = 1376 >= 1056
     assert default_mma_config(64, 256, 1).split == 1  # 2 groups: no split
     assert guess_mma_config(4096, 4096) == default_mma_config(4096, 4096, 2)
+    # four blocks of rows (25-32) take the 32-row entry; 9-24 rows the guess
+    assert default_mma_config(12288, 4096, 27) == MMA_TABLE[12288, 4096, 32] == MmaConfig(4, 2, 1, persist=4)
+    assert default_mma_config(12288, 4096, 24) == guess_mma_config(12288, 4096)
     # the first rule (WKVQ_MMA_GUESS=1): one tile, ~4 programs a multiprocessor, up to 8 ranges
     assert guess_mma_config(4096, 4096, rule="1") == MmaConfig(4, 1, 8)  # 64 row blocks x 8 = 512 programs
     assert guess_mma_config(22016, 4096, rule="1") == MmaConfig(4, 1, 2)  # 344 x 2 = 688 >= 528

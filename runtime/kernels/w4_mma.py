@@ -174,6 +174,16 @@ MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
     (8192, 8192, 1): MmaConfig(4, 2, 8),  # 10.39 us, 3382 GB/s
     (57344, 8192, 1): MmaConfig(2, 2, 8),  # 62.71 us, 3921 GB/s
     (8192, 28672, 1): MmaConfig(4, 2, 8),  # 31.52 us, 3900 GB/s
+    # 25-32 rows (four blocks of 8, one launch): thirty-eighth session, benchmarks/results/r44/rows.json
+    # (benchmarks/rows_probe.py); the 8-row entries' configs beat the guess there (at 9-24 rows the guess won or tied)
+    (12288, 4096, 32): MmaConfig(4, 2, 1, persist=4),  # 26.1 us (guess 31.9)
+    (4096, 4096, 32): MmaConfig(2, 2, 16),  # 11.7 us (12.0)
+    (22016, 4096, 32): MmaConfig(4, 2, 1, persist=4),  # 44.1 us (51.4)
+    (4096, 11008, 32): MmaConfig(2, 2, 16),  # 24.7 us (25.1)
+    (15360, 5120, 32): MmaConfig(2, 2, 1, persist=8),  # 38.2 us (48.6)
+    (5120, 5120, 32): MmaConfig(4, 2, 1, persist=4),  # 18.7 us (19.0)
+    (27648, 5120, 32): MmaConfig(4, 2, 1, persist=4),  # 65.0 us (72.6)
+    (5120, 13824, 32): MmaConfig(4, 2, 1, persist=4),  # 35.1 us (40.2)
 }
 TABLE_ENV = "WKVQ_MMA_TABLE"  # sweep records (benchmarks/w4_mma_bench.py --json) over MMA_TABLE
 
@@ -186,9 +196,11 @@ def load_table(path) -> dict[tuple[int, int, int], MmaConfig]:
 
 def default_mma_config(n: int, k: int, m: int, sms: int = 132) -> MmaConfig:
     """The config of the sweep records named by ``WKVQ_MMA_TABLE`` (several separated by ``os.pathsep``), then of
-    :data:`MMA_TABLE`, else a guess (:func:`guess_mma_config`)."""
+    :data:`MMA_TABLE` (25-31 rows: its 32-row entry), else a guess (:func:`guess_mma_config`)."""
     table = {**MMA_TABLE, **env_tables(os.environ.get(TABLE_ENV), load_table)}
     cfg = table.get((n, k, m)) or table.get((n, k, 0))
+    if cfg is None and m > 3 * BLOCK_ROWS:  # four blocks of rows: the 32-row entry
+        cfg = table.get((n, k, MMA_MAX_ROWS))
     return cfg if cfg is not None else guess_mma_config(n, k, sms, os.environ.get(GUESS_ENV, GUESS_DEFAULT))
 
 
