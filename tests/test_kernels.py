@@ -41,12 +41,12 @@ def _packed(rows, k, group, layout):
 
 
 @pytest.mark.parametrize("layout", ["row", "group"])
-@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (33, 64, 256), (70, 24, 128),
-                                   (300, 40, 576)])
+@pytest.mark.parametrize("m,n,k", [(1, 48, 160), (1, 24, 100), (5, 40, 576), (12, 40, 100), (17, 64, 256),
+                                   (33, 64, 256), (70, 24, 128), (300, 40, 576)])
 def test_w4_linear(m, n, k, layout):
-    """Every kernel of w4_linear (one row, K % 8 != 0: the GEMV; up to 16: split-K; more: the GEMM; from
-    DEQUANT_MIN_ROWS the dequantized weight on cuBLAS) on the artifact's row-major layout and on the group-major
-    one (quant.group_major; ragged groups padded)."""
+    """Every kernel of w4_linear (one row, K % 8 != 0: the GEMV; up to 16: split-K, or the GEMM where K % 8 != 0;
+    from DEQUANT_MIN_ROWS, 17, the dequantized weight on cuBLAS) on the artifact's row-major layout and on the
+    group-major one (quant.group_major; ragged groups padded)."""
     from runtime.kernels.w4 import w4_linear
 
     q, qw, s, z = _packed(n, k, 128, layout)
@@ -69,7 +69,7 @@ def test_w4_dequantize_is_exact(layout, group, k, dtype):
     out = w4_dequantize(qw[8:], s[8:], z[8:], k, group, dtype)
     assert out.dtype == dtype and out.shape == (n, k)
     assert torch.equal(out, quant.dequantize_weight(q[8:], s[8:], z[8:], group, dtype))
-    assert DEQUANT_MIN_ROWS > 16  # the decode step's rows never take it
+    assert DEQUANT_MIN_ROWS == 17  # right above the split-K kernel's rows
 
 
 @pytest.mark.parametrize("layout,group", [("row", 128), ("group", 128), ("group", 64)])

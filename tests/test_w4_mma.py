@@ -173,6 +173,34 @@ def test_mma_several_row_blocks(n, k, m, layout, config):
     assert _rel(GemvW4(qw, s, z, k, 128, None).accumulate(x, base.clone()), want) < TOL
 
 
+def test_row_launches(monkeypatch):
+    """33-64 rows: two launches of at most 32 (GemvW4's decode batches 33-64); above, or with WKVQ_MMA_ROWS below
+    32 (the old path), none."""
+    from runtime.kernels import w4_mma
+
+    monkeypatch.delenv(w4_mma.ROWS_ENV, raising=False)
+    assert w4_mma.row_launches(20) == [(0, 20)]
+    assert w4_mma.row_launches(33) == [(0, 32), (32, 33)]
+    assert w4_mma.row_launches(64) == [(0, 32), (32, 64)]
+    assert w4_mma.row_launches(65) is None and w4_mma.row_launches(0) is None
+    monkeypatch.setenv(w4_mma.ROWS_ENV, "8")
+    assert w4_mma.row_launches(40) is None
+
+
+@gpu
+@pytest.mark.parametrize("m", [33, 48, 64])
+def test_gemv_w4_in_two_launches(m):
+    """GemvW4 at 33-64 rows: two launches of the tensor-core GEMV, each adding into its rows of ``out``; the float64
+    reference's products."""
+    from runtime.kernels.w4_gemv import GemvW4
+
+    n, k = 300, 4096
+    qw, s, z, w = _weight(n, k, seed=m)
+    gq, gs, gz = quant.group_major(qw, s, z)
+    x, base = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(m, n, device="cuda")
+    assert _rel(GemvW4(gq, gs, gz, k, 128, None).accumulate(x, base.clone()), base.double() + x.double() @ w.T) < TOL
+
+
 def test_mma_rows_setting(monkeypatch):
     """WKVQ_MMA_ROWS bounds the rows the tensor-core GEMV takes (8: batches 9-32 on the split-K kernel, as before
     the thirty-eighth session); a bad value is a one-line error naming the variable."""

@@ -311,6 +311,16 @@ def _no_block_m(flags: dict) -> dict:
 
 
 SPLITK_MAX_ROWS = 16
+# Above the split-K kernel's rows (a prefill, an evaluation window, a decode step the tensor-core GEMV does not take)
+# w4_linear dequantizes the weight (w4_dequantize) and multiplies on cuBLAS. Measured on an H200 at the 7B
+# projections (thirty-seventh session, benchmarks/prefill_bench.py --gemm): faster than the tiled INT4 kernel at every
+# row count tried, from 64 rows (gate_up 0.163 against 0.259 ms) to 32768 (8.60 against 66.2 ms: 7.7x), within
+# 0.04-0.08 ms of cuBLAS on a float16 weight made beforehand (the dequantization's own time) and level with it from
+# 8192 rows. Below 64 rows the tiled kernel is slower still: 130-430 us a 7B projection at 24 rows and 147-390 at 32
+# (thirty-eighth session, benchmarks/rows_probe.py, "before"; its 32-row tiles make 17 rows cost what 32 do) against
+# 75-163 us for dequantization + cuBLAS at 64 rows, so the dequantization starts right above the split-K kernel
+# (until the thirty-eighth session at 64 rows; not timed at 17-63 rows itself).
+DEQUANT_MIN_ROWS = SPLITK_MAX_ROWS + 1
 # (N, K) -> (BLOCK_N, groups per program, warps): fastest of a CUDA-graph-timed sweep on the H200 (NOTES.md);
 # other shapes take the default, within 5% of the best at every 7B shape
 SPLITK_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
@@ -370,12 +380,7 @@ def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return w
 
 
-# From this many rows (a prefill, an evaluation window) w4_linear dequantizes the weight (w4_dequantize) and
-# multiplies on cuBLAS. Measured on an H200 at the 7B projections (thirty-seventh session, benchmarks/prefill_bench.py
-# --gemm): faster than the tiled INT4 kernel at every row count tried, from 64 rows (gate_up 0.163 against 0.259 ms)
-# to 32768 (8.60 against 66.2 ms: 7.7x), within 0.04-0.08 ms of cuBLAS on a float16 weight made beforehand (the
-# dequantization's own time) and level with it from 8192 rows.
-DEQUANT_MIN_ROWS = 64
+
 
 
 def _dequant_linear(x2, qweight, scales, zeros, group_size, bias, residual):

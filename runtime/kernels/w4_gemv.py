@@ -668,8 +668,8 @@ def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 @dataclass
 class GemvW4(W4Weight):
     """A :class:`W4Weight` whose decode-step ``accumulate`` runs on the tensor-core GEMV
-    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..32 rows, group 128, ``K % 32 == 0``, unless
-    ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
+    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..32 rows, 33..64 in two launches, group 128,
+    ``K % 32 == 0``, unless ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows, ``K % 8 == 0``), else on the
     split-K kernel; same tensors, no copy. The fused
     forms run on the row GEMV (:meth:`accumulate_rmsnorm`, :meth:`fuses_inputs`) and, for the SiLU product at one
     row, on the tensor-core GEMV too (:meth:`accumulate_silu`, :meth:`fuses_silu`)."""
@@ -691,6 +691,13 @@ class GemvW4(W4Weight):
                                                    self.bias):
             return w4_mma.w4_mma_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out,
                                             ready=ready, stamps_kind=stamps)
+        launches = w4_mma.row_launches(x.shape[0]) if x.dim() == 2 and w4_mma.mma_enabled() else None
+        if launches and w4_mma.mma_ok(x[:launches[0][1]], self.qweight, self.scales, self.zeros, self.group_size,
+                                      self.bias):  # 33-64 rows: launches of 32 (each reads the weight)
+            for lo, hi in launches:
+                w4_mma.w4_mma_accumulate(x[lo:hi], self.qweight, self.scales, self.zeros, self.group_size,
+                                         out[lo:hi], stamps_kind=stamps)
+            return out
         if gemv_ok(x, self.qweight):
             return w4_gemv_accumulate(x, self.qweight, self.scales, self.zeros, self.group_size, out, bias=self.bias)
         return super().accumulate(x, out)

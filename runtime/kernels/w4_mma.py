@@ -100,6 +100,21 @@ def max_rows() -> int:
     return int(raw)
 
 
+LAUNCHES_MAX_ROWS = 2 * MMA_MAX_ROWS  # GemvW4 takes up to this many rows in launches of MMA_MAX_ROWS
+
+
+def row_launches(m: int) -> list[tuple[int, int]] | None:
+    """The row ranges ``[lo, hi)`` of ``m`` rows in launches of at most :data:`MMA_MAX_ROWS` rows, or None above
+    :data:`LAUNCHES_MAX_ROWS` (``w4.w4_linear`` dequantizes there) or where ``WKVQ_MMA_ROWS`` lowers the rows a
+    launch takes (the path before the thirty-eighth session). Two launches of 32 rows beat the
+    dequantization on cuBLAS at every 7B projection: 52 / 23 / 88 / 49 us (qkv, o, gate_up, down, twice the 32-row
+    launch, benchmarks/rows_probe.py) against 121 / 75 / 163 / 116 at 64 rows (prefill_bench.py --gemm; both on an
+    H200, the thirty-seventh and thirty-eighth sessions; 33-64 rows in launches not timed as such)."""
+    if max_rows() < MMA_MAX_ROWS or not 1 <= m <= LAUNCHES_MAX_ROWS:
+        return None
+    return [(lo, min(lo + MMA_MAX_ROWS, m)) for lo in range(0, m, MMA_MAX_ROWS)]
+
+
 def mma_enabled() -> bool:
     """Whether :class:`runtime.kernels.w4_gemv.GemvW4` puts its projections on this kernel where :func:`mma_ok`
     (``WKVQ_MMA`` not ``0``)."""
