@@ -1,10 +1,12 @@
 """The decode step's projections at 9-32 rows (batches 9-32), graph-timed over a weight ring: what ``GemvW4`` ran
 above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above), the
 tensor-core GEMV in launches of 8 rows, and in one launch of 2-4 blocks of 8 rows (the weight read once) on a few
-configs; the one-launch GEMV at 8 rows as the anchor. All on the group-major weights the decode step holds on CUDA
+configs; the one-launch GEMV at 8 rows as the anchor; above 32 rows the decode step's ``GemvW4`` (two launches)
+against the dequantization + cuBLAS. All on the group-major weights the decode step holds on CUDA
 (the reference from the row-major weight); each checked against the float64 product first.
 
     python3 benchmarks/rows_probe.py --shapes 7b,13b --rows 8,9,16,24,32 --json rows.json
+    python3 benchmarks/rows_probe.py --shapes 7b --rows 17,24,33,48,64 --json rows64.json
 """
 
 from __future__ import annotations
@@ -28,16 +30,31 @@ from converter.bench_kernels import (
 from runtime import quant
 from runtime.kernels import w4
 from runtime.kernels import w4_mma as mm
+from runtime.kernels.w4_gemv import GemvW4
 
 SHAPES = {"7b": SHAPES_7B, "13b": ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824))}
 
 
 def _before(x, qw, sc, zr, out):
-    """What ``GemvW4`` ran above 8 rows before (``runtime.fast.W4Weight.accumulate``): the split-K kernel up to
-    ``w4.SPLITK_MAX_ROWS`` rows, the tiled kernel above."""
+    """What ``GemvW4`` ran above 8 rows before the thirty-eighth session (``runtime.fast.W4Weight.accumulate``): the
+    split-K kernel up to ``w4.SPLITK_MAX_ROWS`` rows, the tiled kernel above (``w4.DEQUANT_MIN_ROWS`` was 64)."""
     if w4.splitk_ok(x, qw):
         return w4.w4_accumulate(x, qw, sc, zr, 128, out)
-    return out.add_(w4.w4_linear(x, qw, sc, zr, 128))
+    saved, w4.DEQUANT_MIN_ROWS = w4.DEQUANT_MIN_ROWS, 64
+    try:
+        return out.add_(w4.w4_linear(x, qw, sc, zr, 128))
+    finally:
+        w4.DEQUANT_MIN_ROWS = saved
+
+
+def _dequant(x, qw, sc, zr, out):
+    """The weight dequantized, then cuBLAS (``w4.w4_linear`` from ``DEQUANT_MIN_ROWS`` rows)."""
+    return out.add_(w4._dequant_linear(x, qw, sc, zr, 128, None, None))
+
+
+def _gemv_w4(x, qw, sc, zr, out):
+    """``GemvW4.accumulate``: what the decode step runs (33-64 rows: two launches of at most 32)."""
+    return GemvW4(qw, sc, zr, x.shape[1], 128, None).accumulate(x, out)
 
 
 def _chunks(x, qw, sc, zr, out):
@@ -51,6 +68,8 @@ def kernels(n: int, k: int, m: int) -> dict:
     """The candidates at ``m`` rows: before, launches of 8, one launch on its default config and on the table's
     8-row config for the shape (where it has one) and on one tile a warp (fewer registers)."""
     out = {"before": _before}
+    if m > mm.MMA_MAX_ROWS:
+        return {**out, "dequant": _dequant, "gemv_w4": _gemv_w4}
     if m <= 8:
         out["mma"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate(x, qw, sc, zr, 128, o)
         return out

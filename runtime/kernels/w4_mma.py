@@ -1,4 +1,4 @@
-"""INT4 group-128 GEMV/skinny GEMM for the decode step on the tensor cores (1 to 8 rows of ``x``, CUDA sm_80+).
+"""INT4 group-128 GEMV/skinny GEMM for the decode step on the tensor cores (1 to 32 rows of ``x``, CUDA sm_80+).
 
 ``out [M, N] (float32) += x [M, K] @ W^T`` with ``W = (q - zero) * scale`` on the artifact's layout
 (:mod:`runtime.kernels.w4`: ``qweight uint8 [N, K/2]``, channel ``2j`` in the low nibble of byte ``j``, i.e. word
@@ -17,7 +17,9 @@ of 1024 with the code times 16 then one ``fma`` by 1/16; 9 instructions a word),
 of ``mma.sync.m16n8k16`` (f16 inputs, f32 accumulation). The ``K`` slots of an MMA are any 16 channels as long as
 the B operand (``x``) uses the same ones: thread ``t`` holds, in every row, the channels of its own words, and the
 ``x`` pairs ``(x_i, x_{i+4})`` of those words (one 16-byte load per word and four ``prmt``). Column ``n`` of B is
-row ``n`` of ``x`` (zero from ``M`` on), so up to 8 rows of ``x`` cost the same as one. After a group's 8 MMAs
+row ``n`` of ``x`` (zero from ``M`` on), so up to 8 rows of ``x`` cost the same as one; 9-32 rows are 2-4 such blocks
+in one launch, each word's A operand built once and multiplied with every block's ``x`` (:func:`_range_blocks`; the
+dequantization, not the reads, bounds these rows: thirty-eighth session). After a group's 8 MMAs
 (per tile) the f32 result is scaled by the rows' float16 scales (float32 FMA) into the accumulators. ~2.0-2.1
 instructions a code against ~3.6 (local sm_90 SASS), and no rounding but float32's: the products are exact.
 
@@ -1012,8 +1014,8 @@ def _w4_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, G, M, stride_xm, st
 def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
            bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`w4_mma_accumulate` takes these operands: a CUDA sm_80+ device outside the interpreter, float16
-    ``x2 [M, K]`` with ``1 <= M <= 8``, 16-byte aligned rows (``x`` stride a multiple of 8 elements), group 128,
-    ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
+    ``x2 [M, K]`` with ``1 <= M <=`` :func:`max_rows` (32), 16-byte aligned rows (``x`` stride a multiple of 8
+    elements), group 128, ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
     (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
     return (x2.dtype == torch.float16 and 1 <= m <= max_rows() and x2.stride(1) == 1
