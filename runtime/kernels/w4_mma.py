@@ -646,86 +646,40 @@ def _store_tiles(y_ptr, A, row, lo, n, N, M, stride_ym, ATOMIC: tl.constexpr, TI
 
 
 @triton.jit
-def _load1(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr):
-    """:func:`_load_asm` (one tile) of group ``gi`` (a tensor)."""
-    return tl.inline_asm_elementwise(LOAD, LOAD_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
-                                     dtype=(tl.int32,) * 26, is_pure=True, pack=1)
+def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
+    """:func:`_load_asm` of group ``gi`` at the prologue pointers ``P`` (its inputs: all of ``P``, ``gi``, ``K``):
+    ``16 + 10 TILES`` words."""
+    return tl.inline_asm_elementwise(LOAD, LOAD_CONS, P + (gi, K), dtype=(tl.int32,) * (16 + 10 * TILES),
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
-def _comp1(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
-    """:func:`_compute_asm` (one tile): the accumulators ``A`` after the group loaded in ``V``."""
-    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], V[0], V[1], V[2], V[3], V[4], V[5],
-                                      V[6], V[7], V[8], V[9], V[10], V[11], V[12], V[13], V[14],
-                                      V[15], V[16], V[17], V[18], V[19], V[20], V[21], V[22], V[23],
-                                      V[24], V[25]],
-                                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr):
+    """:func:`_compute_asm` (one block of ``x``): the ``4 TILES`` accumulators ``A`` after the group loaded in
+    ``V``."""
+    return tl.inline_asm_elementwise(COMP, COMP_CONS, A + V, dtype=(tl.float32,) * (4 * TILES), is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
 def _loadw(P, gi, K, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, TILES: tl.constexpr):
     """The weight part of :func:`_load_asm` (codes, scales, zeros) of group ``gi``: what may be read before the PDL
     wait (not pure: otherwise the compiler sinks the loads below the wait)."""
-    if TILES == 1:
-        return tl.inline_asm_elementwise(LOADW, LOADW_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
-                                         dtype=(tl.int32,) * 10, is_pure=False, pack=1)
-    else:
-        return tl.inline_asm_elementwise(LOADW, LOADW_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8],
-                                                             P[9], P[10], P[11], P[12], P[13], gi, K],
-                                         dtype=(tl.int32,) * 20, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise(LOADW, LOADW_CONS, P + (gi, K), dtype=(tl.int32,) * (10 * TILES),
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
-def _loadx_join(P, gi, K, W, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr):
+def _loadx(P, gi, K, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr):
+    """The 16 ``x`` words of :func:`_load_asm` of group ``gi`` at the prologue pointers ``P``."""
+    return tl.inline_asm_elementwise(LOADX, LOADX_CONS, P + (gi, K), dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _loadx_join(P, gi, K, W, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr):
     """The ``x`` part of :func:`_load_asm` of group ``gi``, joined with its weight part ``W`` (:func:`_loadw`) into
     what :func:`_load` returns."""
-    if TILES == 1:
-        X = tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
-                                      dtype=(tl.int32,) * 16, is_pure=True, pack=1)
-        return (X[0], X[1], X[2], X[3], X[4], X[5], X[6], X[7], X[8], X[9], X[10], X[11], X[12], X[13], X[14], X[15],
-                W[0], W[1], W[2], W[3], W[4], W[5], W[6], W[7], W[8], W[9])
-    else:
-        X = tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9],
-                                                          P[10], P[11], P[12], P[13], gi, K],
-                                      dtype=(tl.int32,) * 16, is_pure=True, pack=1)
-        return (X[0], X[1], X[2], X[3], X[4], X[5], X[6], X[7], X[8], X[9], X[10], X[11], X[12], X[13], X[14], X[15],
-                W[0], W[1], W[2], W[3], W[4], W[5], W[6], W[7], W[8], W[9], W[10], W[11], W[12], W[13], W[14], W[15],
-                W[16], W[17], W[18], W[19])
-
-
-@triton.jit
-def _load2(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr):
-    """:func:`_load_asm` (two tiles) of group ``gi`` (a tensor)."""
-    return tl.inline_asm_elementwise(LOAD, LOAD_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8], P[9],
-                                      P[10], P[11], P[12], P[13], gi, K],
-                                     dtype=(tl.int32,) * 36, is_pure=True, pack=1)
-
-
-@triton.jit
-def _comp2(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr):
-    """:func:`_compute_asm` (two tiles): the accumulators ``A`` after the group loaded in ``V``."""
-    return tl.inline_asm_elementwise(COMP, COMP_CONS, [A[0], A[1], A[2], A[3], A[4], A[5], A[6], A[7], V[0], V[1],
-                                      V[2], V[3], V[4], V[5], V[6], V[7], V[8], V[9], V[10], V[11],
-                                      V[12], V[13], V[14], V[15], V[16], V[17], V[18], V[19], V[20],
-                                      V[21], V[22], V[23], V[24], V[25], V[26], V[27], V[28], V[29],
-                                      V[30], V[31], V[32], V[33], V[34], V[35]],
-                                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-
-
-@triton.jit
-def _load(P, gi, K, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, TILES: tl.constexpr):
-    if TILES == 1:
-        return _load1(P, gi, K, LOAD, LOAD_CONS)
-    else:
-        return _load2(P, gi, K, LOAD, LOAD_CONS)
-
-
-@triton.jit
-def _comp(A, V, COMP: tl.constexpr, COMP_CONS: tl.constexpr, TILES: tl.constexpr):
-    if TILES == 1:
-        return _comp1(A, V, COMP, COMP_CONS)
-    else:
-        return _comp2(A, V, COMP, COMP_CONS)
+    return _loadx(P, gi, K, LOADX, LOADX_CONS) + W
 
 
 @triton.jit
@@ -750,28 +704,16 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
 
 
 @triton.jit
-def _loadx(P, gi, K, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr, TILES: tl.constexpr):
-    """The 16 ``x`` words of :func:`_load_asm` of group ``gi`` at the prologue pointers ``P``."""
-    if TILES == 1:
-        return tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], gi, K],
-                                         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise(LOADX, LOADX_CONS, [P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], P[8],
-                                                             P[9], P[10], P[11], P[12], P[13], gi, K],
-                                         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
-
-
-@triton.jit
 def _blocks_comp(A, W, P0, P1, P2, P3, gi, K, COMP: tl.constexpr, COMP_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr):
     """One group's products for ``NB`` blocks of 8 rows of ``x``: the weight words ``W`` (:func:`_loadw`, loaded
     once) with each block's ``x`` words (:func:`_loadx` at the block's prologue pointers ``P<b>``) in one
     :func:`_compute_asm` of ``NB`` blocks (the codes dequantized once); ``A``: its ``4 TILES NB`` accumulators."""
-    X = _loadx(P0, gi, K, LOADX, LOADX_CONS, TILES) + _loadx(P1, gi, K, LOADX, LOADX_CONS, TILES)
+    X = _loadx(P0, gi, K, LOADX, LOADX_CONS) + _loadx(P1, gi, K, LOADX, LOADX_CONS)
     if NB >= 3:
-        X = X + _loadx(P2, gi, K, LOADX, LOADX_CONS, TILES)
+        X = X + _loadx(P2, gi, K, LOADX, LOADX_CONS)
     if NB >= 4:
-        X = X + _loadx(P3, gi, K, LOADX, LOADX_CONS, TILES)
+        X = X + _loadx(P3, gi, K, LOADX, LOADX_CONS)
     return tl.inline_asm_elementwise(COMP, COMP_CONS, A + X + W, dtype=(tl.float32,) * (4 * TILES * NB),
                                      is_pure=True, pack=1)
 
@@ -882,8 +824,8 @@ def _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, s
             _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
             if SILU:
                 _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-            V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS, TILES)
-            U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS, TILES)
+            V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS)
+            U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS)
             if g_hi - g_lo >= 2:
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
                 V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
