@@ -683,27 +683,6 @@ def _loadx_join(P, gi, K, W, LOADX: tl.constexpr, LOADX_CONS: tl.constexpr):
 
 
 @triton.jit
-def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
-           g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
-           PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
-           COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
-           FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
-           LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
-           NB: tl.constexpr = 1):
-    """:func:`_range1` for one block of up to 8 rows of ``x`` (``NB`` 1), else :func:`_range_blocks`."""
-    if NB == 1:
-        _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-                row0, g_lo, g_hi, NT, TILES, ATOMIC, PRO, PRO_CONS, LOAD, LOAD_CONS, COMP, COMP_CONS, EPI, DEPTH, L2,
-                PF, FIXED, LOADW, LOADW_CONS, LOADX, LOADX_CONS, PRE, PDL, rdy_ptr, epoch, RQG, stamp_ptr, STAMPS,
-                SILU, GMAX)
-    else:
-        _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
-                      stride_ym, row0, g_lo, g_hi, NT, TILES, ATOMIC, PRO, PRO_CONS, COMP, COMP_CONS, EPI, FIXED,
-                      LOADW, LOADW_CONS, LOADX, LOADX_CONS, NB)
-
-
-@triton.jit
 def _blocks_comp(A, W, P0, P1, P2, P3, gi, K, COMP: tl.constexpr, COMP_CONS: tl.constexpr, LOADX: tl.constexpr,
                  LOADX_CONS: tl.constexpr, TILES: tl.constexpr, NB: tl.constexpr):
     """One group's products for ``NB`` blocks of 8 rows of ``x``: the weight words ``W`` (:func:`_loadw`, loaded
@@ -724,7 +703,7 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
                   PRO_CONS: tl.constexpr, COMP: tl.constexpr, COMP_CONS: tl.constexpr, EPI: tl.constexpr,
                   FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
                   LOADX_CONS: tl.constexpr, NB: tl.constexpr):
-    """:func:`_range1` (no preload, ready flags nor SiLU input) for ``NB`` (2-4) blocks of 8 rows of ``x``: each
+    """:func:`_range` (no preload, ready flags nor SiLU input) for ``NB`` (2-4) blocks of 8 rows of ``x``: each
     group's weight words are loaded once (the next group's while this one is computed), dequantized once and
     multiplied with every block's ``x`` (block ``b``: rows ``8 b ..``, its own prologue pointers, rows clamped to
     ``M - 1``; ``COMP``: :func:`_compute_asm` of ``NB`` blocks), so 9-32 rows cost one weight read and one
@@ -755,7 +734,7 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
             dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
     A = (tl.zeros((NT,), tl.float32),) * (4 * TILES * NB)
     V = _loadw(P0, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
-    for gi in range(g_lo, g_hi - 1, 2):  # two groups an iteration, as _range1
+    for gi in range(g_lo, g_hi - 1, 2):  # two groups an iteration, as _range
         U = _loadw(P0, lane * 0 + gi + 1, K, LOADW, LOADW_CONS, TILES)
         if gi != K:
             A = _blocks_comp(A, V, P0, P1, P2, P3, lane * 0 + gi, K, COMP, COMP_CONS, LOADX, LOADX_CONS, TILES, NB)
@@ -777,13 +756,14 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
 
 
 @triton.jit
-def _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
-            g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
-            PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
-            COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
-            FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
-            LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
-            stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1):
+def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, row0,
+           g_lo, g_hi, NT: tl.constexpr, TILES: tl.constexpr, ATOMIC: tl.constexpr, PRO: tl.constexpr,
+           PRO_CONS: tl.constexpr, LOAD: tl.constexpr, LOAD_CONS: tl.constexpr, COMP: tl.constexpr,
+           COMP_CONS: tl.constexpr, EPI: tl.constexpr, DEPTH: tl.constexpr, L2: tl.constexpr, PF: tl.constexpr,
+           FIXED: tl.constexpr, LOADW: tl.constexpr, LOADW_CONS: tl.constexpr, LOADX: tl.constexpr,
+           LOADX_CONS: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, rdy_ptr, epoch, RQG: tl.constexpr,
+           stamp_ptr, STAMPS: tl.constexpr, SILU: tl.constexpr = False, GMAX: tl.constexpr = 1,
+           NB: tl.constexpr = 1):
     """Rows ``[row0, row0 + 16 TILES WARPS)`` over groups ``[g_lo, g_hi)`` (non-empty), added into ``y``.
     ``FIXED`` (``LOAD`` with immediate row offsets, ``N >= 16 TILES WARPS``): a last block past ``N`` is shifted
     down to end at ``N`` (its rows below ``row0`` computed again and not written), so every row it reads exists.
@@ -793,69 +773,73 @@ def _range1(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, s
     the kernel before, the range waits for its groups' ready flags (:func:`_wait_ready`; before its ``x``, or first
     thing in a stream-K share's later ranges). ``SILU``: ``x`` is ``silu(gate) * up`` of
     the float32 ``gate_up`` at ``x_ptr``, which the range builds in the program's shared memory before its first
-    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX)."""
-    if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
-        if not PRE:
-            _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
-    if SILU:  # noqa: SIM102
-        if not PRE:  # the kernel has waited for the one before first thing (or in an earlier range)
-            _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-    if FIXED:
-        rowp = tl.minimum(row0, N - NT // 2 * TILES)
+    ``x`` (:func:`_silu_prologue`, at most ``GMAX`` groups) and reads from there (the ``LOAD`` / ``LOADX`` PTX).
+    ``NB`` > 1: 2-4 blocks of 8 rows of ``x``, :func:`_range_blocks` (none of ``PRE``, ``RQG``, ``SILU``)."""
+    if NB > 1:
+        _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, stride_sn, stride_zn,
+                      stride_ym, row0, g_lo, g_hi, NT, TILES, ATOMIC, PRO, PRO_CONS, COMP, COMP_CONS, EPI, FIXED,
+                      LOADW, LOADW_CONS, LOADX, LOADX_CONS, NB)
     else:
-        rowp = row0
-    lane = tl.zeros((NT,), tl.int32) + rowp  # one element per thread: carries the block's first row into the PTX
-    if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
-        tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    P = tl.inline_asm_elementwise(
-        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
-        dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
-    zero = tl.zeros((NT,), tl.float32)
-    if TILES == 1:
-        A = (zero, zero, zero, zero)
-    else:
-        A = (zero, zero, zero, zero, zero, zero, zero, zero)
-    if DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
-        if PRE:  # the first iteration peeled: its two groups' weights read before the wait
-            g1 = tl.minimum(g_lo + 1, g_hi - 1)
-            Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
-            Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
-            _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
-            if SILU:
+        if RQG > 0:  # noqa: SIM102 - a constexpr test around a constexpr one
+            if not PRE:
+                _wait_ready(rdy_ptr, epoch, g_lo, g_hi, RQG)
+        if SILU:  # noqa: SIM102
+            if not PRE:  # the kernel has waited for the one before first thing (or in an earlier range)
                 _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
-            V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS)
-            U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS)
-            if g_hi - g_lo >= 2:
+        if FIXED:
+            rowp = tl.minimum(row0, N - NT // 2 * TILES)
+        else:
+            rowp = row0
+        lane = tl.zeros((NT,), tl.int32) + rowp  # one element per thread: carries the block's first row into the PTX
+        if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
+            tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        P = tl.inline_asm_elementwise(
+            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
+            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+        zero = tl.zeros((NT,), tl.float32)
+        if TILES == 1:
+            A = (zero, zero, zero, zero)
+        else:
+            A = (zero, zero, zero, zero, zero, zero, zero, zero)
+        if DEPTH == 1:  # two groups an iteration: the loads land in the registers just computed (no V = U copies)
+            if PRE:  # the first iteration peeled: its two groups' weights read before the wait
+                g1 = tl.minimum(g_lo + 1, g_hi - 1)
+                Vw = _loadw(P, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
+                Uw = _loadw(P, lane * 0 + g1, K, LOADW, LOADW_CONS, TILES)
+                _wait_before_x(PDL, rdy_ptr, epoch, g_lo, g_hi, RQG, stamp_ptr, STAMPS)
+                if SILU:
+                    _silu_prologue(x_ptr, K, g_lo, g_hi, GMAX)
+                V = _loadx_join(P, lane * 0 + g_lo, K, Vw, LOADX, LOADX_CONS)
+                U = _loadx_join(P, lane * 0 + g1, K, Uw, LOADX, LOADX_CONS)
+                if g_hi - g_lo >= 2:
+                    A = _comp(A, V, COMP, COMP_CONS, TILES)
+                    V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+                    A = _comp(A, U, COMP, COMP_CONS, TILES)
+                g_start = g_lo + 2
+            else:
+                V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
+                g_start = g_lo
+            for gi in range(g_start, g_hi - 1, 2):
+                U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
+                if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
+                    A = _comp(A, V, COMP, COMP_CONS, TILES)
+                V = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+                if gi != K:
+                    A = _comp(A, U, COMP, COMP_CONS, TILES)
+            if (g_hi - g_lo) % 2 == 1:  # the range's last group (V: group g_hi - 1)
                 A = _comp(A, V, COMP, COMP_CONS, TILES)
-                V = _load(P, lane * 0 + tl.minimum(g_lo + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
-                A = _comp(A, U, COMP, COMP_CONS, TILES)
-            g_start = g_lo + 2
         else:
             V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
-            g_start = g_lo
-        for gi in range(g_start, g_hi - 1, 2):
-            U = _load(P, lane * 0 + gi + 1, K, LOAD, LOAD_CONS, TILES)
-            if gi != K:  # always (gi < G < K): a block boundary that keeps ptxas from sinking U's loads below
-                A = _comp(A, V, COMP, COMP_CONS, TILES)
-            V = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
-            if gi != K:
-                A = _comp(A, U, COMP, COMP_CONS, TILES)
-        if (g_hi - g_lo) % 2 == 1:  # the range's last group (V: group g_hi - 1)
-            A = _comp(A, V, COMP, COMP_CONS, TILES)
-    else:
-        V = _load(P, lane * 0 + g_lo, K, LOAD, LOAD_CONS, TILES)
-        W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
-        for gi in range(g_lo, g_hi):
-            U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
-            if gi != K:
-                A = _comp(A, V, COMP, COMP_CONS, TILES)
-            V = W
-            W = U
-    g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
-    _store_tiles(y_ptr, A, rowp + warp * (16 * TILES) + g, row0, n, N, M, stride_ym, ATOMIC, TILES)
-
-
+            W = _load(P, lane * 0 + tl.minimum(g_lo + 1, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+            for gi in range(g_lo, g_hi):
+                U = _load(P, lane * 0 + tl.minimum(gi + 2, g_hi - 1), K, LOAD, LOAD_CONS, TILES)
+                if gi != K:
+                    A = _comp(A, V, COMP, COMP_CONS, TILES)
+                V = W
+                W = U
+        g, n, warp = tl.inline_asm_elementwise(EPI, "=r,=r,=r,r", [lane], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
+        _store_tiles(y_ptr, A, rowp + warp * (16 * TILES) + g, row0, n, N, M, stride_ym, ATOMIC, TILES)
 
 
 @triton.jit
@@ -957,8 +941,8 @@ def mma_ok(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
            bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`w4_mma_accumulate` takes these operands: a CUDA sm_80+ device outside the interpreter, float16
     ``x2 [M, K]`` with ``1 <= M <=`` :func:`max_rows` (32), 16-byte aligned rows (``x`` stride a multiple of 8
-    elements), group 128, ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major copy ``[N, G, 64]``
-    (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
+    elements), group 128, ``K % 32 == 0``, codes ``uint8 [N, K/2]`` with 16-byte aligned rows or their group-major
+    copy ``[N, G, 64]`` (:func:`runtime.quant.group_major`, 16-byte aligned rows and groups), no bias."""
     m, k = x2.shape if x2.dim() == 2 else (0, 0)
     return (x2.dtype == torch.float16 and 1 <= m <= max_rows() and x2.stride(1) == 1
             and (m == 1 or x2.stride(0) % 8 == 0) and x2.data_ptr() % 16 == 0
