@@ -380,9 +380,6 @@ def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return w
 
 
-
-
-
 def _dequant_linear(x2, qweight, scales, zeros, group_size, bias, residual):
     w = w4_dequantize(qweight, scales, zeros, x2.shape[1], group_size, x2.dtype)
     base = residual.reshape(x2.shape[0], -1).to(x2.dtype) if residual is not None else None
