@@ -316,7 +316,7 @@ SPLITK_MAX_ROWS = 16
 # projections (thirty-seventh session, benchmarks/prefill_bench.py --gemm): faster than the tiled INT4 kernel at every
 # row count tried, from 64 rows (gate_up 0.163 against 0.259 ms) to 32768 (8.60 against 66.2 ms: 7.7x), within
 # 0.04-0.08 ms of cuBLAS on a float16 weight made beforehand (the dequantization's own time) and level with it from
-# 8192 rows. Below 64 rows the tiled kernel is slower still: 130-430 us a 7B projection at 24 rows and 147-390 at 32
+# 8192 rows. Below 64 rows the tiled kernel is slower still: 129-342 us a 7B projection at 24 rows and 147-390 at 32
 # (thirty-eighth session, benchmarks/rows_probe.py, "before"; its 32-row tiles make 17 rows cost what 32 do) against
 # 75-163 us for dequantization + cuBLAS at 64 rows, so the dequantization starts right above the split-K kernel
 # (until the thirty-eighth session at 64 rows; not timed at 17-63 rows itself).
