@@ -187,6 +187,31 @@ def test_row_launches(monkeypatch):
     assert w4_mma.row_launches(40) is None
 
 
+@pytest.mark.parametrize("m,launches", [(20, [(0, 20)]), (40, [(0, 32), (32, 40)]), (64, [(0, 32), (32, 64)]),
+                                        (65, [])])
+def test_gemv_w4_launch_rows(m, launches, monkeypatch):
+    """Without a GPU, the kernel stubbed: GemvW4 gives each launch its rows of ``x`` and of ``out`` (views, so the
+    launches add into the caller's ``out``), one launch up to 32 rows, two up to 64; above, the split-K /
+    dequantization path."""
+    from runtime.kernels import w4_gemv, w4_mma
+
+    calls = []
+
+    def fake(x, qw, s, z, group, out, **kw):
+        calls.append((x.data_ptr(), out.data_ptr(), x.shape[0], out.shape[0]))
+        return out.add_(1.0)
+
+    monkeypatch.delenv(w4_mma.ROWS_ENV, raising=False)
+    monkeypatch.setattr(w4_mma, "mma_ok", lambda x, *a, **k: x.shape[0] <= w4_mma.MMA_MAX_ROWS)
+    monkeypatch.setattr(w4_mma, "w4_mma_accumulate", fake)
+    monkeypatch.setattr(w4_gemv.W4Weight, "accumulate", lambda self, x, out: out.sub_(1.0))
+    qw, s, z, _ = _weight(64, 256, device="cpu")
+    x, out = torch.randn(m, 256, dtype=torch.float16), torch.zeros(m, 64)
+    w4_gemv.GemvW4(qw, s, z, 256, 128, None).accumulate(x, out)
+    assert calls == [(x[lo:].data_ptr(), out[lo:].data_ptr(), hi - lo, hi - lo) for lo, hi in launches]
+    assert torch.equal(out, torch.full_like(out, 1.0 if launches else -1.0))
+
+
 @gpu
 @pytest.mark.parametrize("m", [33, 48, 64])
 def test_gemv_w4_in_two_launches(m):
