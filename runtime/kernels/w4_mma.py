@@ -407,6 +407,7 @@ def _load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = N
     return "\n".join(L), cons
 
 
+@functools.cache
 def _compute_asm(tiles: int, chains: int = 1, blocks: int = 1) -> tuple[str, str]:
     """PTX of one group's products for one thread (all 32 lanes of the warp run it together: ``mma.sync``). Inputs:
     the ``4 tiles blocks`` float32 accumulators, ``blocks`` times the 16 ``x`` words of :func:`_load_asm` (one
@@ -602,11 +603,6 @@ def _asm(tiles: int, ragged: bool, chains: int = 1, strides: tuple[int, int, int
 
 
 @functools.cache
-def _blocks_compute_asm(tiles: int, blocks: int) -> tuple[str, str]:
-    return _compute_asm(tiles, 1, blocks)
-
-
-@functools.cache
 def _split_load_asm(tiles: int, ragged: bool, strides: tuple[int, int, int] | None = None,
                     gstrides: tuple[int, int, int] = (64, 2, 1), xsmem: bool = False,
                     coherent: bool = True) -> tuple[str, str, str, str]:
@@ -643,6 +639,16 @@ def _store_tiles(y_ptr, A, row, lo, n, N, M, stride_ym, ATOMIC: tl.constexpr, TI
         _store_acc(y_ptr, A[5], row + 16, lo, n + 1, N, M, stride_ym, ATOMIC)
         _store_acc(y_ptr, A[6], row + 24, lo, n, N, M, stride_ym, ATOMIC)
         _store_acc(y_ptr, A[7], row + 24, lo, n + 1, N, M, stride_ym, ATOMIC)
+
+
+@triton.jit
+def _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M,
+              PRO: tl.constexpr, PRO_CONS: tl.constexpr, TILES: tl.constexpr):
+    """:func:`_prologue_asm`: each thread's code, scale and zero pointers, its ``x`` pointer (rows of ``x_ptr``
+    clamped to ``M - 1``) and ``t``."""
+    return tl.inline_asm_elementwise(
+        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
+        dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -714,24 +720,18 @@ def _range_blocks(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride
         rowp = row0
     lane = tl.zeros((NT,), tl.int32) + rowp
     xs = stride_xm // 2 * 8  # elements between blocks of 8 rows of x (stride_xm: bytes)
-    P0 = tl.inline_asm_elementwise(
-        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
-        dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
-    P1 = tl.inline_asm_elementwise(
-        PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + xs, N, stride_qn, stride_sn, stride_zn, stride_xm,
-                        M - 8], dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+    P0 = _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M, PRO,
+                   PRO_CONS, TILES)
+    P1 = _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr + xs, N, stride_qn, stride_sn, stride_zn, stride_xm, M - 8,
+                   PRO, PRO_CONS, TILES)
     P2 = P1
     P3 = P1
     if NB >= 3:
-        P2 = tl.inline_asm_elementwise(
-            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + 2 * xs, N, stride_qn, stride_sn, stride_zn,
-                            stride_xm, M - 16],
-            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+        P2 = _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr + 2 * xs, N, stride_qn, stride_sn, stride_zn, stride_xm,
+                       M - 16, PRO, PRO_CONS, TILES)
     if NB >= 4:
-        P3 = tl.inline_asm_elementwise(
-            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr + 3 * xs, N, stride_qn, stride_sn, stride_zn,
-                            stride_xm, M - 24],
-            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+        P3 = _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr + 3 * xs, N, stride_qn, stride_sn, stride_zn, stride_xm,
+                       M - 24, PRO, PRO_CONS, TILES)
     A = (tl.zeros((NT,), tl.float32),) * (4 * TILES * NB)
     V = _loadw(P0, lane * 0 + g_lo, K, LOADW, LOADW_CONS, TILES)
     for gi in range(g_lo, g_hi - 1, 2):  # two groups an iteration, as _range
@@ -794,9 +794,8 @@ def _range(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, M, stride_xm, stride_qn, st
         if L2:  # the program's codes into L2 first (PF: _prefetch_asm)
             tl.inline_asm_elementwise(PF, "=r,r,l,r,r,r,r,r", [lane, qw_ptr, N, stride_qn, g_lo, g_hi, K // 2],
                                       dtype=tl.int32, is_pure=False, pack=1)
-        P = tl.inline_asm_elementwise(
-            PRO, PRO_CONS, [lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M],
-            dtype=(tl.uint64,) * (6 * TILES + 1) + (tl.int32,), is_pure=True, pack=1)
+        P = _pointers(lane, qw_ptr, s_ptr, z_ptr, x_ptr, N, stride_qn, stride_sn, stride_zn, stride_xm, M, PRO,
+                      PRO_CONS, TILES)
         zero = tl.zeros((NT,), tl.float32)
         if TILES == 1:
             A = (zero, zero, zero, zero)
@@ -1054,7 +1053,7 @@ def launch_plan(cfg: MmaConfig, n: int, k: int, m: int, row_strides: tuple[int, 
         loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, silu)
     elif nb > 1:  # the weight words once, each block's x after them, one product PTX for the blocks
         loadw, loadw_cons, loadx, loadx_cons = _split_load_asm(cfg.tiles, ragged, strides, gstrides, coherent=False)
-        comp, comp_cons = _blocks_compute_asm(cfg.tiles, nb)
+        comp, comp_cons = _compute_asm(cfg.tiles, 1, nb)
     else:
         loadw, loadw_cons, loadx, loadx_cons = "", "r", "", "r"
     return grid, {
