@@ -97,6 +97,8 @@ def wkvq_prefill(config, prompt: int, repeats: int) -> dict:
     out = {"ms": _time_ms(run, repeats), "peak_GB": _peak_gb(run)}
     if PROFILE:
         out["kernels"] = _top_kernels(run)
+    if MEMORY:
+        out["memory"] = peak_owners(run)
     return out
 
 
@@ -112,6 +114,49 @@ def _top_kernels(fn, n: int = 8) -> list:
 
 
 PROFILE = False
+
+
+def _repo_frame(frames) -> str:
+    """The innermost Python frame of ``frames`` (a memory-history trace's, innermost first) outside torch."""
+    for f in frames:
+        name = f["filename"]
+        if name.endswith(".py") and "/torch/" not in name:
+            return f"{Path(name).parent.name}/{Path(name).name}:{f['line']} {f['name']}"
+    return "?"
+
+
+def peak_owners(fn, n: int = 10) -> dict:
+    """What is allocated at the peak of one call of ``fn`` that was not before it: replays the CUDA caching
+    allocator's trace (``torch.cuda.memory._record_memory_history``) and groups the blocks live at the highest
+    point by the innermost line of this repository that allocated them: ``{"peak_GB", "owners": [[line, GB,
+    blocks]]}``, the ``n`` largest."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, now, best, at_best = {}, 0, 0, {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], _repo_frame(ev.get("frames", [])))
+            now += ev["size"]
+            if now > best:
+                best, at_best = now, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            now -= live.pop(ev["addr"])[0]
+    owners: dict[str, list] = {}
+    for size, where in at_best.values():
+        o = owners.setdefault(where, [where, 0.0, 0])
+        o[1] += size / 1e9
+        o[2] += 1
+    top = sorted(owners.values(), key=lambda o: -o[1])[:n]
+    return {"peak_GB": best / 1e9, "owners": [[w, round(gb, 3), c] for w, gb, c in top]}
+
+
+MEMORY = False
 
 
 def fp16_prefill(config, prompt: int, repeats: int) -> dict:
@@ -133,6 +178,8 @@ def fp16_prefill(config, prompt: int, repeats: int) -> dict:
     out = {"ms": _time_ms(run, repeats), "peak_GB": _peak_gb(run)}
     if PROFILE:
         out["kernels"] = _top_kernels(run)
+    if MEMORY:
+        out["memory"] = peak_owners(run)
     return out
 
 
@@ -147,11 +194,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="also list each cell's top kernels by GPU time")
+    p.add_argument("--memory", action="store_true", help="also list what the W4KV4 prefill holds at its peak, by line")
     p.add_argument("--before", action="store_true", help="the projections and attention as before the thirty-seventh session")
     p.add_argument("--gemm", help="rows (comma-separated): time the 7B projections alone instead")
     a = p.parse_args(argv)
-    global PROFILE
-    PROFILE = a.profile
+    global PROFILE, MEMORY
+    PROFILE, MEMORY = a.profile, a.memory
     if a.gemm:
         rows = gemm_sweep([int(x) for x in a.gemm.split(",")])
         if a.json:
@@ -180,6 +228,10 @@ def main(argv=None) -> int:
                           f"{r['peak_GB']:8.2f}", flush=True)
                     for k in r.get("kernels", []):
                         print(f"    {k[1]:9.2f} ms {k[2]:5d}x  {k[0]}")
+                    if "memory" in r:
+                        print(f"    traced peak {r['memory']['peak_GB']:.2f} GB, held by:")
+                        for w, gb, c in r["memory"]["owners"]:
+                            print(f"    {gb:8.3f} GB {c:5d}x  {w}")
                 else:
                     print(f"{shape:6} {path:6} {prompt:7d} {r['error']}", flush=True)
                 gc.collect()

@@ -2,11 +2,13 @@
 above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above), the
 tensor-core GEMV in launches of 8 rows, and in one launch of 2-4 blocks of 8 rows (the weight read once) on a few
 configs; the one-launch GEMV at 8 rows as the anchor; above 32 rows the decode step's ``GemvW4`` (two launches)
-against the dequantization + cuBLAS. All on the group-major weights the decode step holds on CUDA
+against the dequantization + cuBLAS; above 64 rows launches of 32 against the dequantization (what ``GemvW4`` runs
+there). All on the group-major weights the decode step holds on CUDA
 (the reference from the row-major weight); each checked against the float64 product first.
 
     python3 benchmarks/rows_probe.py --shapes 7b,13b --rows 8,9,16,24,32 --json rows.json
     python3 benchmarks/rows_probe.py --shapes 7b --rows 17,24,33,48,64 --json rows64.json
+    python3 benchmarks/rows_probe.py --shapes 7b --rows 80,96,112,128 --json rows128.json
 """
 
 from __future__ import annotations
@@ -64,10 +66,20 @@ def _chunks(x, qw, sc, zr, out):
     return out
 
 
+def _launches32(x, qw, sc, zr, out):
+    """The tensor-core GEMV in launches of at most 32 rows at any row count (``GemvW4`` does so to
+    ``w4_mma.LAUNCHES_MAX_ROWS``)."""
+    for i in range(0, x.shape[0], mm.MMA_MAX_ROWS):
+        mm.w4_mma_accumulate(x[i:i + mm.MMA_MAX_ROWS], qw, sc, zr, 128, out[i:i + mm.MMA_MAX_ROWS])
+    return out
+
+
 def kernels(n: int, k: int, m: int) -> dict:
     """The candidates at ``m`` rows: before, launches of 8, one launch on its default config and on the table's
     8-row config for the shape (where it has one) and on one tile a warp (fewer registers)."""
     out = {"before": _before}
+    if m > mm.LAUNCHES_MAX_ROWS:
+        return {"dequant": _dequant, "launches32": _launches32}
     if m > mm.MMA_MAX_ROWS:
         return {**out, "dequant": _dequant, "gemv_w4": _gemv_w4}
     if m <= 8:

@@ -184,6 +184,17 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x, cos, sin):
+    return x * cos + _rotate_half(x) * sin
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate_up [..., 2 I]`` (``[..., I]``): the SiLU in place in ``gate_up``'s first half, so
+    the product is the one new tensor (the values of ``F.silu(gate) * up``)."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return F.silu(g, inplace=True) * u
+
+
 def resolve_kernels(device, head_dim: int, use_kernels: bool | None) -> bool:
     """Whether :class:`FastLlama` runs the Triton kernels: ``use_kernels``, or where it is None wherever they are
     available and take heads of ``head_dim`` channels (:func:`runtime.kernels.head_dim_ok`). Asking for them where
@@ -290,19 +301,28 @@ class FastLlama:
             raise ValueError(f"{t} new tokens after {start} overflow the cache of {cache.max_len}")
         cos, sin = self.cos[start:start + t].to(self.embed.dtype), self.sin[start:start + t].to(self.embed.dtype)
         x = self.embed[ids]
+        # each sublayer's intermediates are a helper's locals, gone before the next sublayer allocates its own (in one
+        # loop body a layer's gate_up output outlived it until the next layer's replaced it: a 7B prefill of 32768
+        # tokens held 2 GB more than fp16's, thirty-ninth session, benchmarks/prefill_bench.py --memory)
         for i, layer in enumerate(self.layers):
-            h = _rmsnorm_ref(x, layer.ln1, c.eps)
-            qkv = layer.qkv(h, self.use_kernels).view(b, t, c.heads + 2 * c.kv_heads, c.head_dim).transpose(1, 2)
-            q, k, v = qkv.split([c.heads, c.kv_heads, c.kv_heads], dim=1)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            a = cache.attend(i, layer.kv_quant, q, k, v, c.scaling)
-            x = layer.o(a.transpose(1, 2).reshape(b, t, -1), self.use_kernels, residual=x)
-            h = _rmsnorm_ref(x, layer.ln2, c.eps)
-            g, u = layer.gate_up(h, self.use_kernels).chunk(2, dim=-1)
-            x = layer.down(F.silu(g) * u, self.use_kernels, residual=x)
+            x = layer.o(self._prefill_attention(i, layer, x, cache, cos, sin), self.use_kernels, residual=x)
+            x = layer.down(_silu_mul(layer.gate_up(_rmsnorm_ref(x, layer.ln2, c.eps), self.use_kernels)),
+                           self.use_kernels, residual=x)
         cache.advance(t)
         x = _rmsnorm_ref(x[:, -1], self.norm, c.eps)
         return F.linear(x, self.lm_head).float()
+
+    def _prefill_attention(self, i: int, layer: FastLayer, x: torch.Tensor, cache: StaticPOQCache, cos: torch.Tensor,
+                           sin: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s POQ attention of ``x [B, T, hidden]`` (the output projection's input ``[B, T, heads *
+        head_dim]``); stores the new keys and values."""
+        c = self.config
+        b, t = x.shape[:2]
+        qkv = layer.qkv(_rmsnorm_ref(x, layer.ln1, c.eps), self.use_kernels)
+        q, k, v = qkv.view(b, t, c.heads + 2 * c.kv_heads, c.head_dim).transpose(1, 2).split(
+            [c.heads, c.kv_heads, c.kv_heads], dim=1)
+        a = cache.attend(i, layer.kv_quant, _rope(q, cos, sin), _rope(k, cos, sin), v, c.scaling)
+        return a.transpose(1, 2).reshape(b, t, -1)
 
     # ------------------------------------------------------------------ kernel path (static shapes)
 

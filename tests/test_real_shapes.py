@@ -43,3 +43,18 @@ def test_the_check_sees_a_lost_split():
     the tolerance."""
     errs = real_shape_decode_errors("7b", 1, 32768, lost=1 / 16)
     assert min(errs) > 2 * TOL, errs
+
+
+@pytest.mark.parametrize("shape", ["7b", "8b"])
+def test_prefill_holds_no_more_than_fp16(shape):
+    """The W4KV4 prefill's peak memory above its model and cache is at most transformers fp16's (one forward into
+    a StaticCache, the last token's logits): two layers of the shape, 8192 tokens. Until the thirty-ninth session a
+    layer's gate_up output lived on until the next layer's replaced it, so a 7B prefill of 32768 tokens held 5.23 GB
+    against fp16's 3.26 (``benchmarks/prefill_bench.py --memory``)."""
+    from benchmarks.prefill_bench import fp16_prefill, wkvq_prefill
+    from converter.bench import llama_config
+
+    config = llama_config(shape)
+    config.num_hidden_layers = 2
+    ours, fp16 = wkvq_prefill(config, 8192, 1)["peak_GB"], fp16_prefill(config, 8192, 1)["peak_GB"]
+    assert ours <= fp16, (ours, fp16)

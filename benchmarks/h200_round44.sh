@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Thirty-ninth session (one H200): what a 32768-token prefill holds at its peak; launches of 32 rows above 64.
+#   mem       benchmarks/prefill_bench.py --memory, 7B p32768, W4KV4 and fp16: the blocks live at each one's peak by
+#             the line that allocated them (the W4KV4 prefill held ~2 GB more than fp16's, thirty-seventh session)
+#   rows128   benchmarks/rows_probe.py at 80-128 rows, 7B: launches of 32 against the dequantization + cuBLAS
+#   record    the record cells (7B and 13B, b1 and b8, p2048 and p32768) and 7B b1 against fp16 compiled, both clocks
+# Usage: OUT=$OUT bash benchmarks/h200_round44.sh PART...  (carry .gpu/whl)
+source benchmarks/h200_lib.sh
+for part in "$@"; do case $part in
+mem)
+  python3 benchmarks/prefill_bench.py --shapes 7b --prompts 32768 --paths wkvq,fp16 --repeats 1 --memory \
+    --json "$o/prefill_mem.json" 2>&1 | grep -v Warning; mark mem;;
+rows128)
+  python3 benchmarks/rows_probe.py --shapes 7b --rows 80,96,112,128 --json "$o/rows128.json" 2>&1 \
+    | grep -v Warning; mark rows128;;
+record)
+  record
+  python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
+    --json "$o/b1_side.json" 2>&1 | grep -v Warning | tail -8; mark "b1 side by side";;
+*) echo "unknown part $part";;
+esac; done
