@@ -295,7 +295,7 @@ class FastLlama:
     def forward(self, ids: torch.Tensor, cache: StaticPOQCache) -> torch.Tensor:
         """``ids [B, T]`` new tokens -> logits of the last one ``[B, vocab]`` (float32); stores them."""
         c = self.config
-        b, t = ids.shape
+        t = ids.shape[1]
         start = cache.length
         if start + t > cache.max_len:
             raise ValueError(f"{t} new tokens after {start} overflow the cache of {cache.max_len}")
