@@ -319,7 +319,8 @@ SPLITK_MAX_ROWS = 16
 # 8192 rows. Below 64 rows the tiled kernel is slower still: 129-342 us a 7B projection at 24 rows and 147-390 at 32
 # (thirty-eighth session, benchmarks/rows_probe.py, "before"; its 32-row tiles make 17 rows cost what 32 do) against
 # 75-163 us for dequantization + cuBLAS at 64 rows, so the dequantization starts right above the split-K kernel
-# (until the thirty-eighth session at 64 rows; not timed at 17-63 rows itself).
+# (until the thirty-eighth session at 64 rows). Timed at 33-48 rows in the thirty-ninth: 28-120 us against the tiled
+# kernel's 70-232 (rows_probe.py "dequant" and "before").
 DEQUANT_MIN_ROWS = SPLITK_MAX_ROWS + 1
 # (N, K) -> (BLOCK_N, groups per program, warps): fastest of a CUDA-graph-timed sweep on the H200 (NOTES.md);
 # other shapes take the default, within 5% of the best at every 7B shape

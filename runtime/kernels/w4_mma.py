@@ -108,10 +108,11 @@ LAUNCHES_MAX_ROWS = 2 * MMA_MAX_ROWS  # GemvW4 takes up to this many rows in lau
 def row_launches(m: int) -> list[tuple[int, int]] | None:
     """The row ranges ``[lo, hi)`` of ``m`` rows in launches of at most :data:`MMA_MAX_ROWS` rows, or None above
     :data:`LAUNCHES_MAX_ROWS` (``w4.w4_linear`` dequantizes there) or where ``WKVQ_MMA_ROWS`` lowers the rows a
-    launch takes (the path before the thirty-eighth session). Two launches of 32 rows beat the
-    dequantization on cuBLAS at every 7B projection: 52 / 23 / 88 / 49 us (qkv, o, gate_up, down, twice the 32-row
-    launch, benchmarks/rows_probe.py) against 121 / 75 / 163 / 116 at 64 rows (prefill_bench.py --gemm; both on an
-    H200, the thirty-seventh and thirty-eighth sessions; 33-64 rows in launches not timed as such)."""
+    launch takes (the path before the thirty-eighth session). The launches beat the dequantization on cuBLAS at every
+    7B projection to 80 rows and tie at 96 (H200, thirty-ninth session, benchmarks/rows_probe.py, µs qkv / o / gate_up
+    / down): 33 rows 33 / 15 / 57 / 32 against 72 / 28 / 119 / 66, 64 rows 51 / 23 / 88 / 47 against 72 / 25 / 122 /
+    68, 80 rows 67 / 29 / 114 / 60 against 74 / 31 / 124 / 68, 96 rows 75 / 33 / 133 / 71 against 75 / 30 / 124 / 69.
+    A 7B step at p2048: b40 8.46 against 13.05 ms, b64 12.3 against 14.9."""
     if max_rows() < MMA_MAX_ROWS or not 1 <= m <= LAUNCHES_MAX_ROWS:
         return None
     return [(lo, min(lo + MMA_MAX_ROWS, m)) for lo in range(0, m, MMA_MAX_ROWS)]
