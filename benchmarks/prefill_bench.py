@@ -93,6 +93,12 @@ def wkvq_prefill(config, prompt: int, repeats: int) -> dict:
         cache.pos.zero_()
         return model.forward(ids, cache)
 
+    return _measure(run, repeats)
+
+
+def _measure(run, repeats: int) -> dict:
+    """One prefill cell: ``run`` once untimed, then its median ms over ``repeats`` and the peak memory it adds;
+    with ``--profile`` its top kernels, with ``--memory`` what it holds at its peak."""
     run()
     out = {"ms": _time_ms(run, repeats), "peak_GB": _peak_gb(run)}
     if PROFILE:
@@ -113,10 +119,11 @@ def _top_kernels(fn, n: int = 8) -> list:
     return [[e.key[:90], round(e.device_time_total / 1e3, 2), e.count] for e in rows]
 
 
-PROFILE = False
+PROFILE = False  # --profile
+MEMORY = False  # --memory
 
 
-def _repo_frame(frames) -> str:
+def _caller_frame(frames) -> str:
     """The innermost Python frame of ``frames`` (a memory-history trace's, innermost first) outside torch."""
     for f in frames:
         name = f["filename"]
@@ -128,8 +135,8 @@ def _repo_frame(frames) -> str:
 def peak_owners(fn, n: int = 10) -> dict:
     """What is allocated at the peak of one call of ``fn`` that was not before it: replays the CUDA caching
     allocator's trace (``torch.cuda.memory._record_memory_history``) and groups the blocks live at the highest
-    point by the innermost line of this repository that allocated them: ``{"peak_GB", "owners": [[line, GB,
-    blocks]]}``, the ``n`` largest."""
+    point by the innermost line outside torch that allocated them (:func:`_caller_frame`): ``{"peak_GB",
+    "owners": [[line, GB, blocks]]}``, the ``n`` largest."""
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     try:
@@ -141,7 +148,7 @@ def peak_owners(fn, n: int = 10) -> dict:
     live, now, best, at_best = {}, 0, 0, {}
     for ev in trace:
         if ev["action"] == "alloc":
-            live[ev["addr"]] = (ev["size"], _repo_frame(ev.get("frames", [])))
+            live[ev["addr"]] = (ev["size"], _caller_frame(ev.get("frames", [])))
             now += ev["size"]
             if now > best:
                 best, at_best = now, dict(live)
@@ -154,9 +161,6 @@ def peak_owners(fn, n: int = 10) -> dict:
         o[2] += 1
     top = sorted(owners.values(), key=lambda o: -o[1])[:n]
     return {"peak_GB": best / 1e9, "owners": [[w, round(gb, 3), c] for w, gb, c in top]}
-
-
-MEMORY = False
 
 
 def fp16_prefill(config, prompt: int, repeats: int) -> dict:
@@ -174,13 +178,7 @@ def fp16_prefill(config, prompt: int, repeats: int) -> dict:
         with torch.no_grad():
             return model(ids, use_cache=True, logits_to_keep=1, cache_position=pos, **{CACHE_KWARG: cache}).logits
 
-    run()
-    out = {"ms": _time_ms(run, repeats), "peak_GB": _peak_gb(run)}
-    if PROFILE:
-        out["kernels"] = _top_kernels(run)
-    if MEMORY:
-        out["memory"] = peak_owners(run)
-    return out
+    return _measure(run, repeats)
 
 
 PATHS = {"wkvq": wkvq_prefill, "fp16": fp16_prefill}

@@ -99,10 +99,10 @@ class StaticPOQCache:
         if start + t > self.max_len:
             raise ValueError(f"writing {t} tokens at {start} overflows the cache of {self.max_len}")
         store = self.layers[layer]
-        if t > 1 and value.stride(-1) == 1 and kernels.available(key.device):
+        if t > 1 and kernels.available(key.device):
             from .kernels import kv4
 
-            if kv4.quant_write_ok(store, key, self.bits):  # a prefill: one launch, the same bytes
+            if kv4.quant_write_ok(store, key, value, self.bits):  # a prefill: one launch, the same bytes
                 kv4.quant_write(key, value, store, kv_quant.kernel_params(), start)
                 return
         for which, x, codes, step, minimum in (("k", key, store.k_codes, store.k_step, store.k_min),

@@ -134,7 +134,10 @@ def test_prefill_write_matches_torch_write(group, hkv, t, start):
     key = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.float16) * 3
     value = torch.randn(b, t, 2 * hkv, d, device=DEV, dtype=torch.float16).transpose(1, 2)[:, hkv:]
     fast, ref = (StaticPOQCache(1, b, s, hkv, d, group, device=DEV) for _ in range(2))
-    assert kv4.quant_write_ok(fast.layers[0], key, 4)
+    assert kv4.quant_write_ok(fast.layers[0], key, value, 4)
+    strided = torch.randn(b, hkv, t, 2 * d, device=DEV, dtype=torch.float16)[..., ::2]  # channels 2 apart
+    assert not kv4.quant_write_ok(fast.layers[0], key, strided, 4) and not kv4.quant_write_ok(fast.layers[0], strided,
+                                                                                              value, 4)
     fast.write(0, kq, key, value, start)
     for which, x, tensors in (("k", key, (0, 1, 2)), ("v", value, (3, 4, 5))):
         codes, step, lo = kq.quantize(which, x)

@@ -187,11 +187,12 @@ def _quant_write_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm
                  vm_ptr + slot * G, gi, QMAX)
 
 
-def quant_write_ok(store, key, bits: int) -> bool:
+def quant_write_ok(store, key, value, bits: int) -> bool:
     """Whether :func:`quant_write` takes these tokens: 4-bit codes, head_dim and its groups powers of two, the
-    channels contiguous."""
+    channels of ``key`` and ``value`` contiguous."""
     half, g = store.k_codes.shape[-1], store.k_step.shape[-1]
-    return bits == 4 and half & (half - 1) == 0 and g & (g - 1) == 0 and half % g == 0 and key.stride(-1) == 1
+    return (bits == 4 and half & (half - 1) == 0 and g & (g - 1) == 0 and half % g == 0 and key.stride(-1) == 1
+            and value.stride(-1) == 1)
 
 
 def quant_write(key, value, store, kv_params, start: int) -> None:
