@@ -59,19 +59,14 @@ def _gemv_w4(x, qw, sc, zr, out):
     return GemvW4(qw, sc, zr, x.shape[1], 128, None).accumulate(x, out)
 
 
-def _chunks(x, qw, sc, zr, out):
-    """The tensor-core GEMV in launches of at most 8 rows (every launch reads the whole weight)."""
-    for i in range(0, x.shape[0], 8):
-        mm.w4_mma_accumulate(x[i:i + 8], qw, sc, zr, 128, out[i:i + 8])
-    return out
-
-
-def _launches32(x, qw, sc, zr, out):
-    """The tensor-core GEMV in launches of at most 32 rows at any row count (``GemvW4`` does so to
-    ``w4_mma.LAUNCHES_MAX_ROWS``)."""
-    for i in range(0, x.shape[0], mm.MMA_MAX_ROWS):
-        mm.w4_mma_accumulate(x[i:i + mm.MMA_MAX_ROWS], qw, sc, zr, 128, out[i:i + mm.MMA_MAX_ROWS])
-    return out
+def _launches(rows: int):
+    """The tensor-core GEMV in launches of at most ``rows`` rows at any row count (every launch reads the whole
+    weight; ``GemvW4`` runs launches of 32 to ``w4_mma.LAUNCHES_MAX_ROWS``)."""
+    def run(x, qw, sc, zr, out):
+        for i in range(0, x.shape[0], rows):
+            mm.w4_mma_accumulate(x[i:i + rows], qw, sc, zr, 128, out[i:i + rows])
+        return out
+    return run
 
 
 def kernels(n: int, k: int, m: int) -> dict:
@@ -79,13 +74,13 @@ def kernels(n: int, k: int, m: int) -> dict:
     8-row config for the shape (where it has one) and on one tile a warp (fewer registers)."""
     out = {"before": _before}
     if m > mm.LAUNCHES_MAX_ROWS:
-        return {"dequant": _dequant, "launches32": _launches32}
+        return {"dequant": _dequant, "launches32": _launches(mm.MMA_MAX_ROWS)}
     if m > mm.MMA_MAX_ROWS:
         return {**out, "dequant": _dequant, "gemv_w4": _gemv_w4}
     if m <= 8:
         out["mma"] = lambda x, qw, sc, zr, o: mm.w4_mma_accumulate(x, qw, sc, zr, 128, o)
         return out
-    out["chunks8"] = _chunks
+    out["chunks8"] = _launches(8)
     cfgs = {"blocks": mm.default_mma_config(n, k, m)}
     if (n, k, 8) in mm.MMA_TABLE:
         cfgs["blocks_t8"] = mm.MMA_TABLE[n, k, 8]
