@@ -1,14 +1,15 @@
 """The decode step's projections at 9-32 rows (batches 9-32), graph-timed over a weight ring: what ``GemvW4`` ran
 above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the tiled kernel above), the
 tensor-core GEMV in launches of 8 rows, and in one launch of 2-4 blocks of 8 rows (the weight read once) on a few
-configs; the one-launch GEMV at 8 rows as the anchor; above 32 rows the decode step's ``GemvW4`` (two launches)
-against the dequantization + cuBLAS; above 64 rows launches of 32 against the dequantization (what ``GemvW4`` runs
-there). All on the group-major weights the decode step holds on CUDA
+configs; the one-launch GEMV at 8 rows as the anchor; above 32 rows the decode step's ``GemvW4`` (launches of 32)
+against the dequantization + cuBLAS; above ``w4_mma.LAUNCHES_MAX_ROWS`` (64 until the fortieth session, now 80)
+launches of 32 against the dequantization (what ``GemvW4`` runs there). All on the group-major weights the decode step holds on CUDA
 (the reference from the row-major weight); each checked against the float64 product first.
 
     python3 benchmarks/rows_probe.py --shapes 7b,13b --rows 8,9,16,24,32 --json rows.json
     python3 benchmarks/rows_probe.py --shapes 7b --rows 17,24,33,48,64 --json rows64.json
     python3 benchmarks/rows_probe.py --shapes 7b --rows 80,96,112,128 --json rows128.json
+    python3 benchmarks/rows_probe.py --shapes 7b --rows 65,72,80 --json rows80.json
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _dequant(x, qw, sc, zr, out):
 
 
 def _gemv_w4(x, qw, sc, zr, out):
-    """``GemvW4.accumulate``: what the decode step runs (33-64 rows: two launches of at most 32)."""
+    """``GemvW4.accumulate``: what the decode step runs (33-80 rows: launches of at most 32)."""
     return GemvW4(qw, sc, zr, x.shape[1], 128, None).accumulate(x, out)
 
 

@@ -174,25 +174,27 @@ def test_mma_several_row_blocks(n, k, m, layout, config):
 
 
 def test_row_launches(monkeypatch):
-    """33-64 rows: two launches of at most 32 (GemvW4's decode batches 33-64); above, or with WKVQ_MMA_ROWS below
-    32 (the old path), none."""
+    """33-80 rows: launches of at most 32 (GemvW4's decode batches 33-80, the last launch ragged); above, or with
+    WKVQ_MMA_ROWS below 32 (the old path), none."""
     from runtime.kernels import w4_mma
 
     monkeypatch.delenv(w4_mma.ROWS_ENV, raising=False)
     assert w4_mma.row_launches(20) == [(0, 20)]
     assert w4_mma.row_launches(33) == [(0, 32), (32, 33)]
     assert w4_mma.row_launches(64) == [(0, 32), (32, 64)]
-    assert w4_mma.row_launches(65) is None and w4_mma.row_launches(0) is None
+    assert w4_mma.row_launches(65) == [(0, 32), (32, 64), (64, 65)]
+    assert w4_mma.row_launches(80) == [(0, 32), (32, 64), (64, 80)]
+    assert w4_mma.row_launches(81) is None and w4_mma.row_launches(0) is None
     monkeypatch.setenv(w4_mma.ROWS_ENV, "8")
     assert w4_mma.row_launches(40) is None
 
 
 @pytest.mark.parametrize("m,launches", [(20, [(0, 20)]), (40, [(0, 32), (32, 40)]), (64, [(0, 32), (32, 64)]),
-                                        (65, [])])
+                                        (72, [(0, 32), (32, 64), (64, 72)]), (81, [])])
 def test_gemv_w4_launch_rows(m, launches, monkeypatch):
     """Without a GPU, the kernel stubbed: GemvW4 gives each launch its rows of ``x`` and of ``out`` (views, so the
-    launches add into the caller's ``out``), one launch up to 32 rows, two up to 64; above, the split-K /
-    dequantization path."""
+    launches add into the caller's ``out``), one launch up to 32 rows, two up to 64, three up to 80; above, the
+    split-K / dequantization path."""
     from runtime.kernels import w4_gemv, w4_mma
 
     calls = []
@@ -213,10 +215,10 @@ def test_gemv_w4_launch_rows(m, launches, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("m", [33, 48, 64])
-def test_gemv_w4_in_two_launches(m):
-    """GemvW4 at 33-64 rows: two launches of the tensor-core GEMV, each adding into its rows of ``out``; the float64
-    reference's products."""
+@pytest.mark.parametrize("m", [33, 48, 64, 65, 80])
+def test_gemv_w4_in_launches(m):
+    """GemvW4 at 33-80 rows: two or three launches of the tensor-core GEMV, each adding into its rows of ``out``; the
+    float64 reference's products."""
     from runtime.kernels.w4_gemv import GemvW4
 
     n, k = 300, 4096

@@ -694,7 +694,7 @@ class GemvW4(W4Weight):
                                             ready=ready, stamps_kind=stamps)
         launches = w4_mma.row_launches(x.shape[0]) if x.dim() == 2 and w4_mma.mma_enabled() else None
         if launches and w4_mma.mma_ok(x[:launches[0][1]], self.qweight, self.scales, self.zeros, self.group_size,
-                                      self.bias):  # 33-64 rows: launches of 32 (each reads the weight)
+                                      self.bias):  # 33-80 rows: launches of 32 (each reads the weight)
             for lo, hi in launches:
                 w4_mma.w4_mma_accumulate(x[lo:hi], self.qweight, self.scales, self.zeros, self.group_size,
                                          out[lo:hi], stamps_kind=stamps)

@@ -102,7 +102,7 @@ def max_rows() -> int:
     return int(raw)
 
 
-LAUNCHES_MAX_ROWS = 2 * MMA_MAX_ROWS  # GemvW4 takes up to this many rows in launches of MMA_MAX_ROWS
+LAUNCHES_MAX_ROWS = 80  # GemvW4 takes up to this many rows in launches of MMA_MAX_ROWS (the last one ragged)
 
 
 def row_launches(m: int) -> list[tuple[int, int]] | None:
@@ -112,7 +112,8 @@ def row_launches(m: int) -> list[tuple[int, int]] | None:
     7B projection to 80 rows and tie at 96 (H200, thirty-ninth session, benchmarks/rows_probe.py, µs qkv / o / gate_up
     / down): 33 rows 33 / 15 / 57 / 32 against 72 / 28 / 119 / 66, 64 rows 51 / 23 / 88 / 47 against 72 / 25 / 122 /
     68, 80 rows 67 / 29 / 114 / 60 against 74 / 31 / 124 / 68, 96 rows 75 / 33 / 133 / 71 against 75 / 30 / 124 / 69.
-    A 7B step at p2048: b40 8.46 against 13.05 ms, b64 12.3 against 14.9."""
+    A 7B step at p2048: b40 8.46 against 13.05 ms, b64 12.3 against 14.9. Hence the bound at 80 (three launches
+    from 65 rows)."""
     if max_rows() < MMA_MAX_ROWS or not 1 <= m <= LAUNCHES_MAX_ROWS:
         return None
     return [(lo, min(lo + MMA_MAX_ROWS, m)) for lo in range(0, m, MMA_MAX_ROWS)]
