@@ -4,6 +4,8 @@
 #   batch     cli.py bench 7B p2048 at batches 72 and 80: WKVQ_MMA_ROWS=8 (the dequantization, what these batches ran
 #             before) against the default (three launches), alternated twice
 #   side      the record cells: 7B b1 at p2048 and p32768, W4KV4 beside fp16 compiled in one run
+#   full7b    `wkvq bench` as a user runs it (every default path: fp16 eager, fp16 compiled, int4 tinygemm, wkvq;
+#   full13b   batches 1 and 8, prompts 2048 and 32768), one shape a part; the JSON is written after every row
 # Usage: OUT=$OUT bash benchmarks/h200_round45.sh PART...  (carry .gpu/whl)
 # The test suite on this tree: benchmarks/gpu_suite.sh (its header says how).
 source benchmarks/h200_lib.sh
@@ -19,5 +21,7 @@ batch)
 side)
   python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
     --json "$o/b1_side.json" 2>&1 | grep -v Warning | tail -8; mark "b1 side by side";;
+full7b|full13b)
+  python3 cli.py bench --shapes "${part#full}" --json "$o/$part.json" 2>&1 | grep -v Warning | tail -22; mark "$part";;
 *) echo "unknown part $part";;
 esac; done
