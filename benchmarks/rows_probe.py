@@ -3,8 +3,8 @@ above 8 rows until the thirty-eighth session (the split-K kernel to 16 rows, the
 tensor-core GEMV in launches of 8 rows, and in one launch of 2-4 blocks of 8 rows (the weight read once) on a few
 configs; the one-launch GEMV at 8 rows as the anchor; above 32 rows the decode step's ``GemvW4`` (launches of 32)
 against the dequantization + cuBLAS; above ``w4_mma.LAUNCHES_MAX_ROWS`` (64 until the fortieth session, now 80)
-launches of 32 against the dequantization (what ``GemvW4`` runs there). All on the group-major weights the decode step holds on CUDA
-(the reference from the row-major weight); each checked against the float64 product first.
+launches of 32 against the dequantization (what ``GemvW4`` runs there). All on the group-major weights the decode
+step holds on CUDA (the reference from the row-major weight); each checked against the float64 product first.
 
     python3 benchmarks/rows_probe.py --shapes 7b,13b --rows 8,9,16,24,32 --json rows.json
     python3 benchmarks/rows_probe.py --shapes 7b --rows 17,24,33,48,64 --json rows64.json
