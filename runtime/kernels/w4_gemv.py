@@ -668,7 +668,7 @@ def w4_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 @dataclass
 class GemvW4(W4Weight):
     """A :class:`W4Weight` whose decode-step ``accumulate`` runs on the tensor-core GEMV
-    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..32 rows, 33..64 in two launches, group 128,
+    (:func:`runtime.kernels.w4_mma.w4_mma_accumulate`: CUDA, float16, 1..32 rows, 33..80 in launches of 32, group 128,
     ``K % 32 == 0``, unless ``WKVQ_MMA=0``), else on :func:`w4_gemv_accumulate` when :func:`gemv_ok` (1..4 rows,
     ``K % 8 == 0``), else on :meth:`W4Weight.accumulate` (split-K to 16 rows, then the dequantization); same
     tensors, no copy. The fused
