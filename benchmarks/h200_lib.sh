@@ -2,8 +2,8 @@
 # /tmp/site, the environment, the output folder $o ($OUT, default /root/out), `mark` (seconds since the start and a
 # message), `bench` (cli.py bench of the 7B shape on the wkvq-gemv path, 20 steps, plus the arguments given),
 # `bbench` / `nbench` (named bench rows on the wkvq path, any batch / batch 1), `heads_of` (a shape's heads),
-# `gpu_tests` (the kernel GPU tests matching a -k expression; with .gpu/xdist carried), `attn_table` / `mtable` /
-# `sptable` (attention tables for WKVQ_ATTN_TABLE) and `record` (the record table).
+# `side` (7B W4KV4 beside fp16 compiled), `gpu_tests` (the kernel GPU tests matching a -k expression; with .gpu/xdist
+# carried), `attn_table` / `mtable` / `sptable` (attention tables for WKVQ_ATTN_TABLE) and `record` (the record table).
 set -uo pipefail
 o=${OUT:-/root/out}; mkdir -p "$o"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl $(ls .gpu/xdist/*.whl 2>/dev/null) \
@@ -22,6 +22,12 @@ record() {
     python3 cli.py bench --shapes $s --paths wkvq-gemv --batches 1,8 --prompts 2048,32768 --steps 20 \
       --json "$o/bench_${s}_final.json" 2>&1 | grep -v Warning | tail -6; mark "bench $s"
   done
+}
+# `side NAME BATCHES PROMPTS`: the 7B W4KV4 step beside fp16 compiled in one run, 20 steps, into $o/NAME.json (its
+# table and speedups printed)
+side() {
+  python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches "$2" --prompts "$3" --steps 20 \
+    --json "$o/$1.json" 2>&1 | grep -v Warning | tail -8
 }
 # `bbench NAME ARGS...`: cli.py bench on the wkvq path, 20 steps, plus ARGS, into $o/NAME.json; rows prefixed by NAME
 bbench() { local name=$1; shift

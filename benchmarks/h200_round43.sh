@@ -20,7 +20,6 @@ batch)
     WKVQ_MMA_ROWS=8 bbench "b_dq_$r" --shapes 7b --batches 40,48,64 --prompts 2048; mark "dequant $r"
     bbench "b_two_$r" --shapes 7b --batches 40,48,64 --prompts 2048; mark "two launches $r"
   done
-  python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches 32 --prompts 2048 --steps 20 \
-    --json "$o/b32_side.json" 2>&1 | grep -v Warning | tail -5; mark "b32 side by side";;
+  side b32_side 32 2048; mark "b32 side by side";;
 *) echo "unknown part $part";;
 esac; done

@@ -20,7 +20,6 @@ order)
   python3 benchmarks/order_probe.py --batch 1 --json "$o/order_b1.json" 2>&1 | grep -v Warning; mark "order b1";;
 record)
   record
-  python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
-    --json "$o/b1_side.json" 2>&1 | grep -v Warning | tail -8; mark "b1 side by side";;
+  side b1_side 1 2048,32768; mark "b1 side by side";;
 *) echo "unknown part $part";;
 esac; done

@@ -19,8 +19,7 @@ batch)
     bbench "b_three_$r" --shapes 7b --batches 72,80 --prompts 2048; mark "three launches $r"
   done;;
 side)
-  python3 cli.py bench --shapes 7b --paths wkvq,fp16_compiled --batches 1 --prompts 2048,32768 --steps 20 \
-    --json "$o/b1_side.json" 2>&1 | grep -v Warning | tail -8; mark "b1 side by side";;
+  side b1_side 1 2048,32768; mark "b1 side by side";;
 full7b|full13b)
   python3 cli.py bench --shapes "${part#full}" --json "$o/$part.json" 2>&1 | grep -v Warning | tail -22; mark "$part";;
 *) echo "unknown part $part";;
